@@ -1,0 +1,1 @@
+"""Merchant side: local (DP) trainer, privacy ledger, Flower ClientApp, merchant daemon (next issues)."""

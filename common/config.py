@@ -1,0 +1,128 @@
+"""Run configuration as TOML, validated with pydantic; errors name the file and the key.
+
+Later sections (augment, privacy, federation) add themselves here; the CLI flags override file values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .data import BehaviorData
+from .errors import ConfigError
+from .loaders import FORMATS, load
+from .split import k_core
+from .model import LOSSES, SASRecConfig
+from .synthetic import SyntheticSpec, generate
+from .training import TrainSettings
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSection(Section):
+    path: Path | None = None
+    """Behaviour data file; absent means the embedded synthetic data."""
+    format: Literal[FORMATS] | None = None  # type: ignore[valid-type]
+    timestamps: Path | None = None
+    attributes: Path | None = None
+    k_core: int = Field(0, ge=0)
+
+
+class SyntheticSection(Section):
+    users: int = Field(SyntheticSpec.users, ge=10)
+    items: int = Field(SyntheticSpec.items, ge=20)
+    categories: int = Field(SyntheticSpec.categories, ge=1)
+    merchants: int = Field(SyntheticSpec.merchants, ge=1)
+    mean_length: float = Field(SyntheticSpec.mean_length, ge=5)
+    seed: int = 0
+
+    def spec(self) -> SyntheticSpec:
+        return SyntheticSpec(**self.model_dump())
+
+
+class ModelSection(Section):
+    kind: Literal["sasrec", "pop"] = "sasrec"
+    hidden: int = Field(64, ge=4)
+    blocks: int = Field(2, ge=1)
+    heads: int = Field(2, ge=1)
+    max_len: int = Field(50, ge=2)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    loss: Literal[LOSSES] = "ce"  # type: ignore[valid-type]
+    negatives: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        return self
+
+    def sasrec(self, n_items: int) -> SASRecConfig:
+        return SASRecConfig(n_items=n_items, **self.model_dump(exclude={"kind"}))
+
+
+class TrainSection(Section):
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    patience: int = Field(8, ge=1)
+    eval_every: int = Field(1, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    seed: int = 0
+
+    def settings(self) -> TrainSettings:
+        return TrainSettings(**self.model_dump())
+
+
+class BaselineConfig(Section):
+    data: DataSection = DataSection()
+    synthetic: SyntheticSection = SyntheticSection()
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+    device: str = "auto"
+
+    def load_data(self) -> BehaviorData:
+        """The configured data set (the embedded synthetic one when no path is given), k-core filtered."""
+        if self.data.path is None:
+            data = generate(self.synthetic.spec())
+        else:
+            data = load(self.data.path, self.data.format, timestamps=self.data.timestamps,
+                        attributes=self.data.attributes)
+        return k_core(data, self.data.k_core)
+
+
+def load_config(path: Path | None, overrides: dict | None = None, schema: type[Section] = BaselineConfig):
+    """Read TOML ``path`` (or defaults when None), apply dotted-key ``overrides`` and validate."""
+    raw: dict = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not UTF-8 text") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: key {key!r} must be a table")
+        node[leaf] = value
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        where = f"{path}: " if path is not None else ""
+        message = error["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where}key {key}: {message}") from None

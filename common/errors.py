@@ -1,0 +1,32 @@
+"""User-facing input errors: one line that says what is wrong and where."""
+
+from __future__ import annotations
+
+
+class FedaugError(Exception):
+    """An error caused by the user's input (file, flag, config), not by a bug.
+
+    The CLI prints ``str(error)`` as a single line and exits non-zero, without a traceback.
+    """
+
+
+class DataError(FedaugError):
+    """A malformed data file, located as precisely as the format allows."""
+
+    def __init__(
+        self, path, message: str, line: int | None = None, column: int | str | None = None, unit: str = "line"
+    ):
+        self.path = str(path)
+        self.line = line
+        self.column = column
+        self.reason = message
+        where = self.path
+        if line is not None:
+            where += f", {unit} {line}"
+        if column is not None:
+            where += f", column {column}"
+        super().__init__(f"{where}: {message}")
+
+
+class ConfigError(FedaugError):
+    """An impossible or malformed configuration (TOML key, CLI flag)."""

@@ -1,0 +1,40 @@
+"""Leave-one-out evaluation of any scorer over a split's valid or test users."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .batching import pad_right
+from .metrics import mask_history, mean_metrics, rank_metrics
+from .model import SASRec
+from .split import LeaveOneOut
+
+Scorer = Callable[[list[np.ndarray]], torch.Tensor]
+"""Maps a batch of input histories to next-item scores ``[B, n_items + 1]``."""
+
+
+def evaluate(scorer: Scorer, split: LeaveOneOut, stage: str, batch_size: int = 1024) -> dict[str, float]:
+    """Mean HR@K / NDCG@K / AUC over the users evaluable at ``stage``; ``users`` counts them."""
+    histories, targets = split.eval_inputs(stage)
+    per_user = []
+    for start in range(0, len(targets), batch_size):
+        batch_hist = histories[start : start + batch_size]
+        scores = scorer(batch_hist).float()
+        batch_targets = torch.from_numpy(targets[start : start + batch_size]).to(scores.device)
+        per_user.append(rank_metrics(mask_history(scores, batch_hist, batch_targets), batch_targets))
+    return mean_metrics(per_user) | {"users": len(targets)}
+
+
+def sasrec_scorer(model: SASRec, device) -> Scorer:
+    def score(histories: list[np.ndarray]) -> torch.Tensor:
+        items, lengths = pad_right(histories, model.cfg.max_len)
+        was_training = model.training
+        model.eval()
+        scores = model.score(torch.from_numpy(items).to(device), torch.from_numpy(lengths).to(device))
+        model.train(was_training)
+        return scores
+
+    return score

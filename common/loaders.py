@@ -1,0 +1,410 @@
+"""Loaders for behaviour data files. Each returns a validated BehaviorData or raises DataError naming file/line/column.
+
+Formats:
+- ``events``: CSV or Parquet, columns ``user_id,item_id,timestamp`` plus optional ``event_type``, ``merchant_id`` and
+  any extra (context) columns. Timestamps are Unix seconds or ISO-8601. Duplicate rows are dropped and rows are
+  ordered by time within each user (stable, so equal timestamps keep file order).
+- ``amazon-seq``: one line per user, ``user item item ...`` in time order (S3-Rec / ICLRec format), with an optional
+  aligned timestamp file (``X_time.txt``) and item attributes (``X_item2attributes.json`` or
+  ``X_item_attributes_named.tsv``), found next to ``X.txt`` when not given.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import EVENT_TYPES, BehaviorData, ItemCatalog
+from .errors import DataError
+
+FORMATS = ("events", "amazon-seq")
+REQUIRED_EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
+MAX_ID = 2**62
+
+
+def load(path, fmt: str | None = None, *, timestamps=None, attributes=None) -> BehaviorData:
+    """Load behaviour data from ``path`` in format ``fmt`` (guessed from the suffix when None)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "no such file")
+    if not path.is_file():
+        raise DataError(path, "not a regular file")
+    fmt = fmt or ("amazon-seq" if path.suffix == ".txt" else "events")
+    if fmt == "events":
+        if timestamps is not None:
+            raise DataError(timestamps, "a separate timestamp file only applies to the amazon-seq format")
+        data = load_events(path)
+        return data if attributes is None else _attach_catalog(data, attributes)
+    if fmt == "amazon-seq":
+        return load_amazon_seq(path, timestamps=timestamps, attributes=attributes)
+    raise DataError(path, f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# text handling shared by the line formats
+
+
+def read_text_lines(path: Path) -> list[str]:
+    """Decode ``path`` as UTF-8 text; binary garbage and bad encodings are reported with their line."""
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(path, "file is empty")
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        line, column = _position(raw, nul)
+        raise DataError(path, "binary data (NUL byte) in a text file", line, column)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line, column = _position(raw, exc.start)
+        raise DataError(path, "not valid UTF-8 text (wrong encoding?)", line, column) from None
+    return text.splitlines()
+
+
+def _position(raw: bytes, offset: int) -> tuple[int, int]:
+    line = raw.count(b"\n", 0, offset) + 1
+    column = offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
+    return line, column
+
+
+def _int_tokens(path: Path, line_no: int, line: str) -> list[int]:
+    """Parse whitespace-separated non-negative integers, locating the first bad token by its character column."""
+    values = []
+    for match in re.finditer(r"\S+", line):
+        token = match.group()
+        if not token.isdigit() or not token.isascii():
+            raise DataError(path, f"expected a non-negative integer, got {token[:40]!r}", line_no, match.start() + 1)
+        value = int(token)
+        if value >= MAX_ID:
+            raise DataError(path, f"integer {token[:40]} is too large", line_no, match.start() + 1)
+        values.append(value)
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# amazon-seq
+
+
+def load_amazon_seq(path, *, timestamps=None, attributes=None) -> BehaviorData:
+    path = Path(path)
+    user_ids, seqs = [], []
+    seen = {}
+    for line_no, line in enumerate(read_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        values = _int_tokens(path, line_no, line)
+        if len(values) < 2:
+            raise DataError(path, "a line needs a user id followed by at least one item id", line_no, 1)
+        if values[0] in seen:
+            raise DataError(path, f"user {values[0]} already appeared on line {seen[values[0]]}", line_no, 1)
+        seen[values[0]] = line_no
+        user_ids.append(values[0])
+        seqs.append(values[1:])
+    if not seqs:
+        raise DataError(path, "file has no user lines")
+
+    raw_items = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
+    if raw_items.min() == 0:
+        bad = next(i for i, s in enumerate(seqs) if 0 in s)
+        raise DataError(path, "item id 0 is reserved for padding", _nth_nonblank_line(path, bad))
+    unique, items = np.unique(raw_items, return_inverse=True)
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    catalog = ItemCatalog(raw_ids=np.concatenate([[0], unique]))
+    data = BehaviorData(
+        items=items.astype(np.int64) + 1, offsets=offsets, catalog=catalog, user_ids=np.asarray(user_ids)
+    )
+
+    time_path = Path(timestamps) if timestamps else _sibling(path, "_time.txt")
+    if time_path is not None:
+        data = _attach_timestamps(data, time_path)
+    attr_path = Path(attributes) if attributes else (
+        _sibling(path, "_item2attributes.json") or _sibling(path, "_item_attributes_named.tsv")
+    )
+    if attr_path is not None:
+        data = _attach_catalog(data, attr_path)
+    return data
+
+
+def _sibling(path: Path, suffix: str) -> Path | None:
+    candidate = path.with_name(path.stem + suffix)
+    return candidate if candidate.is_file() else None
+
+
+def _nth_nonblank_line(path: Path, n: int) -> int:
+    count = -1
+    for line_no, line in enumerate(read_text_lines(path), start=1):
+        count += bool(line.strip())
+        if count == n:
+            return line_no
+    return 0
+
+
+def _attach_timestamps(data: BehaviorData, path: Path) -> BehaviorData:
+    rows = [(n, line) for n, line in enumerate(read_text_lines(path), start=1) if line.strip()]
+    if len(rows) != data.n_users:
+        raise DataError(path, f"has {len(rows)} user lines but the sequence file has {data.n_users}")
+    stamps = []
+    for user, (line_no, line) in enumerate(rows):
+        values = _int_tokens(path, line_no, line)
+        if values[0] != data.user_ids[user]:
+            raise DataError(path, f"user {values[0]} does not match user {data.user_ids[user]} of the sequence file",
+                            line_no, 1)
+        if len(values) - 1 != data.lengths[user]:
+            raise DataError(path, f"ragged line: {len(values) - 1} timestamps for {data.lengths[user]} items",
+                            line_no)
+        stamps.extend(values[1:])
+    return replace(data, timestamps=np.asarray(stamps, dtype=np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# item attributes (public catalog data)
+
+
+def _attach_catalog(data: BehaviorData, path) -> BehaviorData:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such attribute file")
+    if path.suffix == ".json":
+        by_raw_item, names = _read_attribute_json(path)
+    else:
+        by_raw_item, names = _read_attribute_tsv(path)
+    raw_to_internal = {int(raw): i for i, raw in enumerate(data.catalog.raw_ids) if i > 0}
+    attributes = [np.zeros(0, dtype=np.int64) for _ in range(data.n_items + 1)]
+    for raw, attrs in by_raw_item.items():
+        internal = raw_to_internal.get(raw)
+        if internal is not None:
+            attributes[internal] = np.asarray(sorted(set(attrs)), dtype=np.int64)
+    category, category_names = _dominant_attribute(attributes, names)
+    catalog = ItemCatalog(raw_ids=data.catalog.raw_ids, attributes=attributes, attribute_names=names,
+                          category=category, category_names=category_names)
+    return replace(data, catalog=catalog)
+
+
+def _read_attribute_json(path: Path) -> tuple[dict[int, list[int]], list[str]]:
+    text = "\n".join(read_text_lines(path))
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"invalid JSON: {exc.msg}", exc.lineno, exc.colno) from None
+    if not isinstance(obj, dict):
+        raise DataError(path, "expected a JSON object mapping item id to a list of attribute ids", 1, 1)
+    out: dict[int, list[int]] = {}
+    for key, attrs in obj.items():
+        if not key.isdigit() or not key.isascii():
+            raise DataError(path, f"item id {key[:40]!r} is not a non-negative integer", column=f"key {key[:40]!r}")
+        if not isinstance(attrs, list) or not all(isinstance(a, int) and 0 < a < MAX_ID for a in attrs):
+            raise DataError(path, "attributes must be a list of positive integers", column=f"key {key!r}")
+        out[int(key)] = attrs
+    n_attr = max((max(a) for a in out.values() if a), default=0)
+    return out, [""] + [f"attr{i}" for i in range(1, n_attr + 1)]
+
+
+def _read_attribute_tsv(path: Path) -> tuple[dict[int, list[int]], list[str]]:
+    lines = read_text_lines(path)
+    header = lines[0].split("\t")
+    if header[0] != "item_id" or len(header) < 2:
+        raise DataError(path, "header must start with 'item_id' and name an attributes column", 1, 1)
+    names, ids, out = [""], {}, {}
+    for line_no, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise DataError(path, f"ragged line: {len(fields)} fields, header has {len(header)}", line_no)
+        if not fields[0].isdigit() or not fields[0].isascii():
+            raise DataError(path, f"item id {fields[0][:40]!r} is not a non-negative integer", line_no, "item_id")
+        attrs = []
+        for name in filter(None, fields[-1].split("|")):
+            if name not in ids:
+                ids[name] = len(names)
+                names.append(name)
+            attrs.append(ids[name])
+        out[int(fields[0])] = attrs
+    return out, names
+
+
+def _dominant_attribute(attributes: list[np.ndarray], names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Each item's category: its attribute shared by the most items (broad labels like 'Makeup' beat brands)."""
+    freq = Counter(int(a) for attrs in attributes for a in attrs)
+    category = np.zeros(len(attributes), dtype=np.int64)
+    for item, attrs in enumerate(attributes):
+        if len(attrs):
+            category[item] = max(attrs, key=lambda a: (freq[int(a)], -int(a)))
+    used = np.unique(category[category > 0])
+    remap = np.zeros(len(names) + 1, dtype=np.int64)
+    remap[used] = np.arange(1, len(used) + 1)
+    return remap[category], [""] + [names[a] for a in used]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# events (CSV / Parquet)
+
+
+def load_events(path) -> BehaviorData:
+    path = Path(path)
+    frame, row_offset, unit = _read_table(path)
+    missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(path, f"missing required column {missing[0]!r} (found: {', '.join(map(str, frame.columns))})",
+                        1 if unit == "line" else None)
+    if len(frame) == 0:
+        raise DataError(path, "file has a header but no rows")
+
+    def fail(row: int, column: str, message: str):
+        raise DataError(path, message, int(row) + row_offset, column, unit)
+
+    users = _integer_column(frame, "user_id", fail)
+    raw_items = _integer_column(frame, "item_id", fail)
+    if (raw_items == 0).any():
+        fail(np.flatnonzero(raw_items == 0)[0], "item_id", "item id 0 is reserved for padding")
+    stamps = _timestamp_column(frame["timestamp"], fail)
+    table = pd.DataFrame({"user": users, "item": raw_items, "ts": stamps, "row": np.arange(len(frame))})
+
+    if "event_type" in frame.columns:
+        table["event"] = _event_type_column(frame["event_type"], fail)
+    merchant_names = None
+    if "merchant_id" in frame.columns:
+        merchant_raw = frame["merchant_id"].astype(str).str.strip()
+        empty = np.flatnonzero((merchant_raw == "").to_numpy())
+        if len(empty):
+            fail(empty[0], "merchant_id", "empty merchant id")
+        merchant_names = sorted(merchant_raw.unique())
+        table["merchant"] = pd.Categorical(merchant_raw, categories=merchant_names).codes.astype(np.int64)
+    extra = [c for c in frame.columns if c not in REQUIRED_EVENT_COLUMNS + ("event_type", "merchant_id")]
+    for column in extra:
+        table[f"ctx:{column}"] = _context_column(frame[column], column, fail)
+
+    # Duplicated events are dropped; time order within a user, ties in file order.
+    table = table.drop_duplicates(subset=[c for c in table.columns if c != "row"])
+    table = table.sort_values(["user", "ts", "row"], kind="stable")
+    if "merchant" in table:
+        per_user = table.groupby("user")["merchant"].nunique()
+        if (per_user > 1).any():
+            user = per_user.index[np.argmax(per_user.to_numpy() > 1)]
+            rows = table.loc[table["user"] == user, "row"].to_numpy()
+            fail(rows.max(), "merchant_id", f"user {user} appears under more than one merchant")
+
+    unique_users, user_index = np.unique(table["user"].to_numpy(), return_inverse=True)
+    unique_items, item_index = np.unique(table["item"].to_numpy(), return_inverse=True)
+    lengths = np.bincount(user_index, minlength=len(unique_users))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    merchant = None
+    if "merchant" in table:
+        merchant = np.zeros(len(unique_users), dtype=np.int64)
+        merchant[user_index] = table["merchant"].to_numpy()
+    return BehaviorData(
+        items=item_index.astype(np.int64) + 1,
+        offsets=offsets,
+        catalog=ItemCatalog(raw_ids=np.concatenate([[0], unique_items])),
+        user_ids=unique_users,
+        timestamps=table["ts"].to_numpy(np.int64),
+        event_type=table["event"].to_numpy(np.int8) if "event" in table else None,
+        merchant=merchant,
+        merchant_names=merchant_names,
+        context={c[4:]: table[c].to_numpy() for c in table.columns if c.startswith("ctx:")},
+    )
+
+
+def _read_table(path: Path) -> tuple[pd.DataFrame, int, str]:
+    """Read CSV or Parquet as strings/values; returns the frame, the offset from row index to file line, the unit."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        if path.stat().st_size == 0:
+            raise DataError(path, "file is empty")
+        try:
+            return pd.read_parquet(path), 1, "row"
+        except Exception as exc:  # pyarrow raises many types for corrupt files
+            raise DataError(path, f"not a readable Parquet file ({type(exc).__name__})") from None
+    lines = read_text_lines(path)  # encoding, binary and emptiness checks with line numbers
+    import io
+
+    try:
+        frame = pd.read_csv(io.StringIO("\n".join(lines)), dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.ParserError as exc:
+        match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if match:
+            raise DataError(path, f"ragged line: {match.group(3)} fields, header has {match.group(1)}",
+                            int(match.group(2))) from None
+        raise DataError(path, f"malformed CSV ({str(exc).splitlines()[0]})") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "file is empty") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    duplicated = [c for c in frame.columns if list(frame.columns).count(c) > 1]
+    if duplicated:
+        raise DataError(path, f"column {duplicated[0]!r} appears twice in the header", 1)
+    return frame, 2, "line"
+
+
+def _integer_column(frame: pd.DataFrame, column: str, fail) -> np.ndarray:
+    values = frame[column]
+    if pd.api.types.is_integer_dtype(values.dtype):
+        out = values.to_numpy(np.int64)
+    else:
+        text = values.astype(str).str.strip()
+        ok = text.str.fullmatch(r"\d{1,18}").to_numpy(dtype=bool)
+        if not ok.all():
+            bad = int(np.flatnonzero(~ok)[0])
+            fail(bad, column, f"expected a non-negative integer id, got {text.iloc[bad][:40]!r}")
+        out = text.astype(np.int64).to_numpy()
+    if (out < 0).any():
+        fail(np.flatnonzero(out < 0)[0], column, "ids must be non-negative")
+    return out
+
+
+def _timestamp_column(values: pd.Series, fail) -> np.ndarray:
+    """Unix seconds (integers or decimals) or ISO-8601 strings; one convention per file."""
+    if pd.api.types.is_numeric_dtype(values.dtype):
+        numeric = values.astype(float)
+    elif pd.api.types.is_datetime64_any_dtype(values.dtype):
+        return (values.dt.tz_localize(None) if values.dt.tz is None else values.dt.tz_convert(None)).astype(
+            "datetime64[s]").astype(np.int64).to_numpy()
+    else:
+        text = values.astype(str).str.strip()
+        numeric = pd.to_numeric(text, errors="coerce")
+        if numeric.isna().any() and not numeric.notna().any():
+            parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
+            if parsed.isna().any():
+                bad = int(np.flatnonzero(parsed.isna().to_numpy())[0])
+                fail(bad, "timestamp", f"not a Unix time or ISO-8601 timestamp: {text.iloc[bad][:40]!r}")
+            return (parsed.dt.tz_convert(None).astype("datetime64[s]").astype(np.int64)).to_numpy()
+    bad_mask = numeric.isna().to_numpy() | ~np.isfinite(numeric.to_numpy(dtype=float, na_value=np.nan))
+    if bad_mask.any():
+        bad = int(np.flatnonzero(bad_mask)[0])
+        fail(bad, "timestamp", f"not a Unix time or ISO-8601 timestamp: {str(values.iloc[bad])[:40]!r}")
+    out = numeric.to_numpy(dtype=float)
+    if (out < 0).any() or (out > 1e11).any():
+        bad = int(np.flatnonzero((out < 0) | (out > 1e11))[0])
+        fail(bad, "timestamp", f"Unix time {out[bad]:g} is out of range (expected seconds since 1970)")
+    return out.astype(np.int64)
+
+
+def _event_type_column(values: pd.Series, fail) -> np.ndarray:
+    text = values.astype(str).str.strip().str.lower()
+    lookup = {name: i for i, name in enumerate(EVENT_TYPES)} | {str(i): i for i in range(len(EVENT_TYPES))}
+    codes = text.map(lookup)
+    if codes.isna().any():
+        bad = int(np.flatnonzero(codes.isna().to_numpy())[0])
+        fail(bad, "event_type", f"unknown event type {text.iloc[bad][:40]!r} (expected one of {', '.join(EVENT_TYPES)})")
+    return codes.to_numpy(np.int8)
+
+
+def _context_column(values: pd.Series, column: str, fail) -> np.ndarray:
+    """Numeric context stays numeric; text context (e.g. device) becomes category codes in sorted order."""
+    if pd.api.types.is_numeric_dtype(values.dtype):
+        out = values.to_numpy(dtype=float)
+    else:
+        text = values.astype(str).str.strip()
+        numeric = pd.to_numeric(text, errors="coerce")
+        if numeric.notna().all():
+            out = numeric.to_numpy(dtype=float)
+        else:
+            return pd.Categorical(text, categories=sorted(text.unique())).codes.astype(np.float32)
+    if not np.isfinite(out).all():
+        fail(int(np.flatnonzero(~np.isfinite(out))[0]), column, "context value is not a finite number")
+    return out.astype(np.float32)

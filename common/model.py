@@ -1,0 +1,178 @@
+"""SASRec-class next-item recommender, in one readable file.
+
+Causal self-attention over a user's item sequence (Kang & McAuley, 2018) trained with a full-softmax cross-entropy
+over all items (or sampled negatives for very large catalogs). Built so Opacus can clip per *user*:
+
+- Sequences are right-padded, so causal attention alone keeps real positions from seeing padding (no key mask) and
+  every padded position only produces outputs that the loss ignores.
+- Attention is ``nn.Linear`` + ``F.scaled_dot_product_attention``; every module is called once per forward and no
+  weights are shared between the input and output item tables (ghost clipping refuses tying).
+- Every parametrised layer sees ``[users, positions, ...]``: dim 0 is always the user. Only the non-private path may
+  flatten target positions before the output layer (``per_user=False``), which skips padded positions entirely.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOSSES = ("ce", "sampled")
+
+
+@dataclass(frozen=True)
+class SASRecConfig:
+    n_items: int
+    hidden: int = 64
+    blocks: int = 2
+    heads: int = 2
+    max_len: int = 50
+    dropout: float = 0.5
+    loss: str = "ce"
+    """'ce': softmax over all items; 'sampled': softmax over the target and ``negatives`` uniform negatives."""
+    negatives: int = 128
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        assert cfg.hidden % cfg.heads == 0, "hidden must be divisible by heads"
+        self.heads = cfg.heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)
+        q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with SASRec's point-wise feed-forward."""
+
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.hidden)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.hidden)
+        self.ff_in = nn.Linear(cfg.hidden, cfg.hidden)
+        self.ff_out = nn.Linear(cfg.hidden, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.ff_out(self.drop(F.gelu(self.ff_in(self.ln2(x))))))
+
+
+class SASRec(nn.Module):
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        if cfg.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}")
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.hidden)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.blocks))
+        self.ln_f = nn.LayerNorm(cfg.hidden)
+        # The output item table is separate from the input one: ghost clipping cannot handle tied weights.
+        if cfg.loss == "ce":
+            self.out = nn.Linear(cfg.hidden, cfg.n_items + 1)
+        else:
+            self.out = nn.Embedding(cfg.n_items + 1, cfg.hidden)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def encode(self, items: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``[B, T, D]`` for right-padded item ids ``[B, T]`` (T <= max_len)."""
+        B, T = items.shape
+        positions = torch.arange(T, device=items.device).expand(B, T).contiguous()
+        x = self.item_emb(items) * math.sqrt(self.cfg.hidden) + self.pos_emb(positions)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """Next-item logits ``[B, T, n_items + 1]`` at every position ('ce' models): the Opacus-facing path,
+        paired with ``PerUserCrossEntropy`` as the criterion."""
+        if self.cfg.loss != "ce":
+            raise RuntimeError("full logits need loss='ce'; sampled models train through SASRec.loss")
+        return self.out(self.encode(items))
+
+    def loss(self, items: torch.Tensor, targets: torch.Tensor, per_user: bool = False) -> torch.Tensor:
+        """Next-item cross-entropy. ``targets`` is ``[B, T]`` with 0 where a position has no target.
+
+        ``per_user=False``: mean over all target positions (non-private training; logits only at targets).
+        ``per_user=True``: a ``[B]`` vector, each user's mean over their targets — the sample DP-SGD clips.
+        """
+        hidden = self.encode(items)
+        mask = targets > 0
+        if not per_user:
+            hidden, targets = hidden[mask], targets[mask]  # [N, D], [N]: only positions with a target
+        if self.cfg.loss == "ce":
+            logits = self.out(hidden)
+            labels = targets
+        else:
+            logits, labels = self._sampled_logits(hidden, targets)
+        if not per_user:
+            return F.cross_entropy(logits, labels)
+        return per_user_cross_entropy(logits, labels, mask)
+
+    def _sampled_logits(self, hidden: torch.Tensor, targets: torch.Tensor):
+        """Logits over [target, k shared uniform negatives]; a negative equal to the target is masked out."""
+        k = self.cfg.negatives
+        negatives = torch.randint(1, self.cfg.n_items + 1, (k,), device=targets.device)
+        candidates = torch.cat([targets.unsqueeze(-1), negatives.expand(*targets.shape, k)], dim=-1).contiguous()
+        logits = (hidden.unsqueeze(-2) * self.out(candidates)).sum(-1)
+        accidental = candidates == targets.unsqueeze(-1)
+        accidental[..., 0] = False
+        return logits.masked_fill(accidental, float("-inf")), torch.zeros_like(targets)
+
+    @torch.no_grad()
+    def score(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, n_items + 1]`` for every user's next item, from the state at their last real position."""
+        hidden = self.encode(items)
+        last = hidden[torch.arange(len(items), device=items.device), lengths - 1]
+        if self.cfg.loss == "ce":
+            return self.out(last)
+        return last @ self.out.weight.T
+
+
+def per_user_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each user's mean cross-entropy over their target positions: ``[B, T, C]`` logits -> ``[B]``."""
+    losses = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # [B, T]
+    return (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+class PerUserCrossEntropy(nn.Module):
+    """Criterion for Opacus: logits ``[B, T, V+1]`` and targets ``[B, T]`` (0 = none) -> one loss per user.
+
+    Opacus' ghost clipping sets ``reduction='none'`` to get the per-sample losses it clips; with 'mean' or 'sum'
+    it reduces over users. A user's views and positions all sit inside that user's one sample.
+    """
+
+    def __init__(self, reduction: str = "mean"):
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses = per_user_cross_entropy(logits, targets, targets > 0)
+        if self.reduction == "none":
+            return losses
+        return losses.sum() if self.reduction == "sum" else losses.mean()

@@ -1,0 +1,150 @@
+"""Leave-one-out splits, k-core filtering and merchant partitioning.
+
+The privacy and evaluation boundary lives here: ``LeaveOneOut.train`` holds every event a trainer or augmenter may
+see; the validation and test items exist only as targets (and, for the test stage, the validation item joins the
+input history, as in the standard SASRec protocol). Nothing downstream of ``train`` can reach a held-out item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .data import BehaviorData
+from .errors import ConfigError
+
+PARTITIONS = ("uniform", "category", "column")
+STAGES = ("valid", "test")
+
+
+@dataclass(frozen=True)
+class LeaveOneOut:
+    train: BehaviorData
+    """All events but each evaluable user's last two."""
+    valid: np.ndarray
+    """Validation target item per user (0 = user too short to evaluate)."""
+    test: np.ndarray
+    """Test target item per user (0 = user too short to evaluate)."""
+
+    @property
+    def n_items(self) -> int:
+        return self.train.n_items
+
+    def eval_users(self, stage: str) -> np.ndarray:
+        return np.flatnonzero(self._targets(stage) > 0)
+
+    def eval_inputs(self, stage: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """Input histories and targets of the users evaluable at ``stage`` ('valid' or 'test').
+
+        Validation sees the training history; test sees the training history plus the validation item.
+        """
+        targets = self._targets(stage)
+        users = np.flatnonzero(targets > 0)
+        histories = [self.train.sequence(u) for u in users]
+        if stage == "test":
+            histories = [np.append(h, v) for h, v in zip(histories, self.valid[users])]
+        return histories, targets[users]
+
+    def _targets(self, stage: str) -> np.ndarray:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}")
+        return self.valid if stage == "valid" else self.test
+
+    def select_users(self, users: np.ndarray) -> LeaveOneOut:
+        return LeaveOneOut(self.train.select_users(users), self.valid[users], self.test[users])
+
+
+def leave_one_out(data: BehaviorData, min_length: int = 3) -> LeaveOneOut:
+    """Hold out each user's last item for test and second-to-last for validation.
+
+    Users with fewer than ``min_length`` events stay whole in training and are not evaluated.
+    """
+    lengths = data.lengths
+    evaluable = lengths >= max(min_length, 3)
+    ends = data.offsets[1:]
+    valid = np.zeros(data.n_users, dtype=np.int64)
+    test = np.zeros(data.n_users, dtype=np.int64)
+    test[evaluable] = data.items[ends[evaluable] - 1]
+    valid[evaluable] = data.items[ends[evaluable] - 2]
+    keep = np.ones(data.n_interactions, dtype=bool)
+    keep[ends[evaluable] - 1] = False
+    keep[ends[evaluable] - 2] = False
+    return LeaveOneOut(data.select_events(keep), valid, test)
+
+
+def k_core(data: BehaviorData, k: int) -> BehaviorData:
+    """Repeatedly drop users and items with fewer than ``k`` interactions (item ids keep their numbering)."""
+    if k <= 1:
+        return data
+    while True:
+        item_counts = np.bincount(data.items, minlength=data.n_items + 1)
+        keep_events = item_counts[data.items] >= k
+        data = data.select_events(keep_events)
+        keep_users = np.flatnonzero(data.lengths >= k)
+        data = data.select_users(keep_users)
+        item_counts = np.bincount(data.items, minlength=data.n_items + 1)
+        if (data.lengths >= k).all() and (item_counts[data.items] >= k).all():
+            return data
+
+
+def assign_merchants(
+    data: BehaviorData, n_merchants: int, scheme: str = "uniform", seed: int = 0, alpha: float = 0.5
+) -> BehaviorData:
+    """Give every user a merchant.
+
+    - ``column``: keep the merchant ids that came with the data (``merchant_id`` column or generator).
+    - ``uniform``: a seeded random split of users into ``n_merchants`` near-equal groups.
+    - ``category``: non-IID; each user's dominant item category is spread over merchants by Dirichlet(alpha)
+      proportions drawn per category, so merchants differ in category mix (smaller alpha, more skew).
+    """
+    if scheme not in PARTITIONS:
+        raise ConfigError(f"unknown partition {scheme!r} (expected one of: {', '.join(PARTITIONS)})")
+    if scheme == "column":
+        if data.merchant is None:
+            raise ConfigError("partition 'column' needs a merchant_id column in the data")
+        return data
+    if n_merchants < 1 or n_merchants > data.n_users:
+        raise ConfigError(f"merchants must be between 1 and the number of users ({data.n_users}), got {n_merchants}")
+    rng = np.random.default_rng(seed)
+    if scheme == "uniform":
+        merchant = rng.permutation(np.arange(data.n_users) % n_merchants)
+    else:
+        if data.catalog.category is None:
+            raise ConfigError("partition 'category' needs item categories (an attribute file or the synthetic data)")
+        if alpha <= 0:
+            raise ConfigError(f"Dirichlet alpha must be positive, got {alpha}")
+        merchant = _dirichlet_split(dominant_category(data), n_merchants, alpha, rng)
+    return data.with_merchant(merchant, [f"merchant-{m}" for m in range(n_merchants)])
+
+
+def dominant_category(data: BehaviorData) -> np.ndarray:
+    """Each user's most frequent item category (ties to the lower id)."""
+    n_cat = int(data.catalog.category.max()) + 1
+    pairs = data.event_user() * n_cat + data.catalog.category[data.items]
+    counts = np.bincount(pairs, minlength=data.n_users * n_cat).reshape(data.n_users, n_cat)
+    return counts.argmax(axis=1)
+
+
+def _dirichlet_split(label: np.ndarray, n_merchants: int, alpha: float, rng) -> np.ndarray:
+    merchant = np.empty(len(label), dtype=np.int64)
+    for value in np.unique(label):
+        users = rng.permutation(np.flatnonzero(label == value))
+        shares = rng.dirichlet(np.full(n_merchants, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(users)).round().astype(int)
+        for m, group in enumerate(np.split(users, cuts)):
+            merchant[group] = m
+    # Every merchant needs users: hand empty merchants a user from the largest one.
+    for m in range(n_merchants):
+        if not (merchant == m).any():
+            largest = np.bincount(merchant, minlength=n_merchants).argmax()
+            merchant[rng.choice(np.flatnonzero(merchant == largest))] = m
+    return merchant
+
+
+def merchant_partitions(data: BehaviorData) -> list[BehaviorData]:
+    """One self-contained BehaviorData per merchant (split it with ``leave_one_out`` for train/valid/test)."""
+    if data.merchant is None:
+        raise ConfigError("data has no merchant assignment; call assign_merchants first")
+    n = len(data.merchant_names) if data.merchant_names else int(data.merchant.max()) + 1
+    return [data.select_users(np.flatnonzero(data.merchant == m)) for m in range(n)]

@@ -1,0 +1,112 @@
+"""Non-private training of the sequential model with early stopping on validation NDCG@10.
+
+The centralised baseline runs this on the whole data set; the merchant client reuses ``NextItemExamples`` and the
+model's ``loss`` for its DP-SGD loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .batching import NextItemExamples
+from .evaluate import evaluate, sasrec_scorer
+from .model import SASRec
+from .split import LeaveOneOut
+
+SELECTION_METRIC = "ndcg@10"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 8
+    """Stop after this many evaluations without a better validation NDCG@10."""
+    eval_every: int = 1
+    max_minutes: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class FitResult:
+    epochs: int
+    best_epoch: int
+    best_valid: dict
+    history: list[dict] = field(default_factory=list)
+    stopped_by: str = "epochs"
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def fit(
+    model: SASRec,
+    split: LeaveOneOut,
+    settings: TrainSettings,
+    device: torch.device,
+    on_step: Callable[[int, int, int, float], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Train ``model`` in place on ``split.train``; it ends holding the weights of its best validation epoch.
+
+    ``on_step(epoch, step, steps_per_epoch, loss)`` and ``on_epoch(record)`` report progress to the caller.
+    """
+    set_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    examples = NextItemExamples(split.train.sequences(), model.cfg.max_len)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    deadline = time.monotonic() + 60 * settings.max_minutes if settings.max_minutes else float("inf")
+    steps = max(1, -(-len(examples) // settings.batch_size))
+
+    best_score, best_state, stale = -1.0, None, 0
+    result = FitResult(epochs=0, best_epoch=0, best_valid={})
+    for epoch in range(1, settings.epochs + 1):
+        order = rng.permutation(len(examples))
+        total, started = 0.0, time.monotonic()
+        for step in range(steps):
+            inputs, targets = examples.batch(order[step * settings.batch_size : (step + 1) * settings.batch_size],
+                                             device)
+            loss = model.loss(inputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            if on_step:
+                on_step(epoch, step + 1, steps, loss.item())
+            if time.monotonic() > deadline:
+                break
+        result.epochs = epoch
+        out_of_time = time.monotonic() > deadline
+        if epoch % settings.eval_every and not out_of_time and epoch != settings.epochs:
+            continue
+        valid = evaluate(sasrec_scorer(model, device), split, "valid")
+        record = {"epoch": epoch, "loss": total / (step + 1), "seconds": time.monotonic() - started, "valid": valid}
+        result.history.append(record)
+        if valid[SELECTION_METRIC] > best_score:
+            best_score, stale = valid[SELECTION_METRIC], 0
+            best_state = copy.deepcopy(model.state_dict())
+            result.best_epoch, result.best_valid = epoch, valid
+        else:
+            stale += 1
+        if on_epoch:
+            on_epoch(record)
+        if out_of_time:
+            result.stopped_by = "time"
+            break
+        if stale >= settings.patience:
+            result.stopped_by = "early-stopping"
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result

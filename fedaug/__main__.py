@@ -1,0 +1,3 @@
+from fedaug.cli import main
+
+main()

@@ -1,0 +1,79 @@
+"""The ``fedaug`` command line. Subcommands are thin: parse, validate, call into common/ client/ server/ simulations/.
+
+User errors (bad files, flags, configs) print one line to stderr and exit 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from common.errors import FedaugError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Federated, privacy-preserving augmentation and training for sequential recommendation.")
+console = Console(stderr=True)
+
+
+def main() -> None:
+    try:
+        app()
+    except FedaugError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+@app.command()
+def baseline(
+    out: Path = typer.Option(..., "--out", help="Directory for metrics.json."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file ([data], [model], [train])."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Behaviour data file; default: embedded synthetic data."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
+    model: Optional[str] = typer.Option(None, "--model", help="sasrec | pop"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum training epochs."),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Training time budget in minutes."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Train the centralised non-private reference model and write DIR/metrics.json."""
+    from common.config import load_config
+    from simulations.baseline import run_baseline
+
+    cfg = load_config(config, {
+        "data.path": str(data) if data else None, "data.format": fmt, "model.kind": model, "train.epochs": epochs,
+        "train.max_minutes": max_minutes, "train.seed": seed, "device": device,
+    })
+    _check_out_dir(out)
+    with _progress() as progress:
+        task = progress.add_task("training", total=None)
+
+        def on_step(epoch, step, steps, loss):
+            progress.update(task, description=f"epoch {epoch} loss {loss:.3f}", completed=step, total=steps)
+
+        def on_epoch(record):
+            progress.console.print(
+                f"epoch {record['epoch']:3d}  loss {record['loss']:.4f}  "
+                f"valid NDCG@10 {record['valid']['ndcg@10']:.4f}  HR@10 {record['valid']['hr@10']:.4f}"
+            )
+
+        metrics = run_baseline(cfg, out, on_step=on_step, on_epoch=on_epoch)
+    test = metrics["test"]
+    console.print(
+        f"{cfg.model.kind}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  "
+        f"AUC {test['auc']:.4f}  ({metrics['epochs']} epochs, {metrics['seconds']:.0f} s) -> {out / 'metrics.json'}"
+    )
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise FedaugError(f"--out: {out} exists and is not a directory")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True)

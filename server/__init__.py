@@ -1,0 +1,1 @@
+"""Aggregator side: Flower ServerApp, strategies, checkpoints, monitoring (next issues)."""

@@ -1,0 +1,1 @@
+"""Experiment runs over fedaug's components: the centralised baseline now; federated simulations and sweeps next."""
