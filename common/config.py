@@ -5,17 +5,17 @@ Later sections (augment, privacy, federation) add themselves here; the CLI flags
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .data import BehaviorData
 from .errors import ConfigError
 from .loaders import FORMATS, load
-from .split import k_core
 from .model import LOSSES, SASRecConfig
+from .split import k_core
 from .synthetic import SyntheticSpec, generate
 from .training import TrainSettings
 

@@ -56,14 +56,17 @@ def read_text_lines(path: Path) -> list[str]:
     if not raw.strip():
         raise DataError(path, "file is empty")
     nul = raw.find(b"\x00")
-    if nul >= 0:
-        line, column = _position(raw, nul)
-        raise DataError(path, "binary data (NUL byte) in a text file", line, column)
     try:
         text = raw.decode("utf-8-sig")
+        bad_utf8 = -1
     except UnicodeDecodeError as exc:
-        line, column = _position(raw, exc.start)
-        raise DataError(path, "not valid UTF-8 text (wrong encoding?)", line, column) from None
+        bad_utf8 = exc.start
+    if nul >= 0:  # NUL never occurs in text: call it binary, located at its first undecodable byte
+        line, column = _position(raw, min(nul, bad_utf8) if bad_utf8 >= 0 else nul)
+        raise DataError(path, "binary data, not a text file", line, column)
+    if bad_utf8 >= 0:
+        line, column = _position(raw, bad_utf8)
+        raise DataError(path, "not valid UTF-8 text (wrong encoding?)", line, column)
     return text.splitlines()
 
 
@@ -390,7 +393,8 @@ def _event_type_column(values: pd.Series, fail) -> np.ndarray:
     codes = text.map(lookup)
     if codes.isna().any():
         bad = int(np.flatnonzero(codes.isna().to_numpy())[0])
-        fail(bad, "event_type", f"unknown event type {text.iloc[bad][:40]!r} (expected one of {', '.join(EVENT_TYPES)})")
+        expected = ", ".join(EVENT_TYPES)
+        fail(bad, "event_type", f"unknown event type {text.iloc[bad][:40]!r} (expected one of {expected})")
     return codes.to_numpy(np.int8)
 
 

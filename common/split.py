@@ -43,7 +43,7 @@ class LeaveOneOut:
         users = np.flatnonzero(targets > 0)
         histories = [self.train.sequence(u) for u in users]
         if stage == "test":
-            histories = [np.append(h, v) for h, v in zip(histories, self.valid[users])]
+            histories = [np.append(h, v) for h, v in zip(histories, self.valid[users], strict=True)]
         return histories, targets[users]
 
     def _targets(self, stage: str) -> np.ndarray:

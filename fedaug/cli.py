@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -15,8 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from common.errors import FedaugError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Federated, privacy-preserving augmentation and training for sequential recommendation.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
 
 
@@ -28,17 +26,27 @@ def main() -> None:
         sys.exit(1)
 
 
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
+    """Federated, privacy-preserving augmentation and training for sequential recommendation."""
+    if version:
+        from fedaug import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.command()
 def baseline(
     out: Path = typer.Option(..., "--out", help="Directory for metrics.json."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML config file ([data], [model], [train])."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Behaviour data file; default: embedded synthetic data."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
-    model: Optional[str] = typer.Option(None, "--model", help="sasrec | pop"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum training epochs."),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="Training time budget in minutes."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    config: Path | None = typer.Option(None, "--config", help="TOML config file ([data], [model], [train])."),
+    data: Path | None = typer.Option(None, "--data", help="Behaviour data file; default: embedded synthetic data."),
+    fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
+    model: str | None = typer.Option(None, "--model", help="sasrec | pop"),
+    epochs: int | None = typer.Option(None, "--epochs", help="Maximum training epochs."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Training time budget in minutes."),
+    seed: int | None = typer.Option(None, "--seed"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Train the centralised non-private reference model and write DIR/metrics.json."""
     from common.config import load_config

@@ -1,0 +1,69 @@
+"""The fedaug command line: the baseline end to end, and user errors as one line, exit 1, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+KEYS = {"hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "auc"}
+
+
+def fedaug(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fedaug", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
+
+
+def test_baseline_pop_writes_metrics_in_the_documented_shape(tmp_path):
+    result = fedaug("baseline", "--model", "pop", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert set(metrics["test"]) == KEYS and set(metrics["valid"]) == KEYS
+    assert metrics["data"] == {"users": 3000, "items": 1500, "interactions": metrics["data"]["interactions"]}
+    assert metrics["epochs"] == 0 and metrics["seconds"] >= 0 and metrics["config"]["model"]["kind"] == "pop"
+
+
+@pytest.mark.slow
+def test_baseline_sasrec_on_events_csv(tmp_path):
+    from common.synthetic import SyntheticSpec, generate
+
+    data = generate(SyntheticSpec(users=300, items=150))
+    users = data.event_user()
+    rows = zip(data.user_ids[users], data.items, data.timestamps, data.event_type, strict=True)
+    lines = ["user_id,item_id,timestamp,event_type"] + [f"{u},{i},{t},{e}" for u, i, t, e in rows]
+    (tmp_path / "events.csv").write_text("\n".join(lines))
+    result = fedaug("baseline", "--data", str(tmp_path / "events.csv"), "--epochs", "2", "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["data"]["users"] == 300
+    assert 0 < metrics["test"]["auc"] <= 1
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--data", "{bad}"], "bad.csv, line 3, column timestamp"),
+    (["--data", "{missing}"], "no such file"),
+    (["--model", "gru"], "key model.kind"),
+    (["--epochs", "0"], "key train.epochs"),
+    (["--device", "tpu"], "--device"),
+    (["--config", "{config}"], "key train.lr"),
+    (["--config", "{broken}"], "invalid TOML"),
+])
+def test_user_errors_are_one_line_with_no_output(tmp_path, args, fragment):
+    (tmp_path / "bad.csv").write_text("user_id,item_id,timestamp\n1,2,100\n1,3,soon\n")
+    (tmp_path / "config.toml").write_text("[train]\nlr = -1\n")
+    (tmp_path / "broken.toml").write_text("[train\nlr = 1\n")
+    paths = {"bad": tmp_path / "bad.csv", "missing": tmp_path / "nope.csv", "config": tmp_path / "config.toml",
+             "broken": tmp_path / "broken.toml"}
+    args = [a.format(**paths) for a in args]
+    result = fedaug("baseline", *args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_flag_is_rejected(tmp_path):
+    result = fedaug("baseline", "--nope", "--out", str(tmp_path / "out"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

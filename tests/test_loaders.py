@@ -1,0 +1,200 @@
+"""Loaders: the happy paths, and every malformed case as one error naming file, line and column."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from common.data import EVENT_TYPES
+from common.errors import DataError
+from common.loaders import load
+
+
+def write(tmp_path, name, content, mode="w"):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- events: happy paths
+
+
+def test_events_csv_orders_by_time_drops_duplicates_and_keeps_side_information(tmp_path):
+    path = write(tmp_path, "events.csv", "\n".join([
+        "user_id,item_id,timestamp,event_type,merchant_id,device",
+        "7,100,1700000300,purchase,shopA,app",
+        "7,200,1700000100,view,shopA,web",
+        "7,200,1700000100,view,shopA,web",  # exact duplicate
+        "9,300,1700000000,cart,shopB,web",
+        "7,300,1700000200,click,shopA,app",
+        "9,100,1700000050,view,shopB,app",
+    ]))
+    data = load(path, "events")
+    assert data.n_users == 2 and data.n_items == 3 and data.n_interactions == 5
+    raw = data.catalog.raw_ids
+    assert [raw[i] for i in data.sequence(0)] == [200, 300, 100]  # user 7, time order
+    assert [raw[i] for i in data.sequence(1)] == [300, 100]
+    assert [EVENT_TYPES[e] for e in data.event_type[:3]] == ["view", "click", "purchase"]
+    assert data.merchant_names == ["shopA", "shopB"] and list(data.merchant) == [0, 1]
+    assert list(data.timestamps[:3]) == [1700000100, 1700000200, 1700000300]
+    assert set(data.context) == {"device"} and len(data.context["device"]) == 5
+
+
+def test_events_iso_timestamps_and_parquet(tmp_path):
+    frame = pd.DataFrame({"user_id": [1, 1, 2], "item_id": [5, 6, 5],
+                          "timestamp": ["2024-01-02T00:00:00Z", "2024-01-01T00:00:00Z", "2024-01-03T10:00:00+02:00"]})
+    csv = write(tmp_path, "iso.csv", frame.to_csv(index=False))
+    data = load(csv, "events")
+    assert list(data.timestamps[:2]) == [1704067200, 1704153600]  # reordered by time
+    assert data.timestamps[2] == 1704268800  # 08:00 UTC
+    frame.to_parquet(tmp_path / "iso.parquet")
+    parquet = load(tmp_path / "iso.parquet", "events")
+    assert np.array_equal(parquet.items, data.items) and np.array_equal(parquet.timestamps, data.timestamps)
+
+
+# ---------------------------------------------------------------- amazon-seq: happy paths
+
+
+def test_amazon_seq_with_timestamps_and_attributes(tmp_path):
+    seq = write(tmp_path, "Toy.txt", "1 10 20 30\n2 20 40\n")
+    write(tmp_path, "Toy_time.txt", "1 100 200 300\n2 150 250\n")
+    write(tmp_path, "Toy_item2attributes.json", json.dumps({"10": [1, 2], "20": [2], "30": [3], "40": [2, 3]}))
+    data = load(seq, "amazon-seq")
+    assert data.n_users == 2 and data.n_items == 4
+    assert list(data.catalog.raw_ids) == [0, 10, 20, 30, 40]
+    assert list(data.sequence(1)) == [2, 4]
+    assert list(data.timestamps) == [100, 200, 300, 150, 250]
+    assert list(data.catalog.attributes[4]) == [2, 3]
+    # attribute 2 is the most shared one, so it is the category of every item carrying it
+    assert data.catalog.category[1] == data.catalog.category[2] == data.catalog.category[4] != data.catalog.category[3]
+
+
+def test_amazon_seq_named_attribute_tsv(tmp_path):
+    seq = write(tmp_path, "Toy.txt", "1 1 2\n")
+    tsv = write(tmp_path, "attrs.tsv", "item_id\tasin\tattributes\n1\tA1\tMakeup|Nails\n2\tA2\tMakeup\n")
+    data = load(seq, "amazon-seq", attributes=tsv)
+    assert data.catalog.attribute_names[1:] == ["Makeup", "Nails"]
+    assert data.catalog.category_names[data.catalog.category[1]] == "Makeup"
+
+
+# ---------------------------------------------------------------- malformed files
+
+MALFORMED = [
+    # (name, content, format, expected fragments of the message)
+    ("missing.csv", "user_id,item_id\n1,2\n", "events", ["line 1", "missing required column 'timestamp'"]),
+    ("nonint.csv", "user_id,item_id,timestamp\n1,2,100\n1,x7,200\n", "events", ["line 3", "column item_id"]),
+    ("nonint_user.csv", "user_id,item_id,timestamp\n1.5,2,100\n", "events", ["line 2", "column user_id"]),
+    ("badts.csv", "user_id,item_id,timestamp\n1,2,100\n1,3,yesterday\n", "events", ["line 3", "column timestamp"]),
+    ("badiso.csv", "user_id,item_id,timestamp\n1,2,2024-01-01\n1,3,2024-13-45\n", "events",
+     ["line 3", "column timestamp"]),
+    ("empty.csv", "", "events", ["empty"]),
+    ("header_only.csv", "user_id,item_id,timestamp\n", "events", ["no rows"]),
+    ("ragged.csv", "user_id,item_id,timestamp\n1,2,100\n1,3,200,9\n", "events", ["line 3", "ragged"]),
+    ("latin1.csv", "user_id,item_id,timestamp,city\n1,2,100,Z\xfcrich\n".encode("latin-1"), "events",
+     ["line 2", "column 10", "UTF-8"]),
+    ("garbage.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "events", ["line 1, column 1", "binary"]),
+    ("badevent.csv", "user_id,item_id,timestamp,event_type\n1,2,100,like\n", "events", ["line 2", "column event_type"]),
+    ("zero.csv", "user_id,item_id,timestamp\n1,0,100\n", "events", ["line 2", "column item_id", "padding"]),
+    ("seq_nonint.txt", "1 2 3\n2 4 five 6\n", "amazon-seq", ["line 2", "column 5"]),
+    ("seq_neg.txt", "1 2 -3\n", "amazon-seq", ["line 1", "column 5"]),
+    ("seq_empty.txt", "\n\n", "amazon-seq", ["empty"]),
+    ("seq_short.txt", "1 2 3\n4\n", "amazon-seq", ["line 2", "user id followed by"]),
+    ("seq_dup.txt", "1 2 3\n1 4 5\n", "amazon-seq", ["line 2", "already appeared on line 1"]),
+    ("seq_latin1.txt", "1 2 3\n2 3 \xe9\n".encode("latin-1"), "amazon-seq", ["line 2", "column 5", "UTF-8"]),
+    ("seq_garbage.txt", bytes(range(256)), "amazon-seq", ["line 1", "binary"]),
+]
+
+
+@pytest.mark.parametrize("name,content,fmt,fragments", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_file_gives_one_located_error(tmp_path, name, content, fmt, fragments):
+    path = write(tmp_path, name, content)
+    with pytest.raises(DataError) as info:
+        load(path, fmt)
+    message = str(info.value)
+    assert message.startswith(str(path)) and "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_ragged_timestamp_file(tmp_path):
+    seq = write(tmp_path, "Toy.txt", "1 10 20 30\n2 20 40\n")
+    write(tmp_path, "Toy_time.txt", "1 100 200 300\n2 150\n")
+    with pytest.raises(DataError, match=r"Toy_time.txt, line 2: ragged line: 1 timestamps for 2 items"):
+        load(seq, "amazon-seq")
+
+
+def test_timestamp_file_with_bad_value(tmp_path):
+    seq = write(tmp_path, "Toy.txt", "1 10 20\n")
+    write(tmp_path, "Toy_time.txt", "1 100 2x0\n")
+    with pytest.raises(DataError, match=r"Toy_time.txt, line 1, column 7"):
+        load(seq, "amazon-seq")
+
+
+def test_attribute_json_errors(tmp_path):
+    seq = write(tmp_path, "Toy.txt", "1 10 20\n")
+    bad_json = write(tmp_path, "a.json", '{"10": [1, 2],\n "20": [3,, 4]}')
+    with pytest.raises(DataError, match=r"a.json, line 2, column 11: invalid JSON"):
+        load(seq, "amazon-seq", attributes=bad_json)
+    bad_value = write(tmp_path, "b.json", '{"10": [1, "red"]}')
+    with pytest.raises(DataError, match=r"b.json, column key '10'"):
+        load(seq, "amazon-seq", attributes=bad_value)
+
+
+def test_attribute_tsv_ragged(tmp_path):
+    seq = write(tmp_path, "Toy.txt", "1 10 20\n")
+    tsv = write(tmp_path, "a.tsv", "item_id\tasin\tattributes\n10\tA\tX\n20\tB\n")
+    with pytest.raises(DataError, match=r"a.tsv, line 3: ragged line"):
+        load(seq, "amazon-seq", attributes=tsv)
+
+
+def test_corrupt_parquet(tmp_path):
+    path = write(tmp_path, "x.parquet", b"PAR1 this is not parquet PAR1")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        load(path, "events")
+
+
+def test_parquet_bad_value_names_row_and_column(tmp_path):
+    pd.DataFrame({"user_id": [1, 2], "item_id": ["4", "oops"], "timestamp": [1, 2]}).to_parquet(tmp_path / "v.parquet")
+    with pytest.raises(DataError, match=r"v.parquet, row 2, column item_id"):
+        load(tmp_path / "v.parquet", "events")
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load(tmp_path / "nope.csv")
+    path = write(tmp_path, "x.csv", "user_id,item_id,timestamp\n1,2,3\n")
+    with pytest.raises(DataError, match="unknown format 'xml'"):
+        load(path, "xml")
+
+
+# ---------------------------------------------------------------- fuzzing: never anything but DataError
+
+_settings = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_settings
+@given(st.binary(max_size=300))
+def test_fuzz_events_bytes(tmp_path, blob):
+    _load_or_data_error(write(tmp_path, "fuzz.csv", b"user_id,item_id,timestamp\n" + blob), "events")
+
+
+@_settings
+@given(st.text(alphabet=st.sampled_from(list("0123456789 \n\t-x.\x00é")), max_size=200))
+def test_fuzz_amazon_seq_text(tmp_path, text):
+    _load_or_data_error(write(tmp_path, "fuzz.txt", text.encode("utf-8")), "amazon-seq")
+
+
+def _load_or_data_error(path, fmt):
+    try:
+        data = load(path, fmt)
+    except DataError as exc:
+        assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+        return
+    assert data.n_interactions > 0
+    assert data.items.min() >= 1 and data.items.max() <= data.n_items

@@ -1,0 +1,48 @@
+"""The embedded default data: deterministic, realistic in shape, and learnable."""
+
+import numpy as np
+import pytest
+
+from common.config import BaselineConfig, load_config
+from common.data import EVENT_TYPES
+from common.split import dominant_category
+from common.synthetic import SyntheticSpec, generate
+from simulations.baseline import run_baseline
+
+
+def test_same_seed_same_data_other_seed_other_data():
+    a, b, c = generate(SyntheticSpec(users=200, seed=5)), generate(SyntheticSpec(users=200, seed=5)), \
+        generate(SyntheticSpec(users=200, seed=6))
+    assert np.array_equal(a.items, b.items) and np.array_equal(a.timestamps, b.timestamps)
+    assert np.array_equal(a.context["device"], b.context["device"])
+    assert not np.array_equal(a.items[:100], c.items[:100])
+
+
+def test_shape_of_the_default_data():
+    data = generate()
+    assert data.summary() == {"users": 3000, "items": 1500, "interactions": data.n_interactions}
+    assert data.lengths.min() >= 5 and data.items.min() >= 1 and data.items.max() <= data.n_items
+    # funnel: each stage is rarer than the one before
+    stages = np.bincount(data.event_type, minlength=len(EVENT_TYPES))
+    assert stages[0] > stages[1] > stages[2] > 0 and stages[3] > 0
+    # Zipf-like popularity: the top 10% of items take a large share of events
+    counts = np.sort(np.bincount(data.items)[1:])[::-1]
+    assert counts[: len(counts) // 10].sum() > 0.35 * counts.sum()
+    # time order within users, and context derived from it
+    ts = np.split(data.timestamps, data.offsets[1:-1])
+    assert all((np.diff(t) >= 0).all() for t in ts)
+    assert set(np.unique(data.context["hour"])) <= set(range(24))
+    # non-IID merchants: their users' dominant categories are distributed differently
+    dom = dominant_category(data)
+    mixes = np.stack([np.bincount(dom[data.merchant == m], minlength=13) for m in range(5)]).astype(float)
+    mixes /= mixes.sum(1, keepdims=True)
+    assert np.abs(mixes - mixes.mean(0)).sum(1).max() > 0.4
+
+
+@pytest.mark.slow
+def test_sequential_model_beats_popularity_twice_over():
+    pop = run_baseline(load_config(None, {"model.kind": "pop"}))
+    cfg = load_config(None, {"train.epochs": 4, "train.patience": 4})
+    assert isinstance(cfg, BaselineConfig)
+    sasrec = run_baseline(cfg)
+    assert sasrec["test"]["ndcg@10"] >= 2 * pop["test"]["ndcg@10"], (sasrec["test"], pop["test"])
