@@ -70,7 +70,7 @@ class TrainSection(Section):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    patience: int = Field(8, ge=1)
+    patience: int = Field(5, ge=1)
     eval_every: int = Field(1, ge=1)
     max_minutes: float | None = Field(None, gt=0)
     seed: int = 0

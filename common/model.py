@@ -48,12 +48,14 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden, 3 * cfg.hidden)
         self.proj = nn.Linear(cfg.hidden, cfg.hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=2)
-        q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+    def forward(self, x: torch.Tensor, view_len: int) -> torch.Tensor:
+        # x is [B, views * T, D]: Opacus' ghost norms for nn.Linear need 3-D inputs with the user first, so a
+        # user's views sit side by side along the position axis and only attention itself splits them apart.
+        B, KT, D = x.shape
+        K, hd = KT // view_len, D // self.heads
+        q, k, v = (t.view(B, K, view_len, self.heads, hd).transpose(2, 3) for t in self.qkv(x).split(D, dim=-1))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.proj(y.transpose(2, 3).reshape(B, KT, D))
 
 
 class Block(nn.Module):
@@ -68,8 +70,8 @@ class Block(nn.Module):
         self.ff_out = nn.Linear(cfg.hidden, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
+    def forward(self, x: torch.Tensor, view_len: int) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), view_len))
         return x + self.drop(self.ff_out(self.drop(F.gelu(self.ff_in(self.ln2(x))))))
 
 
@@ -99,29 +101,37 @@ class SASRec(nn.Module):
             nn.init.zeros_(module.bias)
 
     def encode(self, items: torch.Tensor) -> torch.Tensor:
-        """Hidden states ``[B, T, D]`` for right-padded item ids ``[B, T]`` (T <= max_len)."""
-        B, T = items.shape
-        positions = torch.arange(T, device=items.device).expand(B, T).contiguous()
-        x = self.item_emb(items) * math.sqrt(self.cfg.hidden) + self.pos_emb(positions)
+        """Hidden states for right-padded item ids ``[B, T]`` or ``[B, views, T]`` (T <= max_len).
+
+        Returns ``[B, views * T, D]`` (views = 1 for 2-D input): one user's views side by side, each attending
+        only to itself, so the user stays dim 0 of every parametrised layer's input.
+        """
+        if items.dim() == 2:
+            items = items.unsqueeze(1)
+        B, K, T = items.shape
+        positions = torch.arange(T, device=items.device).repeat(K).expand(B, K * T).contiguous()
+        x = self.item_emb(items.reshape(B, K * T)) * math.sqrt(self.cfg.hidden) + self.pos_emb(positions)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, T)
         return self.ln_f(x)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """Next-item logits ``[B, T, n_items + 1]`` at every position ('ce' models): the Opacus-facing path,
-        paired with ``PerUserCrossEntropy`` as the criterion."""
+        """Next-item logits ``[B, views * T, n_items + 1]`` at every position ('ce' models): the Opacus-facing
+        path, paired with ``PerUserCrossEntropy`` as the criterion."""
         if self.cfg.loss != "ce":
             raise RuntimeError("full logits need loss='ce'; sampled models train through SASRec.loss")
         return self.out(self.encode(items))
 
     def loss(self, items: torch.Tensor, targets: torch.Tensor, per_user: bool = False) -> torch.Tensor:
-        """Next-item cross-entropy. ``targets`` is ``[B, T]`` with 0 where a position has no target.
+        """Next-item cross-entropy. ``targets`` has the shape of ``items`` with 0 where a position has no target.
 
         ``per_user=False``: mean over all target positions (non-private training; logits only at targets).
-        ``per_user=True``: a ``[B]`` vector, each user's mean over their targets — the sample DP-SGD clips.
+        ``per_user=True``: a ``[B]`` vector, each user's mean over all their targets (every view) — the sample
+        DP-SGD clips.
         """
         hidden = self.encode(items)
+        targets = targets.reshape(hidden.shape[:2])  # [B, views * T], aligned with hidden
         mask = targets > 0
         if not per_user:
             hidden, targets = hidden[mask], targets[mask]  # [N, D], [N]: only positions with a target
@@ -155,13 +165,15 @@ class SASRec(nn.Module):
 
 
 def per_user_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each user's mean cross-entropy over their target positions: ``[B, T, C]`` logits -> ``[B]``."""
-    losses = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # [B, T]
-    return (losses * mask).sum(1) / mask.sum(1).clamp(min=1)
+    """Each user's mean cross-entropy over all their target positions: ``[B, ..., C]`` logits -> ``[B]``."""
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    losses = losses.view(labels.shape) * mask
+    return losses.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
 
 
 class PerUserCrossEntropy(nn.Module):
-    """Criterion for Opacus: logits ``[B, T, V+1]`` and targets ``[B, T]`` (0 = none) -> one loss per user.
+    """Criterion for Opacus: logits ``[B, views * T, V+1]`` and targets ``[B, T]`` or ``[B, views, T]``
+    (0 = no target) -> one loss per user.
 
     Opacus' ghost clipping sets ``reduction='none'`` to get the per-sample losses it clips; with 'mean' or 'sum'
     it reduces over users. A user's views and positions all sit inside that user's one sample.

@@ -28,7 +28,7 @@ class TrainSettings:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 8
+    patience: int = 5
     """Stop after this many evaluations without a better validation NDCG@10."""
     eval_every: int = 1
     max_minutes: float | None = None

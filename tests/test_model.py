@@ -58,7 +58,7 @@ def test_examples_trim_each_batch_to_its_longest_sequence():
     seqs = [np.array([1, 2, 3]), np.array([4]), np.arange(1, 30) % 20 + 1, np.array([5, 6])]
     examples = NextItemExamples(seqs, max_len=10)
     assert list(examples.users) == [0, 2, 3]  # a single event gives no (input, target) pair
-    inputs, targets = examples.batch(np.array([0, 2]), "cpu")
+    inputs, targets = examples.batch(np.array([0, 1]), "cpu")  # example rows: users 0 and 2
     assert inputs.shape == (2, 10)
     assert inputs[0].tolist()[:3] == [1, 2, 0] and targets[0].tolist()[:3] == [2, 3, 0]
     assert targets[1].tolist() == (np.arange(1, 30) % 20 + 1)[-10:].tolist()
@@ -73,3 +73,17 @@ def test_device_choice():
     assert pick_device("cpu").type == "cpu"
     with pytest.raises(ConfigError):
         pick_device("tpu")
+
+
+def test_views_dimension_keeps_users_first_and_matches_single_views():
+    model = _model()
+    a = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    b = torch.tensor([[3, 1, 0], [6, 7, 8]])
+    both = torch.stack([a, b], dim=1)  # [B=2, views=2, T=3]
+    torch.testing.assert_close(model.encode(both)[:, 3:], model.encode(b))  # views side by side, independent
+    targets = torch.stack([torch.tensor([[2, 3, 9], [5, 6, 0]]), torch.tensor([[1, 4, 0], [7, 8, 9]])], dim=1)
+    per_user = model.loss(both, targets, per_user=True)
+    # user 0 has 3 + 2 targets over its two views: the mean over those five positions
+    logits = model(both[0])
+    manual = torch.nn.functional.cross_entropy(logits[targets[0] > 0], targets[0][targets[0] > 0])
+    torch.testing.assert_close(per_user[0], manual)

@@ -1,0 +1,130 @@
+"""The merchant's durable privacy ledger: every DP training round it ever ran, in SQLite in its state-dir.
+
+ε must compose over every round a merchant trained in, across runs and restarts. The ledger is the only source of
+that history: on start the RDP accountant is rebuilt from it, and a round's entry is committed (fsync'd by SQLite
+with ``synchronous=FULL``) before the round's update may leave the merchant. A crash before the commit loses the
+update with it; a crash after it loses only the update, never the accounting.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from opacus.accountants import RDPAccountant
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    sample_rate REAL NOT NULL,
+    steps INTEGER NOT NULL,
+    delta REAL NOT NULL,
+    epsilon REAL NOT NULL,
+    recorded_at REAL NOT NULL,
+    UNIQUE (run_id, round)
+)
+"""
+
+
+@dataclass(frozen=True)
+class RoundEntry:
+    run_id: str
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    epsilon: float
+
+
+class BudgetExceeded(Exception):
+    """The next round would take ε past the merchant's budget: the merchant declines to train."""
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε (RDP accountant) after the mechanisms in ``history`` = [(noise_multiplier, sample_rate, steps), ...]."""
+    if not history:
+        return 0.0
+    if any(noise <= 0 for noise, _, _ in history):
+        return math.inf
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    with warnings.catch_warnings():  # huge noise multipliers (tried while calibrating) hit the largest RDP order
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(accountant.get_epsilon(delta))
+
+
+def calibrate_noise(spent: list[tuple[float, float, int]], sample_rate: float, steps: int, delta: float,
+                    budget: float, tolerance: float = 1e-3) -> float:
+    """Smallest noise multiplier (to ``tolerance``) such that ``spent`` plus ``steps`` more steps stays within
+    ``budget``. Raises BudgetExceeded when even a huge noise multiplier cannot fit."""
+    if math.isinf(budget):
+        return 0.0
+    if epsilon_of(spent + [(1e4, sample_rate, steps)], delta) > budget:
+        raise BudgetExceeded(f"privacy budget ε={budget:g} is already (nearly) spent")
+    low, high = 0.05, 1.0
+    while epsilon_of(spent + [(high, sample_rate, steps)], delta) > budget:
+        low, high = high, high * 2
+    while high - low > tolerance:
+        mid = (low + high) / 2
+        if epsilon_of(spent + [(mid, sample_rate, steps)], delta) > budget:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+class PrivacyLedger:
+    def __init__(self, state_dir: Path):
+        self.path = Path(state_dir) / "privacy-ledger.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions below
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def entries(self) -> list[RoundEntry]:
+        rows = self._db.execute(
+            "SELECT run_id, round, noise_multiplier, sample_rate, steps, delta, epsilon FROM rounds ORDER BY id"
+        ).fetchall()
+        return [RoundEntry(*row) for row in rows]
+
+    def history(self) -> list[tuple[float, float, int]]:
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries()]
+
+    def epsilon(self, delta: float) -> float:
+        """ε spent so far, rebuilt from every recorded round."""
+        return epsilon_of(self.history(), delta)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+        return epsilon_of(self.history() + [(noise_multiplier, sample_rate, steps)], delta)
+
+    def record(self, run_id: str, round_: int, noise_multiplier: float, sample_rate: float, steps: int,
+               delta: float, budget: float = math.inf) -> float:
+        """Commit one trained round and return ε after it. Refuses (BudgetExceeded) to go past ``budget``."""
+        self._db.execute("BEGIN IMMEDIATE")  # one writer: the check and the insert see the same history
+        try:
+            epsilon = self.epsilon_after(noise_multiplier, sample_rate, steps, delta)
+            if epsilon > budget * (1 + 1e-9):
+                raise BudgetExceeded(f"round would spend ε={epsilon:.3f}, past the budget ε={budget:g}")
+            self._db.execute(
+                "INSERT INTO rounds (run_id, round, noise_multiplier, sample_rate, steps, delta, epsilon, recorded_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, int(round_), float(noise_multiplier), float(sample_rate), int(steps), float(delta),
+                 epsilon, time.time()),
+            )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        return epsilon

@@ -1,0 +1,88 @@
+"""The privacy ledger: ε rebuilt from disk equals a live accountant's, budgets hold, and crashes lose no entry."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from client.ledger import BudgetExceeded, PrivacyLedger, calibrate_noise, epsilon_of
+
+DELTA = 1e-5
+
+
+def test_rebuilt_epsilon_equals_a_live_accountant(tmp_path):
+    history = [(1.1, 0.01, 100), (0.9, 0.02, 50), (1.5, 0.01, 300)]
+    live = RDPAccountant()
+    ledger = PrivacyLedger(tmp_path)
+    for round_, (noise, q, steps) in enumerate(history, start=1):
+        for _ in range(steps):
+            live.step(noise_multiplier=noise, sample_rate=q)
+        recorded = ledger.record("run-a", round_, noise, q, steps, DELTA)
+        assert recorded == pytest.approx(live.get_epsilon(DELTA), rel=1e-9)
+    ledger.close()
+    reopened = PrivacyLedger(tmp_path)  # a restart: the accountant comes back from disk only
+    assert reopened.epsilon(DELTA) == pytest.approx(live.get_epsilon(DELTA), rel=1e-9)
+    assert [e.round for e in reopened.entries()] == [1, 2, 3]
+
+
+def test_budget_is_never_exceeded_and_rounds_compose_across_runs(tmp_path):
+    ledger = PrivacyLedger(tmp_path)
+    budget, q, steps = 3.0, 0.02, 50
+    noise = calibrate_noise([], q, steps * 4, DELTA, budget)  # plan: 4 rounds
+    assert epsilon_of([(noise, q, steps * 4)], DELTA) <= budget
+    assert epsilon_of([(noise * 0.98, q, steps * 4)], DELTA) > budget * 0.99  # calibration is tight
+    for round_ in range(1, 5):
+        ledger.record("run-1", round_, noise, q, steps, DELTA, budget)
+    assert ledger.epsilon(DELTA) <= budget
+    # a second run of the same merchant cannot spend it again
+    with pytest.raises(BudgetExceeded):
+        ledger.record("run-2", 1, noise, q, steps, DELTA, budget)
+    with pytest.raises(BudgetExceeded):
+        calibrate_noise(ledger.history(), q, steps, DELTA, ledger.epsilon(DELTA))
+    assert len(ledger.entries()) == 4 and ledger.epsilon(DELTA) <= budget
+
+
+def test_calibration_accounts_for_what_was_already_spent(tmp_path):
+    spent = [(1.0, 0.02, 200)]
+    fresh = calibrate_noise([], 0.02, 200, DELTA, 8.0)
+    after = calibrate_noise(spent, 0.02, 200, DELTA, 8.0)
+    assert after > fresh
+    assert epsilon_of(spent + [(after, 0.02, 200)], DELTA) <= 8.0
+    assert calibrate_noise([], 0.02, 200, DELTA, math.inf) == 0.0
+
+
+def test_duplicate_round_is_refused(tmp_path):
+    ledger = PrivacyLedger(tmp_path)
+    ledger.record("run", 1, 1.0, 0.01, 10, DELTA)
+    with pytest.raises(Exception, match="UNIQUE"):
+        ledger.record("run", 1, 1.0, 0.01, 10, DELTA)
+    assert len(ledger.entries()) == 1
+
+
+def test_a_kill_mid_commit_leaves_the_ledger_consistent(tmp_path):
+    """SIGKILL a writer inside its transaction: after restart the entry is wholly absent, and the ledger works."""
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {os.getcwd()!r})
+        from client.ledger import PrivacyLedger
+        ledger = PrivacyLedger({str(tmp_path)!r})
+        ledger.record("run", 1, 1.0, 0.01, 10, 1e-5)
+        ledger._db.execute("BEGIN IMMEDIATE")
+        ledger._db.execute("INSERT INTO rounds (run_id, round, noise_multiplier, sample_rate, steps, delta, epsilon,"
+                           " recorded_at) VALUES ('run', 2, 1.0, 0.01, 10, 1e-5, 0.5, 0)")
+        print("inside", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "inside"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ledger = PrivacyLedger(tmp_path)
+    assert [e.round for e in ledger.entries()] == [1]
+    ledger.record("run", 2, 1.0, 0.01, 10, DELTA)
+    assert [e.round for e in ledger.entries()] == [1, 2]

@@ -1,0 +1,143 @@
+"""User-level DP-SGD: the DP step equals a torch.func reference, clipping is exact, and the ledger is honoured."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, grad, vmap
+
+from client.ledger import BudgetExceeded, PrivacyLedger
+from client.trainer import LocalSettings, LocalTrainer, PrivacySettings, UserViews, privatize
+from common.augment import Augmenter, AugmentSettings
+from common.model import PerUserCrossEntropy, SASRec, SASRecConfig
+from common.split import leave_one_out
+from common.synthetic import SyntheticSpec, generate
+
+N_ITEMS = 30
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return SASRec(SASRecConfig(n_items=N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0))
+
+
+def _user_views(users=6, seed=0):
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(1, N_ITEMS + 1, rng.integers(2, 9)) for _ in range(users)]
+    aug = Augmenter(AugmentSettings(views=1), seqs, N_ITEMS, max_len=8)
+    return UserViews(seqs, aug, 8, rng)
+
+
+def _reference_grads(model, inputs, targets, clip):
+    """Per-user gradients with torch.func, clipped to ``clip``, averaged over the batch."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    criterion = PerUserCrossEntropy(reduction="sum")
+
+    def user_loss(p, x, y):
+        return criterion(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    per_user = vmap(grad(user_loss), in_dims=(None, 0, 0))(params, inputs, targets)
+    norms = torch.cat([g.reshape(len(inputs), -1) for g in per_user.values()], 1).norm(dim=1)
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {k: (g * factor.view(-1, *[1] * (g.dim() - 1))).sum(0) / len(inputs) for k, g in per_user.items()}, norms
+
+
+def _dp_grads(model, inputs, targets, clip, mode, batch_size):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(len(inputs))),
+                                         batch_size=batch_size)
+    private, optimizer, criterion, _ = privatize(model, torch.optim.SGD(model.parameters(), lr=0.0), loader, 0.0,
+                                                 clip, mode, poisson=False)
+    criterion(private(inputs), targets).backward()
+    optimizer.step()
+    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+    private._close()
+    return grads
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_dp_step_without_noise_equals_torch_func_reference(mode):
+    samples = _user_views()
+    inputs, targets = samples.batch(np.arange(len(samples)), "cpu")  # [users, views, T]
+    model = _model()
+    _, norms = _reference_grads(model, inputs, targets, clip=1e9)
+    clip = float(norms.median())  # about half the users get clipped
+    expected, _ = _reference_grads(model, inputs, targets, clip)
+    got = _dp_grads(model, inputs, targets, clip, mode, batch_size=len(inputs))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_every_clipped_user_gradient_is_within_max_grad_norm(mode):
+    samples = _user_views(users=5, seed=3)
+    model = _model(1)
+    clip = 0.05
+    for row in range(len(samples)):
+        inputs, targets = samples.batch(np.array([row]), "cpu")
+        got = _dp_grads(model, inputs, targets, clip, mode, batch_size=1)  # a batch of one user: its own clipped g
+        norm = torch.cat([g.reshape(-1) for g in got.values()]).norm()
+        assert norm <= clip * (1 + 1e-5)
+        assert norm >= clip * 0.99  # these gradients are all far above 0.05, so each is clipped to exactly C
+
+
+def _trainer(tmp_path, epsilon=4.0, rounds=3, mode="ghost", augment=True):
+    data = generate(SyntheticSpec(users=120, items=80, seed=1))
+    split = leave_one_out(data)
+    ledger = PrivacyLedger(tmp_path / "state")
+    trainer = LocalTrainer(split.train.sequences(), data.n_items,
+                           PrivacySettings(epsilon=epsilon, max_grad_norm=1.0, grad_sample_mode=mode,
+                                           planned_rounds=rounds),
+                           LocalSettings(local_epochs=1, batch_size=32, lr=1e-2),
+                           AugmentSettings(views=1) if augment else None, ledger, torch.device("cpu"))
+    model = SASRec(SASRecConfig(n_items=data.n_items, hidden=16, heads=2, max_len=20, dropout=0.1))
+    return trainer, model, ledger
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_rounds_spend_the_budget_exactly_as_planned_and_then_decline(tmp_path, mode):
+    trainer, model, ledger = _trainer(tmp_path, epsilon=4.0, rounds=3, mode=mode)
+    results = [trainer.train_round(model, "run", r) for r in (1, 2, 3)]
+    assert [r.epsilon for r in results] == sorted(r.epsilon for r in results)
+    assert results[-1].epsilon <= 4.0 and results[-1].epsilon > 3.9  # the plan uses the budget, no more
+    assert results[0].augment_views == 1 and results[0].num_examples == 120
+    assert all(math.isfinite(r.train_loss) for r in results)
+    assert [e.round for e in ledger.entries()] == [1, 2, 3]
+    with pytest.raises(BudgetExceeded):
+        trainer.train_round(model, "run", 4)
+    assert len(ledger.entries()) == 3
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+
+
+def test_a_restarted_merchant_keeps_composing(tmp_path):
+    trainer, model, ledger = _trainer(tmp_path, epsilon=4.0, rounds=2)
+    trainer.train_round(model, "run-1", 1)
+    spent = ledger.epsilon(trainer.delta)
+    ledger.close()
+    again, model, ledger = _trainer(tmp_path, epsilon=4.0, rounds=2)  # new process, same state-dir
+    assert again.epsilon_spent() == pytest.approx(spent)
+    result = again.train_round(model, "run-2", 1)
+    assert result.epsilon > spent and result.epsilon <= 4.0
+
+
+def test_no_update_without_its_ledger_entry(tmp_path, monkeypatch):
+    trainer, model, ledger = _trainer(tmp_path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed between training and commit")
+
+    monkeypatch.setattr(ledger, "record", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_round(model, "run", 1)  # no RoundResult exists, so nothing can be sent
+    monkeypatch.undo()
+    assert ledger.entries() == []
+
+
+def test_non_private_round_needs_no_ledger(tmp_path):
+    data = generate(SyntheticSpec(users=60, items=50, seed=2))
+    split = leave_one_out(data)
+    trainer = LocalTrainer(split.train.sequences(), data.n_items, PrivacySettings(epsilon=math.inf),
+                           LocalSettings(batch_size=16), None, None, torch.device("cpu"))
+    model = SASRec(SASRecConfig(n_items=data.n_items, hidden=16, heads=2, max_len=20))
+    result = trainer.train_round(model, "run", 1)
+    assert math.isinf(result.epsilon) and result.noise_multiplier == 0 and result.augment_views == 0
