@@ -17,6 +17,8 @@ from pathlib import Path
 
 from opacus.accountants import RDPAccountant
 
+from common.errors import FedaugError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -44,7 +46,7 @@ class RoundEntry:
     epsilon: float
 
 
-class BudgetExceeded(Exception):
+class BudgetExceeded(FedaugError):
     """The next round would take ε past the merchant's budget: the merchant declines to train."""
 
 
@@ -61,14 +63,19 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
         return float(accountant.get_epsilon(delta))
 
 
+MAX_NOISE_MULTIPLIER = 10.0
+"""Past this, an update is noise: a merchant declines rather than train with it."""
+
+
 def calibrate_noise(spent: list[tuple[float, float, int]], sample_rate: float, steps: int, delta: float,
                     budget: float, tolerance: float = 1e-3) -> float:
     """Smallest noise multiplier (to ``tolerance``) such that ``spent`` plus ``steps`` more steps stays within
-    ``budget``. Raises BudgetExceeded when even a huge noise multiplier cannot fit."""
+    ``budget``. Raises BudgetExceeded when the budget left would need more than MAX_NOISE_MULTIPLIER."""
     if math.isinf(budget):
         return 0.0
-    if epsilon_of(spent + [(1e4, sample_rate, steps)], delta) > budget:
-        raise BudgetExceeded(f"privacy budget ε={budget:g} is already (nearly) spent")
+    if epsilon_of(spent + [(MAX_NOISE_MULTIPLIER, sample_rate, steps)], delta) > budget:
+        raise BudgetExceeded(f"privacy budget ε={budget:g} is spent (ε={epsilon_of(spent, delta):.3f} so far): "
+                             f"even noise multiplier {MAX_NOISE_MULTIPLIER:g} would exceed it")
     low, high = 0.05, 1.0
     while epsilon_of(spent + [(high, sample_rate, steps)], delta) > budget:
         low, high = high, high * 2

@@ -111,8 +111,7 @@ class LocalTrainer:
         self.ledger = ledger
         self.device = device
         self.delta = privacy.delta_for(self.n_users)
-        self.rounds_done = 0
-        self._noise: float | None = None
+        self._noise: dict[str, float] = {}
         self._augmenter_cache: tuple[int, Augmenter] | None = None
 
     @property
@@ -131,19 +130,21 @@ class LocalTrainer:
     def epsilon_spent(self) -> float:
         return self.ledger.epsilon(self.delta) if self.ledger else (0.0 if self.privacy.private else math.inf)
 
-    def noise_multiplier(self) -> float:
-        """Noise calibrated once per run, so that all planned rounds fit into the budget left when the run started.
+    def noise_multiplier(self, run_id: str) -> float:
+        """Noise for run ``run_id``, calibrated once so that all its planned rounds fit into the budget that was
+        left before the run began (every other run's ledger entries).
 
-        Raises BudgetExceeded when even the largest noise cannot fit; past the plan, rounds decline instead of
-        drowning the update in ever more noise.
+        Derived from the ledger alone, so a merchant restarted mid-run picks the same noise. Raises BudgetExceeded
+        when even the largest noise cannot fit; past the plan, rounds decline rather than drown in noise.
         """
         if not self.privacy.private:
             return 0.0
-        if self._noise is None:
-            self._noise = calibrate_noise(self.ledger.history(), self.sample_rate,
-                                          self.privacy.planned_rounds * self.steps_per_round, self.delta,
-                                          self.privacy.epsilon)
-        return self._noise
+        if run_id not in self._noise:
+            before = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.ledger.entries() if e.run_id != run_id]
+            self._noise[run_id] = calibrate_noise(before, self.sample_rate,
+                                                  self.privacy.planned_rounds * self.steps_per_round, self.delta,
+                                                  self.privacy.epsilon)
+        return self._noise[run_id]
 
     def _augmenter(self, max_len: int) -> Augmenter | None:
         if self.augment is None or not self.augment.enabled:
@@ -156,10 +157,10 @@ class LocalTrainer:
         """Train ``model`` in place. The ledger entry is committed before this returns; BudgetExceeded (before
         any training) means the merchant declines this round."""
         started = time.monotonic()
-        seed = np.random.SeedSequence([self.local.seed, round_, self.rounds_done])
+        seed = np.random.SeedSequence([self.local.seed, round_])
         rng = np.random.default_rng(seed)
         torch.manual_seed(int(seed.generate_state(1)[0]))
-        noise = self.noise_multiplier()
+        noise = self.noise_multiplier(run_id)
         if self.privacy.private and self.ledger.epsilon_after(noise, self.sample_rate, self.steps_per_round,
                                                               self.delta) > self.privacy.epsilon * (1 + 1e-9):
             raise BudgetExceeded("the next round would exceed the privacy budget")
@@ -173,7 +174,6 @@ class LocalTrainer:
         if self.privacy.private:
             epsilon = self.ledger.record(run_id, round_, noise, self.sample_rate, steps, self.delta,
                                          self.privacy.epsilon)
-        self.rounds_done += 1
         return RoundResult(train_loss=loss, epsilon=epsilon, delta=self.delta, noise_multiplier=noise,
                            sample_rate=self.sample_rate, steps=steps, seconds=time.monotonic() - started,
                            num_examples=len(samples), augment_views=samples.views - 1)
@@ -197,7 +197,8 @@ class LocalTrainer:
         loader = torch.utils.data.DataLoader(index, batch_size=self.local.batch_size)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.local.lr)
         private_model, dp_optimizer, criterion, dp_loader = privatize(
-            model, optimizer, loader, noise, self.privacy.max_grad_norm, self.privacy.grad_sample_mode)
+            model, optimizer, loader, noise, self.privacy.max_grad_norm, self.privacy.grad_sample_mode,
+            label_smoothing=model.cfg.label_smoothing)
         total, steps = 0.0, 0
         try:
             for _ in range(self.local.local_epochs):
@@ -214,7 +215,7 @@ class LocalTrainer:
 
 
 def privatize(model: SASRec, optimizer: torch.optim.Optimizer, loader, noise_multiplier: float,
-              max_grad_norm: float, mode: str = "ghost", poisson: bool = True):
+              max_grad_norm: float, mode: str = "ghost", poisson: bool = True, label_smoothing: float = 0.0):
     """Opacus' make_private with one return shape for both modes: (module, optimizer, criterion, loader).
 
     Ghost mode returns a wrapped criterion whose ``backward`` runs the two ghost-clipping passes; hooks mode uses
@@ -223,13 +224,14 @@ def privatize(model: SASRec, optimizer: torch.optim.Optimizer, loader, noise_mul
     if mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}")
     engine = PrivacyEngine(accountant="rdp")
+    criterion = PerUserCrossEntropy(label_smoothing=label_smoothing)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         wrapped = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=PerUserCrossEntropy(),
+            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, grad_sample_mode=mode,
             poisson_sampling=poisson)
     if mode == "ghost":
         return wrapped
     private_model, dp_optimizer, dp_loader = wrapped
-    return private_model, dp_optimizer, PerUserCrossEntropy(), dp_loader
+    return private_model, dp_optimizer, criterion, dp_loader

@@ -10,8 +10,8 @@ Sequence operations (CoSeRec-style) on a user's *training* items only:
 Similarity comes from ``ItemSimilarity``, built from one merchant's own training sequences, so no held-out event
 and no other merchant's data can influence an augmented view.
 
-Vector noise, a' = a + N(0, sigma^2), applies to item-attribute, behaviour and context vectors where a model
-consumes them (``gaussian_noise``).
+Vector noise, a' = a + N(0, sigma^2) (``gaussian_noise``), is for item-attribute, behaviour and context vectors;
+the model does not consume such vectors yet, so no setting switches it on.
 
 Every op is a pure function of (sequence, rng): the same seed gives the same view, ids stay in 0..n_items, and
 no view is longer than ``max_len``.
@@ -45,9 +45,6 @@ class AugmentSettings:
     similar_k: int = 10
     window: int = 2
     """Co-occurrence window (positions either side) for item similarity."""
-    noise_attribute: float = 0.0
-    noise_behavior: float = 0.0
-    noise_context: float = 0.0
 
     def __post_init__(self):
         unknown = set(self.ops) - set(SEQUENCE_OPS)

@@ -11,6 +11,7 @@ from typing import Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .augment import SEQUENCE_OPS, AugmentSettings
 from .data import BehaviorData
 from .errors import ConfigError
 from .loaders import FORMATS, load
@@ -51,9 +52,13 @@ class ModelSection(Section):
     blocks: int = Field(2, ge=1)
     heads: int = Field(2, ge=1)
     max_len: int = Field(50, ge=2)
+    ffn_mult: int = Field(1, ge=1)
     dropout: float = Field(0.5, ge=0, lt=1)
     loss: Literal[LOSSES] = "ce"  # type: ignore[valid-type]
     negatives: int = Field(128, ge=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    tie_embeddings: bool = True
+    """Non-private default: share input and output item tables. Private (Opacus) training needs it off."""
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self):
@@ -77,6 +82,27 @@ class TrainSection(Section):
 
     def settings(self) -> TrainSettings:
         return TrainSettings(**self.model_dump())
+
+
+class AugmentSection(Section):
+    """[augment]: local augmentation, applied afresh every round (see common/augment.py)."""
+
+    enabled: bool = True
+    views: int = Field(1, ge=0, le=8)
+    ops: tuple[Literal[SEQUENCE_OPS], ...] = SEQUENCE_OPS  # type: ignore[valid-type]
+    crop_eta: float = Field(0.6, gt=0, le=1)
+    mask_gamma: float = Field(0.3, ge=0, le=1)
+    reorder_beta: float = Field(0.3, ge=0, le=1)
+    substitute_rate: float = Field(0.2, ge=0, le=1)
+    insert_rate: float = Field(0.2, ge=0, le=1)
+    short_length: int = Field(4, ge=0)
+    similar_k: int = Field(10, ge=1)
+    window: int = Field(2, ge=1)
+
+    def settings(self) -> AugmentSettings | None:
+        if not self.enabled or self.views == 0:
+            return None
+        return AugmentSettings(**self.model_dump())
 
 
 class BaselineConfig(Section):
@@ -122,7 +148,7 @@ def load_config(path: Path | None, overrides: dict | None = None, schema: type[S
         return schema.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
-        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
-        where = f"{path}: " if path is not None else ""
+        key = ".".join(str(p) for p in error["loc"])
+        where = (f"{path}: " if path is not None else "") + (f"key {key}: " if key else "")
         message = error["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}key {key}: {message}") from None
+        raise ConfigError(f"{where}{message}") from None

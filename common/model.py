@@ -30,10 +30,17 @@ class SASRecConfig:
     blocks: int = 2
     heads: int = 2
     max_len: int = 50
+    ffn_mult: int = 1
+    """Feed-forward width as a multiple of hidden (SASRec: 1)."""
     dropout: float = 0.5
     loss: str = "ce"
     """'ce': softmax over all items; 'sampled': softmax over the target and ``negatives`` uniform negatives."""
     negatives: int = 128
+    tie_embeddings: bool = False
+    """Share the input item table with the output layer (a strong regulariser on sparse data). Non-private
+    training only: Opacus' ghost clipping refuses tied weights, so DP models keep them apart."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing: spreads a little probability over all items."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,15 +66,15 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with SASRec's point-wise feed-forward."""
+    """Pre-norm transformer block: causal self-attention, then a point-wise feed-forward layer."""
 
     def __init__(self, cfg: SASRecConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.hidden)
         self.attn = CausalSelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.hidden)
-        self.ff_in = nn.Linear(cfg.hidden, cfg.hidden)
-        self.ff_out = nn.Linear(cfg.hidden, cfg.hidden)
+        self.ff_in = nn.Linear(cfg.hidden, cfg.ffn_mult * cfg.hidden)
+        self.ff_out = nn.Linear(cfg.ffn_mult * cfg.hidden, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, view_len: int) -> torch.Tensor:
@@ -92,6 +99,8 @@ class SASRec(nn.Module):
         else:
             self.out = nn.Embedding(cfg.n_items + 1, cfg.hidden)
         self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.out.weight = self.item_emb.weight  # non-private only: Opacus cannot clip shared weights
 
     @staticmethod
     def _init_weights(module: nn.Module):
@@ -140,9 +149,10 @@ class SASRec(nn.Module):
             labels = targets
         else:
             logits, labels = self._sampled_logits(hidden, targets)
+        smoothing = self.cfg.label_smoothing
         if not per_user:
-            return F.cross_entropy(logits, labels)
-        return per_user_cross_entropy(logits, labels, mask)
+            return F.cross_entropy(logits, labels, label_smoothing=smoothing)
+        return per_user_cross_entropy(logits, labels, mask, smoothing)
 
     def _sampled_logits(self, hidden: torch.Tensor, targets: torch.Tensor):
         """Logits over [target, k shared uniform negatives]; a negative equal to the target is masked out."""
@@ -164,9 +174,11 @@ class SASRec(nn.Module):
         return last @ self.out.weight.T
 
 
-def per_user_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def per_user_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                           label_smoothing: float = 0.0) -> torch.Tensor:
     """Each user's mean cross-entropy over all their target positions: ``[B, ..., C]`` logits -> ``[B]``."""
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
+                             label_smoothing=label_smoothing)
     losses = losses.view(labels.shape) * mask
     return losses.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
 
@@ -179,12 +191,13 @@ class PerUserCrossEntropy(nn.Module):
     it reduces over users. A user's views and positions all sit inside that user's one sample.
     """
 
-    def __init__(self, reduction: str = "mean"):
+    def __init__(self, reduction: str = "mean", label_smoothing: float = 0.0):
         super().__init__()
         self.reduction = reduction
+        self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        losses = per_user_cross_entropy(logits, targets, targets > 0)
+        losses = per_user_cross_entropy(logits, targets, targets > 0, self.label_smoothing)
         if self.reduction == "none":
             return losses
         return losses.sum() if self.reduction == "sum" else losses.mean()

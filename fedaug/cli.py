@@ -39,7 +39,7 @@ def root(version: bool = typer.Option(False, "--version", help="Print the versio
 @app.command()
 def baseline(
     out: Path = typer.Option(..., "--out", help="Directory for metrics.json."),
-    config: Path | None = typer.Option(None, "--config", help="TOML config file ([data], [model], [train])."),
+    config: Path | None = typer.Option(None, "--config", help="TOML file with data, model and train tables."),
     data: Path | None = typer.Option(None, "--data", help="Behaviour data file; default: embedded synthetic data."),
     fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
     model: str | None = typer.Option(None, "--model", help="sasrec | pop"),
@@ -75,6 +75,53 @@ def baseline(
         f"{cfg.model.kind}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  "
         f"AUC {test['auc']:.4f}  ({metrics['epochs']} epochs, {metrics['seconds']:.0f} s) -> {out / 'metrics.json'}"
     )
+
+
+@app.command()
+def local(
+    out: Path = typer.Option(..., "--out", help="Directory for metrics.json (and the ledger, unless --state-dir)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML: data, model, augment, privacy, local."),
+    data: Path | None = typer.Option(None, "--data", help="This merchant's behaviour data; default: synthetic."),
+    fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
+    epsilon: str | None = typer.Option(None, "--epsilon", help="Total privacy budget ε, or 'inf' (non-private)."),
+    delta: float | None = typer.Option(None, "--delta", help="δ (default 1 / (10 · users))."),
+    rounds: int | None = typer.Option(None, "--rounds", help="Training rounds (noise is calibrated for all)."),
+    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Epochs per round."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Expected users per DP step."),
+    lr: float | None = typer.Option(None, "--lr"),
+    max_grad_norm: float | None = typer.Option(None, "--max-grad-norm", help="Per-user clipping norm C."),
+    grad_sample_mode: str | None = typer.Option(None, "--grad-sample-mode", help="ghost | hooks"),
+    no_augment: bool = typer.Option(False, "--no-augment", help="Train on the original sequences only."),
+    state_dir: Path | None = typer.Option(None, "--state-dir", help="Where the privacy ledger lives (DIR/state)."),
+    seed: int | None = typer.Option(None, "--seed"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Train one merchant alone with the client's own DP trainer and write DIR/metrics.json."""
+    from client.config import MerchantConfig
+    from common.config import load_config
+    from simulations.local import run_local
+
+    cfg = load_config(config, {
+        "data.path": str(data) if data else None, "data.format": fmt, "privacy.epsilon": epsilon,
+        "privacy.delta": delta, "privacy.max_grad_norm": max_grad_norm, "privacy.grad_sample_mode": grad_sample_mode,
+        "local.rounds": rounds, "local.local_epochs": local_epochs, "local.batch_size": batch_size, "local.lr": lr,
+        "local.seed": seed, "augment.enabled": False if no_augment else None, "device": device,
+    }, MerchantConfig)
+    _check_out_dir(out)
+    with _progress() as progress:
+        task = progress.add_task("local rounds", total=cfg.local.rounds)
+
+        def on_round(round_, result, valid):
+            progress.console.print(
+                f"round {round_:3d}  loss {result.train_loss:.4f}  ε {result.epsilon:.3f}  "
+                f"valid NDCG@10 {valid['ndcg@10']:.4f}  ({result.seconds:.0f} s)")
+            progress.advance(task)
+
+        metrics = run_local(cfg, out, state_dir or out / "state", on_round=on_round)
+    test, privacy = metrics["test"], metrics["privacy"]
+    console.print(
+        f"local: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  ε {privacy['epsilon']}  "
+        f"δ {privacy['delta']:.2e}  ({metrics['seconds']:.0f} s) -> {out / 'metrics.json'}")
 
 
 def _check_out_dir(out: Path) -> None:

@@ -9,13 +9,13 @@ from pathlib import Path
 from common.atomic import write_json_atomic
 from common.config import BaselineConfig
 from common.device import pick_device
-from common.evaluate import evaluate, sasrec_scorer
+from common.evaluate import sasrec_scorer
 from common.model import SASRec
 from common.popularity import Popularity
 from common.split import leave_one_out
 from common.training import fit, set_seed
 
-METRIC_KEYS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "auc")
+from .report import final_metrics
 
 
 def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Callable | None = None,
@@ -38,19 +38,7 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
         extra = {"best_epoch": result.best_epoch, "stopped_by": result.stopped_by,
                  "history": [{"epoch": r["epoch"], "loss": r["loss"], "valid_ndcg@10": r["valid"]["ndcg@10"]}
                              for r in result.history]}
-    metrics = {
-        "test": _select(evaluate(scorer, split, "test")),
-        "valid": _select(evaluate(scorer, split, "valid")),
-        "epochs": epochs,
-        "seconds": round(time.monotonic() - started, 2),
-        "data": data.summary(),
-        "config": config.model_dump(mode="json") | {"device": str(device)},
-        **extra,
-    }
+    metrics = final_metrics(scorer, split, data, config, device, epochs, started) | extra
     if out is not None:
         write_json_atomic(Path(out) / "metrics.json", metrics)
     return metrics
-
-
-def _select(metrics: dict) -> dict:
-    return {k: metrics[k] for k in METRIC_KEYS}

@@ -67,3 +67,51 @@ def test_unknown_flag_is_rejected(tmp_path):
     result = fedaug("baseline", "--nope", "--out", str(tmp_path / "out"))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+LOCAL_CONFIG = """
+[synthetic]
+users = 300
+items = 200
+
+[model]
+hidden = 16
+max_len = 20
+
+[privacy]
+epsilon = 2.0
+
+[local]
+rounds = 2
+batch_size = 32
+lr = 0.005
+"""
+
+
+@pytest.mark.slow
+def test_local_private_run_reports_epsilon_within_budget_and_composes(tmp_path):
+    (tmp_path / "merchant.toml").write_text(LOCAL_CONFIG)
+    result = fedaug("local", "--config", str(tmp_path / "merchant.toml"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert set(metrics["test"]) == KEYS and len(metrics["rounds"]) == 2
+    privacy = metrics["privacy"]
+    assert 1.9 < privacy["epsilon"] <= 2.0 and privacy["delta"] == pytest.approx(1 / 3000)
+    assert privacy["noise_multiplier"] > 0 and privacy["max_grad_norm"] == 1.0
+    assert metrics["augment_views"] == 1
+    # the same merchant (same state-dir) has spent its budget: the next run declines, with one line
+    again = fedaug("local", "--config", str(tmp_path / "merchant.toml"), "--out", str(tmp_path / "o2"),
+                   "--state-dir", str(tmp_path / "o" / "state"))
+    assert again.returncode == 1 and "budget" in again.stderr and "Traceback" not in again.stderr
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--epsilon", "-1"], "key privacy.epsilon"),
+    (["--grad-sample-mode", "fast"], "key privacy.grad_sample_mode"),
+    (["--epsilon", "abc"], "key privacy.epsilon"),
+])
+def test_local_flag_errors(tmp_path, args, fragment):
+    result = fedaug("local", *args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert fragment in result.stderr and not (tmp_path / "out").exists()

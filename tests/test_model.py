@@ -12,7 +12,8 @@ from common.model import SASRec, SASRecConfig
 
 def _model(**kw):
     torch.manual_seed(0)
-    return SASRec(SASRecConfig(n_items=30, hidden=16, heads=2, max_len=10, dropout=0.0, **kw)).eval()
+    cfg = SASRecConfig(n_items=30, hidden=16, heads=2, max_len=10, dropout=0.0, label_smoothing=0.0, **kw)
+    return SASRec(cfg).eval()
 
 
 def test_right_padding_does_not_change_real_positions():

@@ -1,0 +1,112 @@
+"""DP training throughput and peak memory against non-private training, measured in one run.
+
+Modes, each in its own subprocess so peak memory is its own:
+  nonprivate  plain training, logits only at target positions (the baseline's path)
+  hooks       Opacus per-sample gradients (grad_sample_mode="hooks"), per-user samples [users, views, positions]
+  ghost       Opacus ghost clipping (grad_sample_mode="ghost")
+  fedaug      fedaug's default DP path: LocalTrainer's private step (ghost clipping, Poisson sampling)
+
+    python benchmarks/dp_throughput.py --out dp.json [--data ../shared/data/amazon-beauty/Beauty.txt] [--steps 20]
+
+Writes {"results": [{"mode", "seq_per_s", "peak_mb"}, ...], "ratio_fedaug", "mem_ratio_fedaug"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODES = ("nonprivate", "hooks", "ghost", "fedaug")
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-beauty" / "Beauty.txt"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--steps", type=int, default=20, help="Training steps timed per mode (after 2 warm-up).")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode and print its JSON
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(measure(args.mode, args.data, args.steps, args.batch_size)))
+        return
+    results = []
+    for mode in args.modes.split(","):
+        cmd = [sys.executable, __file__, "--out", str(args.out), "--data", str(args.data), "--steps",
+               str(args.steps), "--batch-size", str(args.batch_size), "--mode", mode]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"{mode:11s} {results[-1]['seq_per_s']:9.1f} seq/s  peak {results[-1]['peak_mb']:8.0f} MB", flush=True)
+    by_mode = {r["mode"]: r for r in results}
+    report = {"results": results}
+    if "nonprivate" in by_mode and "fedaug" in by_mode:
+        report["ratio_fedaug"] = by_mode["fedaug"]["seq_per_s"] / by_mode["nonprivate"]["seq_per_s"]
+        report["mem_ratio_fedaug"] = by_mode["fedaug"]["peak_mb"] / by_mode["nonprivate"]["peak_mb"]
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "results"}))
+
+
+def measure(mode: str, data_path: Path, steps: int, batch_size: int) -> dict:
+    from client.trainer import UserViews, privatize
+    from common.loaders import load
+    from common.model import SASRec, SASRecConfig
+    from common.split import leave_one_out
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = load(data_path)
+    split = leave_one_out(data)
+    rng = np.random.default_rng(0)
+    samples = UserViews(split.train.sequences(), None, 50, rng)
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(n_items=data.n_items, hidden=64, max_len=50)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = [rng.choice(len(samples), batch_size, replace=False) for _ in range(steps + 2)]
+
+    if mode == "nonprivate":
+        def step(rows):
+            loss = model.loss(*samples.batch(rows, device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    else:
+        grad_mode = "hooks" if mode == "hooks" else "ghost"
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(len(samples))),
+                                             batch_size=batch_size)
+        private, dp_optimizer, criterion, _ = privatize(model, optimizer, loader, 1.0, 1.0, grad_mode,
+                                                        poisson=(mode == "fedaug"))
+
+        def step(rows):
+            inputs, targets = samples.batch(rows, device)
+            criterion(private(inputs), targets).backward()
+            dp_optimizer.step()
+            dp_optimizer.zero_grad(set_to_none=True)
+
+    for rows in batches[:2]:
+        step(rows)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for rows in batches[2:]:
+        step(rows)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    seconds = time.perf_counter() - started
+    return {"mode": mode, "seq_per_s": steps * batch_size / seconds, "peak_mb": peak, "device": str(device)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The merchant's Flower ClientApp (Message API): ``train`` and ``evaluate``.
+
+A merchant whose budget cannot afford the round replies normally with ``declined = 1`` and no arrays, so the
+server can tell a decline from a crash (which arrives as a Flower error reply).
+"""
+
+from __future__ import annotations
+
+import math
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.evaluate import evaluate as evaluate_split
+from common.evaluate import sasrec_scorer
+from common.metrics import KS
+
+from .ledger import BudgetExceeded
+from .merchant import merchant_for
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    merchant = merchant_for(context.node_config, context.run_config)
+    model = merchant.model(msg.content["arrays"].to_torch_state_dict())
+    server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
+    try:
+        result = merchant.trainer.train_round(model, run_id=str(context.run_id), round_=server_round)
+    except BudgetExceeded as exc:
+        spent = merchant.trainer.epsilon_spent()
+        content = RecordDict({
+            "metrics": MetricRecord({"declined": 1, "num-examples": 0, "epsilon": _finite(spent)}),
+            "decline": ConfigRecord({"reason": str(exc)}),
+        })
+        return Message(content, reply_to=msg)
+    metrics = MetricRecord({
+        "declined": 0,
+        "num-examples": result.num_examples,
+        "train_loss": result.train_loss,
+        "epsilon": _finite(result.epsilon),
+        "delta": result.delta,
+        "noise_multiplier": result.noise_multiplier,
+        "seconds": result.seconds,
+        "augment_views": result.augment_views,
+    })
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    merchant = merchant_for(context.node_config, context.run_config)
+    model = merchant.model(msg.content["arrays"].to_torch_state_dict())
+    metrics = evaluate_split(sasrec_scorer(model, merchant.device), merchant.split, "test")
+    values = {f"{m}@{k}": metrics[f"{m}@{k}"] for m in ("hr", "ndcg") for k in KS}
+    content = RecordDict({"metrics": MetricRecord(values | {"num-examples": metrics["users"]})})
+    return Message(content, reply_to=msg)
+
+
+def _finite(epsilon: float) -> float:
+    """MetricRecord carries finite floats; a non-private merchant reports ε as -1."""
+    return -1.0 if math.isinf(epsilon) else float(epsilon)

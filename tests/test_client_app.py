@@ -1,0 +1,66 @@
+"""The merchant ClientApp, called the way Flower calls it: train, evaluate, and declining past the budget."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.client_app import app
+from client.merchant import merchant_for
+from common.errors import ConfigError
+from common.model import SASRec, SASRecConfig
+
+RUN = {"num-server-rounds": 2, "epsilon": 3.0, "batch-size": 64, "local-epochs": 1, "hidden": 16, "heads": 2,
+       "max-len": 20, "augment-views": 1, "partition": "uniform"}
+
+
+@pytest.fixture(autouse=True)
+def _as_if_sent_by_a_serverapp(monkeypatch):
+    """Messages are normally created inside a ServerApp process, which sets its task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _call(kind, arrays, context, server_round=1):
+    content = RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord({"server-round": server_round})})
+    return app(Message(content=content, dst_node_id=1, message_type=kind), context)
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_round_trip_then_decline(tmp_path):
+    run = RUN | {"state-dir": str(tmp_path)}
+    context = Context(run_id=7, node_id=1, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(),
+                      run_config=run)
+    torch.manual_seed(0)
+    global_model = SASRec(SASRecConfig(n_items=1500, hidden=16, heads=2, max_len=20))
+    arrays = global_model.state_dict()
+
+    reply = _call(MessageType.TRAIN, arrays, context, 1)
+    assert not reply.has_error(), reply.error if reply.has_error() else None
+    metrics = reply.content["metrics"]
+    assert metrics["declined"] == 0 and metrics["num-examples"] == 750 and metrics["augment_views"] == 1
+    assert 0 < metrics["epsilon"] <= 3.0 and metrics["delta"] == pytest.approx(1 / 7500)
+    new = reply.content["arrays"].to_torch_state_dict()
+    assert set(new) == set(arrays) and any(not torch.equal(new[k], arrays[k]) for k in arrays)
+    assert (tmp_path / "merchant-1" / "privacy-ledger.sqlite").is_file()
+
+    evaluation = _call(MessageType.EVALUATE, new, context)
+    assert set(evaluation.content["metrics"]) >= {"hr@10", "ndcg@10", "hr@20", "ndcg@5", "num-examples"}
+    assert evaluation.content["metrics"]["num-examples"] == 750
+
+    second = _call(MessageType.TRAIN, new, context, 2)
+    assert second.content["metrics"]["declined"] == 0
+    assert second.content["metrics"]["epsilon"] <= 3.0
+    third = _call(MessageType.TRAIN, new, context, 3)  # past the planned rounds: the budget is spent
+    assert not third.has_error()
+    assert third.content["metrics"]["declined"] == 1 and "arrays" not in third.content
+    assert "budget" in third.content["decline"]["reason"]
+
+
+def test_node_without_data_or_partition_is_a_config_error():
+    with pytest.raises(ConfigError, match="data-path"):
+        merchant_for({}, RUN)
+    with pytest.raises(ConfigError, match="state-dir"):
+        merchant_for({"data-path": "x.csv"}, RUN)
