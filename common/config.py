@@ -76,6 +76,7 @@ class TrainSection(Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(5, ge=1)
+    min_improvement: float = Field(0.01, ge=0)
     eval_every: int = Field(1, ge=1)
     max_minutes: float | None = Field(None, gt=0)
     seed: int = 0

@@ -11,6 +11,7 @@ Formats:
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections import Counter
@@ -325,8 +326,6 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, int, str]:
         except Exception as exc:  # pyarrow raises many types for corrupt files
             raise DataError(path, f"not a readable Parquet file ({type(exc).__name__})") from None
     lines = read_text_lines(path)  # encoding, binary and emptiness checks with line numbers
-    import io
-
     try:
         frame = pd.read_csv(io.StringIO("\n".join(lines)), dtype=str, keep_default_na=False, skipinitialspace=True)
     except pd.errors.ParserError as exc:

@@ -29,7 +29,9 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 5
-    """Stop after this many evaluations without a better validation NDCG@10."""
+    """Stop after this many evaluations without a clearly better validation NDCG@10."""
+    min_improvement: float = 0.01
+    """Relative gain over the best so far that counts as clearly better (the best weights are kept regardless)."""
     eval_every: int = 1
     max_minutes: float | None = None
     seed: int = 0
@@ -93,12 +95,11 @@ def fit(
         valid = evaluate(sasrec_scorer(model, device), split, "valid")
         record = {"epoch": epoch, "loss": total / (step + 1), "seconds": time.monotonic() - started, "valid": valid}
         result.history.append(record)
-        if valid[SELECTION_METRIC] > best_score:
-            best_score, stale = valid[SELECTION_METRIC], 0
-            best_state = copy.deepcopy(model.state_dict())
+        score = valid[SELECTION_METRIC]
+        stale = 0 if score > best_score * (1 + settings.min_improvement) else stale + 1
+        if score > best_score:
+            best_score, best_state = score, copy.deepcopy(model.state_dict())
             result.best_epoch, result.best_valid = epoch, valid
-        else:
-            stale += 1
         if on_epoch:
             on_epoch(record)
         if out_of_time:
