@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,9 +154,10 @@ class LocalTrainer:
             self._augmenter_cache = (max_len, Augmenter(self.augment, self.sequences, self.n_items, max_len))
         return self._augmenter_cache[1]
 
-    def train_round(self, model: SASRec, run_id: str, round_: int) -> RoundResult:
+    def train_round(self, model: SASRec, run_id: str, round_: int,
+                    on_step: Callable[[int, int], None] | None = None) -> RoundResult:
         """Train ``model`` in place. The ledger entry is committed before this returns; BudgetExceeded (before
-        any training) means the merchant declines this round."""
+        any training) means the merchant declines this round. ``on_step(step, expected_steps)`` reports progress."""
         started = time.monotonic()
         seed = np.random.SeedSequence([self.local.seed, round_])
         rng = np.random.default_rng(seed)
@@ -167,9 +169,9 @@ class LocalTrainer:
         samples = UserViews(self.sequences, self._augmenter(model.cfg.max_len), model.cfg.max_len, rng)
         model.to(self.device).train()
         if self.privacy.private:
-            loss, steps = self._train_private(model, samples, noise)
+            loss, steps = self._train_private(model, samples, noise, on_step)
         else:
-            loss, steps = self._train_plain(model, samples, rng)
+            loss, steps = self._train_plain(model, samples, rng, on_step)
         epsilon = math.inf
         if self.privacy.private:
             epsilon = self.ledger.record(run_id, round_, noise, self.sample_rate, steps, self.delta,
@@ -178,7 +180,7 @@ class LocalTrainer:
                            sample_rate=self.sample_rate, steps=steps, seconds=time.monotonic() - started,
                            num_examples=len(samples), augment_views=samples.views - 1)
 
-    def _train_plain(self, model: SASRec, samples: UserViews, rng) -> tuple[float, int]:
+    def _train_plain(self, model: SASRec, samples: UserViews, rng, on_step) -> tuple[float, int]:
         optimizer = torch.optim.Adam(model.parameters(), lr=self.local.lr)
         total, steps = 0.0, 0
         for _ in range(self.local.local_epochs):
@@ -190,9 +192,11 @@ class LocalTrainer:
                 loss.backward()
                 optimizer.step()
                 total, steps = total + loss.item(), steps + 1
+                if on_step:
+                    on_step(steps, self.steps_per_round)
         return total / max(steps, 1), steps
 
-    def _train_private(self, model: SASRec, samples: UserViews, noise: float) -> tuple[float, int]:
+    def _train_private(self, model: SASRec, samples: UserViews, noise: float, on_step) -> tuple[float, int]:
         index = torch.utils.data.TensorDataset(torch.arange(len(samples)))
         loader = torch.utils.data.DataLoader(index, batch_size=self.local.batch_size)
         optimizer = torch.optim.Adam(model.parameters(), lr=self.local.lr)
@@ -209,6 +213,8 @@ class LocalTrainer:
                     dp_optimizer.step()
                     dp_optimizer.zero_grad(set_to_none=True)
                     total, steps = total + float(loss.item()), steps + 1
+                    if on_step:
+                        on_step(steps, self.steps_per_round)
         finally:
             private_model._close()  # remove Opacus' hooks so the caller's model is a plain module again
         return total / max(steps, 1), steps

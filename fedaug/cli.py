@@ -6,6 +6,7 @@ User errors (bad files, flags, configs) print one line to stderr and exit 1, wit
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -18,7 +19,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 
 
+QUIET_WARNINGS = (
+    # Opacus' ghost clipping backward passes and its non-secure RNG note: known, harmless, and not the user's to fix.
+    "Full backward hook is firing",
+    "Secure RNG turned off",
+)
+
+
 def main() -> None:
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{message}.*")
     try:
         app()
     except FedaugError as exc:
@@ -109,15 +119,21 @@ def local(
     }, MerchantConfig)
     _check_out_dir(out)
     with _progress() as progress:
-        task = progress.add_task("local rounds", total=cfg.local.rounds)
+        task = progress.add_task("round 1 steps", total=None)
+        rounds_done = 0
+
+        def on_step(step, steps):
+            progress.update(task, description=f"round {rounds_done + 1}/{cfg.local.rounds} steps", completed=step,
+                            total=steps)
 
         def on_round(round_, result, valid):
+            nonlocal rounds_done
+            rounds_done = round_
             progress.console.print(
                 f"round {round_:3d}  loss {result.train_loss:.4f}  ε {result.epsilon:.3f}  "
                 f"valid NDCG@10 {valid['ndcg@10']:.4f}  ({result.seconds:.0f} s)")
-            progress.advance(task)
 
-        metrics = run_local(cfg, out, state_dir or out / "state", on_round=on_round)
+        metrics = run_local(cfg, out, state_dir or out / "state", on_round=on_round, on_step=on_step)
     test, privacy = metrics["test"], metrics["privacy"]
     console.print(
         f"local: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  ε {privacy['epsilon']}  "

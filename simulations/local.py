@@ -22,7 +22,8 @@ from .report import final_metrics
 
 
 def run_local(config: MerchantConfig, out: Path | None, state_dir: Path,
-              on_round: Callable[[int, RoundResult, dict], None] | None = None) -> dict:
+              on_round: Callable[[int, RoundResult, dict], None] | None = None,
+              on_step: Callable[[int, int], None] | None = None) -> dict:
     """Train ``config.local.rounds`` rounds of local DP training on the whole data set as one merchant.
 
     The privacy ledger in ``state_dir`` makes ε durable: running again with the same state-dir keeps composing.
@@ -40,7 +41,7 @@ def run_local(config: MerchantConfig, out: Path | None, state_dir: Path,
     run_id = uuid.uuid4().hex
     history, result = [], None
     for round_ in range(1, config.local.rounds + 1):
-        result = trainer.train_round(model, run_id, round_)
+        result = trainer.train_round(model, run_id, round_, on_step=on_step)
         valid = evaluate(sasrec_scorer(model, device), split, "valid")
         history.append({"round": round_, "train_loss": result.train_loss, "epsilon": result.epsilon,
                         "seconds": result.seconds, "valid_ndcg@10": valid["ndcg@10"]})
