@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from common.batching import NextItemExamples
+from common.batching import UserSamples
 from common.loaders import load
 from common.model import SASRec, SASRecConfig
 from common.split import leave_one_out
@@ -32,7 +32,7 @@ def main() -> None:
     data = load(args.data) if args.data else generate()
     split = leave_one_out(data)
     model = SASRec(SASRecConfig(n_items=data.n_items))
-    examples = NextItemExamples(split.train.sequences(), model.cfg.max_len)
+    examples = UserSamples(split.train.sequences(), model.cfg.max_len)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     batches = [rng.choice(len(examples), args.batch_size, replace=False) for _ in range(args.steps)]

@@ -1,10 +1,13 @@
 """DP training throughput and peak memory against non-private training, measured in one run.
 
 Modes, each in its own subprocess so peak memory is its own:
-  nonprivate  plain training, logits only at target positions (the baseline's path)
+  nonprivate  fedaug's non-private step (common.training.train_step): length-bucketed micro-batches, logits only
+              at target positions; the baseline every ratio is taken against
+  nonprivate-padded  the same without bucketing: each batch padded to its longest user
   hooks       Opacus per-sample gradients (grad_sample_mode="hooks"), per-user samples [users, views, positions]
   ghost       Opacus ghost clipping (grad_sample_mode="ghost")
-  fedaug      fedaug's default DP path: LocalTrainer's private step (ghost clipping, Poisson sampling)
+  fedaug      fedaug's default DP path, LocalTrainer's PrivateStep: Poisson batches run as length-bucketed
+              micro-batches under ghost clipping, noise once per batch
 
     python benchmarks/dp_throughput.py --out dp.json [--data ../shared/data/amazon-beauty/Beauty.txt] [--steps 20]
 
@@ -14,6 +17,7 @@ Writes {"results": [{"mode", "seq_per_s", "peak_mb"}, ...], "ratio_fedaug", "mem
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -24,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MODES = ("nonprivate", "hooks", "ghost", "fedaug")
+MODES = ("nonprivate", "nonprivate-padded", "hooks", "ghost", "fedaug")
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-beauty" / "Beauty.txt"
 
 
@@ -57,33 +61,39 @@ def main() -> None:
 
 
 def measure(mode: str, data_path: Path, steps: int, batch_size: int) -> dict:
-    from client.trainer import UserViews, privatize
+    from client.trainer import LocalSettings, PrivateStep, poisson_rows, privatize
+    from common.batching import UserSamples
     from common.loaders import load
     from common.model import SASRec, SASRecConfig
     from common.split import leave_one_out
+    from common.training import train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = load(data_path)
     split = leave_one_out(data)
     rng = np.random.default_rng(0)
-    samples = UserViews(split.train.sequences(), None, 50, rng)
+    samples = UserSamples(split.train.sequences(), 50)
     torch.manual_seed(0)
     model = SASRec(SASRecConfig(n_items=data.n_items, hidden=64, max_len=50)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = [rng.choice(len(samples), batch_size, replace=False) for _ in range(steps + 2)]
 
     if mode == "nonprivate":
+        step = functools.partial(train_step, model, optimizer, samples, device=device)
+    elif mode == "nonprivate-padded":
         def step(rows):
             loss = model.loss(*samples.batch(rows, device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    elif mode == "fedaug":
+        step = functools.partial(PrivateStep(model, optimizer, len(samples), batch_size, 1.0, 1.0, "ghost",
+                                             LocalSettings().micro_batch_tokens), samples, device=device)
+        batches = [poisson_rows(rng, len(samples), batch_size / len(samples)) for _ in range(steps + 2)]
     else:
-        grad_mode = "hooks" if mode == "hooks" else "ghost"
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(len(samples))),
                                              batch_size=batch_size)
-        private, dp_optimizer, criterion, _ = privatize(model, optimizer, loader, 1.0, 1.0, grad_mode,
-                                                        poisson=(mode == "fedaug"))
+        private, dp_optimizer, criterion, _ = privatize(model, optimizer, loader, 1.0, 1.0, mode, poisson=False)
 
         def step(rows):
             inputs, targets = samples.batch(rows, device)
@@ -105,7 +115,8 @@ def measure(mode: str, data_path: Path, steps: int, batch_size: int) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     seconds = time.perf_counter() - started
-    return {"mode": mode, "seq_per_s": steps * batch_size / seconds, "peak_mb": peak, "device": str(device)}
+    users = sum(len(rows) for rows in batches[2:])
+    return {"mode": mode, "seq_per_s": users / seconds, "peak_mb": peak, "device": str(device)}
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ import torch
 from opacus import PrivacyEngine
 
 from common.augment import Augmenter, AugmentSettings
-from common.batching import pad_right
+from common.batching import UserSamples, length_buckets
 from common.model import PerUserCrossEntropy, SASRec
+from common.training import MICRO_BATCH_TOKENS, train_step
 
+from . import ghost_norms  # noqa: F401  (registers the output layer's per-user norm with Opacus)
 from .ledger import BudgetExceeded, PrivacyLedger, calibrate_noise
 
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
@@ -53,33 +55,8 @@ class LocalSettings:
     """Expected users per step (Poisson sampling rate = batch_size / users)."""
     lr: float = 1e-3
     seed: int = 0
-
-
-class UserViews:
-    """This round's samples: for every user with a target, ``[1 + views, T]`` inputs and targets."""
-
-    def __init__(self, sequences: list[np.ndarray], augmenter: Augmenter | None, max_len: int,
-                 rng: np.random.Generator):
-        usable = [s for s in sequences if len(s) >= 2]
-        self.views = 1 + (augmenter.settings.views if augmenter and augmenter.settings.enabled else 0)
-        windows = []
-        for seq in usable:
-            views = [seq] + (augmenter.views(seq, rng) if augmenter else [])
-            views += [seq] * (self.views - len(views))  # keep a fixed number of views per user
-            windows.extend(v[-(max_len + 1):] for v in views)
-        inputs, lengths = pad_right([w[:-1] for w in windows], max_len)
-        targets, _ = pad_right([w[1:] for w in windows], max_len)
-        self.inputs = inputs.reshape(len(usable), self.views, -1)
-        self.targets = targets.reshape(len(usable), self.views, -1)
-        self.lengths = lengths.reshape(len(usable), self.views).max(axis=1)
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def batch(self, rows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(int(self.lengths[rows].max(initial=0)), 1)
-        return (torch.from_numpy(self.inputs[rows, :, :width]).to(device),
-                torch.from_numpy(self.targets[rows, :, :width]).to(device))
+    micro_batch_tokens: int = MICRO_BATCH_TOKENS
+    """DP steps run each Poisson batch as length-bucketed micro-batches of at most this many padded positions."""
 
 
 @dataclass
@@ -154,6 +131,13 @@ class LocalTrainer:
             self._augmenter_cache = (max_len, Augmenter(self.augment, self.sequences, self.n_items, max_len))
         return self._augmenter_cache[1]
 
+    def samples(self, max_len: int, rng: np.random.Generator) -> UserSamples:
+        """This round's samples: every user's sequence plus freshly augmented views of it."""
+        augmenter = self._augmenter(max_len)
+        if augmenter is None:
+            return UserSamples(self.sequences, max_len)
+        return UserSamples(self.sequences, max_len, lambda seq: augmenter.views(seq, rng), augmenter.settings.views)
+
     def train_round(self, model: SASRec, run_id: str, round_: int,
                     on_step: Callable[[int, int], None] | None = None) -> RoundResult:
         """Train ``model`` in place. The ledger entry is committed before this returns; BudgetExceeded (before
@@ -166,10 +150,10 @@ class LocalTrainer:
         if self.privacy.private and self.ledger.epsilon_after(noise, self.sample_rate, self.steps_per_round,
                                                               self.delta) > self.privacy.epsilon * (1 + 1e-9):
             raise BudgetExceeded("the next round would exceed the privacy budget")
-        samples = UserViews(self.sequences, self._augmenter(model.cfg.max_len), model.cfg.max_len, rng)
+        samples = self.samples(model.cfg.max_len, rng)
         model.to(self.device).train()
         if self.privacy.private:
-            loss, steps = self._train_private(model, samples, noise, on_step)
+            loss, steps = self._train_private(model, samples, noise, rng, on_step)
         else:
             loss, steps = self._train_plain(model, samples, rng, on_step)
         epsilon = math.inf
@@ -180,44 +164,111 @@ class LocalTrainer:
                            sample_rate=self.sample_rate, steps=steps, seconds=time.monotonic() - started,
                            num_examples=len(samples), augment_views=samples.views - 1)
 
-    def _train_plain(self, model: SASRec, samples: UserViews, rng, on_step) -> tuple[float, int]:
+    def _train_plain(self, model: SASRec, samples: UserSamples, rng, on_step) -> tuple[float, int]:
         optimizer = torch.optim.Adam(model.parameters(), lr=self.local.lr)
         total, steps = 0.0, 0
         for _ in range(self.local.local_epochs):
             order = rng.permutation(len(samples))
             for start in range(0, len(order), self.local.batch_size):
-                inputs, targets = samples.batch(order[start : start + self.local.batch_size], self.device)
-                loss = model.loss(inputs, targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total, steps = total + loss.item(), steps + 1
+                total += train_step(model, optimizer, samples, order[start : start + self.local.batch_size],
+                                    self.device, self.local.micro_batch_tokens)
+                steps += 1
                 if on_step:
                     on_step(steps, self.steps_per_round)
         return total / max(steps, 1), steps
 
-    def _train_private(self, model: SASRec, samples: UserViews, noise: float, on_step) -> tuple[float, int]:
-        index = torch.utils.data.TensorDataset(torch.arange(len(samples)))
-        loader = torch.utils.data.DataLoader(index, batch_size=self.local.batch_size)
-        optimizer = torch.optim.Adam(model.parameters(), lr=self.local.lr)
-        private_model, dp_optimizer, criterion, dp_loader = privatize(
-            model, optimizer, loader, noise, self.privacy.max_grad_norm, self.privacy.grad_sample_mode,
-            label_smoothing=model.cfg.label_smoothing)
+    def _train_private(self, model: SASRec, samples: UserSamples, noise: float, rng: np.random.Generator,
+                       on_step) -> tuple[float, int]:
+        step = PrivateStep(model, torch.optim.Adam(model.parameters(), lr=self.local.lr), len(samples),
+                           self.local.batch_size, noise, self.privacy.max_grad_norm, self.privacy.grad_sample_mode,
+                           self.local.micro_batch_tokens)
         total, steps = 0.0, 0
         try:
-            for _ in range(self.local.local_epochs):
-                for (rows,) in dp_loader:
-                    inputs, targets = samples.batch(rows.numpy(), self.device)
-                    loss = criterion(private_model(inputs), targets)
-                    loss.backward()
-                    dp_optimizer.step()
-                    dp_optimizer.zero_grad(set_to_none=True)
-                    total, steps = total + float(loss.item()), steps + 1
-                    if on_step:
-                        on_step(steps, self.steps_per_round)
+            for _ in range(self.steps_per_round):
+                total += step(samples, poisson_rows(rng, len(samples), self.sample_rate), self.device)
+                steps += 1
+                if on_step:
+                    on_step(steps, self.steps_per_round)
         finally:
-            private_model._close()  # remove Opacus' hooks so the caller's model is a plain module again
+            step.close()
         return total / max(steps, 1), steps
+
+
+def poisson_rows(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:
+    """Poisson sampling: every row joins independently with probability ``rate`` (what the RDP accounting assumes;
+    the batch may be empty)."""
+    return np.flatnonzero(rng.random(n) < rate)
+
+
+class PrivateStep:
+    """One DP-SGD step per Poisson batch of users (Opacus), run as length-bucketed micro-batches.
+
+    Every sampled user lands in exactly one micro-batch, trimmed to that batch's longest user; the clipped
+    per-user gradients add up across micro-batches (Opacus' skip-step signal) and noise is added once. So clipping,
+    noise and accounting are those of one Poisson batch; only the padded work disappears (a Beauty user has 8.9
+    items on average, a random batch of 256 is ~50 wide). An empty batch still takes a noise-only step: skipping it
+    would reveal that nobody was sampled.
+    """
+
+    def __init__(self, model: SASRec, optimizer: torch.optim.Optimizer, n_samples: int, batch_size: int,
+                 noise_multiplier: float, max_grad_norm: float, mode: str = "ghost", token_budget: int = 4096):
+        # The loader only tells Opacus the sample rate (1 / its length); batches come from poisson_rows.
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n_samples)),
+                                             batch_size=batch_size)
+        self.module, self.optimizer, _, _ = privatize(model, optimizer, loader, noise_multiplier, max_grad_norm, mode)
+        self.per_user_loss = PerUserCrossEntropy(reduction="none", label_smoothing=model.cfg.label_smoothing)
+        self.mode = mode
+        self.token_budget = token_budget
+        self._tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+
+    def __call__(self, samples: UserSamples, rows: np.ndarray, device) -> float:
+        """Take the step for users ``rows``; returns their mean loss (0 for an empty batch)."""
+        if len(rows) == 0:
+            self._noise_only_step()
+            return 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        buckets = length_buckets(rows, samples.lengths, self.token_budget // samples.views)
+        total = 0.0
+        for i, bucket in enumerate(buckets):
+            last = i == len(buckets) - 1
+            if not last:
+                self.optimizer.signal_skip_step(True)  # accumulate this micro-batch's clipped sum, no noise yet
+            inputs, targets = samples.batch(bucket, device)
+            losses = self.per_user_loss(self.module(inputs), targets)
+            self._backward(losses)
+            self.optimizer.step()
+            if not last:
+                self.optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum, drops this batch's grads
+            total += float(losses.detach().sum())
+        return total / len(rows)
+
+    def _backward(self, losses: torch.Tensor) -> None:
+        """Leave the sum of this micro-batch's clipped per-user gradients in ``p.grad`` (Opacus reads it there)."""
+        if self.mode == "hooks":
+            losses.mean().backward()  # Opacus clips the per-sample gradients its hooks collected
+            return
+        # Ghost clipping: pass 1 only has to run Opacus' hooks, which collect per-user norms on the way down.
+        # Asking autograd for the embedding tables' gradients alone reaches every layer yet skips every Linear
+        # weight-gradient product, which Opacus' own pass 1 computes and throws away. Pass 2 backpropagates the
+        # clipped sum.
+        torch.autograd.grad(losses.mean(), self._tables, retain_graph=True)
+        coefficients = self.module.get_clipping_coef()
+        self.module.disable_hooks()
+        try:
+            (coefficients * losses).sum().backward()
+        finally:
+            self.module.enable_hooks()
+
+    def _noise_only_step(self) -> None:
+        opt = self.optimizer
+        opt.zero_grad(set_to_none=True)
+        for p in opt.params:
+            noise = torch.normal(0.0, opt.noise_multiplier * opt.max_grad_norm, p.shape, device=p.device)
+            p.grad = noise / opt.expected_batch_size
+        opt.original_optimizer.step()
+
+    def close(self) -> None:
+        self.module._close()  # remove Opacus' hooks so the caller's model is a plain module again
 
 
 def privatize(model: SASRec, optimizer: torch.optim.Optimizer, loader, noise_multiplier: float,

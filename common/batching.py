@@ -1,6 +1,9 @@
-"""Turning ragged user sequences into padded tensors, trimmed to the longest sequence in each batch."""
+"""Turning ragged user sequences into padded tensors: per-user samples, batches trimmed to their longest row, and
+length-bucketed micro-batches."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -19,26 +22,53 @@ def pad_right(sequences: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np
     return out, lengths
 
 
-class NextItemExamples:
-    """Every user's training sequence as (input, target) rows: input = items[:-1], target = items[1:].
+class UserSamples:
+    """One training sample per user: ``[views, T]`` next-item inputs (items[:-1]) and targets (items[1:]).
 
-    Built once per data set; ``batch(users)`` slices rows and trims columns to the batch's longest sequence, so
-    a batch of short Beauty sequences (mean 8.9 items) costs far less than padding everyone to ``max_len``.
+    View 0 is the user's own sequence; further views (augmentations) belong to the same user, so under DP they sit
+    inside that user's one clipped sample. Built once per round; ``batch(rows)`` trims columns to the rows' longest
+    view, so short Beauty sequences (8.9 items on average) don't pay for the 50-wide window.
     """
 
-    def __init__(self, sequences: list[np.ndarray], max_len: int):
+    def __init__(self, sequences: list[np.ndarray], max_len: int,
+                 extra_views: Callable[[np.ndarray], list[np.ndarray]] | None = None, n_extra: int = 0):
         self.users = np.array([i for i, s in enumerate(sequences) if len(s) >= 2], dtype=np.int64)
-        windows = [sequences[u][-(max_len + 1):] for u in self.users]
-        self.inputs, self.lengths = pad_right([w[:-1] for w in windows], max_len)
-        self.targets, _ = pad_right([w[1:] for w in windows], max_len)
-        self.n_targets = int(self.lengths.sum())
+        self.views = 1 + n_extra
+        windows = []
+        for u in self.users:
+            seq = sequences[u]
+            views = [seq] + (extra_views(seq) if extra_views else [])
+            views += [seq] * (self.views - len(views))  # a fixed number of views per user
+            windows.extend(v[-(max_len + 1):] for v in views[: self.views])
+        inputs, lengths = pad_right([w[:-1] for w in windows], max_len)
+        targets, _ = pad_right([w[1:] for w in windows], max_len)
+        self.inputs = inputs.reshape(len(self.users), self.views, -1)
+        self.targets = targets.reshape(len(self.users), self.views, -1)
+        self.lengths = lengths.reshape(len(self.users), self.views).max(axis=1)
+        self.n_targets = int((self.targets > 0).sum())
 
     def __len__(self) -> int:
         return len(self.users)
 
     def batch(self, rows: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tensors ``[B, T]`` of inputs and targets for example rows ``rows`` (0 = no target)."""
+        """Tensors ``[B, views, T]`` of inputs and targets for sample rows ``rows`` (0 = no target)."""
         width = max(int(self.lengths[rows].max(initial=0)), 1)
-        inputs = torch.from_numpy(self.inputs[rows, :width]).to(device)
-        targets = torch.from_numpy(self.targets[rows, :width]).to(device)
-        return inputs, targets
+        return (torch.from_numpy(self.inputs[rows, :, :width]).to(device),
+                torch.from_numpy(self.targets[rows, :, :width]).to(device))
+
+
+def length_buckets(rows: np.ndarray, lengths: np.ndarray, token_budget: int, shrink: float = 0.7) -> list[np.ndarray]:
+    """Split ``rows`` into micro-batches of similar length, each at most ``token_budget`` padded positions.
+
+    Rows are sorted longest first; a micro-batch closes when the next row would break the budget or is shorter
+    than ``shrink`` times the batch's width, so padding stays below 1 / shrink of the real positions. Every row
+    lands in exactly one micro-batch (a row longer than the budget gets one of its own).
+    """
+    rows = rows[np.argsort(-lengths[rows], kind="stable")]
+    widths = np.maximum(lengths[rows], 1)
+    buckets, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or (i - start + 1) * widths[start] > token_budget or widths[i] < shrink * widths[start]:
+            buckets.append(rows[start:i])
+            start = i
+    return buckets

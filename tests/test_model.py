@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from common.batching import NextItemExamples, pad_right
+from common.batching import UserSamples, pad_right
 from common.device import pick_device
 from common.errors import ConfigError
-from common.model import SASRec, SASRecConfig
+from common.model import SASRec, SASRecConfig, smoothed_cross_entropy
+from common.training import train_step
 
 
 def _model(**kw):
@@ -55,16 +57,16 @@ def test_sampled_negative_loss_trains():
     assert model.score(items, torch.tensor([4, 3])).shape == (2, 31)
 
 
-def test_examples_trim_each_batch_to_its_longest_sequence():
+def test_samples_trim_each_batch_to_its_longest_sequence():
     seqs = [np.array([1, 2, 3]), np.array([4]), np.arange(1, 30) % 20 + 1, np.array([5, 6])]
-    examples = NextItemExamples(seqs, max_len=10)
+    examples = UserSamples(seqs, max_len=10)
     assert list(examples.users) == [0, 2, 3]  # a single event gives no (input, target) pair
     inputs, targets = examples.batch(np.array([0, 1]), "cpu")  # example rows: users 0 and 2
-    assert inputs.shape == (2, 10)
-    assert inputs[0].tolist()[:3] == [1, 2, 0] and targets[0].tolist()[:3] == [2, 3, 0]
-    assert targets[1].tolist() == (np.arange(1, 30) % 20 + 1)[-10:].tolist()
+    assert inputs.shape == (2, 1, 10)
+    assert inputs[0, 0].tolist()[:3] == [1, 2, 0] and targets[0, 0].tolist()[:3] == [2, 3, 0]
+    assert targets[1, 0].tolist() == (np.arange(1, 30) % 20 + 1)[-10:].tolist()
     inputs, _ = examples.batch(np.array([0]), "cpu")
-    assert inputs.shape == (1, 2)
+    assert inputs.shape == (1, 1, 2)
     padded, lengths = pad_right([np.array([1, 2, 3, 4])], max_len=2)
     assert padded.tolist() == [[3, 4]] and lengths.tolist() == [2]
 
@@ -88,3 +90,31 @@ def test_views_dimension_keeps_users_first_and_matches_single_views():
     logits = model(both[0])
     manual = torch.nn.functional.cross_entropy(logits[targets[0] > 0], targets[0][targets[0] > 0])
     torch.testing.assert_close(per_user[0], manual)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
+def test_smoothed_cross_entropy_matches_torch_in_value_and_gradient(smoothing):
+    torch.manual_seed(0)
+    logits = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (7,))
+    weights = torch.rand(7, dtype=torch.float64)
+    expected = F.cross_entropy(logits, labels, reduction="none", label_smoothing=smoothing)
+    got = smoothed_cross_entropy(logits, labels, smoothing)
+    torch.testing.assert_close(got, expected)
+    (g_expected,) = torch.autograd.grad((expected * weights).sum(), logits)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), logits)
+    torch.testing.assert_close(g_got, g_expected)
+    assert torch.autograd.gradcheck(lambda z: smoothed_cross_entropy(z, labels, smoothing), (logits,))
+
+
+def test_a_bucketed_step_takes_the_gradient_of_one_padded_batch():
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(1, 31, rng.integers(2, 11)) for _ in range(12)]
+    samples = UserSamples(seqs, max_len=10)
+    rows = np.arange(len(samples))
+    model = _model()
+    model.loss(*samples.batch(rows, "cpu")).backward()
+    expected = {k: p.grad.clone() for k, p in model.named_parameters()}
+    train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), samples, rows, "cpu", token_budget=12)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], msg=name)

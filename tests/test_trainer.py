@@ -8,8 +8,9 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from client.ledger import BudgetExceeded, PrivacyLedger
-from client.trainer import LocalSettings, LocalTrainer, PrivacySettings, UserViews, privatize
+from client.trainer import LocalSettings, LocalTrainer, PrivacySettings, PrivateStep, privatize
 from common.augment import Augmenter, AugmentSettings
+from common.batching import UserSamples, length_buckets
 from common.model import PerUserCrossEntropy, SASRec, SASRecConfig
 from common.split import leave_one_out
 from common.synthetic import SyntheticSpec, generate
@@ -26,13 +27,13 @@ def _user_views(users=6, seed=0):
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(1, N_ITEMS + 1, rng.integers(2, 9)) for _ in range(users)]
     aug = Augmenter(AugmentSettings(views=1), seqs, N_ITEMS, max_len=8)
-    return UserViews(seqs, aug, 8, rng)
+    return UserSamples(seqs, 8, lambda seq: aug.views(seq, rng), aug.settings.views)
 
 
 def _reference_grads(model, inputs, targets, clip):
     """Per-user gradients with torch.func, clipped to ``clip``, averaged over the batch."""
     params = {k: v.detach() for k, v in model.named_parameters()}
-    criterion = PerUserCrossEntropy(reduction="sum")
+    criterion = PerUserCrossEntropy(reduction="sum", label_smoothing=model.cfg.label_smoothing)
 
     def user_loss(p, x, y):
         return criterion(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
@@ -47,7 +48,8 @@ def _dp_grads(model, inputs, targets, clip, mode, batch_size):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(len(inputs))),
                                          batch_size=batch_size)
     private, optimizer, criterion, _ = privatize(model, torch.optim.SGD(model.parameters(), lr=0.0), loader, 0.0,
-                                                 clip, mode, poisson=False)
+                                                 clip, mode, poisson=False,
+                                                 label_smoothing=model.cfg.label_smoothing)
     criterion(private(inputs), targets).backward()
     optimizer.step()
     grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
@@ -66,6 +68,43 @@ def test_dp_step_without_noise_equals_torch_func_reference(mode):
     got = _dp_grads(model, inputs, targets, clip, mode, batch_size=len(inputs))
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_length_bucketed_micro_batches_take_the_same_step_as_one_batch(mode):
+    samples = _user_views(users=9, seed=5)
+    rows = np.arange(len(samples))
+    budget = 8 * samples.views
+    assert len(length_buckets(rows, samples.lengths, budget // samples.views)) > 2
+    inputs, targets = samples.batch(rows, "cpu")
+    model = _model(2)
+    _, norms = _reference_grads(model, inputs, targets, clip=1e9)
+    clip = float(norms.median())
+    expected, _ = _reference_grads(model, inputs, targets, clip)
+    step = PrivateStep(model, torch.optim.SGD(model.parameters(), lr=0.0), len(samples), len(samples), 0.0, clip,
+                       mode, token_budget=budget)
+    step(samples, rows[::-1].copy(), "cpu")
+    step.close()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_an_empty_poisson_batch_still_takes_a_noise_only_step():
+    model = _model(3)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    step = PrivateStep(model, torch.optim.SGD(model.parameters(), lr=1.0), 64, 8, 2.0, 0.5)
+    step(_user_views(), np.array([], dtype=np.int64), "cpu")
+    step.close()
+    moved = torch.cat([(p.detach() - before[k]).reshape(-1) for k, p in model.named_parameters()])
+    assert moved.std().item() == pytest.approx(2.0 * 0.5 / 8, rel=0.1)  # σ·C / expected batch size
+
+
+@pytest.mark.parametrize("rows", [np.array([3]), np.arange(10), np.array([9, 0, 4, 4])])
+def test_length_buckets_place_every_row_exactly_once_within_budget(rows):
+    lengths = np.array([1, 50, 3, 7, 7, 2, 49, 9, 0, 20])
+    buckets = length_buckets(rows, lengths, 60)
+    assert sorted(np.concatenate(buckets).tolist()) == sorted(rows.tolist())
+    assert all(len(b) == 1 or len(b) * max(lengths[b].max(), 1) <= 60 for b in buckets)
 
 
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
