@@ -64,10 +64,12 @@ def measure(mode: str, data_path: Path, steps: int, batch_size: int) -> dict:
     from client.trainer import LocalSettings, PrivateStep, poisson_rows, privatize
     from common.batching import UserSamples
     from common.loaders import load
+    from common.memory import single_malloc_arena
     from common.model import SASRec, SASRecConfig
     from common.split import leave_one_out
     from common.training import train_step
 
+    single_malloc_arena()  # as the fedaug CLI and ClientApp do, in every mode alike
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = load(data_path)
     split = leave_one_out(data)
@@ -106,6 +108,8 @@ def measure(mode: str, data_path: Path, steps: int, batch_size: int) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count after warm-up
     started = time.perf_counter()
     for rows in batches[2:]:
         step(rows)
@@ -113,10 +117,18 @@ def measure(mode: str, data_path: Path, steps: int, batch_size: int) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        peak = _peak_rss_mb()
     seconds = time.perf_counter() - started
     users = sum(len(rows) for rows in batches[2:])
     return {"mode": mode, "seq_per_s": users / seconds, "peak_mb": peak, "device": str(device)}
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory since the last reset (VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

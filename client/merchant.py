@@ -31,10 +31,12 @@ class Merchant:
     split: LeaveOneOut
     trainer: LocalTrainer
     model_config: SASRecConfig
+    item_attributes: torch.Tensor | None
+    """Public catalog attributes per item (catalog models); built locally, never sent."""
     device: torch.device
 
     def model(self, state_dict: dict | None = None) -> SASRec:
-        model = SASRec(self.model_config)
+        model = SASRec(self.model_config, self.item_attributes)
         if state_dict is not None:
             model.load_state_dict(state_dict)
         return model.to(self.device)
@@ -67,7 +69,7 @@ def _build(node_items: tuple, run_items: tuple) -> Merchant:
     ledger = PrivacyLedger(state_dir) if privacy.private else None
     trainer = LocalTrainer(split.train.sequences(), data.n_items, privacy, config.local.settings(),
                            config.augment.settings(), ledger, device)
-    return Merchant(split, trainer, config.model.sasrec(data.n_items), device)
+    return Merchant(split, trainer, *config.model.build(data), device)
 
 
 @lru_cache(maxsize=2)

@@ -55,8 +55,9 @@ class LocalSettings:
     """Expected users per step (Poisson sampling rate = batch_size / users)."""
     lr: float = 1e-3
     seed: int = 0
-    micro_batch_tokens: int = MICRO_BATCH_TOKENS
-    """DP steps run each Poisson batch as length-bucketed micro-batches of at most this many padded positions."""
+    micro_batch_tokens: int = MICRO_BATCH_TOKENS // 2
+    """Steps run each batch as length-bucketed micro-batches of at most this many padded positions. Half the
+    non-private default: a DP micro-batch holds item scores and their gradient for every position at once."""
 
 
 @dataclass
@@ -133,9 +134,9 @@ class LocalTrainer:
 
     def samples(self, max_len: int, rng: np.random.Generator) -> UserSamples:
         """This round's samples: every user's sequence plus freshly augmented views of it."""
-        augmenter = self._augmenter(max_len)
-        if augmenter is None:
+        if self.augment is None or not self.augment.enabled or self.augment.views == 0:
             return UserSamples(self.sequences, max_len)
+        augmenter = self._augmenter(max_len)
         return UserSamples(self.sequences, max_len, lambda seq: augmenter.views(seq, rng), augmenter.settings.views)
 
     def train_round(self, model: SASRec, run_id: str, round_: int,
@@ -152,10 +153,14 @@ class LocalTrainer:
             raise BudgetExceeded("the next round would exceed the privacy budget")
         samples = self.samples(model.cfg.max_len, rng)
         model.to(self.device).train()
-        if self.privacy.private:
-            loss, steps = self._train_private(model, samples, noise, rng, on_step)
-        else:
-            loss, steps = self._train_plain(model, samples, rng, on_step)
+        model.attribute_noise = self.augment.attribute_sigma if self.augment and self.augment.enabled else 0.0
+        try:
+            if self.privacy.private:
+                loss, steps = self._train_private(model, samples, noise, rng, on_step)
+            else:
+                loss, steps = self._train_plain(model, samples, rng, on_step)
+        finally:
+            model.attribute_noise = 0.0
         epsilon = math.inf
         if self.privacy.private:
             epsilon = self.ledger.record(run_id, round_, noise, self.sample_rate, steps, self.delta,
@@ -171,7 +176,7 @@ class LocalTrainer:
             order = rng.permutation(len(samples))
             for start in range(0, len(order), self.local.batch_size):
                 total += train_step(model, optimizer, samples, order[start : start + self.local.batch_size],
-                                    self.device, self.local.micro_batch_tokens)
+                                    self.device)
                 steps += 1
                 if on_step:
                     on_step(steps, self.steps_per_round)
@@ -211,15 +216,24 @@ class PrivateStep:
     """
 
     def __init__(self, model: SASRec, optimizer: torch.optim.Optimizer, n_samples: int, batch_size: int,
-                 noise_multiplier: float, max_grad_norm: float, mode: str = "ghost", token_budget: int = 4096):
+                 noise_multiplier: float, max_grad_norm: float, mode: str = "ghost",
+                 token_budget: int = MICRO_BATCH_TOKENS // 2):
         # The loader only tells Opacus the sample rate (1 / its length); batches come from poisson_rows.
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n_samples)),
                                              batch_size=batch_size)
-        self.module, self.optimizer, _, _ = privatize(model, optimizer, loader, noise_multiplier, max_grad_norm, mode)
+        self.module, self.optimizer, _, _ = privatize(model, optimizer, loader, noise_multiplier, max_grad_norm, mode,
+                                                      loss_reduction="sum")
+        # Hooks see the gradients of the summed loss, which are already per user (no [users, T, 12k] rescaled
+        # copy); the optimizer still averages the noised sum over the expected batch size.
+        self.optimizer.loss_reduction = "mean"
         self.per_user_loss = PerUserCrossEntropy(reduction="none", label_smoothing=model.cfg.label_smoothing)
         self.mode = mode
         self.token_budget = token_budget
+        self.model = model
         self._tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        self._head = [p for p in model.head_parameters() if p.requires_grad]
+        head = {id(p) for p in self._head}
+        self._body = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
 
     def __call__(self, samples: UserSamples, rows: np.ndarray, device) -> float:
         """Take the step for users ``rows``; returns their mean loss (0 for an empty batch)."""
@@ -234,30 +248,42 @@ class PrivateStep:
             if not last:
                 self.optimizer.signal_skip_step(True)  # accumulate this micro-batch's clipped sum, no noise yet
             inputs, targets = samples.batch(bucket, device)
-            losses = self.per_user_loss(self.module(inputs), targets)
-            self._backward(losses)
+            if self.mode == "hooks":
+                losses = self.per_user_loss(self.module(inputs), targets)
+                losses.sum().backward()  # Opacus clips the per-sample gradients its hooks collected
+                losses = losses.detach()
+            else:
+                losses = self._ghost_backward(inputs, targets)
             self.optimizer.step()
             if not last:
                 self.optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum, drops this batch's grads
-            total += float(losses.detach().sum())
+            total += float(losses.sum())
         return total / len(rows)
 
-    def _backward(self, losses: torch.Tensor) -> None:
-        """Leave the sum of this micro-batch's clipped per-user gradients in ``p.grad`` (Opacus reads it there)."""
-        if self.mode == "hooks":
-            losses.mean().backward()  # Opacus clips the per-sample gradients its hooks collected
-            return
-        # Ghost clipping: pass 1 only has to run Opacus' hooks, which collect per-user norms on the way down.
-        # Asking autograd for the embedding tables' gradients alone reaches every layer yet skips every Linear
-        # weight-gradient product, which Opacus' own pass 1 computes and throws away. Pass 2 backpropagates the
-        # clipped sum.
-        torch.autograd.grad(losses.mean(), self._tables, retain_graph=True)
-        coefficients = self.module.get_clipping_coef()
+    def _ghost_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Leave the sum of the micro-batch's clipped per-user gradients in ``p.grad``; return the per-user losses.
+
+        Pass 1 runs Opacus' ghost-clipping hooks, which collect every layer's per-user gradient norm on the way
+        down, and keeps the loss gradients at the item scores (G) and at the hidden states (H). Asking autograd for
+        those and the embedding tables only skips every weight-gradient product (Opacus' own pass 1 computes and
+        throws them away). Pass 2 is book-keeping: with clipping factors c, the clipped sums are the backward of
+        c·G into the output layer's weights alone and of c·H into the sequence model, so the 12k-item output layer
+        is multiplied three times per step, as in non-private training, instead of five.
+        """
+        hidden = self.model.encode(inputs)
+        logits = self.model.item_logits(hidden)
+        losses = self.per_user_loss(logits, targets)
+        g_logits, g_hidden, *_ = torch.autograd.grad(losses.sum(), [logits, hidden, *self._tables], retain_graph=True)
+        coefficients = self.module.get_clipping_coef().to(logits.device)
         self.module.disable_hooks()
         try:
-            (coefficients * losses).sum().backward()
+            # In place: G is the largest tensor of the step ([users, positions, 12k items]).
+            torch.autograd.backward([logits], [g_logits.mul_(coefficients.view(-1, 1, 1))], inputs=self._head,
+                                    retain_graph=True)
+            torch.autograd.backward([hidden], [g_hidden.mul_(coefficients.view(-1, 1, 1))], inputs=self._body)
         finally:
             self.module.enable_hooks()
+        return losses.detach()  # detached, so this micro-batch's graph ([positions, 12k] scores) is freed now
 
     def _noise_only_step(self) -> None:
         opt = self.optimizer
@@ -272,7 +298,8 @@ class PrivateStep:
 
 
 def privatize(model: SASRec, optimizer: torch.optim.Optimizer, loader, noise_multiplier: float,
-              max_grad_norm: float, mode: str = "ghost", poisson: bool = True, label_smoothing: float = 0.0):
+              max_grad_norm: float, mode: str = "ghost", poisson: bool = True, label_smoothing: float = 0.0,
+              loss_reduction: str = "mean"):
     """Opacus' make_private with one return shape for both modes: (module, optimizer, criterion, loader).
 
     Ghost mode returns a wrapped criterion whose ``backward`` runs the two ghost-clipping passes; hooks mode uses
@@ -281,13 +308,13 @@ def privatize(model: SASRec, optimizer: torch.optim.Optimizer, loader, noise_mul
     if mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}")
     engine = PrivacyEngine(accountant="rdp")
-    criterion = PerUserCrossEntropy(label_smoothing=label_smoothing)
+    criterion = PerUserCrossEntropy(reduction=loss_reduction, label_smoothing=label_smoothing)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         wrapped = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, grad_sample_mode=mode,
-            poisson_sampling=poisson)
+            poisson_sampling=poisson, loss_reduction=loss_reduction)
     if mode == "ghost":
         return wrapped
     private_model, dp_optimizer, dp_loader = wrapped

@@ -10,8 +10,9 @@ Sequence operations (CoSeRec-style) on a user's *training* items only:
 Similarity comes from ``ItemSimilarity``, built from one merchant's own training sequences, so no held-out event
 and no other merchant's data can influence an augmented view.
 
-Vector noise, a' = a + N(0, sigma^2) (``gaussian_noise``), is for item-attribute, behaviour and context vectors;
-the model does not consume such vectors yet, so no setting switches it on.
+Vector noise, a' = a + N(0, sigma^2): catalog models noise the attribute vectors they consume
+(``attribute_sigma``, applied inside SASRec while training). The model consumes no behaviour or context vectors, so
+there is nothing of those kinds to noise; ``gaussian_noise`` is the formula for any such vector.
 
 Every op is a pure function of (sequence, rng): the same seed gives the same view, ids stay in 0..n_items, and
 no view is longer than ``max_len``.
@@ -45,6 +46,9 @@ class AugmentSettings:
     similar_k: int = 10
     window: int = 2
     """Co-occurrence window (positions either side) for item similarity."""
+    attribute_sigma: float = 0.01
+    """σ of the Gaussian noise on item-attribute vectors while training (catalog models; embeddings start at
+    std 0.02)."""
 
     def __post_init__(self):
         unknown = set(self.ops) - set(SEQUENCE_OPS)

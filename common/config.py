@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .augment import SEQUENCE_OPS, AugmentSettings
 from .data import BehaviorData
 from .errors import ConfigError
 from .loaders import FORMATS, load
-from .model import LOSSES, SASRecConfig
+from .model import LOSSES, SASRec, SASRecConfig
 from .split import k_core
 from .synthetic import SyntheticSpec, generate
 from .training import TrainSettings
@@ -59,15 +60,41 @@ class ModelSection(Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     tie_embeddings: bool = True
     """Non-private default: share input and output item tables. Private (Opacus) training needs it off."""
+    item_dim: int | None = Field(None, ge=0)
+    """Width of the learned per-item tables; default hidden; 0 = none (catalog attributes only)."""
+    catalog: bool = False
+    """Use the public catalog's item attributes as item features (input vectors and output scores)."""
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self):
+    def _consistent(self):
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.item_dim == 0 and not self.catalog:
+            raise ValueError("item_dim = 0 (no per-item tables) needs catalog = true")
+        if self.tie_embeddings and (self.catalog or self.item_dim not in (None, self.hidden)):
+            raise ValueError("tie_embeddings needs item_dim = hidden and catalog = false")
         return self
 
-    def sasrec(self, n_items: int) -> SASRecConfig:
-        return SASRecConfig(n_items=n_items, **self.model_dump(exclude={"kind"}))
+    def sasrec(self, n_items: int, n_attributes: int = 0) -> SASRecConfig:
+        return SASRecConfig(n_items=n_items, n_attributes=n_attributes, **self.model_dump(exclude={"kind", "catalog"}))
+
+    def build(self, data: BehaviorData) -> tuple[SASRecConfig, torch.Tensor | None]:
+        """The model config for ``data`` and, for catalog models, its item-attribute table (public data)."""
+        if not self.catalog:
+            return self.sasrec(data.n_items), None
+        catalog = data.catalog
+        if not catalog.attributes or not catalog.attribute_names or len(catalog.attribute_names) < 2:
+            raise ConfigError("model.catalog: the data set has no item attributes (give data.attributes or set "
+                              "model.catalog = false)")
+        n_attributes = len(catalog.attribute_names) - 1
+        width = max(max((len(a) for a in catalog.attributes), default=1), 1)
+        table = torch.zeros((catalog.n_items + 1, width), dtype=torch.long)
+        for item, attributes in enumerate(catalog.attributes):
+            table[item, : len(attributes)] = torch.as_tensor(attributes, dtype=torch.long)
+        return self.sasrec(data.n_items, n_attributes), table
+
+    def model(self, data: BehaviorData) -> SASRec:
+        return SASRec(*self.build(data))
 
 
 class TrainSection(Section):
@@ -99,9 +126,10 @@ class AugmentSection(Section):
     short_length: int = Field(4, ge=0)
     similar_k: int = Field(10, ge=1)
     window: int = Field(2, ge=1)
+    attribute_sigma: float = Field(0.01, ge=0)
 
     def settings(self) -> AugmentSettings | None:
-        if not self.enabled or self.views == 0:
+        if not self.enabled or (self.views == 0 and self.attribute_sigma == 0):
             return None
         return AugmentSettings(**self.model_dump())
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.errors import FedaugError
+from common.memory import single_malloc_arena
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(stderr=True)
@@ -27,6 +28,7 @@ QUIET_WARNINGS = (
 
 
 def main() -> None:
+    single_malloc_arena()
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}.*")
     try:
@@ -102,6 +104,9 @@ def local(
     max_grad_norm: float | None = typer.Option(None, "--max-grad-norm", help="Per-user clipping norm C."),
     grad_sample_mode: str | None = typer.Option(None, "--grad-sample-mode", help="ghost | hooks"),
     no_augment: bool = typer.Option(False, "--no-augment", help="Train on the original sequences only."),
+    catalog: bool | None = typer.Option(None, "--catalog/--no-catalog",
+                                        help="Item features from the public catalog's attributes."),
+    item_dim: int | None = typer.Option(None, "--item-dim", help="Width of learned per-item tables (0: none)."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help="Where the privacy ledger lives (DIR/state)."),
     seed: int | None = typer.Option(None, "--seed"),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
@@ -116,6 +121,7 @@ def local(
         "privacy.delta": delta, "privacy.max_grad_norm": max_grad_norm, "privacy.grad_sample_mode": grad_sample_mode,
         "local.rounds": rounds, "local.local_epochs": local_epochs, "local.batch_size": batch_size, "local.lr": lr,
         "local.seed": seed, "augment.enabled": False if no_augment else None, "device": device,
+        "model.catalog": catalog, "model.item_dim": item_dim,
     }, MerchantConfig)
     _check_out_dir(out)
     with _progress() as progress:

@@ -10,7 +10,6 @@ from common.atomic import write_json_atomic
 from common.config import BaselineConfig
 from common.device import pick_device
 from common.evaluate import sasrec_scorer
-from common.model import SASRec
 from common.popularity import Popularity
 from common.split import leave_one_out
 from common.training import fit, set_seed
@@ -32,7 +31,7 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
         scorer, epochs, extra = Popularity(split.train), 0, {}
     else:
         set_seed(config.train.seed)
-        model = SASRec(config.model.sasrec(data.n_items))
+        model = config.model.model(data)
         result = fit(model, split, config.train.settings(), device, on_step=on_step, on_epoch=on_epoch)
         scorer, epochs = sasrec_scorer(model, device), result.epochs
         extra = {"best_epoch": result.best_epoch, "stopped_by": result.stopped_by,

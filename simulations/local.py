@@ -14,7 +14,6 @@ from client.trainer import LocalTrainer, RoundResult
 from common.atomic import write_json_atomic
 from common.device import pick_device
 from common.evaluate import evaluate, sasrec_scorer
-from common.model import SASRec
 from common.split import leave_one_out
 from common.training import set_seed
 
@@ -37,7 +36,7 @@ def run_local(config: MerchantConfig, out: Path | None, state_dir: Path,
     trainer = LocalTrainer(split.train.sequences(), data.n_items, privacy, config.local.settings(),
                            config.augment.settings(), ledger, device)
     set_seed(config.local.seed)
-    model = SASRec(config.model.sasrec(data.n_items))
+    model = config.model.model(data)
     run_id = uuid.uuid4().hex
     history, result = [], None
     for round_ in range(1, config.local.rounds + 1):
