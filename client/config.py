@@ -74,6 +74,7 @@ RUN_CONFIG_KEYS = {
     "attribute-noise": "augment.attribute_sigma",
     "augment": "augment.enabled",
     "augment-views": "augment.views",
+    "augment-use-as": "augment.use_as",
     "epsilon": "privacy.epsilon",
     "epsilon-budget": "privacy.epsilon",
     "delta": "privacy.delta",

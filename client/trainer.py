@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 
-from common.augment import Augmenter, AugmentSettings
-from common.batching import UserSamples, length_buckets
+from common.augment import Augmenter, AugmentSettings, random_chains
+from common.batching import Contrastive, UserSamples, length_buckets
 from common.model import PerUserCrossEntropy, SASRec
 from common.training import MICRO_BATCH_TOKENS, train_step
 
@@ -134,10 +134,23 @@ class LocalTrainer:
 
     def samples(self, max_len: int, rng: np.random.Generator) -> UserSamples:
         """This round's samples: every user's sequence plus freshly augmented views of it."""
-        if self.augment is None or not self.augment.enabled or self.augment.views == 0:
+        settings = self.augment
+        if settings is None or not settings.enabled or settings.views == 0:
             return UserSamples(self.sequences, max_len)
         augmenter = self._augmenter(max_len)
-        return UserSamples(self.sequences, max_len, lambda seq: augmenter.views(seq, rng), augmenter.settings.views)
+        if settings.use_as == "next-item":
+            return UserSamples(self.sequences, max_len, lambda seq: augmenter.views(seq, rng), settings.views)
+        # Contrastive: [sequence, its augmentations, random public chains]; the chains never carry targets.
+        negatives = settings.contrastive_negatives
+
+        def views_of(seq):
+            augmented = augmenter.views(seq, rng)
+            augmented += [seq] * (settings.views - len(augmented))
+            return augmented + random_chains(self.n_items, min(len(seq), max_len + 1), negatives, rng)
+
+        return UserSamples(self.sequences, max_len, views_of, settings.views + negatives,
+                           target_views=1 + settings.views if settings.use_as == "both" else 1,
+                           contrastive=Contrastive(settings.views, settings.contrastive_weight, settings.temperature))
 
     def train_round(self, model: SASRec, run_id: str, round_: int,
                     on_step: Callable[[int, int], None] | None = None) -> RoundResult:
@@ -167,7 +180,7 @@ class LocalTrainer:
                                          self.privacy.epsilon)
         return RoundResult(train_loss=loss, epsilon=epsilon, delta=self.delta, noise_multiplier=noise,
                            sample_rate=self.sample_rate, steps=steps, seconds=time.monotonic() - started,
-                           num_examples=len(samples), augment_views=samples.views - 1)
+                           num_examples=len(samples), augment_views=self.augment.views if samples.views > 1 else 0)
 
     def _train_plain(self, model: SASRec, samples: UserSamples, rng, on_step) -> tuple[float, int]:
         optimizer = torch.optim.Adam(model.parameters(), lr=self.local.lr)
@@ -247,20 +260,33 @@ class PrivateStep:
             last = i == len(buckets) - 1
             if not last:
                 self.optimizer.signal_skip_step(True)  # accumulate this micro-batch's clipped sum, no noise yet
-            inputs, targets = samples.batch(bucket, device)
             if self.mode == "hooks":
-                losses = self.per_user_loss(self.module(inputs), targets)
+                hidden, logits, losses = self._forward(samples, bucket, device)
                 losses.sum().backward()  # Opacus clips the per-sample gradients its hooks collected
                 losses = losses.detach()
             else:
-                losses = self._ghost_backward(inputs, targets)
+                losses = self._ghost_backward(samples, bucket, device)
             self.optimizer.step()
             if not last:
                 self.optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum, drops this batch's grads
             total += float(losses.sum())
         return total / len(rows)
 
-    def _ghost_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _forward(self, samples: UserSamples, rows: np.ndarray, device):
+        """Hidden states, item scores and per-user losses (next-item, plus InfoNCE when the samples carry
+        contrastive views) for one micro-batch. Calls the model's parts directly; Opacus' hooks sit on its
+        layers."""
+        inputs, targets = samples.batch(rows, device)
+        hidden = self.model.encode(inputs)
+        logits = self.model.item_logits(hidden)
+        losses = self.per_user_loss(logits, targets)
+        if samples.contrastive:
+            c = samples.contrastive
+            losses = losses + c.weight * self.model.contrastive_loss(
+                hidden, samples.batch_view_lengths(rows, device), c.positives, c.temperature)
+        return hidden, logits, losses
+
+    def _ghost_backward(self, samples: UserSamples, rows: np.ndarray, device) -> torch.Tensor:
         """Leave the sum of the micro-batch's clipped per-user gradients in ``p.grad``; return the per-user losses.
 
         Pass 1 runs Opacus' ghost-clipping hooks, which collect every layer's per-user gradient norm on the way
@@ -270,9 +296,7 @@ class PrivateStep:
         c·G into the output layer's weights alone and of c·H into the sequence model, so the 12k-item output layer
         is multiplied three times per step, as in non-private training, instead of five.
         """
-        hidden = self.model.encode(inputs)
-        logits = self.model.item_logits(hidden)
-        losses = self.per_user_loss(logits, targets)
+        hidden, logits, losses = self._forward(samples, rows, device)
         g_logits, g_hidden, *_ = torch.autograd.grad(losses.sum(), [logits, hidden, *self._tables], retain_graph=True)
         coefficients = self.module.get_clipping_coef().to(logits.device)
         self.module.disable_hooks()

@@ -26,6 +26,7 @@ import numpy as np
 
 MASK = 0
 SEQUENCE_OPS = ("crop", "mask", "reorder", "substitute", "insert")
+USES = ("next-item", "contrastive", "both")
 SHORT_SEQUENCE_OPS = ("insert", "substitute")
 """CoSeRec's observation: on short sequences, crop/mask/reorder destroy most of the signal; informative ops help."""
 
@@ -34,7 +35,14 @@ SHORT_SEQUENCE_OPS = ("insert", "substitute")
 class AugmentSettings:
     enabled: bool = True
     views: int = 1
-    """Augmented views per user and round, used as extra next-item training signal inside the user's sample."""
+    """Augmented views per user and round, all inside that user's one sample."""
+    use_as: str = "next-item"
+    """What the views train: 'next-item' (extra next-item targets), 'contrastive' (an InfoNCE term against the
+    user's own sequence) or 'both'."""
+    contrastive_weight: float = 0.1
+    contrastive_negatives: int = 4
+    """Negatives per user for InfoNCE: random chains of catalog items (public randomness), never other users."""
+    temperature: float = 0.5
     ops: tuple[str, ...] = SEQUENCE_OPS
     crop_eta: float = 0.6
     mask_gamma: float = 0.3
@@ -51,6 +59,8 @@ class AugmentSettings:
     std 0.02)."""
 
     def __post_init__(self):
+        if self.use_as not in USES:
+            raise ValueError(f"use_as must be one of {', '.join(USES)}")
         unknown = set(self.ops) - set(SEQUENCE_OPS)
         if unknown:
             raise ValueError(f"unknown augmentation op {sorted(unknown)[0]!r} (expected {', '.join(SEQUENCE_OPS)})")
@@ -178,6 +188,11 @@ class Augmenter:
         if not self.settings.enabled or len(seq) == 0:
             return []
         return [self.apply(self.choose_op(len(seq), rng), seq, rng) for _ in range(self.settings.views)]
+
+
+def random_chains(n_items: int, length: int, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``count`` chains of uniformly random catalog items: contrastive negatives that carry no user's data."""
+    return [rng.integers(1, n_items + 1, max(length, 2)) for _ in range(count)]
 
 
 def gaussian_noise(vectors: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:

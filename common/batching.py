@@ -4,6 +4,7 @@ length-bucketed micro-batches."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,18 +23,31 @@ def pad_right(sequences: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np
     return out, lengths
 
 
+@dataclass(frozen=True)
+class Contrastive:
+    """How a sample's views are laid out for the InfoNCE term: view 0 is the anchor, views 1..positives are its
+    augmentations, the rest are negatives (random public item chains)."""
+
+    positives: int
+    weight: float
+    temperature: float
+
+
 class UserSamples:
     """One training sample per user: ``[views, T]`` next-item inputs (items[:-1]) and targets (items[1:]).
 
-    View 0 is the user's own sequence; further views (augmentations) belong to the same user, so under DP they sit
-    inside that user's one clipped sample. Built once per round; ``batch(rows)`` trims columns to the rows' longest
-    view, so short Beauty sequences (8.9 items on average) don't pay for the 50-wide window.
+    View 0 is the user's own sequence; further views (augmentations, contrastive negatives) belong to the same
+    user, so under DP they sit inside that user's one clipped sample. Only the first ``target_views`` views carry
+    next-item targets. Built once per round; ``batch(rows)`` trims columns to the rows' longest view, so short
+    Beauty sequences (8.9 items on average) don't pay for the 50-wide window.
     """
 
     def __init__(self, sequences: list[np.ndarray], max_len: int,
-                 extra_views: Callable[[np.ndarray], list[np.ndarray]] | None = None, n_extra: int = 0):
+                 extra_views: Callable[[np.ndarray], list[np.ndarray]] | None = None, n_extra: int = 0,
+                 target_views: int | None = None, contrastive: Contrastive | None = None):
         self.users = np.array([i for i, s in enumerate(sequences) if len(s) >= 2], dtype=np.int64)
         self.views = 1 + n_extra
+        self.contrastive = contrastive
         windows = []
         for u in self.users:
             seq = sequences[u]
@@ -44,7 +58,10 @@ class UserSamples:
         targets, _ = pad_right([w[1:] for w in windows], max_len)
         self.inputs = inputs.reshape(len(self.users), self.views, -1)
         self.targets = targets.reshape(len(self.users), self.views, -1)
-        self.lengths = lengths.reshape(len(self.users), self.views).max(axis=1)
+        if target_views is not None:
+            self.targets[:, target_views:] = 0
+        self.view_lengths = lengths.reshape(len(self.users), self.views)
+        self.lengths = self.view_lengths.max(axis=1)
         self.n_targets = int((self.targets > 0).sum())
 
     def __len__(self) -> int:
@@ -55,6 +72,10 @@ class UserSamples:
         width = max(int(self.lengths[rows].max(initial=0)), 1)
         return (torch.from_numpy(self.inputs[rows, :, :width]).to(device),
                 torch.from_numpy(self.targets[rows, :, :width]).to(device))
+
+    def batch_view_lengths(self, rows: np.ndarray, device) -> torch.Tensor:
+        """``[B, views]`` input length of every view (for the contrastive term)."""
+        return torch.from_numpy(self.view_lengths[rows]).to(device)
 
 
 def length_buckets(rows: np.ndarray, lengths: np.ndarray, token_budget: int, shrink: float = 0.7) -> list[np.ndarray]:

@@ -12,7 +12,7 @@ import tomllib
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .augment import SEQUENCE_OPS, AugmentSettings
+from .augment import SEQUENCE_OPS, USES, AugmentSettings
 from .data import BehaviorData
 from .errors import ConfigError
 from .loaders import FORMATS, load
@@ -117,6 +117,10 @@ class AugmentSection(Section):
 
     enabled: bool = True
     views: int = Field(1, ge=0, le=8)
+    use_as: Literal[USES] = "next-item"  # type: ignore[valid-type]
+    contrastive_weight: float = Field(0.1, ge=0)
+    contrastive_negatives: int = Field(4, ge=1, le=64)
+    temperature: float = Field(0.5, gt=0)
     ops: tuple[Literal[SEQUENCE_OPS], ...] = SEQUENCE_OPS  # type: ignore[valid-type]
     crop_eta: float = Field(0.6, gt=0, le=1)
     mask_gamma: float = Field(0.3, ge=0, le=1)

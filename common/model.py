@@ -222,14 +222,15 @@ class SASRec(nn.Module):
             raise RuntimeError("full logits need loss='ce'; sampled models train through SASRec.loss")
         return self.item_logits(self.encode(items))
 
-    def loss(self, items: torch.Tensor, targets: torch.Tensor, per_user: bool = False) -> torch.Tensor:
+    def loss(self, items: torch.Tensor, targets: torch.Tensor, per_user: bool = False,
+             hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Next-item cross-entropy. ``targets`` has the shape of ``items`` with 0 where a position has no target.
 
         ``per_user=False``: mean over all target positions (non-private training; logits only at targets).
         ``per_user=True``: a ``[B]`` vector, each user's mean over all their targets (every view) — the sample
-        DP-SGD clips.
+        DP-SGD clips. ``hidden``: ``encode(items)`` when the caller already has it.
         """
-        hidden = self.encode(items)
+        hidden = self.encode(items) if hidden is None else hidden
         targets = targets.reshape(hidden.shape[:2])  # [B, views * T], aligned with hidden
         mask = targets > 0
         if not per_user:
@@ -243,6 +244,24 @@ class SASRec(nn.Module):
         if not per_user:
             return smoothed_cross_entropy(logits, labels, smoothing).mean()
         return per_user_cross_entropy(logits, labels, mask, smoothing)
+
+    def contrastive_loss(self, hidden: torch.Tensor, view_lengths: torch.Tensor, positives: int,
+                         temperature: float) -> torch.Tensor:
+        """InfoNCE inside each user's sample ``[B]``: the last state of view 0 against those of its augmented views
+        1..positives (positives) and of the remaining views (negatives: random public item chains).
+
+        Every term is computed from one user's own views, so per-user clipping still bounds each user's
+        influence; in-batch negatives (other users' sequences) would couple users and break it.
+        """
+        B, KT, D = hidden.shape
+        K = view_lengths.shape[1]
+        T = KT // K
+        last = torch.arange(K, device=hidden.device) * T + (view_lengths - 1).clamp(min=0)  # [B, K]
+        z = F.normalize(hidden.gather(1, last.unsqueeze(-1).expand(B, K, D)), dim=-1)
+        similarity = (z[:, :1] * z[:, 1:]).sum(-1) / temperature  # [B, K - 1]
+        pos, neg = similarity[:, :positives], similarity[:, positives:]
+        logits = torch.cat([pos.unsqueeze(-1), neg.unsqueeze(1).expand(B, positives, neg.shape[1])], dim=-1)
+        return (torch.logsumexp(logits, dim=-1) - pos).mean(1)
 
     def _sampled_logits(self, hidden: torch.Tensor, targets: torch.Tensor):
         """Logits over [target, k shared uniform negatives]; a negative equal to the target is masked out."""

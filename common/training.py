@@ -31,13 +31,16 @@ def train_step(model: SASRec, optimizer: torch.optim.Optimizer, samples: UserSam
     length-bucketed micro-batches (the same gradient as one padded batch). Returns that loss."""
     optimizer.zero_grad(set_to_none=True)
     n_targets = max(int((samples.targets[rows] > 0).sum()), 1)
+    contrastive = samples.contrastive
     total = 0.0
     for bucket in length_buckets(rows, samples.lengths, token_budget // samples.views):
         inputs, targets = samples.batch(bucket, device)
-        weight = int((targets > 0).sum()) / n_targets
-        if weight == 0:
-            continue
-        loss = model.loss(inputs, targets) * weight
+        hidden = model.encode(inputs)
+        loss = model.loss(inputs, targets, hidden=hidden) * (int((targets > 0).sum()) / n_targets)
+        if contrastive:
+            infonce = model.contrastive_loss(hidden, samples.batch_view_lengths(bucket, device),
+                                             contrastive.positives, contrastive.temperature)
+            loss = loss + contrastive.weight * infonce.sum() / len(rows)
         loss.backward()
         total += loss.item()
     optimizer.step()

@@ -118,3 +118,54 @@ def test_a_bucketed_step_takes_the_gradient_of_one_padded_batch():
     train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), samples, rows, "cpu", token_budget=12)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], msg=name)
+
+
+def _catalog_model(item_dim=4):
+    torch.manual_seed(0)
+    attributes = torch.tensor([[0, 0]] + [[1 + i % 5, 0 if i % 3 else 6] for i in range(30)])
+    cfg = SASRecConfig(n_items=30, hidden=16, heads=2, max_len=10, dropout=0.0, item_dim=item_dim, n_attributes=6)
+    return SASRec(cfg, attributes)
+
+
+@pytest.mark.parametrize("item_dim", [0, 4, 16])
+def test_catalog_models_score_every_item_and_train_both_loss_paths(item_dim):
+    model = _catalog_model(item_dim)
+    items = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    targets = torch.tensor([[2, 3, 4, 0], [5, 6, 0, 0]])
+    assert model(items).shape == (2, 4, 31)
+    flat = model.loss(items, targets)
+    per_user = model.loss(items, targets, per_user=True)
+    assert torch.isfinite(flat) and per_user.shape == (2,)
+    flat.backward()
+    assert model.attr_emb.weight.grad.abs().sum() > 0 and model.attr_scores.weight.grad.abs().sum() > 0
+    assert model.score(items, torch.tensor([3, 2])).shape == (2, 31)
+    assert "item_attributes" not in model.state_dict()  # public catalog: rebuilt by every party, never sent
+
+
+def test_items_with_the_same_attributes_score_alike_without_item_tables():
+    model = _catalog_model(item_dim=0)
+    scores = model.score(torch.tensor([[1, 2, 3]]), torch.tensor([3]))[0]
+    assert scores[1] == scores[16]  # items 1 and 16 both have attributes {1, 6} and nothing else
+    assert scores[1] != scores[2]
+
+
+def test_attribute_noise_applies_only_while_training():
+    model = _catalog_model()
+    items = torch.tensor([[1, 2, 3]])
+    model.attribute_noise = 0.5
+    model.eval()
+    torch.testing.assert_close(model(items), model(items))
+    model.train()
+    assert not torch.allclose(model(items), model(items))
+    model.attribute_noise = 0.0
+    torch.testing.assert_close(model(items), model(items))  # dropout 0: only the vector noise was random
+
+
+def test_bad_catalog_tables_are_refused():
+    cfg = SASRecConfig(n_items=3, hidden=8, heads=2, n_attributes=2)
+    with pytest.raises(ValueError, match="item_attributes"):
+        SASRec(cfg, torch.tensor([[0], [1], [2]]))  # 3 rows for 4 ids
+    with pytest.raises(ValueError, match="0..2"):
+        SASRec(cfg, torch.tensor([[0], [1], [2], [7]]))
+    with pytest.raises(ValueError, match="catalog"):
+        SASRec(SASRecConfig(n_items=3, hidden=8, heads=2, item_dim=0))

@@ -8,8 +8,8 @@ import torch
 
 from client.ledger import BudgetExceeded, PrivacyLedger
 from client.trainer import LocalSettings, LocalTrainer, PrivacySettings, PrivateStep, privatize
-from common.augment import Augmenter, AugmentSettings
-from common.batching import UserSamples, length_buckets
+from common.augment import Augmenter, AugmentSettings, random_chains
+from common.batching import Contrastive, UserSamples, length_buckets
 from common.model import PerUserCrossEntropy, SASRec, SASRecConfig
 from common.split import leave_one_out
 from common.synthetic import SyntheticSpec, generate
@@ -185,3 +185,75 @@ def test_non_private_round_needs_no_ledger(tmp_path):
     model = SASRec(SASRecConfig(n_items=data.n_items, hidden=16, heads=2, max_len=20))
     result = trainer.train_round(model, "run", 1)
     assert math.isinf(result.epsilon) and result.noise_multiplier == 0 and result.augment_views == 0
+
+
+def _contrastive_samples(users=7, seed=6, use_as="contrastive"):
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(1, N_ITEMS + 1, rng.integers(2, 9)) for _ in range(users)]
+    aug = Augmenter(AugmentSettings(views=2), seqs, N_ITEMS, max_len=8)
+    return UserSamples(seqs, 8, lambda s: aug.views(s, rng) + random_chains(N_ITEMS, len(s), 3, rng), 5,
+                       target_views=3 if use_as == "both" else 1, contrastive=Contrastive(2, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_contrastive_dp_step_clips_each_users_whole_objective(mode):
+    samples = _contrastive_samples()
+    rows = np.arange(len(samples))
+    model = _model(4)
+    c = samples.contrastive
+
+    def user_loss(row):
+        x, y = samples.batch(np.array([row]), "cpu")
+        hidden = model.encode(x)
+        lengths = samples.batch_view_lengths(np.array([row]), "cpu")
+        return (PerUserCrossEntropy(reduction="sum", label_smoothing=model.cfg.label_smoothing)(
+            model.item_logits(hidden), y) + c.weight * model.contrastive_loss(hidden, lengths, c.positives,
+                                                                              c.temperature).sum())
+
+    params = list(model.parameters())
+    per_user = [torch.autograd.grad(user_loss(r), params) for r in rows]
+    norms = torch.stack([torch.cat([g.reshape(-1) for g in gs]).norm() for gs in per_user])
+    clip = float(norms.median())
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    expected = [sum(f * gs[i] for f, gs in zip(factor, per_user, strict=True)) / len(rows)
+                for i in range(len(params))]
+    step = PrivateStep(model, torch.optim.SGD(params, lr=0.0), len(samples), len(samples), 0.0, clip, mode,
+                       token_budget=8 * samples.views)
+    step(samples, rows, "cpu")
+    step.close()
+    for (name, p), e in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_contrastive_terms_never_mix_users():
+    samples = _contrastive_samples(users=4)
+    model = _model(5)
+    rows = np.arange(4)
+    x, _ = samples.batch(rows, "cpu")
+    lengths = samples.batch_view_lengths(rows, "cpu")
+    c = samples.contrastive
+    before = model.contrastive_loss(model.encode(x), lengths, c.positives, c.temperature)
+    x[3] = torch.randint(1, N_ITEMS + 1, x[3].shape)  # change another user entirely
+    after = model.contrastive_loss(model.encode(x), lengths, c.positives, c.temperature)
+    torch.testing.assert_close(after[:3], before[:3])
+    assert not torch.allclose(after[3], before[3])
+
+
+@pytest.mark.parametrize("use_as,target_views", [("contrastive", 1), ("both", 3)])
+def test_only_next_item_views_carry_targets(use_as, target_views):
+    samples = _contrastive_samples(use_as=use_as)
+    assert samples.views == 6 and (samples.targets[:, :target_views] > 0).any(axis=2).all()
+    assert (samples.targets[:, target_views:] == 0).all()  # negatives (and contrastive-only views): no targets
+
+
+@pytest.mark.parametrize("use_as", ["contrastive", "both"])
+@pytest.mark.parametrize("epsilon", [4.0, math.inf])
+def test_rounds_train_with_a_contrastive_objective(tmp_path, use_as, epsilon):
+    data = generate(SyntheticSpec(users=80, items=60, seed=3))
+    split = leave_one_out(data)
+    trainer = LocalTrainer(split.train.sequences(), data.n_items, PrivacySettings(epsilon=epsilon),
+                           LocalSettings(batch_size=16), AugmentSettings(views=1, use_as=use_as),
+                           PrivacyLedger(tmp_path) if epsilon < math.inf else None, torch.device("cpu"))
+    model = SASRec(SASRecConfig(n_items=data.n_items, hidden=16, heads=2, max_len=20))
+    result = trainer.train_round(model, "run", 1)
+    assert math.isfinite(result.train_loss) and result.augment_views == 1
