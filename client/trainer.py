@@ -19,7 +19,7 @@ import torch
 from opacus import PrivacyEngine
 
 from common.augment import Augmenter, AugmentSettings, random_chains
-from common.batching import Contrastive, UserSamples, length_buckets
+from common.batching import Contrastive, UserSamples
 from common.model import PerUserCrossEntropy, SASRec
 from common.training import MICRO_BATCH_TOKENS, train_step
 
@@ -27,6 +27,8 @@ from . import ghost_norms  # noqa: F401  (registers the output layer's per-user 
 from .ledger import BudgetExceeded, PrivacyLedger, calibrate_noise
 
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
+DP_MICRO_BATCH_TOKENS = MICRO_BATCH_TOKENS // 2
+"""Half the non-private micro-batch: a DP micro-batch holds item scores and their gradient for every position."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,8 @@ class LocalSettings:
     """Expected users per step (Poisson sampling rate = batch_size / users)."""
     lr: float = 1e-3
     seed: int = 0
-    micro_batch_tokens: int = MICRO_BATCH_TOKENS // 2
-    """Steps run each batch as length-bucketed micro-batches of at most this many padded positions. Half the
-    non-private default: a DP micro-batch holds item scores and their gradient for every position at once."""
+    micro_batch_tokens: int = DP_MICRO_BATCH_TOKENS
+    """DP steps run each Poisson batch as length-bucketed micro-batches of at most this many padded positions."""
 
 
 @dataclass
@@ -230,7 +231,7 @@ class PrivateStep:
 
     def __init__(self, model: SASRec, optimizer: torch.optim.Optimizer, n_samples: int, batch_size: int,
                  noise_multiplier: float, max_grad_norm: float, mode: str = "ghost",
-                 token_budget: int = MICRO_BATCH_TOKENS // 2):
+                 token_budget: int = DP_MICRO_BATCH_TOKENS):
         # The loader only tells Opacus the sample rate (1 / its length); batches come from poisson_rows.
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(n_samples)),
                                              batch_size=batch_size)
@@ -254,14 +255,14 @@ class PrivateStep:
             self._noise_only_step()
             return 0.0
         self.optimizer.zero_grad(set_to_none=True)
-        buckets = length_buckets(rows, samples.lengths, self.token_budget // samples.views)
+        buckets = samples.micro_batches(rows, self.token_budget)
         total = 0.0
         for i, bucket in enumerate(buckets):
             last = i == len(buckets) - 1
             if not last:
                 self.optimizer.signal_skip_step(True)  # accumulate this micro-batch's clipped sum, no noise yet
             if self.mode == "hooks":
-                hidden, logits, losses = self._forward(samples, bucket, device)
+                *_, losses = self._forward(samples, bucket, device)
                 losses.sum().backward()  # Opacus clips the per-sample gradients its hooks collected
                 losses = losses.detach()
             else:

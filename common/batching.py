@@ -62,7 +62,6 @@ class UserSamples:
             self.targets[:, target_views:] = 0
         self.view_lengths = lengths.reshape(len(self.users), self.views)
         self.lengths = self.view_lengths.max(axis=1)
-        self.n_targets = int((self.targets > 0).sum())
 
     def __len__(self) -> int:
         return len(self.users)
@@ -72,6 +71,10 @@ class UserSamples:
         width = max(int(self.lengths[rows].max(initial=0)), 1)
         return (torch.from_numpy(self.inputs[rows, :, :width]).to(device),
                 torch.from_numpy(self.targets[rows, :, :width]).to(device))
+
+    def micro_batches(self, rows: np.ndarray, token_budget: int) -> list[np.ndarray]:
+        """``rows`` as length buckets of at most ``token_budget`` padded positions, counting every view."""
+        return length_buckets(rows, self.lengths, token_budget // self.views)
 
     def batch_view_lengths(self, rows: np.ndarray, device) -> torch.Tensor:
         """``[B, views]`` input length of every view (for the contrastive term)."""

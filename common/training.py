@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .batching import UserSamples, length_buckets
+from .batching import UserSamples
 from .evaluate import evaluate, sasrec_scorer
 from .model import SASRec
 from .split import LeaveOneOut
@@ -33,7 +33,7 @@ def train_step(model: SASRec, optimizer: torch.optim.Optimizer, samples: UserSam
     n_targets = max(int((samples.targets[rows] > 0).sum()), 1)
     contrastive = samples.contrastive
     total = 0.0
-    for bucket in length_buckets(rows, samples.lengths, token_budget // samples.views):
+    for bucket in samples.micro_batches(rows, token_budget):
         inputs, targets = samples.batch(bucket, device)
         hidden = model.encode(inputs)
         loss = model.loss(inputs, targets, hidden=hidden) * (int((targets > 0).sum()) / n_targets)
