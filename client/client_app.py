@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from common.evaluate import evaluate as evaluate_split
 from common.evaluate import sasrec_scorer
 from common.memory import single_malloc_arena
-from common.metrics import KS
+from common.metrics import METRIC_NAMES
 
 from .ledger import BudgetExceeded
 from .merchant import merchant_for
@@ -27,13 +27,18 @@ single_malloc_arena()  # this process trains round after round: keep its RSS fro
 def train(msg: Message, context: Context) -> Message:
     merchant = merchant_for(context.node_config, context.run_config)
     model = merchant.model(msg.content["arrays"].to_torch_state_dict())
-    server_round = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
+    config = msg.content["config"] if "config" in msg.content else {}
+    server_round = int(config.get("server-round", 0))
+    # The server's run key survives its restarts (Flower's run id does not): the ledger keys rounds by it.
+    run_key = str(config.get("run-key", context.run_id))
     try:
-        result = merchant.trainer.train_round(model, run_id=str(context.run_id), round_=server_round)
+        result = merchant.trainer.train_round(model, run_id=run_key, round_=server_round,
+                                              proximal_mu=float(config.get("proximal-mu", 0.0)))
     except BudgetExceeded as exc:
         spent = merchant.trainer.epsilon_spent()
         content = RecordDict({
-            "metrics": MetricRecord({"declined": 1, "num-examples": 0, "epsilon": _finite(spent)}),
+            "metrics": MetricRecord({"declined": 1, "num-examples": 0, "epsilon": _finite(spent),
+                                     "partition-id": merchant.partition_id}),
             "decline": ConfigRecord({"reason": str(exc)}),
         })
         return Message(content, reply_to=msg)
@@ -46,6 +51,7 @@ def train(msg: Message, context: Context) -> Message:
         "noise_multiplier": result.noise_multiplier,
         "seconds": result.seconds,
         "augment_views": result.augment_views,
+        "partition-id": merchant.partition_id,
     })
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content, reply_to=msg)
@@ -55,9 +61,14 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     merchant = merchant_for(context.node_config, context.run_config)
     model = merchant.model(msg.content["arrays"].to_torch_state_dict())
-    metrics = evaluate_split(sasrec_scorer(model, merchant.device), merchant.split, "test")
-    values = {f"{m}@{k}": metrics[f"{m}@{k}"] for m in ("hr", "ndcg") for k in KS}
-    content = RecordDict({"metrics": MetricRecord(values | {"num-examples": metrics["users"]})})
+    scorer = sasrec_scorer(model, merchant.device)
+    values, users = {}, 0
+    for stage in ("valid", "test"):  # the server tracks validation per round and reports test at the end
+        metrics = evaluate_split(scorer, merchant.split, stage)
+        values |= {f"{stage}-{name}": metrics[name] for name in METRIC_NAMES}
+        users = metrics["users"]
+    content = RecordDict({"metrics": MetricRecord(values | {"num-examples": users,
+                                                            "partition-id": merchant.partition_id})})
     return Message(content, reply_to=msg)
 
 

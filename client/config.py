@@ -64,6 +64,9 @@ RUN_CONFIG_KEYS = {
     # Flower run_config / node_config key -> dotted MerchantConfig key
     "data-path": "data.path",
     "data-format": "data.format",
+    "data-attributes": "data.attributes",
+    "data-timestamps": "data.timestamps",
+    "k-core": "data.k_core",
     "hidden": "model.hidden",
     "blocks": "model.blocks",
     "heads": "model.heads",

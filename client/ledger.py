@@ -30,9 +30,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     delta REAL NOT NULL,
     epsilon REAL NOT NULL,
     recorded_at REAL NOT NULL,
-    UNIQUE (run_id, round)
+    attempt INTEGER NOT NULL DEFAULT 1,
+    UNIQUE (run_id, round, attempt)
 )
 """
+COLUMNS = "run_id, round, noise_multiplier, sample_rate, steps, delta, epsilon, recorded_at"
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,23 @@ class PrivacyLedger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(SCHEMA)
+        self._add_attempts()
+
+    def _add_attempts(self) -> None:
+        """Ledgers written before rounds could repeat had UNIQUE (run_id, round): rebuild them with attempts."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}
+        if "attempt" in columns:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("ALTER TABLE rounds RENAME TO rounds_old")
+            self._db.execute(SCHEMA)
+            self._db.execute(f"INSERT INTO rounds (id, {COLUMNS}) SELECT id, {COLUMNS} FROM rounds_old")
+            self._db.execute("DROP TABLE rounds_old")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._db.close()
@@ -118,17 +137,22 @@ class PrivacyLedger:
 
     def record(self, run_id: str, round_: int, noise_multiplier: float, sample_rate: float, steps: int,
                delta: float, budget: float = math.inf) -> float:
-        """Commit one trained round and return ε after it. Refuses (BudgetExceeded) to go past ``budget``."""
+        """Commit one trained round and return ε after it. Refuses (BudgetExceeded) to go past ``budget``.
+
+        A round trained again (the server retried it, or resumed after a crash) is a second release of the same
+        data: it is recorded as the next attempt and composes like any other round.
+        """
         self._db.execute("BEGIN IMMEDIATE")  # one writer: the check and the insert see the same history
         try:
             epsilon = self.epsilon_after(noise_multiplier, sample_rate, steps, delta)
             if epsilon > budget * (1 + 1e-9):
                 raise BudgetExceeded(f"round would spend ε={epsilon:.3f}, past the budget ε={budget:g}")
+            (attempts,) = self._db.execute("SELECT COUNT(*) FROM rounds WHERE run_id = ? AND round = ?",
+                                           (run_id, int(round_))).fetchone()
             self._db.execute(
-                "INSERT INTO rounds (run_id, round, noise_multiplier, sample_rate, steps, delta, epsilon, recorded_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO rounds ({COLUMNS}, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, int(round_), float(noise_multiplier), float(sample_rate), int(steps), float(delta),
-                 epsilon, time.time()),
+                 epsilon, time.time(), attempts + 1),
             )
             self._db.execute("COMMIT")
         except BaseException:

@@ -34,6 +34,8 @@ class Merchant:
     item_attributes: torch.Tensor | None
     """Public catalog attributes per item (catalog models); built locally, never sent."""
     device: torch.device
+    partition_id: int = -1
+    """Simulation: which partition of the data set this merchant is (-1 in deployment)."""
 
     def model(self, state_dict: dict | None = None) -> SASRec:
         model = SASRec(self.model_config, self.item_attributes)
@@ -47,7 +49,7 @@ def merchant_for(node_config: dict, run_config: dict) -> Merchant:
     return _build(tuple(sorted(node_config.items())), tuple(sorted(run_config.items())))
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=256)  # one per merchant a simulation process hosts
 def _build(node_items: tuple, run_items: tuple) -> Merchant:
     node, run = dict(node_items), dict(run_items)
     if "data-path" in node:  # deployment: this node's own data and state
@@ -69,7 +71,7 @@ def _build(node_items: tuple, run_items: tuple) -> Merchant:
     ledger = PrivacyLedger(state_dir) if privacy.private else None
     trainer = LocalTrainer(split.train.sequences(), data.n_items, privacy, config.local.settings(),
                            config.augment.settings(), ledger, device)
-    return Merchant(split, trainer, *config.model.build(data), device)
+    return Merchant(split, trainer, *config.model.build(data), device, int(node.get("partition-id", -1)))
 
 
 @lru_cache(maxsize=2)

@@ -154,9 +154,12 @@ class LocalTrainer:
                            contrastive=Contrastive(settings.views, settings.contrastive_weight, settings.temperature))
 
     def train_round(self, model: SASRec, run_id: str, round_: int,
-                    on_step: Callable[[int, int], None] | None = None) -> RoundResult:
+                    on_step: Callable[[int, int], None] | None = None, proximal_mu: float = 0.0) -> RoundResult:
         """Train ``model`` in place. The ledger entry is committed before this returns; BudgetExceeded (before
-        any training) means the merchant declines this round. ``on_step(step, expected_steps)`` reports progress."""
+        any training) means the merchant declines this round. ``on_step(step, expected_steps)`` reports progress.
+
+        ``proximal_mu`` > 0 (FedProx) pulls the weights towards the ones the round started from after every step.
+        """
         started = time.monotonic()
         seed = np.random.SeedSequence([self.local.seed, round_])
         rng = np.random.default_rng(seed)
@@ -168,11 +171,12 @@ class LocalTrainer:
         samples = self.samples(model.cfg.max_len, rng)
         model.to(self.device).train()
         model.attribute_noise = self.augment.attribute_sigma if self.augment and self.augment.enabled else 0.0
+        after_step = _proximal_pull(model, self.local.lr * proximal_mu) if proximal_mu > 0 else None
         try:
             if self.privacy.private:
-                loss, steps = self._train_private(model, samples, noise, rng, on_step)
+                loss, steps = self._train_private(model, samples, noise, rng, on_step, after_step)
             else:
-                loss, steps = self._train_plain(model, samples, rng, on_step)
+                loss, steps = self._train_plain(model, samples, rng, on_step, after_step)
         finally:
             model.attribute_noise = 0.0
         epsilon = math.inf
@@ -183,7 +187,7 @@ class LocalTrainer:
                            sample_rate=self.sample_rate, steps=steps, seconds=time.monotonic() - started,
                            num_examples=len(samples), augment_views=self.augment.views if samples.views > 1 else 0)
 
-    def _train_plain(self, model: SASRec, samples: UserSamples, rng, on_step) -> tuple[float, int]:
+    def _train_plain(self, model: SASRec, samples: UserSamples, rng, on_step, after_step) -> tuple[float, int]:
         optimizer = torch.optim.Adam(model.parameters(), lr=self.local.lr)
         total, steps = 0.0, 0
         for _ in range(self.local.local_epochs):
@@ -192,12 +196,14 @@ class LocalTrainer:
                 total += train_step(model, optimizer, samples, order[start : start + self.local.batch_size],
                                     self.device)
                 steps += 1
+                if after_step:
+                    after_step()
                 if on_step:
                     on_step(steps, self.steps_per_round)
         return total / max(steps, 1), steps
 
     def _train_private(self, model: SASRec, samples: UserSamples, noise: float, rng: np.random.Generator,
-                       on_step) -> tuple[float, int]:
+                       on_step, after_step) -> tuple[float, int]:
         step = PrivateStep(model, torch.optim.Adam(model.parameters(), lr=self.local.lr), len(samples),
                            self.local.batch_size, noise, self.privacy.max_grad_norm, self.privacy.grad_sample_mode,
                            self.local.micro_batch_tokens)
@@ -206,11 +212,26 @@ class LocalTrainer:
             for _ in range(self.steps_per_round):
                 total += step(samples, poisson_rows(rng, len(samples), self.sample_rate), self.device)
                 steps += 1
+                if after_step:
+                    after_step()
                 if on_step:
                     on_step(steps, self.steps_per_round)
         finally:
             step.close()
         return total / max(steps, 1), steps
+
+
+def _proximal_pull(model: SASRec, rate: float) -> Callable[[], None]:
+    """FedProx's proximal term μ/2·‖w − w₀‖², applied as a decoupled step w ← w − lr·μ·(w − w₀) after each
+    optimiser step. It involves no data, so under DP it is post-processing: it needs no clipping or accounting."""
+    anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def pull() -> None:
+        for p, start in anchor:
+            p.sub_(p - start, alpha=rate)
+
+    return pull
 
 
 def poisson_rows(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:

@@ -146,6 +146,79 @@ def local(
         f"δ {privacy['delta']:.2e}  ({metrics['seconds']:.0f} s) -> {out / 'metrics.json'}")
 
 
+@app.command()
+def simulate(
+    out: Path = typer.Option(..., "--out", help="Directory for metrics.json, report.md, plots and state/."),
+    config: Path | None = typer.Option(None, "--config", help="TOML: data, model, augment, privacy, local, "
+                                       "federation, simulation."),
+    data: Path | None = typer.Option(None, "--data", help="Behaviour data file; default: embedded synthetic data."),
+    fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
+    merchants: int | None = typer.Option(None, "--merchants", help="Merchants to cut the data into."),
+    partition: str | None = typer.Option(None, "--partition", help="uniform | category | column"),
+    rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds (merchants plan their ε for all)."),
+    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round."),
+    epsilon: str | None = typer.Option(None, "--epsilon", help="ε budget per merchant, or 'inf' (non-private)."),
+    no_augment: bool = typer.Option(False, "--no-augment", help="Merchants train on their original sequences."),
+    strategy: str | None = typer.Option(None, "--strategy", help="fedavg | fedprox | fedadam | fedyogi | "
+                                        "fedtrimmedavg | fedmedian | krum | multikrum"),
+    mode: str | None = typer.Option(None, "--mode", help="federated | local (each merchant alone) | central "
+                                    "(all data pooled), all under the same DP settings."),
+    seed: int | None = typer.Option(None, "--seed"),
+    baseline: list[Path] = typer.Option([], "--baseline", help="metrics.json of `fedaug baseline` runs to compare "
+                                        "with in the report (repeatable)."),
+    metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus /metrics on this port."),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's own logs."),
+) -> None:
+    """Run the ServerApp and ClientApp in Flower's simulation engine over merchants cut from one data set."""
+    from common.config import load_config
+    from simulations.config import SimulationConfig
+    from simulations.simulate import run_simulate
+
+    cfg = load_config(config, {
+        "data.path": str(data) if data else None, "data.format": fmt, "simulation.merchants": merchants,
+        "simulation.partition": partition, "federation.rounds": rounds, "local.local_epochs": local_epochs,
+        "privacy.epsilon": epsilon, "augment.enabled": False if no_augment else None,
+        "federation.strategy": strategy, "simulation.mode": mode, "federation.seed": seed,
+        "federation.metrics_port": metrics_port, "device": device,
+    }, SimulationConfig)
+    baselines = dict(_read_baseline(path) for path in baseline)
+    _check_out_dir(out)
+    with _progress() as progress:
+        unit = "merchants" if cfg.simulation.mode == "local" else "rounds"
+        task = progress.add_task(f"{cfg.simulation.mode}: {unit}", total=None)
+
+        def on_round(done, total, entry):
+            progress.update(task, completed=done, total=total)
+            if entry.get("central"):
+                progress.console.print(f"round {done:3d}/{total}  valid NDCG@10 {entry['central']['ndcg@10']:.4f}"
+                                       + (f"  max ε {entry['epsilon_max']:.3f}" if entry.get("epsilon_max") else "")
+                                       + (f"  ({entry['seconds']:.0f} s)" if entry.get("seconds") else ""))
+
+        metrics = run_simulate(cfg, out, on_round=on_round, baselines=baselines, verbose=verbose)
+    test, privacy = metrics["test"], metrics["privacy"]
+    console.print(
+        f"{metrics['mode']}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  "
+        f"max ε {privacy.get('epsilon_max')}  popularity NDCG@10 {metrics['baselines']['popularity']['ndcg@10']:.4f}"
+        f"  ({metrics['seconds']:.0f} s) -> {out / 'report.md'}")
+
+
+def _read_baseline(path: Path) -> tuple[str, dict]:
+    import json
+
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+        kind = metrics["config"]["model"]["kind"]
+        test = {k: float(metrics["test"][k]) for k in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20",
+                                                        "auc")}
+    except FileNotFoundError:
+        raise FedaugError(f"--baseline: {path}: no such file") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FedaugError(f"--baseline: {path}: not a fedaug baseline metrics.json ({exc.__class__.__name__}: "
+                          f"{exc})") from None
+    return ("centralised non-private" if kind == "sasrec" else kind), test
+
+
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise FedaugError(f"--out: {out} exists and is not a directory")

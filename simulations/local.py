@@ -12,6 +12,7 @@ from client.config import MerchantConfig
 from client.ledger import PrivacyLedger
 from client.trainer import LocalTrainer, RoundResult
 from common.atomic import write_json_atomic
+from common.data import BehaviorData
 from common.device import pick_device
 from common.evaluate import evaluate, sasrec_scorer
 from common.split import leave_one_out
@@ -22,14 +23,15 @@ from .report import final_metrics
 
 def run_local(config: MerchantConfig, out: Path | None, state_dir: Path,
               on_round: Callable[[int, RoundResult, dict], None] | None = None,
-              on_step: Callable[[int, int], None] | None = None) -> dict:
-    """Train ``config.local.rounds`` rounds of local DP training on the whole data set as one merchant.
+              on_step: Callable[[int, int], None] | None = None, data: BehaviorData | None = None) -> dict:
+    """Train ``config.local.rounds`` rounds of local DP training on the whole data set (or ``data``, one
+    merchant's part of it) as one merchant.
 
     The privacy ledger in ``state_dir`` makes ε durable: running again with the same state-dir keeps composing.
     """
     started = time.monotonic()
     device = pick_device(config.device)
-    data = config.load_data()
+    data = config.load_data() if data is None else data
     split = leave_one_out(data)
     privacy = config.privacy_settings()
     ledger = PrivacyLedger(state_dir) if privacy.private else None

@@ -1,0 +1,65 @@
+"""The aggregator's checkpoint: everything needed to resume at the next round, in one atomically replaced file.
+
+``state-dir/checkpoint.npz`` holds the global arrays, the strategy's state (FedAdam / FedYogi moments), and a JSON
+record with the last completed round, the run key merchants account under, the central-DP accountant and the
+metric history. A crash leaves the previous round's checkpoint; the restarted server redoes only the round that
+was cut short.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from common.atomic import write_bytes_atomic
+from common.errors import ConfigError
+
+CHECKPOINT = "checkpoint.npz"
+
+
+@dataclass
+class ServerState:
+    run_key: str
+    """Stable across restarts: merchants record this run's rounds in their ledgers under it."""
+    strategy: str
+    round: int = 0
+    """Last completed round (0: none yet)."""
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    accountant: dict | None = None
+    history: list[dict] = field(default_factory=list)
+    merchants: dict[str, dict] = field(default_factory=dict)
+    """node id (as text) -> latest figures: ε, users, partition-id, per-round ε."""
+
+
+def save(state_dir: Path, state: ServerState) -> None:
+    meta = {"run_key": state.run_key, "strategy": state.strategy, "round": state.round,
+            "accountant": state.accountant, "history": state.history, "merchants": state.merchants,
+            "strategy_state_keys": {name: list(arrays) for name, arrays in state.strategy_state.items()}}
+    entries = {f"global/{k}": v for k, v in state.arrays.items()}
+    for name, arrays in state.strategy_state.items():
+        entries.update({f"{name}/{k}": v for k, v in arrays.items()})
+    buffer = io.BytesIO()
+    np.savez(buffer, __meta__=np.array(json.dumps(meta)), **entries)
+    write_bytes_atomic(Path(state_dir) / CHECKPOINT, buffer.getvalue())
+
+
+def load(state_dir: Path) -> ServerState | None:
+    path = Path(state_dir) / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            meta = json.loads(str(stored["__meta__"]))
+            arrays = {k.removeprefix("global/"): stored[k] for k in stored.files if k.startswith("global/")}
+            strategy_state = {name: {k: stored[f"{name}/{k}"] for k in keys}
+                              for name, keys in meta["strategy_state_keys"].items()}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{path}: not a readable fedaug checkpoint ({exc})") from None
+    return ServerState(run_key=meta["run_key"], strategy=meta["strategy"], round=int(meta["round"]), arrays=arrays,
+                       strategy_state=strategy_state, accountant=meta["accountant"], history=meta["history"],
+                       merchants=meta["merchants"])

@@ -1,0 +1,193 @@
+"""The aggregator's round loop: Flower's strategy does the sampling and the arithmetic, this loop does the rest.
+
+Per round: configure and send training messages through the Grid, sort the replies (server.replies), aggregate
+if at least ``min_replies`` usable updates arrived (else retry the round, then stop cleanly), evaluate (federated
+and, in simulation, centrally), checkpoint atomically, publish metrics. Started again on the same state-dir it
+resumes after the last checkpointed round.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from common.errors import ConfigError, FedaugError
+
+from . import checkpoint
+from .checkpoint import ServerState
+from .config import FederationSection
+from .monitor import Monitor
+from .replies import sort_evaluate_replies, sort_train_replies
+from .strategies import STATE_ATTRIBUTES, WEIGHT, build_strategy, central_dp, inner
+
+Evaluator = Callable[[dict[str, np.ndarray]], dict]
+"""Central evaluation of global arrays (simulation): ``{"valid": {...}, "test": {...}}``."""
+
+
+class RoundFailed(FedaugError):
+    """A round got too few usable replies in all its attempts; the last checkpoint is kept for a resume."""
+
+
+def run_federation(grid: Grid, settings: FederationSection, initial: dict[str, np.ndarray],
+                   evaluator: Evaluator | None = None, on_round: Callable[[dict], None] | None = None,
+                   node_wait_seconds: float = 600.0) -> ServerState:
+    state_dir = settings.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    n_nodes = _wait_for_nodes(grid, settings.min_nodes, node_wait_seconds)
+    strategy = build_strategy(settings, n_nodes)
+    state = _resume(state_dir, settings, initial, strategy)
+    if state.round >= settings.rounds:
+        log(INFO, "fedaug: all %d rounds are already in %s; nothing to do", settings.rounds, state_dir)
+        return state
+    monitor = Monitor(state_dir, settings.metrics_port)
+    try:
+        for server_round in range(state.round + 1, settings.rounds + 1):
+            entry = _run_round(grid, settings, strategy, state, server_round, evaluator)
+            state.round = server_round
+            state.history.append(entry)
+            inner_strategy = inner(strategy)
+            state.strategy_state = {name: dict(getattr(inner_strategy, name)) for name in STATE_ATTRIBUTES
+                                    if getattr(inner_strategy, name, None)}
+            dp = central_dp(strategy)
+            state.accountant = dp.accountant.state_dict() if dp else None
+            checkpoint.save(state_dir, state)
+            monitor.record(entry, state.history)
+            if on_round:
+                on_round(entry)
+    finally:
+        monitor.close()
+    return state
+
+
+def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerState, server_round: int,
+               evaluator: Evaluator | None) -> dict:
+    started = time.monotonic()
+    arrays = ArrayRecord({k: Array(v) for k, v in state.arrays.items()})
+    dp = central_dp(strategy)
+    for attempt in range(1, settings.retries + 2):
+        random.seed(f"{settings.seed}/{server_round}/{attempt}")  # Flower samples nodes with `random`
+        config = ConfigRecord({"run-key": state.run_key, "attempt": attempt})
+        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+        replies = sort_train_replies(messages, replies, state.arrays, uniform_weights=dp is not None)
+        for problem in replies.problems():
+            log(WARNING, "fedaug round %d: merchant %s", server_round, problem)
+        enough = len(replies.accepted) >= settings.min_replies
+        # Called even with too few replies: Flower's DP wrapper keeps a pending privacy event until it is.
+        aggregated, _ = strategy.aggregate_train(server_round, replies.accepted if enough else [])
+        if aggregated is not None:
+            break
+        why = (f"{len(replies.accepted)} usable replies, {settings.min_replies} needed" if not enough
+               else "the strategy aggregated nothing (central DP needs a reply from every sampled merchant)")
+        log(WARNING, "fedaug round %d attempt %d: not aggregated: %s", server_round, attempt, why)
+    else:
+        raise RoundFailed(f"round {server_round}: not aggregated in {settings.retries + 1} attempts ({why}); "
+                          f"stopped. {settings.state_dir} keeps round {server_round - 1}: start again to resume")
+    state.arrays = {k: v.numpy() for k, v in aggregated.items()}
+    entry = {"round": server_round, "attempts": attempt, "participants": len(replies.accepted),
+             "failures": {kind: len(replies.with_status(kind)) for kind in ("error", "declined", "rejected",
+                                                                              "missing")},
+             "problems": replies.problems(), "bytes_received": replies.bytes_received}
+    entry |= _train_summary(replies.merchants, replies.accepted)
+    _remember_merchants(state, server_round, replies.merchants)
+    if dp is not None:
+        entry["central_epsilon"] = dp.privacy_spent().epsilon
+        entry["central_delta"] = dp.privacy_spent().delta
+    entry["federated"] = _federated_evaluation(grid, settings, strategy, state, server_round, aggregated)
+    if evaluator is not None:
+        central = evaluator(state.arrays)
+        entry["central"], entry["central_test"] = central["valid"], central["test"]
+    entry["seconds"] = round(time.monotonic() - started, 2)
+    log(INFO, "fedaug round %d: %d merchants aggregated%s", server_round, len(replies.accepted),
+        f", valid NDCG@10 {entry['central']['ndcg@10']:.4f}" if "central" in entry else "")
+    return entry
+
+
+def _federated_evaluation(grid, settings, strategy, state, server_round, arrays) -> dict | None:
+    if settings.fraction_evaluate == 0:
+        return None
+    config = ConfigRecord({"run-key": state.run_key})
+    messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
+    replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+    accepted, merchants = sort_evaluate_replies(replies)
+    for node, info in merchants.items():
+        record = state.merchants.setdefault(str(node), {})
+        if info["status"] == "ok":
+            record["valid"] = {k.removeprefix("valid-"): v for k, v in info.items() if k.startswith("valid-")}
+            record["test"] = {k.removeprefix("test-"): v for k, v in info.items() if k.startswith("test-")}
+            record["users"] = info["num-examples"]
+        else:
+            log(WARNING, "fedaug round %d: evaluation by merchant %s: %s (%s)", server_round, node, info["status"],
+                info["reason"])
+    if not accepted:
+        return None
+    metrics = strategy.aggregate_evaluate(server_round, accepted)
+    if metrics is None:
+        return None
+    values = {k: float(v) for k, v in metrics.items() if k != WEIGHT}
+    return {k.removeprefix("valid-"): v for k, v in values.items() if k.startswith("valid-")} | {
+        "test": {k.removeprefix("test-"): v for k, v in values.items() if k.startswith("test-")},
+        "merchants": len(accepted)}
+
+
+def _train_summary(merchants: dict[int, dict], accepted) -> dict:
+    users = [m.get("num-examples", 0) for m in merchants.values() if m["status"] == "ok"]
+    losses = [m.get("train_loss", 0.0) for m in merchants.values() if m["status"] == "ok"]
+    epsilons = [m["epsilon"] for m in merchants.values() if m.get("epsilon", -1) >= 0]
+    return {
+        "train_loss": float(np.average(losses, weights=users)) if users and sum(users) > 0 else None,
+        "epsilon_max": max(epsilons) if epsilons else None,
+        "epsilon_mean": float(np.mean(epsilons)) if epsilons else None,
+    }
+
+
+def _remember_merchants(state: ServerState, server_round: int, merchants: dict[int, dict]) -> None:
+    for node, info in merchants.items():
+        record = state.merchants.setdefault(str(node), {})
+        record["status"] = info["status"]
+        for key in ("partition-id", "num-examples"):
+            if key in info:
+                record[key] = info[key]
+        if info.get("epsilon", -1) >= 0:
+            record["epsilon"] = info["epsilon"]
+            record.setdefault("epsilon_by_round", {})[str(server_round)] = info["epsilon"]
+
+
+def _resume(state_dir, settings: FederationSection, initial: dict[str, np.ndarray], strategy) -> ServerState:
+    state = checkpoint.load(state_dir)
+    if state is None:
+        return ServerState(run_key=uuid.uuid4().hex, strategy=settings.strategy, arrays=dict(initial))
+    where = state_dir / checkpoint.CHECKPOINT
+    if state.strategy != settings.strategy:
+        raise ConfigError(f"{where}: the checkpoint is of a {state.strategy} run, this run is {settings.strategy} "
+                          f"(use a new state-dir)")
+    shapes = {k: v.shape for k, v in state.arrays.items()}
+    if shapes != {k: v.shape for k, v in initial.items()}:
+        raise ConfigError(f"{where}: the checkpoint holds a different model (use a new state-dir)")
+    inner_strategy = inner(strategy)
+    for name, arrays in state.strategy_state.items():
+        setattr(inner_strategy, name, dict(arrays))
+    dp = central_dp(strategy)
+    if dp is not None and state.accountant is not None:
+        dp.accountant.load_state_dict(state.accountant)
+    log(INFO, "fedaug: resuming after round %d of %d from %s", state.round, settings.rounds, where)
+    return state
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise RoundFailed(f"only {len(nodes)} merchants connected within {seconds:.0f} s "
+                              f"(federation.min_nodes = {minimum})")
+        time.sleep(1)
+    return len(nodes)
+

@@ -1,0 +1,64 @@
+"""What the aggregator tells its operators: Prometheus gauges on /metrics and a JSONL log of every round.
+
+The JSONL file is rewritten (atomically) from the checkpoint's history after each round, so a resumed run's log
+has every round exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from common.atomic import write_bytes_atomic
+
+ROUND_LOG = "rounds.jsonl"
+
+
+class Monitor:
+    def __init__(self, state_dir: Path, port: int = 0):
+        self.state_dir = Path(state_dir)
+        self.registry = CollectorRegistry()  # our own, so two servers in one process (tests) don't collide
+        r = self.registry
+        self.round = Gauge("fedaug_round", "Last completed federated round", registry=r)
+        self.participants = Gauge("fedaug_round_participants", "Merchants whose update was aggregated", registry=r)
+        self.failures = Counter("fedaug_merchant_failures", "Merchant replies not aggregated, by kind",
+                                ["kind"], registry=r)
+        self.ndcg = Gauge("fedaug_global_ndcg_at_10", "Global model NDCG@10 (validation)", registry=r)
+        self.hr = Gauge("fedaug_global_hr_at_10", "Global model HR@10 (validation)", registry=r)
+        self.loss = Gauge("fedaug_train_loss", "User-weighted mean merchant training loss", registry=r)
+        self.epsilon_max = Gauge("fedaug_merchant_epsilon_max", "Largest ε any merchant reports", registry=r)
+        self.epsilon_mean = Gauge("fedaug_merchant_epsilon_mean", "Mean ε merchants report", registry=r)
+        self.central_epsilon = Gauge("fedaug_central_epsilon", "Client-level (central DP) ε", registry=r)
+        self.bytes = Counter("fedaug_bytes_received", "Bytes of accepted model updates received", registry=r)
+        self.server = None
+        if port:
+            self.server, _ = start_http_server(port, registry=self.registry)
+
+    def record(self, entry: dict, history: list[dict]) -> None:
+        """Publish one finished round (``entry``) and rewrite the round log from ``history``."""
+        self.round.set(entry["round"])
+        self.participants.set(entry["participants"])
+        for kind in ("error", "declined", "rejected", "missing"):
+            if entry["failures"].get(kind):
+                self.failures.labels(kind).inc(entry["failures"][kind])
+        evaluation = entry.get("central") or entry.get("federated") or {}
+        if "ndcg@10" in evaluation:
+            self.ndcg.set(evaluation["ndcg@10"])
+            self.hr.set(evaluation["hr@10"])
+        if entry.get("train_loss") is not None:
+            self.loss.set(entry["train_loss"])
+        if entry.get("epsilon_max") is not None:
+            self.epsilon_max.set(entry["epsilon_max"])
+            self.epsilon_mean.set(entry["epsilon_mean"])
+        if entry.get("central_epsilon") is not None:
+            self.central_epsilon.set(entry["central_epsilon"])
+        self.bytes.inc(entry["bytes_received"])
+        lines = "".join(json.dumps(h) + "\n" for h in history)
+        write_bytes_atomic(self.state_dir / ROUND_LOG, lines.encode())
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()

@@ -1,0 +1,124 @@
+"""Sorting a round's replies: accepted updates, declines, errors, rejected updates and missing merchants.
+
+Nothing a merchant sends reaches a strategy unchecked. An accepted training reply is rewritten to exactly
+``{"arrays": <the update>, "metrics": {weight, num-examples, train_loss}}`` so every strategy (and Flower's DP
+wrapper, which insists on identical metric keys) sees one shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+from .strategies import WEIGHT
+
+
+@dataclass
+class RoundReplies:
+    accepted: list[Message] = field(default_factory=list)
+    merchants: dict[int, dict] = field(default_factory=dict)
+    """node id -> what this round learned about the merchant (status, ε, users, loss, reason)."""
+    bytes_received: int = 0
+
+    def with_status(self, *statuses: str) -> dict[int, dict]:
+        return {node: m for node, m in self.merchants.items() if m["status"] in statuses}
+
+    def problems(self) -> list[str]:
+        """One ``node: status (reason)`` entry per merchant that did not contribute."""
+        return [f"{node}: {m['status']}" + (f" ({m['reason']})" if m.get("reason") else "")
+                for node, m in sorted(self.merchants.items()) if m["status"] != "ok"]
+
+
+def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], reference: dict[str, np.ndarray],
+                       uniform_weights: bool) -> RoundReplies:
+    """Check every training reply against the global model ``reference`` (same keys, shapes, dtypes; finite)."""
+    out = RoundReplies()
+    expected = {m.metadata.dst_node_id for m in sent}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        expected.discard(node)
+        if reply.has_error():
+            out.merchants[node] = {"status": "error", "reason": reply.error.reason}
+            continue
+        metrics = _metrics_of(reply)
+        info = {"status": "ok", **_reported(metrics)}
+        if metrics.get("declined") == 1:
+            reason = reply.content["decline"]["reason"] if "decline" in reply.content else "declined"
+            out.merchants[node] = info | {"status": "declined", "reason": str(reason)}
+            continue
+        arrays = reply.content.array_records.get("arrays") if reply.content else None
+        problem = _check_update(arrays, metrics, reference)
+        if problem:
+            out.merchants[node] = info | {"status": "rejected", "reason": problem}
+            continue
+        out.bytes_received += sum(len(a.data) for a in arrays.values())
+        users = float(metrics["num-examples"])
+        reply.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({
+            WEIGHT: 1.0 if uniform_weights else users, "num-examples": users,
+            "train_loss": float(metrics.get("train_loss", 0.0))})})
+        out.accepted.append(reply)
+        out.merchants[node] = info
+    for node in sorted(expected):
+        out.merchants[node] = {"status": "missing", "reason": "no reply before the round timeout"}
+    return out
+
+
+def sort_evaluate_replies(replies: Iterable[Message]) -> tuple[list[Message], dict[int, dict]]:
+    """Evaluation replies with finite metrics and a positive user count (rewritten to weigh by users)."""
+    accepted, merchants = [], {}
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            merchants[node] = {"status": "error", "reason": reply.error.reason}
+            continue
+        metrics = _metrics_of(reply)
+        values = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        users = values.get("num-examples", 0)
+        if not users or users <= 0 or not all(math.isfinite(v) for v in values.values()):
+            merchants[node] = {"status": "rejected", "reason": "evaluation metrics missing or not finite"}
+            continue
+        reply.content = RecordDict({"metrics": MetricRecord(values | {WEIGHT: float(users)})})
+        accepted.append(reply)
+        merchants[node] = {"status": "ok", **values}
+    return accepted, merchants
+
+
+def _metrics_of(reply: Message) -> dict:
+    if reply.content is None or "metrics" not in reply.content.metric_records:
+        return {}
+    return dict(reply.content.metric_records["metrics"])
+
+
+def _reported(metrics: dict) -> dict:
+    """The merchant's self-reported figures worth keeping (ε = -1 means non-private)."""
+    keep = ("epsilon", "num-examples", "train_loss", "partition-id", "noise_multiplier", "seconds")
+    return {k: metrics[k] for k in keep if isinstance(metrics.get(k), int | float)}
+
+
+def _check_update(arrays: ArrayRecord | None, metrics: dict, reference: dict[str, np.ndarray]) -> str | None:
+    """Why this update cannot be aggregated, or None."""
+    if arrays is None:
+        return "no 'arrays' record in the reply"
+    users = metrics.get("num-examples")
+    if not isinstance(users, int | float) or isinstance(users, bool) or not math.isfinite(users) or users <= 0:
+        return "num-examples missing, not positive or not finite"
+    if set(arrays.keys()) != set(reference):
+        extra, lacking = set(arrays.keys()) - set(reference), set(reference) - set(arrays.keys())
+        return (f"array keys differ from the global model (unexpected {sorted(extra)[:3]}, "
+                f"missing {sorted(lacking)[:3]})")
+    for key, ref in reference.items():
+        try:
+            value = arrays[key].numpy()
+        except Exception as exc:  # noqa: BLE001  (a malformed array is the sender's fault, not ours)
+            return f"array {key!r} cannot be decoded ({exc.__class__.__name__})"
+        if value.shape != ref.shape:
+            return f"array {key!r} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
+        if value.dtype != ref.dtype:
+            return f"array {key!r} has dtype {value.dtype}, expected {ref.dtype}"
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            return f"array {key!r} contains NaN or Inf"
+    return None

@@ -1,0 +1,85 @@
+"""PNG plots of a run's metrics.json: NDCG@10 per round, ε per merchant per round, test NDCG@10 per merchant, and a
+sweep's privacy–utility curve. Written atomically like every other output."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common.atomic import write_bytes_atomic  # noqa: E402
+
+
+def write_plots(metrics: dict, out: Path) -> list[str]:
+    """The run's plots in ``out``; returns their file names (for the report)."""
+    written = []
+    rounds = metrics.get("rounds") or []
+    if rounds:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["round"] for r in rounds], [r["valid"]["ndcg@10"] for r in rounds], marker="o",
+                label="global model (all merchants' users)" if metrics["mode"] == "federated" else metrics["mode"])
+        federated = [(r["round"], r["federated_valid"]["ndcg@10"]) for r in rounds if r.get("federated_valid")]
+        if federated:
+            ax.plot(*zip(*federated, strict=True), marker="x", linestyle="--", label="federated evaluation")
+        pop = metrics.get("baselines", {}).get("popularity")
+        if pop:
+            ax.axhline(pop["ndcg@10"], color="grey", linestyle=":", label="popularity (test)")
+        ax.set(xlabel="round", ylabel="validation NDCG@10", title="NDCG@10 per round")
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out / "ndcg_per_round.png"))
+    merchants = metrics.get("merchants") or []
+    with_epsilon = [m for m in merchants if m.get("epsilon_by_round")]
+    if with_epsilon:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for m in with_epsilon:
+            points = sorted((int(r), e) for r, e in m["epsilon_by_round"].items() if isinstance(e, int | float))
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", label=f"merchant {m['merchant']}")
+        budget = metrics.get("privacy", {}).get("epsilon_budget")
+        if isinstance(budget, int | float) and math.isfinite(budget):
+            ax.axhline(budget, color="red", linestyle=":", label="budget")
+        ax.set(xlabel="round", ylabel="ε spent", title="ε per merchant per round")
+        ax.legend(fontsize=6, ncol=2)
+        written.append(_save(fig, out / "epsilon_per_merchant.png"))
+    tested = [m for m in merchants if m.get("test")]
+    if tested:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar([str(m["merchant"]) for m in tested], [m["test"]["ndcg@10"] for m in tested])
+        ax.axhline(metrics["test"]["ndcg@10"], color="black", linestyle="--", label="all users")
+        ax.set(xlabel="merchant", ylabel="test NDCG@10", title="Test NDCG@10 per merchant")
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out / "merchant_ndcg.png"))
+    return written
+
+
+def privacy_utility_plot(lines: dict[str, list[tuple[float, float]]], out: Path, baselines: dict[str, float]) -> str:
+    """NDCG@10 against ε, one line per setting; ε = inf is drawn at the right edge."""
+    finite = [e for points in lines.values() for e, _ in points if math.isfinite(e)]
+    inf_at = max(finite, default=1.0) * 2
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in sorted(lines.items()):
+        points = sorted((inf_at if math.isinf(e) else e, v) for e, v in points)
+        ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    for name, value in baselines.items():
+        ax.axhline(value, linestyle=":", color="grey")
+        ax.annotate(name, (ax.get_xlim()[0], value), fontsize=7, va="bottom")
+    ax.set_xscale("log")
+    ticks = sorted(set(finite)) + [inf_at]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + ["∞"])
+    ax.set(xlabel="ε per merchant", ylabel="test NDCG@10", title="Privacy–utility")
+    ax.legend(fontsize=7)
+    return _save(fig, out / "privacy_utility.png")
+
+
+def _save(fig, path: Path) -> str:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue())
+    return path.name

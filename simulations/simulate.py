@@ -1,0 +1,271 @@
+"""`fedaug simulate`: the very same ServerApp and ClientApp in Flower's simulation engine, over merchants cut from
+one data set, and the two comparisons that make its numbers mean something (every merchant alone; all data pooled),
+each under the same DP settings and rounds × local epochs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tomli_w
+import torch
+
+from common.atomic import write_json_atomic
+from common.device import pick_device
+from common.evaluate import evaluate
+from common.popularity import Popularity
+from common.split import assign_merchants, leave_one_out, merchant_partitions
+from server import checkpoint
+from server.monitor import ROUND_LOG
+
+from .config import SimulationConfig, flat_run_config
+from .local import run_local
+from .plots import write_plots
+from .report import METRIC_KEYS, select, write_report
+
+OnRound = Callable[[int, int, dict], None]
+"""``on_round(done, total, entry)``: progress of a run's rounds."""
+
+
+def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None = None,
+                 baselines: dict[str, dict] | None = None, verbose: bool = False) -> dict:
+    """Run the configured mode; write ``out/metrics.json``, ``out/report.md`` and the plots; return the metrics."""
+    started = time.monotonic()
+    out = Path(out)
+    data = config.load_data()
+    split = leave_one_out(data)
+    n_merchants = len(merchant_partitions(_assigned(config, data)))
+    mode = config.simulation.mode
+    state_dir = _state_dir(config, out)
+    if mode == "federated":
+        metrics = _federated(config, n_merchants, state_dir, on_round, verbose)
+    elif mode == "local":
+        metrics = _local_only(config, data, state_dir, on_round)
+    else:
+        metrics = _central(config, data, state_dir, on_round)
+    popularity = select(evaluate(Popularity(split.train), split, "test"))
+    metrics = {"mode": mode, **metrics, "baselines": {"popularity": popularity} | (baselines or {}),
+               "seconds": round(time.monotonic() - started, 2), "data": data.summary(),
+               "merchants_total": n_merchants, "config": config.model_dump(mode="json")}
+    out.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(metrics, out)
+    write_json_atomic(out / "metrics.json", metrics)
+    write_report(metrics, out, plots)
+    return metrics
+
+
+def _assigned(config: SimulationConfig, data):
+    sim = config.simulation
+    return assign_merchants(data, sim.merchants, sim.partition, sim.partition_seed, sim.dirichlet_alpha)
+
+
+def _state_dir(config: SimulationConfig, out: Path) -> Path:
+    """Where checkpoints and ledgers live: [federation] state_dir when given, else DIR/state."""
+    if "state_dir" in config.federation.model_fields_set:
+        return config.federation.state_dir.resolve()
+    return (out / "state").resolve()
+
+
+# federated: Flower's simulation engine ------------------------------------------------------------------------
+
+
+def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_round: OnRound | None,
+               verbose: bool) -> dict:
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from client.client_app import app as client_app
+    from server.server_app import app as server_app
+
+    run_config = flat_run_config(config) | {
+        "state-dir": str(state_dir), "central-eval": True, "min-nodes": n_merchants}
+    # Flower's simulation reads the merchants' run_config from an app directory's pyproject.toml, as `flwr run`
+    # does; this one carries exactly this run's config.
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id=run_id)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+                      run_config=run_config)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    watcher = _RoundWatcher(state_dir, config.federation.rounds, on_round)
+    try:
+        with tempfile.TemporaryDirectory(prefix="fedaug-app-") as app_dir:
+            _write_app_dir(Path(app_dir), run_config)
+            watcher.start()
+            _run_simulation(num_supernodes=n_merchants, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+                            client_app=client_app, server_app=server_app, backend_name="ray",
+                            backend_config=_backend_config(config, verbose), server_app_context=context,
+                            app_dir=app_dir, is_app=True, run=run, verbose_logging=verbose)
+    finally:
+        watcher.stop()
+        flwr_logger.setLevel(level)
+    state = checkpoint.load(state_dir)
+    if state is None or state.round < config.federation.rounds:
+        from common.errors import FedaugError
+
+        done = 0 if state is None else state.round
+        raise FedaugError(f"simulation stopped after round {done} of {config.federation.rounds} (see the log "
+                          f"above); run the same command again to resume from {state_dir}")
+    return _federated_metrics(config, state)
+
+
+def _federated_metrics(config: SimulationConfig, state: checkpoint.ServerState) -> dict:
+    last = state.history[-1]
+    rounds = [{"round": h["round"], "participants": h["participants"], "failures": h["failures"],
+               "train_loss": h["train_loss"], "epsilon_max": h["epsilon_max"], "epsilon_mean": h["epsilon_mean"],
+               "central_epsilon": h.get("central_epsilon"), "valid": select(h["central"]),
+               "federated_valid": select(h["federated"]) if h.get("federated") else None, "seconds": h["seconds"]}
+              for h in state.history]
+    merchants = []
+    for node, m in state.merchants.items():
+        merchants.append({"merchant": int(m.get("partition-id", -1)), "node": node,
+                          "users": m.get("users", m.get("num-examples")), "epsilon": m.get("epsilon"),
+                          "epsilon_by_round": m.get("epsilon_by_round", {}),
+                          "test": select(m["test"]) if m.get("test") else None})
+    merchants.sort(key=lambda m: m["merchant"])
+    epsilons = [m["epsilon"] for m in merchants if m["epsilon"] is not None]
+    privacy = {"epsilon_budget": _number(config.privacy.epsilon), "epsilon_max": max(epsilons, default=None),
+               "epsilon_mean": float(np.mean(epsilons)) if epsilons else None,
+               "delta": config.privacy.delta or "1 / (10 · merchant users)",
+               "max_grad_norm": config.privacy.max_grad_norm}
+    if config.federation.central_dp:
+        privacy["central"] = {"epsilon": last.get("central_epsilon"), "delta": last.get("central_delta"),
+                              "noise_multiplier": config.federation.central_noise,
+                              "clipping_norm": config.federation.central_clip}
+    return {"test": select(last["central_test"]), "valid": select(last["central"]),
+            "federated_test": select(last["federated"]["test"]) if last.get("federated") else None,
+            "rounds": rounds, "merchants": merchants, "privacy": privacy, "run_key": state.run_key}
+
+
+def _write_app_dir(app_dir: Path, run_config: dict) -> None:
+    project = {
+        "project": {"name": "fedaug", "version": "0.1.0"},
+        "tool": {"flwr": {"app": {"publisher": "fedaug",
+                                  "components": {"serverapp": "server.server_app:app",
+                                                 "clientapp": "client.client_app:app"},
+                                  "config": run_config}}},
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
+
+
+def _backend_config(config: SimulationConfig, verbose: bool) -> dict:
+    cpus = os.cpu_count() or 1
+    per_client = min(config.simulation.client_cpus or cpus, cpus)
+    gpus = torch.cuda.device_count() if pick_device(config.device).type == "cuda" else 0
+    return {"client_resources": {"num_cpus": per_client, "num_gpus": 1.0 if gpus else 0.0},
+            "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False,
+                          "log_to_driver": verbose}}
+
+
+class _RoundWatcher:
+    """Reports rounds as the server logs them (the ServerApp runs inside Flower, out of our call stack)."""
+
+    def __init__(self, state_dir: Path, total: int, on_round: OnRound | None):
+        self.path, self.total, self.on_round = state_dir / ROUND_LOG, total, on_round
+        self._seen = self._count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _count(self) -> int:
+        try:
+            return len(self.path.read_text().splitlines())
+        except FileNotFoundError:
+            return 0
+
+    def _watch(self) -> None:
+        import json
+
+        while not self._stop.wait(1.0):
+            lines = self.path.read_text().splitlines() if self.path.exists() else []
+            for line in lines[self._seen:]:
+                entry = json.loads(line)
+                if self.on_round:
+                    self.on_round(entry["round"], self.total, entry)
+            self._seen = max(self._seen, len(lines))
+
+    def start(self) -> None:
+        if self.on_round:
+            self.on_round(self._seen, self.total, {})
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+# local and central: the client's own trainer, without Flower -----------------------------------------------------
+
+
+def _local_only(config: SimulationConfig, data, state_dir: Path, on_round: OnRound | None) -> dict:
+    """Every merchant trains alone for the same rounds × local epochs at the same ε; metrics weigh merchants by
+    their evaluated users, which equals scoring every user with their own merchant's model."""
+    merchant_config = config.merchant_config()
+    parts = merchant_partitions(_assigned(config, data))
+    results = []
+    for i, part in enumerate(parts):
+        results.append(run_local(merchant_config, None, state_dir / f"merchant-{i}", data=part))
+        if on_round:
+            on_round(i + 1, len(parts), {})
+    weights = np.array([r["test_users"] for r in results], dtype=float)
+
+    def mean(stage: str) -> dict:
+        return {k: float(np.average([r[stage][k] for r in results], weights=weights)) for k in METRIC_KEYS}
+
+    rounds = []
+    for j in range(config.federation.rounds):
+        rows = [r["rounds"][j] for r in results]
+        rounds.append({"round": j + 1, "valid": {"ndcg@10": float(np.average([row["valid_ndcg@10"] for row in rows],
+                                                                          weights=weights))},
+                       "epsilon_max": max(_finite(row["epsilon"]) for row in rows),
+                       "train_loss": float(np.average([row["train_loss"] for row in rows], weights=weights))})
+    merchants = [{"merchant": i, "users": r["test_users"], "epsilon": _number(r["privacy"]["epsilon"]),
+                  "epsilon_by_round": {str(row["round"]): _number(row["epsilon"]) for row in r["rounds"]},
+                  "test": r["test"]} for i, r in enumerate(results)]
+    epsilons = [m["epsilon"] for m in merchants if isinstance(m["epsilon"], float)]
+    return {"test": mean("test"), "valid": mean("valid"), "rounds": rounds, "merchants": merchants,
+            "privacy": {"epsilon_budget": _number(config.privacy.epsilon), "epsilon_max": max(epsilons, default=None),
+                        "epsilon_mean": float(np.mean(epsilons)) if epsilons else None,
+                        "max_grad_norm": config.privacy.max_grad_norm}}
+
+
+def _central(config: SimulationConfig, data, state_dir: Path, on_round: OnRound | None) -> dict:
+    """All merchants' users pooled into one DP trainer (the upper bound federation tries to reach)."""
+    total = config.federation.rounds
+
+    def round_done(round_, result, valid):
+        if on_round:
+            on_round(round_, total, {"central": valid})
+
+    result = run_local(config.merchant_config(), None, state_dir / "pooled", on_round=round_done, data=data)
+    rounds = [{"round": r["round"], "valid": {"ndcg@10": r["valid_ndcg@10"]}, "epsilon_max": _number(r["epsilon"]),
+               "train_loss": r["train_loss"]} for r in result["rounds"]]
+    return {"test": result["test"], "valid": result["valid"], "rounds": rounds, "merchants": [],
+            "privacy": {"epsilon_budget": _number(config.privacy.epsilon),
+                        "epsilon_max": result["privacy"]["epsilon"], **result["privacy"]}}
+
+
+def _number(value: float) -> float | str:
+    return "inf" if isinstance(value, float) and np.isinf(value) else value
+
+
+def _finite(value) -> float:
+    return -1.0 if value in ("inf", None) or (isinstance(value, float) and np.isinf(value)) else float(value)
