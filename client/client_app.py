@@ -62,8 +62,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     merchant = merchant_for(context.node_config, context.run_config)
     model = merchant.model(msg.content["arrays"].to_torch_state_dict())
     scorer = sasrec_scorer(model, merchant.device)
+    config = msg.content["config"] if "config" in msg.content else {}
     values, users = {}, 0
-    for stage in ("valid", "test"):  # the server tracks validation per round and reports test at the end
+    for stage in config.get("stages", ["valid", "test"]):  # validation every round, test for the final model
         metrics = evaluate_split(scorer, merchant.split, stage)
         values |= {f"{stage}-{name}": metrics[name] for name in METRIC_NAMES}
         users = metrics["users"]

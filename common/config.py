@@ -62,16 +62,17 @@ class ModelSection(Section):
     """Non-private default: share input and output item tables. Private (Opacus) training needs it off."""
     item_dim: int | None = Field(None, ge=0)
     """Width of the learned per-item tables; default hidden; 0 = none (catalog attributes only)."""
-    catalog: bool = False
-    """Use the public catalog's item attributes as item features (input vectors and output scores)."""
+    catalog: bool | Literal["auto"] = False
+    """Use the public catalog's item attributes as item features (input vectors and output scores); "auto": when
+    the data set has them."""
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        if self.item_dim == 0 and not self.catalog:
+        if self.item_dim == 0 and self.catalog is not True:
             raise ValueError("item_dim = 0 (no per-item tables) needs catalog = true")
-        if self.tie_embeddings and (self.catalog or self.item_dim not in (None, self.hidden)):
+        if self.tie_embeddings and (self.catalog is not False or self.item_dim not in (None, self.hidden)):
             raise ValueError("tie_embeddings needs item_dim = hidden and catalog = false")
         return self
 
@@ -80,10 +81,11 @@ class ModelSection(Section):
 
     def build(self, data: BehaviorData) -> tuple[SASRecConfig, torch.Tensor | None]:
         """The model config for ``data`` and, for catalog models, its item-attribute table (public data)."""
-        if not self.catalog:
-            return self.sasrec(data.n_items), None
         catalog = data.catalog
-        if not catalog.attributes or not catalog.attribute_names or len(catalog.attribute_names) < 2:
+        has_attributes = bool(catalog.attributes and catalog.attribute_names and len(catalog.attribute_names) > 1)
+        if self.catalog is False or (self.catalog == "auto" and not has_attributes):
+            return self.sasrec(data.n_items), None
+        if not has_attributes:
             raise ConfigError("model.catalog: the data set has no item attributes (give data.attributes or set "
                               "model.catalog = false)")
         n_attributes = len(catalog.attribute_names) - 1

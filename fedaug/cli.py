@@ -203,6 +203,37 @@ def simulate(
         f"  ({metrics['seconds']:.0f} s) -> {out / 'report.md'}")
 
 
+@app.command()
+def sweep(
+    config: Path = typer.Option(..., "--config", help="TOML: [sweep] grid (epsilon, augment, modes) plus the base "
+                                "simulation tables."),
+    out: Path = typer.Option(..., "--out", help="Directory: one subdirectory per run, sweep.json, report.md."),
+    baseline: list[Path] = typer.Option([], "--baseline", help="metrics.json of `fedaug baseline` runs to compare "
+                                        "with (repeatable)."),
+) -> None:
+    """Run a grid of simulations (ε × augmentation × mode) and write one report with a privacy–utility plot."""
+    from simulations.sweep import load_sweep, run_sweep
+
+    grid, base = load_sweep(config)
+    baselines = dict(_read_baseline(path) for path in baseline)
+    _check_out_dir(out)
+    with _progress() as progress:
+        runs = progress.add_task("sweep", total=None)
+        rounds = progress.add_task("rounds", total=None)
+
+        def on_run(i, total, name):
+            progress.update(runs, description=f"sweep: {name}", completed=i, total=total)
+            progress.reset(rounds)
+
+        def on_round(done, total, entry):
+            progress.update(rounds, completed=done, total=total)
+
+        summary = run_sweep(grid, base, out, baselines, on_run=on_run, on_round=on_round)
+    best = max(summary["runs"], key=lambda r: r["test"]["ndcg@10"])
+    console.print(f"sweep: {len(summary['runs'])} runs; best test NDCG@10 {best['test']['ndcg@10']:.4f} "
+                  f"({best['name']})  ({summary['seconds']:.0f} s) -> {out / 'report.md'}")
+
+
 def _read_baseline(path: Path) -> tuple[str, dict]:
     import json
 

@@ -20,7 +20,7 @@ STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedme
 class FederationSection(Section):
     """[federation]: rounds, the aggregation strategy, failure handling, central DP, checkpoints and monitoring."""
 
-    rounds: int = Field(3, ge=1)
+    rounds: int = Field(10, ge=1)
     strategy: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
     fraction_train: float = Field(1.0, gt=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)

@@ -28,8 +28,8 @@ from .monitor import Monitor
 from .replies import sort_evaluate_replies, sort_train_replies
 from .strategies import STATE_ATTRIBUTES, WEIGHT, build_strategy, central_dp, inner
 
-Evaluator = Callable[[dict[str, np.ndarray]], dict]
-"""Central evaluation of global arrays (simulation): ``{"valid": {...}, "test": {...}}``."""
+Evaluator = Callable[[dict[str, np.ndarray], tuple[str, ...]], dict]
+"""Central evaluation of global arrays at the given stages (simulation): ``{"valid": {...}, "test": {...}}``."""
 
 
 class RoundFailed(FedaugError):
@@ -101,28 +101,32 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
     if dp is not None:
         entry["central_epsilon"] = dp.privacy_spent().epsilon
         entry["central_delta"] = dp.privacy_spent().delta
-    entry["federated"] = _federated_evaluation(grid, settings, strategy, state, server_round, aggregated)
+    # Validation every round; test only for the final model (scoring 12k items per user is not free).
+    stages = ("valid", "test") if server_round == settings.rounds else ("valid",)
+    entry["federated"] = _federated_evaluation(grid, settings, strategy, state, server_round, aggregated, stages)
     if evaluator is not None:
-        central = evaluator(state.arrays)
-        entry["central"], entry["central_test"] = central["valid"], central["test"]
+        central = evaluator(state.arrays, stages)
+        entry["central"] = central["valid"]
+        if "test" in central:
+            entry["central_test"] = central["test"]
     entry["seconds"] = round(time.monotonic() - started, 2)
     log(INFO, "fedaug round %d: %d merchants aggregated%s", server_round, len(replies.accepted),
         f", valid NDCG@10 {entry['central']['ndcg@10']:.4f}" if "central" in entry else "")
     return entry
 
 
-def _federated_evaluation(grid, settings, strategy, state, server_round, arrays) -> dict | None:
+def _federated_evaluation(grid, settings, strategy, state, server_round, arrays, stages) -> dict | None:
     if settings.fraction_evaluate == 0:
         return None
-    config = ConfigRecord({"run-key": state.run_key})
+    config = ConfigRecord({"run-key": state.run_key, "stages": list(stages)})
     messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
     replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
     accepted, merchants = sort_evaluate_replies(replies)
     for node, info in merchants.items():
         record = state.merchants.setdefault(str(node), {})
         if info["status"] == "ok":
-            record["valid"] = {k.removeprefix("valid-"): v for k, v in info.items() if k.startswith("valid-")}
-            record["test"] = {k.removeprefix("test-"): v for k, v in info.items() if k.startswith("test-")}
+            for stage in stages:
+                record[stage] = {k.removeprefix(f"{stage}-"): v for k, v in info.items() if k.startswith(f"{stage}-")}
             record["users"] = info["num-examples"]
         else:
             log(WARNING, "fedaug round %d: evaluation by merchant %s: %s (%s)", server_round, node, info["status"],
@@ -133,9 +137,10 @@ def _federated_evaluation(grid, settings, strategy, state, server_round, arrays)
     if metrics is None:
         return None
     values = {k: float(v) for k, v in metrics.items() if k != WEIGHT}
-    return {k.removeprefix("valid-"): v for k, v in values.items() if k.startswith("valid-")} | {
-        "test": {k.removeprefix("test-"): v for k, v in values.items() if k.startswith("test-")},
-        "merchants": len(accepted)}
+    result = {k.removeprefix("valid-"): v for k, v in values.items() if k.startswith("valid-")}
+    if "test" in stages:
+        result["test"] = {k.removeprefix("test-"): v for k, v in values.items() if k.startswith("test-")}
+    return result | {"merchants": len(accepted)}
 
 
 def _train_summary(merchants: dict[int, dict], accepted) -> dict:

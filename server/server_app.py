@@ -47,9 +47,9 @@ def central_evaluator(config: MerchantConfig, data: BehaviorData, model: SASRec)
     device = pick_device(config.device)
     model = model.to(device)
 
-    def evaluate_global(arrays: dict[str, np.ndarray]) -> dict:
+    def evaluate_global(arrays: dict[str, np.ndarray], stages: tuple[str, ...]) -> dict:
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
         scorer = sasrec_scorer(model, device)
-        return {stage: evaluate(scorer, split, stage) for stage in ("valid", "test")}
+        return {stage: evaluate(scorer, split, stage) for stage in stages}
 
     return evaluate_global

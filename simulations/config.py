@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from client.config import RUN_CONFIG_KEYS, MerchantConfig
+from client.config import RUN_CONFIG_KEYS, MerchantConfig, MerchantModelSection
 from common.config import Section
 from common.split import PARTITIONS
 from server.config import FederationSection, run_config_of
@@ -31,7 +31,16 @@ SIMULATION_KEYS = {"partition": "partition", "partition-seed": "partition_seed",
 """The [simulation] keys merchants read from run_config (client.merchant)."""
 
 
+class SimulationModelSection(MerchantModelSection):
+    """Under DP, public catalog attributes plus narrow per-item tables beat wide learned tables (README: DP
+    utility), so simulations default to them; data without attributes gets the narrow tables alone."""
+
+    catalog: bool | Literal["auto"] = "auto"
+    item_dim: int | None = Field(8, ge=0)
+
+
 class SimulationConfig(MerchantConfig):
+    model: SimulationModelSection = SimulationModelSection()
     federation: FederationSection = FederationSection()
     simulation: SimulationSection = SimulationSection()
 

@@ -41,13 +41,16 @@ def test_train_and_evaluate_round_trip_then_decline(tmp_path):
     assert not reply.has_error(), reply.error if reply.has_error() else None
     metrics = reply.content["metrics"]
     assert metrics["declined"] == 0 and metrics["num-examples"] == 750 and metrics["augment_views"] == 1
+    assert metrics["partition-id"] == 1
     assert 0 < metrics["epsilon"] <= 3.0 and metrics["delta"] == pytest.approx(1 / 7500)
     new = reply.content["arrays"].to_torch_state_dict()
     assert set(new) == set(arrays) and any(not torch.equal(new[k], arrays[k]) for k in arrays)
     assert (tmp_path / "merchant-1" / "privacy-ledger.sqlite").is_file()
 
     evaluation = _call(MessageType.EVALUATE, new, context)
-    assert set(evaluation.content["metrics"]) >= {"hr@10", "ndcg@10", "hr@20", "ndcg@5", "num-examples"}
+    assert set(evaluation.content["metrics"]) >= {"valid-hr@10", "valid-ndcg@10", "test-hr@20", "test-ndcg@5",
+                                                  "num-examples", "partition-id"}
+    assert evaluation.content["metrics"]["partition-id"] == 1
     assert evaluation.content["metrics"]["num-examples"] == 750
 
     second = _call(MessageType.TRAIN, new, context, 2)

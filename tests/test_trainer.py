@@ -194,6 +194,20 @@ def test_non_private_round_needs_no_ledger(tmp_path):
     assert math.isinf(result.epsilon) and result.noise_multiplier == 0 and result.augment_views == 0
 
 
+@pytest.mark.parametrize("epsilon", [4.0, math.inf])
+def test_fedprox_keeps_the_round_close_to_where_it_started(tmp_path, epsilon):
+    """μ > 0 pulls the weights back towards the global model after every step (private or not)."""
+    moved = {}
+    for mu in (0.0, 50.0):
+        trainer, model, _ = _trainer(tmp_path / str(mu), epsilon=epsilon, rounds=1, augment=False)
+        torch.manual_seed(0)
+        model = SASRec(model.cfg)
+        start = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        trainer.train_round(model, "run", 1, proximal_mu=mu)
+        moved[mu] = float((torch.cat([p.detach().flatten() for p in model.parameters()]) - start).norm())
+    assert 0 < moved[50.0] < 0.8 * moved[0.0]
+
+
 def _contrastive_samples(users=7, seed=6, use_as="contrastive"):
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(1, N_ITEMS + 1, rng.integers(2, 9)) for _ in range(users)]

@@ -1,0 +1,145 @@
+"""`fedaug sweep`: a grid of simulations (ε × augmentation × mode) and one combined report with a privacy–utility
+plot. Each run writes its own directory; a run whose metrics.json exists is not run again, so an interrupted sweep
+continues where it stopped."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import tomllib
+from pydantic import Field, field_validator
+
+from common.atomic import write_bytes_atomic, write_json_atomic
+from common.config import Section, load_config
+from common.errors import ConfigError
+
+from .config import MODES, SimulationConfig
+from .plots import privacy_utility_plot
+from .report import METRIC_KEYS
+from .simulate import OnRound, run_simulate
+
+
+class SweepSection(Section):
+    """[sweep]: the grid; every other table is the base simulation config each run starts from."""
+
+    epsilon: list[float] = Field([1.0, 3.0, 8.0, math.inf], min_length=1)
+    augment: list[bool] = Field([True, False], min_length=1)
+    modes: list[Literal[MODES]] = Field(["federated"], min_length=1)  # type: ignore[valid-type]
+
+    @field_validator("epsilon", mode="before")
+    @classmethod
+    def _parse_inf(cls, values):
+        if not isinstance(values, list):
+            return values
+        return [math.inf if isinstance(v, str) and v.strip().lower() in ("inf", "infinity") else v for v in values]
+
+    @field_validator("epsilon")
+    @classmethod
+    def _positive(cls, values):
+        if any(v <= 0 for v in values):
+            raise ValueError("every ε must be positive (or inf)")
+        return values
+
+
+class SweepConfig(Section):
+    sweep: SweepSection = SweepSection()
+
+
+def load_sweep(path: Path) -> tuple[SweepSection, SimulationConfig]:
+    """The grid and the base config from one TOML file (errors name the file and key)."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    grid = raw.pop("sweep", {})
+    sweep = _validated(path, {"sweep": grid}, SweepConfig).sweep
+    base = _validated(path, raw, SimulationConfig)
+    return sweep, base
+
+
+def _validated(path: Path, raw: dict, schema):
+    overrides = {}
+
+    def flatten(prefix: str, node: dict):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                flatten(f"{prefix}{key}.", value)
+            else:
+                overrides[f"{prefix}{key}"] = value
+
+    flatten("", raw)
+    try:
+        return load_config(None, overrides, schema)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def run_name(mode: str, epsilon: float, augment: bool) -> str:
+    return f"{mode}-eps{'inf' if math.isinf(epsilon) else f'{epsilon:g}'}-{'aug' if augment else 'noaug'}"
+
+
+def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines: dict[str, dict] | None = None,
+              on_run=None, on_round: OnRound | None = None) -> dict:
+    """Run every grid point not already done; write ``out/sweep.json``, ``out/report.md`` and the plot."""
+    started = time.monotonic()
+    out = Path(out)
+    grid = [(mode, eps, aug) for mode in sweep.modes for aug in sweep.augment for eps in sweep.epsilon]
+    results = []
+    for i, (mode, epsilon, augment) in enumerate(grid):
+        name = run_name(mode, epsilon, augment)
+        run_dir = out / name
+        if on_run:
+            on_run(i, len(grid), name)
+        done = run_dir / "metrics.json"
+        if done.exists():
+            metrics = json.loads(done.read_text())
+        else:
+            config = base.model_copy(update={
+                "privacy": base.privacy.model_copy(update={"epsilon": epsilon}),
+                "augment": base.augment.model_copy(update={"enabled": augment}),
+                "simulation": base.simulation.model_copy(update={"mode": mode}),
+            })
+            metrics = run_simulate(config, run_dir, on_round=on_round, baselines=baselines)
+        results.append({"name": name, "mode": mode, "epsilon": "inf" if math.isinf(epsilon) else epsilon,
+                        "augment": augment, "test": metrics["test"], "privacy": metrics["privacy"],
+                        "seconds": metrics["seconds"]})
+        baselines = baselines or {}
+        baselines.setdefault("popularity", metrics["baselines"]["popularity"])
+    summary = {"runs": results, "baselines": baselines or {}, "seconds": round(time.monotonic() - started, 2),
+               "config": base.model_dump(mode="json") | {"sweep": sweep.model_dump(mode="json")}}
+    out.mkdir(parents=True, exist_ok=True)
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for r in results:
+        label = f"{r['mode']}, augmentation {'on' if r['augment'] else 'off'}"
+        eps = math.inf if r["epsilon"] == "inf" else float(r["epsilon"])
+        lines.setdefault(label, []).append((eps, r["test"]["ndcg@10"]))
+    plot = privacy_utility_plot(lines, out, {name: b["ndcg@10"] for name, b in summary["baselines"].items()})
+    write_json_atomic(out / "sweep.json", summary)
+    write_bytes_atomic(out / "report.md", _report(summary, plot).encode())
+    return summary
+
+
+def _report(summary: dict, plot: str) -> str:
+    cfg = summary["config"]
+    lines = ["# fedaug sweep", "",
+             f"Data: {cfg['data']['path'] or 'embedded synthetic'}; {cfg['simulation']['merchants']} merchants "
+             f"({cfg['simulation']['partition']}); {cfg['federation']['rounds']} rounds × "
+             f"{cfg['local']['local_epochs']} local epochs; strategy {cfg['federation']['strategy']}; "
+             f"model catalog={cfg['model']['catalog']}, item_dim={cfg['model']['item_dim']}.", "",
+             "| run | mode | ε budget | augmentation | max ε spent | " + " | ".join(METRIC_KEYS) + " | seconds |",
+             "|---|---|---|---|---|" + "---|" * (len(METRIC_KEYS) + 1)]
+    for r in summary["runs"]:
+        spent = r["privacy"].get("epsilon_max")
+        spent = f"{spent:.3f}" if isinstance(spent, float) else str(spent)
+        lines.append(f"| {r['name']} | {r['mode']} | {r['epsilon']} | {'on' if r['augment'] else 'off'} | {spent} | "
+                     + " | ".join(f"{r['test'][k]:.4f}" for k in METRIC_KEYS) + f" | {r['seconds']:.0f} |")
+    for name, b in summary["baselines"].items():
+        lines.append(f"| {name} | — | — | — | — | " + " | ".join(f"{b[k]:.4f}" for k in METRIC_KEYS) + " | |")
+    lines += ["", f"![privacy–utility]({plot})", ""]
+    return "\n".join(lines)

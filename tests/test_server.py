@@ -1,0 +1,261 @@
+"""The aggregator's round loop against a scripted Grid: strategies, failures of every kind, bad updates, retries,
+checkpoint and resume, central DP accounting and the metrics endpoint. (Real processes: tests/test_simulate.py.)"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
+
+from common.errors import ConfigError
+from server import checkpoint
+from server.config import STRATEGIES, FederationSection, federation_from
+from server.federation import RoundFailed, run_federation
+from server.monitor import ROUND_LOG, Monitor
+from server.replies import sort_train_replies
+from server.strategies import build_strategy
+
+MODEL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+
+
+@pytest.fixture(autouse=True)
+def _as_if_inside_a_serverapp(monkeypatch):
+    """Messages are created inside a ServerApp process, which sets its task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class ScriptedGrid(Grid):
+    """Merchants whose behaviour is scripted per node: ok, error, decline, nan, shape, dtype or missing.
+
+    An ok merchant with id n returns the global arrays + n (so aggregates are easy to predict) and reports n·10
+    users; ``sent`` logs (round, node) for every training message.
+    """
+
+    def __init__(self, behaviours: dict[int, str]):
+        self.behaviours = dict(behaviours)
+        self.sent: list[tuple[int, int]] = []
+
+    def set_run(self, run):  # noqa: D102
+        pass
+
+    @property
+    def run(self):  # noqa: D102
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+        raise NotImplementedError
+
+    def get_node_ids(self):
+        return list(self.behaviours)
+
+    def push_messages(self, messages):  # noqa: D102
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # noqa: D102
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            behaviour = self.behaviours[node]
+            if msg.metadata.message_type == "train":
+                self.sent.append((int(msg.content["config"]["server-round"]), node))
+            if behaviour == "missing":
+                continue
+            if behaviour == "error":
+                replies.append(Message(Error(code=0, reason="ClientApp raised"), reply_to=msg))
+                continue
+            if msg.metadata.message_type == "evaluate":
+                metrics = {"valid-ndcg@10": 0.1 * node, "valid-hr@10": 0.2, "num-examples": 10 * node,
+                           "partition-id": node}
+                if "test" in msg.content["config"]["stages"]:
+                    metrics |= {"test-ndcg@10": 0.05 * node, "test-hr@10": 0.1}
+                replies.append(Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))
+                continue
+            if behaviour == "decline":
+                content = RecordDict({"metrics": MetricRecord({"declined": 1, "num-examples": 0, "epsilon": 8.0}),
+                                      "decline": ConfigRecord({"reason": "budget spent"})})
+                replies.append(Message(content, reply_to=msg))
+                continue
+            arrays = {k: v.numpy() + node for k, v in msg.content["arrays"].items()}
+            if behaviour == "nan":
+                arrays["w"][0, 0] = np.nan
+            elif behaviour == "shape":
+                arrays["w"] = np.zeros((4, 2), np.float32)
+            elif behaviour == "dtype":
+                arrays["b"] = arrays["b"].astype(np.float64)
+            metrics = {"declined": 0, "num-examples": 10 * node, "train_loss": 1.0 / node, "epsilon": 0.5 * node,
+                       "partition-id": node}
+            content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                                  "metrics": MetricRecord(metrics)})
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+
+def _settings(tmp_path: Path, **overrides) -> FederationSection:
+    return FederationSection(state_dir=tmp_path / "state", **overrides)
+
+
+@pytest.mark.parametrize("name, cls", [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam),
+                                       ("fedyogi", FedYogi), ("fedtrimmedavg", FedTrimmedAvg),
+                                       ("fedmedian", FedMedian), ("krum", Krum), ("multikrum", MultiKrum)])
+def test_every_configured_strategy_is_flowers_own(tmp_path, name, cls):
+    strategy = build_strategy(_settings(tmp_path, strategy=name, byzantine=1), n_nodes=10)
+    assert type(strategy) is cls
+    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum",
+                               "multikrum"}
+
+
+def test_strategy_parameters_and_central_dp_wrapper(tmp_path):
+    prox = build_strategy(_settings(tmp_path, strategy="fedprox", proximal_mu=0.3), 4)
+    assert prox.proximal_mu == 0.3
+    multikrum = build_strategy(_settings(tmp_path, strategy="multikrum", byzantine=2), 10)
+    assert multikrum.num_nodes_to_select == 8
+    dp = build_strategy(_settings(tmp_path, central_dp=True, central_noise=1.5, central_clip=0.5), 4)
+    assert isinstance(dp, DifferentialPrivacyServerSideFixedClipping) and dp.accountant is not None
+    assert dp.noise_multiplier == 1.5 and dp.clipping_norm == 0.5 and dp.num_sampled_clients == 4
+    with pytest.raises(ConfigError, match="byzantine"):
+        build_strategy(_settings(tmp_path, strategy="krum", byzantine=2), 5)
+
+
+def test_run_config_errors_name_the_key():
+    assert federation_from({"strategy": "fedmedian", "num-server-rounds": 4, "central-delta": ""}).rounds == 4
+    with pytest.raises(ConfigError, match="run_config key strategy"):
+        federation_from({"strategy": "fedsgd"})
+    with pytest.raises(ConfigError, match="run_config key fraction-train"):
+        federation_from({"fraction-train": 1.5})
+    with pytest.raises(ConfigError, match="central_dp needs"):
+        federation_from({"central-dp": True, "strategy": "fedmedian"})
+
+
+def test_bad_updates_are_rejected_with_a_reason():
+    grid = ScriptedGrid({1: "ok", 2: "nan", 3: "shape", 4: "dtype", 5: "decline", 6: "error", 7: "missing"})
+    strategy = FedAvg(min_available_nodes=1)
+    arrays = ArrayRecord({k: Array(v) for k, v in MODEL.items()})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+    replies = sort_train_replies(messages, grid.send_and_receive(messages), MODEL, uniform_weights=False)
+    status = {node: m["status"] for node, m in replies.merchants.items()}
+    assert status == {1: "ok", 2: "rejected", 3: "rejected", 4: "rejected", 5: "declined", 6: "error", 7: "missing"}
+    reasons = {node: m.get("reason", "") for node, m in replies.merchants.items()}
+    assert "NaN" in reasons[2] and "shape (4, 2)" in reasons[3] and "float64" in reasons[4]
+    assert "budget" in reasons[5] and "raised" in reasons[6] and "timeout" in reasons[7]
+    assert [r.metadata.src_node_id for r in replies.accepted] == [1]
+    assert set(replies.accepted[0].content["metrics"]) == {"weight", "num-examples", "train_loss"}
+
+
+def test_a_round_aggregates_what_arrived_and_logs_the_rest(tmp_path):
+    grid = ScriptedGrid({1: "ok", 2: "ok", 3: "error", 4: "decline", 5: "nan", 6: "missing"})
+    state = run_federation(grid, _settings(tmp_path, rounds=2, min_replies=2), MODEL)
+    assert state.round == 2
+    # FedAvg weighted by users (10, 20): each round adds (1·10 + 2·20) / 30.
+    np.testing.assert_allclose(state.arrays["w"], np.full((3, 2), 2 * 50 / 30), rtol=1e-6)
+    entry = state.history[0]
+    assert entry["participants"] == 2
+    assert entry["failures"] == {"error": 1, "declined": 1, "rejected": 1, "missing": 1}
+    assert any("6: missing" in p for p in entry["problems"]) and any("5: rejected" in p for p in entry["problems"])
+    assert entry["federated"]["merchants"] == 4  # all but the failing and the missing merchant evaluated
+    assert "test" not in entry["federated"] and "test" in state.history[1]["federated"]  # test: final round only
+    # user-weighted: merchants 1, 2, 4, 5 with 10·n users each report valid NDCG@10 0.1·n
+    assert entry["federated"]["ndcg@10"] == pytest.approx(sum(0.1 * n * 10 * n for n in (1, 2, 4, 5)) / 120)
+    # ε is what merchants report spending, whether or not their update was used (ok 0.5, 1.0; declined 8; nan 2.5).
+    assert entry["epsilon_max"] == 8.0 and entry["epsilon_mean"] == pytest.approx(3.0)
+    log = (tmp_path / "state" / ROUND_LOG).read_text().splitlines()
+    assert [json.loads(line)["round"] for line in log] == [1, 2]
+
+
+def test_too_few_replies_retry_then_stop_cleanly_keeping_the_last_checkpoint(tmp_path):
+    grid = ScriptedGrid({1: "ok", 2: "ok", 3: "ok"})
+    run_federation(grid, _settings(tmp_path, rounds=1, min_replies=2), MODEL)
+    grid.behaviours.update({2: "missing", 3: "error"})
+    with pytest.raises(RoundFailed, match="round 2: not aggregated in 3 attempts .*start again to resume"):
+        run_federation(grid, _settings(tmp_path, rounds=3, min_replies=2, retries=2), MODEL)
+    assert [r for r, _ in grid.sent].count(2) == 9  # three attempts at all three merchants
+    assert checkpoint.load(tmp_path / "state").round == 1
+
+
+def test_resume_continues_after_the_last_checkpointed_round_with_strategy_state(tmp_path):
+    grid = ScriptedGrid({1: "ok", 2: "ok", 3: "ok"})
+    settings = _settings(tmp_path, rounds=2, strategy="fedadam")
+    first = run_federation(grid, settings, MODEL)
+    saved = checkpoint.load(tmp_path / "state")
+    assert saved.round == 2 and set(saved.strategy_state) == {"m_t", "v_t"}
+    np.testing.assert_array_equal(saved.arrays["w"], first.arrays["w"])
+
+    uninterrupted = ScriptedGrid({1: "ok", 2: "ok", 3: "ok"})
+    reference = run_federation(uninterrupted, _settings(tmp_path / "ref", rounds=3, strategy="fedadam"), MODEL)
+    resumed = run_federation(grid, settings.model_copy(update={"rounds": 3}), MODEL)
+    assert [h["round"] for h in resumed.history] == [1, 2, 3]
+    assert [r for r, _ in grid.sent] == [1, 1, 1, 2, 2, 2, 3, 3, 3]  # no round repeated, none lost
+    np.testing.assert_allclose(resumed.arrays["w"], reference.arrays["w"], rtol=1e-6)  # moments were restored
+    assert resumed.run_key == first.run_key
+    # Nothing to do once every round is in: no message is sent.
+    run_federation(grid, settings.model_copy(update={"rounds": 3}), MODEL)
+    assert len(grid.sent) == 9
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    run_federation(ScriptedGrid({1: "ok"}), _settings(tmp_path, rounds=1), MODEL)
+    with pytest.raises(ConfigError, match="fedavg run, this run is fedmedian"):
+        run_federation(ScriptedGrid({1: "ok"}), _settings(tmp_path, rounds=2, strategy="fedmedian"), MODEL)
+    with pytest.raises(ConfigError, match="different model"):
+        run_federation(ScriptedGrid({1: "ok"}), _settings(tmp_path, rounds=2), {"w": np.zeros(3, np.float32)})
+
+
+def test_central_dp_accounts_every_release_and_resumes_its_accountant(tmp_path):
+    grid = ScriptedGrid({1: "ok", 2: "ok", 3: "ok", 4: "ok"})
+    settings = _settings(tmp_path, rounds=2, central_dp=True, central_noise=2.0, central_clip=0.1)
+    state = run_federation(grid, settings, MODEL)
+    first, second = (h["central_epsilon"] for h in state.history)
+    assert 0 < first < second
+    resumed = run_federation(grid, settings.model_copy(update={"rounds": 3}), MODEL)
+    assert resumed.history[-1]["central_epsilon"] > second
+    assert checkpoint.load(tmp_path / "state").accountant["compositions"][0]["count"] == 1
+    # With a merchant missing, Flower's accountant cannot account the round: it is retried, then the run stops.
+    grid.behaviours[4] = "missing"
+    with pytest.raises(RoundFailed, match="central DP needs a reply from every sampled merchant"):
+        run_federation(grid, settings.model_copy(update={"rounds": 4, "retries": 0}), MODEL)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_endpoint_answers(tmp_path):
+    port = _free_port()
+    monitor = Monitor(tmp_path, port)
+    try:
+        entry = {"round": 3, "participants": 4, "failures": {"missing": 1}, "bytes_received": 1234,
+                 "central": {"ndcg@10": 0.05, "hr@10": 0.1}, "train_loss": 2.5, "epsilon_max": 4.0,
+                 "epsilon_mean": 3.0}
+        monitor.record(entry, [entry])
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        monitor.close()
+    for line in ("fedaug_round 3.0", "fedaug_round_participants 4.0", 'fedaug_merchant_failures_total{kind="missing"} '
+                 "1.0", "fedaug_global_ndcg_at_10 0.05", "fedaug_merchant_epsilon_max 4.0",
+                 "fedaug_bytes_received_total 1234.0"):
+        assert line in body, line
