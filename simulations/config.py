@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from client.config import RUN_CONFIG_KEYS, MerchantConfig, MerchantModelSection
+from client.config import RUN_CONFIG_KEYS, LocalSection, MerchantConfig, MerchantModelSection
 from common.config import Section
 from common.split import PARTITIONS
 from server.config import FederationSection, run_config_of
@@ -39,8 +39,17 @@ class SimulationModelSection(MerchantModelSection):
     item_dim: int | None = Field(8, ge=0)
 
 
+class SimulationLocalSection(LocalSection):
+    """A merchant holds a tenth of a data set's users, and a round is a few DP steps: bigger Poisson batches (less
+    noise per step) and a larger step size learn where the single-shop defaults barely move (README: tuning)."""
+
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(0.03, gt=0)
+
+
 class SimulationConfig(MerchantConfig):
     model: SimulationModelSection = SimulationModelSection()
+    local: SimulationLocalSection = SimulationLocalSection()
     federation: FederationSection = FederationSection()
     simulation: SimulationSection = SimulationSection()
 

@@ -115,3 +115,18 @@ def test_local_flag_errors(tmp_path, args, fragment):
     result = fedaug("local", *args, "--out", str(tmp_path / "out"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert fragment in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--strategy", "fedsgd"], "key federation.strategy"),
+    (["--mode", "solo"], "key simulation.mode"),
+    (["--partition", "alphabetical"], "key simulation.partition"),
+    (["--merchants", "0"], "key simulation.merchants"),
+    (["--rounds", "0"], "key federation.rounds"),
+    (["--data", "missing.csv"], "missing.csv"),
+    (["--baseline", "nothing.json"], "--baseline: nothing.json: no such file"),
+])
+def test_simulate_flag_errors(tmp_path, args, fragment):
+    result = fedaug("simulate", *args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in result.stderr and not (tmp_path / "out").exists()

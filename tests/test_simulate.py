@@ -108,3 +108,57 @@ def test_a_killed_simulation_resumes_without_losing_or_repeating_a_round(tmp_pat
         # after the resume, so it counts twice): ε is never under-counted, and never past the budget.
         assert set(trained) == {1, 2, 3, 4} and len(trained) in (4, 5)
     assert all(m["epsilon"] <= 8.0 for m in metrics["merchants"])
+
+
+TINY = SMALL.replace("users = 400", "users = 150").replace("items = 300", "items = 120")
+
+
+@pytest.mark.parametrize("mode", ["local", "central"])
+def test_local_and_central_modes_train_under_the_same_budget(tmp_path, mode):
+    from common.config import load_config
+    from simulations.simulate import run_simulate
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    config = load_config(path, {"simulation.mode": mode, "federation.rounds": 2, "privacy.epsilon": 3.0},
+                         SimulationConfig)
+    metrics = run_simulate(config, tmp_path / "out")
+    assert metrics["mode"] == mode and len(metrics["rounds"]) == 2
+    assert 0 < metrics["privacy"]["epsilon_max"] <= 3.0
+    if mode == "local":
+        assert len(metrics["merchants"]) == 3 and all(m["epsilon"] <= 3.0 for m in metrics["merchants"])
+        assert sum(m["users"] for m in metrics["merchants"]) == metrics["data"]["users"]
+    assert (tmp_path / "out" / "report.md").read_text().startswith(f"# fedaug simulation: {mode}")
+
+
+def test_a_sweep_runs_its_grid_once_and_reports(tmp_path):
+    from simulations.sweep import load_sweep, run_sweep
+
+    path = tmp_path / "sweep.toml"
+    path.write_text(TINY + '\n[sweep]\nepsilon = [2, "inf"]\naugment = [true]\nmodes = ["central"]\n'
+                    "[federation]\nrounds = 1\n")
+    grid, base = load_sweep(path)
+    summary = run_sweep(grid, base, tmp_path / "out")
+    assert [r["name"] for r in summary["runs"]] == ["central-eps2-aug", "central-epsinf-aug"]
+    assert summary["runs"][1]["epsilon"] == "inf" and summary["runs"][0]["privacy"]["epsilon_max"] <= 2.0
+    for name in ("sweep.json", "report.md", "privacy_utility.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    stamp = (tmp_path / "out" / "central-eps2-aug" / "metrics.json").stat().st_mtime_ns
+    run_sweep(grid, base, tmp_path / "out")  # finished runs are not run again
+    assert (tmp_path / "out" / "central-eps2-aug" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_sweep_config_errors_name_the_file_and_key(tmp_path):
+    from common.errors import ConfigError
+    from simulations.sweep import load_sweep
+
+    path = tmp_path / "bad.toml"
+    path.write_text('[sweep]\nepsilon = [0, 1]\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: key sweep.epsilon: every ε must be positive"):
+        load_sweep(path)
+    path.write_text('[sweep]\nmodes = ["galactic"]\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: key sweep.modes.0"):
+        load_sweep(path)
+    path.write_text('[federation]\nstrategy = "fedsgd"\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: key federation.strategy"):
+        load_sweep(path)
