@@ -210,6 +210,7 @@ def sweep(
     out: Path = typer.Option(..., "--out", help="Directory: one subdirectory per run, sweep.json, report.md."),
     baseline: list[Path] = typer.Option([], "--baseline", help="metrics.json of `fedaug baseline` runs to compare "
                                         "with (repeatable)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Run nothing; report the runs finished so far."),
 ) -> None:
     """Run a grid of simulations (ε × augmentation × mode) and write one report with a privacy–utility plot."""
     from simulations.sweep import load_sweep, run_sweep
@@ -228,7 +229,7 @@ def sweep(
         def on_round(done, total, entry):
             progress.update(rounds, completed=done, total=total)
 
-        summary = run_sweep(grid, base, out, baselines, on_run=on_run, on_round=on_round)
+        summary = run_sweep(grid, base, out, baselines, on_run=on_run, on_round=on_round, report_only=report_only)
     best = max(summary["runs"], key=lambda r: r["test"]["ndcg@10"])
     console.print(f"sweep: {len(summary['runs'])} runs; best test NDCG@10 {best['test']['ndcg@10']:.4f} "
                   f"({best['name']})  ({summary['seconds']:.0f} s) -> {out / 'report.md'}")

@@ -85,8 +85,10 @@ def run_name(mode: str, epsilon: float, augment: bool) -> str:
 
 
 def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines: dict[str, dict] | None = None,
-              on_run=None, on_round: OnRound | None = None) -> dict:
-    """Run every grid point not already done; write ``out/sweep.json``, ``out/report.md`` and the plot."""
+              on_run=None, on_round: OnRound | None = None, report_only: bool = False) -> dict:
+    """Run every grid point not already done; write ``out/sweep.json``, ``out/report.md`` and the plot.
+
+    ``report_only``: run nothing, report the runs that have finished (a long sweep's progress so far)."""
     started = time.monotonic()
     out = Path(out)
     grid = [(mode, eps, aug) for mode in sweep.modes for aug in sweep.augment for eps in sweep.epsilon]
@@ -99,6 +101,8 @@ def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines:
         done = run_dir / "metrics.json"
         if done.exists():
             metrics = json.loads(done.read_text())
+        elif report_only:
+            continue
         else:
             config = base.model_copy(update={
                 "privacy": base.privacy.model_copy(update={"epsilon": epsilon}),
@@ -111,7 +115,11 @@ def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines:
                         "seconds": metrics["seconds"]})
         baselines = baselines or {}
         baselines.setdefault("popularity", metrics["baselines"]["popularity"])
-    summary = {"runs": results, "baselines": baselines or {}, "seconds": round(time.monotonic() - started, 2),
+    if not results:
+        raise ConfigError(f"{out}: no finished runs to report")
+    summary = {"runs": results, "missing": [run_name(*point) for point in grid
+                                            if run_name(*point) not in {r["name"] for r in results}],
+               "baselines": baselines or {}, "seconds": round(time.monotonic() - started, 2),
                "config": base.model_dump(mode="json") | {"sweep": sweep.model_dump(mode="json")}}
     out.mkdir(parents=True, exist_ok=True)
     lines: dict[str, list[tuple[float, float]]] = {}
@@ -141,5 +149,7 @@ def _report(summary: dict, plot: str) -> str:
                      + " | ".join(f"{r['test'][k]:.4f}" for k in METRIC_KEYS) + f" | {r['seconds']:.0f} |")
     for name, b in summary["baselines"].items():
         lines.append(f"| {name} | — | — | — | — | " + " | ".join(f"{b[k]:.4f}" for k in METRIC_KEYS) + " | |")
+    if summary["missing"]:
+        lines += ["", f"Not run yet: {', '.join(summary['missing'])} (run the same `fedaug sweep` command to finish)."]
     lines += ["", f"![privacy–utility]({plot})", ""]
     return "\n".join(lines)

@@ -132,12 +132,15 @@ def test_local_and_central_modes_train_under_the_same_budget(tmp_path, mode):
 
 
 def test_a_sweep_runs_its_grid_once_and_reports(tmp_path):
+    from common.errors import ConfigError
     from simulations.sweep import load_sweep, run_sweep
 
     path = tmp_path / "sweep.toml"
     path.write_text(TINY + '\n[sweep]\nepsilon = [2, "inf"]\naugment = [true]\nmodes = ["central"]\n'
                     "[federation]\nrounds = 1\n")
     grid, base = load_sweep(path)
+    with pytest.raises(ConfigError, match="no finished runs"):
+        run_sweep(grid, base, tmp_path / "out", report_only=True)
     summary = run_sweep(grid, base, tmp_path / "out")
     assert [r["name"] for r in summary["runs"]] == ["central-eps2-aug", "central-epsinf-aug"]
     assert summary["runs"][1]["epsilon"] == "inf" and summary["runs"][0]["privacy"]["epsilon_max"] <= 2.0
@@ -146,6 +149,12 @@ def test_a_sweep_runs_its_grid_once_and_reports(tmp_path):
     stamp = (tmp_path / "out" / "central-eps2-aug" / "metrics.json").stat().st_mtime_ns
     run_sweep(grid, base, tmp_path / "out")  # finished runs are not run again
     assert (tmp_path / "out" / "central-eps2-aug" / "metrics.json").stat().st_mtime_ns == stamp
+    (tmp_path / "out" / "central-epsinf-aug" / "metrics.json").unlink()
+    partial = run_sweep(grid, base, tmp_path / "out", report_only=True)  # reports what finished, runs nothing
+    assert [r["name"] for r in partial["runs"]] == ["central-eps2-aug"]
+    assert partial["missing"] == ["central-epsinf-aug"] and not (tmp_path / "out" / "central-epsinf-aug" /
+                                                                  "metrics.json").exists()
+    assert "Not run yet: central-epsinf-aug" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_sweep_config_errors_name_the_file_and_key(tmp_path):
