@@ -238,11 +238,12 @@ def sweep(
 def _read_baseline(path: Path) -> tuple[str, dict]:
     import json
 
+    from simulations.report import METRIC_KEYS
+
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))
         kind = metrics["config"]["model"]["kind"]
-        test = {k: float(metrics["test"][k]) for k in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20",
-                                                        "auc")}
+        test = {k: float(metrics["test"][k]) for k in METRIC_KEYS}
     except FileNotFoundError:
         raise FedaugError(f"--baseline: {path}: no such file") from None
     except (ValueError, KeyError, TypeError) as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from common.evaluate import evaluate, sasrec_scorer
 from common.split import leave_one_out
 from common.training import set_seed
 
-from .report import final_metrics
+from .report import final_metrics, json_number
 
 
 def run_local(config: MerchantConfig, out: Path | None, state_dir: Path,
@@ -51,7 +50,7 @@ def run_local(config: MerchantConfig, out: Path | None, state_dir: Path,
     metrics = final_metrics(sasrec_scorer(model, device), split, data, config, device,
                             config.local.rounds * config.local.local_epochs, started)
     metrics["privacy"] = {
-        "epsilon": _json_number(trainer.epsilon_spent()),
+        "epsilon": json_number(trainer.epsilon_spent()),
         "delta": trainer.delta,
         "noise_multiplier": result.noise_multiplier,
         "max_grad_norm": privacy.max_grad_norm if privacy.private else None,
@@ -67,6 +66,3 @@ def run_local(config: MerchantConfig, out: Path | None, state_dir: Path,
         write_json_atomic(Path(out) / "metrics.json", metrics)
     return metrics
 
-
-def _json_number(value: float) -> float | str:
-    return "inf" if math.isinf(value) else value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def final_metrics(scorer: Scorer, split: LeaveOneOut, data: BehaviorData, config
 
 def select(metrics: dict) -> dict:
     return {k: metrics[k] for k in METRIC_KEYS}
+
+
+def json_number(value):
+    """ε as metrics.json holds it: JSON has no infinity, so a non-private ε is the string "inf"."""
+    return "inf" if isinstance(value, float) and math.isinf(value) else value
 
 
 def write_report(metrics: dict, out: Path, plots: list[str]) -> None:

@@ -27,7 +27,7 @@ from server.monitor import ROUND_LOG
 from .config import SimulationConfig, flat_run_config
 from .local import run_local
 from .plots import write_plots
-from .report import METRIC_KEYS, select, write_report
+from .report import METRIC_KEYS, json_number, select, write_report
 
 OnRound = Callable[[int, int, dict], None]
 """``on_round(done, total, entry)``: progress of a run's rounds."""
@@ -142,7 +142,7 @@ def _federated_metrics(config: SimulationConfig, state: checkpoint.ServerState) 
                           "test": select(m["test"]) if m.get("test") else None})
     merchants.sort(key=lambda m: m["merchant"])
     epsilons = [m["epsilon"] for m in merchants if m["epsilon"] is not None]
-    privacy = {"epsilon_budget": _number(config.privacy.epsilon), "epsilon_max": max(epsilons, default=None),
+    privacy = {"epsilon_budget": json_number(config.privacy.epsilon), "epsilon_max": max(epsilons, default=None),
                "epsilon_mean": float(np.mean(epsilons)) if epsilons else None,
                "delta": config.privacy.delta or "1 / (10 · merchant users)",
                "max_grad_norm": config.privacy.max_grad_norm}
@@ -237,12 +237,13 @@ def _local_only(config: SimulationConfig, data, state_dir: Path, on_round: OnRou
                                                                           weights=weights))},
                        "epsilon_max": max(_finite(row["epsilon"]) for row in rows),
                        "train_loss": float(np.average([row["train_loss"] for row in rows], weights=weights))})
-    merchants = [{"merchant": i, "users": r["test_users"], "epsilon": _number(r["privacy"]["epsilon"]),
-                  "epsilon_by_round": {str(row["round"]): _number(row["epsilon"]) for row in r["rounds"]},
+    merchants = [{"merchant": i, "users": r["test_users"], "epsilon": json_number(r["privacy"]["epsilon"]),
+                  "epsilon_by_round": {str(row["round"]): json_number(row["epsilon"]) for row in r["rounds"]},
                   "test": r["test"]} for i, r in enumerate(results)]
     epsilons = [m["epsilon"] for m in merchants if isinstance(m["epsilon"], float)]
     return {"test": mean("test"), "valid": mean("valid"), "rounds": rounds, "merchants": merchants,
-            "privacy": {"epsilon_budget": _number(config.privacy.epsilon), "epsilon_max": max(epsilons, default=None),
+            "privacy": {"epsilon_budget": json_number(config.privacy.epsilon),
+                        "epsilon_max": max(epsilons, default=None),
                         "epsilon_mean": float(np.mean(epsilons)) if epsilons else None,
                         "max_grad_norm": config.privacy.max_grad_norm}}
 
@@ -256,15 +257,11 @@ def _central(config: SimulationConfig, data, state_dir: Path, on_round: OnRound 
             on_round(round_, total, {"central": valid})
 
     result = run_local(config.merchant_config(), None, state_dir / "pooled", on_round=round_done, data=data)
-    rounds = [{"round": r["round"], "valid": {"ndcg@10": r["valid_ndcg@10"]}, "epsilon_max": _number(r["epsilon"]),
+    rounds = [{"round": r["round"], "valid": {"ndcg@10": r["valid_ndcg@10"]}, "epsilon_max": json_number(r["epsilon"]),
                "train_loss": r["train_loss"]} for r in result["rounds"]]
     return {"test": result["test"], "valid": result["valid"], "rounds": rounds, "merchants": [],
-            "privacy": {"epsilon_budget": _number(config.privacy.epsilon),
+            "privacy": {"epsilon_budget": json_number(config.privacy.epsilon),
                         "epsilon_max": result["privacy"]["epsilon"], **result["privacy"]}}
-
-
-def _number(value: float) -> float | str:
-    return "inf" if isinstance(value, float) and np.isinf(value) else value
 
 
 def _finite(value) -> float:
