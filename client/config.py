@@ -66,6 +66,7 @@ RUN_CONFIG_KEYS = {
     "data-format": "data.format",
     "data-attributes": "data.attributes",
     "data-timestamps": "data.timestamps",
+    "catalog-path": "data.catalog",
     "k-core": "data.k_core",
     "hidden": "model.hidden",
     "blocks": "model.blocks",

@@ -13,9 +13,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .augment import SEQUENCE_OPS, USES, AugmentSettings
-from .data import BehaviorData
+from .data import BehaviorData, catalog_only
 from .errors import ConfigError
-from .loaders import FORMATS, load
+from .loaders import FORMATS, align_to_catalog, load, load_catalog
 from .model import LOSSES, SASRec, SASRecConfig
 from .split import k_core
 from .synthetic import SyntheticSpec, generate
@@ -32,7 +32,17 @@ class DataSection(Section):
     format: Literal[FORMATS] | None = None  # type: ignore[valid-type]
     timestamps: Path | None = None
     attributes: Path | None = None
+    catalog: Path | None = None
+    """Deployment: the public item catalog shared by every party (common.loaders.load_catalog); the data's items
+    are numbered by it, so every merchant's model has the aggregator's shapes. Its attributes replace
+    ``attributes``."""
     k_core: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_attribute_source(self):
+        if self.catalog is not None and self.attributes is not None:
+            raise ValueError("give data.catalog or data.attributes, not both (the catalog carries the attributes)")
+        return self
 
 
 class SyntheticSection(Section):
@@ -154,7 +164,15 @@ class BaselineConfig(Section):
         else:
             data = load(self.data.path, self.data.format, timestamps=self.data.timestamps,
                         attributes=self.data.attributes)
+            if self.data.catalog is not None:
+                data = align_to_catalog(data, load_catalog(self.data.catalog), self.data.path, self.data.catalog)
         return k_core(data, self.data.k_core)
+
+    def load_catalog(self) -> BehaviorData:
+        """The aggregator's view in deployment: the public catalog alone, no users (enough to build the model)."""
+        if self.data.catalog is None:
+            raise ConfigError("data.catalog: the aggregator needs the public item catalog to build the model")
+        return catalog_only(load_catalog(self.data.catalog))
 
 
 def load_config(path: Path | None, overrides: dict | None = None, schema: type[Section] = BaselineConfig):

@@ -152,3 +152,9 @@ def from_sequences(sequences: list, catalog: ItemCatalog, user_ids=None, **per_u
     if user_ids is None:
         user_ids = np.arange(1, len(sequences) + 1)
     return BehaviorData(items=items, offsets=offsets, catalog=catalog, user_ids=np.asarray(user_ids), **per_user)
+
+
+def catalog_only(catalog: ItemCatalog) -> BehaviorData:
+    """A data set with the catalog's items and no users: what a model's shapes need, and nothing private."""
+    return BehaviorData(items=np.zeros(0, np.int64), offsets=np.zeros(1, np.int64), catalog=catalog,
+                        user_ids=np.zeros(0, np.int64))

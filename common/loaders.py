@@ -191,6 +191,42 @@ def _attach_catalog(data: BehaviorData, path) -> BehaviorData:
     return replace(data, catalog=catalog)
 
 
+def load_catalog(path) -> ItemCatalog:
+    """The public item catalog every merchant and the aggregator share: an attribute file (TSV or JSON, as above)
+    whose item ids are the whole catalog. Internal ids are the catalog's sorted raw ids, so every party that loads
+    the same file numbers items identically (and their models have the same shapes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "no such catalog file")
+    by_raw_item, names = _read_attribute_json(path) if path.suffix == ".json" else _read_attribute_tsv(path)
+    if not by_raw_item:
+        raise DataError(path, "the catalog lists no items")
+    if 0 in by_raw_item:
+        raise DataError(path, "item id 0 is reserved for padding", column="item_id")
+    raw_ids = np.concatenate([[0], np.sort(np.fromiter(by_raw_item, dtype=np.int64))])
+    if len(names) == 1:
+        return ItemCatalog(raw_ids=raw_ids)
+    attributes = [np.zeros(0, dtype=np.int64)] + [np.asarray(sorted(set(by_raw_item[int(raw)])), dtype=np.int64)
+                                                  for raw in raw_ids[1:]]
+    category, category_names = _dominant_attribute(attributes, names)
+    return ItemCatalog(raw_ids=raw_ids, attributes=attributes, attribute_names=names, category=category,
+                       category_names=category_names)
+
+
+def align_to_catalog(data: BehaviorData, catalog: ItemCatalog, data_path, catalog_path) -> BehaviorData:
+    """Renumber ``data``'s items into ``catalog``'s ids; an item the catalog lacks is an error naming it."""
+    position = np.searchsorted(catalog.raw_ids, data.catalog.raw_ids)
+    position = np.minimum(position, len(catalog.raw_ids) - 1)
+    known = catalog.raw_ids[position] == data.catalog.raw_ids
+    known[0] = True  # padding
+    if not known.all():
+        missing = np.flatnonzero(~known)
+        first = int(data.catalog.raw_ids[missing[0]])
+        raise DataError(data_path, f"item {first} is not in the catalog {catalog_path} "
+                                   f"({len(missing)} unknown item id{'s' * (len(missing) > 1)})", column="item_id")
+    return replace(data, items=position[data.items], catalog=catalog)
+
+
 def _read_attribute_json(path: Path) -> tuple[dict[int, list[int]], list[str]]:
     text = "\n".join(read_text_lines(path))
     try:

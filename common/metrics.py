@@ -7,11 +7,23 @@ everything equally gets chance-level ranks instead of perfect ones.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 KS = (5, 10, 20)
 METRIC_NAMES = tuple(f"{m}@{k}" for m in ("hr", "ndcg") for k in KS) + ("auc",)
+
+
+def select(metrics: dict) -> dict:
+    """The reported metrics of an evaluation result (which also carries counts such as ``users``)."""
+    return {k: metrics[k] for k in METRIC_NAMES}
+
+
+def json_number(value):
+    """ε as metrics.json holds it: JSON has no infinity, so a non-private ε is the string "inf"."""
+    return "inf" if isinstance(value, float) and math.isinf(value) else value
 
 
 def mask_history(scores: torch.Tensor, histories: list[np.ndarray], targets: torch.Tensor) -> torch.Tensor:

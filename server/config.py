@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from client.config import RUN_CONFIG_KEYS, LocalSection, MerchantConfig, MerchantModelSection
 from common.config import Section
 from common.errors import ConfigError
 
@@ -113,3 +114,53 @@ def run_config_of(federation: FederationSection) -> dict:
 
 def state_dir_of(run_config: dict) -> Path:
     return Path(str(run_config.get("state-dir") or "fedaug-state"))
+
+
+class FederatedModelSection(MerchantModelSection):
+    """Under DP, public catalog attributes plus narrow per-item tables beat wide learned tables (README: DP
+    utility), so federations default to them; data without attributes gets the narrow tables alone."""
+
+    catalog: bool | Literal["auto"] = "auto"
+    item_dim: int | None = Field(8, ge=0)
+
+
+class FederatedLocalSection(LocalSection):
+    """A merchant holds a tenth of a data set's users, and a round is a few DP steps: bigger Poisson batches (less
+    noise per step) and a larger step size learn where the single-shop defaults barely move (README: tuning)."""
+
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(0.03, gt=0)
+
+
+class FederatedConfig(MerchantConfig):
+    """A federation's recipe: what every merchant trains (model, augment, privacy, local) and [federation]. Both
+    `fedaug simulate` and the deployed aggregator send it to merchants as Flower's run_config."""
+
+    model: FederatedModelSection = FederatedModelSection()
+    local: FederatedLocalSection = FederatedLocalSection()
+    federation: FederationSection = FederationSection()
+
+    def merchant_config(self) -> MerchantConfig:
+        """What one merchant trains with: planned rounds = the federation's rounds."""
+        fields = {name: getattr(self, name) for name in MerchantConfig.model_fields}
+        fields["local"] = self.local.model_copy(update={"rounds": self.federation.rounds,
+                                                        "seed": self.federation.seed})
+        return MerchantConfig(**fields)
+
+
+def flat_run_config(config: FederatedConfig) -> dict:
+    """Flower's run_config for ``config``: hyphenated keys, values of Flower's config types ("" = default)."""
+    dumped = config.merchant_config().model_dump(mode="json")
+    flat: dict = {}
+    for key, dotted in RUN_CONFIG_KEYS.items():
+        if key in ("epsilon-budget",):  # a deployment alias of epsilon
+            continue
+        node = dumped
+        for part in dotted.split("."):
+            node = node[part]
+        flat[key] = "" if node is None else node
+    flat |= run_config_of(config.federation)
+    flat.setdefault("central-delta", "")
+    if isinstance(flat.get("epsilon"), float) and flat["epsilon"] == float("inf"):
+        flat["epsilon"] = "inf"
+    return flat

@@ -7,6 +7,8 @@ has every round exactly once.
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
@@ -62,3 +64,38 @@ class Monitor:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+class RoundWatcher:
+    """Reports rounds as the server logs them (the ServerApp runs inside Flower, out of our call stack)."""
+
+    def __init__(self, state_dir: Path, total: int, on_round: Callable[[int, int, dict], None] | None):
+        self.path, self.total, self.on_round = state_dir / ROUND_LOG, total, on_round
+        self._seen = self._count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _count(self) -> int:
+        try:
+            return len(self.path.read_text().splitlines())
+        except FileNotFoundError:
+            return 0
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            lines = self.path.read_text().splitlines() if self.path.exists() else []
+            for line in lines[self._seen:]:
+                entry = json.loads(line)
+                if self.on_round:
+                    self.on_round(entry["round"], self.total, entry)
+            self._seen = max(self._seen, len(lines))
+
+    def start(self) -> None:
+        if self.on_round:
+            self.on_round(self._seen, self.total, {})
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

@@ -11,6 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from client.config import MerchantConfig, merchant_config_from
 from common.data import BehaviorData
 from common.device import pick_device
+from common.errors import ConfigError
 from common.evaluate import evaluate, sasrec_scorer
 from common.memory import single_malloc_arena
 from common.model import SASRec
@@ -27,7 +28,12 @@ def main(grid: Grid, context: Context) -> None:
     single_malloc_arena()
     settings = federation_from(context.run_config)
     config = merchant_config_from(context.run_config)
-    data = config.load_data()
+    # Deployment: the aggregator holds only the public catalog; simulation: the whole data set (so it may also
+    # score the global model centrally).
+    deployed = config.data.catalog is not None
+    if deployed and settings.central_eval:
+        raise ConfigError("run_config central-eval: needs the data set, which a deployed aggregator does not have")
+    data = config.load_catalog() if deployed else config.load_data()
     model = initial_model(config, data, settings.seed)
     initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     evaluator = central_evaluator(config, data, model) if settings.central_eval else None

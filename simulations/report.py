@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -10,9 +9,10 @@ from common.atomic import write_bytes_atomic
 from common.config import BaselineConfig
 from common.data import BehaviorData
 from common.evaluate import Scorer, evaluate
+from common.metrics import METRIC_NAMES, json_number, select  # noqa: F401  (re-exported)
 from common.split import LeaveOneOut
 
-METRIC_KEYS = ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "auc")
+METRIC_KEYS = METRIC_NAMES
 
 
 def final_metrics(scorer: Scorer, split: LeaveOneOut, data: BehaviorData, config: BaselineConfig, device,
@@ -30,13 +30,6 @@ def final_metrics(scorer: Scorer, split: LeaveOneOut, data: BehaviorData, config
     }
 
 
-def select(metrics: dict) -> dict:
-    return {k: metrics[k] for k in METRIC_KEYS}
-
-
-def json_number(value):
-    """ε as metrics.json holds it: JSON has no infinity, so a non-private ε is the string "inf"."""
-    return "inf" if isinstance(value, float) and math.isinf(value) else value
 
 
 def write_report(metrics: dict, out: Path, plots: list[str]) -> None:

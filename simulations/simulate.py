@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,8 @@ from common.evaluate import evaluate
 from common.popularity import Popularity
 from common.split import assign_merchants, leave_one_out, merchant_partitions
 from server import checkpoint
-from server.monitor import ROUND_LOG
+from server.monitor import RoundWatcher
+from server.summary import federation_summary
 
 from .config import SimulationConfig, flat_run_config
 from .local import run_local
@@ -105,7 +105,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
     state_dir.mkdir(parents=True, exist_ok=True)
-    watcher = _RoundWatcher(state_dir, config.federation.rounds, on_round)
+    watcher = RoundWatcher(state_dir, config.federation.rounds, on_round)
     try:
         with tempfile.TemporaryDirectory(prefix="fedaug-app-") as app_dir:
             _write_app_dir(Path(app_dir), run_config)
@@ -124,35 +124,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
         done = 0 if state is None else state.round
         raise FedaugError(f"simulation stopped after round {done} of {config.federation.rounds} (see the log "
                           f"above); run the same command again to resume from {state_dir}")
-    return _federated_metrics(config, state)
-
-
-def _federated_metrics(config: SimulationConfig, state: checkpoint.ServerState) -> dict:
-    last = state.history[-1]
-    rounds = [{"round": h["round"], "participants": h["participants"], "failures": h["failures"],
-               "train_loss": h["train_loss"], "epsilon_max": h["epsilon_max"], "epsilon_mean": h["epsilon_mean"],
-               "central_epsilon": h.get("central_epsilon"), "valid": select(h["central"]),
-               "federated_valid": select(h["federated"]) if h.get("federated") else None, "seconds": h["seconds"]}
-              for h in state.history]
-    merchants = []
-    for node, m in state.merchants.items():
-        merchants.append({"merchant": int(m.get("partition-id", -1)), "node": node,
-                          "users": m.get("users", m.get("num-examples")), "epsilon": m.get("epsilon"),
-                          "epsilon_by_round": m.get("epsilon_by_round", {}),
-                          "test": select(m["test"]) if m.get("test") else None})
-    merchants.sort(key=lambda m: m["merchant"])
-    epsilons = [m["epsilon"] for m in merchants if m["epsilon"] is not None]
-    privacy = {"epsilon_budget": json_number(config.privacy.epsilon), "epsilon_max": max(epsilons, default=None),
-               "epsilon_mean": float(np.mean(epsilons)) if epsilons else None,
-               "delta": config.privacy.delta or "1 / (10 · merchant users)",
-               "max_grad_norm": config.privacy.max_grad_norm}
-    if config.federation.central_dp:
-        privacy["central"] = {"epsilon": last.get("central_epsilon"), "delta": last.get("central_delta"),
-                              "noise_multiplier": config.federation.central_noise,
-                              "clipping_norm": config.federation.central_clip}
-    return {"test": select(last["central_test"]), "valid": select(last["central"]),
-            "federated_test": select(last["federated"]["test"]) if last.get("federated") else None,
-            "rounds": rounds, "merchants": merchants, "privacy": privacy, "run_key": state.run_key}
+    return federation_summary(config, state)
 
 
 def _write_app_dir(app_dir: Path, run_config: dict) -> None:
@@ -173,43 +145,6 @@ def _backend_config(config: SimulationConfig, verbose: bool) -> dict:
     return {"client_resources": {"num_cpus": per_client, "num_gpus": 1.0 if gpus else 0.0},
             "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False,
                           "log_to_driver": verbose}}
-
-
-class _RoundWatcher:
-    """Reports rounds as the server logs them (the ServerApp runs inside Flower, out of our call stack)."""
-
-    def __init__(self, state_dir: Path, total: int, on_round: OnRound | None):
-        self.path, self.total, self.on_round = state_dir / ROUND_LOG, total, on_round
-        self._seen = self._count()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _count(self) -> int:
-        try:
-            return len(self.path.read_text().splitlines())
-        except FileNotFoundError:
-            return 0
-
-    def _watch(self) -> None:
-        import json
-
-        while not self._stop.wait(1.0):
-            lines = self.path.read_text().splitlines() if self.path.exists() else []
-            for line in lines[self._seen:]:
-                entry = json.loads(line)
-                if self.on_round:
-                    self.on_round(entry["round"], self.total, entry)
-            self._seen = max(self._seen, len(lines))
-
-    def start(self) -> None:
-        if self.on_round:
-            self.on_round(self._seen, self.total, {})
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 # local and central: the client's own trainer, without Flower -----------------------------------------------------

@@ -1,0 +1,52 @@
+"""Writing behaviour data back out in the formats the loaders read: an events CSV per merchant and the public
+catalog as an attribute TSV. `fedaug synth` uses it to hand trial merchants files of their own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .atomic import write_bytes_atomic
+from .data import EVENT_TYPES, BehaviorData, ItemCatalog
+from .split import merchant_partitions
+
+CATALOG_FILE = "catalog.tsv"
+
+
+def events_frame(data: BehaviorData) -> pd.DataFrame:
+    """One row per event with raw user and item ids (the events format of common.loaders)."""
+    users = data.event_user()
+    frame = pd.DataFrame({"user_id": data.user_ids[users], "item_id": data.catalog.raw_ids[data.items]})
+    frame["timestamp"] = data.timestamps if data.timestamps is not None else np.arange(len(users), dtype=np.int64)
+    if data.event_type is not None:
+        frame["event_type"] = np.asarray(EVENT_TYPES)[data.event_type]
+    for name, values in data.context.items():
+        frame[name] = values
+    return frame
+
+
+def write_events_csv(data: BehaviorData, path: Path) -> None:
+    write_bytes_atomic(path, events_frame(data).to_csv(index=False).encode())
+
+
+def write_catalog_tsv(catalog: ItemCatalog, path: Path) -> None:
+    """``item_id<TAB>attributes`` (names joined by '|'); read back by common.loaders.load_catalog."""
+    names = catalog.attribute_names or [""]
+    lines = ["item_id\tattributes"]
+    for internal, raw in enumerate(catalog.raw_ids[1:], start=1):
+        attrs = catalog.attributes[internal] if catalog.attributes else []
+        lines.append(f"{int(raw)}\t{'|'.join(names[a] for a in attrs)}")
+    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
+
+
+def write_merchant_files(data: BehaviorData, out: Path) -> list[Path]:
+    """``out/catalog.tsv`` and one ``out/merchant-<i>.csv`` per merchant of ``data`` (1-based, in merchant order)."""
+    out = Path(out)
+    write_catalog_tsv(data.catalog, out / CATALOG_FILE)
+    paths = [out / CATALOG_FILE]
+    for i, part in enumerate(merchant_partitions(data), start=1):
+        paths.append(out / f"merchant-{i}.csv")
+        write_events_csv(part, paths[-1])
+    return paths
