@@ -8,8 +8,12 @@ was cut short.
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,3 +67,24 @@ def load(state_dir: Path) -> ServerState | None:
     return ServerState(run_key=meta["run_key"], strategy=meta["strategy"], round=int(meta["round"]), arrays=arrays,
                        strategy_state=strategy_state, accountant=meta["accountant"], history=meta["history"],
                        merchants=meta["merchants"])
+
+
+@contextmanager
+def exclusive(state_dir: Path, wait_seconds: float = 120.0) -> Iterator[None]:
+    """Hold ``state_dir`` for one ServerApp at a time. A restarted aggregator may start a new ServerApp while the
+    one it lost is still winding down; the new one waits for that to let go instead of both writing checkpoints."""
+    handle = open(Path(state_dir) / "server.lock", "a+")
+    deadline = time.monotonic() + wait_seconds
+    try:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"{state_dir}: another ServerApp still holds this state directory "
+                                      f"(after {wait_seconds:.0f} s)") from None
+                time.sleep(0.5)
+        yield
+    finally:
+        handle.close()  # closing releases the lock (also when the process dies)

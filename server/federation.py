@@ -41,6 +41,13 @@ def run_federation(grid: Grid, settings: FederationSection, initial: dict[str, n
                    node_wait_seconds: float = 600.0) -> ServerState:
     state_dir = settings.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
+    with checkpoint.exclusive(state_dir):
+        return _federate(grid, settings, initial, evaluator, on_round, node_wait_seconds)
+
+
+def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.ndarray], evaluator: Evaluator | None,
+              on_round: Callable[[dict], None] | None, node_wait_seconds: float) -> ServerState:
+    state_dir = settings.state_dir
     n_nodes = _wait_for_nodes(grid, settings.min_nodes, node_wait_seconds)
     strategy = build_strategy(settings, n_nodes)
     state = _resume(state_dir, settings, initial, strategy)
@@ -121,7 +128,7 @@ def _federated_evaluation(grid, settings, strategy, state, server_round, arrays,
     config = ConfigRecord({"run-key": state.run_key, "stages": list(stages)})
     messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
     replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
-    accepted, merchants = sort_evaluate_replies(replies)
+    accepted, merchants = sort_evaluate_replies(messages, replies)
     for node, info in merchants.items():
         record = state.merchants.setdefault(str(node), {})
         if info["status"] == "ok":

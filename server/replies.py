@@ -37,9 +37,10 @@ def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], refe
                        uniform_weights: bool) -> RoundReplies:
     """Check every training reply against the global model ``reference`` (same keys, shapes, dtypes; finite)."""
     out = RoundReplies()
+    sent = list(sent)
     expected = {m.metadata.dst_node_id for m in sent}
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = _sender(reply, sent)
         expected.discard(node)
         if reply.has_error():
             out.merchants[node] = {"status": "error", "reason": reply.error.reason}
@@ -67,11 +68,11 @@ def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], refe
     return out
 
 
-def sort_evaluate_replies(replies: Iterable[Message]) -> tuple[list[Message], dict[int, dict]]:
+def sort_evaluate_replies(sent: Iterable[Message], replies: Iterable[Message]) -> tuple[list[Message], dict[int, dict]]:
     """Evaluation replies with finite metrics and a positive user count (rewritten to weigh by users)."""
-    accepted, merchants = [], {}
+    accepted, merchants, sent = [], {}, list(sent)
     for reply in replies:
-        node = reply.metadata.src_node_id
+        node = _sender(reply, sent)
         if reply.has_error():
             merchants[node] = {"status": "error", "reason": reply.error.reason}
             continue
@@ -85,6 +86,16 @@ def sort_evaluate_replies(replies: Iterable[Message]) -> tuple[list[Message], di
         accepted.append(reply)
         merchants[node] = {"status": "ok", **values}
     return accepted, merchants
+
+
+def _sender(reply: Message, sent: list[Message]) -> int:
+    """The merchant a reply answers for: the node its message was sent to. Flower's own error replies (say, for a
+    node that stopped sending heartbeats) do not come from that node, so their source id would misname it."""
+    answered = reply.metadata.reply_to_message_id
+    for message in sent:
+        if answered and message.metadata.message_id == answered:
+            return message.metadata.dst_node_id
+    return reply.metadata.src_node_id
 
 
 def _metrics_of(reply: Message) -> dict:

@@ -78,6 +78,7 @@ class ScriptedGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's grids do when pushing
             node = msg.metadata.dst_node_id
             behaviour = self.behaviours[node]
             if msg.metadata.message_type == "train":
@@ -86,6 +87,11 @@ class ScriptedGrid(Grid):
                 continue
             if behaviour == "error":
                 replies.append(Message(Error(code=0, reason="ClientApp raised"), reply_to=msg))
+                continue
+            if behaviour == "unavailable":  # the SuperLink answers for a node that stopped sending heartbeats
+                reply = Message(Error(code=0, reason="Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1
+                replies.append(reply)
                 continue
             if msg.metadata.message_type == "evaluate":
                 metrics = {"valid-ndcg@10": 0.1 * node, "valid-hr@10": 0.2, "num-examples": 10 * node,
@@ -166,15 +172,17 @@ def test_bad_updates_are_rejected_with_a_reason():
 
 
 def test_a_round_aggregates_what_arrived_and_logs_the_rest(tmp_path):
-    grid = ScriptedGrid({1: "ok", 2: "ok", 3: "error", 4: "decline", 5: "nan", 6: "missing"})
+    grid = ScriptedGrid({1: "ok", 2: "ok", 3: "error", 4: "decline", 5: "nan", 6: "missing", 7: "unavailable"})
     state = run_federation(grid, _settings(tmp_path, rounds=2, min_replies=2), MODEL)
     assert state.round == 2
     # FedAvg weighted by users (10, 20): each round adds (1·10 + 2·20) / 30.
     np.testing.assert_allclose(state.arrays["w"], np.full((3, 2), 2 * 50 / 30), rtol=1e-6)
     entry = state.history[0]
     assert entry["participants"] == 2
-    assert entry["failures"] == {"error": 1, "declined": 1, "rejected": 1, "missing": 1}
+    assert entry["failures"] == {"error": 2, "declined": 1, "rejected": 1, "missing": 1}
     assert any("6: missing" in p for p in entry["problems"]) and any("5: rejected" in p for p in entry["problems"])
+    # Flower's own error for an unreachable node comes from the SuperLink, yet names the merchant it was sent to.
+    assert any("7: error (Node Unavailable)" in p for p in entry["problems"])
     assert entry["federated"]["merchants"] == 4  # all but the failing and the missing merchant evaluated
     assert "test" not in entry["federated"] and "test" in state.history[1]["federated"]  # test: final round only
     # user-weighted: merchants 1, 2, 4, 5 with 10·n users each report valid NDCG@10 0.1·n
