@@ -12,17 +12,23 @@ from common.config import AugmentSection, BaselineConfig, ModelSection, Section
 from .trainer import GRAD_SAMPLE_MODES, LocalSettings, PrivacySettings
 
 
-class PrivacySection(Section):
+class BudgetSection(Section):
+    """A merchant's own privacy budget: ε over every round it ever trains ("inf" = non-private) and δ."""
+
     epsilon: float = Field(8.0, gt=0)
-    """Total budget over every round this merchant ever trains; "inf" = non-private."""
     delta: float | None = Field(None, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    grad_sample_mode: Literal[GRAD_SAMPLE_MODES] = "ghost"  # type: ignore[valid-type]
 
     @field_validator("epsilon", mode="before")
     @classmethod
     def _parse_inf(cls, value):
         return math.inf if isinstance(value, str) and value.strip().lower() in ("inf", "infinity") else value
+
+
+class PrivacySection(BudgetSection):
+    """[privacy]: the budget plus how DP-SGD clips (the training recipe)."""
+
+    max_grad_norm: float = Field(1.0, gt=0)
+    grad_sample_mode: Literal[GRAD_SAMPLE_MODES] = "ghost"  # type: ignore[valid-type]
 
 
 class LocalSection(Section):

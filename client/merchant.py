@@ -1,7 +1,8 @@
 """One merchant as the ClientApp sees it: its local split, its trainer and its ledger, built from Flower's context.
 
 Where the data comes from:
-- deployment: ``node_config`` has ``data-path`` (+ ``data-format``), ``state-dir``, ``epsilon-budget``, ``delta``;
+- deployment: ``node_config`` has ``data-path`` (+ ``data-format``), ``catalog-path`` (the shared public catalog that
+  numbers items), ``state-dir``, ``epsilon-budget``, ``delta`` (written by client.daemon);
 - simulation: ``node_config`` has ``partition-id`` / ``num-partitions``; the merchant is that partition of the
   run's data set (``run_config`` ``data-path`` or the embedded synthetic data), cut by ``partition``
   (uniform | category | column) with ``seed``; its ledger lives in ``run_config`` ``state-dir``/merchant-<id>.

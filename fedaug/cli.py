@@ -235,6 +235,95 @@ def sweep(
                   f"({best['name']})  ({summary['seconds']:.0f} s) -> {out / 'report.md'}")
 
 
+@app.command()
+def certs(
+    out: Path = typer.Option(..., "--out", help="New directory for ca.crt/.key, server.crt/.key, merchant-N.key/.pub."),
+    merchants: int = typer.Option(3, "--merchants", help="Merchant authentication key pairs to create."),
+    host: list[str] = typer.Option([], "--host", help="Extra DNS name or IP the SuperLink is reached at "
+                                   "(repeatable; localhost, 127.0.0.1 and ::1 are always in)."),
+) -> None:
+    """Create a trial CA, the SuperLink's TLS certificate and merchant key pairs (production: your own CA)."""
+    from common.certs import write_certificates
+
+    files = write_certificates(out, merchants, tuple(host))
+    console.print(f"wrote {len(files)} files to {out}: {', '.join(f.name for f in files)}")
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", help="New directory for catalog.tsv and merchant-N.csv."),
+    merchants: int = typer.Option(3, "--merchants", help="Merchants to generate (each gets its own users)."),
+    users: int | None = typer.Option(None, "--users", help="Users in all (default: the embedded data's)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write the embedded synthetic data as trial merchants' files: the public catalog and one events CSV each."""
+    from common.config import SyntheticSection
+    from common.export import write_merchant_files
+    from common.synthetic import generate
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FedaugError(f"--out: {out} exists and is not an empty directory")
+    spec = SyntheticSection(**{"merchants": merchants, "seed": seed} | ({"users": users} if users else {})).spec()
+    files = write_merchant_files(generate(spec), out)
+    console.print(f"wrote {', '.join(f.name for f in files)} to {out}")
+
+
+@app.command()
+def aggregator(
+    config: Path = typer.Option(..., "--config", help="TOML: [aggregator], [federation], [data] catalog and the "
+                                "training recipe ([model], [augment], [privacy], [local])."),
+) -> None:
+    """Run the aggregation service: Flower's SuperLink with TLS and merchant authentication, our ServerApp."""
+    from common.config import load_config
+    from server.aggregator import Aggregator, AggregatorConfig
+
+    cfg = load_config(config, None, AggregatorConfig)
+    _exit_cleanly_on_sigterm()
+    with _progress() as progress:
+        task = progress.add_task("rounds", total=cfg.federation.rounds)
+
+        def on_round(done, total, entry):
+            progress.update(task, completed=done, total=total)
+            if entry.get("federated"):
+                progress.console.print(f"round {done:3d}/{total}  merchants {entry['participants']}  valid NDCG@10 "
+                                       f"{entry['federated']['ndcg@10']:.4f}"
+                                       + (f"  max ε {entry['epsilon_max']:.3f}" if entry.get("epsilon_max") else ""))
+
+        metrics = Aggregator(cfg, on_round, say=_plain(progress.console)).run()
+    test = metrics["test"] or {"ndcg@10": float("nan"), "hr@10": float("nan")}
+    console.print(f"federation done: {len(metrics['rounds'])} rounds, test NDCG@10 {test['ndcg@10']:.4f}  "
+                  f"HR@10 {test['hr@10']:.4f} -> {cfg.aggregator.state_dir / 'report.md'}")
+    for name, node in sorted(metrics["merchant_keys"].items()):
+        eps = next((m["epsilon"] for m in metrics["merchants"] if str(m["node"]) == node), None)
+        console.print(f"  {name}: node {node}, ε spent {'—' if eps is None else f'{eps:.3f}'}")
+
+
+@app.command()
+def merchant(
+    config: Path = typer.Option(..., "--config", help="TOML: [merchant] (SuperLink, certificate, key, state), "
+                                "[data] (file, catalog), [privacy] (ε budget, δ)."),
+) -> None:
+    """Run a merchant daemon: check the data, then keep Flower's SuperNode with our ClientApp connected."""
+    from client.daemon import MerchantDaemon, MerchantDaemonConfig
+    from common.config import load_config
+
+    cfg = load_config(config, None, MerchantDaemonConfig)
+    _exit_cleanly_on_sigterm()
+    raise typer.Exit(MerchantDaemon(cfg, say=_plain(console)).run())
+
+
+def _plain(out: Console):
+    """Print Flower's messages as they are ("[code: 2004]" is not rich markup)."""
+    return lambda text: out.print(text, markup=False, highlight=False)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """Daemons stop their Flower processes on SIGTERM (docker stop, systemd) as on Ctrl+C."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def _read_baseline(path: Path) -> tuple[str, dict]:
     import json
 

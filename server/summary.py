@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.metrics import json_number, select
+from common.metrics import METRIC_NAMES, json_number, select
 
 from .checkpoint import ServerState
 from .config import FederatedConfig
@@ -47,3 +47,34 @@ def _valid(entry: dict) -> dict | None:
     if "central" in entry:
         return select(entry["central"])
     return select(entry["federated"]) if entry.get("federated") else None
+
+
+def render_deployment_report(metrics: dict) -> str:
+    """report.md of a deployed run: the final global model's federated metrics, each merchant's ε, each round."""
+    cfg, privacy = metrics["config"], metrics["privacy"]
+    names = {node: name for name, node in metrics.get("merchant_keys", {}).items()}
+    lines = ["# fedaug federation (deployed)", "",
+             "| setting | value |", "|---|---|",
+             f"| rounds | {cfg['federation']['rounds']} ({cfg['federation']['strategy']}) |",
+             f"| merchants allowed | {', '.join(sorted(metrics.get('merchant_keys', {}))) or '—'} |",
+             f"| catalog | {cfg['data']['catalog']} |",
+             f"| default ε budget | {privacy['epsilon_budget']} (a merchant's own budget wins) |",
+             f"| wall time | {metrics['seconds']:.0f} s |", "",
+             "## Final global model (merchants' held-out users, user-weighted)", "",
+             "| " + " | ".join(METRIC_NAMES) + " |", "|" + "---|" * len(METRIC_NAMES)]
+    test = metrics.get("test")
+    lines.append("| " + " | ".join(f"{test[k]:.4f}" if test else "—" for k in METRIC_NAMES) + " |")
+    lines += ["", "## Merchants", "", "| merchant | node | users | ε spent |", "|---|---|---|---|"]
+    for m in sorted(metrics["merchants"], key=lambda m: names.get(str(m["node"]), "~")):
+        eps, users = m["epsilon"], m["users"] if m["users"] is not None else "—"
+        spent = "—" if eps is None else ("inf" if eps < 0 else f"{eps:.3f}")
+        lines.append(f"| {names.get(str(m['node']), '?')} | {m['node']} | {users} | {spent} |")
+    lines += ["", "## Rounds", "", "| round | participants | failures | train loss | max ε | valid NDCG@10 |",
+              "|---|---|---|---|---|---|"]
+    for r in metrics["rounds"]:
+        failures = ", ".join(f"{k} {v}" for k, v in r["failures"].items() if v) or "—"
+        valid = f"{r['valid']['ndcg@10']:.4f}" if r.get("valid") else "—"
+        loss = f"{r['train_loss']:.3f}" if r.get("train_loss") is not None else "—"
+        eps = f"{r['epsilon_max']:.3f}" if r.get("epsilon_max") is not None else "—"
+        lines.append(f"| {r['round']} | {r['participants']} | {failures} | {loss} | {eps} | {valid} |")
+    return "\n".join(lines) + "\n"

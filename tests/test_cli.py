@@ -130,3 +130,26 @@ def test_simulate_flag_errors(tmp_path, args, fragment):
     result = fedaug("simulate", *args, "--out", str(tmp_path / "out"))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert fragment in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_certs_and_synth_write_a_trial_site_once(tmp_path):
+    assert fedaug("certs", "--out", "certs", "--merchants", "2", cwd=tmp_path).returncode == 0
+    assert fedaug("synth", "--out", "data", "--merchants", "2", "--users", "100", cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["catalog.tsv", "merchant-1.csv",
+                                                                   "merchant-2.csv"]
+    for args in (("certs", "--out", "certs"), ("synth", "--out", "data")):
+        again = fedaug(*args, cwd=tmp_path)
+        assert again.returncode == 1 and "Traceback" not in again.stderr
+        assert len(again.stderr.strip().splitlines()) == 1 and "not an empty directory" in again.stderr
+
+
+def test_daemons_reject_bad_configs_before_starting_anything(tmp_path):
+    (tmp_path / "agg.toml").write_text('[aggregator]\nmerchant_keys = ["k.pub"]\n[data]\ncatalog = "c.tsv"\n'
+                                       '[federation]\nrounds = 0\n')
+    result = fedaug("aggregator", "--config", "agg.toml", cwd=tmp_path)
+    assert result.returncode == 1 and "agg.toml: key federation.rounds" in result.stderr
+    (tmp_path / "m.toml").write_text('[merchant]\nroot_certificate = "nope.crt"\n[data]\npath = "d.csv"\n'
+                                     'catalog = "c.tsv"\n')
+    result = fedaug("merchant", "--config", "m.toml", cwd=tmp_path)
+    assert result.returncode == 1 and "merchant.root_certificate: nope.crt not found" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["agg.toml", "m.toml"]  # nothing written

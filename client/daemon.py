@@ -1,0 +1,142 @@
+"""`fedaug merchant`: the merchant's long-lived daemon, Flower's own `flower-supernode` carrying our ClientApp.
+
+It checks the merchant's data first, with the same loaders and one-line errors as every other command, numbered
+by the public catalog the aggregator also holds; only then does it start the SuperNode: TLS verified against the
+platform's root certificate, authenticated with the merchant's private key, its node_config pointing the
+ClientApp at the data, the ledger's directory and the merchant's own budget. When the SuperNode exits (the
+aggregator away too long, a crash) it is started again after a back-off that doubles up to ``max_backoff``.
+
+The training recipe (model, augmentation, local steps) arrives from the aggregator with each run; what stays here
+is what is the merchant's own to decide: its data, its device and its privacy budget.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from common.config import BaselineConfig, DataSection, Section
+from common.errors import ConfigError
+from common.processes import flower_command, flower_error, split_address, start, stop
+
+from .config import BudgetSection
+
+HEALTHY_SECONDS = 60.0
+"""A SuperNode that ran this long before exiting was healthy: the back-off starts again from 1 s."""
+
+
+class MerchantSection(Section):
+    """[merchant]: where the aggregator is, this merchant's credentials and state."""
+
+    superlink: str = "127.0.0.1:9092"
+    """The aggregator's SuperLink (host:port); the host must be in its certificate."""
+    root_certificate: Path = Path("certs/ca.crt")
+    private_key: Path = Path("certs/merchant-1.key")
+    """This merchant's authentication key (OpenSSH, EC); its public half is registered at the aggregator."""
+    state_dir: Path = Path("merchant-state")
+    """The privacy ledger and Flower's files for this merchant; keep it across restarts (ε composes over it)."""
+    runtime_port: int = Field(9094, gt=0, lt=65536)
+    """Local port of the SuperNode's runtime API (its ClientApp processes talk to it): one per merchant on a host."""
+    max_backoff: float = Field(60.0, gt=0)
+    max_restarts: int | None = Field(None, ge=0)
+    """Give up after this many SuperNode restarts (default: never)."""
+
+    @field_validator("superlink")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        split_address(value, "merchant.superlink")
+        return value
+
+
+class MerchantDaemonConfig(Section):
+    merchant: MerchantSection = MerchantSection()
+    data: DataSection = DataSection()
+    privacy: BudgetSection = BudgetSection()
+    """[privacy]: this merchant's own budget; clipping and the Opacus mode come with the aggregator's recipe."""
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _has_data(self):
+        if self.data.path is None:
+            raise ValueError("data.path: a merchant daemon trains on its own behaviour data file")
+        if self.data.catalog is None:
+            raise ValueError("data.catalog: the public item catalog the aggregator uses (it numbers the items)")
+        return self
+
+    def node_config(self) -> dict:
+        """Flower node_config for the ClientApp (client.merchant reads it), with absolute paths."""
+        data = self.data
+        values = {"data-path": data.path, "data-format": data.format, "data-timestamps": data.timestamps,
+                  "catalog-path": data.catalog, "k-core": data.k_core, "state-dir": self.merchant.state_dir,
+                  "epsilon-budget": "inf" if math.isinf(self.privacy.epsilon) else self.privacy.epsilon,
+                  "delta": self.privacy.delta, "device": self.device}
+        return {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in values.items() if v is not None}
+
+
+def node_config_arg(values: dict) -> str:
+    """Flower's --node-config syntax: space-separated ``key=value`` with TOML values (strings double-quoted; its
+    parser has no escapes, so a value may not contain a double quote)."""
+    import json
+
+    for key, value in values.items():
+        if isinstance(value, str) and '"' in value:
+            raise ConfigError(f"node_config {key}: {value!r} contains a double quote, which Flower cannot pass")
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+class MerchantDaemon:
+    def __init__(self, config: MerchantDaemonConfig, say: Callable[[str], None] = print):
+        self.config, self.say = config, say
+        m = config.merchant
+        for key, path in (("merchant.root_certificate", m.root_certificate), ("merchant.private_key", m.private_key)):
+            if not path.is_file():
+                raise ConfigError(f"{key}: {path} not found")
+        self.state_dir = m.state_dir.resolve()
+        self.log = self.state_dir / "supernode.log"
+        self.process: subprocess.Popen | None = None
+
+    def validate_data(self) -> dict:
+        """Load the data exactly as the ClientApp will (DataError on any problem); its size."""
+        data = BaselineConfig(data=self.config.data).load_data()
+        return data.summary()
+
+    def command(self) -> list[str]:
+        m = self.config.merchant
+        return [flower_command("flower-supernode"), "--superlink", m.superlink,
+                "--root-certificates", str(m.root_certificate.resolve()),
+                "--auth-supernode-private-key", str(m.private_key.resolve()),
+                "--node-config", node_config_arg(self.config.node_config()),
+                "--port", str(m.runtime_port)]
+
+    def run(self) -> int:
+        """Validate, then keep a SuperNode running until stopped (or ``max_restarts`` is used up); exit code."""
+        summary = self.validate_data()
+        self.say(f"Data OK: {summary['users']} users, {summary['items']} catalog items, "
+                 f"{summary['interactions']} interactions.")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        env = {"FLWR_HOME": str(self.state_dir / "flwr")}
+        backoff, restarts = 1.0, 0
+        try:
+            while True:
+                started, offset = time.monotonic(), self.log.stat().st_size if self.log.exists() else 0
+                self.process = start(self.command(), self.log, env)
+                self.say(f"SuperNode started (pid {self.process.pid}) towards {self.config.merchant.superlink}; "
+                         f"log: {self.log}")
+                code = self.process.wait()
+                reason = flower_error(self.log, offset)
+                limit = self.config.merchant.max_restarts
+                if limit is not None and restarts >= limit:
+                    self.say(f"SuperNode exited with code {code}: {reason}")
+                    return code or 1
+                healthy = time.monotonic() - started > HEALTHY_SECONDS
+                backoff = 1.0 if healthy else min(backoff * 2, self.config.merchant.max_backoff)
+                restarts += 1
+                self.say(f"SuperNode exited with code {code} ({reason}); restarting in {backoff:.0f} s")
+                time.sleep(backoff)
+        finally:
+            stop(self.process)

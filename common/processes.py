@@ -1,0 +1,94 @@
+"""Running Flower's own processes (flower-superlink, flower-supernode, flwr) under our daemons: find the command
+next to this Python, start it with its output in a log file, and stop it (SIGTERM, then SIGKILL)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import FedaugError
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def flower_command(name: str) -> str:
+    """Path of Flower's console script ``name`` from the environment running us (falls back to PATH)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        raise FedaugError(f"{name}: not found next to {sys.executable} or on PATH (is flwr installed?)")
+    return found
+
+
+def split_address(address: str, key: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 as ``[::1]:port``) -> (host, port); a one-line error naming ``key`` otherwise."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{key}: expected host:port, got {address!r}")
+    return host, int(port)
+
+
+def start(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``command`` with stdout and stderr appended to ``log``. It stays in our process group, so a signal
+    to the group (Ctrl+C, or `kill -9 -PGID` of a daemon) reaches it too."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as handle:
+        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})})
+
+
+def stop(process: subprocess.Popen | None, grace: float = 10.0) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def wait_until(ready: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen | None = None,
+               log: Path | None = None, interval: float = 0.5) -> None:
+    """Poll ``ready`` until it holds; a one-line error if ``process`` dies first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process is not None and process.poll() is not None:
+            raise FedaugError(f"{what}: the process exited with code {process.returncode}{_see(log)}")
+        if time.monotonic() > deadline:
+            raise FedaugError(f"{what}: not ready after {timeout:.0f} s{_see(log)}")
+        time.sleep(interval)
+
+
+def last_line(log: Path | None, containing: str = "", since: int = 0) -> str:
+    """The last non-empty line of ``log`` (from byte ``since`` on) that contains ``containing`` ('' if none),
+    without colour codes."""
+    if log is None or not log.exists():
+        return ""
+    with open(log, "rb") as handle:
+        handle.seek(since)
+        text = handle.read().decode(errors="replace")
+    lines = [" ".join(ANSI.sub("", line).split()) for line in text.splitlines()]
+    return next((line for line in reversed(lines) if line and containing in line), "")
+
+
+def flower_error(log: Path | None, since: int = 0) -> str:
+    """Why a Flower process stopped, from its log (from byte ``since``): its last ``[code: N]`` line, else its
+    last ERROR line."""
+    for marker in ("[code:", "[SSL:", "ERROR", ""):
+        line = last_line(log, marker, since)
+        if line:
+            return line
+    return "no log output"
+
+
+def _see(log: Path | None) -> str:
+    return f" (see {log})" if log is not None else ""

@@ -1,0 +1,244 @@
+"""`fedaug aggregator`: the platform's aggregation service, made of Flower's own processes.
+
+It starts `flower-superlink` (TLS on every API, SuperNode authentication on), registers the merchants' public keys
+with `flwr supernode register`, submits our app with `flwr run` (the Control API) and the federation's run_config,
+follows the rounds the ServerApp logs, and, when the run ends, writes metrics.json and report.md next to the
+checkpoint. Everything lives in ``state_dir``; started again with the same one, the SuperLink keeps its database
+(registered merchants) and the ServerApp resumes from the checkpoint, so no round is lost or repeated.
+
+state_dir layout: ``superlink.db`` + ``superlink.log`` (Flower), ``flwr/`` (the Flower CLI's home: its connection
+to this SuperLink), ``run-config.toml`` (what was submitted), ``server/`` (checkpoint.npz, rounds.jsonl),
+``merchants.json`` (registered key -> node id), ``server.log`` (the ServerApp's log of the last run), and at the
+end ``metrics.json`` + ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import tomli_w
+from pydantic import Field, field_validator, model_validator
+
+from common.atomic import write_bytes_atomic, write_json_atomic
+from common.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from common.config import Section
+from common.errors import ConfigError, FedaugError
+from common.processes import flower_command, last_line, split_address, start, stop, wait_until
+
+from . import checkpoint
+from .config import FederatedConfig, flat_run_config
+from .monitor import RoundWatcher
+from .summary import federation_summary, render_deployment_report
+
+CONNECTION = "fedaug"
+"""Name of the Flower CLI connection to our SuperLink (in ``state_dir/flwr/config.toml``)."""
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+"""The Flower app `flwr run` submits by default: this project (pyproject.toml with [tool.flwr.app])."""
+
+
+class AggregatorSection(Section):
+    """[aggregator]: where the SuperLink listens, its certificates, who may join, where state lives."""
+
+    address: str = "127.0.0.1:9092"
+    """host:port the SuperLink serves its Fleet, Control and Runtime APIs on (HTTPS); 0.0.0.0 for every interface."""
+    certificates: Path = Path("certs")
+    """Directory with ca.crt, server.crt and server.key (`fedaug certs`, or your CA's files under those names)."""
+    merchant_keys: tuple[Path, ...] = ()
+    """Public keys (OpenSSH, EC) of the merchants allowed to connect; any other SuperNode is refused."""
+    state_dir: Path = Path("aggregator-state")
+    app: Path | None = None
+    """The Flower app to run (a directory with pyproject.toml); default: the fedaug project itself."""
+    startup_timeout: float = Field(90.0, gt=0)
+    poll_seconds: float = Field(2.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        split_address(value, "aggregator.address")
+        return value
+
+
+class AggregatorConfig(FederatedConfig):
+    """The aggregator's TOML: [aggregator], [federation], the training recipe merchants receive ([model],
+    [augment], [privacy] default budget, [local]) and [data] catalog — the public item catalog (no user data)."""
+
+    aggregator: AggregatorSection = AggregatorSection()
+
+    @model_validator(mode="after")
+    def _deployable(self):
+        if self.data.catalog is None:
+            raise ValueError("data.catalog: the aggregator needs the public item catalog (the model's items)")
+        if not self.aggregator.merchant_keys:
+            raise ValueError("aggregator.merchant_keys: list the merchants' public keys (with authentication on, "
+                             "no other SuperNode can join)")
+        if self.data.path is not None:
+            raise ValueError("data.path: the aggregator holds no behaviour data (merchants keep theirs)")
+        if "state_dir" in self.federation.model_fields_set:
+            raise ValueError("federation.state_dir: set aggregator.state_dir instead (the checkpoint lives under it)")
+        if self.federation.central_eval:
+            raise ValueError("federation.central_eval: needs the data set, which the aggregator does not have")
+        return self
+
+
+OnRound = Callable[[int, int, dict], None]
+
+
+class Aggregator:
+    """One aggregator service over ``config.aggregator.state_dir``; ``run()`` blocks until the federation ends."""
+
+    def __init__(self, config: AggregatorConfig, on_round: OnRound | None = None,
+                 say: Callable[[str], None] = print):
+        self.config, self.on_round, self.say = config, on_round, say
+        agg = config.aggregator
+        self.state_dir = agg.state_dir.resolve()
+        self.server_dir = self.state_dir / "server"
+        self.flwr_home = self.state_dir / "flwr"
+        self.log = self.state_dir / "superlink.log"
+        self.host, self.port = split_address(agg.address, "aggregator.address")
+        self.certs = agg.certificates.resolve()
+        self.app = (agg.app or PROJECT_DIR).resolve()
+        self.superlink: subprocess.Popen | None = None
+        self._check_files()
+
+    def _check_files(self) -> None:
+        for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
+            if not (self.certs / name).is_file():
+                raise ConfigError(f"aggregator.certificates: {self.certs / name} not found (run `fedaug certs`)")
+        for key in self.config.aggregator.merchant_keys:
+            if not key.is_file():
+                raise ConfigError(f"aggregator.merchant_keys: {key} not found")
+        if not (self.app / "pyproject.toml").is_file():
+            raise ConfigError(f"aggregator.app: {self.app} has no pyproject.toml (not a Flower app)")
+
+    # -- the run -----------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        started = time.monotonic()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        rounds = self.config.federation.rounds
+        try:
+            self._start_superlink()
+            self._register_merchants()
+            state = checkpoint.load(self.server_dir)
+            if state is not None and state.round >= rounds:
+                self.say(f"The checkpoint in {self.server_dir} already holds all {rounds} rounds.")
+            else:
+                self._run_federation(rounds)
+        finally:
+            stop(self.superlink)
+        state = checkpoint.load(self.server_dir)
+        if state is None or state.round < rounds:
+            done = 0 if state is None else state.round
+            raise FedaugError(f"the run stopped after round {done} of {rounds}: {self._server_error()} "
+                              f"(server log: {self.state_dir / 'server.log'}); start the aggregator again to resume")
+        metrics = federation_summary(self.config, state) | {
+            "merchant_keys": self._registered(), "seconds": round(time.monotonic() - started, 2),
+            "config": self.config.model_dump(mode="json")}
+        write_json_atomic(self.state_dir / "metrics.json", metrics)
+        write_bytes_atomic(self.state_dir / "report.md", render_deployment_report(metrics).encode())
+        return metrics
+
+    def _run_federation(self, rounds: int) -> None:
+        run_config = flat_run_config(self.config) | {
+            "state-dir": str(self.server_dir), "catalog-path": str(self.config.data.catalog.resolve()),
+            "data-path": "", "central-eval": False}
+        config_file = self.state_dir / "run-config.toml"
+        write_bytes_atomic(config_file, tomli_w.dumps(run_config).encode())
+        reply = self._flwr("run", str(self.app), CONNECTION, "--run-config", str(config_file))
+        run_id = str(reply["run-id"])
+        self.say(f"Submitted run {run_id} ({rounds} rounds) to the SuperLink at {self.config.aggregator.address}.")
+        watcher = RoundWatcher(self.server_dir, rounds, self.on_round)
+        watcher.start()
+        try:
+            status = self._wait_for_run(run_id)
+        finally:
+            watcher.stop()
+            self._save_server_log(run_id)
+        self.say(f"Run {run_id}: {status}.")
+
+    def _wait_for_run(self, run_id: str) -> str:
+        while True:
+            if self.superlink.poll() is not None:
+                raise FedaugError(f"the SuperLink exited with code {self.superlink.returncode} (see {self.log})")
+            runs = self._flwr("ls", CONNECTION, "--run-id", run_id).get("runs", [])
+            status = runs[0]["status"] if runs else "unknown"
+            if status.startswith("finished"):
+                return status
+            time.sleep(self.config.aggregator.poll_seconds)
+
+    # -- Flower's processes and CLI -------------------------------------------------------------------------------
+
+    def _start_superlink(self) -> None:
+        connect_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        connect = f"[{connect_host}]:{self.port}" if ":" in connect_host else f"{connect_host}:{self.port}"
+        flwr_config = {"superlink": {"default": CONNECTION, CONNECTION: {
+            "address": connect, "root-certificates": str(self.certs / CA_CERT)}}}
+        write_bytes_atomic(self.flwr_home / "config.toml", tomli_w.dumps(flwr_config).encode())
+        command = [flower_command("flower-superlink"),
+                   "--ssl-ca-certfile", str(self.certs / CA_CERT), "--ssl-certfile", str(self.certs / SERVER_CERT),
+                   "--ssl-keyfile", str(self.certs / SERVER_KEY), "--enable-supernode-auth",
+                   "--database", str(self.state_dir / "superlink.db"), "--host", self.host, "--port", str(self.port),
+                   "--disable-runtime-dependency-installation"]
+        self.superlink = start(command, self.log, self._env())
+        wait_until(self._answers, self.config.aggregator.startup_timeout, "flower-superlink", self.superlink, self.log,
+                   interval=1.0)
+        self.say(f"SuperLink up at {self.config.aggregator.address} (TLS, SuperNode authentication on).")
+
+    def _answers(self) -> bool:
+        try:
+            self._flwr("supernode", "list", CONNECTION)
+            return True
+        except FedaugError:
+            return False
+
+    def _register_merchants(self) -> None:
+        registered = self._registered()
+        for key in self.config.aggregator.merchant_keys:
+            key = key.resolve()
+            try:
+                reply = self._flwr("supernode", "register", str(key), CONNECTION, "--name", key.stem)
+                registered[key.stem] = str(reply["node-id"])
+            except FedaugError as exc:
+                if "already in use" not in str(exc):
+                    raise
+        write_json_atomic(self.state_dir / "merchants.json", registered)
+        self.say(f"Merchants allowed to connect: {', '.join(sorted(registered)) or 'none'}.")
+
+    def _registered(self) -> dict:
+        path = self.state_dir / "merchants.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _flwr(self, *args: str) -> dict:
+        """Run the Flower CLI with ``--format json`` against our SuperLink; its reply, or a one-line error."""
+        result = subprocess.run([flower_command("flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                                env={**self._env(), "NO_COLOR": "1"}, timeout=120, cwd=self.state_dir)
+        try:
+            reply = json.loads(result.stdout[result.stdout.index("{"):])
+        except ValueError:
+            reply = {"success": False, "error-message": (result.stderr or result.stdout).strip()}
+        if not reply.get("success", False):
+            message = " ".join(str(reply.get("error-message", "no reply")).split())
+            raise FedaugError(f"flwr {' '.join(args[:2])}: {message}")
+        return reply
+
+    def _env(self) -> dict[str, str]:
+        return {"FLWR_HOME": str(self.flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+    def _save_server_log(self, run_id: str) -> None:
+        try:
+            result = subprocess.run([flower_command("flwr"), "log", run_id, CONNECTION, "--show"], capture_output=True,
+                                    text=True, env={**self._env(), "NO_COLOR": "1"}, timeout=60, cwd=self.state_dir)
+            write_bytes_atomic(self.state_dir / "server.log", (result.stdout + result.stderr).encode())
+        except (subprocess.SubprocessError, OSError):
+            pass  # the log is a convenience; the run's outcome is in the checkpoint
+
+    def _server_error(self) -> str:
+        for marker in ("Error", "error", "RoundFailed", "Exception"):
+            line = last_line(self.state_dir / "server.log", marker)
+            if line:
+                return line
+        return "no error in the ServerApp's log"

@@ -1,0 +1,155 @@
+"""docker/: no Docker engine runs here, so the compose file, the Dockerfile and the configs they mount are checked
+against each other and against the CLI: every command parses as `fedaug` parses it, every config validates, every
+path a config names is inside a volume of its service, ports and host names line up."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path, PurePosixPath
+
+import click
+import pytest
+import tomllib
+import typer
+import yaml
+
+from client.daemon import MerchantDaemonConfig
+from fedaug.cli import app
+from server.aggregator import AggregatorConfig
+
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+SERVICES = COMPOSE["services"]
+MERCHANTS = [name for name in SERVICES if name.startswith("merchant-")]
+CLI = typer.main.get_command(app)
+
+
+def parse_cli(args: list[str]) -> tuple[str, dict]:
+    """Parse ``fedaug ARGS`` exactly as the CLI would (unknown flags or missing values raise)."""
+    name, *rest = args
+    command = CLI.commands[name]
+    with command.make_context(name, list(rest)) as context:
+        return name, context.params
+
+
+def entry_args(service: dict) -> list[str]:
+    """The full `fedaug ...` argument list a service runs: the image target's ENTRYPOINT + the service command."""
+    entrypoint = {"aggregator": ["aggregator"], "merchant": ["merchant"]}[service["build"]["target"]]
+    return entrypoint + list(service["command"])
+
+
+def mounts(service: dict) -> dict[PurePosixPath, str]:
+    """Container path -> source (a named volume or a file under docker/)."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target, *_ = volume.split(":")
+        out[PurePosixPath(target)] = source
+    return out
+
+
+def config_of(service: dict, schema):
+    """The TOML a service's --config points at, read from the file mounted there, validated with ``schema``."""
+    _, params = parse_cli(entry_args(service))
+    source = mounts(service)[PurePosixPath(str(params["config"]))]
+    path = (DOCKER / source).resolve()
+    assert path.is_file(), f"{source} is mounted as the config but does not exist"
+    return schema.model_validate(tomllib.loads(path.read_text()))
+
+
+def assert_mounted(service: dict, path: Path, writable: bool = False) -> None:
+    path = PurePosixPath(path)
+    for volume in service.get("volumes", []):
+        target = PurePosixPath(volume.split(":")[1])
+        if path == target or target in path.parents:
+            assert not (writable and volume.endswith(":ro")), f"{path} must be writable"
+            return
+    pytest.fail(f"{path} is not inside any volume of the service")
+
+
+def test_every_service_and_volume_is_declared():
+    assert {"trial-setup", "aggregator", "prometheus"} <= set(SERVICES) and len(MERCHANTS) == 3
+    declared = set(COMPOSE["volumes"])
+    for service in SERVICES.values():
+        for source in mounts(service).values():
+            assert source.startswith("./") or source in declared, source
+
+
+def test_the_dockerfile_builds_both_targets_slim_non_root_and_pinned():
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert dockerfile.startswith("#") and "FROM python:3.11-slim AS base" in dockerfile
+    targets = set(re.findall(r"^FROM base AS (\w+)", dockerfile, re.M))
+    assert targets == {"aggregator", "merchant"}
+    assert {s["build"]["target"] for s in SERVICES.values() if "build" in s} == targets
+    assert re.search(r"^USER fedaug$", dockerfile, re.M) and "useradd" in dockerfile
+    assert "torch==2.13.0" in dockerfile and "-c docker/constraints.txt" in dockerfile
+    pins = dict(line.split("==") for line in (DOCKER / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    import flwr
+    import opacus
+
+    assert pins["flwr"] == flwr.__version__ and pins["opacus"] == opacus.__version__
+    for target in targets:  # ENTRYPOINT matches the CLI subcommand entry_args assumes
+        block = dockerfile.split(f"FROM base AS {target}")[1].split("FROM ")[0]
+        assert f'ENTRYPOINT ["fedaug", "{target}"]' in block
+
+
+def test_trial_setup_runs_valid_fedaug_commands_into_its_volume():
+    setup = SERVICES["trial-setup"]
+    script = setup["command"][0]
+    commands = [shlex.split(part.split("||")[1]) for part in script.split(";") if "fedaug" in part]
+    parsed = dict(parse_cli(c[1:]) for c in commands)
+    assert set(parsed) == {"certs", "synth"}
+    assert "aggregator" in parsed["certs"]["host"]  # merchants reach the SuperLink by its service name
+    assert parsed["certs"]["merchants"] == parsed["synth"]["merchants"] == len(MERCHANTS)
+    for params in parsed.values():
+        assert_mounted(setup, params["out"], writable=True)
+
+
+def test_aggregator_config_ports_and_paths_are_consistent():
+    service = SERVICES["aggregator"]
+    config = config_of(service, AggregatorConfig)
+    host, port = config.aggregator.address.rsplit(":", 1)
+    assert host == "0.0.0.0"  # reachable from the merchants' containers
+    published = {p.split(":")[1]: p.split(":")[0] for p in service["ports"]}
+    assert port in published and str(config.federation.metrics_port) in published
+    certs = config.aggregator.certificates
+    for path in [certs / "ca.crt", certs / "server.crt", config.data.catalog, *config.aggregator.merchant_keys]:
+        assert_mounted(service, path)
+    assert_mounted(service, config.aggregator.state_dir, writable=True)
+    assert len(config.aggregator.merchant_keys) == len(MERCHANTS)
+    setup = dict(parse_cli(shlex.split(p.split("||")[1])[1:]) for p in SERVICES["trial-setup"]["command"][0]
+                 .split(";") if "fedaug" in p)
+    assert PurePosixPath(certs) == PurePosixPath(setup["certs"]["out"])
+    assert PurePosixPath(config.data.catalog).parent == PurePosixPath(setup["synth"]["out"])
+
+    prometheus = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    assert targets == [f"aggregator:{config.federation.metrics_port}"]
+    assert mounts(SERVICES["prometheus"])[PurePosixPath("/etc/prometheus/prometheus.yml")] == "./prometheus.yml"
+
+
+@pytest.mark.parametrize("name", MERCHANTS)
+def test_merchant_configs_reach_the_aggregator_with_their_own_key_and_state(name):
+    service = SERVICES[name]
+    config = config_of(service, MerchantDaemonConfig)
+    aggregator = config_of(SERVICES["aggregator"], AggregatorConfig)
+    host, port = config.merchant.superlink.rsplit(":", 1)
+    assert host == "aggregator" and port == aggregator.aggregator.address.rsplit(":", 1)[1]
+    assert "aggregator" in service["depends_on"]
+    i = name.split("-")[1]
+    assert config.merchant.private_key.name == f"merchant-{i}.key"
+    assert PurePosixPath(config.merchant.private_key).with_suffix(".pub") in {
+        PurePosixPath(k) for k in aggregator.aggregator.merchant_keys}  # its public key is registered
+    assert config.data.catalog == aggregator.data.catalog
+    for path in [config.merchant.root_certificate, config.merchant.private_key, config.data.path, config.data.catalog]:
+        assert_mounted(service, path)
+    assert_mounted(service, config.merchant.state_dir, writable=True)
+    state_volume = mounts(service)[PurePosixPath(config.merchant.state_dir)]
+    others = {mounts(SERVICES[m])[PurePosixPath("/state")] for m in MERCHANTS if m != name}
+    assert state_volume not in others  # every merchant keeps its own ledger
+
+
+def test_a_wrong_flag_in_a_service_command_would_be_caught():
+    with pytest.raises(click.UsageError):
+        parse_cli(["merchant", "--config", "/config/merchant.toml", "--no-such-flag"])
