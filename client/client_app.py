@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -16,6 +17,7 @@ from common.evaluate import sasrec_scorer
 from common.memory import single_malloc_arena
 from common.metrics import METRIC_NAMES
 
+from . import replay
 from .ledger import BudgetExceeded
 from .merchant import merchant_for
 
@@ -31,9 +33,18 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config.get("server-round", 0))
     # The server's run key survives its restarts (Flower's run id does not): the ledger keys rounds by it.
     run_key = str(config.get("run-key", context.run_id))
+    proximal_mu = float(config.get("proximal-mu", 0.0))
+    replay_key = replay.digest(run_key, server_round, {k: a.data for k, a in msg.content["arrays"].items()},
+                               {"proximal-mu": proximal_mu})
+    cached = merchant.replays.get(replay_key) if merchant.replays else None
+    if cached is not None:  # this exact round was trained and sent before (the server lost it): resend it, for free
+        arrays, metrics = cached
+        content = RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord(metrics | {"epsilon": _finite(merchant.trainer.epsilon_spent()),
+                                                                 "replayed": 1})})
+        return Message(content, reply_to=msg)
     try:
-        result = merchant.trainer.train_round(model, run_id=run_key, round_=server_round,
-                                              proximal_mu=float(config.get("proximal-mu", 0.0)))
+        result = merchant.trainer.train_round(model, run_id=run_key, round_=server_round, proximal_mu=proximal_mu)
     except BudgetExceeded as exc:
         spent = merchant.trainer.epsilon_spent()
         content = RecordDict({
@@ -53,6 +64,9 @@ def train(msg: Message, context: Context) -> Message:
         "augment_views": result.augment_views,
         "partition-id": merchant.partition_id,
     })
+    if merchant.replays:
+        merchant.replays.put(replay_key, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
+                             dict(metrics))
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
     return Message(content, reply_to=msg)
 

@@ -24,6 +24,7 @@ from common.split import LeaveOneOut, assign_merchants, leave_one_out, merchant_
 
 from .config import MerchantConfig, merchant_config_from
 from .ledger import PrivacyLedger
+from .replay import ReplayCache
 from .trainer import LocalTrainer
 
 
@@ -37,6 +38,8 @@ class Merchant:
     device: torch.device
     partition_id: int = -1
     """Simulation: which partition of the data set this merchant is (-1 in deployment)."""
+    replays: ReplayCache | None = None
+    """The last update sent, for a round asked again (private merchants only: it saves their budget)."""
 
     def model(self, state_dict: dict | None = None) -> SASRec:
         model = SASRec(self.model_config, self.item_attributes)
@@ -72,7 +75,8 @@ def _build(node_items: tuple, run_items: tuple) -> Merchant:
     ledger = PrivacyLedger(state_dir) if privacy.private else None
     trainer = LocalTrainer(split.train.sequences(), data.n_items, privacy, config.local.settings(),
                            config.augment.settings(), ledger, device)
-    return Merchant(split, trainer, *config.model.build(data), device, int(node.get("partition-id", -1)))
+    return Merchant(split, trainer, *config.model.build(data), device, int(node.get("partition-id", -1)),
+                    ReplayCache(state_dir) if ledger else None)
 
 
 @lru_cache(maxsize=2)

@@ -56,6 +56,15 @@ def test_train_and_evaluate_round_trip_then_decline(tmp_path):
     second = _call(MessageType.TRAIN, new, context, 2)
     assert second.content["metrics"]["declined"] == 0
     assert second.content["metrics"]["epsilon"] <= 3.0
+    # The server lost round 2 (it crashed) and asks again from the same weights: the merchant resends the very
+    # update it released, without training or paying for it again.
+    ledger_rows = _ledger_rows(tmp_path / "merchant-1")
+    again = _call(MessageType.TRAIN, new, context, 2)
+    assert again.content["metrics"]["replayed"] == 1 and again.content["metrics"]["declined"] == 0
+    assert again.content["metrics"]["epsilon"] == pytest.approx(second.content["metrics"]["epsilon"])
+    first_arrays, second_arrays = (r.content["arrays"].to_torch_state_dict() for r in (second, again))
+    assert all(torch.equal(first_arrays[k], second_arrays[k]) for k in first_arrays)
+    assert _ledger_rows(tmp_path / "merchant-1") == ledger_rows
     third = _call(MessageType.TRAIN, new, context, 3)  # past the planned rounds: the budget is spent
     assert not third.has_error()
     assert third.content["metrics"]["declined"] == 1 and "arrays" not in third.content
@@ -67,3 +76,13 @@ def test_node_without_data_or_partition_is_a_config_error():
         merchant_for({}, RUN)
     with pytest.raises(ConfigError, match="state-dir"):
         merchant_for({"data-path": "x.csv"}, RUN)
+
+
+def _ledger_rows(state_dir):
+    import sqlite3
+
+    db = sqlite3.connect(state_dir / "privacy-ledger.sqlite")
+    try:
+        return db.execute("SELECT run_id, round, attempt, epsilon FROM rounds ORDER BY id").fetchall()
+    finally:
+        db.close()
