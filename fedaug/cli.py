@@ -236,6 +236,37 @@ def sweep(
 
 
 @app.command()
+def audit(
+    out: Path = typer.Option(..., "--out", help="Directory for audit.json, audit.png and state/."),
+    config: Path | None = typer.Option(None, "--config", help="TOML: data, model, augment, privacy, local."),
+    data: Path | None = typer.Option(None, "--data", help="Behaviour data the canaries join; default: synthetic."),
+    fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
+    epsilon: str | None = typer.Option(None, "--epsilon", help="The privacy budget ε to audit, or 'inf'."),
+    canaries: int = typer.Option(1000, "--canaries", help="Canary users, each trained on with probability 1/2."),
+    guesses: int | None = typer.Option(None, "--guesses", help="Canaries guessed in/out (default: canaries / 5)."),
+    canary_length: int = typer.Option(20, "--canary-length", help="Items per canary chain."),
+    rounds: int | None = typer.Option(None, "--rounds", help="Training rounds (noise is calibrated for all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the canaries and of who is included."),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Audit ε empirically in one training run (Steinke, Nasr & Jagielski 2023): canaries in or out, guessed."""
+    from client.config import MerchantConfig
+    from common.config import load_config
+    from simulations.audit import run_audit
+
+    cfg = load_config(config, {"data.path": str(data) if data else None, "data.format": fmt,
+                               "privacy.epsilon": epsilon, "local.rounds": rounds, "device": device}, MerchantConfig)
+    _check_out_dir(out)
+    with _progress() as progress:
+        task = progress.add_task("training with canaries: rounds", total=cfg.local.rounds)
+        result = run_audit(cfg, canaries, out, guesses=guesses, canary_length=canary_length, seed=seed,
+                           on_round=lambda done, total, _: progress.update(task, completed=done, total=total))
+    console.print(f"audit: ε claimed {result['epsilon_claimed']}, empirical lower bound "
+                  f"{result['epsilon_lower_bound']} at 95% ({result['correct']}/{result['guesses']} guesses right, "
+                  f"{result['canaries']} canaries) -> {out / 'audit.json'}", highlight=False)
+
+
+@app.command()
 def certs(
     out: Path = typer.Option(..., "--out", help="New directory for ca.crt/.key, server.crt/.key, merchant-N.key/.pub."),
     merchants: int = typer.Option(3, "--merchants", help="Merchant authentication key pairs to create."),

@@ -1,0 +1,173 @@
+"""`fedaug audit`: an empirical lower bound on ε from one training run (Steinke, Nasr & Jagielski, 2023).
+
+M canary users — random item chains no real user has — are each added to a merchant's training data with
+probability ½, and the merchant trains exactly as it would (same trainer, DP settings, rounds). Every canary is
+then scored by the trained model's log-likelihood of its chain. The auditor guesses "in" for the r/2 best-scored
+canaries and "out" for the r/2 worst, abstaining on the rest. If training is (ε, δ)-DP, the number of correct
+guesses is stochastically dominated by Binomial(r, e^ε / (1 + e^ε)) (plus a δ term), so a count that would be
+too unlikely under ε refutes it: the largest such ε at 95% confidence is the lower bound ε_lb. A correct
+implementation has ε_lb ≤ ε; a non-private one lets the auditor see memorised canaries (ε_lb well above 0).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+
+from client.config import MerchantConfig
+from client.ledger import PrivacyLedger
+from client.trainer import LocalTrainer
+from common.atomic import write_json_atomic
+from common.device import pick_device
+from common.errors import ConfigError
+from common.split import leave_one_out
+from common.training import set_seed
+
+from .report import json_number
+
+
+def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """P[≥ v correct of r guesses] for an (ε, δ)-DP mechanism over m canaries each included with probability ½
+    (Steinke et al. 2023, Theorem 3.3): the ε-randomised-response tail plus the δ term."""
+    if not 0 <= v <= r <= m:
+        raise ValueError(f"need 0 <= v <= r <= m, got v={v}, r={r}, m={m}")
+    q = 1.0 / (1.0 + math.exp(-epsilon))  # accuracy of ε-DP randomised response
+    tail = float(stats.binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
+    if delta == 0:
+        return min(tail, 1.0)
+    worst, below = 0.0, 0.0
+    for i in range(1, v + 1):  # max over i of P[v - i <= Binomial(r, q) < v] / i
+        below += float(stats.binom.pmf(v - i, r, q))
+        worst = max(worst, below / i)
+    return min(tail + 2 * m * delta * worst, 1.0)
+
+
+def epsilon_lower_bound(m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
+    """The largest ε that v correct guesses of r refute at ``confidence`` (0 when none is refuted)."""
+    alpha = 1.0 - confidence
+    if p_value(m, r, v, 0.0, delta) >= alpha:
+        return 0.0
+    low, high = 0.0, 1.0
+    while p_value(m, r, v, high, delta) < alpha:  # p grows with ε: find an ε the data cannot refute
+        low, high = high, high * 2
+        if high > 1e3:
+            return math.inf
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if p_value(m, r, v, middle, delta) < alpha else (low, middle)
+    return low
+
+
+def guess(scores: np.ndarray, included: np.ndarray, guesses: int) -> tuple[int, int]:
+    """Guess "in" for the guesses/2 highest scores, "out" for the guesses/2 lowest; (r, v) = (guesses, correct)."""
+    order = np.argsort(scores, kind="stable")
+    half = guesses // 2
+    guessed_out, guessed_in = order[:half], order[len(order) - (guesses - half):]
+    correct = int(included[guessed_in].sum() + (~included[guessed_out]).sum())
+    return guesses, correct
+
+
+def make_canaries(n_items: int, count: int, length: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Random chains of distinct catalog items: sequences no real user follows, so only membership explains a
+    model that finds them likely."""
+    if length > n_items:
+        raise ConfigError(f"--canary-length: {length} is longer than the catalog ({n_items} items)")
+    return [rng.choice(np.arange(1, n_items + 1), size=length, replace=False) for _ in range(count)]
+
+
+@torch.no_grad()
+def chain_log_likelihood(model, chains: list[np.ndarray], device: torch.device, batch: int = 256) -> np.ndarray:
+    """Mean log-probability the model gives each chain's next items (teacher forcing), one score per chain."""
+    model.eval()
+    scores = []
+    max_len = model.cfg.max_len
+    for start in range(0, len(chains), batch):
+        part = [c[-(max_len + 1):] for c in chains[start:start + batch]]
+        width = max(len(c) for c in part) - 1
+        items = torch.zeros((len(part), width), dtype=torch.long)
+        targets = torch.zeros((len(part), width), dtype=torch.long)
+        for row, chain in enumerate(part):
+            items[row, :len(chain) - 1] = torch.as_tensor(chain[:-1])
+            targets[row, :len(chain) - 1] = torch.as_tensor(chain[1:])
+        logits = model(items.to(device)).float()
+        logp = torch.log_softmax(logits[..., 1:], dim=-1)  # item 0 is padding, never a target
+        mask = (targets > 0).to(device)
+        picked = logp.gather(-1, (targets.to(device) - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        scores.append(((picked * mask).sum(1) / mask.sum(1)).cpu().numpy())
+    return np.concatenate(scores)
+
+
+def run_audit(config: MerchantConfig, canaries: int, out: Path, *, guesses: int | None = None,
+              canary_length: int = 20, confidence: float = 0.95, seed: int = 0, on_round=None) -> dict:
+    """Train one merchant on its data plus the included canaries; write ``out/audit.json`` and the plot."""
+    started = time.monotonic()
+    if canaries < 2:
+        raise ConfigError(f"--canaries: need at least 2, got {canaries}")
+    guesses = guesses or max(2, canaries // 5)
+    if not 1 <= guesses <= canaries:
+        raise ConfigError(f"--guesses: must be between 1 and --canaries ({canaries}), got {guesses}")
+    rng = np.random.default_rng(seed)
+    device = pick_device(config.device)
+    data = config.load_data()
+    split = leave_one_out(data)
+    chains = make_canaries(data.n_items, canaries, canary_length, rng)
+    included = rng.random(canaries) < 0.5
+    train = split.train.sequences() + [c for c, inside in zip(chains, included, strict=True) if inside]
+    privacy = config.privacy_settings()
+    out = Path(out)
+    state_dir = out / "state"
+    ledger = PrivacyLedger(state_dir) if privacy.private else None
+    trainer = LocalTrainer(train, data.n_items, privacy, config.local.settings(), config.augment.settings(), ledger,
+                           device)
+    set_seed(config.local.seed)
+    model = config.model.model(data).to(device)
+    run_id = uuid.uuid4().hex
+    for round_ in range(1, config.local.rounds + 1):
+        result = trainer.train_round(model, run_id, round_)
+        if on_round:
+            on_round(round_, config.local.rounds, result)
+    scores = chain_log_likelihood(model, chains, device)
+    r, v = guess(scores, included, guesses)
+    epsilon = trainer.epsilon_spent()
+    lower = epsilon_lower_bound(canaries, r, v, trainer.delta if privacy.private else 0.0, confidence)
+    audit = {"epsilon_claimed": json_number(epsilon), "delta": trainer.delta if privacy.private else 0.0,
+             "epsilon_lower_bound": json_number(lower), "canaries": canaries, "guesses": r, "correct": v,
+             "confidence": confidence, "included": int(included.sum()), "canary_length": canary_length,
+             "rounds": config.local.rounds, "users": data.n_users, "seconds": round(time.monotonic() - started, 2),
+             "config": config.model_dump(mode="json")}
+    write_json_atomic(out / "audit.json", audit)
+    _plot(scores, included, audit, out / "audit.png")
+    return audit
+
+
+def _plot(scores: np.ndarray, included: np.ndarray, audit: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = np.linspace(scores.min(), scores.max(), 40)
+    ax.hist(scores[included], bins=bins, alpha=0.6, label=f"trained on ({included.sum()})")
+    ax.hist(scores[~included], bins=bins, alpha=0.6, label=f"left out ({(~included).sum()})")
+    ax.set_xlabel("canary score: mean log-likelihood of its chain")
+    ax.set_ylabel("canaries")
+    claimed, lower = (_text(audit[k]) for k in ("epsilon_claimed", "epsilon_lower_bound"))
+    ax.set_title(f"ε claimed {claimed}, empirical lower bound {lower} "
+                 f"({audit['correct']}/{audit['guesses']} guesses right)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _text(epsilon) -> str:
+    return epsilon if isinstance(epsilon, str) else f"{epsilon:.3f}"
