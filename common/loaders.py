@@ -11,8 +11,10 @@ Formats:
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import replace
@@ -27,6 +29,28 @@ from .errors import DataError
 FORMATS = ("events", "amazon-seq")
 REQUIRED_EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 MAX_ID = 2**62
+LIMITS = {  # what one merchant's file may hold before it is refused, not half-loaded; raise them by environment
+    "FEDAUG_MAX_FILE_BYTES": 2 * 2**30,  # the whole file is parsed in memory
+    "FEDAUG_MAX_LINE_CHARS": 2**24,  # 16 Mi characters: a user line of ~2 million items
+    "FEDAUG_MAX_ITEMS": 50_000_000,  # distinct items: the model holds a row per item
+}
+
+
+def limit(name: str) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else LIMITS[name]
+
+
+def check_file_size(path: Path) -> None:
+    size, most = path.stat().st_size, limit("FEDAUG_MAX_FILE_BYTES")
+    if size > most:
+        raise DataError(path, f"file is {size:,} bytes, over the {most:,}-byte limit (FEDAUG_MAX_FILE_BYTES)")
+
+
+def check_item_count(path: Path, n_items: int) -> None:
+    most = limit("FEDAUG_MAX_ITEMS")
+    if n_items > most:
+        raise DataError(path, f"{n_items:,} distinct items, over the {most:,}-item limit (FEDAUG_MAX_ITEMS)")
 
 
 def load(path, fmt: str | None = None, *, timestamps=None, attributes=None) -> BehaviorData:
@@ -53,6 +77,7 @@ def load(path, fmt: str | None = None, *, timestamps=None, attributes=None) -> B
 
 def read_text_lines(path: Path) -> list[str]:
     """Decode ``path`` as UTF-8 text; binary garbage and bad encodings are reported with their line."""
+    check_file_size(path)
     raw = path.read_bytes()
     if not raw.strip():
         raise DataError(path, "file is empty")
@@ -68,7 +93,12 @@ def read_text_lines(path: Path) -> list[str]:
     if bad_utf8 >= 0:
         line, column = _position(raw, bad_utf8)
         raise DataError(path, "not valid UTF-8 text (wrong encoding?)", line, column)
-    return text.splitlines()
+    lines = text.splitlines()
+    longest, most = max(map(len, lines), default=0), limit("FEDAUG_MAX_LINE_CHARS")
+    if longest > most:
+        line = next(n for n, text in enumerate(lines, start=1) if len(text) == longest)
+        raise DataError(path, f"line is {longest:,} characters, over the {most:,} limit (FEDAUG_MAX_LINE_CHARS)", line)
+    return lines
 
 
 def _position(raw: bytes, offset: int) -> tuple[int, int]:
@@ -118,6 +148,7 @@ def load_amazon_seq(path, *, timestamps=None, attributes=None) -> BehaviorData:
         bad = next(i for i, s in enumerate(seqs) if 0 in s)
         raise DataError(path, "item id 0 is reserved for padding", _nth_nonblank_line(path, bad))
     unique, items = np.unique(raw_items, return_inverse=True)
+    check_item_count(path, len(unique))
     lengths = np.array([len(s) for s in seqs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     catalog = ItemCatalog(raw_ids=np.concatenate([[0], unique]))
@@ -203,6 +234,7 @@ def load_catalog(path) -> ItemCatalog:
         raise DataError(path, "the catalog lists no items")
     if 0 in by_raw_item:
         raise DataError(path, "item id 0 is reserved for padding", column="item_id")
+    check_item_count(path, len(by_raw_item))
     raw_ids = np.concatenate([[0], np.sort(np.fromiter(by_raw_item, dtype=np.int64))])
     if len(names) == 1:
         return ItemCatalog(raw_ids=raw_ids)
@@ -333,6 +365,7 @@ def load_events(path) -> BehaviorData:
 
     unique_users, user_index = np.unique(table["user"].to_numpy(), return_inverse=True)
     unique_items, item_index = np.unique(table["item"].to_numpy(), return_inverse=True)
+    check_item_count(path, len(unique_items))
     lengths = np.bincount(user_index, minlength=len(unique_users))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     merchant = None
@@ -355,6 +388,7 @@ def load_events(path) -> BehaviorData:
 def _read_table(path: Path) -> tuple[pd.DataFrame, int, str]:
     """Read CSV or Parquet as strings/values; returns the frame, the offset from row index to file line, the unit."""
     if path.suffix.lower() in (".parquet", ".pq"):
+        check_file_size(path)
         if path.stat().st_size == 0:
             raise DataError(path, "file is empty")
         try:
@@ -373,7 +407,8 @@ def _read_table(path: Path) -> tuple[pd.DataFrame, int, str]:
     except pd.errors.EmptyDataError:
         raise DataError(path, "file is empty") from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    duplicated = [c for c in frame.columns if list(frame.columns).count(c) > 1]
+    header = [c.strip() for c in next(csv.reader([lines[0].lstrip("\ufeff")]))]  # pandas renames duplicates
+    duplicated = [c for c in header if header.count(c) > 1]
     if duplicated:
         raise DataError(path, f"column {duplicated[0]!r} appears twice in the header", 1)
     return frame, 2, "line"

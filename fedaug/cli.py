@@ -9,8 +9,10 @@ import sys
 import warnings
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.errors import FedaugError
@@ -32,20 +34,39 @@ def main() -> None:
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}.*")
     try:
-        app()
+        app(standalone_mode=False)
     except FedaugError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         sys.exit(1)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        console.print(exc.format_message(), highlight=False, markup=False)
+        sys.exit(0)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # a wrong flag or value: one line too, not click's usage box
+        context = getattr(exc, "ctx", None)
+        _error(exc.format_message() + (f" (see {context.command_path} --help)" if context else ""))
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
 
 
-@app.callback()
-def root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
-    """Federated, privacy-preserving augmentation and training for sequential recommendation."""
-    if version:
+def _error(message: str) -> None:
+    console.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
         from fedaug import __version__
 
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Federated, privacy-preserving augmentation and training for sequential recommendation."""
 
 
 @app.command()
