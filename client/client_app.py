@@ -18,6 +18,7 @@ from common.memory import single_malloc_arena
 from common.metrics import METRIC_NAMES
 
 from . import replay
+from .attacks import UPDATE_ATTACKS, poison_update
 from .ledger import BudgetExceeded
 from .merchant import merchant_for
 
@@ -64,10 +65,13 @@ def train(msg: Message, context: Context) -> Message:
         "augment_views": result.augment_views,
         "partition-id": merchant.partition_id,
     })
+    update = model.state_dict()
+    if merchant.attack in UPDATE_ATTACKS:  # a Byzantine merchant in a robustness simulation lies here
+        update = poison_update(msg.content["arrays"].to_torch_state_dict(), update, merchant.attack,
+                               float(context.run_config.get("attack-scale", 10.0)), seed=server_round)
     if merchant.replays:
-        merchant.replays.put(replay_key, {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
-                             dict(metrics))
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+        merchant.replays.put(replay_key, {k: v.detach().cpu().numpy() for k, v in update.items()}, dict(metrics))
+    content = RecordDict({"arrays": ArrayRecord(update), "metrics": metrics})
     return Message(content, reply_to=msg)
 
 

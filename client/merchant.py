@@ -22,6 +22,7 @@ from common.errors import ConfigError
 from common.model import SASRec, SASRecConfig
 from common.split import LeaveOneOut, assign_merchants, leave_one_out, merchant_partitions
 
+from .attacks import attackers, flip_labels
 from .config import MerchantConfig, merchant_config_from
 from .ledger import PrivacyLedger
 from .replay import ReplayCache
@@ -40,6 +41,8 @@ class Merchant:
     """Simulation: which partition of the data set this merchant is (-1 in deployment)."""
     replays: ReplayCache | None = None
     """The last update sent, for a round asked again (private merchants only: it saves their budget)."""
+    attack: str = ""
+    """Simulation only: this merchant is Byzantine and sends updates poisoned this way (client.attacks)."""
 
     def model(self, state_dict: dict | None = None) -> SASRec:
         model = SASRec(self.model_config, self.item_attributes)
@@ -56,6 +59,7 @@ def merchant_for(node_config: dict, run_config: dict) -> Merchant:
 @lru_cache(maxsize=256)  # one per merchant a simulation process hosts
 def _build(node_items: tuple, run_items: tuple) -> Merchant:
     node, run = dict(node_items), dict(run_items)
+    attack = ""
     if "data-path" in node:  # deployment: this node's own data and state
         config = merchant_config_from(run, node)
         if "state-dir" not in node:
@@ -64,9 +68,13 @@ def _build(node_items: tuple, run_items: tuple) -> Merchant:
     elif "partition-id" in node:  # simulation: one partition of the run's data set
         config = merchant_config_from(run)
         pid, n = int(node["partition-id"]), int(node["num-partitions"])
-        data = _partitioned(config, n, str(run.get("partition", "uniform")), int(run.get("partition-seed", 0)),
+        seed = int(run.get("partition-seed", 0))
+        data = _partitioned(config, n, str(run.get("partition", "uniform")), seed,
                             float(run.get("dirichlet-alpha", 0.5)))[pid]
         state_dir = Path(str(run.get("state-dir", "fedaug-state"))) / f"merchant-{pid}"
+        if run.get("attack") and pid in attackers(n, float(run.get("attackers", 0.0)), seed):
+            attack = str(run["attack"])
+            data = flip_labels(data, seed) if attack == "labelflip" else data
     else:
         raise ConfigError("node_config needs data-path (deployment) or partition-id (simulation)")
     device = pick_device(config.device)
@@ -76,7 +84,7 @@ def _build(node_items: tuple, run_items: tuple) -> Merchant:
     trainer = LocalTrainer(split.train.sequences(), data.n_items, privacy, config.local.settings(),
                            config.augment.settings(), ledger, device)
     return Merchant(split, trainer, *config.model.build(data), device, int(node.get("partition-id", -1)),
-                    ReplayCache(state_dir) if ledger else None)
+                    ReplayCache(state_dir) if ledger else None, attack)
 
 
 @lru_cache(maxsize=2)

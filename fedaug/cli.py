@@ -185,6 +185,11 @@ def simulate(
     mode: str | None = typer.Option(None, "--mode", help="federated | local (each merchant alone) | central "
                                     "(all data pooled), all under the same DP settings."),
     seed: int | None = typer.Option(None, "--seed"),
+    attack: str | None = typer.Option(None, "--attack", help="Byzantine merchants: scale | signflip | noise | "
+                                      "labelflip (robustness experiments)."),
+    attackers: float | None = typer.Option(None, "--attackers", help="Fraction of merchants that attack."),
+    defence: str | None = typer.Option(None, "--defence", help="none | trimmed | median | multikrum | normbound "
+                                       "(sets the strategy; normbound clips updates to the median distance)."),
     baseline: list[Path] = typer.Option([], "--baseline", help="metrics.json of `fedaug baseline` runs to compare "
                                         "with in the report (repeatable)."),
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus /metrics on this port."),
@@ -201,7 +206,8 @@ def simulate(
         "simulation.partition": partition, "federation.rounds": rounds, "local.local_epochs": local_epochs,
         "privacy.epsilon": epsilon, "augment.enabled": False if no_augment else None,
         "federation.strategy": strategy, "simulation.mode": mode, "federation.seed": seed,
-        "federation.metrics_port": metrics_port, "device": device,
+        "federation.metrics_port": metrics_port, "device": device, "simulation.attack": attack,
+        "simulation.attackers": attackers, "simulation.defence": defence,
     }, SimulationConfig)
     baselines = dict(_read_baseline(path) for path in baseline)
     _check_out_dir(out)

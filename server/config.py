@@ -44,6 +44,9 @@ class FederationSection(Section):
     """Krum / multi-Krum: number of malicious merchants tolerated."""
     krum_select: int = Field(0, ge=0)
     """Multi-Krum: updates averaged (0 = all but the tolerated malicious ones)."""
+    norm_bound: float = Field(0.0, ge=0)
+    """Defence before aggregation: clip every update's distance from the global model to this multiple of the
+    round's median distance (0 = off), so no merchant can move the model more than a typical one."""
     central_dp: bool = False
     """Client-level DP on top: Flower's server-side fixed clipping of each update plus Gaussian noise."""
     central_noise: float = Field(1.0, gt=0)
@@ -81,6 +84,7 @@ FEDERATION_KEYS = {
     "trim-beta": "trim_beta",
     "byzantine": "byzantine",
     "krum-select": "krum_select",
+    "norm-bound": "norm_bound",
     "central-dp": "central_dp",
     "central-noise": "central_noise",
     "central-clip": "central_clip",

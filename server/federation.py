@@ -25,7 +25,7 @@ from . import checkpoint
 from .checkpoint import ServerState
 from .config import FederationSection
 from .monitor import Monitor
-from .replies import sort_evaluate_replies, sort_train_replies
+from .replies import bound_norms, sort_evaluate_replies, sort_train_replies
 from .strategies import STATE_ATTRIBUTES, WEIGHT, build_strategy, central_dp, inner
 
 Evaluator = Callable[[dict[str, np.ndarray], tuple[str, ...]], dict]
@@ -87,6 +87,8 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
         replies = sort_train_replies(messages, replies, state.arrays, uniform_weights=dp is not None)
         for problem in replies.problems():
             log(WARNING, "fedaug round %d: merchant %s", server_round, problem)
+        for node, distance in bound_norms(replies.accepted, state.arrays, settings.norm_bound).items():
+            log(INFO, "fedaug round %d: merchant %s: update clipped (distance %.3g)", server_round, node, distance)
         enough = len(replies.accepted) >= settings.min_replies
         # Called even with too few replies: Flower's DP wrapper keeps a pending privacy event until it is.
         aggregated, _ = strategy.aggregate_train(server_round, replies.accepted if enough else [])

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from .strategies import WEIGHT
 
@@ -133,3 +133,26 @@ def _check_update(arrays: ArrayRecord | None, metrics: dict, reference: dict[str
         if value.dtype.kind in "fc" and not np.isfinite(value).all():
             return f"array {key!r} contains NaN or Inf"
     return None
+
+
+def bound_norms(accepted: list[Message], reference: dict[str, np.ndarray], factor: float) -> dict[int, float]:
+    """Clip each accepted update's distance from ``reference`` to ``factor`` × the median distance, in place;
+    returns {node: distance before clipping} for the updates that were clipped."""
+    if factor <= 0 or not accepted:
+        return {}
+    distances = []
+    for reply in accepted:
+        arrays = reply.content["arrays"]
+        distances.append(math.sqrt(sum(float(((arrays[k].numpy().astype(np.float64) - reference[k]) ** 2).sum())
+                                       for k in reference)))
+    bound = factor * float(np.median(distances))
+    clipped = {}
+    for reply, distance in zip(accepted, distances, strict=True):
+        if distance <= bound or distance == 0:
+            continue
+        arrays = reply.content["arrays"]
+        scale = bound / distance
+        reply.content["arrays"] = ArrayRecord({k: Array((reference[k] + scale * (arrays[k].numpy() - reference[k]))
+                                                        .astype(reference[k].dtype)) for k in reference})
+        clipped[reply.metadata.src_node_id] = distance
+    return clipped

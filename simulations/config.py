@@ -5,14 +5,28 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from client.attacks import ATTACKS, attackers
 from common.config import Section
 from common.split import PARTITIONS
 from server.config import FederatedConfig
 from server.config import flat_run_config as server_flat_run_config
 
 MODES = ("federated", "local", "central")
+
+
+def _byzantine(simulation: dict) -> int:
+    return max(1, round(float(simulation.get("attackers", 0)) * int(simulation.get("merchants", 5))))
+
+
+DEFENCES = {  # [simulation] defence -> the [federation] settings it stands for
+    "none": lambda sim: {"strategy": "fedavg", "norm_bound": 0.0},
+    "trimmed": lambda sim: {"strategy": "fedtrimmedavg", "norm_bound": 0.0},
+    "median": lambda sim: {"strategy": "fedmedian", "norm_bound": 0.0},
+    "multikrum": lambda sim: {"strategy": "multikrum", "byzantine": _byzantine(sim), "norm_bound": 0.0},
+    "normbound": lambda sim: {"strategy": "fedavg", "norm_bound": 1.0},
+}
 
 
 class SimulationSection(Section):
@@ -25,14 +39,48 @@ class SimulationSection(Section):
     same DP settings and rounds × local epochs, so the three compare like for like."""
     client_cpus: int = Field(0, ge=0)
     """CPUs per simulated merchant (0: all of them, one merchant trains at a time)."""
+    attack: Literal[("",) + ATTACKS] = ""  # type: ignore[valid-type]
+    """Robustness experiments: make a fraction of merchants Byzantine (client.attacks)."""
+    attackers: float = Field(0.0, ge=0, lt=1)
+    attack_scale: float = Field(10.0, gt=0)
+    """λ of the scale / signflip / noise attacks."""
+    defence: Literal[tuple(DEFENCES)] | None = None  # type: ignore[valid-type]
+    """Shorthand that sets [federation]: none (FedAvg), trimmed, median, multikrum (tolerating the attackers),
+    normbound (FedAvg after clipping updates to the median distance)."""
+
+    @model_validator(mode="after")
+    def _attack_needs_attackers(self):
+        if bool(self.attack) != (self.attackers > 0):
+            raise ValueError("attack and attackers go together (an attack needs attackers > 0, and vice versa)")
+        return self
 
 
-SIMULATION_KEYS = {"partition": "partition", "partition-seed": "partition_seed", "dirichlet-alpha": "dirichlet_alpha"}
+SIMULATION_KEYS = {"partition": "partition", "partition-seed": "partition_seed", "dirichlet-alpha": "dirichlet_alpha",
+                   "attack": "attack", "attackers": "attackers", "attack-scale": "attack_scale"}
 """The [simulation] keys merchants read from run_config (client.merchant)."""
 
 
 class SimulationConfig(FederatedConfig):
     simulation: SimulationSection = SimulationSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defence_sets_the_federation(cls, raw):
+        """[simulation] defence is shorthand for [federation] settings; both given and disagreeing is an error."""
+        simulation = raw.get("simulation") if isinstance(raw, dict) else None
+        if not isinstance(simulation, dict) or simulation.get("defence") not in DEFENCES:
+            return raw
+        federation = dict(raw.get("federation") or {})
+        for key, value in DEFENCES[simulation["defence"]](simulation).items():
+            if key in federation and federation[key] != value:
+                raise ValueError(f"simulation.defence {simulation['defence']} sets federation.{key} = {value!r}, "
+                                 f"but federation.{key} is {federation[key]!r}")
+            federation[key] = value
+        return {**raw, "federation": federation}
+
+    def attacker_ids(self) -> list[int]:
+        sim = self.simulation
+        return sorted(attackers(sim.merchants, sim.attackers, sim.partition_seed)) if sim.attack else []
 
 
 def flat_run_config(config: SimulationConfig) -> dict:

@@ -50,7 +50,11 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     else:
         metrics = _central(config, data, state_dir, on_round)
     popularity = select(evaluate(Popularity(split.train), split, "test"))
+    sim = config.simulation
     metrics = {"mode": mode, **metrics, "baselines": {"popularity": popularity} | (baselines or {}),
+               "attack": {"kind": sim.attack, "fraction": sim.attackers, "scale": sim.attack_scale,
+                          "merchants": config.attacker_ids()} if sim.attack else None,
+               "defence": sim.defence or ("normbound" if config.federation.norm_bound else config.federation.strategy),
                "seconds": round(time.monotonic() - started, 2), "data": data.summary(),
                "merchants_total": n_merchants, "config": config.model_dump(mode="json")}
     out.mkdir(parents=True, exist_ok=True)

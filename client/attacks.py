@@ -1,0 +1,53 @@
+"""Byzantine merchants, for robustness experiments in simulation (`fedaug simulate --attack ... --attackers F`).
+
+A chosen fraction of merchants trains as usual and then lies:
+- ``scale``: sends global + λ·(update − global), a boosted update that drags the average;
+- ``signflip``: sends global − λ·(update − global), pushing the model the wrong way;
+- ``noise``: sends global + Gaussian noise with λ times the honest update's norm;
+- ``labelflip``: poisons its data instead: every item id goes through a fixed random permutation of the catalog, so
+  it learns (and sends) transitions that are wrong for everyone else.
+Which merchants attack is a seeded choice over partition ids, so every process of a run agrees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from common.data import BehaviorData
+
+ATTACKS = ("scale", "signflip", "noise", "labelflip")
+UPDATE_ATTACKS = ("scale", "signflip", "noise")
+
+
+def attackers(n_merchants: int, fraction: float, seed: int) -> set[int]:
+    """Partition ids of the Byzantine merchants: round(fraction · n) of them, seeded."""
+    count = int(round(fraction * n_merchants))
+    return set(np.random.default_rng([seed, 7919]).choice(n_merchants, size=count, replace=False).tolist())
+
+
+def poison_update(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], attack: str, scale: float,
+                  seed: int) -> dict[str, torch.Tensor]:
+    """The update an attacker sends instead of ``trained`` (both state dicts; ``start`` is the global model)."""
+    deltas = {k: trained[k].float() - start[k].float() for k in trained}
+    if attack == "scale":
+        moved = {k: scale * d for k, d in deltas.items()}
+    elif attack == "signflip":
+        moved = {k: -scale * d for k, d in deltas.items()}
+    elif attack == "noise":
+        norm = torch.sqrt(sum((d ** 2).sum() for d in deltas.values()))
+        size = sum(d.numel() for d in deltas.values())
+        generator = torch.Generator().manual_seed(seed)
+        sigma = scale * float(norm) / max(size, 1) ** 0.5
+        moved = {k: sigma * torch.randn(d.shape, generator=generator) for k, d in deltas.items()}
+    else:
+        raise ValueError(f"not an update attack: {attack!r}")
+    return {k: (start[k].float() + moved[k]).to(trained[k].dtype) for k in trained}
+
+
+def flip_labels(data: BehaviorData, seed: int) -> BehaviorData:
+    """``data`` with every item id replaced through one seeded random permutation of the catalog."""
+    permutation = np.concatenate([[0], np.random.default_rng([seed, 104729]).permutation(data.n_items) + 1])
+    return replace(data, items=permutation[data.items])

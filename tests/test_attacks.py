@@ -1,0 +1,105 @@
+"""Byzantine merchants and the defences against them: the attacks' arithmetic, norm bounding at the aggregator,
+the [simulation] attack / defence settings, and a small poisoned federation end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from client.attacks import attackers, flip_labels, poison_update
+from common.config import load_config
+from common.errors import ConfigError
+from common.synthetic import SyntheticSpec, generate
+from server.replies import bound_norms
+from simulations.config import SimulationConfig
+from tests.test_simulate import SMALL, _fedaug, _finish
+
+
+def _state(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((3, 2), value), "b": torch.full((2,), value)}
+
+
+def test_update_attacks_move_the_model_as_documented():
+    start, trained = _state(1.0), _state(1.5)  # honest delta: +0.5 everywhere
+    assert torch.allclose(poison_update(start, trained, "scale", 10.0, 0)["w"], torch.full((3, 2), 6.0))
+    assert torch.allclose(poison_update(start, trained, "signflip", 2.0, 0)["b"], torch.full((2,), 0.0))
+    noisy = poison_update(start, trained, "noise", 3.0, 0)
+    norm = torch.sqrt(sum(((noisy[k] - start[k]) ** 2).sum() for k in start))
+    honest = torch.sqrt(sum(((trained[k] - start[k]) ** 2).sum() for k in start))
+    assert 1.0 < float(norm / honest) < 6.0  # noise of about λ times the honest update's norm
+    assert torch.equal(poison_update(start, trained, "noise", 3.0, 0)["w"], noisy["w"])  # seeded
+
+
+def test_label_flip_is_one_fixed_permutation_of_the_catalog():
+    data = generate(SyntheticSpec(users=50, items=40))
+    flipped = flip_labels(data, seed=3)
+    assert flipped.n_items == data.n_items and not np.array_equal(flipped.items, data.items)
+    pairs = set(zip(data.items.tolist(), flipped.items.tolist(), strict=True))
+    assert len({a for a, _ in pairs}) == len(pairs) == len({b for _, b in pairs})  # a bijection on the items used
+    assert np.array_equal(flip_labels(data, seed=3).items, flipped.items)
+
+
+def test_attackers_are_a_seeded_fraction():
+    chosen = attackers(10, 0.2, seed=0)
+    assert len(chosen) == 2 and chosen == attackers(10, 0.2, seed=0) and chosen <= set(range(10))
+    assert attackers(10, 0.0, seed=0) == set()
+
+
+@pytest.fixture(autouse=True)
+def _as_if_sent_by_a_serverapp(monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def test_norm_bounding_clips_only_the_outlier_to_the_median_distance():
+    reference = {"w": np.zeros(4, np.float32)}
+    replies = []
+    for node, step in ((1, 1.0), (2, 2.0), (3, 50.0)):
+        content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(4, step, np.float32))}),
+                              "metrics": MetricRecord({"num-examples": 10})})
+        reply = Message(content, dst_node_id=0, message_type="train")
+        reply.metadata.__dict__["_src_node_id"] = node
+        replies.append(reply)
+    clipped = bound_norms(replies, reference, factor=1.0)
+    assert list(clipped) == [3] and clipped[3] == pytest.approx(100.0)
+    assert np.allclose(replies[2].content["arrays"]["w"].numpy(), 2.0)  # the median distance (4.0 = ‖(2,2,2,2)‖)
+    assert np.allclose(replies[0].content["arrays"]["w"].numpy(), 1.0)
+    assert bound_norms(replies, reference, factor=0.0) == {}
+
+
+def test_defence_is_shorthand_for_federation_settings():
+    config = SimulationConfig.model_validate({"simulation": {"merchants": 10, "attack": "signflip",
+                                                             "attackers": 0.2, "defence": "multikrum"}})
+    assert config.federation.strategy == "multikrum" and config.federation.byzantine == 2
+    assert len(config.attacker_ids()) == 2
+    assert SimulationConfig.model_validate({"simulation": {"defence": "normbound"}}).federation.norm_bound == 1.0
+    with pytest.raises(ConfigError, match="simulation.defence median sets federation.strategy"):
+        load_config(None, {"simulation.defence": "median", "federation.strategy": "fedavg"}, SimulationConfig)
+    with pytest.raises(ConfigError, match="attack and attackers go together"):
+        load_config(None, {"simulation.attack": "scale"}, SimulationConfig)
+
+
+@pytest.mark.slow
+def test_a_scaling_attacker_wrecks_fedavg_and_the_median_holds(tmp_path):
+    config = tmp_path / "small.toml"
+    config.write_text(SMALL.replace("[simulation]\n", "[simulation]\nattack = \"scale\"\nattackers = 0.34\n"))
+    results = {}
+    for defence in ("none", "median"):
+        out = tmp_path / defence
+        process = _fedaug("simulate", "--config", str(config), "--rounds", "3", "--defence", defence,
+                          "--out", str(out))
+        output = _finish(process, timeout=600)
+        assert process.returncode == 0, output[-3000:]
+        results[defence] = json.loads((out / "metrics.json").read_text())
+    for defence, metrics in results.items():
+        assert metrics["defence"] == defence
+        assert metrics["attack"]["kind"] == "scale" and len(metrics["attack"]["merchants"]) == 1
+    attacked, defended = (results[d]["test"]["ndcg@10"] for d in ("none", "median"))
+    assert defended > 2 * attacked, (attacked, defended)
