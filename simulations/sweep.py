@@ -13,11 +13,12 @@ from typing import Literal
 import tomllib
 from pydantic import Field, field_validator
 
+from client.attacks import ATTACKS
 from common.atomic import write_bytes_atomic, write_json_atomic
 from common.config import Section, load_config
 from common.errors import ConfigError
 
-from .config import MODES, SimulationConfig
+from .config import DEFENCES, MODES, SimulationConfig
 from .plots import privacy_utility_plot
 from .report import METRIC_KEYS
 from .simulate import OnRound, run_simulate
@@ -29,6 +30,11 @@ class SweepSection(Section):
     epsilon: list[float] = Field([1.0, 3.0, 8.0, math.inf], min_length=1)
     augment: list[bool] = Field([True, False], min_length=1)
     modes: list[Literal[MODES]] = Field(["federated"], min_length=1)  # type: ignore[valid-type]
+    attacks: list[Literal[("",) + ATTACKS]] = Field([""], min_length=1)  # type: ignore[valid-type]
+    """Byzantine behaviours to try ("" = nobody attacks); each run with an attack has `attackers` of them."""
+    attackers: float = Field(0.2, gt=0, lt=1)
+    defences: list[Literal[tuple(DEFENCES)] | None] = Field([None], min_length=1)  # type: ignore[valid-type]
+    """Aggregations to try (None = the base [federation] as it is)."""
 
     @field_validator("epsilon", mode="before")
     @classmethod
@@ -80,8 +86,23 @@ def _validated(path: Path, raw: dict, schema):
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def run_name(mode: str, epsilon: float, augment: bool) -> str:
-    return f"{mode}-eps{'inf' if math.isinf(epsilon) else f'{epsilon:g}'}-{'aug' if augment else 'noaug'}"
+def run_name(mode: str, epsilon: float, augment: bool, attack: str = "", defence: str | None = None) -> str:
+    name = f"{mode}-eps{'inf' if math.isinf(epsilon) else f'{epsilon:g}'}-{'aug' if augment else 'noaug'}"
+    return name + (f"-{attack}" if attack else "") + (f"-{defence}" if defence else "")
+
+
+def _grid_config(base: SimulationConfig, sweep: SweepSection, mode: str, epsilon: float, augment: bool,
+                 attack: str, defence: str | None) -> SimulationConfig:
+    """The base config at one grid point (validated again, so a defence sets [federation] as usual)."""
+    raw = base.model_dump(mode="json")
+    raw["privacy"]["epsilon"] = "inf" if math.isinf(epsilon) else epsilon
+    raw["augment"]["enabled"] = augment
+    raw["simulation"] |= {"mode": mode, "attack": attack, "attackers": sweep.attackers if attack else 0.0,
+                          "defence": defence}
+    if defence:
+        for key in DEFENCES[defence](raw["simulation"]):
+            raw["federation"].pop(key, None)
+    return SimulationConfig.model_validate(raw)
 
 
 def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines: dict[str, dict] | None = None,
@@ -91,10 +112,12 @@ def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines:
     ``report_only``: run nothing, report the runs that have finished (a long sweep's progress so far)."""
     started = time.monotonic()
     out = Path(out)
-    grid = [(mode, eps, aug) for mode in sweep.modes for aug in sweep.augment for eps in sweep.epsilon]
+    grid = [(mode, eps, aug, attack, defence) for mode in sweep.modes for aug in sweep.augment
+            for eps in sweep.epsilon for attack in sweep.attacks for defence in sweep.defences
+            if attack or defence in (None, "none") or len(sweep.defences) == 1]  # attack-free: once per grid point
     results = []
-    for i, (mode, epsilon, augment) in enumerate(grid):
-        name = run_name(mode, epsilon, augment)
+    for i, (mode, epsilon, augment, attack, defence) in enumerate(grid):
+        name = run_name(mode, epsilon, augment, attack, defence)
         run_dir = out / name
         if on_run:
             on_run(i, len(grid), name)
@@ -104,15 +127,11 @@ def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines:
         elif report_only:
             continue
         else:
-            config = base.model_copy(update={
-                "privacy": base.privacy.model_copy(update={"epsilon": epsilon}),
-                "augment": base.augment.model_copy(update={"enabled": augment}),
-                "simulation": base.simulation.model_copy(update={"mode": mode}),
-            })
+            config = _grid_config(base, sweep, mode, epsilon, augment, attack, defence)
             metrics = run_simulate(config, run_dir, on_round=on_round, baselines=baselines)
         results.append({"name": name, "mode": mode, "epsilon": "inf" if math.isinf(epsilon) else epsilon,
-                        "augment": augment, "test": metrics["test"], "privacy": metrics["privacy"],
-                        "seconds": metrics["seconds"]})
+                        "augment": augment, "attack": attack or None, "defence": metrics.get("defence"),
+                        "test": metrics["test"], "privacy": metrics["privacy"], "seconds": metrics["seconds"]})
         baselines = baselines or {}
         baselines.setdefault("popularity", metrics["baselines"]["popularity"])
     if not results:
@@ -149,7 +168,31 @@ def _report(summary: dict, plot: str) -> str:
                      + " | ".join(f"{r['test'][k]:.4f}" for k in METRIC_KEYS) + f" | {r['seconds']:.0f} |")
     for name, b in summary["baselines"].items():
         lines.append(f"| {name} | — | — | — | — | " + " | ".join(f"{b[k]:.4f}" for k in METRIC_KEYS) + " | |")
+    attacked = [r for r in summary["runs"] if r.get("attack")]
+    if attacked:
+        lines += _attack_table(summary["runs"], attacked)
     if summary["missing"]:
         lines += ["", f"Not run yet: {', '.join(summary['missing'])} (run the same `fedaug sweep` command to finish)."]
     lines += ["", f"![privacy–utility]({plot})", ""]
     return "\n".join(lines)
+
+
+def _attack_table(runs: list[dict], attacked: list[dict]) -> list[str]:
+    """Test NDCG@10 for each attack × defence, and its ratio to the attack-free run of the same ε."""
+    clean = {r["epsilon"]: r["test"]["ndcg@10"] for r in runs if not r.get("attack")}
+    order = list(DEFENCES)
+    defences = sorted({r["defence"] for r in attacked}, key=lambda d: (order.index(d) if d in order else 99, str(d)))
+    lines = ["", "## Attacks × defences (test NDCG@10; in brackets: ratio to the attack-free run)", "",
+             "| ε | attack | " + " | ".join(defences) + " |", "|---|---|" + "---|" * len(defences)]
+    for (epsilon, attack) in sorted({(r["epsilon"], r["attack"]) for r in attacked}, key=str):
+        cells = []
+        for defence in defences:
+            run = next((r for r in attacked if (r["epsilon"], r["attack"], r["defence"]) == (epsilon, attack,
+                                                                                           defence)), None)
+            value = run["test"]["ndcg@10"] if run else None
+            ratio = f" ({value / clean[epsilon]:.2f})" if value is not None and clean.get(epsilon) else ""
+            cells.append("—" if value is None else f"{value:.4f}{ratio}")
+        lines.append(f"| {epsilon} | {attack} | " + " | ".join(cells) + " |")
+    for epsilon, value in clean.items():
+        lines.append(f"| {epsilon} | none (attack-free) | {value:.4f} |" + " |" * (len(defences) - 1))
+    return lines

@@ -103,3 +103,22 @@ def test_a_scaling_attacker_wrecks_fedavg_and_the_median_holds(tmp_path):
         assert metrics["attack"]["kind"] == "scale" and len(metrics["attack"]["merchants"]) == 1
     attacked, defended = (results[d]["test"]["ndcg@10"] for d in ("none", "median"))
     assert defended > 2 * attacked, (attacked, defended)
+
+
+def test_an_attack_sweep_runs_each_attack_under_each_defence_and_tables_them(tmp_path):
+    from simulations.sweep import _attack_table, _grid_config, load_sweep
+
+    path = tmp_path / "sweep.toml"
+    path.write_text('[sweep]\nepsilon = [8.0]\naugment = [true]\nattacks = ["", "scale", "labelflip"]\n'
+                    'defences = ["none", "median", "multikrum"]\n[simulation]\nmerchants = 10\n')
+    grid, base = load_sweep(path)
+    config = _grid_config(base, grid, "federated", 8.0, True, "labelflip", "multikrum")
+    assert config.simulation.attack == "labelflip" and config.simulation.attackers == 0.2
+    assert config.federation.strategy == "multikrum" and config.federation.byzantine == 2
+    clean = _grid_config(base, grid, "federated", 8.0, True, "", "none")
+    assert clean.simulation.attack == "" and clean.federation.strategy == "fedavg"
+    runs = [{"epsilon": 8.0, "attack": None, "defence": "none", "test": {"ndcg@10": 0.1}},
+            {"epsilon": 8.0, "attack": "scale", "defence": "none", "test": {"ndcg@10": 0.01}},
+            {"epsilon": 8.0, "attack": "scale", "defence": "median", "test": {"ndcg@10": 0.095}}]
+    table = "\n".join(_attack_table(runs, runs[1:]))
+    assert "| 8.0 | scale | 0.0100 (0.10) | 0.0950 (0.95) |" in table
