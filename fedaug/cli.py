@@ -34,7 +34,7 @@ def main() -> None:
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}.*")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns (not raises) the code of a typer.Exit here
     except FedaugError as exc:
         _error(str(exc))
         sys.exit(1)
@@ -49,6 +49,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _error(message: str) -> None:
