@@ -9,7 +9,8 @@ from pydantic import Field, model_validator
 
 from client.attacks import ATTACKS, attackers
 from common.config import Section
-from common.split import PARTITIONS
+from common.data import BehaviorData
+from common.split import PARTITIONS, assign_merchants
 from server.config import FederatedConfig
 from server.config import flat_run_config as server_flat_run_config
 
@@ -77,6 +78,21 @@ class SimulationConfig(FederatedConfig):
                                  f"but federation.{key} is {federation[key]!r}")
             federation[key] = value
         return {**raw, "federation": federation}
+
+    def changed(self, **sections: dict) -> SimulationConfig:
+        """This config with keys replaced (``section={key: value}``; None removes a key), validated again. Only
+        what was set travels, so defaults that mean "not given" stay so — [federation] state_dir, when unset,
+        puts each run's state in its own DIR/state."""
+        raw = self.model_dump(exclude_unset=True)
+        for section, values in sections.items():
+            merged = {**raw.get(section, {}), **values}
+            raw[section] = {key: value for key, value in merged.items() if value is not None}
+        return SimulationConfig.model_validate(raw)
+
+    def assigned(self, data: BehaviorData) -> BehaviorData:
+        """``data`` with every user given a merchant, as [simulation] cuts it."""
+        sim = self.simulation
+        return assign_merchants(data, sim.merchants, sim.partition, sim.partition_seed, sim.dirichlet_alpha)
 
     def attacker_ids(self) -> list[int]:
         sim = self.simulation

@@ -19,7 +19,7 @@ from common.atomic import write_json_atomic
 from common.device import pick_device
 from common.evaluate import evaluate
 from common.popularity import Popularity
-from common.split import assign_merchants, leave_one_out, merchant_partitions
+from common.split import leave_one_out, merchant_partitions
 from server import checkpoint
 from server.monitor import RoundWatcher
 from server.summary import federation_summary
@@ -40,7 +40,7 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     out = Path(out)
     data = config.load_data()
     split = leave_one_out(data)
-    n_merchants = len(merchant_partitions(_assigned(config, data)))
+    n_merchants = len(merchant_partitions(config.assigned(data)))
     mode = config.simulation.mode
     state_dir = _state_dir(config, out)
     if mode == "federated":
@@ -62,11 +62,6 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     write_json_atomic(out / "metrics.json", metrics)
     write_report(metrics, out, plots)
     return metrics
-
-
-def _assigned(config: SimulationConfig, data):
-    sim = config.simulation
-    return assign_merchants(data, sim.merchants, sim.partition, sim.partition_seed, sim.dirichlet_alpha)
 
 
 def _state_dir(config: SimulationConfig, out: Path) -> Path:
@@ -158,7 +153,7 @@ def _local_only(config: SimulationConfig, data, state_dir: Path, on_round: OnRou
     """Every merchant trains alone for the same rounds × local epochs at the same ε; metrics weigh merchants by
     their evaluated users, which equals scoring every user with their own merchant's model."""
     merchant_config = config.merchant_config()
-    parts = merchant_partitions(_assigned(config, data))
+    parts = merchant_partitions(config.assigned(data))
     results = []
     for i, part in enumerate(parts):
         results.append(run_local(merchant_config, None, state_dir / f"merchant-{i}", data=part))

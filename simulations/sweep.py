@@ -94,15 +94,10 @@ def run_name(mode: str, epsilon: float, augment: bool, attack: str = "", defence
 def _grid_config(base: SimulationConfig, sweep: SweepSection, mode: str, epsilon: float, augment: bool,
                  attack: str, defence: str | None) -> SimulationConfig:
     """The base config at one grid point (validated again, so a defence sets [federation] as usual)."""
-    raw = base.model_dump(mode="json")
-    raw["privacy"]["epsilon"] = "inf" if math.isinf(epsilon) else epsilon
-    raw["augment"]["enabled"] = augment
-    raw["simulation"] |= {"mode": mode, "attack": attack, "attackers": sweep.attackers if attack else 0.0,
-                          "defence": defence}
-    if defence:
-        for key in DEFENCES[defence](raw["simulation"]):
-            raw["federation"].pop(key, None)
-    return SimulationConfig.model_validate(raw)
+    federation = {key: None for key in DEFENCES[defence]({})} if defence else {}  # the defence decides these
+    return base.changed(privacy={"epsilon": epsilon}, augment={"enabled": augment}, federation=federation,
+                        simulation={"mode": mode, "attack": attack, "attackers": sweep.attackers if attack else 0.0,
+                                    "defence": defence})
 
 
 def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines: dict[str, dict] | None = None,

@@ -106,6 +106,7 @@ def test_a_scaling_attacker_wrecks_fedavg_and_the_median_holds(tmp_path):
 
 
 def test_an_attack_sweep_runs_each_attack_under_each_defence_and_tables_them(tmp_path):
+    from simulations.simulate import _state_dir
     from simulations.sweep import _attack_table, _grid_config, load_sweep
 
     path = tmp_path / "sweep.toml"
@@ -117,6 +118,11 @@ def test_an_attack_sweep_runs_each_attack_under_each_defence_and_tables_them(tmp
     assert config.federation.strategy == "multikrum" and config.federation.byzantine == 2
     clean = _grid_config(base, grid, "federated", 8.0, True, "", "none")
     assert clean.simulation.attack == "" and clean.federation.strategy == "fedavg"
+    # every grid point keeps its state (checkpoint, ledgers) in its own run directory, not one shared default
+    assert _state_dir(config, tmp_path / "run") == (tmp_path / "run" / "state").resolve()
+    pinned = _grid_config(base.changed(federation={"state_dir": tmp_path / "pinned"}), grid, "federated", 8.0, True,
+                          "", "none")
+    assert _state_dir(pinned, tmp_path / "run") == (tmp_path / "pinned").resolve()
     runs = [{"epsilon": 8.0, "attack": None, "defence": "none", "test": {"ndcg@10": 0.1}},
             {"epsilon": 8.0, "attack": "scale", "defence": "none", "test": {"ndcg@10": 0.01}},
             {"epsilon": 8.0, "attack": "scale", "defence": "median", "test": {"ndcg@10": 0.095}}]
