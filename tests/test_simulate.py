@@ -146,7 +146,7 @@ def test_a_sweep_runs_its_grid_once_and_reports(tmp_path):
     assert summary["runs"][1]["epsilon"] == "inf" and summary["runs"][0]["privacy"]["epsilon_max"] <= 2.0
     for name in ("sweep.json", "report.md", "privacy_utility.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
-    assert all((tmp_path / "out" / r["name"] / "state").is_dir() for r in summary["runs"])  # each run its own
+    assert (tmp_path / "out" / "central-eps2-aug" / "state" / "pooled").is_dir()  # its ledger, in its own run dir
     stamp = (tmp_path / "out" / "central-eps2-aug" / "metrics.json").stat().st_mtime_ns
     run_sweep(grid, base, tmp_path / "out")  # finished runs are not run again
     assert (tmp_path / "out" / "central-eps2-aug" / "metrics.json").stat().st_mtime_ns == stamp
