@@ -266,7 +266,8 @@ def sweep(
 @app.command()
 def audit(
     out: Path = typer.Option(..., "--out", help="Directory for audit.json, audit.png and state/."),
-    config: Path | None = typer.Option(None, "--config", help="TOML: data, model, augment, privacy, local."),
+    config: Path | None = typer.Option(None, "--config", help="TOML: data, model, augment, privacy, local "
+                                       "(with --federated also federation, simulation)."),
     data: Path | None = typer.Option(None, "--data", help="Behaviour data the canaries join; default: synthetic."),
     fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
     epsilon: str | None = typer.Option(None, "--epsilon", help="The privacy budget ε to audit, or 'inf'."),
@@ -274,21 +275,42 @@ def audit(
     guesses: int | None = typer.Option(None, "--guesses", help="Canaries guessed in/out (default: canaries / 5)."),
     canary_length: int = typer.Option(20, "--canary-length", help="Items per canary chain."),
     rounds: int | None = typer.Option(None, "--rounds", help="Training rounds (noise is calibrated for all)."),
+    federated: bool = typer.Option(False, "--federated", help="Through the federated path: the canaries join one "
+                                   "simulated merchant and the final global model is scored."),
+    merchants: int | None = typer.Option(None, "--merchants", help="With --federated: merchants to cut the data into."),
+    canary_merchant: int = typer.Option(0, "--canary-merchant", help="With --federated: the merchant (0-based) "
+                                        "whose users the canaries join."),
     seed: int = typer.Option(0, "--seed", help="Seed of the canaries and of who is included."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Audit ε empirically in one training run (Steinke, Nasr & Jagielski 2023): canaries in or out, guessed."""
-    from client.config import MerchantConfig
     from common.config import load_config
-    from simulations.audit import run_audit
+    from simulations.audit import run_audit, run_federated_audit
 
-    cfg = load_config(config, {"data.path": str(data) if data else None, "data.format": fmt,
-                               "privacy.epsilon": epsilon, "local.rounds": rounds, "device": device}, MerchantConfig)
+    overrides = {"data.path": str(data) if data else None, "data.format": fmt, "privacy.epsilon": epsilon,
+                 "device": device}
+    if federated:
+        from simulations.config import SimulationConfig
+
+        cfg = load_config(config, overrides | {"federation.rounds": rounds, "simulation.merchants": merchants},
+                          SimulationConfig)
+        total = cfg.federation.rounds
+    else:
+        from client.config import MerchantConfig
+
+        if merchants is not None:
+            raise FedaugError("--merchants: only with --federated (the merchant path trains one merchant)")
+        cfg = load_config(config, overrides | {"local.rounds": rounds}, MerchantConfig)
+        total = cfg.local.rounds
     _check_out_dir(out)
     with _progress() as progress:
-        task = progress.add_task("training with canaries: rounds", total=cfg.local.rounds)
-        result = run_audit(cfg, canaries, out, guesses=guesses, canary_length=canary_length, seed=seed,
-                           on_round=lambda done, total, _: progress.update(task, completed=done, total=total))
+        task = progress.add_task("training with canaries: rounds", total=total)
+        kwargs = {"guesses": guesses, "canary_length": canary_length, "seed": seed,
+                  "on_round": lambda done, total, _: progress.update(task, completed=done, total=total)}
+        if federated:
+            result = run_federated_audit(cfg, canaries, out, canary_merchant=canary_merchant, **kwargs)
+        else:
+            result = run_audit(cfg, canaries, out, **kwargs)
     console.print(f"audit: ε claimed {result['epsilon_claimed']}, empirical lower bound "
                   f"{result['epsilon_lower_bound']} at 95% ({result['correct']}/{result['guesses']} guesses right, "
                   f"{result['canaries']} canaries) -> {out / 'audit.json'}", highlight=False)

@@ -29,8 +29,8 @@ def main(grid: Grid, context: Context) -> None:
     settings = federation_from(context.run_config)
     config = merchant_config_from(context.run_config)
     # Deployment: the aggregator holds only the public catalog; simulation: the whole data set (so it may also
-    # score the global model centrally).
-    deployed = config.data.catalog is not None
+    # score the global model centrally), numbered by a catalog when one is given.
+    deployed = config.data.catalog is not None and config.data.path is None
     if deployed and settings.central_eval:
         raise ConfigError("run_config central-eval: needs the data set, which a deployed aggregator does not have")
     data = config.load_catalog() if deployed else config.load_data()

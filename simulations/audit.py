@@ -17,19 +17,25 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import stats
 
 from client.config import MerchantConfig
 from client.ledger import PrivacyLedger
 from client.trainer import LocalTrainer
-from common.atomic import write_json_atomic
+from common.atomic import write_bytes_atomic, write_json_atomic
+from common.data import BehaviorData
 from common.device import pick_device
 from common.errors import ConfigError
+from common.export import CATALOG_FILE, events_frame, write_catalog_tsv
 from common.split import leave_one_out
 from common.training import set_seed
+from server import checkpoint
 
+from .config import SimulationConfig
 from .report import json_number
+from .simulate import run_simulate
 
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
@@ -107,11 +113,7 @@ def run_audit(config: MerchantConfig, canaries: int, out: Path, *, guesses: int 
               canary_length: int = 20, confidence: float = 0.95, seed: int = 0, on_round=None) -> dict:
     """Train one merchant on its data plus the included canaries; write ``out/audit.json`` and the plot."""
     started = time.monotonic()
-    if canaries < 2:
-        raise ConfigError(f"--canaries: need at least 2, got {canaries}")
-    guesses = guesses or max(2, canaries // 5)
-    if not 1 <= guesses <= canaries:
-        raise ConfigError(f"--guesses: must be between 1 and --canaries ({canaries}), got {guesses}")
+    guesses = _guess_count(canaries, guesses)
     rng = np.random.default_rng(seed)
     device = pick_device(config.device)
     data = config.load_data()
@@ -133,14 +135,95 @@ def run_audit(config: MerchantConfig, canaries: int, out: Path, *, guesses: int 
         if on_round:
             on_round(round_, config.local.rounds, result)
     scores = chain_log_likelihood(model, chains, device)
+    return _conclude(out, scores, included, guesses, confidence, trainer.epsilon_spent(),
+                     trainer.delta if privacy.private else 0.0,
+                     {"path": "merchant", "canary_length": canary_length, "rounds": config.local.rounds,
+                      "users": data.n_users, "seconds": round(time.monotonic() - started, 2),
+                      "config": config.model_dump(mode="json")})
+
+
+def run_federated_audit(config: SimulationConfig, canaries: int, out: Path, *, canary_merchant: int = 0,
+                        guesses: int | None = None, canary_length: int = 20, confidence: float = 0.95,
+                        seed: int = 0, on_round=None) -> dict:
+    """The audit through the federated path: the included canaries become users of one simulated merchant, the
+    very ServerApp and ClientApp train for [federation] rounds in Flower's simulation engine (``out/federation``),
+    and the final global model — what the merchant's updates are released into — is scored. The claim audited is
+    that merchant's ε from its own ledger."""
+    started = time.monotonic()
+    guesses = _guess_count(canaries, guesses)
+    rng = np.random.default_rng(seed)
+    data = config.assigned(config.load_data())
+    n_merchants = int(data.merchant.max()) + 1
+    if not 0 <= canary_merchant < n_merchants:
+        raise ConfigError(f"--canary-merchant: must be between 0 and {n_merchants - 1}, got {canary_merchant}")
+    chains = make_canaries(data.n_items, canaries, canary_length, rng)
+    included = rng.random(canaries) < 0.5
+    out = Path(out)
+    federated = _with_canaries(config, data, [c for c, inside in zip(chains, included, strict=True) if inside],
+                               canary_merchant, out / "data")
+    metrics = run_simulate(federated, out / "federation", on_round=on_round)
+    state_dir = out / "federation" / "state"
+    catalog = federated.load_catalog()
+    if not np.array_equal(catalog.catalog.raw_ids, data.catalog.raw_ids):  # the canaries' ids must mean the same
+        raise ConfigError(f"{out / 'data' / CATALOG_FILE}: catalog read back numbers items differently")
+    model = federated.model.model(catalog)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.load(state_dir).arrays.items()})
+    device = pick_device(config.device)
+    scores = chain_log_likelihood(model.to(device), chains, device)
+    epsilon, delta = math.inf, 0.0
+    if config.privacy_settings().private:
+        ledger = PrivacyLedger(state_dir / f"merchant-{canary_merchant}")
+        delta = ledger.entries()[-1].delta
+        epsilon = ledger.epsilon(delta)
+        ledger.close()
+    users = next(m["users"] for m in metrics["merchants"] if m["merchant"] == canary_merchant)
+    return _conclude(out, scores, included, guesses, confidence, epsilon, delta,
+                     {"path": "federated", "merchants": n_merchants, "canary_merchant": canary_merchant,
+                      "canary_merchant_users": users, "canary_length": canary_length,
+                      "rounds": config.federation.rounds, "test": metrics["test"],
+                      "seconds": round(time.monotonic() - started, 2), "config": federated.model_dump(mode="json")})
+
+
+def _with_canaries(config: SimulationConfig, data: BehaviorData, canaries: list[np.ndarray], merchant: int,
+                   data_dir: Path) -> SimulationConfig:
+    """The simulation config over ``data`` (merchants assigned) plus ``canaries`` as users of ``merchant``, written
+    as an events file with a merchant_id column and the data's catalog (so item numbering and attributes stay)."""
+    width = len(str(int(data.merchant.max())))
+    names = np.array([f"merchant-{m:0{width}d}" for m in range(int(data.merchant.max()) + 1)])  # sorts as numbers
+    frame = events_frame(data)
+    frame["merchant_id"] = names[data.merchant[data.event_user()]]
+    lengths = [len(c) for c in canaries]
+    first = int(data.user_ids.astype(np.int64).max()) + 1  # user ids are integers: canaries come after them all
+    extra = pd.DataFrame({"user_id": np.repeat(np.arange(first, first + len(canaries)), lengths),
+                          "item_id": data.catalog.raw_ids[np.concatenate(canaries)] if canaries else [],
+                          "timestamp": np.arange(sum(lengths), dtype=np.int64), "merchant_id": names[merchant]})
+    for column in frame.columns.difference(extra.columns):  # event type, context: the data's most common value
+        extra[column] = frame[column].mode().iloc[0]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    write_catalog_tsv(data.catalog, data_dir / CATALOG_FILE)
+    write_bytes_atomic(data_dir / "events.csv", pd.concat([frame, extra[frame.columns]]).to_csv(index=False).encode())
+    return config.changed(data={"path": data_dir / "events.csv", "format": "events", "catalog": data_dir / CATALOG_FILE,
+                                "timestamps": None, "attributes": None, "k_core": None},
+                          simulation={"partition": "column", "merchants": len(names), "mode": "federated"})
+
+
+def _guess_count(canaries: int, guesses: int | None) -> int:
+    if canaries < 2:
+        raise ConfigError(f"--canaries: need at least 2, got {canaries}")
+    guesses = guesses or max(2, canaries // 5)
+    if not 1 <= guesses <= canaries:
+        raise ConfigError(f"--guesses: must be between 1 and --canaries ({canaries}), got {guesses}")
+    return guesses
+
+
+def _conclude(out: Path, scores: np.ndarray, included: np.ndarray, guesses: int, confidence: float,
+              epsilon: float, delta: float, details: dict) -> dict:
+    """Guess, bound ε, write ``out/audit.json`` and ``out/audit.png``."""
     r, v = guess(scores, included, guesses)
-    epsilon = trainer.epsilon_spent()
-    lower = epsilon_lower_bound(canaries, r, v, trainer.delta if privacy.private else 0.0, confidence)
-    audit = {"epsilon_claimed": json_number(epsilon), "delta": trainer.delta if privacy.private else 0.0,
-             "epsilon_lower_bound": json_number(lower), "canaries": canaries, "guesses": r, "correct": v,
-             "confidence": confidence, "included": int(included.sum()), "canary_length": canary_length,
-             "rounds": config.local.rounds, "users": data.n_users, "seconds": round(time.monotonic() - started, 2),
-             "config": config.model_dump(mode="json")}
+    lower = epsilon_lower_bound(len(scores), r, v, delta, confidence)
+    audit = {"epsilon_claimed": json_number(epsilon), "delta": delta, "epsilon_lower_bound": json_number(lower),
+             "canaries": len(scores), "guesses": r, "correct": v, "confidence": confidence,
+             "included": int(included.sum())} | details
     write_json_atomic(out / "audit.json", audit)
     _plot(scores, included, audit, out / "audit.png")
     return audit

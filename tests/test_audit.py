@@ -6,11 +6,14 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from client.config import MerchantConfig
+from client.ledger import PrivacyLedger
 from common.config import load_config
-from simulations.audit import epsilon_lower_bound, guess, p_value, run_audit
+from simulations.audit import epsilon_lower_bound, guess, p_value, run_audit, run_federated_audit
+from simulations.config import SimulationConfig
 
 
 def test_all_of_100_guesses_right_refute_every_epsilon_below_3_49():
@@ -43,12 +46,14 @@ def test_guess_takes_the_most_confident_on_both_sides():
     assert guess(scores, included, 4) == (4, 3)
 
 
+SMALL = {"synthetic.users": 200, "synthetic.items": 300, "model.hidden": 32, "model.blocks": 1, "model.max_len": 20,
+         "model.dropout": 0.0, "model.tie_embeddings": False, "local.batch_size": 64, "local.lr": 0.01,
+         "augment.enabled": False}
+
+
 def _config(epsilon: str, rounds: int, epochs: int) -> MerchantConfig:
-    return load_config(None, {"synthetic.users": 200, "synthetic.items": 300, "model.hidden": 32,
-                              "model.blocks": 1, "model.max_len": 20, "model.dropout": 0.0,
-                              "model.tie_embeddings": False, "privacy.epsilon": epsilon, "local.rounds": rounds,
-                              "local.local_epochs": epochs, "local.batch_size": 64, "local.lr": 0.01,
-                              "augment.enabled": False}, MerchantConfig)
+    return load_config(None, SMALL | {"privacy.epsilon": epsilon, "local.rounds": rounds,
+                                      "local.local_epochs": epochs}, MerchantConfig)
 
 
 @pytest.mark.slow
@@ -60,4 +65,28 @@ def test_a_non_private_run_is_caught_and_a_private_one_is_not(tmp_path):
     assert private["epsilon_lower_bound"] <= private["epsilon_claimed"], private
     written = json.loads((tmp_path / "dp" / "audit.json").read_text())
     assert {"epsilon_claimed", "delta", "epsilon_lower_bound", "canaries", "guesses", "correct"} <= set(written)
+    assert (tmp_path / "dp" / "audit.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_federated_path_audits_the_global_model_against_the_canary_merchants_ledger(tmp_path):
+    def config(epsilon: str) -> SimulationConfig:
+        return load_config(None, SMALL | {"privacy.epsilon": epsilon, "local.local_epochs": 30,
+                                          "federation.rounds": 1, "simulation.merchants": 3}, SimulationConfig)
+
+    leaky = run_federated_audit(config("inf"), canaries=200, out=tmp_path / "inf", guesses=40, seed=1,
+                                canary_merchant=2)
+    assert leaky["path"] == "federated" and leaky["epsilon_claimed"] == "inf"
+    assert leaky["epsilon_lower_bound"] > 0.5, leaky  # memorised through one merchant of three, averaged
+    events = pd.read_csv(tmp_path / "inf" / "data" / "events.csv")
+    per_merchant = events.groupby("merchant_id")["user_id"].nunique()
+    assert per_merchant["merchant-2"] - per_merchant["merchant-0"] == pytest.approx(leaky["included"], abs=1)
+    canary_rows = events[events["user_id"] > 200]  # the synthetic users are 1..200; canaries follow
+    assert set(canary_rows["merchant_id"]) == {"merchant-2"} and canary_rows["user_id"].nunique() == leaky["included"]
+    private = run_federated_audit(config("1.0"), canaries=200, out=tmp_path / "dp", guesses=40, seed=1)
+    assert 0 < private["epsilon_claimed"] <= 1.0 and private["delta"] > 0
+    assert private["epsilon_lower_bound"] <= private["epsilon_claimed"], private
+    ledger = PrivacyLedger(tmp_path / "dp" / "federation" / "state" / "merchant-0")
+    assert [e.round for e in ledger.entries()] == [1]  # the canary merchant trained, and ε is from its ledger
+    assert private["epsilon_claimed"] == pytest.approx(ledger.epsilon(private["delta"]))
     assert (tmp_path / "dp" / "audit.png").stat().st_size > 0
