@@ -214,8 +214,7 @@ class Aggregator:
 
     def _flwr(self, *args: str) -> dict:
         """Run the Flower CLI with ``--format json`` against our SuperLink; its reply, or a one-line error."""
-        result = subprocess.run([flower_command("flwr"), *args, "--format", "json"], capture_output=True, text=True,
-                                env={**self._env(), "NO_COLOR": "1"}, timeout=120, cwd=self.state_dir)
+        result = self._flwr_cli(*args, "--format", "json", timeout=120)
         try:
             reply = json.loads(result.stdout[result.stdout.index("{"):])
         except ValueError:
@@ -225,13 +224,17 @@ class Aggregator:
             raise FedaugError(f"flwr {' '.join(args[:2])}: {message}")
         return reply
 
+    def _flwr_cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        """The Flower CLI against our SuperLink: our FLWR_HOME (its connection), run from the state dir."""
+        return subprocess.run([flower_command("flwr"), *args], capture_output=True, text=True,
+                              env={**self._env(), "NO_COLOR": "1"}, timeout=timeout, cwd=self.state_dir)
+
     def _env(self) -> dict[str, str]:
         return {"FLWR_HOME": str(self.flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
     def _save_server_log(self, run_id: str) -> None:
         try:
-            result = subprocess.run([flower_command("flwr"), "log", run_id, CONNECTION, "--show"], capture_output=True,
-                                    text=True, env={**self._env(), "NO_COLOR": "1"}, timeout=60, cwd=self.state_dir)
+            result = self._flwr_cli("log", run_id, CONNECTION, "--show", timeout=60)
             write_bytes_atomic(self.state_dir / "server.log", (result.stdout + result.stderr).encode())
         except (subprocess.SubprocessError, OSError):
             pass  # the log is a convenience; the run's outcome is in the checkpoint
