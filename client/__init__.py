@@ -1,1 +1,1 @@
-"""Merchant side: local (DP) trainer, privacy ledger, Flower ClientApp, merchant daemon (next issues)."""
+"""Merchant side: the local (DP) trainer, the privacy ledger, the Flower ClientApp and the merchant daemon."""

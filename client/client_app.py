@@ -1,7 +1,9 @@
 """The merchant's Flower ClientApp (Message API): ``train`` and ``evaluate``.
 
 A merchant whose budget cannot afford the round replies normally with ``declined = 1`` and no arrays, so the
-server can tell a decline from a crash (which arrives as a Flower error reply).
+server can tell a decline from a crash (which arrives as a Flower error reply). ``app`` is what merchants run
+(deployment, `flwr run .`); ``client_app`` builds the same handlers over another merchant source, with Flower mods
+around training — how `fedaug simulate` attaches its simulation-only behaviour (simulations/apps.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from common.evaluate import evaluate as evaluate_split
 from common.evaluate import sasrec_scorer
@@ -18,17 +21,29 @@ from common.memory import single_malloc_arena
 from common.metrics import METRIC_NAMES
 
 from . import replay
-from .attacks import UPDATE_ATTACKS, poison_update
 from .ledger import BudgetExceeded
-from .merchant import merchant_for
+from .merchant import Merchant, MerchantSource, merchant_for
 
-app = ClientApp()
 single_malloc_arena()  # this process trains round after round: keep its RSS from creeping
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    merchant = merchant_for(context.node_config, context.run_config)
+def client_app(merchants: MerchantSource = merchant_for, train_mods: list[Mod] | None = None) -> ClientApp:
+    """A ClientApp whose handlers find their merchant with ``merchants``; ``train_mods`` wrap training."""
+    app = ClientApp()
+
+    @app.train(mods=train_mods)
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, merchants(context))
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate(msg, merchants(context))
+
+    return app
+
+
+def train(msg: Message, context: Context, merchant: Merchant) -> Message:
+    """Train one round from the global model in ``msg`` (or resend the update of a round asked again)."""
     model = merchant.model(msg.content["arrays"].to_torch_state_dict())
     config = msg.content["config"] if "config" in msg.content else {}
     server_round = int(config.get("server-round", 0))
@@ -66,18 +81,14 @@ def train(msg: Message, context: Context) -> Message:
         "partition-id": merchant.partition_id,
     })
     update = model.state_dict()
-    if merchant.attack in UPDATE_ATTACKS:  # a Byzantine merchant in a robustness simulation lies here
-        update = poison_update(msg.content["arrays"].to_torch_state_dict(), update, merchant.attack,
-                               float(context.run_config.get("attack-scale", 10.0)), seed=server_round)
     if merchant.replays:
         merchant.replays.put(replay_key, {k: v.detach().cpu().numpy() for k, v in update.items()}, dict(metrics))
     content = RecordDict({"arrays": ArrayRecord(update), "metrics": metrics})
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    merchant = merchant_for(context.node_config, context.run_config)
+def evaluate(msg: Message, merchant: Merchant) -> Message:
+    """Score the global model in ``msg`` on this merchant's held-out users (the stages asked for)."""
     model = merchant.model(msg.content["arrays"].to_torch_state_dict())
     scorer = sasrec_scorer(model, merchant.device)
     config = msg.content["config"] if "config" in msg.content else {}
@@ -94,3 +105,6 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _finite(epsilon: float) -> float:
     """MetricRecord carries finite floats; a non-private merchant reports ε as -1."""
     return -1.0 if math.isinf(epsilon) else float(epsilon)
+
+
+app = client_app()

@@ -12,7 +12,6 @@ is what is the merchant's own to decide: its data, its device and its privacy bu
 
 from __future__ import annotations
 
-import math
 import subprocess
 import time
 from collections.abc import Callable
@@ -20,11 +19,11 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from common.config import BaselineConfig, DataSection, Section
+from common.config import BudgetSection, DataSection, Section
 from common.errors import ConfigError
-from common.processes import flower_command, flower_error, split_address, start, stop
+from deploy.processes import flower_command, flower_error, split_address, start, stop
 
-from .config import BudgetSection
+from .merchant import STATE_DIR
 
 HEALTHY_SECONDS = 60.0
 """A SuperNode that ran this long before exiting was healthy: the back-off starts again from 1 s."""
@@ -69,12 +68,11 @@ class MerchantDaemonConfig(Section):
         return self
 
     def node_config(self) -> dict:
-        """Flower node_config for the ClientApp (client.merchant reads it), with absolute paths."""
-        data = self.data
-        values = {"data-path": data.path, "data-format": data.format, "data-timestamps": data.timestamps,
-                  "catalog-path": data.catalog, "k-core": data.k_core, "state-dir": self.merchant.state_dir,
-                  "epsilon-budget": "inf" if math.isinf(self.privacy.epsilon) else self.privacy.epsilon,
-                  "delta": self.privacy.delta, "device": self.device}
+        """Flower node_config for the ClientApp (client.merchant reads it): the same dotted names as this TOML,
+        with absolute paths."""
+        values = {f"data.{k}": v for k, v in self.data.model_dump().items()}
+        values |= {f"privacy.{k}": v for k, v in self.privacy.model_dump().items()}
+        values |= {"device": self.device, STATE_DIR: self.merchant.state_dir}
         return {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in values.items() if v is not None}
 
 
@@ -102,8 +100,7 @@ class MerchantDaemon:
 
     def validate_data(self) -> dict:
         """Load the data exactly as the ClientApp will (DataError on any problem); its size."""
-        data = BaselineConfig(data=self.config.data).load_data()
-        return data.summary()
+        return self.config.data.load().summary()
 
     def command(self) -> list[str]:
         m = self.config.merchant

@@ -1,32 +1,40 @@
 """One merchant as the ClientApp sees it: its local split, its trainer and its ledger, built from Flower's context.
 
-Where the data comes from:
-- deployment: ``node_config`` has ``data-path`` (+ ``data-format``), ``catalog-path`` (the shared public catalog that
-  numbers items), ``state-dir``, ``epsilon-budget``, ``delta`` (written by client.daemon);
-- simulation: ``node_config`` has ``partition-id`` / ``num-partitions``; the merchant is that partition of the
-  run's data set (``run_config`` ``data-path`` or the embedded synthetic data), cut by ``partition``
-  (uniform | category | column) with ``seed``; its ledger lives in ``run_config`` ``state-dir``/merchant-<id>.
-Run-wide training settings come from ``run_config`` (see client.config.RUN_CONFIG_KEYS).
+Where the data comes from (``merchant_for``):
+- deployment: ``node_config`` has ``data.path`` (+ ``data.format``, ``data.catalog`` — the shared public catalog that
+  numbers items —, ...), ``merchant.state_dir``, and the merchant's own ``privacy.epsilon`` / ``privacy.delta`` and
+  ``device`` (written by client.daemon); they override the recipe that arrives in run_config;
+- Flower's simulation convention (`flwr run .`): ``node_config`` has ``partition-id`` / ``num-partitions``; the
+  merchant is that partition of the run's data set, cut uniformly (seeded by ``federation.seed``); its ledger lives
+  in ``federation.state_dir``/merchant-<id>. `fedaug simulate` brings its own partitions (simulations/apps.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+from flwr.app import Context
 
+from common.config import FederationConfig, from_run_config
+from common.data import BehaviorData
 from common.device import pick_device
 from common.errors import ConfigError
 from common.model import SASRec, SASRecConfig
 from common.split import LeaveOneOut, assign_merchants, leave_one_out, merchant_partitions
 
-from .attacks import attackers, flip_labels
-from .config import MerchantConfig, merchant_config_from
-from .ledger import PrivacyLedger
 from .replay import ReplayCache
-from .trainer import LocalTrainer
+from .trainer import LocalTrainer, build_trainer
+
+PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
+"""Flower's own node_config keys in simulation."""
+STATE_DIR = "merchant.state_dir"
+"""node_config key of a deployed merchant's state directory (ledger, replay cache)."""
+OWN_SECTIONS = ("data", "synthetic")
+"""run_config sections that describe the aggregator's files, never a deployed merchant's."""
 
 
 @dataclass
@@ -41,8 +49,6 @@ class Merchant:
     """Simulation: which partition of the data set this merchant is (-1 in deployment)."""
     replays: ReplayCache | None = None
     """The last update sent, for a round asked again (private merchants only: it saves their budget)."""
-    attack: str = ""
-    """Simulation only: this merchant is Byzantine and sends updates poisoned this way (client.attacks)."""
 
     def model(self, state_dict: dict | None = None) -> SASRec:
         model = SASRec(self.model_config, self.item_attributes)
@@ -51,42 +57,43 @@ class Merchant:
         return model.to(self.device)
 
 
-def merchant_for(node_config: dict, run_config: dict) -> Merchant:
+MerchantSource = Callable[[Context], Merchant]
+"""How a ClientApp finds the merchant a message is for."""
+
+
+def build_merchant(config: FederationConfig, data: BehaviorData, state_dir: Path, partition_id: int = -1) -> Merchant:
+    """The merchant training ``config``'s recipe on ``data``, keeping its ledger in ``state_dir``."""
+    device = pick_device(config.device)
+    split = leave_one_out(data)
+    trainer = build_trainer(config.recipe, split.train.sequences(), data.n_items, rounds=config.federation.rounds,
+                            seed=config.federation.seed, state_dir=state_dir, device=device)
+    return Merchant(split, trainer, *config.model.build(data), device, partition_id,
+                    ReplayCache(state_dir) if trainer.ledger else None)
+
+
+def merchant_for(context: Context) -> Merchant:
     """The merchant for this node, built once per process (data loading and splitting are not per round)."""
-    return _build(tuple(sorted(node_config.items())), tuple(sorted(run_config.items())))
+    return _cached(tuple(sorted(context.node_config.items())), tuple(sorted(context.run_config.items())))
 
 
 @lru_cache(maxsize=256)  # one per merchant a simulation process hosts
-def _build(node_items: tuple, run_items: tuple) -> Merchant:
+def _cached(node_items: tuple, run_items: tuple) -> Merchant:
     node, run = dict(node_items), dict(run_items)
-    attack = ""
-    if "data-path" in node:  # deployment: this node's own data and state
-        config = merchant_config_from(run, node)
-        if "state-dir" not in node:
-            raise ConfigError("node_config: key state-dir is required next to data-path")
-        data, state_dir = config.load_data(), Path(str(node["state-dir"]))
-    elif "partition-id" in node:  # simulation: one partition of the run's data set
-        config = merchant_config_from(run)
-        pid, n = int(node["partition-id"]), int(node["num-partitions"])
-        seed = int(run.get("partition-seed", 0))
-        data = _partitioned(config, n, str(run.get("partition", "uniform")), seed,
-                            float(run.get("dirichlet-alpha", 0.5)))[pid]
-        state_dir = Path(str(run.get("state-dir", "fedaug-state"))) / f"merchant-{pid}"
-        if run.get("attack") and pid in attackers(n, float(run.get("attackers", 0.0)), seed):
-            attack = str(run["attack"])
-            data = flip_labels(data, seed) if attack == "labelflip" else data
-    else:
-        raise ConfigError("node_config needs data-path (deployment) or partition-id (simulation)")
-    device = pick_device(config.device)
-    split = leave_one_out(data)
-    privacy = config.privacy_settings()
-    ledger = PrivacyLedger(state_dir) if privacy.private else None
-    trainer = LocalTrainer(split.train.sequences(), data.n_items, privacy, config.local.settings(),
-                           config.augment.settings(), ledger, device)
-    return Merchant(split, trainer, *config.model.build(data), device, int(node.get("partition-id", -1)),
-                    ReplayCache(state_dir) if ledger else None, attack)
+    if "data.path" in node:  # deployment: this node's own data, budget and state
+        if STATE_DIR not in node:
+            raise ConfigError(f"node_config: key {STATE_DIR} is required next to data.path")
+        recipe = {k: v for k, v in run.items() if k.split(".")[0] not in OWN_SECTIONS}
+        own = {k: v for k, v in node.items() if k != STATE_DIR}
+        config = from_run_config(recipe, FederationConfig, own, where="run_config + node_config")
+        return build_merchant(config, config.load_data(), Path(str(node[STATE_DIR])))
+    if PARTITION_ID in node:  # Flower's simulation: a uniform share of the run's data set
+        config = from_run_config(run, FederationConfig)
+        pid, n = int(node[PARTITION_ID]), int(node[NUM_PARTITIONS])
+        data = _uniform_partitions(config, n)[pid]
+        return build_merchant(config, data, config.federation.state_dir / f"merchant-{pid}", pid)
+    raise ConfigError(f"node_config needs data.path (deployment) or {PARTITION_ID} (simulation)")
 
 
 @lru_cache(maxsize=2)
-def _partitioned(config: MerchantConfig, n: int, scheme: str, seed: int, alpha: float):
-    return merchant_partitions(assign_merchants(config.load_data(), n, scheme, seed, alpha))
+def _uniform_partitions(config: FederationConfig, n: int) -> list[BehaviorData]:
+    return merchant_partitions(assign_merchants(config.load_data(), n, "uniform", config.federation.seed))

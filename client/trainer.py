@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,13 +21,13 @@ from opacus import PrivacyEngine
 
 from common.augment import Augmenter, AugmentSettings, random_chains
 from common.batching import Contrastive, UserSamples
+from common.config import GRAD_SAMPLE_MODES, Recipe
 from common.model import PerUserCrossEntropy, SASRec
 from common.training import MICRO_BATCH_TOKENS, train_step
 
 from . import ghost_norms  # noqa: F401  (registers the output layer's per-user norm with Opacus)
 from .ledger import BudgetExceeded, PrivacyLedger, calibrate_noise
 
-GRAD_SAMPLE_MODES = ("ghost", "hooks")
 DP_MICRO_BATCH_TOKENS = MICRO_BATCH_TOKENS // 2
 """Half the non-private micro-batch: a DP micro-batch holds item scores and their gradient for every position."""
 
@@ -219,6 +220,20 @@ class LocalTrainer:
         finally:
             step.close()
         return total / max(steps, 1), steps
+
+
+def build_trainer(recipe: Recipe, train_sequences: list[np.ndarray], n_items: int, *, rounds: int, seed: int,
+                  state_dir: Path, device: torch.device) -> LocalTrainer:
+    """The one way a merchant's trainer is made (ClientApp, `fedaug local`, the audit): ``recipe`` for ``rounds``
+    planned rounds, seeded, with the privacy ledger in ``state_dir`` when the recipe is private."""
+    privacy = PrivacySettings(epsilon=recipe.privacy.epsilon, delta=recipe.privacy.delta,
+                              max_grad_norm=recipe.privacy.max_grad_norm,
+                              grad_sample_mode=recipe.privacy.grad_sample_mode, planned_rounds=rounds)
+    local = LocalSettings(local_epochs=recipe.local.local_epochs, batch_size=recipe.local.batch_size,
+                          lr=recipe.local.lr, seed=seed)
+    augment = AugmentSettings(**recipe.augment.model_dump()) if recipe.augment.active else None
+    ledger = PrivacyLedger(state_dir) if privacy.private else None
+    return LocalTrainer(train_sequences, n_items, privacy, local, augment, ledger, device)
 
 
 def _proximal_pull(model: SASRec, rate: float) -> Callable[[], None]:

@@ -12,7 +12,7 @@ and no other merchant's data can influence an augmented view.
 
 Vector noise, a' = a + N(0, sigma^2): catalog models noise the attribute vectors they consume
 (``attribute_sigma``, applied inside SASRec while training). The model consumes no behaviour or context vectors, so
-there is nothing of those kinds to noise; ``gaussian_noise`` is the formula for any such vector.
+there is nothing of those kinds to noise.
 
 Every op is a pure function of (sequence, rng): the same seed gives the same view, ids stay in 0..n_items, and
 no view is longer than ``max_len``.
@@ -194,9 +194,3 @@ def random_chains(n_items: int, length: int, count: int, rng: np.random.Generato
     """``count`` chains of uniformly random catalog items: contrastive negatives that carry no user's data."""
     return [rng.integers(1, n_items + 1, max(length, 2)) for _ in range(count)]
 
-
-def gaussian_noise(vectors: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """a' = a + N(0, sigma^2), element-wise; sigma 0 returns the input unchanged."""
-    if sigma <= 0:
-        return vectors
-    return vectors + rng.normal(0.0, sigma, size=vectors.shape).astype(vectors.dtype, copy=False)

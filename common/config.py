@@ -1,18 +1,27 @@
-"""Run configuration as TOML, validated with pydantic; errors name the file and the key.
+"""Configuration: TOML files and Flower's run_config, validated by the same pydantic models.
 
-Later sections (augment, privacy, federation) add themselves here; the CLI flags override file values.
+A config is made of sections (the tables of a TOML file). The *recipe* — [model], [augment], [privacy], [local] —
+is what a merchant trains, validated once with every constraint of private training. Each role's config is
+assembled from parts (data, recipe, federation) and holds only the sections that role uses: any other section or
+key is refused with one line naming the file and the key.
+
+Flower carries the same names: ``[tool.flwr.app.config.model] hidden = 64`` (or ``--run-config model.hidden=64``)
+arrives as the run_config key ``model.hidden``; ``from_run_config`` unflattens it and validates it with these
+models. Flower configs have no null and no lists: an empty string means "not set" (the default), and a list travels
+as comma-separated text.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import tomllib
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
-from .augment import SEQUENCE_OPS, USES, AugmentSettings
+from .augment import SEQUENCE_OPS, USES
 from .data import BehaviorData, catalog_only
 from .errors import ConfigError
 from .loaders import FORMATS, align_to_catalog, load, load_catalog
@@ -21,14 +30,49 @@ from .split import k_core
 from .synthetic import SyntheticSpec, generate
 from .training import TrainSettings
 
+GRAD_SAMPLE_MODES = ("ghost", "hooks")
+"""How Opacus computes per-user gradient norms: ghost clipping (fedaug's default) or per-sample hooks."""
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum", "multikrum")
+
+
+class InvalidKey(ValueError):
+    """A validation error about one key (dotted, from the config's root): the message names that key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _inf(value):
+    """ε may be written "inf" (non-private) in TOML, run_config and flags."""
+    return math.inf if isinstance(value, str) and value.strip().lower() in ("inf", "infinity") else value
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+
+class SyntheticSection(Section):
+    """[synthetic]: the embedded synthetic data set, used when [data] path is not given."""
+
+    users: int = Field(SyntheticSpec.users, ge=10)
+    items: int = Field(SyntheticSpec.items, ge=20)
+    categories: int = Field(SyntheticSpec.categories, ge=1)
+    merchants: int = Field(SyntheticSpec.merchants, ge=1)
+    mean_length: float = Field(SyntheticSpec.mean_length, ge=5)
+    seed: int = 0
+
+    def spec(self) -> SyntheticSpec:
+        return SyntheticSpec(**self.model_dump())
+
+
 class DataSection(Section):
+    """[data]: the behaviour data file (absent: the embedded synthetic data) and its sibling files."""
+
     path: Path | None = None
-    """Behaviour data file; absent means the embedded synthetic data."""
     format: Literal[FORMATS] | None = None  # type: ignore[valid-type]
     timestamps: Path | None = None
     attributes: Path | None = None
@@ -44,20 +88,29 @@ class DataSection(Section):
             raise ValueError("give data.catalog or data.attributes, not both (the catalog carries the attributes)")
         return self
 
+    def load(self, synthetic: SyntheticSection | None = None) -> BehaviorData:
+        """The configured data set (the embedded synthetic one when no path is given), k-core filtered."""
+        if self.path is None:
+            data = generate((synthetic or SyntheticSection()).spec())
+        else:
+            data = load(self.path, self.format, timestamps=self.timestamps, attributes=self.attributes)
+            if self.catalog is not None:
+                data = align_to_catalog(data, load_catalog(self.catalog), self.path, self.catalog)
+        return k_core(data, self.k_core)
 
-class SyntheticSection(Section):
-    users: int = Field(SyntheticSpec.users, ge=10)
-    items: int = Field(SyntheticSpec.items, ge=20)
-    categories: int = Field(SyntheticSpec.categories, ge=1)
-    merchants: int = Field(SyntheticSpec.merchants, ge=1)
-    mean_length: float = Field(SyntheticSpec.mean_length, ge=5)
-    seed: int = 0
+    def load_catalog(self) -> BehaviorData:
+        """The aggregator's view in deployment: the public catalog alone, no users (enough to build the model)."""
+        if self.catalog is None:
+            raise ConfigError("data.catalog: the aggregator needs the public item catalog to build the model")
+        return catalog_only(load_catalog(self.catalog))
 
-    def spec(self) -> SyntheticSpec:
-        return SyntheticSpec(**self.model_dump())
+
+# --- the recipe -----------------------------------------------------------------------------------------------
 
 
 class ModelSection(Section):
+    """[model]: the sequential recommender (common/model.py) and how item features are built."""
+
     kind: Literal["sasrec", "pop"] = "sasrec"
     hidden: int = Field(64, ge=4)
     blocks: int = Field(2, ge=1)
@@ -110,6 +163,8 @@ class ModelSection(Section):
 
 
 class TrainSection(Section):
+    """[train]: centralised non-private training (`fedaug baseline`)."""
+
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -144,49 +199,245 @@ class AugmentSection(Section):
     window: int = Field(2, ge=1)
     attribute_sigma: float = Field(0.01, ge=0)
 
-    def settings(self) -> AugmentSettings | None:
-        if not self.enabled or (self.views == 0 and self.attribute_sigma == 0):
-            return None
-        return AugmentSettings(**self.model_dump())
+    @field_validator("ops", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        return [op.strip() for op in value.split(",") if op.strip()] if isinstance(value, str) else value
+
+    @property
+    def active(self) -> bool:
+        """Whether augmentation changes anything this round (views or attribute noise)."""
+        return self.enabled and (self.views > 0 or self.attribute_sigma > 0)
 
 
-class BaselineConfig(Section):
+class BudgetSection(Section):
+    """A merchant's own privacy budget: ε over every round it ever trains ("inf" = non-private) and δ."""
+
+    epsilon: float = Field(8.0, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+    """Default 1 / (10 · the merchant's users)."""
+
+    @field_validator("epsilon", mode="before")
+    @classmethod
+    def _parse_inf(cls, value):
+        return _inf(value)
+
+    @field_serializer("epsilon")
+    def _inf_as_text(self, value: float):
+        return "inf" if math.isinf(value) else value
+
+    @property
+    def private(self) -> bool:
+        return not math.isinf(self.epsilon)
+
+
+class PrivacySection(BudgetSection):
+    """[privacy]: the budget plus how DP-SGD clips."""
+
+    max_grad_norm: float = Field(1.0, gt=0)
+    grad_sample_mode: Literal[GRAD_SAMPLE_MODES] = "ghost"  # type: ignore[valid-type]
+
+
+class LocalSection(Section):
+    """[local]: a merchant's training steps within one round."""
+
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(256, ge=1)
+    """Expected users per DP step (Poisson sampling rate = batch_size / users)."""
+    lr: float = Field(1e-3, gt=0)
+
+
+class LocalRunSection(LocalSection):
+    """[local] of a merchant training alone: also how many rounds it plans and its seed (in a federation both
+    come from [federation])."""
+
+    rounds: int = Field(1, ge=1)
+    """Training rounds back to back; noise is calibrated for all of them."""
+    seed: int = 0
+
+
+class Recipe(Section):
+    """What a merchant trains, as one object: the trainer factory (client.trainer.build_trainer) takes it."""
+
+    model: ModelSection
+    augment: AugmentSection
+    privacy: PrivacySection
+    local: LocalSection
+
+
+# --- the federation -------------------------------------------------------------------------------------------
+
+
+class FederationSection(Section):
+    """[federation]: rounds, the aggregation strategy, failure handling, central DP, checkpoints and monitoring."""
+
+    rounds: int = Field(10, ge=1)
+    strategy: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    """0 turns federated evaluation off (a simulation's central evaluation still runs)."""
+    min_nodes: int = Field(1, ge=1)
+    """Connected merchants to wait for before sampling a round."""
+    min_replies: int = Field(1, ge=1)
+    """Usable training replies a round needs to be aggregated; with fewer it is retried, then the run stops."""
+    round_timeout: float = Field(3600.0, gt=0)
+    """Seconds to wait for replies; merchants that have not answered by then count as dropped out."""
+    retries: int = Field(2, ge=0)
+    """Extra attempts for a round that got fewer than min_replies usable replies."""
+    proximal_mu: float = Field(0.01, ge=0)
+    """FedProx μ (sent to merchants, who add the proximal term)."""
+    server_lr: float = Field(0.01, gt=0)
+    """FedAdam / FedYogi server learning rate η."""
+    trim_beta: float = Field(0.2, ge=0, lt=0.5)
+    """FedTrimmedAvg: fraction cut from each end."""
+    byzantine: int = Field(0, ge=0)
+    """Krum / multi-Krum: number of malicious merchants tolerated."""
+    krum_select: int = Field(0, ge=0)
+    """Multi-Krum: updates averaged (0 = all but the tolerated malicious ones)."""
+    norm_bound: float = Field(0.0, ge=0)
+    """Defence before aggregation: clip every update's distance from the global model to this multiple of the
+    round's median distance (0 = off), so no merchant can move the model more than a typical one."""
+    central_dp: bool = False
+    """Client-level DP on top: Flower's server-side fixed clipping of each update plus Gaussian noise."""
+    central_noise: float = Field(1.0, gt=0)
+    central_clip: float = Field(1.0, gt=0)
+    central_delta: float | None = Field(None, gt=0, lt=1)
+    """Default 1 / (10 · merchants)."""
+    metrics_port: int = Field(0, ge=0, le=65535)
+    """Prometheus /metrics port; 0 = off."""
+    state_dir: Path = Path("fedaug-state")
+    """Checkpoint, round log and (in simulation) the merchants' ledgers."""
+    seed: int = 0
+    """Seeds the initial model, the merchants sampled each round and every merchant's training."""
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.central_dp and self.strategy not in ("fedavg", "fedprox"):
+            raise ValueError("central_dp needs strategy fedavg or fedprox (Flower's accountant assumes FedAvg "
+                             "aggregation)")
+        return self
+
+
+# --- parts roles are assembled from ----------------------------------------------------------------------------
+
+
+class Config(Section):
+    """A role's whole config. ``defaults`` are the role's own defaults, merged under what the user gave."""
+
+    defaults: ClassVar[dict[str, dict]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _role_defaults(cls, raw):
+        if not isinstance(raw, dict) or not cls.defaults:
+            return raw
+        merged = dict(raw)
+        for section, values in cls.defaults.items():
+            given = merged.get(section, {})
+            if isinstance(given, dict):
+                merged[section] = {**values, **given}
+        return merged
+
+
+class DataPart(BaseModel):
     data: DataSection = DataSection()
-    synthetic: SyntheticSection = SyntheticSection()
-    model: ModelSection = ModelSection()
-    train: TrainSection = TrainSection()
     device: str = "auto"
+    """auto | cpu | cuda | cuda:N"""
 
     def load_data(self) -> BehaviorData:
-        """The configured data set (the embedded synthetic one when no path is given), k-core filtered."""
-        if self.data.path is None:
-            data = generate(self.synthetic.spec())
-        else:
-            data = load(self.data.path, self.data.format, timestamps=self.data.timestamps,
-                        attributes=self.data.attributes)
-            if self.data.catalog is not None:
-                data = align_to_catalog(data, load_catalog(self.data.catalog), self.data.path, self.data.catalog)
-        return k_core(data, self.data.k_core)
+        return self.data.load(getattr(self, "synthetic", None))
 
     def load_catalog(self) -> BehaviorData:
-        """The aggregator's view in deployment: the public catalog alone, no users (enough to build the model)."""
-        if self.data.catalog is None:
-            raise ConfigError("data.catalog: the aggregator needs the public item catalog to build the model")
-        return catalog_only(load_catalog(self.data.catalog))
+        return self.data.load_catalog()
 
 
-def load_config(path: Path | None, overrides: dict | None = None, schema: type[Section] = BaselineConfig):
-    """Read TOML ``path`` (or defaults when None), apply dotted-key ``overrides`` and validate."""
-    raw: dict = {}
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not UTF-8 text") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+class RecipePart(BaseModel):
+    model: ModelSection = ModelSection()
+    augment: AugmentSection = AugmentSection()
+    privacy: PrivacySection = PrivacySection()
+    local: LocalSection = LocalSection()
+
+    @model_validator(mode="after")
+    def _trainable(self):
+        """The constraints of the merchant's trainer (client.trainer), checked before anything runs."""
+        if self.model.kind != "sasrec":
+            raise InvalidKey("model.kind", "a merchant trains sasrec (pop needs no training: `fedaug baseline`)")
+        if self.privacy.private and self.model.tie_embeddings:
+            raise InvalidKey("model.tie_embeddings", "must be false for private training (Opacus cannot clip "
+                                                    "shared weights)")
+        if self.privacy.private and self.model.loss != "ce":
+            raise InvalidKey("model.loss", f"{self.model.loss!r} is not supported under DP (the private step clips "
+                                          "per-user gradients of the full softmax: use 'ce', or epsilon = 'inf')")
+        return self
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(model=self.model, augment=self.augment, privacy=self.privacy, local=self.local)
+
+
+MERCHANT_DEFAULTS = {"model": {"tie_embeddings": False}}  # Opacus cannot clip shared weights
+FEDERATED_DEFAULTS = {
+    # Under DP, public catalog attributes plus narrow per-item tables beat wide learned tables, and a merchant
+    # holding a tenth of the users learns with bigger Poisson batches (less noise per step) and a larger step size
+    # (simulations/results/README.md: tuning).
+    "model": {"tie_embeddings": False, "catalog": "auto", "item_dim": 8},
+    "local": {"batch_size": 1024, "lr": 0.03},
+}
+
+
+class SyntheticPart(BaseModel):
+    synthetic: SyntheticSection = SyntheticSection()
+
+
+class BaselineConfig(Config, DataPart, SyntheticPart):
+    """`fedaug baseline`: centralised, non-private training."""
+
+    model: ModelSection = ModelSection()
+    train: TrainSection = TrainSection()
+
+
+class MerchantRunConfig(Config, DataPart, SyntheticPart, RecipePart):
+    """`fedaug local` and `fedaug audit`: one merchant training alone for [local] rounds."""
+
+    defaults = MERCHANT_DEFAULTS
+    local: LocalRunSection = LocalRunSection()
+
+
+class FederationConfig(Config, DataPart, SyntheticPart, RecipePart):
+    """A federation: what every merchant trains plus [federation]. The ServerApp and ClientApp read it from
+    Flower's run_config; the deployed aggregator sends it; a merchant's node_config overrides [data], its
+    [privacy] budget and device."""
+
+    defaults = FEDERATED_DEFAULTS
+    federation: FederationSection = FederationSection()
+
+
+def federation_config(config: BaseModel) -> FederationConfig:
+    """The FederationConfig inside a larger role's config (simulation, aggregator): its sections, no others."""
+    return FederationConfig.model_validate({name: getattr(config, name) for name in FederationConfig.model_fields
+                                            if name in type(config).model_fields})
+
+
+# --- reading ----------------------------------------------------------------------------------------------------
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def load_config(path: Path | None, overrides: dict | None = None, schema: type[BaseModel] = BaselineConfig, *,
+                where: str | None = None, raw: dict | None = None):
+    """Validate TOML ``path`` (or ``raw``, or the defaults) with dotted-key ``overrides`` (None values skipped)
+    applied. Errors are one line: ``WHERE: key K: message`` (WHERE = ``where`` or the file)."""
+    raw = read_toml(path) if path is not None else dict(raw or {})
+    where = where if where is not None else (str(path) if path is not None else None)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -195,13 +446,56 @@ def load_config(path: Path | None, overrides: dict | None = None, schema: type[S
         for key in parents:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"{path}: key {key!r} must be a table")
+                raise ConfigError(f"{where}: key {key!r} must be a table" if where else f"key {key!r}: must be a "
+                                  "table")
         node[leaf] = value
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        key = ".".join(str(p) for p in error["loc"])
-        where = (f"{path}: " if path is not None else "") + (f"key {key}: " if key else "")
-        message = error["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}{message}") from None
+        raise ConfigError(_one_line(exc, where)) from None
+
+
+def _one_line(exc: ValidationError, where: str | None) -> str:
+    error = exc.errors()[0]
+    key = ".".join(str(p) for p in error["loc"])
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, InvalidKey):
+        key = ".".join(filter(None, (key, cause.key)))
+    message = error["msg"].removeprefix("Value error, ")
+    return (f"{where}: " if where else "") + (f"key {key}: " if key else "") + message
+
+
+def from_run_config(run_config: dict, schema: type[BaseModel] = FederationConfig, *overrides: dict,
+                    where: str = "run_config"):
+    """A config from Flower's flat run_config (and later flat configs that override it, e.g. a merchant's
+    node_config): unflattened, empty strings dropped (not set), validated by ``schema``."""
+    raw: dict = {}
+    for flat in (run_config, *overrides):
+        for dotted, value in flat.items():
+            if value == "":
+                continue
+            node = raw
+            *parents, leaf = str(dotted).split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"{where}: key {dotted}: {key!r} is a value, not a table")
+            node[leaf] = value
+    return load_config(None, None, schema, where=where, raw=raw)
+
+
+def to_run_config(config: BaseModel) -> dict[str, Any]:
+    """Flower's flat run_config for ``config``: dotted keys, unset values left out, lists as comma-separated text."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: dict) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            elif isinstance(value, list | tuple):
+                flat[f"{prefix}{key}"] = ",".join(str(v) for v in value)
+            elif value is not None:
+                flat[f"{prefix}{key}"] = value
+
+    walk("", config.model_dump(mode="json"))
+    return flat

@@ -19,7 +19,7 @@ item parameters (637 Beauty attributes against 12,101 items), so DP noise falls 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -50,9 +50,6 @@ class SASRecConfig:
     training only: Opacus' ghost clipping refuses tied weights, so DP models keep them apart."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing: spreads a little probability over all items."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def id_dim(self) -> int:

@@ -104,10 +104,10 @@ def baseline(
             )
 
         metrics = run_baseline(cfg, out, on_step=on_step, on_epoch=on_epoch)
-    test = metrics["test"]
+    test = metrics.test
     console.print(
         f"{cfg.model.kind}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  "
-        f"AUC {test['auc']:.4f}  ({metrics['epochs']} epochs, {metrics['seconds']:.0f} s) -> {out / 'metrics.json'}"
+        f"AUC {test['auc']:.4f}  ({metrics.epochs} epochs, {metrics.seconds:.0f} s) -> {out / 'metrics.json'}"
     )
 
 
@@ -134,8 +134,7 @@ def local(
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Train one merchant alone with the client's own DP trainer and write DIR/metrics.json."""
-    from client.config import MerchantConfig
-    from common.config import load_config
+    from common.config import MerchantRunConfig, load_config
     from simulations.local import run_local
 
     cfg = load_config(config, {
@@ -144,7 +143,7 @@ def local(
         "local.rounds": rounds, "local.local_epochs": local_epochs, "local.batch_size": batch_size, "local.lr": lr,
         "local.seed": seed, "augment.enabled": False if no_augment else None, "device": device,
         "model.catalog": catalog, "model.item_dim": item_dim,
-    }, MerchantConfig)
+    }, MerchantRunConfig)
     _check_out_dir(out)
     with _progress() as progress:
         task = progress.add_task("round 1 steps", total=None)
@@ -154,18 +153,18 @@ def local(
             progress.update(task, description=f"round {rounds_done + 1}/{cfg.local.rounds} steps", completed=step,
                             total=steps)
 
-        def on_round(round_, result, valid):
+        def on_round(done, total, record):
             nonlocal rounds_done
-            rounds_done = round_
+            rounds_done = done
             progress.console.print(
-                f"round {round_:3d}  loss {result.train_loss:.4f}  ε {result.epsilon:.3f}  "
-                f"valid NDCG@10 {valid['ndcg@10']:.4f}  ({result.seconds:.0f} s)")
+                f"round {done:3d}/{total}  loss {record.train_loss:.4f}  ε {record.epsilon_max:.3f}  "
+                f"valid NDCG@10 {record.valid['ndcg@10']:.4f}  ({record.seconds:.0f} s)")
 
         metrics = run_local(cfg, out, state_dir or out / "state", on_round=on_round, on_step=on_step)
-    test, privacy = metrics["test"], metrics["privacy"]
+    test, privacy = metrics.test, metrics.privacy
     console.print(
-        f"local: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  ε {privacy['epsilon']}  "
-        f"δ {privacy['delta']:.2e}  ({metrics['seconds']:.0f} s) -> {out / 'metrics.json'}")
+        f"local: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  ε {privacy.epsilon_max:.3f}  "
+        f"δ {privacy.delta:.2e}  ({metrics.seconds:.0f} s) -> {out / 'metrics.json'}")
 
 
 @app.command()
@@ -216,19 +215,20 @@ def simulate(
         unit = "merchants" if cfg.simulation.mode == "local" else "rounds"
         task = progress.add_task(f"{cfg.simulation.mode}: {unit}", total=None)
 
-        def on_round(done, total, entry):
+        def on_round(done, total, record):
             progress.update(task, completed=done, total=total)
-            if entry.get("central"):
-                progress.console.print(f"round {done:3d}/{total}  valid NDCG@10 {entry['central']['ndcg@10']:.4f}"
-                                       + (f"  max ε {entry['epsilon_max']:.3f}" if entry.get("epsilon_max") else "")
-                                       + (f"  ({entry['seconds']:.0f} s)" if entry.get("seconds") else ""))
+            if record and record.valid:
+                progress.console.print(f"round {done:3d}/{total}  valid NDCG@10 {record.valid['ndcg@10']:.4f}"
+                                       + (f"  max ε {record.epsilon_max:.3f}" if record.epsilon_max else "")
+                                       + (f"  ({record.seconds:.0f} s)" if record.seconds else ""))
 
         metrics = run_simulate(cfg, out, on_round=on_round, baselines=baselines, verbose=verbose)
-    test, privacy = metrics["test"], metrics["privacy"]
+    test, epsilon = metrics.test, metrics.privacy.epsilon_max
     console.print(
-        f"{metrics['mode']}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  "
-        f"max ε {privacy.get('epsilon_max')}  popularity NDCG@10 {metrics['baselines']['popularity']['ndcg@10']:.4f}"
-        f"  ({metrics['seconds']:.0f} s) -> {out / 'report.md'}")
+        f"{metrics.mode}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  "
+        f"max ε {'—' if epsilon is None else f'{epsilon:.3f}'}  "
+        f"popularity NDCG@10 {metrics.baselines['popularity']['ndcg@10']:.4f}"
+        f"  ({metrics.seconds:.0f} s) -> {out / 'report.md'}")
 
 
 @app.command()
@@ -254,7 +254,7 @@ def sweep(
             progress.update(runs, description=f"sweep: {name}", completed=i, total=total)
             progress.reset(rounds)
 
-        def on_round(done, total, entry):
+        def on_round(done, total, record):
             progress.update(rounds, completed=done, total=total)
 
         summary = run_sweep(grid, base, out, baselines, on_run=on_run, on_round=on_round, report_only=report_only)
@@ -296,11 +296,11 @@ def audit(
                           SimulationConfig)
         total = cfg.federation.rounds
     else:
-        from client.config import MerchantConfig
+        from common.config import MerchantRunConfig
 
         if merchants is not None:
             raise FedaugError("--merchants: only with --federated (the merchant path trains one merchant)")
-        cfg = load_config(config, overrides | {"local.rounds": rounds}, MerchantConfig)
+        cfg = load_config(config, overrides | {"local.rounds": rounds}, MerchantRunConfig)
         total = cfg.local.rounds
     _check_out_dir(out)
     with _progress() as progress:
@@ -324,7 +324,7 @@ def certs(
                                    "(repeatable; localhost, 127.0.0.1 and ::1 are always in)."),
 ) -> None:
     """Create a trial CA, the SuperLink's TLS certificate and merchant key pairs (production: your own CA)."""
-    from common.certs import write_certificates
+    from deploy.certs import write_certificates
 
     files = write_certificates(out, merchants, tuple(host))
     console.print(f"wrote {len(files)} files to {out}: {', '.join(f.name for f in files)}")
@@ -339,8 +339,8 @@ def synth(
 ) -> None:
     """Write the embedded synthetic data as trial merchants' files: the public catalog and one events CSV each."""
     from common.config import SyntheticSection
-    from common.export import write_merchant_files
     from common.synthetic import generate
+    from deploy.export import write_merchant_files
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FedaugError(f"--out: {out} exists and is not an empty directory")
@@ -363,19 +363,19 @@ def aggregator(
     with _progress() as progress:
         task = progress.add_task("rounds", total=cfg.federation.rounds)
 
-        def on_round(done, total, entry):
+        def on_round(done, total, record):
             progress.update(task, completed=done, total=total)
-            if entry.get("federated"):
-                progress.console.print(f"round {done:3d}/{total}  merchants {entry['participants']}  valid NDCG@10 "
-                                       f"{entry['federated']['ndcg@10']:.4f}"
-                                       + (f"  max ε {entry['epsilon_max']:.3f}" if entry.get("epsilon_max") else ""))
+            if record and record.federated_valid:
+                progress.console.print(f"round {done:3d}/{total}  merchants {record.participants}  valid NDCG@10 "
+                                       f"{record.federated_valid['ndcg@10']:.4f}"
+                                       + (f"  max ε {record.epsilon_max:.3f}" if record.epsilon_max else ""))
 
         metrics = Aggregator(cfg, on_round, say=_plain(progress.console)).run()
-    test = metrics["test"] or {"ndcg@10": float("nan"), "hr@10": float("nan")}
-    console.print(f"federation done: {len(metrics['rounds'])} rounds, test NDCG@10 {test['ndcg@10']:.4f}  "
+    test = metrics.test or {"ndcg@10": float("nan"), "hr@10": float("nan")}
+    console.print(f"federation done: {len(metrics.rounds)} rounds, test NDCG@10 {test['ndcg@10']:.4f}  "
                   f"HR@10 {test['hr@10']:.4f} -> {cfg.aggregator.state_dir / 'report.md'}")
-    for name, node in sorted(metrics["merchant_keys"].items()):
-        eps = next((m["epsilon"] for m in metrics["merchants"] if str(m["node"]) == node), None)
+    for name, node in sorted(metrics.merchant_keys.items()):
+        eps = next((m.epsilon for m in metrics.merchants if str(m.node) == node), None)
         console.print(f"  {name}: node {node}, ε spent {'—' if eps is None else f'{eps:.3f}'}")
 
 

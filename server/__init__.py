@@ -1,1 +1,2 @@
-"""Aggregator side: Flower ServerApp, strategies, checkpoints, monitoring (next issues)."""
+"""Aggregator side: the Flower ServerApp, strategies, reply checks, checkpoints, monitoring and the aggregator
+service."""

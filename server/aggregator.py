@@ -24,13 +24,22 @@ import tomli_w
 from pydantic import Field, field_validator, model_validator
 
 from common.atomic import write_bytes_atomic, write_json_atomic
-from common.certs import CA_CERT, SERVER_CERT, SERVER_KEY
-from common.config import Section
+from common.config import (
+    FEDERATED_DEFAULTS,
+    Config,
+    DataPart,
+    FederationSection,
+    RecipePart,
+    Section,
+    federation_config,
+    to_run_config,
+)
 from common.errors import ConfigError, FedaugError
-from common.processes import flower_command, last_line, split_address, start, stop, wait_until
+from common.records import OnRound, RunMetrics, write_metrics
+from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from deploy.processes import flower_command, last_line, split_address, start, stop, wait_until
 
 from . import checkpoint
-from .config import FederatedConfig, flat_run_config
 from .monitor import RoundWatcher
 from .summary import federation_summary, render_deployment_report
 
@@ -62,10 +71,12 @@ class AggregatorSection(Section):
         return value
 
 
-class AggregatorConfig(FederatedConfig):
+class AggregatorConfig(Config, DataPart, RecipePart):
     """The aggregator's TOML: [aggregator], [federation], the training recipe merchants receive ([model],
     [augment], [privacy] default budget, [local]) and [data] catalog — the public item catalog (no user data)."""
 
+    defaults = FEDERATED_DEFAULTS
+    federation: FederationSection = FederationSection()
     aggregator: AggregatorSection = AggregatorSection()
 
     @model_validator(mode="after")
@@ -79,12 +90,7 @@ class AggregatorConfig(FederatedConfig):
             raise ValueError("data.path: the aggregator holds no behaviour data (merchants keep theirs)")
         if "state_dir" in self.federation.model_fields_set:
             raise ValueError("federation.state_dir: set aggregator.state_dir instead (the checkpoint lives under it)")
-        if self.federation.central_eval:
-            raise ValueError("federation.central_eval: needs the data set, which the aggregator does not have")
         return self
-
-
-OnRound = Callable[[int, int, dict], None]
 
 
 class Aggregator:
@@ -116,7 +122,7 @@ class Aggregator:
 
     # -- the run -----------------------------------------------------------------------------------------------
 
-    def run(self) -> dict:
+    def run(self) -> RunMetrics:
         started = time.monotonic()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         rounds = self.config.federation.rounds
@@ -135,17 +141,20 @@ class Aggregator:
             done = 0 if state is None else state.round
             raise FedaugError(f"the run stopped after round {done} of {rounds}: {self._server_error()} "
                               f"(server log: {self.state_dir / 'server.log'}); start the aggregator again to resume")
-        metrics = federation_summary(self.config, state) | {
-            "merchant_keys": self._registered(), "seconds": round(time.monotonic() - started, 2),
-            "config": self.config.model_dump(mode="json")}
-        write_json_atomic(self.state_dir / "metrics.json", metrics)
+        metrics = federation_summary(self.config, state, mode="deployed",
+                                     seconds=round(time.monotonic() - started, 2), data={})
+        metrics.config = self.config.model_dump(mode="json")
+        metrics.merchant_keys = self._registered()
+        write_metrics(self.state_dir, metrics)
         write_bytes_atomic(self.state_dir / "report.md", render_deployment_report(metrics).encode())
         return metrics
 
     def _run_federation(self, rounds: int) -> None:
-        run_config = flat_run_config(self.config) | {
-            "state-dir": str(self.server_dir), "catalog-path": str(self.config.data.catalog.resolve()),
-            "data-path": "", "central-eval": False}
+        federation = federation_config(self.config)
+        federation = federation.model_copy(update={
+            "federation": federation.federation.model_copy(update={"state_dir": self.server_dir}),
+            "data": federation.data.model_copy(update={"catalog": self.config.data.catalog.resolve()})})
+        run_config = to_run_config(federation)
         config_file = self.state_dir / "run-config.toml"
         write_bytes_atomic(config_file, tomli_w.dumps(run_config).encode())
         reply = self._flwr("run", str(self.app), CONNECTION, "--run-config", str(config_file))

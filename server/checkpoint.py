@@ -21,6 +21,7 @@ import numpy as np
 
 from common.atomic import write_bytes_atomic
 from common.errors import ConfigError
+from common.records import RoundRecord
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -35,14 +36,15 @@ class ServerState:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     accountant: dict | None = None
-    history: list[dict] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)
     merchants: dict[str, dict] = field(default_factory=dict)
     """node id (as text) -> latest figures: ε, users, partition-id, per-round ε."""
 
 
 def save(state_dir: Path, state: ServerState) -> None:
     meta = {"run_key": state.run_key, "strategy": state.strategy, "round": state.round,
-            "accountant": state.accountant, "history": state.history, "merchants": state.merchants,
+            "accountant": state.accountant, "history": [h.to_json() for h in state.history],
+            "merchants": state.merchants,
             "strategy_state_keys": {name: list(arrays) for name, arrays in state.strategy_state.items()}}
     entries = {f"global/{k}": v for k, v in state.arrays.items()}
     for name, arrays in state.strategy_state.items():
@@ -65,7 +67,8 @@ def load(state_dir: Path) -> ServerState | None:
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"{path}: not a readable fedaug checkpoint ({exc})") from None
     return ServerState(run_key=meta["run_key"], strategy=meta["strategy"], round=int(meta["round"]), arrays=arrays,
-                       strategy_state=strategy_state, accountant=meta["accountant"], history=meta["history"],
+                       strategy_state=strategy_state, accountant=meta["accountant"],
+                       history=[RoundRecord.from_json(h) for h in meta["history"]],
                        merchants=meta["merchants"])
 
 

@@ -19,17 +19,20 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from common.config import FederationSection
 from common.errors import ConfigError, FedaugError
+from common.metrics import select
+from common.records import RoundRecord
 
 from . import checkpoint
 from .checkpoint import ServerState
-from .config import FederationSection
 from .monitor import Monitor
 from .replies import bound_norms, sort_evaluate_replies, sort_train_replies
 from .strategies import STATE_ATTRIBUTES, WEIGHT, build_strategy, central_dp, inner
 
 Evaluator = Callable[[dict[str, np.ndarray], tuple[str, ...]], dict]
-"""Central evaluation of global arrays at the given stages (simulation): ``{"valid": {...}, "test": {...}}``."""
+"""Central evaluation of global arrays at the given stages (attached by simulations, where the server has the
+data): ``{"valid": {...}, "test": {...}}``."""
 
 
 class RoundFailed(FedaugError):
@@ -37,7 +40,7 @@ class RoundFailed(FedaugError):
 
 
 def run_federation(grid: Grid, settings: FederationSection, initial: dict[str, np.ndarray],
-                   evaluator: Evaluator | None = None, on_round: Callable[[dict], None] | None = None,
+                   evaluator: Evaluator | None = None, on_round: Callable[[RoundRecord], None] | None = None,
                    node_wait_seconds: float = 600.0) -> ServerState:
     state_dir = settings.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -46,7 +49,7 @@ def run_federation(grid: Grid, settings: FederationSection, initial: dict[str, n
 
 
 def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.ndarray], evaluator: Evaluator | None,
-              on_round: Callable[[dict], None] | None, node_wait_seconds: float) -> ServerState:
+              on_round: Callable[[RoundRecord], None] | None, node_wait_seconds: float) -> ServerState:
     state_dir = settings.state_dir
     n_nodes = _wait_for_nodes(grid, settings.min_nodes, node_wait_seconds)
     strategy = build_strategy(settings, n_nodes)
@@ -75,7 +78,7 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
 
 
 def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerState, server_round: int,
-               evaluator: Evaluator | None) -> dict:
+               evaluator: Evaluator | None) -> RoundRecord:
     started = time.monotonic()
     arrays = ArrayRecord({k: Array(v) for k, v in state.arrays.items()})
     dp = central_dp(strategy)
@@ -101,32 +104,35 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
         raise RoundFailed(f"round {server_round}: not aggregated in {settings.retries + 1} attempts ({why}); "
                           f"stopped. {settings.state_dir} keeps round {server_round - 1}: start again to resume")
     state.arrays = {k: v.numpy() for k, v in aggregated.items()}
-    entry = {"round": server_round, "attempts": attempt, "participants": len(replies.accepted),
-             "failures": {kind: len(replies.with_status(kind)) for kind in ("error", "declined", "rejected",
-                                                                              "missing")},
-             "problems": replies.problems(), "bytes_received": replies.bytes_received}
-    entry |= _train_summary(replies.merchants, replies.accepted)
+    entry = RoundRecord(round=server_round, attempts=attempt, participants=len(replies.accepted),
+                        failures={kind: len(replies.with_status(kind)) for kind in ("error", "declined", "rejected",
+                                                                                    "missing")},
+                        problems=replies.problems(), bytes_received=replies.bytes_received,
+                        **_train_summary(replies.merchants))
     _remember_merchants(state, server_round, replies.merchants)
     if dp is not None:
-        entry["central_epsilon"] = dp.privacy_spent().epsilon
-        entry["central_delta"] = dp.privacy_spent().delta
+        entry.central_epsilon = dp.privacy_spent().epsilon
+        entry.central_delta = dp.privacy_spent().delta
     # Validation every round; test only for the final model (scoring 12k items per user is not free).
     stages = ("valid", "test") if server_round == settings.rounds else ("valid",)
-    entry["federated"] = _federated_evaluation(grid, settings, strategy, state, server_round, aggregated, stages)
+    _federated_evaluation(grid, settings, strategy, state, server_round, aggregated, stages, entry)
     if evaluator is not None:
         central = evaluator(state.arrays, stages)
-        entry["central"] = central["valid"]
-        if "test" in central:
-            entry["central_test"] = central["test"]
-    entry["seconds"] = round(time.monotonic() - started, 2)
+        entry.valid = select(central["valid"])
+        entry.test = select(central["test"]) if "test" in central else None
+    else:
+        entry.valid, entry.test = entry.federated_valid, entry.federated_test
+    entry.seconds = round(time.monotonic() - started, 2)
     log(INFO, "fedaug round %d: %d merchants aggregated%s", server_round, len(replies.accepted),
-        f", valid NDCG@10 {entry['central']['ndcg@10']:.4f}" if "central" in entry else "")
+        f", valid NDCG@10 {entry.valid['ndcg@10']:.4f}" if entry.valid else "")
     return entry
 
 
-def _federated_evaluation(grid, settings, strategy, state, server_round, arrays, stages) -> dict | None:
+def _federated_evaluation(grid, settings, strategy, state, server_round, arrays, stages,
+                          entry: RoundRecord) -> None:
+    """The merchants score the global model; their user-weighted metrics go into ``entry``."""
     if settings.fraction_evaluate == 0:
-        return None
+        return
     config = ConfigRecord({"run-key": state.run_key, "stages": list(stages)})
     messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
     replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
@@ -141,18 +147,18 @@ def _federated_evaluation(grid, settings, strategy, state, server_round, arrays,
             log(WARNING, "fedaug round %d: evaluation by merchant %s: %s (%s)", server_round, node, info["status"],
                 info["reason"])
     if not accepted:
-        return None
+        return
     metrics = strategy.aggregate_evaluate(server_round, accepted)
     if metrics is None:
-        return None
+        return
     values = {k: float(v) for k, v in metrics.items() if k != WEIGHT}
-    result = {k.removeprefix("valid-"): v for k, v in values.items() if k.startswith("valid-")}
+    entry.federated_valid = {k.removeprefix("valid-"): v for k, v in values.items() if k.startswith("valid-")}
     if "test" in stages:
-        result["test"] = {k.removeprefix("test-"): v for k, v in values.items() if k.startswith("test-")}
-    return result | {"merchants": len(accepted)}
+        entry.federated_test = {k.removeprefix("test-"): v for k, v in values.items() if k.startswith("test-")}
+    entry.federated_merchants = len(accepted)
 
 
-def _train_summary(merchants: dict[int, dict], accepted) -> dict:
+def _train_summary(merchants: dict[int, dict]) -> dict:
     users = [m.get("num-examples", 0) for m in merchants.values() if m["status"] == "ok"]
     losses = [m.get("train_loss", 0.0) for m in merchants.values() if m["status"] == "ok"]
     epsilons = [m["epsilon"] for m in merchants.values() if m.get("epsilon", -1) >= 0]

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from common.atomic import write_bytes_atomic
+from common.records import OnRound, RoundRecord
 
 ROUND_LOG = "rounds.jsonl"
 
@@ -38,26 +38,22 @@ class Monitor:
         if port:
             self.server, _ = start_http_server(port, registry=self.registry)
 
-    def record(self, entry: dict, history: list[dict]) -> None:
+    def record(self, entry: RoundRecord, history: list[RoundRecord]) -> None:
         """Publish one finished round (``entry``) and rewrite the round log from ``history``."""
-        self.round.set(entry["round"])
-        self.participants.set(entry["participants"])
-        for kind in ("error", "declined", "rejected", "missing"):
-            if entry["failures"].get(kind):
-                self.failures.labels(kind).inc(entry["failures"][kind])
-        evaluation = entry.get("central") or entry.get("federated") or {}
-        if "ndcg@10" in evaluation:
-            self.ndcg.set(evaluation["ndcg@10"])
-            self.hr.set(evaluation["hr@10"])
-        if entry.get("train_loss") is not None:
-            self.loss.set(entry["train_loss"])
-        if entry.get("epsilon_max") is not None:
-            self.epsilon_max.set(entry["epsilon_max"])
-            self.epsilon_mean.set(entry["epsilon_mean"])
-        if entry.get("central_epsilon") is not None:
-            self.central_epsilon.set(entry["central_epsilon"])
-        self.bytes.inc(entry["bytes_received"])
-        lines = "".join(json.dumps(h) + "\n" for h in history)
+        self.round.set(entry.round)
+        self.participants.set(entry.participants or 0)
+        for kind, count in entry.failures.items():
+            if count:
+                self.failures.labels(kind).inc(count)
+        if entry.valid and "ndcg@10" in entry.valid:
+            self.ndcg.set(entry.valid["ndcg@10"])
+            self.hr.set(entry.valid["hr@10"])
+        for gauge, value in ((self.loss, entry.train_loss), (self.epsilon_max, entry.epsilon_max),
+                             (self.epsilon_mean, entry.epsilon_mean), (self.central_epsilon, entry.central_epsilon)):
+            if value is not None:
+                gauge.set(value)
+        self.bytes.inc(entry.bytes_received)
+        lines = "".join(json.dumps(h.to_json()) + "\n" for h in history)
         write_bytes_atomic(self.state_dir / ROUND_LOG, lines.encode())
 
     def close(self) -> None:
@@ -69,7 +65,7 @@ class Monitor:
 class RoundWatcher:
     """Reports rounds as the server logs them (the ServerApp runs inside Flower, out of our call stack)."""
 
-    def __init__(self, state_dir: Path, total: int, on_round: Callable[[int, int, dict], None] | None):
+    def __init__(self, state_dir: Path, total: int, on_round: OnRound | None):
         self.path, self.total, self.on_round = state_dir / ROUND_LOG, total, on_round
         self._seen = self._count()
         self._stop = threading.Event()
@@ -85,14 +81,14 @@ class RoundWatcher:
         while not self._stop.wait(1.0):
             lines = self.path.read_text().splitlines() if self.path.exists() else []
             for line in lines[self._seen:]:
-                entry = json.loads(line)
+                entry = RoundRecord.from_json(json.loads(line))
                 if self.on_round:
-                    self.on_round(entry["round"], self.total, entry)
+                    self.on_round(entry.round, self.total, entry)
             self._seen = max(self._seen, len(lines))
 
     def start(self) -> None:
         if self.on_round:
-            self.on_round(self._seen, self.total, {})
+            self.on_round(self._seen, self.total, None)
         self._thread.start()
 
     def stop(self) -> None:

@@ -1,1 +1,3 @@
-"""Experiment runs over fedaug's components: the centralised baseline now; federated simulations and sweeps next."""
+"""Experiment runs over fedaug's components: the centralised baseline, one merchant alone, federated simulations
+(with the simulation-only behaviour: partitions, Byzantine merchants, central evaluation), sweeps, reports, plots
+and the privacy audit."""

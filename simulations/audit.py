@@ -21,20 +21,21 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from client.config import MerchantConfig
 from client.ledger import PrivacyLedger
-from client.trainer import LocalTrainer
+from client.trainer import build_trainer
 from common.atomic import write_bytes_atomic, write_json_atomic
+from common.config import MerchantRunConfig
 from common.data import BehaviorData
 from common.device import pick_device
 from common.errors import ConfigError
-from common.export import CATALOG_FILE, events_frame, write_catalog_tsv
+from common.metrics import json_number
+from common.records import OnRound, RoundRecord
 from common.split import leave_one_out
 from common.training import set_seed
+from deploy.export import CATALOG_FILE, events_frame, write_catalog_tsv
 from server import checkpoint
 
 from .config import SimulationConfig
-from .report import json_number
 from .simulate import run_simulate
 
 
@@ -109,8 +110,9 @@ def chain_log_likelihood(model, chains: list[np.ndarray], device: torch.device, 
     return np.concatenate(scores)
 
 
-def run_audit(config: MerchantConfig, canaries: int, out: Path, *, guesses: int | None = None,
-              canary_length: int = 20, confidence: float = 0.95, seed: int = 0, on_round=None) -> dict:
+def run_audit(config: MerchantRunConfig, canaries: int, out: Path, *, guesses: int | None = None,
+              canary_length: int = 20, confidence: float = 0.95, seed: int = 0,
+              on_round: OnRound | None = None) -> dict:
     """Train one merchant on its data plus the included canaries; write ``out/audit.json`` and the plot."""
     started = time.monotonic()
     guesses = _guess_count(canaries, guesses)
@@ -121,22 +123,20 @@ def run_audit(config: MerchantConfig, canaries: int, out: Path, *, guesses: int 
     chains = make_canaries(data.n_items, canaries, canary_length, rng)
     included = rng.random(canaries) < 0.5
     train = split.train.sequences() + [c for c, inside in zip(chains, included, strict=True) if inside]
-    privacy = config.privacy_settings()
     out = Path(out)
-    state_dir = out / "state"
-    ledger = PrivacyLedger(state_dir) if privacy.private else None
-    trainer = LocalTrainer(train, data.n_items, privacy, config.local.settings(), config.augment.settings(), ledger,
-                           device)
+    trainer = build_trainer(config.recipe, train, data.n_items, rounds=config.local.rounds, seed=config.local.seed,
+                            state_dir=out / "state", device=device)
     set_seed(config.local.seed)
     model = config.model.model(data).to(device)
     run_id = uuid.uuid4().hex
     for round_ in range(1, config.local.rounds + 1):
         result = trainer.train_round(model, run_id, round_)
         if on_round:
-            on_round(round_, config.local.rounds, result)
+            on_round(round_, config.local.rounds, RoundRecord(round=round_, train_loss=result.train_loss,
+                                                              epsilon_max=result.epsilon, seconds=result.seconds))
     scores = chain_log_likelihood(model, chains, device)
     return _conclude(out, scores, included, guesses, confidence, trainer.epsilon_spent(),
-                     trainer.delta if privacy.private else 0.0,
+                     trainer.delta if config.privacy.private else 0.0,
                      {"path": "merchant", "canary_length": canary_length, "rounds": config.local.rounds,
                       "users": data.n_users, "seconds": round(time.monotonic() - started, 2),
                       "config": config.model_dump(mode="json")})
@@ -144,7 +144,7 @@ def run_audit(config: MerchantConfig, canaries: int, out: Path, *, guesses: int 
 
 def run_federated_audit(config: SimulationConfig, canaries: int, out: Path, *, canary_merchant: int = 0,
                         guesses: int | None = None, canary_length: int = 20, confidence: float = 0.95,
-                        seed: int = 0, on_round=None) -> dict:
+                        seed: int = 0, on_round: OnRound | None = None) -> dict:
     """The audit through the federated path: the included canaries become users of one simulated merchant, the
     very ServerApp and ClientApp train for [federation] rounds in Flower's simulation engine (``out/federation``),
     and the final global model — what the merchant's updates are released into — is scored. The claim audited is
@@ -171,16 +171,16 @@ def run_federated_audit(config: SimulationConfig, canaries: int, out: Path, *, c
     device = pick_device(config.device)
     scores = chain_log_likelihood(model.to(device), chains, device)
     epsilon, delta = math.inf, 0.0
-    if config.privacy_settings().private:
+    if config.privacy.private:
         ledger = PrivacyLedger(state_dir / f"merchant-{canary_merchant}")
         delta = ledger.entries()[-1].delta
         epsilon = ledger.epsilon(delta)
         ledger.close()
-    users = next(m["users"] for m in metrics["merchants"] if m["merchant"] == canary_merchant)
+    users = next(m.users for m in metrics.merchants if m.merchant == canary_merchant)
     return _conclude(out, scores, included, guesses, confidence, epsilon, delta,
                      {"path": "federated", "merchants": n_merchants, "canary_merchant": canary_merchant,
                       "canary_merchant_users": users, "canary_length": canary_length,
-                      "rounds": config.federation.rounds, "test": metrics["test"],
+                      "rounds": config.federation.rounds, "test": metrics.test,
                       "seconds": round(time.monotonic() - started, 2), "config": federated.model_dump(mode="json")})
 
 

@@ -1,5 +1,6 @@
-"""A simulation's configuration: a merchant config plus [federation] (the server) and [simulation] (how the data
-set is cut into merchants, which mode runs), and its translation into Flower's flat run_config."""
+"""A simulation's configuration: a federation's sections plus [simulation] (how the data set is cut into
+merchants, which mode runs, which merchants are Byzantine). Flower's run_config carries all of it to the
+simulation's ServerApp and ClientApp (simulations/apps.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,22 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from client.attacks import ATTACKS, attackers
-from common.config import Section
+from common.config import (
+    FEDERATED_DEFAULTS,
+    Config,
+    DataPart,
+    FederationConfig,
+    FederationSection,
+    MerchantRunConfig,
+    RecipePart,
+    Section,
+    SyntheticPart,
+    federation_config,
+)
 from common.data import BehaviorData
 from common.split import PARTITIONS, assign_merchants
-from server.config import FederatedConfig
-from server.config import flat_run_config as server_flat_run_config
+
+from .attacks import ATTACKS, attackers
 
 MODES = ("federated", "local", "central")
 
@@ -41,7 +52,7 @@ class SimulationSection(Section):
     client_cpus: int = Field(0, ge=0)
     """CPUs per simulated merchant (0: all of them, one merchant trains at a time)."""
     attack: Literal[("",) + ATTACKS] = ""  # type: ignore[valid-type]
-    """Robustness experiments: make a fraction of merchants Byzantine (client.attacks)."""
+    """Robustness experiments: make a fraction of merchants Byzantine (simulations.attacks)."""
     attackers: float = Field(0.0, ge=0, lt=1)
     attack_scale: float = Field(10.0, gt=0)
     """λ of the scale / signflip / noise attacks."""
@@ -56,12 +67,11 @@ class SimulationSection(Section):
         return self
 
 
-SIMULATION_KEYS = {"partition": "partition", "partition-seed": "partition_seed", "dirichlet-alpha": "dirichlet_alpha",
-                   "attack": "attack", "attackers": "attackers", "attack-scale": "attack_scale"}
-"""The [simulation] keys merchants read from run_config (client.merchant)."""
+class SimulationConfig(Config, DataPart, SyntheticPart, RecipePart):
+    """`fedaug simulate`, `sweep`, `audit --federated`: a federation over merchants cut from one data set."""
 
-
-class SimulationConfig(FederatedConfig):
+    defaults = FEDERATED_DEFAULTS
+    federation: FederationSection = FederationSection()
     simulation: SimulationSection = SimulationSection()
 
     @model_validator(mode="before")
@@ -78,6 +88,17 @@ class SimulationConfig(FederatedConfig):
                                  f"but federation.{key} is {federation[key]!r}")
             federation[key] = value
         return {**raw, "federation": federation}
+
+    @property
+    def federation_config(self) -> FederationConfig:
+        return federation_config(self)
+
+    def merchant_run(self) -> MerchantRunConfig:
+        """What one merchant trains when it trains alone (modes local and central): the same recipe, for the
+        federation's rounds and seed."""
+        local = self.local.model_dump() | {"rounds": self.federation.rounds, "seed": self.federation.seed}
+        return MerchantRunConfig(data=self.data, synthetic=self.synthetic, model=self.model, augment=self.augment,
+                                 privacy=self.privacy, local=local, device=self.device)
 
     def changed(self, **sections: dict) -> SimulationConfig:
         """This config with keys replaced (``section={key: value}``; None removes a key), validated again. Only
@@ -98,8 +119,3 @@ class SimulationConfig(FederatedConfig):
         sim = self.simulation
         return sorted(attackers(sim.merchants, sim.attackers, sim.partition_seed)) if sim.attack else []
 
-
-def flat_run_config(config: SimulationConfig) -> dict:
-    """Flower's run_config for a simulation: the federation's, plus how merchants cut the data set."""
-    return server_flat_run_config(config) | {key: getattr(config.simulation, field)
-                                              for key, field in SIMULATION_KEYS.items()}

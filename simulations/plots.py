@@ -13,44 +13,46 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common.atomic import write_bytes_atomic  # noqa: E402
+from common.records import RunMetrics  # noqa: E402
 
 
-def write_plots(metrics: dict, out: Path) -> list[str]:
+def write_plots(metrics: RunMetrics, out: Path) -> list[str]:
     """The run's plots in ``out``; returns their file names (for the report)."""
     written = []
-    rounds = metrics.get("rounds") or []
+    rounds = [r for r in metrics.rounds if r.valid]
     if rounds:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([r["round"] for r in rounds], [r["valid"]["ndcg@10"] for r in rounds], marker="o",
-                label="global model (all merchants' users)" if metrics["mode"] == "federated" else metrics["mode"])
-        federated = [(r["round"], r["federated_valid"]["ndcg@10"]) for r in rounds if r.get("federated_valid")]
+        ax.plot([r.round for r in rounds], [r.valid["ndcg@10"] for r in rounds], marker="o",
+                label="global model (all merchants' users)" if metrics.mode == "federated" else metrics.mode)
+        federated = [(r.round, r.federated_valid["ndcg@10"]) for r in rounds if r.federated_valid]
         if federated:
             ax.plot(*zip(*federated, strict=True), marker="x", linestyle="--", label="federated evaluation")
-        pop = metrics.get("baselines", {}).get("popularity")
+        pop = metrics.baselines.get("popularity")
         if pop:
             ax.axhline(pop["ndcg@10"], color="grey", linestyle=":", label="popularity (test)")
         ax.set(xlabel="round", ylabel="validation NDCG@10", title="NDCG@10 per round")
         ax.legend(fontsize=8)
         written.append(_save(fig, out / "ndcg_per_round.png"))
-    merchants = metrics.get("merchants") or []
-    with_epsilon = [m for m in merchants if m.get("epsilon_by_round")]
+    merchants = metrics.merchants
+    with_epsilon = [m for m in merchants if m.epsilon_by_round]
     if with_epsilon:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for m in with_epsilon:
-            points = sorted((int(r), e) for r, e in m["epsilon_by_round"].items() if isinstance(e, int | float))
+            points = sorted((int(r), e) for r, e in m.epsilon_by_round.items()
+                            if isinstance(e, int | float) and math.isfinite(e))
             if points:
-                ax.plot(*zip(*points, strict=True), marker=".", label=f"merchant {m['merchant']}")
-        budget = metrics.get("privacy", {}).get("epsilon_budget")
+                ax.plot(*zip(*points, strict=True), marker=".", label=f"merchant {m.merchant}")
+        budget = metrics.privacy.epsilon_budget if metrics.privacy else None
         if isinstance(budget, int | float) and math.isfinite(budget):
             ax.axhline(budget, color="red", linestyle=":", label="budget")
         ax.set(xlabel="round", ylabel="ε spent", title="ε per merchant per round")
         ax.legend(fontsize=6, ncol=2)
         written.append(_save(fig, out / "epsilon_per_merchant.png"))
-    tested = [m for m in merchants if m.get("test")]
+    tested = [m for m in merchants if m.test]
     if tested:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar([str(m["merchant"]) for m in tested], [m["test"]["ndcg@10"] for m in tested])
-        ax.axhline(metrics["test"]["ndcg@10"], color="black", linestyle="--", label="all users")
+        ax.bar([str(m.merchant) for m in tested], [m.test["ndcg@10"] for m in tested])
+        ax.axhline(metrics.test["ndcg@10"], color="black", linestyle="--", label="all users")
         ax.set(xlabel="merchant", ylabel="test NDCG@10", title="Test NDCG@10 per merchant")
         ax.legend(fontsize=8)
         written.append(_save(fig, out / "merchant_ndcg.png"))

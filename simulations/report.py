@@ -1,101 +1,93 @@
-"""The metrics.json shape every run writes (baseline, local, simulations) and the simulation report."""
+"""The run metrics every training run starts from (baseline, merchant, pooled) and the simulation report."""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from common.atomic import write_bytes_atomic
-from common.config import BaselineConfig
 from common.data import BehaviorData
 from common.evaluate import Scorer, evaluate
-from common.metrics import METRIC_NAMES, json_number, select  # noqa: F401  (re-exported)
+from common.metrics import METRIC_NAMES, select
+from common.records import RunMetrics
 from common.split import LeaveOneOut
 
 METRIC_KEYS = METRIC_NAMES
 
 
-def final_metrics(scorer: Scorer, split: LeaveOneOut, data: BehaviorData, config: BaselineConfig, device,
-                  epochs: int, started: float) -> dict:
-    """``{"test", "valid", "test_users", "epochs", "seconds", "data", "config"}``; callers add their own keys."""
+def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorData, config: BaseModel, device,
+                  epochs: int, started: float) -> RunMetrics:
+    """The trained model's test and validation metrics with what the run was; callers fill in the rest."""
     test = evaluate(scorer, split, "test")
-    return {
-        "test": select(test),
-        "valid": select(evaluate(scorer, split, "valid")),
-        "test_users": test["users"],
-        "epochs": epochs,
-        "seconds": round(time.monotonic() - started, 2),
-        "data": data.summary(),
-        "config": config.model_dump(mode="json") | {"device": str(device)},
-    }
+    return RunMetrics(mode=mode, test=select(test), valid=select(evaluate(scorer, split, "valid")),
+                      test_users=test["users"], epochs=epochs, seconds=round(time.monotonic() - started, 2),
+                      data=data.summary(), config=config.model_dump(mode="json") | {"device": str(device)})
 
 
-
-
-def write_report(metrics: dict, out: Path, plots: list[str]) -> None:
+def write_report(metrics: RunMetrics, out: Path, plots: list[str]) -> None:
     """``out/report.md``: settings, the test table with the baselines, privacy, merchants and rounds."""
     write_bytes_atomic(Path(out) / "report.md", render_report(metrics, plots).encode())
 
 
-def render_report(metrics: dict, plots: list[str]) -> str:
-    cfg = metrics["config"]
-    fed, sim, priv = cfg["federation"], cfg["simulation"], metrics["privacy"]
+def render_report(metrics: RunMetrics, plots: list[str]) -> str:
+    cfg = metrics.config
+    fed, sim, priv = cfg["federation"], cfg["simulation"], metrics.privacy
     augment = cfg["augment"]
-    lines = [f"# fedaug simulation: {metrics['mode']}", "",
+    lines = [f"# fedaug simulation: {metrics.mode}", "",
              "| setting | value |", "|---|---|",
-             f"| data | {cfg['data']['path'] or 'embedded synthetic'} ({metrics['data']['users']} users, "
-             f"{metrics['data']['items']} items) |",
-             f"| merchants | {metrics['merchants_total']} ({sim['partition']} partition) |",
-             f"| mode | {metrics['mode']} |",
+             f"| data | {cfg['data']['path'] or 'embedded synthetic'} ({metrics.data['users']} users, "
+             f"{metrics.data['items']} items) |",
+             f"| merchants | {metrics.merchants_total} ({sim['partition']} partition) |",
+             f"| mode | {metrics.mode} |",
              f"| rounds × local epochs | {fed['rounds']} × {cfg['local']['local_epochs']} |",
-             f"| strategy | {fed['strategy'] if metrics['mode'] == 'federated' else '—'} |",
-             f"| ε per merchant (budget) | {priv['epsilon_budget']} |",
+             f"| strategy | {fed['strategy'] if metrics.mode == 'federated' else '—'} |",
+             f"| ε per merchant (budget) | {_fmt(priv.epsilon_budget)} |",
              f"| augmentation | {_augment_text(augment)} |",
              f"| model | SASRec hidden {cfg['model']['hidden']}, {cfg['model']['blocks']} blocks, "
              f"{'catalog attributes + ' if cfg['model']['catalog'] else ''}item tables "
              f"{cfg['model']['item_dim'] if cfg['model']['item_dim'] is not None else cfg['model']['hidden']} wide |",
              f"| batch, lr, C | {cfg['local']['batch_size']}, {cfg['local']['lr']}, "
              f"{cfg['privacy']['max_grad_norm']} |",
-             f"| wall time | {metrics['seconds']:.0f} s |", "",
+             f"| wall time | {metrics.seconds:.0f} s |", "",
              "## Test metrics (leave-one-out, full ranking)", "",
              "| run | " + " | ".join(METRIC_KEYS) + " | NDCG@10 ratio |",
              "|---|" + "---|" * (len(METRIC_KEYS) + 1)]
-    runs = {f"**{metrics['mode']}**": metrics["test"]} | {
-        name: test for name, test in metrics.get("baselines", {}).items()}
-    reference = metrics.get("baselines", {}).get("centralised non-private")
+    runs = {f"**{metrics.mode}**": metrics.test} | dict(metrics.baselines)
+    reference = metrics.baselines.get("centralised non-private")
     for name, test in runs.items():
-        ratio = f"{metrics['test']['ndcg@10'] / test['ndcg@10']:.2f}× of it" if test is not metrics["test"] and \
+        ratio = f"{metrics.test['ndcg@10'] / test['ndcg@10']:.2f}× of it" if test is not metrics.test and \
             test["ndcg@10"] > 0 else ""
         lines.append(f"| {name} | " + " | ".join(f"{test[k]:.4f}" for k in METRIC_KEYS) + f" | {ratio} |")
     if reference:
-        lines += ["", f"Test NDCG@10 is **{metrics['test']['ndcg@10'] / reference['ndcg@10']:.3f}×** the "
+        lines += ["", f"Test NDCG@10 is **{metrics.test['ndcg@10'] / reference['ndcg@10']:.3f}×** the "
                   "centralised non-private baseline."]
     lines += ["", "## Privacy", "",
-              f"- ε per merchant: max {_fmt(priv.get('epsilon_max'))}, mean {_fmt(priv.get('epsilon_mean'))} "
-              f"(budget {priv['epsilon_budget']}), user-level DP-SGD with per-user clipping C = "
-              f"{priv.get('max_grad_norm')}, accounted by each merchant's ledger (RDP)."]
-    if priv.get("central"):
-        c = priv["central"]
+              f"- ε per merchant: max {_fmt(priv.epsilon_max)}, mean {_fmt(priv.epsilon_mean)} "
+              f"(budget {_fmt(priv.epsilon_budget)}), user-level DP-SGD with per-user clipping C = "
+              f"{priv.max_grad_norm}, accounted by each merchant's ledger (RDP)."]
+    if priv.central:
+        c = priv.central
         lines.append(f"- central (client-level) DP: ε {_fmt(c['epsilon'])} at δ {c['delta']:.2g}, noise multiplier "
                      f"{c['noise_multiplier']}, update clipping {c['clipping_norm']} (Flower's RDP accountant, "
                      "no sampling amplification).")
-    merchants = metrics.get("merchants") or []
-    if merchants:
+    if metrics.merchants:
         lines += ["", "## Merchants", "", "| merchant | users | ε | test NDCG@10 | test HR@10 |",
                   "|---|---|---|---|---|"]
-        for m in merchants:
-            test = m.get("test") or {}
-            lines.append(f"| {m['merchant']} | {m.get('users')} | {_fmt(m.get('epsilon'))} | "
+        for m in metrics.merchants:
+            test = m.test or {}
+            lines.append(f"| {m.merchant} | {m.users} | {_fmt(m.epsilon)} | "
                          f"{_fmt(test.get('ndcg@10'))} | {_fmt(test.get('hr@10'))} |")
-    rounds = metrics.get("rounds") or []
-    if rounds:
+    if metrics.rounds:
         lines += ["", "## Rounds", "", "| round | valid NDCG@10 | train loss | max ε | merchants | not aggregated |",
                   "|---|---|---|---|---|---|"]
-        for r in rounds:
-            failures = r.get("failures") or {}
-            missing = ", ".join(f"{v} {k}" for k, v in failures.items() if v) or "—"
-            lines.append(f"| {r['round']} | {r['valid']['ndcg@10']:.4f} | {_fmt(r.get('train_loss'))} | "
-                         f"{_fmt(r.get('epsilon_max'))} | {r.get('participants', '—')} | {missing} |")
+        for r in metrics.rounds:
+            missing = ", ".join(f"{v} {k}" for k, v in r.failures.items() if v) or "—"
+            lines.append(f"| {r.round} | {r.valid['ndcg@10']:.4f} | {_fmt(r.train_loss)} | "
+                         f"{_fmt(r.epsilon_max)} | {r.participants if r.participants is not None else '—'} | "
+                         f"{missing} |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
@@ -110,6 +102,8 @@ def _augment_text(augment: dict) -> str:
 def _fmt(value) -> str:
     if value is None:
         return "—"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
     return str(value)

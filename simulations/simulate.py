@@ -1,6 +1,6 @@
-"""`fedaug simulate`: the very same ServerApp and ClientApp in Flower's simulation engine, over merchants cut from
-one data set, and the two comparisons that make its numbers mean something (every merchant alone; all data pooled),
-each under the same DP settings and rounds × local epochs."""
+"""`fedaug simulate`: the ServerApp and ClientApp in Flower's simulation engine, over merchants cut from one data
+set (simulations/apps.py attaches what only a simulation has), and the two comparisons that make its numbers mean
+something (every merchant alone; all data pooled), each under the same DP settings and rounds × local epochs."""
 
 from __future__ import annotations
 
@@ -8,33 +8,32 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import tomli_w
 import torch
 
-from common.atomic import write_json_atomic
+from common.config import to_run_config
 from common.device import pick_device
+from common.errors import FedaugError
 from common.evaluate import evaluate
+from common.metrics import select
 from common.popularity import Popularity
+from common.records import MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
 from common.split import leave_one_out, merchant_partitions
 from server import checkpoint
 from server.monitor import RoundWatcher
 from server.summary import federation_summary
 
-from .config import SimulationConfig, flat_run_config
+from .config import SimulationConfig
 from .local import run_local
 from .plots import write_plots
-from .report import METRIC_KEYS, json_number, select, write_report
-
-OnRound = Callable[[int, int, dict], None]
-"""``on_round(done, total, entry)``: progress of a run's rounds."""
+from .report import METRIC_KEYS, write_report
 
 
 def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None = None,
-                 baselines: dict[str, dict] | None = None, verbose: bool = False) -> dict:
+                 baselines: dict[str, dict] | None = None, verbose: bool = False) -> RunMetrics:
     """Run the configured mode; write ``out/metrics.json``, ``out/report.md`` and the plots; return the metrics."""
     started = time.monotonic()
     out = Path(out)
@@ -49,17 +48,18 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
         metrics = _local_only(config, data, state_dir, on_round)
     else:
         metrics = _central(config, data, state_dir, on_round)
-    popularity = select(evaluate(Popularity(split.train), split, "test"))
     sim = config.simulation
-    metrics = {"mode": mode, **metrics, "baselines": {"popularity": popularity} | (baselines or {}),
-               "attack": {"kind": sim.attack, "fraction": sim.attackers, "scale": sim.attack_scale,
-                          "merchants": config.attacker_ids()} if sim.attack else None,
-               "defence": sim.defence or ("normbound" if config.federation.norm_bound else config.federation.strategy),
-               "seconds": round(time.monotonic() - started, 2), "data": data.summary(),
-               "merchants_total": n_merchants, "config": config.model_dump(mode="json")}
+    metrics.mode = mode
+    metrics.baselines = {"popularity": select(evaluate(Popularity(split.train), split, "test"))} | (baselines or {})
+    metrics.attack = ({"kind": sim.attack, "fraction": sim.attackers, "scale": sim.attack_scale,
+                       "merchants": config.attacker_ids()} if sim.attack else None)
+    metrics.defence = sim.defence or ("normbound" if config.federation.norm_bound else config.federation.strategy)
+    metrics.seconds = round(time.monotonic() - started, 2)
+    metrics.data, metrics.merchants_total = data.summary(), n_merchants
+    metrics.config = config.model_dump(mode="json")
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(metrics, out)
-    write_json_atomic(out / "metrics.json", metrics)
+    write_metrics(out, metrics)
     write_report(metrics, out, plots)
     return metrics
 
@@ -75,7 +75,7 @@ def _state_dir(config: SimulationConfig, out: Path) -> Path:
 
 
 def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_round: OnRound | None,
-               verbose: bool) -> dict:
+               verbose: bool) -> RunMetrics:
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -85,11 +85,9 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    from client.client_app import app as client_app
-    from server.server_app import app as server_app
+    from .apps import client, server
 
-    run_config = flat_run_config(config) | {
-        "state-dir": str(state_dir), "central-eval": True, "min-nodes": n_merchants}
+    run_config = to_run_config(config.changed(federation={"state_dir": state_dir, "min_nodes": n_merchants}))
     # Flower's simulation reads the merchants' run_config from an app directory's pyproject.toml, as `flwr run`
     # does; this one carries exactly this run's config.
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
@@ -110,7 +108,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
             _write_app_dir(Path(app_dir), run_config)
             watcher.start()
             _run_simulation(num_supernodes=n_merchants, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                            client_app=client_app, server_app=server_app, backend_name="ray",
+                            client_app=client, server_app=server, backend_name="ray",
                             backend_config=_backend_config(config, verbose), server_app_context=context,
                             app_dir=app_dir, is_app=True, run=run, verbose_logging=verbose)
     finally:
@@ -118,20 +116,18 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
         flwr_logger.setLevel(level)
     state = checkpoint.load(state_dir)
     if state is None or state.round < config.federation.rounds:
-        from common.errors import FedaugError
-
         done = 0 if state is None else state.round
         raise FedaugError(f"simulation stopped after round {done} of {config.federation.rounds} (see the log "
                           f"above); run the same command again to resume from {state_dir}")
-    return federation_summary(config, state)
+    return federation_summary(config, state, mode="federated", seconds=0.0, data={})
 
 
 def _write_app_dir(app_dir: Path, run_config: dict) -> None:
     project = {
         "project": {"name": "fedaug", "version": "0.1.0"},
         "tool": {"flwr": {"app": {"publisher": "fedaug",
-                                  "components": {"serverapp": "server.server_app:app",
-                                                 "clientapp": "client.client_app:app"},
+                                  "components": {"serverapp": "simulations.apps:server",
+                                                 "clientapp": "simulations.apps:client"},
                                   "config": run_config}}},
     }
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")
@@ -149,54 +145,41 @@ def _backend_config(config: SimulationConfig, verbose: bool) -> dict:
 # local and central: the client's own trainer, without Flower -----------------------------------------------------
 
 
-def _local_only(config: SimulationConfig, data, state_dir: Path, on_round: OnRound | None) -> dict:
+def _local_only(config: SimulationConfig, data, state_dir: Path, on_round: OnRound | None) -> RunMetrics:
     """Every merchant trains alone for the same rounds × local epochs at the same ε; metrics weigh merchants by
     their evaluated users, which equals scoring every user with their own merchant's model."""
-    merchant_config = config.merchant_config()
+    merchant_run = config.merchant_run()
     parts = merchant_partitions(config.assigned(data))
-    results = []
+    results: list[RunMetrics] = []
     for i, part in enumerate(parts):
-        results.append(run_local(merchant_config, None, state_dir / f"merchant-{i}", data=part))
+        results.append(run_local(merchant_run, None, state_dir / f"merchant-{i}", data=part))
         if on_round:
-            on_round(i + 1, len(parts), {})
-    weights = np.array([r["test_users"] for r in results], dtype=float)
+            on_round(i + 1, len(parts), None)
+    weights = np.array([r.test_users for r in results], dtype=float)
 
-    def mean(stage: str) -> dict:
-        return {k: float(np.average([r[stage][k] for r in results], weights=weights)) for k in METRIC_KEYS}
+    def mean(values) -> float:
+        return float(np.average(list(values), weights=weights))
 
-    rounds = []
-    for j in range(config.federation.rounds):
-        rows = [r["rounds"][j] for r in results]
-        rounds.append({"round": j + 1, "valid": {"ndcg@10": float(np.average([row["valid_ndcg@10"] for row in rows],
-                                                                          weights=weights))},
-                       "epsilon_max": max(_finite(row["epsilon"]) for row in rows),
-                       "train_loss": float(np.average([row["train_loss"] for row in rows], weights=weights))})
-    merchants = [{"merchant": i, "users": r["test_users"], "epsilon": json_number(r["privacy"]["epsilon"]),
-                  "epsilon_by_round": {str(row["round"]): json_number(row["epsilon"]) for row in r["rounds"]},
-                  "test": r["test"]} for i, r in enumerate(results)]
-    epsilons = [m["epsilon"] for m in merchants if isinstance(m["epsilon"], float)]
-    return {"test": mean("test"), "valid": mean("valid"), "rounds": rounds, "merchants": merchants,
-            "privacy": {"epsilon_budget": json_number(config.privacy.epsilon),
-                        "epsilon_max": max(epsilons, default=None),
-                        "epsilon_mean": float(np.mean(epsilons)) if epsilons else None,
-                        "max_grad_norm": config.privacy.max_grad_norm}}
+    rounds = [RoundRecord(round=j + 1, valid={"ndcg@10": mean(r.rounds[j].valid["ndcg@10"] for r in results)},
+                          epsilon_max=max(r.rounds[j].epsilon_max for r in results),
+                          train_loss=mean(r.rounds[j].train_loss for r in results))
+              for j in range(config.federation.rounds)]
+    merchants = [MerchantRecord(merchant=i, users=r.test_users, epsilon=r.privacy.epsilon_max,
+                                epsilon_by_round={str(h.round): h.epsilon_max for h in r.rounds}, test=r.test)
+                 for i, r in enumerate(results)]
+    epsilons = [m.epsilon for m in merchants if np.isfinite(m.epsilon)]
+    return RunMetrics(mode="local", test={k: mean(r.test[k] for r in results) for k in METRIC_KEYS},
+                      valid={k: mean(r.valid[k] for r in results) for k in METRIC_KEYS}, seconds=0.0, data={},
+                      config={}, rounds=rounds, merchants=merchants,
+                      privacy=PrivacyRecord(epsilon_budget=config.privacy.epsilon,
+                                            epsilon_max=max(epsilons, default=None),
+                                            epsilon_mean=float(np.mean(epsilons)) if epsilons else None,
+                                            max_grad_norm=config.privacy.max_grad_norm))
 
 
-def _central(config: SimulationConfig, data, state_dir: Path, on_round: OnRound | None) -> dict:
+def _central(config: SimulationConfig, data, state_dir: Path, on_round: OnRound | None) -> RunMetrics:
     """All merchants' users pooled into one DP trainer (the upper bound federation tries to reach)."""
-    total = config.federation.rounds
-
-    def round_done(round_, result, valid):
-        if on_round:
-            on_round(round_, total, {"central": valid})
-
-    result = run_local(config.merchant_config(), None, state_dir / "pooled", on_round=round_done, data=data)
-    rounds = [{"round": r["round"], "valid": {"ndcg@10": r["valid_ndcg@10"]}, "epsilon_max": json_number(r["epsilon"]),
-               "train_loss": r["train_loss"]} for r in result["rounds"]]
-    return {"test": result["test"], "valid": result["valid"], "rounds": rounds, "merchants": [],
-            "privacy": {"epsilon_budget": json_number(config.privacy.epsilon),
-                        "epsilon_max": result["privacy"]["epsilon"], **result["privacy"]}}
-
-
-def _finite(value) -> float:
-    return -1.0 if value in ("inf", None) or (isinstance(value, float) and np.isinf(value)) else float(value)
+    metrics = run_local(config.merchant_run(), None, state_dir / "pooled", on_round=on_round, data=data,
+                        mode="central")
+    metrics.privacy.epsilon_mean = None
+    return metrics

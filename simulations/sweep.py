@@ -10,18 +10,18 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import tomllib
 from pydantic import Field, field_validator
 
-from client.attacks import ATTACKS
 from common.atomic import write_bytes_atomic, write_json_atomic
-from common.config import Section, load_config
+from common.config import Section, load_config, read_toml
 from common.errors import ConfigError
+from common.records import OnRound
 
+from .attacks import ATTACKS
 from .config import DEFENCES, MODES, SimulationConfig
 from .plots import privacy_utility_plot
 from .report import METRIC_KEYS
-from .simulate import OnRound, run_simulate
+from .simulate import run_simulate
 
 
 class SweepSection(Section):
@@ -57,33 +57,10 @@ class SweepConfig(Section):
 
 def load_sweep(path: Path) -> tuple[SweepSection, SimulationConfig]:
     """The grid and the base config from one TOML file (errors name the file and key)."""
-    try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    raw = read_toml(path)
     grid = raw.pop("sweep", {})
-    sweep = _validated(path, {"sweep": grid}, SweepConfig).sweep
-    base = _validated(path, raw, SimulationConfig)
-    return sweep, base
-
-
-def _validated(path: Path, raw: dict, schema):
-    overrides = {}
-
-    def flatten(prefix: str, node: dict):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                flatten(f"{prefix}{key}.", value)
-            else:
-                overrides[f"{prefix}{key}"] = value
-
-    flatten("", raw)
-    try:
-        return load_config(None, overrides, schema)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    sweep = load_config(None, None, SweepConfig, where=str(path), raw={"sweep": grid}).sweep
+    return sweep, load_config(None, None, SimulationConfig, where=str(path), raw=raw)
 
 
 def run_name(mode: str, epsilon: float, augment: bool, attack: str = "", defence: str | None = None) -> str:
@@ -123,7 +100,7 @@ def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines:
             continue
         else:
             config = _grid_config(base, sweep, mode, epsilon, augment, attack, defence)
-            metrics = run_simulate(config, run_dir, on_round=on_round, baselines=baselines)
+            metrics = run_simulate(config, run_dir, on_round=on_round, baselines=baselines).to_json()
         results.append({"name": name, "mode": mode, "epsilon": "inf" if math.isinf(epsilon) else epsilon,
                         "augment": augment, "attack": attack or None, "defence": metrics.get("defence"),
                         "test": metrics["test"], "privacy": metrics["privacy"], "seconds": metrics["seconds"]})

@@ -10,13 +10,15 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from client.attacks import attackers, flip_labels, poison_update
 from common.config import load_config
 from common.errors import ConfigError
 from common.synthetic import SyntheticSpec, generate
 from server.replies import bound_norms
+from simulations.attacks import attackers, flip_labels, poison_update
 from simulations.config import SimulationConfig
-from tests.test_simulate import SMALL, _fedaug, _finish
+from tests.support import SMALL
+from tests.support import fedaug as _fedaug
+from tests.support import finish as _finish
 
 
 def _state(value: float) -> dict[str, torch.Tensor]:

@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.config import MerchantConfig
 from client.ledger import PrivacyLedger
-from common.config import load_config
+from common.config import MerchantRunConfig, load_config
 from simulations.audit import epsilon_lower_bound, guess, p_value, run_audit, run_federated_audit
 from simulations.config import SimulationConfig
 
@@ -51,9 +50,9 @@ SMALL = {"synthetic.users": 200, "synthetic.items": 300, "model.hidden": 32, "mo
          "augment.enabled": False}
 
 
-def _config(epsilon: str, rounds: int, epochs: int) -> MerchantConfig:
+def _config(epsilon: str, rounds: int, epochs: int) -> MerchantRunConfig:
     return load_config(None, SMALL | {"privacy.epsilon": epsilon, "local.rounds": rounds,
-                                      "local.local_epochs": epochs}, MerchantConfig)
+                                      "local.local_epochs": epochs}, MerchantRunConfig)
 
 
 @pytest.mark.slow

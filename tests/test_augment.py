@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.augment import SEQUENCE_OPS, Augmenter, AugmentSettings, ItemSimilarity, gaussian_noise
+from common.augment import SEQUENCE_OPS, Augmenter, AugmentSettings, ItemSimilarity
 from common.data import ItemCatalog, from_sequences
 from common.split import leave_one_out
 
@@ -86,9 +86,3 @@ def test_disabled_augmentation_gives_no_views_and_bad_settings_fail():
     with pytest.raises(ValueError, match="crop_eta"):
         AugmentSettings(crop_eta=1.5)
 
-
-def test_gaussian_noise_matches_its_formula():
-    a = np.zeros((2000, 8), dtype=np.float32)
-    noisy = gaussian_noise(a, 0.5, np.random.default_rng(1))
-    assert noisy.dtype == np.float32 and abs(noisy.std() - 0.5) < 0.02 and abs(noisy.mean()) < 0.02
-    assert gaussian_noise(a, 0.0, np.random.default_rng(1)) is a

@@ -19,7 +19,10 @@ def test_baseline_pop_writes_metrics_in_the_documented_shape(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(metrics["test"]) == KEYS and set(metrics["valid"]) == KEYS
-    assert metrics["data"] == {"users": 3000, "items": 1500, "interactions": metrics["data"]["interactions"]}
+    from common.synthetic import generate
+
+    assert metrics["data"] == generate().summary() and metrics["data"]["users"] == 3000
+    assert metrics["mode"] == "baseline" and metrics["privacy"] is None
     assert metrics["epochs"] == 0 and metrics["seconds"] >= 0 and metrics["config"]["model"]["kind"] == "pop"
 
 
@@ -96,7 +99,9 @@ def test_local_private_run_reports_epsilon_within_budget_and_composes(tmp_path):
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert set(metrics["test"]) == KEYS and len(metrics["rounds"]) == 2
     privacy = metrics["privacy"]
-    assert 1.9 < privacy["epsilon"] <= 2.0 and privacy["delta"] == pytest.approx(1 / 3000)
+    assert 1.9 < privacy["epsilon_max"] <= 2.0 and privacy["delta"] == pytest.approx(1 / 3000)
+    assert privacy["epsilon_budget"] == 2.0 and metrics["mode"] == "merchant"
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2] and metrics["rounds"][-1]["epsilon_max"] <= 2.0
     assert privacy["noise_multiplier"] > 0 and privacy["max_grad_norm"] == 1.0
     assert metrics["augment_views"] == 1
     # the same merchant (same state-dir) has spent its budget: the next run declines, with one line
@@ -130,6 +135,24 @@ def test_simulate_flag_errors(tmp_path, args, fragment):
     result = fedaug("simulate", *args, "--out", str(tmp_path / "out"))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert fragment in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command,text,fragment", [
+    # a section the role does not use: simulations have no [train] (that is `fedaug baseline`'s)
+    ("simulate", "[train]\nepochs = 3\n", "key train: Extra inputs are not permitted"),
+    ("simulate", "[local]\nrounds = 3\n", "key local.rounds: Extra inputs are not permitted"),
+    # a loss the DP step does not support, caught before any training (it used to crash inside torch)
+    ("local", "[model]\nloss = 'sampled'\n", "key model.loss: 'sampled' is not supported under DP"),
+    ("simulate", "[model]\nloss = 'sampled'\n", "key model.loss: 'sampled' is not supported under DP"),
+])
+def test_configs_a_role_cannot_run_are_refused_naming_file_and_key(tmp_path, command, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = fedaug(command, "--config", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"{path}: {fragment}" in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_certs_and_synth_write_a_trial_site_once(tmp_path):

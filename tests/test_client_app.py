@@ -9,8 +9,8 @@ from client.merchant import merchant_for
 from common.errors import ConfigError
 from common.model import SASRec, SASRecConfig
 
-RUN = {"num-server-rounds": 2, "epsilon": 3.0, "batch-size": 64, "local-epochs": 1, "hidden": 16, "heads": 2,
-       "max-len": 20, "augment-views": 1, "partition": "uniform"}
+RUN = {"federation.rounds": 2, "privacy.epsilon": 3.0, "local.batch_size": 64, "local.local_epochs": 1,
+       "model.hidden": 16, "model.heads": 2, "model.max_len": 20, "augment.views": 1}
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def _call(kind, arrays, context, server_round=1):
 
 @pytest.mark.slow
 def test_train_and_evaluate_round_trip_then_decline(tmp_path):
-    run = RUN | {"state-dir": str(tmp_path)}
+    run = RUN | {"federation.state_dir": str(tmp_path)}
     context = Context(run_id=7, node_id=1, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(),
                       run_config=run)
     torch.manual_seed(0)
@@ -71,11 +71,37 @@ def test_train_and_evaluate_round_trip_then_decline(tmp_path):
     assert "budget" in third.content["decline"]["reason"]
 
 
+def _context(node_config, run_config=RUN):
+    return Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
 def test_node_without_data_or_partition_is_a_config_error():
-    with pytest.raises(ConfigError, match="data-path"):
-        merchant_for({}, RUN)
-    with pytest.raises(ConfigError, match="state-dir"):
-        merchant_for({"data-path": "x.csv"}, RUN)
+    with pytest.raises(ConfigError, match="data.path"):
+        merchant_for(_context({}))
+    with pytest.raises(ConfigError, match="merchant.state_dir"):
+        merchant_for(_context({"data.path": "x.csv"}))
+
+
+def test_run_config_with_a_section_the_role_does_not_use_is_refused():
+    with pytest.raises(ConfigError, match="run_config: key train: Extra inputs are not permitted"):
+        merchant_for(_context({"partition-id": 0, "num-partitions": 2}, RUN | {"train.epochs": 7}))
+    with pytest.raises(ConfigError, match="run_config: key local.rounds"):
+        merchant_for(_context({"partition-id": 0, "num-partitions": 2}, RUN | {"local.rounds": 7}))
+
+
+def test_a_deployed_merchant_keeps_its_own_data_and_budget(tmp_path):
+    """node_config (the merchant's own TOML) overrides the recipe's budget; the aggregator's [data] never
+    reaches a merchant."""
+    from common.synthetic import SyntheticSpec, generate
+    from deploy.export import write_merchant_files
+
+    files = write_merchant_files(generate(SyntheticSpec(users=200, items=100, merchants=2)), tmp_path / "data")
+    node = {"data.path": str(files[1]), "data.catalog": str(files[0]), "privacy.epsilon": 2.0,
+            "merchant.state_dir": str(tmp_path / "state")}
+    merchant = merchant_for(_context(node, RUN | {"data.path": "/aggregator/has/no/such.csv",
+                                                  "data.catalog": str(files[0])}))
+    assert merchant.trainer.privacy.epsilon == 2.0 and merchant.trainer.privacy.planned_rounds == 2
+    assert merchant.partition_id == -1 and len(merchant.split.eval_users("test")) > 0
 
 
 def _ledger_rows(state_dir):

@@ -1,10 +1,20 @@
-"""TOML configs: sections validate, errors name the file and the key, flags override the file."""
+"""TOML configs and Flower's run_config: one set of models, sections a role does not use refused, private-training
+constraints checked before anything runs, errors naming the file and the key, flags over the file."""
+
+import math
 
 import pytest
 
-from client.config import MerchantConfig, merchant_config_from
-from common.config import BaselineConfig, load_config
+from common.config import (
+    BaselineConfig,
+    FederationConfig,
+    MerchantRunConfig,
+    from_run_config,
+    load_config,
+    to_run_config,
+)
 from common.errors import ConfigError
+from simulations.config import SimulationConfig
 
 
 def test_file_values_and_overrides(tmp_path):
@@ -17,28 +27,76 @@ def test_file_values_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("text,fragment", [
-    ("[train]\nlr = 0\n", "key train.lr: Input should be greater than 0"),
-    ("[train]\nbatch = 3\n", "key train.batch: Extra inputs are not permitted"),
+    ("[train]\nlr = 0\n", "key train: Extra inputs are not permitted"),
+    ("[local]\nlr = 0\n", "key local.lr: Input should be greater than 0"),
+    ("[local]\nbatch = 3\n", "key local.batch: Extra inputs are not permitted"),
     ("[model]\nhidden = 30\nheads = 4\n", "key model: hidden (30) must be divisible by heads (4)"),
     ("[model]\nkind = 'gru'\n", "key model.kind"),
+    ("[model]\nkind = 'pop'\n", "key model.kind: a merchant trains sasrec"),
     ("[data\n", "invalid TOML"),
     ("[augment]\nops = ['crop', 'spin']\n", "key augment.ops.1"),
     ("[privacy]\nepsilon = 'inf'\n[model]\ntie_embeddings = true\n", None),
-    ("[model]\ntie_embeddings = true\n", "model.tie_embeddings must be false for private training"),
+    ("[privacy]\nepsilon = 'inf'\n[model]\nloss = 'sampled'\n", None),
+    ("[model]\ntie_embeddings = true\n", "key model.tie_embeddings: must be false for private training"),
+    ("[model]\nloss = 'sampled'\n", "key model.loss: 'sampled' is not supported under DP"),
+    ("[federation]\nrounds = 3\n", "key federation: Extra inputs are not permitted"),
 ])
-def test_config_errors_name_file_and_key(tmp_path, text, fragment):
+def test_merchant_config_errors_name_file_and_key(tmp_path, text, fragment):
     path = tmp_path / "bad.toml"
     path.write_text(text)
     if fragment is None:
-        assert load_config(path, None, MerchantConfig).model.tie_embeddings
+        assert math.isinf(load_config(path, None, MerchantRunConfig).privacy.epsilon)
         return
     with pytest.raises(ConfigError) as info:
-        load_config(path, None, MerchantConfig)
-    assert str(info.value).startswith(str(path)) and fragment in str(info.value)
+        load_config(path, None, MerchantRunConfig)
+    assert str(info.value).startswith(f"{path}: ") and fragment in str(info.value)
+    assert "\n" not in str(info.value)
 
 
-def test_flower_run_config_maps_onto_sections():
-    cfg = merchant_config_from({"local-epochs": 2, "epsilon": "inf", "augment": False, "partition-id": 3},
-                               {"epsilon-budget": 5.0, "data-path": ""})
-    assert cfg.local.local_epochs == 2 and cfg.privacy.epsilon == 5.0 and not cfg.augment.enabled
-    assert cfg.data.path is None and cfg.augment.settings() is None
+@pytest.mark.parametrize("text,key", [
+    ("[train]\nepochs = 7\n", "key train:"),
+    ("[local]\nrounds = 3\n", "key local.rounds:"),  # a federation's rounds are [federation] rounds
+    ("[local]\nseed = 3\n", "key local.seed:"),  # and its seed is [federation] seed
+    ("[aggregator]\naddress = 'h:1'\n", "key aggregator:"),
+    ("[merchant]\nsuperlink = 'h:1'\n", "key merchant:"),
+])
+def test_sections_a_role_does_not_use_are_refused(tmp_path, text, key):
+    path = tmp_path / "sim.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{path}: {key}"):
+        load_config(path, None, SimulationConfig)
+    with pytest.raises(ConfigError):
+        load_config(None, {"train.epochs": 7}, SimulationConfig)
+
+
+def test_role_defaults():
+    assert BaselineConfig().model.tie_embeddings  # non-private: tied tables
+    merchant = MerchantRunConfig()
+    assert not merchant.model.tie_embeddings and merchant.local.batch_size == 256 and merchant.local.rounds == 1
+    federation = FederationConfig()
+    assert federation.model.item_dim == 8 and federation.model.catalog == "auto"
+    assert federation.local.batch_size == 1024 and federation.local.lr == 0.03
+    # a role default yields to what the user gives, key by key
+    given = load_config(None, {"local.lr": 0.1}, FederationConfig)
+    assert given.local.lr == 0.1 and given.local.batch_size == 1024
+
+
+def test_flower_run_config_round_trips_with_the_same_names():
+    config = load_config(None, {"model.hidden": 32, "privacy.epsilon": "inf", "augment.ops": ["crop", "mask"],
+                                "federation.rounds": 3}, SimulationConfig)
+    flat = to_run_config(config)
+    assert flat["model.hidden"] == 32 and flat["federation.rounds"] == 3 and flat["privacy.epsilon"] == "inf"
+    assert flat["augment.ops"] == "crop,mask" and "privacy.delta" not in flat  # no lists, no nulls in Flower
+    assert all(isinstance(v, bool | int | float | str) for v in flat.values())
+    assert from_run_config(flat, SimulationConfig) == config
+
+
+def test_run_config_empty_means_default_and_errors_name_the_key():
+    config = from_run_config({"model.hidden": 32, "privacy.delta": "", "model.item_dim": ""})
+    assert config.model.hidden == 32 and config.privacy.delta is None and config.model.item_dim == 8  # role default
+    with pytest.raises(ConfigError, match="^run_config: key model.hidden: Input should be greater"):
+        from_run_config({"model.hidden": 0})
+    with pytest.raises(ConfigError, match="^run_config: key simulation: Extra inputs"):
+        from_run_config({"simulation.merchants": 3})
+    node = {"privacy.epsilon": 2.0}  # a merchant's node_config overrides the recipe's budget
+    assert from_run_config({"privacy.epsilon": 8.0}, FederationConfig, node).privacy.epsilon == 2.0

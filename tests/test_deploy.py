@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from client.ledger import PrivacyLedger
-from common.certs import write_certificates
-from common.export import write_merchant_files
 from common.synthetic import SyntheticSpec, generate
+from deploy.certs import write_certificates
+from deploy.export import write_merchant_files
 
 pytestmark = pytest.mark.slow
 

@@ -13,14 +13,14 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.config import parse_config_args
 
 from client.daemon import MerchantDaemonConfig, node_config_arg
-from common.certs import write_certificates
 from common.config import ModelSection, load_config
 from common.data import catalog_only
 from common.errors import ConfigError, DataError
-from common.export import write_merchant_files
 from common.loaders import align_to_catalog, load, load_catalog
 from common.split import merchant_partitions
 from common.synthetic import SyntheticSpec, generate
+from deploy.certs import write_certificates
+from deploy.export import write_merchant_files
 from server.aggregator import AggregatorConfig
 
 
@@ -106,9 +106,10 @@ def test_node_config_survives_flowers_parser_with_spaces_in_paths(tmp_path):
         "privacy": {"epsilon": "inf", "delta": 1e-6}})
     values = config.node_config()
     assert parse_config_args([node_config_arg(values)]) == values
-    assert values["epsilon-budget"] == "inf" and values["state-dir"] == str(tmp_path / "my state")
-    with pytest.raises(ConfigError, match='node_config data-path: .* double quote'):
-        node_config_arg(values | {"data-path": 'a"b'})
+    assert values["privacy.epsilon"] == "inf" and values["merchant.state_dir"] == str(tmp_path / "my state")
+    assert values["data.path"] == str(tmp_path / "shop data" / "events.csv")  # the TOML's own names, dotted
+    with pytest.raises(ConfigError, match='node_config data.path: .* double quote'):
+        node_config_arg(values | {"data.path": 'a"b'})
 
 
 @pytest.mark.parametrize("toml, message", [

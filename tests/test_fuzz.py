@@ -19,9 +19,8 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.config import MerchantConfig
 from client.daemon import MerchantDaemonConfig
-from common.config import load_config
+from common.config import MerchantRunConfig, load_config
 from common.errors import ConfigError, DataError
 from common.loaders import load, load_catalog
 from fedaug.cli import main
@@ -185,7 +184,7 @@ def test_malformed_attribute_and_catalog_files(case, padding):
 # --- TOML configs -------------------------------------------------------------------------------------------
 
 SCHEMAS = {
-    "merchant": (MerchantConfig, {"privacy": {"epsilon": 4.0}, "local": {"rounds": 2}, "model": {"hidden": 32}}),
+    "merchant": (MerchantRunConfig, {"privacy": {"epsilon": 4.0}, "local": {"rounds": 2}, "model": {"hidden": 32}}),
     "simulation": (SimulationConfig, {"federation": {"rounds": 3}, "simulation": {"merchants": 4}}),
     "aggregator": (AggregatorConfig, {"aggregator": {"merchant_keys": ["k.pub"]}, "data": {"catalog": "c.tsv"},
                                       "federation": {"rounds": 2}}),
@@ -197,7 +196,7 @@ BAD_VALUES = st.one_of(st.text(string.ascii_letters, min_size=1, max_size=6), st
 
 
 @FUZZ
-@given(schema=st.sampled_from(sorted(SCHEMAS)), kind=st.sampled_from(["unknown", "wrong value", "syntax"]),
+@given(schema=st.sampled_from(sorted(SCHEMAS)), kind=st.sampled_from(["unknown", "wrong value", "syntax", "section"]),
        name=st.text(string.ascii_lowercase, min_size=3, max_size=8), value=BAD_VALUES, pick=st.integers(0, 99))
 def test_malformed_configs_name_the_file_and_key(schema, kind, name, value, pick):
     import tomli_w
@@ -208,6 +207,9 @@ def test_malformed_configs_name_the_file_and_key(schema, kind, name, value, pick
     if kind == "unknown":
         raw[section][f"zz_{name}"] = 1
         expected = f"key {section}.zz_{name}"
+    elif kind == "section":  # a table this role does not use
+        raw[f"zz_{name}"] = {"x": 1}
+        expected = f"key zz_{name}"
     elif kind == "wrong value":
         key = sorted(raw[section])[pick % len(raw[section])]
         raw[section][key] = value

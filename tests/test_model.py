@@ -161,6 +161,17 @@ def test_attribute_noise_applies_only_while_training():
     torch.testing.assert_close(model(items), model(items))  # dropout 0: only the vector noise was random
 
 
+def test_attribute_noise_is_the_seeds_formula():
+    """a' = a + N(0, σ²) on every attribute vector an item is built from (the seed's vector-noise augmentation)."""
+    model = _catalog_model(item_dim=0).train()
+    items = torch.full((1, 2000), 2)  # item 2 has exactly one attribute (id 3)
+    model.attribute_noise = 0.0
+    clean = model._item_vectors(items)
+    model.attribute_noise = 0.5
+    noise = (model._item_vectors(items) - clean) / model.attribute_weight[items]
+    assert abs(float(noise.std()) - 0.5) < 0.02 and abs(float(noise.mean())) < 0.02
+
+
 def test_bad_catalog_tables_are_refused():
     cfg = SASRecConfig(n_items=3, hidden=8, heads=2, n_attributes=2)
     with pytest.raises(ValueError, match="item_attributes"):

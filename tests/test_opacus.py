@@ -25,7 +25,8 @@ def _batch(seed=0, users=6, width=7):
     return items, targets
 
 
-def _reference_norms(model, items, targets):
+def _reference_grads(model, items, targets):
+    """[users, parameters]: each user's own gradient (torch.func), in model.parameters() order."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     criterion = PerUserCrossEntropy(reduction="sum")
 
@@ -33,8 +34,11 @@ def _reference_norms(model, items, targets):
         return criterion(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
 
     grads = vmap(grad(user_loss), in_dims=(None, 0, 0))(params, items, targets)
-    flat = torch.cat([g.reshape(len(items), -1) for g in grads.values()], dim=1)
-    return flat.norm(dim=1)
+    return torch.cat([grads[k].reshape(len(items), -1) for k, _ in model.named_parameters()], dim=1)
+
+
+def _reference_norms(model, items, targets):
+    return _reference_grads(model, items, targets).norm(dim=1)
 
 
 def _private(model, mode, max_grad_norm):
@@ -71,7 +75,8 @@ def test_opacus_clips_each_user_to_max_grad_norm(mode):
     torch.manual_seed(1)
     model = SASRec(SASRecConfig(n_items=N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0))
     items, targets = _batch(seed=3)
-    norms = _reference_norms(model, items, targets)
+    per_user = _reference_grads(model, items, targets)
+    norms = per_user.norm(dim=1)
     clip = float(norms.min()) / 2  # every user must be clipped
     private_model, optimizer, criterion = _private(model, mode, max_grad_norm=clip)
     loss = criterion(private_model(items), targets)
@@ -80,5 +85,8 @@ def test_opacus_clips_each_user_to_max_grad_norm(mode):
         optimizer.pre_step()
     summed = torch.cat([p.grad.reshape(-1) if mode == "ghost" else p.summed_grad.reshape(-1)
                         for p in private_model.parameters() if p.requires_grad])
-    # Each clipped user contributes a vector of norm exactly `clip`; their sum is bounded by users * clip.
+    # Each user contributes its own gradient rescaled to norm exactly `clip`: the sum is that, vector for vector
+    # (a zero or per-position-clipped sum fails here, where a norm bound alone would pass).
+    expected = (per_user * (clip / norms)[:, None]).sum(0)
+    torch.testing.assert_close(summed, expected, rtol=1e-3, atol=1e-6)
     assert summed.norm() <= len(items) * clip * (1 + 1e-5)

@@ -24,9 +24,10 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
+from common.config import STRATEGIES, FederationConfig, FederationSection, from_run_config
 from common.errors import ConfigError
+from common.records import RoundRecord
 from server import checkpoint
-from server.config import STRATEGIES, FederationSection, federation_from
 from server.federation import RoundFailed, run_federation
 from server.monitor import ROUND_LOG, Monitor
 from server.replies import sort_train_replies
@@ -146,14 +147,22 @@ def test_strategy_parameters_and_central_dp_wrapper(tmp_path):
         build_strategy(_settings(tmp_path, strategy="krum", byzantine=2), 5)
 
 
+def _federation(run_config: dict) -> FederationSection:
+    return from_run_config(run_config, FederationConfig).federation
+
+
 def test_run_config_errors_name_the_key():
-    assert federation_from({"strategy": "fedmedian", "num-server-rounds": 4, "central-delta": ""}).rounds == 4
-    with pytest.raises(ConfigError, match="run_config key strategy"):
-        federation_from({"strategy": "fedsgd"})
-    with pytest.raises(ConfigError, match="run_config key fraction-train"):
-        federation_from({"fraction-train": 1.5})
+    federation = _federation({"federation.strategy": "fedmedian", "federation.rounds": 4,
+                              "federation.central_delta": ""})
+    assert federation.rounds == 4 and federation.strategy == "fedmedian" and federation.central_delta is None
+    with pytest.raises(ConfigError, match="run_config: key federation.strategy"):
+        _federation({"federation.strategy": "fedsgd"})
+    with pytest.raises(ConfigError, match="run_config: key federation.fraction_train"):
+        _federation({"federation.fraction_train": 1.5})
     with pytest.raises(ConfigError, match="central_dp needs"):
-        federation_from({"central-dp": True, "strategy": "fedmedian"})
+        _federation({"federation.central_dp": True, "federation.strategy": "fedmedian"})
+    with pytest.raises(ConfigError, match="run_config: key federation.rounds"):
+        _federation({"federation.rounds": 0})
 
 
 def test_bad_updates_are_rejected_with_a_reason():
@@ -178,17 +187,18 @@ def test_a_round_aggregates_what_arrived_and_logs_the_rest(tmp_path):
     # FedAvg weighted by users (10, 20): each round adds (1·10 + 2·20) / 30.
     np.testing.assert_allclose(state.arrays["w"], np.full((3, 2), 2 * 50 / 30), rtol=1e-6)
     entry = state.history[0]
-    assert entry["participants"] == 2
-    assert entry["failures"] == {"error": 2, "declined": 1, "rejected": 1, "missing": 1}
-    assert any("6: missing" in p for p in entry["problems"]) and any("5: rejected" in p for p in entry["problems"])
+    assert entry.participants == 2
+    assert entry.failures == {"error": 2, "declined": 1, "rejected": 1, "missing": 1}
+    assert any("6: missing" in p for p in entry.problems) and any("5: rejected" in p for p in entry.problems)
     # Flower's own error for an unreachable node comes from the SuperLink, yet names the merchant it was sent to.
-    assert any("7: error (Node Unavailable)" in p for p in entry["problems"])
-    assert entry["federated"]["merchants"] == 4  # all but the failing and the missing merchant evaluated
-    assert "test" not in entry["federated"] and "test" in state.history[1]["federated"]  # test: final round only
+    assert any("7: error (Node Unavailable)" in p for p in entry.problems)
+    assert entry.federated_merchants == 4  # all but the failing and the missing merchant evaluated
+    assert entry.federated_test is None and state.history[1].federated_test is not None  # test: final round only
     # user-weighted: merchants 1, 2, 4, 5 with 10·n users each report valid NDCG@10 0.1·n
-    assert entry["federated"]["ndcg@10"] == pytest.approx(sum(0.1 * n * 10 * n for n in (1, 2, 4, 5)) / 120)
+    assert entry.federated_valid["ndcg@10"] == pytest.approx(sum(0.1 * n * 10 * n for n in (1, 2, 4, 5)) / 120)
+    assert entry.valid == entry.federated_valid  # no central evaluation attached: the federated one is it
     # ε is what merchants report spending, whether or not their update was used (ok 0.5, 1.0; declined 8; nan 2.5).
-    assert entry["epsilon_max"] == 8.0 and entry["epsilon_mean"] == pytest.approx(3.0)
+    assert entry.epsilon_max == 8.0 and entry.epsilon_mean == pytest.approx(3.0)
     log = (tmp_path / "state" / ROUND_LOG).read_text().splitlines()
     assert [json.loads(line)["round"] for line in log] == [1, 2]
 
@@ -214,7 +224,7 @@ def test_resume_continues_after_the_last_checkpointed_round_with_strategy_state(
     uninterrupted = ScriptedGrid({1: "ok", 2: "ok", 3: "ok"})
     reference = run_federation(uninterrupted, _settings(tmp_path / "ref", rounds=3, strategy="fedadam"), MODEL)
     resumed = run_federation(grid, settings.model_copy(update={"rounds": 3}), MODEL)
-    assert [h["round"] for h in resumed.history] == [1, 2, 3]
+    assert [h.round for h in resumed.history] == [1, 2, 3]
     assert [r for r, _ in grid.sent] == [1, 1, 1, 2, 2, 2, 3, 3, 3]  # no round repeated, none lost
     np.testing.assert_allclose(resumed.arrays["w"], reference.arrays["w"], rtol=1e-6)  # moments were restored
     assert resumed.run_key == first.run_key
@@ -235,10 +245,10 @@ def test_central_dp_accounts_every_release_and_resumes_its_accountant(tmp_path):
     grid = ScriptedGrid({1: "ok", 2: "ok", 3: "ok", 4: "ok"})
     settings = _settings(tmp_path, rounds=2, central_dp=True, central_noise=2.0, central_clip=0.1)
     state = run_federation(grid, settings, MODEL)
-    first, second = (h["central_epsilon"] for h in state.history)
+    first, second = (h.central_epsilon for h in state.history)
     assert 0 < first < second
     resumed = run_federation(grid, settings.model_copy(update={"rounds": 3}), MODEL)
-    assert resumed.history[-1]["central_epsilon"] > second
+    assert resumed.history[-1].central_epsilon > second
     assert checkpoint.load(tmp_path / "state").accountant["compositions"][0]["count"] == 1
     # With a merchant missing, Flower's accountant cannot account the round: it is retried, then the run stops.
     grid.behaviours[4] = "missing"
@@ -256,9 +266,8 @@ def test_metrics_endpoint_answers(tmp_path):
     port = _free_port()
     monitor = Monitor(tmp_path, port)
     try:
-        entry = {"round": 3, "participants": 4, "failures": {"missing": 1}, "bytes_received": 1234,
-                 "central": {"ndcg@10": 0.05, "hr@10": 0.1}, "train_loss": 2.5, "epsilon_max": 4.0,
-                 "epsilon_mean": 3.0}
+        entry = RoundRecord(round=3, participants=4, failures={"missing": 1}, bytes_received=1234,
+                            valid={"ndcg@10": 0.05, "hr@10": 0.1}, train_loss=2.5, epsilon_max=4.0, epsilon_mean=3.0)
         monitor.record(entry, [entry])
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:

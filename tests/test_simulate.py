@@ -6,55 +6,26 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import tomllib
+from flwr.common.config import flatten_dict
 
-from simulations.config import SimulationConfig, flat_run_config
-
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = """
-[synthetic]
-users = 400
-items = 300
-merchants = 3
-[model]
-hidden = 16
-heads = 2
-max_len = 20
-[simulation]
-merchants = 3
-[local]
-batch_size = 64
-"""
+from common.config import FederationConfig, from_run_config
+from simulations.config import SimulationConfig
+from tests.support import ROOT, SMALL
+from tests.support import fedaug as _fedaug
+from tests.support import finish as _finish
 
 
-def _fedaug(*args: str, **kwargs) -> subprocess.Popen:
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "fedaug", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
-
-
-def _finish(process: subprocess.Popen, timeout: float) -> str:
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"fedaug simulate did not finish in {timeout:.0f} s:\n{output[-3000:]}")
-    return output
-
-
-def test_pyproject_run_config_is_the_simulation_default():
-    """`flwr run .` reads these defaults; they must be exactly the keys and values fedaug's configs define."""
+def test_pyproject_run_config_is_the_federation_default():
+    """`flwr run .` reads these defaults: validated by the apps' own model, they are exactly its defaults."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
-    assert app["config"] == flat_run_config(SimulationConfig())
+    assert from_run_config(flatten_dict(app["config"])) == FederationConfig()
+    assert "simulation" not in app["config"]  # simulation-only settings are not the production app's
 
 
 @pytest.mark.slow
@@ -123,11 +94,12 @@ def test_local_and_central_modes_train_under_the_same_budget(tmp_path, mode):
     config = load_config(path, {"simulation.mode": mode, "federation.rounds": 2, "privacy.epsilon": 3.0},
                          SimulationConfig)
     metrics = run_simulate(config, tmp_path / "out")
-    assert metrics["mode"] == mode and len(metrics["rounds"]) == 2
-    assert 0 < metrics["privacy"]["epsilon_max"] <= 3.0
+    assert metrics.mode == mode and len(metrics.rounds) == 2
+    assert 0 < metrics.privacy.epsilon_max <= 3.0
     if mode == "local":
-        assert len(metrics["merchants"]) == 3 and all(m["epsilon"] <= 3.0 for m in metrics["merchants"])
-        assert sum(m["users"] for m in metrics["merchants"]) == metrics["data"]["users"]
+        assert len(metrics.merchants) == 3 and all(m.epsilon <= 3.0 for m in metrics.merchants)
+        assert sum(m.users for m in metrics.merchants) == metrics.data["users"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics.to_json()
     assert (tmp_path / "out" / "report.md").read_text().startswith(f"# fedaug simulation: {mode}")
 
 

@@ -20,7 +20,11 @@ def test_same_seed_same_data_other_seed_other_data():
 
 def test_shape_of_the_default_data():
     data = generate()
-    assert data.summary() == {"users": 3000, "items": 1500, "interactions": data.n_interactions}
+    summary = data.summary()
+    assert (summary["users"], summary["items"]) == (3000, 1500)
+    # interactions counted from the events themselves, and about users × mean length (14)
+    assert summary["interactions"] == len(data.items) == int(data.lengths.sum())
+    assert 0.8 * 3000 * 14 < summary["interactions"] < 1.2 * 3000 * 14
     assert data.lengths.min() >= 5 and data.items.min() >= 1 and data.items.max() <= data.n_items
     # funnel: each stage is rarer than the one before
     stages = np.bincount(data.event_type, minlength=len(EVENT_TYPES))
@@ -45,4 +49,4 @@ def test_sequential_model_beats_popularity_twice_over():
     cfg = load_config(None, {"train.epochs": 4, "train.patience": 4})
     assert isinstance(cfg, BaselineConfig)
     sasrec = run_baseline(cfg)
-    assert sasrec["test"]["ndcg@10"] >= 2 * pop["test"]["ndcg@10"], (sasrec["test"], pop["test"])
+    assert sasrec.test["ndcg@10"] >= 2 * pop.test["ndcg@10"], (sasrec.test, pop.test)

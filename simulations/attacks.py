@@ -6,15 +6,19 @@ A chosen fraction of merchants trains as usual and then lies:
 - ``noise``: sends global + Gaussian noise with λ times the honest update's norm;
 - ``labelflip``: poisons its data instead: every item id goes through a fixed random permutation of the catalog, so
   it learns (and sends) transitions that are wrong for everyone else.
-Which merchants attack is a seeded choice over partition ids, so every process of a run agrees.
+Which merchants attack is a seeded choice over partition ids, so every process of a run agrees. None of this is in
+the production ClientApp: simulations/apps.py attaches it (poisoned data at loading, ``poison_mod`` around training).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from common.data import BehaviorData
 
@@ -51,3 +55,21 @@ def flip_labels(data: BehaviorData, seed: int) -> BehaviorData:
     """``data`` with every item id replaced through one seeded random permutation of the catalog."""
     permutation = np.concatenate([[0], np.random.default_rng([seed, 104729]).permutation(data.n_items) + 1])
     return replace(data, items=permutation[data.items])
+
+
+def poison_mod(attack_of: Callable[[Context], tuple[str, float]]) -> Mod:
+    """A Flower mod around training: for a merchant ``attack_of(context)`` names an update attack for, the reply's
+    update is replaced by the poisoned one (``attack_of`` returns ("", 0) for honest merchants)."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, context)
+        attack, scale = attack_of(context)
+        if attack not in UPDATE_ATTACKS or reply.has_error() or "arrays" not in reply.content:
+            return reply
+        server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+        poisoned = poison_update(msg.content["arrays"].to_torch_state_dict(),
+                                 reply.content["arrays"].to_torch_state_dict(), attack, scale, seed=server_round)
+        reply.content["arrays"] = ArrayRecord(poisoned)
+        return reply
+
+    return mod

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import write_bytes_atomic
-from .data import EVENT_TYPES, BehaviorData, ItemCatalog
-from .split import merchant_partitions
+from common.atomic import write_bytes_atomic
+from common.data import EVENT_TYPES, BehaviorData, ItemCatalog
+from common.split import merchant_partitions
 
 CATALOG_FILE = "catalog.tsv"
 

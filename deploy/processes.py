@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import FedaugError
+from common.errors import FedaugError
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -1,0 +1,141 @@
+"""Results as typed records, defined once: a round, a merchant's figures, the privacy a run was trained under, and
+a run's metrics.json — which every command writes through ``write_metrics`` alone.
+
+Metric maps (``{"ndcg@10": ..., "hr@10": ...}``, common.metrics.METRIC_NAMES) stay plain dicts. JSON has no
+infinity: a non-private ε is written as the string "inf".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .atomic import write_json_atomic
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class RoundRecord:
+    """One finished round: of a federation (server.federation), or of a merchant or pooled run training alone."""
+
+    round: int
+    train_loss: float | None = None
+    """User-weighted mean training loss of the merchants aggregated."""
+    epsilon_max: float | None = None
+    """Largest ε any merchant had spent after this round (None: nobody private)."""
+    epsilon_mean: float | None = None
+    seconds: float | None = None
+    participants: int | None = None
+    """Merchants whose update was aggregated."""
+    attempts: int = 1
+    failures: dict[str, int] = field(default_factory=dict)
+    """Replies not aggregated, by kind: error, declined, rejected, missing."""
+    problems: list[str] = field(default_factory=list)
+    bytes_received: int = 0
+    central_epsilon: float | None = None
+    central_delta: float | None = None
+    valid: Metrics | None = None
+    """Validation of the model after this round: on every user at once where the runner has them all (a
+    simulation's central evaluation, a merchant alone, pooled training), else the merchants' federated one."""
+    test: Metrics | None = None
+    """Test metrics of the same kind, for the final round."""
+    federated_valid: Metrics | None = None
+    """The merchants' own validation of the global model, user-weighted."""
+    federated_test: Metrics | None = None
+    federated_merchants: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> RoundRecord:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+OnRound = Callable[[int, int, RoundRecord | None], None]
+"""``on_round(done, total, record)``: progress of a run, by rounds (or merchants); record None where there is none."""
+
+
+@dataclass
+class MerchantRecord:
+    merchant: int
+    """Partition id in a simulation, -1 when deployed (then ``node`` names it)."""
+    users: int | None = None
+    epsilon: float | None = None
+    epsilon_by_round: dict[str, float] = field(default_factory=dict)
+    test: Metrics | None = None
+    node: str | None = None
+
+
+@dataclass
+class PrivacyRecord:
+    """What a run's privacy amounts to; fields that do not apply to a run stay None."""
+
+    epsilon_budget: float | None = None
+    epsilon_max: float | None = None
+    """The most ε any merchant (or the one merchant, or the pooled trainer) spent."""
+    epsilon_mean: float | None = None
+    delta: float | str | None = None
+    max_grad_norm: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int | None = None
+    grad_sample_mode: str | None = None
+    central: dict | None = None
+    """Client-level DP added by the server: epsilon, delta, noise_multiplier, clipping_norm."""
+
+
+@dataclass
+class RunMetrics:
+    """metrics.json of every run. ``mode``: baseline | merchant (one merchant alone) | federated | local (every
+    simulated merchant alone) | central (all data pooled) | deployed."""
+
+    mode: str
+    test: Metrics | None
+    valid: Metrics | None
+    seconds: float
+    data: dict
+    config: dict
+    privacy: PrivacyRecord | None = None
+    rounds: list[RoundRecord] = field(default_factory=list)
+    merchants: list[MerchantRecord] = field(default_factory=list)
+    test_users: int | None = None
+    epochs: int | None = None
+    best_epoch: int | None = None
+    stopped_by: str | None = None
+    history: list[dict] = field(default_factory=list)
+    """Baseline: loss and validation NDCG@10 per epoch."""
+    augment_views: int | None = None
+    federated_test: Metrics | None = None
+    run_key: str | None = None
+    baselines: dict[str, Metrics] = field(default_factory=dict)
+    attack: dict | None = None
+    defence: str | None = None
+    merchants_total: int | None = None
+    merchant_keys: dict[str, str] | None = None
+
+    def to_json(self) -> dict:
+        values = asdict(self)
+        values["rounds"] = [r.to_json() for r in self.rounds]
+        return _json_safe(values)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_metrics(out: Path, metrics: RunMetrics) -> dict:
+    """``out/metrics.json`` (atomically); returns what was written."""
+    values = metrics.to_json()
+    write_json_atomic(Path(out) / "metrics.json", values)
+    return values

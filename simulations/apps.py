@@ -1,0 +1,86 @@
+"""The ServerApp and ClientApp as `fedaug simulate` runs them: the production handlers (server.server_app,
+client.client_app) with the simulation-only behaviour attached from here — merchants cut from one data set by
+[simulation] partition, Byzantine merchants (poisoned data, or a mod that poisons their updates) and the server's
+central evaluation on every user, which only a simulation's server can do (it has the data)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import Context
+
+from client.client_app import client_app
+from client.merchant import NUM_PARTITIONS, PARTITION_ID, Merchant, build_merchant
+from common.config import FederationConfig, from_run_config
+from common.data import BehaviorData
+from common.device import pick_device
+from common.errors import ConfigError
+from common.evaluate import evaluate, sasrec_scorer
+from common.model import SASRec
+from common.split import assign_merchants, leave_one_out, merchant_partitions
+from server.federation import Evaluator
+from server.server_app import server_app
+
+from .attacks import attackers, flip_labels, poison_mod
+from .config import SimulationConfig
+
+
+def simulated_merchant(context: Context) -> Merchant:
+    """Partition ``partition-id`` of the run's data set as [simulation] cuts it (poisoned for a label flipper)."""
+    if PARTITION_ID not in context.node_config:
+        raise ConfigError(f"node_config: key {PARTITION_ID} is required in a simulation")
+    return _merchant(tuple(sorted(context.run_config.items())), int(context.node_config[PARTITION_ID]),
+                     int(context.node_config[NUM_PARTITIONS]))
+
+
+@lru_cache(maxsize=256)  # one per merchant a simulation process hosts
+def _merchant(run_items: tuple, pid: int, n: int) -> Merchant:
+    config = _config(run_items)
+    data = _partitions(config, n)[pid]
+    if config.simulation.attack == "labelflip" and pid in _byzantine(config, n):
+        data = flip_labels(data, config.simulation.partition_seed)
+    return build_merchant(config.federation_config, data, config.federation.state_dir / f"merchant-{pid}", pid)
+
+
+@lru_cache(maxsize=4)
+def _config(run_items: tuple) -> SimulationConfig:
+    return from_run_config(dict(run_items), SimulationConfig)
+
+
+@lru_cache(maxsize=2)
+def _partitions(config: SimulationConfig, n: int) -> list[BehaviorData]:
+    sim = config.simulation
+    return merchant_partitions(assign_merchants(config.load_data(), n, sim.partition, sim.partition_seed,
+                                                sim.dirichlet_alpha))
+
+
+def _byzantine(config: SimulationConfig, n: int) -> set[int]:
+    sim = config.simulation
+    return attackers(n, sim.attackers, sim.partition_seed) if sim.attack else set()
+
+
+def _attack_of(context: Context) -> tuple[str, float]:
+    config = _config(tuple(sorted(context.run_config.items())))
+    pid, n = int(context.node_config.get(PARTITION_ID, -1)), int(context.node_config.get(NUM_PARTITIONS, 0))
+    return (config.simulation.attack, config.simulation.attack_scale) if pid in _byzantine(config, n) else ("", 0.0)
+
+
+def central_evaluator(config: FederationConfig, data: BehaviorData, model: SASRec) -> Evaluator:
+    """Score global arrays on every merchant's held-out users at once (the union of the merchants' users is the
+    whole data set)."""
+    split = leave_one_out(data)
+    device = pick_device(config.device)
+    model = model.to(device)
+
+    def evaluate_global(arrays: dict[str, np.ndarray], stages: tuple[str, ...]) -> dict:
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
+        scorer = sasrec_scorer(model, device)
+        return {stage: evaluate(scorer, split, stage) for stage in stages}
+
+    return evaluate_global
+
+
+client = client_app(simulated_merchant, train_mods=[poison_mod(_attack_of)])
+server = server_app(SimulationConfig, central_evaluator)
