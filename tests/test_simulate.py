@@ -6,7 +6,9 @@ import json
 import os
 import signal
 import sqlite3
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -26,6 +28,24 @@ def test_pyproject_run_config_is_the_federation_default():
     assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
     assert from_run_config(flatten_dict(app["config"])) == FederationConfig()
     assert "simulation" not in app["config"]  # simulation-only settings are not the production app's
+
+
+@pytest.mark.slow
+def test_flwr_run_takes_the_same_nested_names(tmp_path):
+    """`flwr run .` (Flower's own CLI and simulation) with run_config overrides named as in every TOML file."""
+    import subprocess
+
+    flwr = Path(sys.executable).parent / "flwr"
+    env = os.environ | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_HOME": str(tmp_path / "flwr")}
+    overrides = f'model.hidden=32 federation.rounds=1 federation.state_dir="{tmp_path / "state"}"'
+    result = subprocess.run([str(flwr), "run", ".", "--stream", "--run-config", overrides], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    from server import checkpoint
+
+    state = checkpoint.load(tmp_path / "state")
+    assert state is not None and state.round == 1 and state.arrays["ln_f.weight"].shape == (32,)
+    assert state.history[0].participants >= 1 and state.history[0].valid["ndcg@10"] > 0
 
 
 @pytest.mark.slow
