@@ -17,6 +17,12 @@ from common.errors import ConfigError
 from simulations.config import SimulationConfig
 
 
+def _toml(tmp_path, text: str):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
 def test_file_values_and_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('[model]\nhidden = 32\nheads = 4\n[train]\nlr = 0.01\nepochs = 3\n')
@@ -42,8 +48,7 @@ def test_file_values_and_overrides(tmp_path):
     ("[federation]\nrounds = 3\n", "key federation: Extra inputs are not permitted"),
 ])
 def test_merchant_config_errors_name_file_and_key(tmp_path, text, fragment):
-    path = tmp_path / "bad.toml"
-    path.write_text(text)
+    path = _toml(tmp_path, text)
     if fragment is None:
         assert math.isinf(load_config(path, None, MerchantRunConfig).privacy.epsilon)
         return
@@ -61,8 +66,7 @@ def test_merchant_config_errors_name_file_and_key(tmp_path, text, fragment):
     ("[merchant]\nsuperlink = 'h:1'\n", "key merchant:"),
 ])
 def test_sections_a_role_does_not_use_are_refused(tmp_path, text, key):
-    path = tmp_path / "sim.toml"
-    path.write_text(text)
+    path = _toml(tmp_path, text)
     with pytest.raises(ConfigError, match=f"^{path}: {key}"):
         load_config(path, None, SimulationConfig)
     with pytest.raises(ConfigError):
