@@ -6,8 +6,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client.client_app import app
 from client.merchant import merchant_for
+from common.config import from_run_config
 from common.errors import ConfigError
-from common.model import SASRec, SASRecConfig
+from server.server_app import initial_model
 
 RUN = {"federation.rounds": 2, "privacy.epsilon": 3.0, "local.batch_size": 64, "local.local_epochs": 1,
        "model.hidden": 16, "model.heads": 2, "model.max_len": 20, "augment.views": 1}
@@ -33,8 +34,9 @@ def test_train_and_evaluate_round_trip_then_decline(tmp_path):
     run = RUN | {"federation.state_dir": str(tmp_path)}
     context = Context(run_id=7, node_id=1, node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict(),
                       run_config=run)
-    torch.manual_seed(0)
-    global_model = SASRec(SASRecConfig(n_items=1500, hidden=16, heads=2, max_len=20))
+    config = from_run_config(run)
+    global_model = initial_model(config, config.load_data())  # as the ServerApp builds it: the federated recipe
+    assert global_model.cfg.id_dim == 8 and global_model.cfg.n_attributes > 0
     arrays = global_model.state_dict()
 
     reply = _call(MessageType.TRAIN, arrays, context, 1)
