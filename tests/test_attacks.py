@@ -91,7 +91,11 @@ def test_defence_is_shorthand_for_federation_settings():
 @pytest.mark.slow
 def test_a_scaling_attacker_wrecks_fedavg_and_the_median_holds(tmp_path):
     config = tmp_path / "small.toml"
-    config.write_text(SMALL.replace("[simulation]\n", "[simulation]\nattack = \"scale\"\nattackers = 0.34\n"))
+    # The embedded data set (3,000 users): on the 400-user SMALL set one scaled update out of three cannot be told
+    # from DP noise after 3 rounds. (Simulations used to drop [synthetic] on the way to the merchants, so this test
+    # always ran on the full set.)
+    recipe = "[model]" + SMALL.split("[model]", 1)[1]
+    config.write_text(recipe.replace("[simulation]\n", "[simulation]\nattack = \"scale\"\nattackers = 0.34\n"))
     results = {}
     for defence in ("none", "median"):
         out = tmp_path / defence
