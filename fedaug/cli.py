@@ -84,13 +84,14 @@ def baseline(
 ) -> None:
     """Train the centralised non-private reference model and write DIR/metrics.json."""
     from common.config import load_config
-    from simulations.baseline import run_baseline
 
     cfg = load_config(config, {
         "data.path": str(data) if data else None, "data.format": fmt, "model.kind": model, "train.epochs": epochs,
         "train.max_minutes": max_minutes, "train.seed": seed, "device": device,
     })
     _check_out_dir(out)
+    from simulations.baseline import run_baseline  # after validation: a bad flag fails fast
+
     with _progress() as progress:
         task = progress.add_task("training", total=None)
 
@@ -135,7 +136,6 @@ def local(
 ) -> None:
     """Train one merchant alone with the client's own DP trainer and write DIR/metrics.json."""
     from common.config import MerchantRunConfig, load_config
-    from simulations.local import run_local
 
     cfg = load_config(config, {
         "data.path": str(data) if data else None, "data.format": fmt, "privacy.epsilon": epsilon,
@@ -145,6 +145,8 @@ def local(
         "model.catalog": catalog, "model.item_dim": item_dim,
     }, MerchantRunConfig)
     _check_out_dir(out)
+    from simulations.local import run_local  # after validation: a bad flag fails fast
+
     with _progress() as progress:
         task = progress.add_task("round 1 steps", total=None)
         rounds_done = 0
@@ -199,7 +201,6 @@ def simulate(
     """Run the ServerApp and ClientApp in Flower's simulation engine over merchants cut from one data set."""
     from common.config import load_config
     from simulations.config import SimulationConfig
-    from simulations.simulate import run_simulate
 
     cfg = load_config(config, {
         "data.path": str(data) if data else None, "data.format": fmt, "simulation.merchants": merchants,
@@ -211,6 +212,8 @@ def simulate(
     }, SimulationConfig)
     baselines = dict(_read_baseline(path) for path in baseline)
     _check_out_dir(out)
+    from simulations.simulate import run_simulate  # after validation: a bad flag fails fast
+
     with _progress() as progress:
         unit = "merchants" if cfg.simulation.mode == "local" else "rounds"
         task = progress.add_task(f"{cfg.simulation.mode}: {unit}", total=None)
