@@ -47,7 +47,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _inf(value):
+def parse_inf(value):
     """ε may be written "inf" (non-private) in TOML, run_config and flags."""
     return math.inf if isinstance(value, str) and value.strip().lower() in ("inf", "infinity") else value
 
@@ -220,7 +220,7 @@ class BudgetSection(Section):
     @field_validator("epsilon", mode="before")
     @classmethod
     def _parse_inf(cls, value):
-        return _inf(value)
+        return parse_inf(value)
 
     @field_serializer("epsilon")
     def _inf_as_text(self, value: float):
@@ -469,19 +469,8 @@ def from_run_config(run_config: dict, schema: type[BaseModel] = FederationConfig
                     where: str = "run_config"):
     """A config from Flower's flat run_config (and later flat configs that override it, e.g. a merchant's
     node_config): unflattened, empty strings dropped (not set), validated by ``schema``."""
-    raw: dict = {}
-    for flat in (run_config, *overrides):
-        for dotted, value in flat.items():
-            if value == "":
-                continue
-            node = raw
-            *parents, leaf = str(dotted).split(".")
-            for key in parents:
-                node = node.setdefault(key, {})
-                if not isinstance(node, dict):
-                    raise ConfigError(f"{where}: key {dotted}: {key!r} is a value, not a table")
-            node[leaf] = value
-    return load_config(None, None, schema, where=where, raw=raw)
+    given = {str(dotted): value for flat in (run_config, *overrides) for dotted, value in flat.items() if value != ""}
+    return load_config(None, given, schema, where=where)
 
 
 def to_run_config(config: BaseModel) -> dict[str, Any]:

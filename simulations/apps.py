@@ -23,7 +23,7 @@ from common.split import assign_merchants, leave_one_out, merchant_partitions
 from server.federation import Evaluator
 from server.server_app import server_app
 
-from .attacks import attackers, flip_labels, poison_mod
+from .attacks import flip_labels, poison_mod
 from .config import SimulationConfig
 
 
@@ -39,7 +39,7 @@ def simulated_merchant(context: Context) -> Merchant:
 def _merchant(run_items: tuple, pid: int, n: int) -> Merchant:
     config = _config(run_items)
     data = _partitions(config, n)[pid]
-    if config.simulation.attack == "labelflip" and pid in _byzantine(config, n):
+    if config.simulation.attack == "labelflip" and pid in config.attacker_ids(n):
         data = flip_labels(data, config.simulation.partition_seed)
     return build_merchant(config.federation_config, data, config.federation.state_dir / f"merchant-{pid}", pid)
 
@@ -56,15 +56,11 @@ def _partitions(config: SimulationConfig, n: int) -> list[BehaviorData]:
                                                 sim.dirichlet_alpha))
 
 
-def _byzantine(config: SimulationConfig, n: int) -> set[int]:
-    sim = config.simulation
-    return attackers(n, sim.attackers, sim.partition_seed) if sim.attack else set()
-
-
 def _attack_of(context: Context) -> tuple[str, float]:
     config = _config(tuple(sorted(context.run_config.items())))
     pid, n = int(context.node_config.get(PARTITION_ID, -1)), int(context.node_config.get(NUM_PARTITIONS, 0))
-    return (config.simulation.attack, config.simulation.attack_scale) if pid in _byzantine(config, n) else ("", 0.0)
+    byzantine = pid in config.attacker_ids(n)
+    return (config.simulation.attack, config.simulation.attack_scale) if byzantine else ("", 0.0)
 
 
 def central_evaluator(config: FederationConfig, data: BehaviorData, model: SASRec) -> Evaluator:

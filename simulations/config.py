@@ -115,7 +115,9 @@ class SimulationConfig(Config, DataPart, SyntheticPart, RecipePart):
         sim = self.simulation
         return assign_merchants(data, sim.merchants, sim.partition, sim.partition_seed, sim.dirichlet_alpha)
 
-    def attacker_ids(self) -> list[int]:
+    def attacker_ids(self, merchants: int | None = None) -> list[int]:
+        """Partition ids of the Byzantine merchants among ``merchants`` (default: [simulation] merchants)."""
         sim = self.simulation
-        return sorted(attackers(sim.merchants, sim.attackers, sim.partition_seed)) if sim.attack else []
+        n = sim.merchants if merchants is None else merchants
+        return sorted(attackers(n, sim.attackers, sim.partition_seed)) if sim.attack else []
 

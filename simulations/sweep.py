@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from common.atomic import write_bytes_atomic, write_json_atomic
-from common.config import Section, load_config, read_toml
+from common.config import Section, load_config, parse_inf, read_toml
 from common.errors import ConfigError
 from common.records import OnRound
 
@@ -41,7 +41,7 @@ class SweepSection(Section):
     def _parse_inf(cls, values):
         if not isinstance(values, list):
             return values
-        return [math.inf if isinstance(v, str) and v.strip().lower() in ("inf", "infinity") else v for v in values]
+        return [parse_inf(v) for v in values]
 
     @field_validator("epsilon")
     @classmethod
