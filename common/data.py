@@ -29,6 +29,8 @@ class ItemCatalog:
     category: np.ndarray | None = None
     """One category index per internal item id (0 = unknown), used for non-IID partitioning."""
     category_names: list[str] | None = None
+    texts: list[str] | None = None
+    """Public text of each internal item id (title, brand, categories), for text encoders; index 0 is empty."""
 
     @property
     def n_items(self) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .batching import pad_right
-from .metrics import mask_history, mean_metrics, rank_metrics
+from .metrics import METRIC_NAMES, mask_history, mean_metrics, rank_metrics
 from .model import SASRec
 from .split import LeaveOneOut
 
@@ -18,6 +18,13 @@ Scorer = Callable[[list[np.ndarray]], torch.Tensor]
 
 def evaluate(scorer: Scorer, split: LeaveOneOut, stage: str, batch_size: int = 1024) -> dict[str, float]:
     """Mean HR@K / NDCG@K / AUC over the users evaluable at ``stage``; ``users`` counts them."""
+    per_user = evaluate_per_user(scorer, split, stage, batch_size)
+    return mean_metrics([per_user]) | {"users": len(per_user["auc"])}
+
+
+def evaluate_per_user(scorer: Scorer, split: LeaveOneOut, stage: str, batch_size: int = 1024
+                      ) -> dict[str, np.ndarray]:
+    """Each evaluable user's HR@K / NDCG@K / AUC at ``stage`` (for paired comparisons of two scorers)."""
     histories, targets = split.eval_inputs(stage)
     per_user = []
     for start in range(0, len(targets), batch_size):
@@ -25,7 +32,9 @@ def evaluate(scorer: Scorer, split: LeaveOneOut, stage: str, batch_size: int = 1
         scores = scorer(batch_hist).float()
         batch_targets = torch.from_numpy(targets[start : start + batch_size]).to(scores.device)
         per_user.append(rank_metrics(mask_history(scores, batch_hist, batch_targets), batch_targets))
-    return mean_metrics(per_user) | {"users": len(targets)}
+    if not per_user:
+        return {name: np.zeros(0) for name in METRIC_NAMES}
+    return {name: np.concatenate([p[name] for p in per_user]) for name in METRIC_NAMES}
 
 
 def sasrec_scorer(model: SASRec, device) -> Scorer:

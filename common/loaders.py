@@ -7,6 +7,10 @@ Formats:
 - ``amazon-seq``: one line per user, ``user item item ...`` in time order (S3-Rec / ICLRec format), with an optional
   aligned timestamp file (``X_time.txt``) and item attributes (``X_item2attributes.json`` or
   ``X_item_attributes_named.tsv``), found next to ``X.txt`` when not given.
+
+Item texts (public titles, for the text encoder): a TSV ``item_id<TAB>...<TAB>title`` given as ``texts`` or found
+next to ``X.txt`` as ``X_item_titles.tsv``; an item's text is its title followed by its named attributes (brand and
+categories from ``X_item_attributes_named.tsv`` or the attribute file, when they have names).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ def check_item_count(path: Path, n_items: int) -> None:
         raise DataError(path, f"{n_items:,} distinct items, over the {most:,}-item limit (FEDAUG_MAX_ITEMS)")
 
 
-def load(path, fmt: str | None = None, *, timestamps=None, attributes=None) -> BehaviorData:
+def load(path, fmt: str | None = None, *, timestamps=None, attributes=None, texts=None) -> BehaviorData:
     """Load behaviour data from ``path`` in format ``fmt`` (guessed from the suffix when None)."""
     path = Path(path)
     if not path.exists():
@@ -65,9 +69,14 @@ def load(path, fmt: str | None = None, *, timestamps=None, attributes=None) -> B
         if timestamps is not None:
             raise DataError(timestamps, "a separate timestamp file only applies to the amazon-seq format")
         data = load_events(path)
-        return data if attributes is None else _attach_catalog(data, attributes)
+        data = data if attributes is None else _attach_catalog(data, attributes)
+        return data if texts is None else attach_texts(data, Path(texts))
     if fmt == "amazon-seq":
-        return load_amazon_seq(path, timestamps=timestamps, attributes=attributes)
+        data = load_amazon_seq(path, timestamps=timestamps, attributes=attributes)
+        text_path = Path(texts) if texts else _sibling(path, "_item_titles.tsv")
+        if text_path is None:
+            return data
+        return attach_texts(data, text_path, _sibling(path, "_item_attributes_named.tsv"))
     raise DataError(path, f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
 
 
@@ -220,6 +229,50 @@ def _attach_catalog(data: BehaviorData, path) -> BehaviorData:
     catalog = ItemCatalog(raw_ids=data.catalog.raw_ids, attributes=attributes, attribute_names=names,
                           category=category, category_names=category_names)
     return replace(data, catalog=catalog)
+
+
+def attach_texts(data: BehaviorData, path: Path, named_attributes: Path | None = None) -> BehaviorData:
+    """Give every catalog item its public text: the title from ``path`` (a TSV whose first column is ``item_id`` and
+    which has a ``title`` or ``text`` column), then its attribute names (``named_attributes``, or the catalog's own
+    names when they are real names)."""
+    titles = _read_item_texts(path)
+    raw_ids = data.catalog.raw_ids
+    names: dict[int, list[str]] = {}
+    if named_attributes is not None:
+        by_raw, attribute_names = _read_attribute_tsv(named_attributes)
+        names = {raw: [attribute_names[a] for a in attrs] for raw, attrs in by_raw.items()}
+    elif data.catalog.attributes and data.catalog.attribute_names and not data.catalog.attribute_names[-1].startswith(
+            "attr"):
+        names = {int(raw): [data.catalog.attribute_names[a] for a in data.catalog.attributes[i]]
+                 for i, raw in enumerate(raw_ids) if i > 0}
+    texts = [""]
+    for raw in raw_ids[1:]:
+        parts = [titles.get(int(raw), "")] + [n for n in names.get(int(raw), []) if n and n != "Unknown"]
+        texts.append(" | ".join(p for p in parts if p))
+    return replace(data, catalog=replace(data.catalog, texts=texts))
+
+
+def _read_item_texts(path: Path) -> dict[int, str]:
+    if not path.is_file():
+        raise DataError(path, "no such item text file")
+    lines = read_text_lines(path)
+    header = lines[0].split("\t") if lines else []
+    if not header or header[0] != "item_id":
+        raise DataError(path, "header must start with 'item_id'", 1, 1)
+    column = next((c for c in ("title", "text") if c in header), None)
+    if column is None:
+        raise DataError(path, f"header names no 'title' or 'text' column (found: {', '.join(header)})", 1)
+    at, out = header.index(column), {}
+    for line_no, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise DataError(path, f"ragged line: {len(fields)} fields, header has {len(header)}", line_no)
+        if not fields[0].isdigit() or not fields[0].isascii():
+            raise DataError(path, f"item id {fields[0][:40]!r} is not a non-negative integer", line_no, "item_id")
+        out[int(fields[0])] = fields[at].strip()
+    return out
 
 
 def load_catalog(path) -> ItemCatalog:

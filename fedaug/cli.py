@@ -76,7 +76,7 @@ def baseline(
     config: Path | None = typer.Option(None, "--config", help="TOML file with data, model and train tables."),
     data: Path | None = typer.Option(None, "--data", help="Behaviour data file; default: embedded synthetic data."),
     fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
-    model: str | None = typer.Option(None, "--model", help="sasrec | pop"),
+    model: str | None = typer.Option(None, "--model", help="sasrec | pop | text (the public text prior)"),
     epochs: int | None = typer.Option(None, "--epochs", help="Maximum training epochs."),
     max_minutes: float | None = typer.Option(None, "--max-minutes", help="Training time budget in minutes."),
     seed: int | None = typer.Option(None, "--seed"),

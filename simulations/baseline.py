@@ -12,6 +12,7 @@ from common.evaluate import sasrec_scorer
 from common.popularity import Popularity
 from common.records import RunMetrics, write_metrics
 from common.split import leave_one_out
+from common.text_prior import TextPrior, fit_text_prior
 from common.training import fit, set_seed
 
 from .report import final_metrics
@@ -29,6 +30,10 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
     split = leave_one_out(data)
     if config.model.kind == "pop":
         metrics = final_metrics("baseline", Popularity(split.train), split, data, config, device, 0, started)
+    elif config.model.kind == "text":
+        prior, tried = text_prior(config, data, split, device)
+        metrics = final_metrics("baseline", prior, split, data, config, device, 0, started)
+        metrics.history = tried
     else:
         set_seed(config.train.seed)
         model = config.model.model(data)
@@ -41,3 +46,10 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
     if out is not None:
         write_metrics(out, metrics)
     return metrics
+
+
+def text_prior(config, data, split, device, progress: bool = True) -> tuple[TextPrior, list[dict]]:
+    """The public text prior of ``config``'s [text] table, its history weighting chosen on validation."""
+    text = config.text
+    return fit_text_prior(text.vectors(data, device, progress), split, decay=text.decay, window=text.window,
+                          device=device)

@@ -67,7 +67,7 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
     lines += ["", "## Privacy", "",
               f"- ε per merchant: max {_fmt(priv.epsilon_max)}, mean {_fmt(priv.epsilon_mean)} "
               f"(budget {_fmt(priv.epsilon_budget)}), user-level DP-SGD with per-user clipping C = "
-              f"{priv.max_grad_norm}, accounted by each merchant's ledger (RDP)."]
+              f"{priv.max_grad_norm}, accounted by each merchant's ledger (PRV, never above RDP)."]
     if priv.central:
         c = priv.central
         lines.append(f"- central (client-level) DP: ε {_fmt(c['epsilon'])} at δ {c['delta']:.2g}, noise multiplier "

@@ -26,6 +26,7 @@ from server import checkpoint
 from server.monitor import RoundWatcher
 from server.summary import federation_summary
 
+from .baseline import text_prior
 from .config import SimulationConfig
 from .local import run_local
 from .plots import write_plots
@@ -50,7 +51,11 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
         metrics = _central(config, data, state_dir, on_round)
     sim = config.simulation
     metrics.mode = mode
-    metrics.baselines = {"popularity": select(evaluate(Popularity(split.train), split, "test"))} | (baselines or {})
+    metrics.baselines = {"popularity": select(evaluate(Popularity(split.train), split, "test"))}
+    if data.catalog.texts:  # the public prior every merchant has on day one
+        prior, _ = text_prior(config, data, split, pick_device(config.device), progress=verbose)
+        metrics.baselines["text prior"] = select(evaluate(prior, split, "test"))
+    metrics.baselines |= baselines or {}
     metrics.attack = ({"kind": sim.attack, "fraction": sim.attackers, "scale": sim.attack_scale,
                        "merchants": config.attacker_ids()} if sim.attack else None)
     metrics.defence = sim.defence or ("normbound" if config.federation.norm_bound else config.federation.strategy)

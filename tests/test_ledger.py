@@ -9,26 +9,55 @@ import sys
 import textwrap
 
 import pytest
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 from client.ledger import BudgetExceeded, PrivacyLedger, calibrate_noise, epsilon_of
 
 DELTA = 1e-5
 
 
-def test_rebuilt_epsilon_equals_a_live_accountant(tmp_path):
+def test_rebuilt_epsilon_equals_live_accountants(tmp_path):
+    """Every recorded ε is the smaller of the two bounds that live Opacus accountants, stepped once per step, give
+    for the same mechanisms; a restart rebuilds exactly the same ε from disk."""
     history = [(1.1, 0.01, 100), (0.9, 0.02, 50), (1.5, 0.01, 300)]
-    live = RDPAccountant()
+    live_prv, live_rdp = PRVAccountant(), RDPAccountant()
     ledger = PrivacyLedger(tmp_path)
     for round_, (noise, q, steps) in enumerate(history, start=1):
         for _ in range(steps):
-            live.step(noise_multiplier=noise, sample_rate=q)
+            live_prv.step(noise_multiplier=noise, sample_rate=q)
+            live_rdp.step(noise_multiplier=noise, sample_rate=q)
         recorded = ledger.record("run-a", round_, noise, q, steps, DELTA)
-        assert recorded == pytest.approx(live.get_epsilon(DELTA), rel=1e-9)
+        expected = min(live_prv.get_epsilon(DELTA), live_rdp.get_epsilon(DELTA))
+        assert recorded == pytest.approx(expected, rel=1e-6)
+        assert recorded < live_rdp.get_epsilon(DELTA)  # here PRV is the tighter bound
     ledger.close()
     reopened = PrivacyLedger(tmp_path)  # a restart: the accountant comes back from disk only
-    assert reopened.epsilon(DELTA) == pytest.approx(live.get_epsilon(DELTA), rel=1e-9)
+    assert reopened.epsilon(DELTA) == recorded
     assert [e.round for e in reopened.entries()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("history", [
+    [(0.519, 0.0114, 88)],  # `fedaug local` on Beauty's 10 % share: 88 steps at q 0.0114
+    [(0.519, 0.0114, 88)] * 10,  # ten such rounds
+    [(0.8, 0.05, 40), (2.0, 0.5, 3), (0.6, 1.0, 2)],
+    [(0.3, 0.5, 30)],  # a large ε: still never above RDP
+    [(0.05, 0.01, 100)],  # past PRV_ABOVE: the RDP bound itself
+])
+def test_the_ledger_never_reports_more_than_rdp(history):
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    assert epsilon_of(history, DELTA) <= rdp.get_epsilon(DELTA)
+
+
+def test_the_same_budget_buys_less_noise():
+    """The point of the tighter accountant: at ε = 8 a merchant's calibrated noise is well below RDP's."""
+    q, steps, delta = 0.0114, 88, 1 / (10 * 2236)
+    rdp = RDPAccountant()
+    rdp.history = [(0.519, q, steps)]
+    assert epsilon_of([(0.519, q, steps)], delta) < 0.85 * rdp.get_epsilon(delta)
+    noise = calibrate_noise([], q, steps, delta, 8.0)
+    rdp.history = [(noise, q, steps)]
+    assert noise < 0.519 and rdp.get_epsilon(delta) > 8.0
 
 
 def test_budget_is_never_exceeded_and_rounds_compose_across_runs(tmp_path):

@@ -1,0 +1,156 @@
+"""The public text prior: item texts found beside the data, the encoder loaded from a local directory (a tiny one
+this test builds, and the packaged all-MiniLM-L6-v2 where installed), vectors cached by content, and the
+history → text-similarity ranking of `fedaug baseline --model text`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import text
+from common.errors import ConfigError, DataError
+from common.loaders import load
+from common.text_prior import TextPrior
+from tests.support import fedaug, finish
+
+pytest.importorskip("sentence_transformers", reason="the text prior needs the text extra: pip install '.[text]'")
+
+WORDS = "red blue green nail polish lipstick shampoo hair oil brand".split()
+
+
+def tiny_encoder(directory: Path) -> Path:
+    """A 16-wide, one-layer BERT sentence encoder with a word-level vocabulary, saved like any ST model."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer import modules as st_models
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers import models as st_models
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=64))
+    bert.save_pretrained(directory / "hf")
+    fast.save_pretrained(directory / "hf")
+    model = SentenceTransformer(modules=[st_models.Transformer(str(directory / "hf"), max_seq_length=32),
+                                         st_models.Pooling(16, "mean")])
+    model.save(str(directory / "encoder"))
+    return directory / "encoder"
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> Path:
+    return tiny_encoder(tmp_path_factory.mktemp("tiny"))
+
+
+def test_vectors_are_unit_cached_and_keyed_by_encoder_and_texts(encoder, tmp_path, monkeypatch):
+    texts = ["", "red nail polish", "blue lipstick", ""]
+    vectors = text.item_vectors(texts, encoder=encoder, cache_dir=tmp_path, progress=False)
+    assert vectors.shape == (4, 16) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), [0, 1, 1, 0], atol=1e-5)  # padding, no text: zero
+    assert len(list(tmp_path.glob("items-*.npy"))) == 1
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(text, "_encode", no_encoding)
+    assert np.array_equal(text.item_vectors(texts, encoder=encoder, cache_dir=tmp_path), vectors)  # the cache
+    with pytest.raises(AssertionError, match="encoded again"):  # other texts: another key
+        text.item_vectors(["", "green shampoo"], encoder=encoder, cache_dir=tmp_path)
+    (encoder / "extra.txt").write_text("a changed model directory")
+    try:
+        with pytest.raises(AssertionError, match="encoded again"):  # another encoder: another key
+            text.item_vectors(texts, encoder=encoder, cache_dir=tmp_path)
+    finally:
+        (encoder / "extra.txt").unlink()
+
+
+def test_a_directory_that_is_no_encoder_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"text.encoder: .* is not a sentence-transformers model directory"):
+        text.item_vectors(["", "x"], encoder=tmp_path, cache_dir=tmp_path)
+
+
+def write_amazon_set(directory: Path) -> Path:
+    """Six items in two colour families; users move within a family, so the last item's text predicts the next."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for user in range(1, 61):
+        family = [1, 2, 3] if user % 2 else [4, 5, 6]
+        lines.append(" ".join(map(str, [user, *rng.choice(family, size=6)])))
+    (directory / "Shop.txt").write_text("\n".join(lines) + "\n")
+    titles = ["red nail polish", "red lipstick", "red hair oil", "blue shampoo", "blue nail polish", "blue hair oil"]
+    (directory / "Shop_item_titles.tsv").write_text(
+        "item_id\tasin\ttitle\n" + "".join(f"{i}\tA{i}\t{t}\n" for i, t in enumerate(titles, start=1)))
+    (directory / "Shop_item_attributes_named.tsv").write_text(
+        "item_id\tasin\tattributes\n" + "".join(f"{i}\tA{i}\tbrand|{'red' if i < 4 else 'blue'}\n"
+                                                for i in range(1, 7)))
+    return directory / "Shop.txt"
+
+
+def test_item_texts_are_found_beside_the_data(tmp_path):
+    data = load(write_amazon_set(tmp_path))
+    raw = {int(r): t for r, t in zip(data.catalog.raw_ids, data.catalog.texts, strict=True)}
+    assert raw[1] == "red nail polish | brand | red" and raw[4] == "blue shampoo | brand | blue"
+    assert data.catalog.texts[0] == ""
+
+
+def test_a_bad_item_text_file_names_file_and_line(tmp_path):
+    path = write_amazon_set(tmp_path)
+    (tmp_path / "Shop_item_titles.tsv").write_text("item_id\tasin\ttitle\n1\tA1\tred\nx\tA2\tblue\n")
+    with pytest.raises(DataError, match=r"Shop_item_titles.tsv, line 3, column item_id: item id 'x'"):
+        load(path)
+    (tmp_path / "Shop_item_titles.tsv").write_text("item_id\tname\n1\tred\n")
+    with pytest.raises(DataError, match=r"Shop_item_titles.tsv, line 1: header names no 'title' or 'text'"):
+        load(path)
+
+
+def test_the_prior_ranks_by_text_similarity_to_the_recent_history():
+    vectors = np.zeros((5, 3), np.float32)
+    vectors[1:] = [[1, 0, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0.9, 0.1]]
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-9)
+    last_only = TextPrior(vectors, decay=0.0)
+    scores = last_only([np.array([1, 3]), np.array([3, 1])])
+    assert scores[0, 4] > scores[0, 2] and scores[1, 2] > scores[1, 4]  # more like the last item
+    blended = TextPrior(vectors, decay=1.0)([np.array([1, 3])])
+    assert blended[0, 2] == pytest.approx(float(vectors[2] @ (vectors[1] + vectors[3])))
+
+
+def test_baseline_text_end_to_end(encoder, tmp_path):
+    data = write_amazon_set(tmp_path)
+    config = tmp_path / "text.toml"
+    config.write_text(f'[text]\nencoder = "{encoder}"\ncache_dir = "{tmp_path / "cache"}"\n')
+    out = tmp_path / "run"
+    output = finish(fedaug("baseline", "--model", "text", "--data", str(data), "--config", str(config),
+                           "--out", str(out)), 120)
+    assert "text: test NDCG@10" in output, output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [row["decay"] for row in metrics["history"]] == [0.0, 0.25, 0.5, 0.75]  # chosen on validation
+    assert metrics["test"]["ndcg@10"] > 0 and metrics["test_users"] == 60
+    assert metrics["config"]["model"]["kind"] == "text"
+
+
+def test_baseline_text_without_item_texts_fails_in_one_line(tmp_path):
+    (tmp_path / "Bare.txt").write_text("1 1 2 3 4\n2 2 3 4 1\n")
+    out = tmp_path / "run"
+    output = finish(fedaug("baseline", "--model", "text", "--data", str(tmp_path / "Bare.txt"), "--out", str(out)),
+                    60)
+    assert "error: data.texts: the data set has no item texts" in output and not out.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("all_minilm_l6_v2") is None,
+                    reason="the packaged encoder is not installed (pip install '.[text]')")
+def test_the_packaged_encoder_knows_what_is_alike(tmp_path):
+    texts = ["", "Red nail polish, glossy lacquer", "Crimson nail lacquer", "Beard oil for men"]
+    vectors = text.item_vectors(texts, cache_dir=tmp_path, progress=False)
+    assert vectors.shape == (4, 384)
+    assert vectors[1] @ vectors[2] > vectors[1] @ vectors[3] + 0.2
