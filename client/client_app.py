@@ -1,4 +1,4 @@
-"""The merchant's Flower ClientApp (Message API): ``train`` and ``evaluate``.
+"""The merchant's Flower ClientApp (Message API): ``train``, ``evaluate`` and the ``query.statistics`` release.
 
 A merchant whose budget cannot afford the round replies normally with ``declined = 1`` and no arrays, so the
 server can tell a decline from a crash (which arrives as a Flower error reply). ``app`` is what merchants run
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -23,6 +24,10 @@ from common.metrics import METRIC_NAMES
 from . import replay
 from .ledger import BudgetExceeded
 from .merchant import Merchant, MerchantSource, merchant_for
+from .statistics import release_statistics
+
+STATISTICS = "statistics"
+"""The query action (Flower message type ``query.statistics``) that asks for the DP collaborative statistics."""
 
 single_malloc_arena()  # this process trains round after round: keep its RSS from creeping
 
@@ -38,6 +43,10 @@ def client_app(merchants: MerchantSource = merchant_for, train_mods: list[Mod] |
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate(msg, merchants(context))
+
+    @app.query(STATISTICS)
+    def _statistics(msg: Message, context: Context) -> Message:
+        return statistics(msg, merchants(context))
 
     return app
 
@@ -99,6 +108,34 @@ def evaluate(msg: Message, merchant: Merchant) -> Message:
         users = metrics["users"]
     content = RecordDict({"metrics": MetricRecord(values | {"num-examples": users,
                                                             "partition-id": merchant.partition_id})})
+    return Message(content, reply_to=msg)
+
+
+def statistics(msg: Message, merchant: Merchant) -> Message:
+    """Release this merchant's DP collaborative statistics for the run (client/statistics.py)."""
+    config = msg.content["config"]
+    neighbours = msg.content["arrays"]["neighbours"].numpy()
+    if neighbours.ndim != 2 or neighbours.shape[0] != merchant.model_config.n_items + 1:
+        raise ValueError(f"statistics: a neighbour table of {merchant.model_config.n_items + 1} rows was expected, "
+                         f"got shape {neighbours.shape}")
+    if neighbours.min() < 0 or neighbours.max() > merchant.model_config.n_items:
+        raise ValueError("statistics: the neighbour table names items outside the catalog")
+    trainer = merchant.trainer
+    try:
+        counts = release_statistics(trainer, str(config["run-key"]), neighbours.astype(np.int64),
+                                    share=float(config["share"]), max_items=int(config["max-items"]),
+                                    max_pairs=int(config["max-pairs"]),
+                                    state_dir=trainer.ledger.path.parent if trainer.ledger else None)
+    except BudgetExceeded as exc:
+        return Message(RecordDict({"metrics": MetricRecord({"declined": 1}),
+                                   "decline": ConfigRecord({"reason": str(exc)})}), reply_to=msg)
+    content = RecordDict({
+        "arrays": ArrayRecord({"popularity": torch.from_numpy(counts.popularity.astype(np.float32)),
+                               "pairs": torch.from_numpy(counts.pairs.astype(np.float32))}),
+        "metrics": MetricRecord({"declined": 0, "popularity-std": counts.popularity_std,
+                                 "pair-std": counts.pair_std, "epsilon": _finite(trainer.epsilon_spent()),
+                                 "partition-id": merchant.partition_id}),
+    })
     return Message(content, reply_to=msg)
 
 

@@ -120,6 +120,9 @@ class TextSection(Section):
     decay: float | Literal["auto"] = "auto"
     """History weight per step back (0 = the last item only); "auto": chosen on validation."""
     window: int = Field(50, ge=1)
+    fuse: bool = True
+    """A trained model's scores are fused with the prior's where the data has item texts (weight chosen on
+    validation; 0, the model alone, is a candidate)."""
 
     @field_validator("decay")
     @classmethod
@@ -332,6 +335,18 @@ class FederationSection(Section):
     norm_bound: float = Field(0.0, ge=0)
     """Defence before aggregation: clip every update's distance from the global model to this multiple of the
     round's median distance (0 = off), so no merchant can move the model more than a typical one."""
+    statistics: bool | Literal["auto"] = "auto"
+    """DP collaborative statistics (common/dp_counts.py): before round 1 every merchant releases its users'
+    bounded popularity and text-neighbour transition counts through the Gaussian mechanism; their sum is fused with
+    the text prior. "auto": where the data has item texts."""
+    statistics_share: float = Field(0.5, gt=0, lt=1)
+    """Fraction of each private merchant's ε budget the statistics may spend (DP-SGD gets the rest)."""
+    statistics_neighbours: int = Field(50, ge=1)
+    """Candidate next items per item: its most text-similar items (public)."""
+    statistics_max_items: int = Field(8, ge=1)
+    """Distinct items (most recent) a user adds to the popularity counts."""
+    statistics_max_pairs: int = Field(1, ge=1)
+    """Distinct candidate transitions (most recent) a user adds to the pair counts."""
     central_dp: bool = False
     """Client-level DP on top: Flower's server-side fixed clipping of each update plus Gaussian noise."""
     central_noise: float = Field(1.0, gt=0)

@@ -46,6 +46,10 @@ class RoundRecord:
     """The merchants' own validation of the global model, user-weighted."""
     federated_test: Metrics | None = None
     federated_merchants: int = 0
+    fusion_weight: float | None = None
+    """Weight of the public text prior fused with the global model, chosen on this round's validation."""
+    model_valid: Metrics | None = None
+    """Validation of the global model alone, before fusion with the prior."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -90,6 +94,17 @@ class PrivacyRecord:
 
 
 @dataclass
+class FusionRecord:
+    """A trained model's scores fused with the public text prior's (common/fusion.py), weight chosen on
+    validation; ``model_test`` / ``model_valid``: the model alone."""
+
+    weight: float
+    tried: list[dict]
+    model_test: Metrics
+    model_valid: Metrics
+
+
+@dataclass
 class RunMetrics:
     """metrics.json of every run. ``mode``: baseline | merchant (one merchant alone) | federated | local (every
     simulated merchant alone) | central (all data pooled) | deployed."""
@@ -117,6 +132,14 @@ class RunMetrics:
     defence: str | None = None
     merchants_total: int | None = None
     merchant_keys: dict[str, str] | None = None
+    best_round: int | None = None
+    """Federations: the round whose global model validated best (the one kept), and its metrics."""
+    best_valid: Metrics | None = None
+    best_test: Metrics | None = None
+    test_cold: Metrics | None = None
+    """Test metrics over the users whose target item had fewer than COLD_BELOW training interactions."""
+    cold_users: int | None = None
+    fusion: FusionRecord | None = None
 
     def to_json(self) -> dict:
         values = asdict(self)

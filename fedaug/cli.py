@@ -105,10 +105,15 @@ def baseline(
             )
 
         metrics = run_baseline(cfg, out, on_step=on_step, on_epoch=on_epoch)
-    test = metrics.test
+    test, fusion = metrics.test, metrics.fusion
+    if fusion:
+        console.print(f"{cfg.model.kind} alone: test NDCG@10 {fusion.model_test['ndcg@10']:.4f}; fused with the "
+                      f"text prior at weight {fusion.weight:g} (chosen on validation):")
     console.print(
-        f"{cfg.model.kind}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  "
-        f"AUC {test['auc']:.4f}  ({metrics.epochs} epochs, {metrics.seconds:.0f} s) -> {out / 'metrics.json'}"
+        f"{cfg.model.kind}{' + text prior' if fusion else ''}: test NDCG@10 {test['ndcg@10']:.4f}  "
+        f"HR@10 {test['hr@10']:.4f}  AUC {test['auc']:.4f}  cold-item targets ({metrics.cold_users} users) NDCG@10 "
+        f"{metrics.test_cold['ndcg@10']:.4f}  ({metrics.epochs} epochs, {metrics.seconds:.0f} s) -> "
+        f"{out / 'metrics.json'}"
     )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import write_bytes_atomic
+from common.dp_counts import Counts
 from common.errors import ConfigError
 from common.records import RoundRecord
 
@@ -39,14 +40,28 @@ class ServerState:
     history: list[RoundRecord] = field(default_factory=list)
     merchants: dict[str, dict] = field(default_factory=dict)
     """node id (as text) -> latest figures: ε, users, partition-id, per-round ε."""
+    best_round: int = 0
+    """The round whose global model validated best so far (0: none validated); its arrays are ``best_arrays``."""
+    best_arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    best_test: dict | None = None
+    """Test metrics of the best round's model, evaluated once the last round is done (simulations)."""
+    statistics: Counts | None = None
+    """The merchants' summed DP collaborative statistics, collected once before round 1."""
+    statistics_merchants: int = 0
 
 
 def save(state_dir: Path, state: ServerState) -> None:
     meta = {"run_key": state.run_key, "strategy": state.strategy, "round": state.round,
             "accountant": state.accountant, "history": [h.to_json() for h in state.history],
-            "merchants": state.merchants,
+            "merchants": state.merchants, "best_round": state.best_round, "best_test": state.best_test,
+            "statistics": None if state.statistics is None else {
+                "popularity_std": state.statistics.popularity_std, "pair_std": state.statistics.pair_std,
+                "merchants": state.statistics_merchants},
             "strategy_state_keys": {name: list(arrays) for name, arrays in state.strategy_state.items()}}
     entries = {f"global/{k}": v for k, v in state.arrays.items()}
+    entries.update({f"best/{k}": v for k, v in state.best_arrays.items()})
+    if state.statistics is not None:
+        entries |= {"statistics/popularity": state.statistics.popularity, "statistics/pairs": state.statistics.pairs}
     for name, arrays in state.strategy_state.items():
         entries.update({f"{name}/{k}": v for k, v in arrays.items()})
     buffer = io.BytesIO()
@@ -62,6 +77,10 @@ def load(state_dir: Path) -> ServerState | None:
         with np.load(path, allow_pickle=False) as stored:
             meta = json.loads(str(stored["__meta__"]))
             arrays = {k.removeprefix("global/"): stored[k] for k in stored.files if k.startswith("global/")}
+            best = {k.removeprefix("best/"): stored[k] for k in stored.files if k.startswith("best/")}
+            stats = meta.get("statistics")
+            statistics = None if stats is None else Counts(stored["statistics/popularity"], stored["statistics/pairs"],
+                                                           stats["popularity_std"], stats["pair_std"])
             strategy_state = {name: {k: stored[f"{name}/{k}"] for k in keys}
                               for name, keys in meta["strategy_state_keys"].items()}
     except (OSError, ValueError, KeyError) as exc:
@@ -69,7 +88,9 @@ def load(state_dir: Path) -> ServerState | None:
     return ServerState(run_key=meta["run_key"], strategy=meta["strategy"], round=int(meta["round"]), arrays=arrays,
                        strategy_state=strategy_state, accountant=meta["accountant"],
                        history=[RoundRecord.from_json(h) for h in meta["history"]],
-                       merchants=meta["merchants"])
+                       merchants=meta["merchants"], best_round=int(meta.get("best_round", 0)), best_arrays=best,
+                       best_test=meta.get("best_test"), statistics=statistics,
+                       statistics_merchants=int((meta.get("statistics") or {}).get("merchants", 0)))
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.config import FederationSection
+from common.dp_counts import Counts
 from common.errors import ConfigError, FedaugError
 from common.metrics import select
 from common.records import RoundRecord
@@ -28,11 +29,12 @@ from . import checkpoint
 from .checkpoint import ServerState
 from .monitor import Monitor
 from .replies import bound_norms, sort_evaluate_replies, sort_train_replies
+from .statistics import collect_statistics
 from .strategies import STATE_ATTRIBUTES, WEIGHT, build_strategy, central_dp, inner
 
-Evaluator = Callable[[dict[str, np.ndarray], tuple[str, ...]], dict]
-"""Central evaluation of global arrays at the given stages (attached by simulations, where the server has the
-data): ``{"valid": {...}, "test": {...}}``."""
+Evaluator = Callable[[dict[str, np.ndarray], tuple[str, ...], Counts | None], dict]
+"""Central evaluation of global arrays at the given stages, with the run's DP statistics where there are any
+(attached by simulations, where the server has the data): ``{"valid": {...}, "test": {...}}``."""
 
 
 class RoundFailed(FedaugError):
@@ -41,15 +43,18 @@ class RoundFailed(FedaugError):
 
 def run_federation(grid: Grid, settings: FederationSection, initial: dict[str, np.ndarray],
                    evaluator: Evaluator | None = None, on_round: Callable[[RoundRecord], None] | None = None,
-                   node_wait_seconds: float = 600.0) -> ServerState:
+                   node_wait_seconds: float = 600.0, neighbours: np.ndarray | None = None) -> ServerState:
+    """Run (or resume) the federation; ``neighbours``: the public candidate table when the merchants are to
+    release DP collaborative statistics before round 1 (server.statistics)."""
     state_dir = settings.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     with checkpoint.exclusive(state_dir):
-        return _federate(grid, settings, initial, evaluator, on_round, node_wait_seconds)
+        return _federate(grid, settings, initial, evaluator, on_round, node_wait_seconds, neighbours)
 
 
 def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.ndarray], evaluator: Evaluator | None,
-              on_round: Callable[[RoundRecord], None] | None, node_wait_seconds: float) -> ServerState:
+              on_round: Callable[[RoundRecord], None] | None, node_wait_seconds: float,
+              neighbours: np.ndarray | None) -> ServerState:
     state_dir = settings.state_dir
     n_nodes = _wait_for_nodes(grid, settings.min_nodes, node_wait_seconds)
     strategy = build_strategy(settings, n_nodes)
@@ -57,6 +62,10 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
     if state.round >= settings.rounds:
         log(INFO, "fedaug: all %d rounds are already in %s; nothing to do", settings.rounds, state_dir)
         return state
+    if neighbours is not None and state.statistics is None and state.round == 0:
+        state.statistics, state.statistics_merchants = collect_statistics(grid, settings, neighbours, state.run_key)
+        log(INFO, "fedaug: DP statistics from %d merchants", state.statistics_merchants)
+        checkpoint.save(state_dir, state)
     monitor = Monitor(state_dir, settings.metrics_port)
     try:
         for server_round in range(state.round + 1, settings.rounds + 1):
@@ -68,6 +77,9 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
                                     if getattr(inner_strategy, name, None)}
             dp = central_dp(strategy)
             state.accountant = dp.accountant.state_dict() if dp else None
+            _keep_best(state, entry)
+            if server_round == settings.rounds and evaluator is not None:
+                state.best_test = _best_test(state, entry, evaluator)
             checkpoint.save(state_dir, state)
             monitor.record(entry, state.history)
             if on_round:
@@ -117,15 +129,34 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
     stages = ("valid", "test") if server_round == settings.rounds else ("valid",)
     _federated_evaluation(grid, settings, strategy, state, server_round, aggregated, stages, entry)
     if evaluator is not None:
-        central = evaluator(state.arrays, stages)
+        central = evaluator(state.arrays, stages, state.statistics)
         entry.valid = select(central["valid"])
         entry.test = select(central["test"]) if "test" in central else None
+        if "fusion" in central:
+            entry.fusion_weight, entry.model_valid = central["fusion"]["weight"], central["fusion"]["model_valid"]
     else:
         entry.valid, entry.test = entry.federated_valid, entry.federated_test
     entry.seconds = round(time.monotonic() - started, 2)
     log(INFO, "fedaug round %d: %d merchants aggregated%s", server_round, len(replies.accepted),
         f", valid NDCG@10 {entry.valid['ndcg@10']:.4f}" if entry.valid else "")
     return entry
+
+
+def _keep_best(state: ServerState, entry: RoundRecord) -> None:
+    """Keep the global model that validates best: what a merchant is given never validates worse than an earlier
+    round's model (nor, with fusion, than the public prior alone)."""
+    if entry.valid is None:
+        return
+    best = max((r.valid["ndcg@10"] for r in state.history[:-1] if r.round == state.best_round and r.valid),
+               default=-1.0)
+    if state.best_round == 0 or entry.valid["ndcg@10"] > best:
+        state.best_round, state.best_arrays = entry.round, {k: v.copy() for k, v in state.arrays.items()}
+
+
+def _best_test(state: ServerState, entry: RoundRecord, evaluator: Evaluator) -> dict | None:
+    if state.best_round == entry.round:
+        return entry.test
+    return select(evaluator(state.best_arrays, ("valid", "test"), state.statistics)["test"])
 
 
 def _federated_evaluation(grid, settings, strategy, state, server_round, arrays, stages,

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import FederationConfig, from_run_config
 from common.data import BehaviorData
+from common.device import pick_device
+from common.dp_counts import text_neighbours
 from common.memory import single_malloc_arena
 from common.model import SASRec
 
@@ -38,9 +41,19 @@ def server_app(schema: type[FederationConfig] = FederationConfig,
         model = initial_model(config, data)
         initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         evaluator = central_evaluation(config, data, model) if central_evaluation and not deployed else None
-        run_federation(grid, config.federation, initial, evaluator)
+        run_federation(grid, config.federation, initial, evaluator, neighbours=statistics_candidates(config, data))
 
     return app
+
+
+def statistics_candidates(config: FederationConfig, data: BehaviorData) -> np.ndarray | None:
+    """The public candidate table for the merchants' DP statistics (each item's text neighbours), or None when the
+    run releases none ([federation] statistics; "auto": where the catalog has item texts)."""
+    settings = config.federation
+    if settings.statistics is False or (settings.statistics == "auto" and not data.catalog.texts):
+        return None
+    vectors = config.text.vectors(data, pick_device(config.device), progress=False)
+    return text_neighbours(vectors, settings.statistics_neighbours)
 
 
 def initial_model(config: FederationConfig, data: BehaviorData) -> SASRec:

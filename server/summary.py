@@ -32,10 +32,12 @@ def federation_summary(config: FederationConfig, state: ServerState, *, mode: st
         privacy.central = {"epsilon": last.central_epsilon, "delta": last.central_delta,
                            "noise_multiplier": config.federation.central_noise,
                            "clipping_norm": config.federation.central_clip}
+    best = next((r for r in state.history if r.round == state.best_round), None)
     return RunMetrics(mode=mode, test=last.test, valid=last.valid,
                       federated_test=last.federated_test, rounds=list(state.history), merchants=merchants,
                       privacy=privacy, run_key=state.run_key, seconds=seconds, data=data,
-                      config=config.model_dump(mode="json"))
+                      config=config.model_dump(mode="json"), best_round=state.best_round or None,
+                      best_valid=best.valid if best else None, best_test=state.best_test)
 
 
 def render_deployment_report(metrics: RunMetrics) -> str:

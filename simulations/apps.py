@@ -16,14 +16,17 @@ from client.merchant import NUM_PARTITIONS, PARTITION_ID, Merchant, build_mercha
 from common.config import FederationConfig, from_run_config
 from common.data import BehaviorData
 from common.device import pick_device
+from common.dp_counts import Counts, fit_prior_with_counts, text_neighbours
 from common.errors import ConfigError
 from common.evaluate import evaluate, sasrec_scorer
+from common.fusion import fit_fusion
 from common.model import SASRec
 from common.split import assign_merchants, leave_one_out, merchant_partitions
 from server.federation import Evaluator
 from server.server_app import server_app
 
 from .attacks import flip_labels, poison_mod
+from .baseline import text_prior
 from .config import SimulationConfig
 
 
@@ -65,15 +68,36 @@ def _attack_of(context: Context) -> tuple[str, float]:
 
 def central_evaluator(config: FederationConfig, data: BehaviorData, model: SASRec) -> Evaluator:
     """Score global arrays on every merchant's held-out users at once (the union of the merchants' users is the
-    whole data set)."""
+    whole data set). Where the data has item texts the global model is fused with the public text prior — plus the
+    merchants' DP statistics when the run collected them — the weights chosen on validation (common/fusion.py,
+    common/dp_counts.py; the model alone is a candidate)."""
     split = leave_one_out(data)
     device = pick_device(config.device)
     model = model.to(device)
+    text = text_prior(config, data, split, device, progress=False)[0] if data.catalog.texts and config.text.fuse \
+        else None
+    with_counts: dict[int, object] = {}  # the prior with the run's statistics, fitted once
 
-    def evaluate_global(arrays: dict[str, np.ndarray], stages: tuple[str, ...]) -> dict:
+    def prior_of(statistics: Counts | None):
+        if statistics is None:
+            return text
+        if id(statistics) not in with_counts:
+            neighbours = text_neighbours(text.vectors.cpu().numpy(), config.federation.statistics_neighbours)
+            with_counts.clear()
+            with_counts[id(statistics)] = fit_prior_with_counts(text, statistics, neighbours, split)[0]
+        return with_counts[id(statistics)]
+
+    def evaluate_global(arrays: dict[str, np.ndarray], stages: tuple[str, ...], statistics: Counts | None = None
+                        ) -> dict:
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
         scorer = sasrec_scorer(model, device)
-        return {stage: evaluate(scorer, split, stage) for stage in stages}
+        if text is None:
+            return {stage: evaluate(scorer, split, stage) for stage in stages}
+        fused, tried = fit_fusion(scorer, prior_of(statistics), split)
+        out = {stage: evaluate(fused, split, stage) for stage in stages}
+        alone = next(row for row in tried if row["weight"] == 0)
+        out["fusion"] = {"weight": fused.weight, "model_valid": {"ndcg@10": alone["valid_ndcg@10"]}}
+        return out
 
     return evaluate_global
 

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from common.config import BaselineConfig
 from common.device import pick_device
-from common.evaluate import sasrec_scorer
+from common.evaluate import evaluate, sasrec_scorer
+from common.fusion import fit_fusion
+from common.metrics import select
 from common.popularity import Popularity
-from common.records import RunMetrics, write_metrics
+from common.records import FusionRecord, RunMetrics, write_metrics
 from common.split import leave_one_out
 from common.text_prior import TextPrior, fit_text_prior
 from common.training import fit, set_seed
@@ -38,8 +40,15 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
         set_seed(config.train.seed)
         model = config.model.model(data)
         result = fit(model, split, config.train.settings(), device, on_step=on_step, on_epoch=on_epoch)
-        metrics = final_metrics("baseline", sasrec_scorer(model, device), split, data, config, device,
-                                result.epochs, started)
+        scorer, fusion = sasrec_scorer(model, device), None
+        if data.catalog.texts and config.text.fuse:  # the public prior beside the learned model, if it helps
+            prior, _ = text_prior(config, data, split, device)
+            fused, tried = fit_fusion(scorer, prior, split)
+            fusion = FusionRecord(weight=fused.weight, tried=tried, model_test=select(evaluate(scorer, split, "test")),
+                                  model_valid=select(evaluate(scorer, split, "valid")))
+            scorer = fused
+        metrics = final_metrics("baseline", scorer, split, data, config, device, result.epochs, started)
+        metrics.fusion = fusion
         metrics.best_epoch, metrics.stopped_by = result.best_epoch, result.stopped_by
         metrics.history = [{"epoch": r["epoch"], "loss": r["loss"], "valid_ndcg@10": r["valid"]["ndcg@10"]}
                            for r in result.history]

@@ -6,25 +6,40 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 from pydantic import BaseModel
 
 from common.atomic import write_bytes_atomic
 from common.data import BehaviorData
-from common.evaluate import Scorer, evaluate
-from common.metrics import METRIC_NAMES, select
+from common.evaluate import Scorer, evaluate, evaluate_per_user
+from common.metrics import METRIC_NAMES, mean_metrics, select
 from common.records import RunMetrics
 from common.split import LeaveOneOut
 
 METRIC_KEYS = METRIC_NAMES
 
 
+COLD_BELOW = 5
+"""A test target is a cold item when it had fewer training interactions than this."""
+
+
 def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorData, config: BaseModel, device,
                   epochs: int, started: float) -> RunMetrics:
-    """The trained model's test and validation metrics with what the run was; callers fill in the rest."""
-    test = evaluate(scorer, split, "test")
-    return RunMetrics(mode=mode, test=select(test), valid=select(evaluate(scorer, split, "valid")),
-                      test_users=test["users"], epochs=epochs, seconds=round(time.monotonic() - started, 2),
-                      data=data.summary(), config=config.model_dump(mode="json") | {"device": str(device)})
+    """The trained model's test (all users, and cold-item targets) and validation metrics with what the run was;
+    callers fill in the rest."""
+    test = evaluate_per_user(scorer, split, "test")
+    cold = cold_targets(split)
+    return RunMetrics(mode=mode, test=select(mean_metrics([test])), valid=select(evaluate(scorer, split, "valid")),
+                      test_users=len(cold), epochs=epochs, seconds=round(time.monotonic() - started, 2),
+                      data=data.summary(), config=config.model_dump(mode="json") | {"device": str(device)},
+                      test_cold=mean_metrics([{k: v[cold] for k, v in test.items()}]), cold_users=int(cold.sum()))
+
+
+def cold_targets(split: LeaveOneOut) -> np.ndarray:
+    """Per evaluable test user: is the target an item with fewer than COLD_BELOW training interactions?"""
+    counts = np.bincount(split.train.items, minlength=split.n_items + 1)
+    _, targets = split.eval_inputs("test")
+    return counts[targets] < COLD_BELOW
 
 
 def write_report(metrics: RunMetrics, out: Path, plots: list[str]) -> None:
@@ -55,7 +70,10 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
              "## Test metrics (leave-one-out, full ranking)", "",
              "| run | " + " | ".join(METRIC_KEYS) + " | NDCG@10 ratio |",
              "|---|" + "---|" * (len(METRIC_KEYS) + 1)]
-    runs = {f"**{metrics.mode}**": metrics.test} | dict(metrics.baselines)
+    runs = {f"**{metrics.mode}**": metrics.test}
+    if metrics.best_test is not None and metrics.best_round != len(metrics.rounds):
+        runs[f"{metrics.mode}, best-validation round ({metrics.best_round})"] = metrics.best_test
+    runs |= dict(metrics.baselines)
     reference = metrics.baselines.get("centralised non-private")
     for name, test in runs.items():
         ratio = f"{metrics.test['ndcg@10'] / test['ndcg@10']:.2f}× of it" if test is not metrics.test and \
@@ -81,11 +99,18 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
             lines.append(f"| {m.merchant} | {m.users} | {_fmt(m.epsilon)} | "
                          f"{_fmt(test.get('ndcg@10'))} | {_fmt(test.get('hr@10'))} |")
     if metrics.rounds:
-        lines += ["", "## Rounds", "", "| round | valid NDCG@10 | train loss | max ε | merchants | not aggregated |",
-                  "|---|---|---|---|---|---|"]
+        fused = any(r.fusion_weight is not None for r in metrics.rounds)
+        lines += ["", "## Rounds", ""]
+        if fused:
+            lines += ["Validation is of the global model fused with the public text prior, at the weight this round's "
+                      "validation chose (common/fusion.py); \"model alone\" is without the prior.", ""]
+        lines += ["| round | valid NDCG@10 | model alone | prior weight | train loss | max ε | merchants | "
+                  "not aggregated |", "|---|---|---|---|---|---|---|---|"]
         for r in metrics.rounds:
             missing = ", ".join(f"{v} {k}" for k, v in r.failures.items() if v) or "—"
-            lines.append(f"| {r.round} | {r.valid['ndcg@10']:.4f} | {_fmt(r.train_loss)} | "
+            alone = _fmt(r.model_valid["ndcg@10"]) if r.model_valid else "—"
+            lines.append(f"| {r.round}{' (kept)' if r.round == metrics.best_round else ''} | "
+                         f"{r.valid['ndcg@10']:.4f} | {alone} | {_fmt(r.fusion_weight)} | {_fmt(r.train_loss)} | "
                          f"{_fmt(r.epsilon_max)} | {r.participants if r.participants is not None else '—'} | "
                          f"{missing} |")
     if plots:

@@ -276,3 +276,27 @@ def test_metrics_endpoint_answers(tmp_path):
                  "1.0", "fedaug_global_ndcg_at_10 0.05", "fedaug_merchant_epsilon_max 4.0",
                  "fedaug_bytes_received_total 1234.0"):
         assert line in body, line
+
+
+def test_the_best_validating_global_model_is_kept_across_a_resume(tmp_path):
+    """Round 2 validates best: its arrays are kept (in the checkpoint, so a resume keeps them) and tested once the
+    last round is in, beside the final model's test."""
+    def evaluator(arrays, stages, statistics):
+        after = round(float(arrays["w"][0, 0]) / (50 / 30))  # each round adds 50/30 (merchants 1 and 2)
+        score = {1: 0.3, 2: 0.5, 3: 0.2, 4: 0.1}[after]
+        metrics = {name: score for name in ("hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "auc")}
+        out = {"valid": metrics | {"users": 5}}
+        if "test" in stages:
+            out["test"] = {k: v / 10 for k, v in metrics.items()} | {"users": 5}
+        return out
+
+    grid = ScriptedGrid({1: "ok", 2: "ok"})
+    grid_settings = _settings(tmp_path, rounds=3, fraction_evaluate=0.0)
+    state = run_federation(grid, grid_settings, MODEL, evaluator)
+    assert state.best_round == 2 and state.best_arrays["w"][0, 0] == pytest.approx(2 * 50 / 30)
+    assert state.best_test["ndcg@10"] == pytest.approx(0.05)  # round 2's model, tested after the last round
+    assert state.history[-1].test["ndcg@10"] == pytest.approx(0.02)  # the final model's test is kept beside it
+    resumed = run_federation(grid, grid_settings.model_copy(update={"rounds": 4}), MODEL, evaluator)
+    # round 4 (0.1) does not replace it
+    assert resumed.best_round == 2 and resumed.best_arrays["w"][0, 0] == pytest.approx(2 * 50 / 30)
+    assert checkpoint.load(tmp_path / "state").best_round == 2

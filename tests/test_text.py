@@ -154,3 +154,33 @@ def test_the_packaged_encoder_knows_what_is_alike(tmp_path):
     vectors = text.item_vectors(texts, cache_dir=tmp_path, progress=False)
     assert vectors.shape == (4, 384)
     assert vectors[1] @ vectors[2] > vectors[1] @ vectors[3] + 0.2
+
+
+@pytest.mark.slow
+def test_a_federation_fuses_the_prior_and_the_merchants_dp_statistics(encoder, tmp_path):
+    """On data with item texts a simulation collects every merchant's DP statistics once (ledgered under
+    RUN/statistics, within the budget), fuses the global model with the prior on validation, keeps the round
+    that validates best, and reports the text prior beside popularity."""
+    import sqlite3
+
+    data = write_amazon_set(tmp_path)
+    config = tmp_path / "sim.toml"
+    config.write_text(f'[text]\nencoder = "{encoder}"\ncache_dir = "{tmp_path / "cache"}"\n'
+                      "[model]\nhidden = 16\nmax_len = 10\n[local]\nbatch_size = 8\n"
+                      "[federation]\nstatistics_neighbours = 3\n")
+    out = tmp_path / "run"
+    output = finish(fedaug("simulate", "--data", str(data), "--config", str(config), "--merchants", "3",
+                           "--rounds", "2", "--epsilon", "4", "--out", str(out)), 600)
+    assert "federated: test NDCG@10" in output, output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "text prior" in metrics["baselines"] and "popularity" in metrics["baselines"]
+    assert all(r["fusion_weight"] is not None and r["model_valid"] for r in metrics["rounds"])
+    assert metrics["best_round"] in (1, 2) and metrics["best_test"] is not None
+    for merchant in range(3):
+        ledger = sqlite3.connect(out / "state" / f"merchant-{merchant}" / "privacy-ledger.sqlite")
+        runs = [row[0] for row in ledger.execute("SELECT run_id FROM rounds ORDER BY id")]
+        assert runs[0].endswith("/statistics") and len(runs) == 3  # the release first, then two DP-SGD rounds
+        assert list(ledger.execute("SELECT MAX(epsilon) FROM rounds"))[0][0] <= 4.0 * (1 + 1e-9)
+    assert metrics["privacy"]["epsilon_max"] <= 4.0 * (1 + 1e-9)
+    report = (out / "report.md").read_text()
+    assert "| text prior |" in report and "(kept)" in report

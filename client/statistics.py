@@ -1,0 +1,57 @@
+"""A merchant's one DP release of collaborative statistics (common/dp_counts.py) for a federation.
+
+Its users' bounded popularity and candidate-transition counts, noised by the Gaussian mechanism at a share of the
+merchant's ε budget. The release is committed to the ledger (under ``RUN/statistics``, so the run's DP-SGD noise is
+calibrated for what is left) and saved before it leaves; a repeated request for the same run resends the saved
+release instead of spending ε again.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from common.atomic import write_bytes_atomic
+from common.dp_counts import Counts, bounded_counts, epsilon_history, noised
+
+from .ledger import calibrate_noise, epsilon_of
+from .trainer import LocalTrainer
+
+
+def release_statistics(trainer: LocalTrainer, run_key: str, neighbours: np.ndarray, *, share: float,
+                       max_items: int, max_pairs: int, state_dir: Path | None) -> Counts:
+    """The noised counts this merchant releases for run ``run_key`` (the saved ones if it released before).
+
+    Args:
+        trainer: the merchant's trainer: its users' training sequences, ledger, δ and budget.
+        run_key: the federation's run key (ledger entries and the saved release are keyed by it).
+        neighbours: the public candidate table ``[n_items + 1, k]`` the server sent.
+        share: fraction of the budget left before this run that the release may spend.
+        max_items, max_pairs: each user's contribution bounds (the sensitivity).
+        state_dir: where the release is kept (None: a non-private merchant keeps nothing).
+    """
+    path = Path(state_dir) / f"statistics-{run_key}.npz" if state_dir is not None else None
+    if path is not None and path.is_file():
+        with np.load(path) as saved:
+            return Counts(saved["popularity"], saved["pairs"], float(saved["popularity_std"]), float(saved["pair_std"]))
+    counts = bounded_counts(trainer.sequences, neighbours, max_items=max_items, max_pairs=max_pairs)
+    if not trainer.privacy.private:
+        return counts
+    ledger, delta, budget = trainer.ledger, trainer.delta, trainer.privacy.epsilon
+    before = ledger.history()
+    spent = epsilon_of(before, delta)
+    target = spent + share * (budget - spent)
+    noise = calibrate_noise(before, 1.0, epsilon_history(1.0)[0][2], delta, target)
+    # Fresh OS entropy, never the run's seed: whoever knows a seeded noise can subtract it.
+    released = noised(counts, noise_multiplier=noise, max_items=max_items, max_pairs=max_pairs,
+                      rng=np.random.default_rng())
+    # The ledger entry first: a crash after it loses the release, never the accounting.
+    for mechanism in epsilon_history(noise):
+        ledger.record(f"{run_key}/statistics", 0, *mechanism, delta, budget)
+    buffer = io.BytesIO()
+    np.savez(buffer, popularity=released.popularity, pairs=released.pairs,
+             popularity_std=released.popularity_std, pair_std=released.pair_std)
+    write_bytes_atomic(path, buffer.getvalue())
+    return released

@@ -1,0 +1,158 @@
+"""DP collaborative statistics that add to the public text prior: item popularity and item-to-next-item counts.
+
+Each user contributes at most ``max_items`` distinct items (their most recent) to the popularity counts and at
+most ``max_pairs`` distinct transitions ``a -> b`` (their most recent) to the pair counts, each +1, so one user
+changes the two count vectors by at most sqrt(max_items) and sqrt(max_pairs) in L2. Gaussian noise of
+``noise_multiplier`` times that sensitivity on every cell is the Gaussian mechanism, accounted as two releases at
+sampling rate 1 (``epsilon_history``) in the same ledger as DP-SGD rounds.
+
+Pairs are counted only where ``b`` is among the ``k`` public text neighbours of ``a`` (``text_neighbours``): the
+candidate set comes from the catalog, not from users, so selecting it costs nothing, and noise falls on
+``n_items * k`` cells instead of ``n_items**2``. Everything a merchant releases is the noised counts; sums over
+merchants and the scores below are post-processing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .text_prior import TextPrior
+
+
+def text_neighbours(vectors: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """``[n_items + 1, k]``: each item's ``k`` most text-similar other items (row 0, padding, is all 0)."""
+    v = torch.as_tensor(vectors, dtype=torch.float32)
+    out = np.zeros((len(v), k), dtype=np.int64)
+    for start in range(1, len(v), chunk):
+        sims = v[start : start + chunk] @ v.T
+        sims[:, 0] = -np.inf
+        rows = torch.arange(start, min(start + chunk, len(v)))
+        sims[rows - start, rows] = -np.inf  # not itself
+        out[start : start + chunk] = sims.topk(k, dim=1).indices.numpy()
+    return out
+
+
+@dataclass(frozen=True)
+class Counts:
+    popularity: np.ndarray
+    """``[n_items + 1]``"""
+    pairs: np.ndarray
+    """``[n_items + 1, k]``: count of transitions a -> neighbours[a, j]"""
+    popularity_std: float = 0.0
+    """Standard deviation of the noise in every popularity cell (public: it follows from the noise multiplier)."""
+    pair_std: float = 0.0
+
+    def __add__(self, other: Counts) -> Counts:
+        """Counts of two groups of users (merchants): independent noises add in quadrature."""
+        return Counts(self.popularity + other.popularity, self.pairs + other.pairs,
+                      float(np.hypot(self.popularity_std, other.popularity_std)),
+                      float(np.hypot(self.pair_std, other.pair_std)))
+
+
+def bounded_counts(sequences: list[np.ndarray], neighbours: np.ndarray, *, max_items: int,
+                   max_pairs: int) -> Counts:
+    """Each user's bounded contribution, summed: their last ``max_items`` distinct items and last ``max_pairs``
+    distinct candidate transitions."""
+    n, k = neighbours.shape
+    popularity = np.zeros(n, dtype=np.float64)
+    pairs = np.zeros((n, k), dtype=np.float64)
+    slot = {}  # (a, b) -> column of b in a's neighbour row
+    for seq in sequences:
+        items = list(dict.fromkeys(reversed(seq.tolist())))[:max_items]
+        popularity[items] += 1
+        seen: set[tuple[int, int]] = set()
+        for a, b in zip(seq[-2::-1].tolist(), seq[:0:-1].tolist(), strict=True):  # most recent first
+            if len(seen) == max_pairs:
+                break
+            if (a, b) in seen:
+                continue
+            column = slot.get((a, b))
+            if column is None:
+                hits = np.flatnonzero(neighbours[a] == b)
+                column = slot[(a, b)] = int(hits[0]) if len(hits) else -1
+            if column >= 0:
+                seen.add((a, b))
+                pairs[a, column] += 1
+    return Counts(popularity, pairs)
+
+
+def noised(counts: Counts, *, noise_multiplier: float, max_items: int, max_pairs: int,
+           rng: np.random.Generator) -> Counts:
+    """The Gaussian mechanism on both count vectors (std = noise multiplier × L2 sensitivity); padding stays 0."""
+    popularity_std, pair_std = noise_multiplier * np.sqrt(max_items), noise_multiplier * np.sqrt(max_pairs)
+    popularity = counts.popularity + rng.normal(0, popularity_std, counts.popularity.shape)
+    pairs = counts.pairs + rng.normal(0, pair_std, counts.pairs.shape)
+    popularity[0], pairs[0] = 0, 0
+    return Counts(popularity, pairs, float(popularity_std), float(pair_std))
+
+
+def epsilon_history(noise_multiplier: float) -> list[tuple[float, float, int]]:
+    """The two releases as ledger mechanisms: (noise multiplier, sample rate 1, 1 step) each."""
+    return [(noise_multiplier, 1.0, 2)]
+
+
+class PriorWithCounts:
+    """Scores = text prior + ``popularity_weight`` · log(1 + popularity) + ``pair_weight`` · Σ over the last
+    ``pair_window`` history items a (weighted ``decay**age``) of log(1 + count(a -> item)).
+
+    A noisy pair count below ``threshold`` noise standard deviations counts as 0: most candidate cells hold no
+    transition at all, and without the cut their noise alone would rank items."""
+
+    def __init__(self, prior: TextPrior, counts: Counts, neighbours: np.ndarray, *, popularity_weight: float,
+                 pair_weight: float, threshold: float = 0.0, pair_window: int = 3):
+        device = prior.vectors.device
+        self.prior = prior
+        self.popularity = torch.as_tensor(np.log1p(np.maximum(counts.popularity, 0)), dtype=torch.float32,
+                                          device=device)
+        pairs = np.where(counts.pairs > threshold * counts.pair_std, counts.pairs, 0.0)
+        self.pairs = torch.as_tensor(np.log1p(np.maximum(pairs, 0)), dtype=torch.float32, device=device)
+        self.neighbours = torch.as_tensor(neighbours, device=device)
+        self.popularity_weight, self.pair_weight, self.pair_window = popularity_weight, pair_weight, pair_window
+
+    def __call__(self, histories: list[np.ndarray]) -> torch.Tensor:
+        scores = self.prior(histories)
+        if self.popularity_weight:
+            scores += self.popularity_weight * self.popularity
+        if self.pair_weight:
+            for age in range(self.pair_window):
+                rows = [i for i, h in enumerate(histories) if len(h) > age]
+                last = torch.as_tensor([int(histories[i][-1 - age]) for i in rows], device=scores.device)
+                rows_t = torch.as_tensor(rows, device=scores.device)
+                weight = self.pair_weight * self.prior.decay ** age if age else self.pair_weight
+                if weight == 0:
+                    break
+                scores.index_put_((rows_t.unsqueeze(1), self.neighbours[last]), weight * self.pairs[last],
+                                  accumulate=True)
+        return scores
+
+
+POPULARITY_WEIGHTS = (0.0, 0.01, 0.03, 0.1)
+PAIR_WEIGHTS = (0.1, 0.3, 1.0)
+THRESHOLDS = (1.0, 2.0, 3.0)
+"""Noisy pair counts below this many noise standard deviations are dropped (post-processing)."""
+
+
+def fit_prior_with_counts(prior: TextPrior, counts: Counts, neighbours: np.ndarray, split) -> tuple[
+        PriorWithCounts, list[dict]]:
+    """Weights chosen on validation (never test), stagewise: the popularity weight alone, then pair weight and
+    threshold on top of it; the pair term is dropped unless it validates better than popularity alone."""
+    from .evaluate import evaluate
+
+    def valid(**weights) -> float:
+        return evaluate(PriorWithCounts(prior, counts, neighbours, **weights), split, "valid")["ndcg@10"]
+
+    tried = [{"popularity_weight": w, "pair_weight": 0.0, "threshold": 0.0,
+              "valid_ndcg@10": valid(popularity_weight=w, pair_weight=0.0)} for w in POPULARITY_WEIGHTS]
+    popularity = max(tried, key=lambda row: row["valid_ndcg@10"])["popularity_weight"]
+    for threshold in THRESHOLDS:
+        for weight in PAIR_WEIGHTS:
+            tried.append({"popularity_weight": popularity, "pair_weight": weight, "threshold": threshold,
+                          "valid_ndcg@10": valid(popularity_weight=popularity, pair_weight=weight,
+                                                 threshold=threshold)})
+    best = max(tried, key=lambda row: row["valid_ndcg@10"])
+    chosen = PriorWithCounts(prior, counts, neighbours, popularity_weight=best["popularity_weight"],
+                             pair_weight=best["pair_weight"], threshold=best["threshold"])
+    return chosen, tried

@@ -1,0 +1,64 @@
+"""The aggregator's side of the DP collaborative statistics (client/statistics.py): ask every connected merchant
+once, before round 1, for its noised counts over the public candidate table, check and sum the replies.
+
+The sum is post-processing of the merchants' releases: it costs no further ε. A merchant that errs or declines
+(budget spent) is left out and logged; the sum's noise level is the merchants' added in quadrature."""
+
+from __future__ import annotations
+
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from common.config import FederationSection
+from common.dp_counts import Counts
+
+QUERY = "query.statistics"
+
+
+def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.ndarray,
+                       run_key: str) -> tuple[Counts | None, int]:
+    """The summed counts of every merchant that answered, and how many did."""
+    config = ConfigRecord({"run-key": run_key, "share": settings.statistics_share,
+                           "max-items": settings.statistics_max_items, "max-pairs": settings.statistics_max_pairs})
+    messages = [Message(RecordDict({"arrays": ArrayRecord({"neighbours": Array(neighbours)}), "config": config}),
+                        dst_node_id=node, message_type=QUERY) for node in grid.get_node_ids()]
+    replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+    total, merchants = None, 0
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        problem = _problem(reply, neighbours.shape)
+        if problem:
+            log(WARNING, "fedaug statistics: merchant %s: %s", node, problem)
+            continue
+        arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+        counts = Counts(arrays["popularity"].numpy().astype(np.float64), arrays["pairs"].numpy().astype(np.float64),
+                        float(metrics["popularity-std"]), float(metrics["pair-std"]))
+        total = counts if total is None else total + counts
+        merchants += 1
+    return total, merchants
+
+
+def _problem(reply: Message, shape: tuple[int, int]) -> str | None:
+    if reply.has_error():
+        return f"error ({reply.error.reason})"
+    metrics = reply.content.get("metrics")
+    if metrics is None:
+        return "no metrics"
+    if int(metrics.get("declined", 0)):
+        return f"declined ({reply.content['decline']['reason']})"
+    arrays = reply.content.get("arrays")
+    if arrays is None or set(arrays) != {"popularity", "pairs"}:
+        return "rejected (expected arrays popularity and pairs)"
+    popularity, pairs = arrays["popularity"].numpy(), arrays["pairs"].numpy()
+    if popularity.shape != (shape[0],) or pairs.shape != shape:
+        return f"rejected (shapes {popularity.shape} and {pairs.shape}, expected ({shape[0]},) and {shape})"
+    if not (np.isfinite(popularity).all() and np.isfinite(pairs).all()):
+        return "rejected (non-finite counts)"
+    stds = (float(metrics.get("popularity-std", -1)), float(metrics.get("pair-std", -1)))
+    if not all(np.isfinite(s) and s >= 0 for s in stds):
+        return "rejected (missing or bad noise levels)"
+    return None

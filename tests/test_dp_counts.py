@@ -1,0 +1,87 @@
+"""DP collaborative statistics: one user's influence is bounded as the accounting assumes, the noise has the
+stated scale, the candidate pairs come from public text alone, and fusion with the prior obeys its weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.dp_counts import Counts, PriorWithCounts, bounded_counts, noised, text_neighbours
+from common.fusion import Fused, standardise
+from common.text_prior import TextPrior
+
+
+def unit_vectors(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n + 1, d)).astype(np.float32)
+    v[0] = 0
+    v[1:] /= np.linalg.norm(v[1:], axis=1, keepdims=True)
+    return v
+
+
+def test_neighbours_are_the_most_similar_other_items():
+    v = unit_vectors(30)
+    neighbours = text_neighbours(v, 5, chunk=7)
+    sims = v @ v.T
+    for item in range(1, 31):
+        others = [j for j in np.argsort(-sims[item]) if j not in (0, item)][:5]
+        assert sorted(neighbours[item]) == sorted(others)
+    assert not neighbours[0].any()
+
+
+@pytest.mark.parametrize("max_items, max_pairs", [(1, 1), (3, 2), (8, 8)])
+def test_one_user_moves_the_counts_by_at_most_the_sensitivity(max_items, max_pairs):
+    """Adding any one user changes the popularity vector by ≤ sqrt(max_items) and the pair counts by
+    ≤ sqrt(max_pairs) in L2, whatever their sequence (repeats, long histories)."""
+    rng = np.random.default_rng(1)
+    n = 20
+    neighbours = text_neighbours(unit_vectors(n), 6)
+    others = [rng.integers(1, n + 1, size=rng.integers(2, 15)) for _ in range(30)]
+    base = bounded_counts(others, neighbours, max_items=max_items, max_pairs=max_pairs)
+    for _ in range(50):
+        user = rng.integers(1, n + 1, size=rng.integers(2, 40))
+        user[::3] = user[0]  # repeated items and repeated transitions
+        more = bounded_counts(others + [user], neighbours, max_items=max_items, max_pairs=max_pairs)
+        assert np.linalg.norm(more.popularity - base.popularity) <= np.sqrt(max_items) + 1e-9
+        assert np.linalg.norm(more.pairs - base.pairs) <= np.sqrt(max_pairs) + 1e-9
+        assert np.all(more.pairs - base.pairs <= 1)  # distinct cells, +1 each
+
+
+def test_only_candidate_transitions_are_counted_most_recent_first():
+    neighbours = np.zeros((6, 2), np.int64)
+    neighbours[1], neighbours[2], neighbours[3] = [2, 3], [3, 1], [1, 2]
+    counts = bounded_counts([np.array([1, 2, 5, 3, 1])], neighbours, max_items=10, max_pairs=1)
+    assert counts.pairs.sum() == 1 and counts.pairs[3, 0] == 1  # 3 -> 1, the most recent candidate pair
+    assert counts.popularity.tolist() == [0, 1, 1, 1, 0, 1]  # distinct items once each
+
+
+def test_the_noise_has_the_stated_scale_and_stds_add_in_quadrature():
+    zeros = Counts(np.zeros(20001), np.zeros((2001, 10)))
+    one = noised(zeros, noise_multiplier=0.7, max_items=4, max_pairs=9, rng=np.random.default_rng(0))
+    assert one.popularity[1:].std() == pytest.approx(0.7 * 2, rel=0.03)
+    assert one.pairs[1:].std() == pytest.approx(0.7 * 3, rel=0.03)
+    assert one.popularity[0] == 0 and not one.pairs[0].any()
+    assert (one + one).pair_std == pytest.approx(0.7 * 3 * np.sqrt(2))
+
+
+def test_pair_counts_below_the_threshold_do_not_score():
+    v = unit_vectors(4)
+    neighbours = np.array([[0, 0], [2, 3], [1, 3], [1, 2], [1, 2]])
+    pairs = np.zeros((5, 2))
+    pairs[1] = [10.0, 1.5]  # 1 -> 2 clearly, 1 -> 3 within the noise
+    counts = Counts(np.zeros(5), pairs, popularity_std=1.0, pair_std=1.0)
+    prior = TextPrior(v)
+    history = [np.array([4, 1])]
+    scorer = PriorWithCounts(prior, counts, neighbours, popularity_weight=0.0, pair_weight=1.0, threshold=2.0)
+    gain = scorer(history) - prior(history)
+    assert gain[0, 2] == pytest.approx(np.log1p(10.0)) and gain[0, 3] == 0
+
+
+def test_fusion_standardises_and_weighs_the_prior():
+    model = lambda h: torch.tensor([[0.0, 1.0, 2.0, 3.0]]) * 100  # noqa: E731 - scale must not matter
+    prior = lambda h: torch.tensor([[0.0, 0.9, 0.1, 0.0]])  # noqa: E731
+    alone = Fused(model, prior, 0.0)([np.array([1])])
+    assert torch.allclose(alone, standardise(model(None)))
+    assert Fused(model, prior, 0.0)([None]).argmax() == 3 and Fused(model, prior, 4.0)([None]).argmax() == 1
+    z = standardise(torch.tensor([[5.0, 1.0, 2.0, 3.0]]))
+    assert z[0, 0] == 0 and z[0, 1:].mean().abs() < 1e-6 and z[0, 1:].std() == pytest.approx(1.0)
