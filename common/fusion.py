@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .evaluate import Scorer
-from .metrics import mask_history, rank_metrics
+from .metrics import mask_history, mean_metrics, rank_metrics
 from .split import LeaveOneOut
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 16.0)
@@ -38,11 +38,11 @@ class Fused:
 
 
 def fit_fusion(model: Scorer, prior: Scorer, split: LeaveOneOut, weights: tuple[float, ...] = WEIGHTS,
-               batch_size: int = 1024) -> tuple[Fused, list[dict]]:
-    """The fusion whose weight validates best (NDCG@10, never test) and every weight's validation figure. One
-    pass of each scorer per batch serves every weight."""
+               batch_size: int = 1024) -> tuple[Fused, list[dict], dict[str, float]]:
+    """The fusion whose weight validates best (NDCG@10, never test), every weight's validation NDCG@10, and the
+    chosen fusion's full validation metrics. One pass of each scorer per batch serves every weight."""
     histories, targets = split.eval_inputs("valid")
-    totals = dict.fromkeys(weights, 0.0)
+    per_user: dict[float, list] = {w: [] for w in weights}
     for start in range(0, len(targets), batch_size):
         batch = histories[start : start + batch_size]
         scores = standardise(model(batch).float())
@@ -50,7 +50,8 @@ def fit_fusion(model: Scorer, prior: Scorer, split: LeaveOneOut, weights: tuple[
         batch_targets = torch.from_numpy(targets[start : start + batch_size]).to(scores.device)
         for weight in weights:
             fused = mask_history(scores + weight * extra, batch, batch_targets)
-            totals[weight] += float(rank_metrics(fused, batch_targets)["ndcg@10"].sum())
-    tried = [{"weight": w, "valid_ndcg@10": totals[w] / max(len(targets), 1)} for w in weights]
+            per_user[weight].append(rank_metrics(fused, batch_targets))
+    means = {w: mean_metrics(rows) | {"users": len(targets)} for w, rows in per_user.items()}
+    tried = [{"weight": w, "valid_ndcg@10": means[w]["ndcg@10"]} for w in weights]
     best = max(tried, key=lambda row: row["valid_ndcg@10"])["weight"]
-    return Fused(model, prior, best), tried
+    return Fused(model, prior, best), tried, means[best]

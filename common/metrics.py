@@ -59,3 +59,12 @@ def mean_metrics(per_user: list[dict[str, np.ndarray]]) -> dict[str, float]:
     if not per_user:
         return {name: 0.0 for name in METRIC_NAMES}
     return {name: float(np.concatenate([p[name] for p in per_user]).mean()) for name in METRIC_NAMES}
+
+
+def paired_gain(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Mean per-user difference ``a - b`` of one metric over the same users, with its normal-approximation 95 %
+    interval (``low``, ``high``): a gain is real when ``low`` > 0."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
+    return {"gain": float(diff.mean()), "low": float(diff.mean() - half), "high": float(diff.mean() + half),
+            "users": len(diff)}

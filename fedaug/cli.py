@@ -236,7 +236,11 @@ def simulate(
         f"{metrics.mode}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  "
         f"max ε {'—' if epsilon is None else f'{epsilon:.3f}'}  "
         f"popularity NDCG@10 {metrics.baselines['popularity']['ndcg@10']:.4f}"
-        f"  ({metrics.seconds:.0f} s) -> {out / 'report.md'}")
+        + (f"  text prior NDCG@10 {metrics.baselines['text prior']['ndcg@10']:.4f}"
+           if "text prior" in metrics.baselines else "")
+        + (f"  best-validation round {metrics.best_round}: test NDCG@10 {metrics.best_test['ndcg@10']:.4f}"
+           if metrics.best_test else "")
+        + f"  ({metrics.seconds:.0f} s) -> {out / 'report.md'}")
 
 
 @app.command()

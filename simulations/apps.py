@@ -22,7 +22,6 @@ from common.evaluate import evaluate, sasrec_scorer
 from common.fusion import fit_fusion
 from common.model import SASRec
 from common.split import assign_merchants, leave_one_out, merchant_partitions
-from server.federation import Evaluator
 from server.server_app import server_app
 
 from .attacks import flip_labels, poison_mod
@@ -66,41 +65,49 @@ def _attack_of(context: Context) -> tuple[str, float]:
     return (config.simulation.attack, config.simulation.attack_scale) if byzantine else ("", 0.0)
 
 
-def central_evaluator(config: FederationConfig, data: BehaviorData, model: SASRec) -> Evaluator:
+class CentralEvaluation:
     """Score global arrays on every merchant's held-out users at once (the union of the merchants' users is the
     whole data set). Where the data has item texts the global model is fused with the public text prior — plus the
     merchants' DP statistics when the run collected them — the weights chosen on validation (common/fusion.py,
     common/dp_counts.py; the model alone is a candidate)."""
-    split = leave_one_out(data)
-    device = pick_device(config.device)
-    model = model.to(device)
-    text = text_prior(config, data, split, device, progress=False)[0] if data.catalog.texts and config.text.fuse \
-        else None
-    with_counts: dict[int, object] = {}  # the prior with the run's statistics, fitted once
 
-    def prior_of(statistics: Counts | None):
+    def __init__(self, config: FederationConfig, data: BehaviorData, model: SASRec):
+        self.config, self.split = config, leave_one_out(data)
+        self.device = pick_device(config.device)
+        self.model = model.to(self.device)
+        self.text = (text_prior(config, data, self.split, self.device, progress=False)[0]
+                     if data.catalog.texts and config.text.fuse else None)
+        self._with_counts: tuple[int, object] | None = None  # the prior with the run's statistics, fitted once
+
+    def prior(self, statistics: Counts | None):
+        """The public prior, with the merchants' summed statistics when there are any."""
         if statistics is None:
-            return text
-        if id(statistics) not in with_counts:
-            neighbours = text_neighbours(text.vectors.cpu().numpy(), config.federation.statistics_neighbours)
-            with_counts.clear()
-            with_counts[id(statistics)] = fit_prior_with_counts(text, statistics, neighbours, split)[0]
-        return with_counts[id(statistics)]
+            return self.text
+        if self._with_counts is None or self._with_counts[0] != id(statistics):
+            neighbours = text_neighbours(self.text.vectors.cpu().numpy(), self.config.federation.statistics_neighbours)
+            self._with_counts = (id(statistics), fit_prior_with_counts(self.text, statistics, neighbours,
+                                                                      self.split)[0])
+        return self._with_counts[1]
 
-    def evaluate_global(arrays: dict[str, np.ndarray], stages: tuple[str, ...], statistics: Counts | None = None
-                        ) -> dict:
-        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
-        scorer = sasrec_scorer(model, device)
-        if text is None:
-            return {stage: evaluate(scorer, split, stage) for stage in stages}
-        fused, tried = fit_fusion(scorer, prior_of(statistics), split)
-        out = {stage: evaluate(fused, split, stage) for stage in stages}
+    def scorer(self, arrays: dict[str, np.ndarray], statistics: Counts | None = None):
+        """The global model's scorer (fused with the prior where there is one) and the fusion's validation:
+        ``(scorer, None)`` or ``(fused, {"weight", "model_valid", "valid"})``."""
+        self.model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
+        scorer = sasrec_scorer(self.model, self.device)
+        if self.text is None:
+            return scorer, None
+        fused, tried, valid = fit_fusion(scorer, self.prior(statistics), self.split)
         alone = next(row for row in tried if row["weight"] == 0)
-        out["fusion"] = {"weight": fused.weight, "model_valid": {"ndcg@10": alone["valid_ndcg@10"]}}
-        return out
+        return fused, {"weight": fused.weight, "model_valid": {"ndcg@10": alone["valid_ndcg@10"]}, "valid": valid}
 
-    return evaluate_global
+    def __call__(self, arrays: dict[str, np.ndarray], stages: tuple[str, ...], statistics: Counts | None = None
+                 ) -> dict:
+        scorer, fusion = self.scorer(arrays, statistics)
+        out = {stage: evaluate(scorer, self.split, stage) for stage in stages if fusion is None or stage != "valid"}
+        if fusion is not None:
+            out |= {"valid": fusion.pop("valid"), "fusion": fusion}
+        return out
 
 
 client = client_app(simulated_merchant, train_mods=[poison_mod(_attack_of)])
-server = server_app(SimulationConfig, central_evaluator)
+server = server_app(SimulationConfig, CentralEvaluation)

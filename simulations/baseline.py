@@ -43,7 +43,7 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
         scorer, fusion = sasrec_scorer(model, device), None
         if data.catalog.texts and config.text.fuse:  # the public prior beside the learned model, if it helps
             prior, _ = text_prior(config, data, split, device)
-            fused, tried = fit_fusion(scorer, prior, split)
+            fused, tried, _ = fit_fusion(scorer, prior, split)
             fusion = FusionRecord(weight=fused.weight, tried=tried, model_test=select(evaluate(scorer, split, "test")),
                                   model_valid=select(evaluate(scorer, split, "valid")))
             scorer = fused

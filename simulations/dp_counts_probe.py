@@ -20,23 +20,12 @@ import numpy as np
 from client.ledger import calibrate_noise, epsilon_of
 from common.atomic import write_json_atomic
 from common.config import TextSection
-from common.dp_counts import PriorWithCounts, bounded_counts, epsilon_history, noised, text_neighbours
+from common.dp_counts import bounded_counts, epsilon_history, fit_prior_with_counts, noised, text_neighbours
 from common.evaluate import evaluate_per_user
 from common.loaders import load
+from common.metrics import paired_gain
 from common.split import assign_merchants, leave_one_out, merchant_partitions
 from common.text_prior import fit_text_prior
-
-POPULARITY_WEIGHTS = (0.0, 0.01, 0.03, 0.1)
-PAIR_WEIGHTS = (0.1, 0.3, 1.0)
-THRESHOLDS = (1.0, 2.0, 3.0)
-"""Noisy pair counts below this many noise standard deviations are dropped (post-processing)."""
-
-
-def paired_gain(a: np.ndarray, b: np.ndarray) -> dict:
-    """Mean of a - b per user with its normal-approximation 95 % interval."""
-    diff = a - b
-    half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff))
-    return {"gain": float(diff.mean()), "low": float(diff.mean() - half), "high": float(diff.mean() + half)}
 
 
 def main() -> None:
@@ -66,11 +55,8 @@ def main() -> None:
     rows = []
     rng = np.random.default_rng(args.seed)
 
-    def valid_of(scorer) -> float:
-        return float(evaluate_per_user(scorer, split, "valid")["ndcg@10"].mean())
-
     for epsilon in (float(e) for e in args.epsilons.split(",")):
-        tried, best, best_counts = [], None, None
+        tried, best, best_scorer = [], None, None
         for cap in caps:
             released, spent = None, []
             for merchant, counts in zip(merchants, true[cap], strict=True):
@@ -80,22 +66,15 @@ def main() -> None:
                                                         max_pairs=cap, rng=rng)
                 released = one if released is None else released + one
                 spent.append(epsilon_of(epsilon_history(noise), delta) if noise else math.inf)
-            # Stagewise on validation: the popularity weight alone, then the pair terms on top of it.
-            pop = max(POPULARITY_WEIGHTS, key=lambda w: valid_of(
-                PriorWithCounts(prior, released, neighbours, popularity_weight=w, pair_weight=0.0)))
-            for threshold in THRESHOLDS if epsilon != math.inf else (0.0,):
-                for weight in PAIR_WEIGHTS:
-                    settings = {"max_pairs": cap, "popularity_weight": pop, "pair_weight": weight,
-                                "threshold": threshold}
-                    scorer = PriorWithCounts(prior, released, neighbours, **{k: v for k, v in settings.items()
-                                                                             if k != "max_pairs"})
-                    tried.append(settings | {"valid_ndcg@10": valid_of(scorer),
-                                             "noise_multiplier": noise, "epsilon_spent_max": max(spent)})
-                    if best is None or tried[-1]["valid_ndcg@10"] > best["valid_ndcg@10"]:
-                        best, best_counts = tried[-1], released
-            print(f"ε={epsilon} max_pairs={cap}: best so far {best}", flush=True)
-        scorer = PriorWithCounts(prior, best_counts, neighbours, popularity_weight=best["popularity_weight"],
-                                 pair_weight=best["pair_weight"], threshold=best["threshold"])
+            scorer, grid = fit_prior_with_counts(prior, released, neighbours, split)
+            grid = [row | {"max_pairs": cap, "noise_multiplier": noise, "epsilon_spent_max": max(spent)}
+                    for row in grid]
+            tried += grid
+            top = max(grid, key=lambda row: row["valid_ndcg@10"])
+            if best is None or top["valid_ndcg@10"] > best["valid_ndcg@10"]:
+                best, best_scorer = top, scorer
+            print(f"ε={epsilon} max_pairs={cap}: best {top}", flush=True)
+        scorer = best_scorer
         test = evaluate_per_user(scorer, split, "test")["ndcg@10"]
         rows.append({"epsilon": epsilon, "chosen": best, "grid": tried, "test_ndcg@10": float(test.mean()),
                      "gain_over_text": paired_gain(test, base_test)})

@@ -184,3 +184,11 @@ def test_a_federation_fuses_the_prior_and_the_merchants_dp_statistics(encoder, t
     assert metrics["privacy"]["epsilon_max"] <= 4.0 * (1 + 1e-9)
     report = (out / "report.md").read_text()
     assert "| text prior |" in report and "(kept)" in report
+    from simulations.gain import gain_over_prior
+
+    gain = gain_over_prior(out)
+    assert gain["best"]["round"] == metrics["best_round"]
+    assert gain["final"]["test_ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-9)  # as the server saw
+    assert gain["text_prior_test_ndcg@10"] == pytest.approx(metrics["baselines"]["text prior"]["ndcg@10"])
+    interval = gain["final"]["gain_over_text_prior"]
+    assert interval["low"] <= interval["gain"] <= interval["high"] and interval["users"] == 60
