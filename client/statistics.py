@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import write_bytes_atomic
-from common.dp_counts import Counts, bounded_counts, epsilon_history, noised
+from common.dp_counts import RELEASES, Counts, bounded_counts, epsilon_history, noised
 
 from .ledger import calibrate_noise, epsilon_of
 from .trainer import LocalTrainer
@@ -43,7 +43,7 @@ def release_statistics(trainer: LocalTrainer, run_key: str, neighbours: np.ndarr
     before = ledger.history()
     spent = epsilon_of(before, delta)
     target = spent + share * (budget - spent)
-    noise = calibrate_noise(before, 1.0, epsilon_history(1.0)[0][2], delta, target)
+    noise = calibrate_noise(before, 1.0, RELEASES, delta, target)
     # Fresh OS entropy, never the run's seed: whoever knows a seeded noise can subtract it.
     released = noised(counts, noise_multiplier=noise, max_items=max_items, max_pairs=max_pairs,
                       rng=np.random.default_rng())

@@ -89,9 +89,13 @@ def noised(counts: Counts, *, noise_multiplier: float, max_items: int, max_pairs
     return Counts(popularity, pairs, float(popularity_std), float(pair_std))
 
 
+RELEASES = 2
+"""Gaussian releases per statistics request: the popularity and the pair counts."""
+
+
 def epsilon_history(noise_multiplier: float) -> list[tuple[float, float, int]]:
-    """The two releases as ledger mechanisms: (noise multiplier, sample rate 1, 1 step) each."""
-    return [(noise_multiplier, 1.0, 2)]
+    """The releases as ledger mechanisms: (noise multiplier, sample rate 1, one step each)."""
+    return [(noise_multiplier, 1.0, RELEASES)]
 
 
 class PriorWithCounts:

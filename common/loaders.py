@@ -262,7 +262,12 @@ def _read_item_texts(path: Path) -> dict[int, str]:
     column = next((c for c in ("title", "text") if c in header), None)
     if column is None:
         raise DataError(path, f"header names no 'title' or 'text' column (found: {', '.join(header)})", 1)
-    at, out = header.index(column), {}
+    at = header.index(column)
+    return {item: fields[at].strip() for item, fields in _item_rows(path, lines, header)}
+
+
+def _item_rows(path: Path, lines: list[str], header: list[str]):
+    """``(item id, fields)`` of every non-blank line after the header of an item-keyed TSV, each checked."""
     for line_no, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -271,8 +276,7 @@ def _read_item_texts(path: Path) -> dict[int, str]:
             raise DataError(path, f"ragged line: {len(fields)} fields, header has {len(header)}", line_no)
         if not fields[0].isdigit() or not fields[0].isascii():
             raise DataError(path, f"item id {fields[0][:40]!r} is not a non-negative integer", line_no, "item_id")
-        out[int(fields[0])] = fields[at].strip()
-    return out
+        yield int(fields[0]), fields
 
 
 def load_catalog(path) -> ItemCatalog:
@@ -337,21 +341,14 @@ def _read_attribute_tsv(path: Path) -> tuple[dict[int, list[int]], list[str]]:
     if header[0] != "item_id" or len(header) < 2:
         raise DataError(path, "header must start with 'item_id' and name an attributes column", 1, 1)
     names, ids, out = [""], {}, {}
-    for line_no, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(header):
-            raise DataError(path, f"ragged line: {len(fields)} fields, header has {len(header)}", line_no)
-        if not fields[0].isdigit() or not fields[0].isascii():
-            raise DataError(path, f"item id {fields[0][:40]!r} is not a non-negative integer", line_no, "item_id")
+    for item, fields in _item_rows(path, lines, header):
         attrs = []
         for name in filter(None, fields[-1].split("|")):
             if name not in ids:
                 ids[name] = len(names)
                 names.append(name)
             attrs.append(ids[name])
-        out[int(fields[0])] = attrs
+        out[item] = attrs
     return out, names
 
 

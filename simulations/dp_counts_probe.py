@@ -20,7 +20,7 @@ import numpy as np
 from client.ledger import calibrate_noise, epsilon_of
 from common.atomic import write_json_atomic
 from common.config import TextSection
-from common.dp_counts import bounded_counts, epsilon_history, fit_prior_with_counts, noised, text_neighbours
+from common.dp_counts import RELEASES, bounded_counts, epsilon_history, fit_prior_with_counts, noised, text_neighbours
 from common.evaluate import evaluate_per_user
 from common.loaders import load
 from common.metrics import paired_gain
@@ -61,7 +61,7 @@ def main() -> None:
             released, spent = None, []
             for merchant, counts in zip(merchants, true[cap], strict=True):
                 delta = 1.0 / (10 * merchant.n_users)
-                noise = calibrate_noise([], 1.0, 2, delta, epsilon)
+                noise = calibrate_noise([], 1.0, RELEASES, delta, epsilon)
                 one = counts if noise == 0 else noised(counts, noise_multiplier=noise, max_items=args.max_items,
                                                         max_pairs=cap, rng=rng)
                 released = one if released is None else released + one
