@@ -115,6 +115,19 @@ class PriorWithCounts:
         self.pairs = torch.as_tensor(np.log1p(np.maximum(pairs, 0)), dtype=torch.float32, device=device)
         self.neighbours = torch.as_tensor(neighbours, device=device)
         self.popularity_weight, self.pair_weight, self.pair_window = popularity_weight, pair_weight, pair_window
+        self.threshold = threshold
+
+    @classmethod
+    def restore(cls, prior: TextPrior, popularity: torch.Tensor, pairs: torch.Tensor, neighbours: torch.Tensor, *,
+                popularity_weight: float, pair_weight: float, threshold: float, pair_window: int) -> PriorWithCounts:
+        """Rebuilt from the scoring tensors (log-counts, already thresholded) that a model bundle keeps."""
+        self = cls.__new__(cls)
+        device = prior.vectors.device
+        self.prior, self.popularity, self.pairs = prior, popularity.to(device), pairs.to(device)
+        self.neighbours = neighbours.to(device)
+        self.popularity_weight, self.pair_weight, self.pair_window = popularity_weight, pair_weight, pair_window
+        self.threshold = threshold
+        return self
 
     def __call__(self, histories: list[np.ndarray]) -> torch.Tensor:
         scores = self.prior(histories)

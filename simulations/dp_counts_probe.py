@@ -20,7 +20,15 @@ import numpy as np
 from client.ledger import calibrate_noise, epsilon_of
 from common.atomic import write_json_atomic
 from common.config import TextSection
-from common.dp_counts import RELEASES, bounded_counts, epsilon_history, fit_prior_with_counts, noised, text_neighbours
+from common.dp_counts import (
+    RELEASES,
+    PriorWithCounts,
+    bounded_counts,
+    epsilon_history,
+    fit_prior_with_counts,
+    noised,
+    text_neighbours,
+)
 from common.evaluate import evaluate_per_user
 from common.loaders import load
 from common.metrics import paired_gain
@@ -38,11 +46,15 @@ def main() -> None:
     parser.add_argument("--max-items", type=int, default=8)
     parser.add_argument("--max-pairs", default="1,2,4,8", help="candidate caps per user, comma-separated")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serve", choices=("train", "train+valid"), default="train",
+                        help="counts used at test: the fitted release (train) or a second release over the histories "
+                             "test sees (train + each user's validation item); the budget covers both releases")
     args = parser.parse_args()
 
     started = time.monotonic()
     data = load(args.data)
     split = leave_one_out(data)
+    releases = RELEASES * (2 if args.serve == "train+valid" else 1)
     vectors = TextSection().vectors(data, "cpu")
     prior, _ = fit_text_prior(vectors, split)
     neighbours = text_neighbours(vectors, args.neighbours)
@@ -61,20 +73,22 @@ def main() -> None:
             released, spent = None, []
             for merchant, counts in zip(merchants, true[cap], strict=True):
                 delta = 1.0 / (10 * merchant.n_users)
-                noise = calibrate_noise([], 1.0, RELEASES, delta, epsilon)
+                noise = calibrate_noise([], 1.0, releases, delta, epsilon)
                 one = counts if noise == 0 else noised(counts, noise_multiplier=noise, max_items=args.max_items,
                                                         max_pairs=cap, rng=rng)
                 released = one if released is None else released + one
-                spent.append(epsilon_of(epsilon_history(noise), delta) if noise else math.inf)
+                spent.append(epsilon_of(epsilon_history(noise) * (releases // RELEASES), delta) if noise else math.inf)
             scorer, grid = fit_prior_with_counts(prior, released, neighbours, split)
             grid = [row | {"max_pairs": cap, "noise_multiplier": noise, "epsilon_spent_max": max(spent)}
                     for row in grid]
             tried += grid
             top = max(grid, key=lambda row: row["valid_ndcg@10"])
             if best is None or top["valid_ndcg@10"] > best["valid_ndcg@10"]:
-                best, best_scorer = top, scorer
+                best, best_scorer, best_noise = top, scorer, noise
             print(f"ε={epsilon} max_pairs={cap}: best {top}", flush=True)
         scorer = best_scorer
+        if args.serve == "train+valid":
+            scorer = serving_scorer(scorer, data, split, args, best["max_pairs"], best_noise, rng)
         test = evaluate_per_user(scorer, split, "test")["ndcg@10"]
         rows.append({"epsilon": epsilon, "chosen": best, "grid": tried, "test_ndcg@10": float(test.mean()),
                      "gain_over_text": paired_gain(test, base_test)})
@@ -85,6 +99,23 @@ def main() -> None:
             "text_prior": {"decay": prior.decay, "valid_ndcg@10": float(base_valid.mean()),
                            "test_ndcg@10": float(base_test.mean())},
             "runs": rows, "seconds": round(time.monotonic() - started, 1)})
+
+
+def serving_scorer(fitted: PriorWithCounts, data, split, args, max_pairs: int, noise: float,
+                   rng: np.random.Generator) -> PriorWithCounts:
+    """The fitted weights over a second release counted on the histories test sees (train + validation item)."""
+    seen = data.select_events(~np.isin(np.arange(data.n_interactions), data.offsets[1:][split.test > 0] - 1))
+    merchants = merchant_partitions(assign_merchants(seen, args.merchants, "uniform", args.seed))
+    released = None
+    for merchant in merchants:
+        counts = bounded_counts(merchant.sequences(), fitted.neighbours.cpu().numpy(), max_items=args.max_items,
+                                max_pairs=max_pairs)
+        one = counts if noise == 0 else noised(counts, noise_multiplier=noise, max_items=args.max_items,
+                                                max_pairs=max_pairs, rng=rng)
+        released = one if released is None else released + one
+    return PriorWithCounts(fitted.prior, released, fitted.neighbours.cpu().numpy(),
+                           popularity_weight=fitted.popularity_weight, pair_weight=fitted.pair_weight,
+                           threshold=fitted.threshold, pair_window=fitted.pair_window)
 
 
 if __name__ == "__main__":
