@@ -1,8 +1,9 @@
 """Full-ranking metrics: HR@K, NDCG@K over all items and per-user AUC.
 
 Each user's target is ranked against every item except padding and the items already in the user's input
-history (the target itself is never excluded). Ties are counted as half above the target, so a model that scores
-everything equally gets chance-level ranks instead of perfect ones.
+history (the target itself is never excluded). Ties are broken by a fixed pseudo-random order of the items
+(``tie_key``), the same order a served top-k list uses (``top_k``), so a bundle's recommendations reproduce its
+run's metrics exactly; a model that scores everything equally gets chance-level ranks, not perfect ones.
 """
 
 from __future__ import annotations
@@ -26,6 +27,33 @@ def json_number(value):
     return "inf" if isinstance(value, float) and math.isinf(value) else value
 
 
+def tie_key(n: int, device=None) -> torch.Tensor:
+    """``[n]`` int64: each item id's place among tied items (Knuth's multiplicative hash mod 2**32, a bijection:
+    pseudo-random, so ties favour neither low nor high ids, and fixed, so every ranking agrees)."""
+    return (torch.arange(n, device=device, dtype=torch.int64) * 2654435761) % (1 << 32)
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best items per row (values, item ids), ties in ``tie_key`` order: what ``rank_metrics`` ranks.
+
+    ``topk`` finds them; only ties need more: within the k they are reordered by key, and a row whose k-th value
+    ties with items left out is sorted in full (rare outside constant scorers)."""
+    values, items = scores.topk(k, dim=1)
+    key = tie_key(scores.shape[1], scores.device)
+    # Within the k: order by (value desc, key asc) — a stable sort by value of the items sorted by key.
+    by_key = torch.argsort(key[items], dim=1)
+    values, items = values.gather(1, by_key), items.gather(1, by_key)
+    values, by_value = torch.sort(values, dim=1, descending=True, stable=True)
+    items = items.gather(1, by_value)
+    kth = values[:, -1:]
+    spill = ((scores == kth).sum(1) > (values == kth).sum(1)).nonzero().flatten().tolist()
+    if spill:  # the boundary tie reaches past the k: rank those rows over the whole catalog
+        order = torch.argsort(key)
+        full_values, positions = torch.sort(scores[spill][:, order], dim=1, descending=True, stable=True)
+        values[spill], items[spill] = full_values[:, :k], order[positions[:, :k]]
+    return values, items
+
+
 def mask_history(scores: torch.Tensor, histories: list[np.ndarray], targets: torch.Tensor) -> torch.Tensor:
     """Set padding and history items to -inf (in place), keeping each target's own score."""
     target_scores = scores.gather(1, targets.unsqueeze(1))
@@ -42,8 +70,9 @@ def rank_metrics(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, np.nd
     target_scores = scores.gather(1, targets.unsqueeze(1))
     candidates = torch.isfinite(scores)
     higher = ((scores > target_scores) & candidates).sum(1).double()
-    ties = ((scores == target_scores) & candidates).sum(1).double() - 1  # the target ties with itself
-    rank = higher + ties / 2  # 0-based
+    key = tie_key(scores.shape[1], scores.device)
+    ahead = ((scores == target_scores) & candidates & (key < key[targets].unsqueeze(1))).sum(1).double()
+    rank = higher + ahead  # 0-based
     others = candidates.sum(1).double() - 1
     out = {}
     for k in KS:
