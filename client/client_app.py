@@ -1,4 +1,5 @@
-"""The merchant's Flower ClientApp (Message API): ``train``, ``evaluate`` and the ``query.statistics`` release.
+"""The merchant's Flower ClientApp (Message API): ``train``, ``evaluate``, the ``query.statistics`` release and
+``query.model``, the federation's final model.
 
 A merchant whose budget cannot afford the round replies normally with ``declined = 1`` and no arrays, so the
 server can tell a decline from a crash (which arrives as a Flower error reply). ``app`` is what merchants run
@@ -16,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from common.bundle import bundle_hash, write_bundle_files
 from common.evaluate import evaluate as evaluate_split
 from common.evaluate import sasrec_scorer
 from common.memory import single_malloc_arena
@@ -28,6 +30,8 @@ from .statistics import release_statistics
 
 STATISTICS = "statistics"
 """The query action (Flower message type ``query.statistics``) that asks for the DP collaborative statistics."""
+MODEL = "model"
+"""The query action (``query.model``) that hands over the federation's final model bundle (server/distribute.py)."""
 
 single_malloc_arena()  # this process trains round after round: keep its RSS from creeping
 
@@ -47,6 +51,10 @@ def client_app(merchants: MerchantSource = merchant_for, train_mods: list[Mod] |
     @app.query(STATISTICS)
     def _statistics(msg: Message, context: Context) -> Message:
         return statistics(msg, merchants(context))
+
+    @app.query(MODEL)
+    def _model(msg: Message, context: Context) -> Message:
+        return store_model(msg, merchants(context))
 
     return app
 
@@ -137,6 +145,16 @@ def statistics(msg: Message, merchant: Merchant) -> Message:
                                  "partition-id": merchant.partition_id}),
     })
     return Message(content, reply_to=msg)
+
+
+def store_model(msg: Message, merchant: Merchant) -> Message:
+    """Write the federation's final model bundle into this merchant's state directory (checked before it replaces
+    an older one) and confirm with its content hash."""
+    if merchant.state_dir is None:
+        raise ValueError("model: this merchant has no state directory to keep the model in")
+    files = {name: bytes(data) for name, data in msg.content["bundle"].items()}
+    path = write_bundle_files(merchant.state_dir / "model", files)
+    return Message(RecordDict({"bundle": ConfigRecord({"hash": bundle_hash(path)})}), reply_to=msg)
 
 
 def _finite(epsilon: float) -> float:

@@ -49,6 +49,8 @@ class Merchant:
     """Simulation: which partition of the data set this merchant is (-1 in deployment)."""
     replays: ReplayCache | None = None
     """The last update sent, for a round asked again (private merchants only: it saves their budget)."""
+    state_dir: Path | None = None
+    """Where this merchant keeps its ledger, replays and the federation's final model bundle."""
 
     def model(self, state_dict: dict | None = None) -> SASRec:
         model = SASRec(self.model_config, self.item_attributes)
@@ -68,7 +70,7 @@ def build_merchant(config: FederationConfig, data: BehaviorData, state_dir: Path
     trainer = build_trainer(config.recipe, split.train.sequences(), data.n_items, rounds=config.federation.rounds,
                             seed=config.federation.seed, state_dir=state_dir, device=device)
     return Merchant(split, trainer, *config.model.build(data), device, partition_id,
-                    ReplayCache(state_dir) if trainer.ledger else None)
+                    ReplayCache(state_dir) if trainer.ledger else None, Path(state_dir))
 
 
 def merchant_for(context: Context) -> Merchant:

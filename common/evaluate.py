@@ -37,13 +37,21 @@ def evaluate_per_user(scorer: Scorer, split: LeaveOneOut, stage: str, batch_size
     return {name: np.concatenate([p[name] for p in per_user]) for name in METRIC_NAMES}
 
 
-def sasrec_scorer(model: SASRec, device) -> Scorer:
-    def score(histories: list[np.ndarray]) -> torch.Tensor:
+class SASRecScorer:
+    """A SASRec model as a Scorer (eval mode for the pass, its training mode restored after)."""
+
+    def __init__(self, model: SASRec, device):
+        self.model, self.device = model, device
+
+    def __call__(self, histories: list[np.ndarray]) -> torch.Tensor:
+        model = self.model
         items, lengths = pad_right(histories, model.cfg.max_len)
         was_training = model.training
         model.eval()
-        scores = model.score(torch.from_numpy(items).to(device), torch.from_numpy(lengths).to(device))
+        scores = model.score(torch.from_numpy(items).to(self.device), torch.from_numpy(lengths).to(self.device))
         model.train(was_training)
         return scores
 
-    return score
+
+def sasrec_scorer(model: SASRec, device) -> SASRecScorer:
+    return SASRecScorer(model, device)

@@ -11,6 +11,7 @@ The encoder is any sentence-transformers model directory; the default is all-Min
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -132,3 +133,21 @@ def _encode(directory: Path, texts: list[str], *, device, batch_size: int, progr
                                                      normalize_embeddings=True, convert_to_numpy=True)
             bar.advance(task, len(rows))
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _sentence_model(directory: str, device: str):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(directory, device=device, local_files_only=True)
+
+
+def encode_queries(queries: list[str], *, encoder: Path | None = None, device="cpu") -> np.ndarray:
+    """Unit vectors ``[len(queries), d]`` of free text (search queries) by the same encoder as the items'."""
+    try:
+        import sentence_transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError("text.encoder: query vectors need sentence-transformers (pip install 'fedaug[text]')"
+                          ) from None
+    model = _sentence_model(str(encoder_directory(encoder)), str(device))
+    return model.encode(list(queries), normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)

@@ -18,6 +18,7 @@ from common.dp_counts import text_neighbours
 from common.memory import single_malloc_arena
 from common.model import SASRec
 
+from .distribute import distribute_model, final_bundle
 from .federation import Evaluator, run_federation
 
 EvaluatorFactory = Callable[[FederationConfig, BehaviorData, SASRec], Evaluator]
@@ -41,7 +42,12 @@ def server_app(schema: type[FederationConfig] = FederationConfig,
         model = initial_model(config, data)
         initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         evaluator = central_evaluation(config, data, model) if central_evaluation and not deployed else None
-        run_federation(grid, config.federation, initial, evaluator, neighbours=statistics_candidates(config, data))
+        state = run_federation(grid, config.federation, initial, evaluator,
+                               neighbours=statistics_candidates(config, data))
+        if state.round >= config.federation.rounds:  # every merchant gets the final model
+            distribute_model(grid, config.federation.state_dir,
+                             final_bundle(model, state, data.catalog, config.privacy.delta),
+                             config.federation.round_timeout)
 
     return app
 

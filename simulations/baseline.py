@@ -17,12 +17,14 @@ from common.split import leave_one_out
 from common.text_prior import TextPrior, fit_text_prior
 from common.training import fit, set_seed
 
+from .bundles import MODEL, save_model
 from .report import final_metrics
 
 
 def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Callable | None = None,
                  on_epoch: Callable | None = None) -> RunMetrics:
-    """Train and evaluate the configured model on the whole data set; write ``out/metrics.json`` when given.
+    """Train and evaluate the configured model on the whole data set; write ``out/metrics.json`` and the model
+    bundle ``out/model`` when given.
 
     The output directory is only created once the run has succeeded, so a failed run leaves nothing behind.
     """
@@ -31,10 +33,11 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
     data = config.load_data()
     split = leave_one_out(data)
     if config.model.kind == "pop":
-        metrics = final_metrics("baseline", Popularity(split.train), split, data, config, device, 0, started)
+        scorer = Popularity(split.train)
+        metrics = final_metrics("baseline", scorer, split, data, config, device, 0, started)
     elif config.model.kind == "text":
-        prior, tried = text_prior(config, data, split, device)
-        metrics = final_metrics("baseline", prior, split, data, config, device, 0, started)
+        scorer, tried = text_prior(config, data, split, device)
+        metrics = final_metrics("baseline", scorer, split, data, config, device, 0, started)
         metrics.history = tried
     else:
         set_seed(config.train.seed)
@@ -53,6 +56,7 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
         metrics.history = [{"epoch": r["epoch"], "loss": r["loss"], "valid_ndcg@10": r["valid"]["ndcg@10"]}
                            for r in result.history]
     if out is not None:
+        save_model(Path(out) / MODEL, scorer, data, metrics, config)  # first: metrics.json means a finished run
         write_metrics(out, metrics)
     return metrics
 

@@ -17,14 +17,16 @@ from common.records import OnRound, PrivacyRecord, RoundRecord, RunMetrics, writ
 from common.split import leave_one_out
 from common.training import set_seed
 
+from .bundles import MODEL, save_model
 from .report import final_metrics
 
 
 def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_round: OnRound | None = None,
               on_step: Callable[[int, int], None] | None = None, data: BehaviorData | None = None,
-              mode: str = "merchant") -> RunMetrics:
+              mode: str = "merchant", model_dir: Path | None = None) -> RunMetrics:
     """Train ``config.local.rounds`` rounds of local DP training on the whole data set (or ``data``, one
-    merchant's part of it) as one merchant.
+    merchant's part of it) as one merchant; the trained model's bundle goes to ``model_dir`` (default
+    ``out/model`` when ``out`` is given).
 
     The privacy ledger in ``state_dir`` makes ε durable: running again with the same state-dir keeps composing.
     """
@@ -45,7 +47,8 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
                                    epsilon_mean=result.epsilon, seconds=round(result.seconds, 2), valid=valid))
         if on_round:
             on_round(round_, config.local.rounds, history[-1])
-    metrics = final_metrics(mode, sasrec_scorer(model, device), split, data, config, device,
+    scorer = sasrec_scorer(model, device)
+    metrics = final_metrics(mode, scorer, split, data, config, device,
                             config.local.rounds * config.local.local_epochs, started)
     private = trainer.privacy.private
     spent = trainer.epsilon_spent()
@@ -58,6 +61,8 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
     metrics.augment_views = result.augment_views
     if trainer.ledger:
         trainer.ledger.close()
+    if out is not None or model_dir is not None:  # first: metrics.json means a finished run
+        save_model(model_dir or Path(out) / MODEL, scorer, data, metrics, config)
     if out is not None:
         write_metrics(out, metrics)
     return metrics

@@ -27,6 +27,7 @@ from server.monitor import RoundWatcher
 from server.summary import federation_summary
 
 from .baseline import text_prior
+from .bundles import BEST_MODEL, MODEL, save_model
 from .config import SimulationConfig
 from .local import run_local
 from .plots import write_plots
@@ -48,7 +49,7 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     elif mode == "local":
         metrics = _local_only(config, data, state_dir, on_round)
     else:
-        metrics = _central(config, data, state_dir, on_round)
+        metrics = _central(config, data, state_dir, on_round, out / MODEL)
     sim = config.simulation
     metrics.mode = mode
     metrics.baselines = {"popularity": select(evaluate(Popularity(split.train), split, "test"))}
@@ -63,6 +64,8 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     metrics.data, metrics.merchants_total = data.summary(), n_merchants
     metrics.config = config.model_dump(mode="json")
     out.mkdir(parents=True, exist_ok=True)
+    if mode == "federated":
+        _save_global_models(config, data, state_dir, metrics, out)
     plots = write_plots(metrics, out)
     write_metrics(out, metrics)
     write_report(metrics, out, plots)
@@ -127,6 +130,23 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
     return federation_summary(config, state, mode="federated", seconds=0.0, data={})
 
 
+def _save_global_models(config: SimulationConfig, data, state_dir: Path, metrics: RunMetrics, out: Path) -> None:
+    """DIR/model: the final global model as the run evaluated it (fused with the prior and the merchants' DP
+    statistics where it was); DIR/model-best: the best-validating round's, when that is another round."""
+    from server.server_app import initial_model
+
+    from .apps import CentralEvaluation
+
+    state = checkpoint.load(state_dir)
+    evaluation = CentralEvaluation(config, data, initial_model(config, data))
+    scorer, _ = evaluation.scorer(state.arrays, state.statistics)
+    save_model(out / MODEL, scorer, data, metrics, config)
+    if state.best_round and state.best_round != state.round and state.best_arrays:
+        scorer, fusion = evaluation.scorer(state.best_arrays, state.statistics)
+        save_model(out / BEST_MODEL, scorer, data, metrics, config, round_=state.best_round, test=state.best_test,
+                   valid=fusion["valid"] if fusion else None)
+
+
 def _write_app_dir(app_dir: Path, run_config: dict) -> None:
     project = {
         "project": {"name": "fedaug", "version": "0.1.0"},
@@ -182,9 +202,10 @@ def _local_only(config: SimulationConfig, data, state_dir: Path, on_round: OnRou
                                             max_grad_norm=config.privacy.max_grad_norm))
 
 
-def _central(config: SimulationConfig, data, state_dir: Path, on_round: OnRound | None) -> RunMetrics:
+def _central(config: SimulationConfig, data, state_dir: Path, on_round: OnRound | None, model_dir: Path
+             ) -> RunMetrics:
     """All merchants' users pooled into one DP trainer (the upper bound federation tries to reach)."""
     metrics = run_local(config.merchant_run(), None, state_dir / "pooled", on_round=on_round, data=data,
-                        mode="central")
+                        mode="central", model_dir=model_dir)
     metrics.privacy.epsilon_mean = None
     return metrics

@@ -1,5 +1,6 @@
-"""Helpers shared by test modules (which never import each other): the `fedaug` command as a real process, and a
-small simulation config that trains in seconds."""
+"""Helpers shared by test modules (which never import each other): the `fedaug` command as a real process, a
+small simulation config that trains in seconds, a tiny sentence encoder and a small Amazon-style set with item
+texts."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +46,49 @@ def finish(process: subprocess.Popen, timeout: float) -> str:
         output, _ = process.communicate()
         pytest.fail(f"fedaug {' '.join(process.args[3:5])} did not finish in {timeout:.0f} s:\n{output[-3000:]}")
     return output
+
+
+WORDS = "red blue green nail polish lipstick shampoo hair oil brand".split()
+
+
+def tiny_encoder(directory: Path) -> Path:
+    """A 16-wide, one-layer BERT sentence encoder with a word-level vocabulary, saved like any ST model."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer import modules as st_models
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers import models as st_models
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=64))
+    bert.save_pretrained(directory / "hf")
+    fast.save_pretrained(directory / "hf")
+    model = SentenceTransformer(modules=[st_models.Transformer(str(directory / "hf"), max_seq_length=32),
+                                         st_models.Pooling(16, "mean")])
+    model.save(str(directory / "encoder"))
+    return directory / "encoder"
+
+
+def write_amazon_set(directory: Path) -> Path:
+    """Six items in two colour families; users move within a family, so the last item's text predicts the next."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for user in range(1, 61):
+        family = [1, 2, 3] if user % 2 else [4, 5, 6]
+        lines.append(" ".join(map(str, [user, *rng.choice(family, size=6)])))
+    (directory / "Shop.txt").write_text("\n".join(lines) + "\n")
+    titles = ["red nail polish", "red lipstick", "red hair oil", "blue shampoo", "blue nail polish", "blue hair oil"]
+    (directory / "Shop_item_titles.tsv").write_text(
+        "item_id\tasin\ttitle\n" + "".join(f"{i}\tA{i}\t{t}\n" for i, t in enumerate(titles, start=1)))
+    (directory / "Shop_item_attributes_named.tsv").write_text(
+        "item_id\tasin\tattributes\n" + "".join(f"{i}\tA{i}\tbrand|{'red' if i < 4 else 'blue'}\n"
+                                                for i in range(1, 7)))
+    return directory / "Shop.txt"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from client.ledger import PrivacyLedger
+from common.bundle import bundle_hash, load_bundle
 from common.synthetic import SyntheticSpec, generate
 from deploy.certs import write_certificates
 from deploy.export import write_merchant_files
@@ -234,6 +235,10 @@ def test_a_killed_merchant_rejoins_with_its_ledger_and_an_exhausted_one_declines
     merchant_1 = next(m for m in metrics["merchants"] if str(m["node"]) == node_ids(tmp_path)["merchant-1"])
     assert merchant_1["epsilon"] == pytest.approx(epsilons[-1])  # what the server saw is the full composition
     assert merchant_1["epsilon"] <= 8.0
+    # Every merchant, the exhausted and the restarted one too, ends holding the aggregator's final bundle.
+    final = bundle_hash(tmp_path / "aggregator" / "server" / "model")
+    assert [bundle_hash(tmp_path / f"merchant-{i}" / "model") for i in (1, 2, 3)] == [final] * 3
+    assert load_bundle(tmp_path / "merchant-2" / "model").card.trained["rounds"] == 3
 
 
 def test_a_killed_aggregator_resumes_from_its_state_dir(site, tmp_path):

@@ -15,38 +15,9 @@ from common import text
 from common.errors import ConfigError, DataError
 from common.loaders import load
 from common.text_prior import TextPrior
-from tests.support import fedaug, finish
+from tests.support import fedaug, finish, tiny_encoder, write_amazon_set
 
 pytest.importorskip("sentence_transformers", reason="the text prior needs the text extra: pip install '.[text]'")
-
-WORDS = "red blue green nail polish lipstick shampoo hair oil brand".split()
-
-
-def tiny_encoder(directory: Path) -> Path:
-    """A 16-wide, one-layer BERT sentence encoder with a word-level vocabulary, saved like any ST model."""
-    from sentence_transformers import SentenceTransformer
-
-    try:
-        from sentence_transformers.sentence_transformer import modules as st_models
-    except ImportError:  # sentence-transformers < 6
-        from sentence_transformers import models as st_models
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32, max_position_embeddings=64))
-    bert.save_pretrained(directory / "hf")
-    fast.save_pretrained(directory / "hf")
-    model = SentenceTransformer(modules=[st_models.Transformer(str(directory / "hf"), max_seq_length=32),
-                                         st_models.Pooling(16, "mean")])
-    model.save(str(directory / "encoder"))
-    return directory / "encoder"
-
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> Path:
@@ -78,23 +49,6 @@ def test_vectors_are_unit_cached_and_keyed_by_encoder_and_texts(encoder, tmp_pat
 def test_a_directory_that_is_no_encoder_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"text.encoder: .* is not a sentence-transformers model directory"):
         text.item_vectors(["", "x"], encoder=tmp_path, cache_dir=tmp_path)
-
-
-def write_amazon_set(directory: Path) -> Path:
-    """Six items in two colour families; users move within a family, so the last item's text predicts the next."""
-    rng = np.random.default_rng(0)
-    lines = []
-    for user in range(1, 61):
-        family = [1, 2, 3] if user % 2 else [4, 5, 6]
-        lines.append(" ".join(map(str, [user, *rng.choice(family, size=6)])))
-    (directory / "Shop.txt").write_text("\n".join(lines) + "\n")
-    titles = ["red nail polish", "red lipstick", "red hair oil", "blue shampoo", "blue nail polish", "blue hair oil"]
-    (directory / "Shop_item_titles.tsv").write_text(
-        "item_id\tasin\ttitle\n" + "".join(f"{i}\tA{i}\t{t}\n" for i, t in enumerate(titles, start=1)))
-    (directory / "Shop_item_attributes_named.tsv").write_text(
-        "item_id\tasin\tattributes\n" + "".join(f"{i}\tA{i}\tbrand|{'red' if i < 4 else 'blue'}\n"
-                                                for i in range(1, 7)))
-    return directory / "Shop.txt"
 
 
 def test_item_texts_are_found_beside_the_data(tmp_path):

@@ -1,0 +1,243 @@
+"""Recommendations and personalised search from a model bundle, in the shop's own item ids.
+
+    from fedaug import Recommender
+    rec = Recommender.load("run/model")
+    rec.recommend(["B0001", "B0042"], k=10, explain=True)
+
+Search ranks the catalog by a query's relevance: the bundle's sentence encoder over the item text vectors where
+the bundle has them and the encoder is at hand, else BM25 (``bm25s``) over the item titles. With a history, the
+query's relevance is blended with the user's sequence scores (both standardised per request, ``search_weight`` ×
+relevance + scores); without one it is plain search. Explanations leave each history item out in turn (one
+batched pass) and report how much each raised the recommended item's score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bundle import Bundle, load_bundle
+from .device import pick_device
+from .errors import ConfigError
+from .fusion import standardise
+from .metrics import top_k
+from .text_prior import TextPrior
+
+SEARCH_WEIGHT = 1.0
+"""Default weight of a query's (standardised) relevance against the history's (standardised) scores: equal. What
+fits a shop's queries is measured on validation by ``python -m simulations.serving_eval``."""
+
+
+QUERY_CACHE = 10_000
+"""Encoded queries kept (cleared when full)."""
+
+
+class UnknownItems(ConfigError):
+    """History items the bundle's catalog does not know (reported to the caller, never a crash)."""
+
+    def __init__(self, items: list[str]):
+        self.items = items
+        shown = ", ".join(repr(i) for i in items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+        super().__init__(f"history: unknown item id(s) {shown}")
+
+
+@dataclass(frozen=True)
+class Because:
+    """One history item behind a recommendation: how much leaving it out lowers the recommended item's score."""
+
+    item: str
+    title: str | None
+    contribution: float
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    item: str
+    score: float
+    title: str | None = None
+    because: tuple[Because, ...] | None = None
+    """History items behind this recommendation, largest contribution first (``explain=True`` only)."""
+
+    def to_json(self) -> dict:
+        out = {"item": self.item, "score": self.score, "title": self.title}
+        if self.because is not None:
+            out["because"] = [{"item": b.item, "title": b.title, "contribution": b.contribution}
+                              for b in self.because]
+        return out
+
+
+class Recommender:
+    """A bundle's scorer over the shop's item ids.
+
+    Args:
+        bundle: a loaded model bundle (``Recommender.load`` reads one from a directory).
+        device: torch device for scoring ("auto": CUDA when present).
+        search_weight: weight of a query's relevance against the history's scores in personalised search.
+    """
+
+    def __init__(self, bundle: Bundle, *, device="cpu", search_weight: float = SEARCH_WEIGHT):
+        self.bundle, self.device, self.search_weight = bundle, device, search_weight
+        self.ids = bundle.catalog.ids
+        self.titles = bundle.catalog.titles
+        self.index = {raw: i + 1 for i, raw in enumerate(self.ids)}
+        self._lexical = None
+        self._query_vectors: dict[str, torch.Tensor] = {}  # popular queries repeat
+
+    @classmethod
+    def load(cls, path, *, device="auto", search_weight: float = SEARCH_WEIGHT) -> Recommender:
+        device = pick_device(device)
+        return cls(load_bundle(Path(path), device), device=device, search_weight=search_weight)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.ids)
+
+    def title(self, internal: int) -> str | None:
+        return self.titles[internal - 1] if self.titles else None
+
+    def internal(self, history: list) -> np.ndarray:
+        """Internal ids of a history of shop ids; UnknownItems names those the catalog lacks."""
+        unknown = [str(item) for item in history if str(item) not in self.index]
+        if unknown:
+            raise UnknownItems(unknown)
+        return np.asarray([self.index[str(item)] for item in history], dtype=np.int64)
+
+    # scores ----------------------------------------------------------------------------------------------------
+
+    def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
+        """``[B, n_items + 1]`` raw scores of internal-id histories (an empty history scores by the query alone)."""
+        rows = [i for i, h in enumerate(histories) if len(h)]
+        out = torch.zeros(len(histories), self.n_items + 1, device=self.device)
+        if rows:
+            out[rows] = self.bundle.scorer([histories[i] for i in rows]).float().to(self.device)
+        return out
+
+    def relevance(self, queries: list[str]) -> torch.Tensor:
+        """``[B, n_items + 1]`` relevance of every item to each query (padding 0)."""
+        vectors = _text_vectors(self.bundle.scorer)
+        if vectors is not None and self.bundle.card.text_encoder is not None:
+            try:
+                from .text import encode_queries
+
+                encoder = None if self.bundle.card.text_encoder == "packaged" else Path(self.bundle.card.text_encoder)
+                new = [q for q in dict.fromkeys(queries) if q not in self._query_vectors]
+                if new:
+                    if len(self._query_vectors) > QUERY_CACHE:
+                        self._query_vectors.clear()
+                    encoded = encode_queries(new, encoder=encoder, device=self.device)
+                    self._query_vectors.update(zip(new, torch.from_numpy(encoded), strict=True))
+                q = torch.stack([self._query_vectors[q] for q in queries]).to(vectors.device)
+                return (q @ vectors.T).float().to(self.device)
+            except ConfigError:
+                pass  # the encoder is not installed here: lexical search below
+        return self._bm25(queries)
+
+    def _bm25(self, queries: list[str]) -> torch.Tensor:
+        import bm25s
+
+        if not self.titles:
+            raise ConfigError("query: this bundle's catalog has no item texts to search")
+        if self._lexical is None:
+            self._lexical = bm25s.BM25()
+            self._lexical.index(bm25s.tokenize(self.titles, show_progress=False), show_progress=False)
+        out = torch.zeros(len(queries), self.n_items + 1, device=self.device)
+        for row, query in enumerate(queries):
+            tokens = bm25s.tokenize([query], show_progress=False, return_ids=False)[0]
+            out[row, 1:] = torch.from_numpy(self._lexical.get_scores(tokens).astype(np.float32)).to(self.device)
+        return out
+
+    def blended(self, histories: list[np.ndarray], queries: list[str | None] | None = None) -> torch.Tensor:
+        """Sequence scores, blended with each query's relevance where a query is given."""
+        scores = self.scores(histories)
+        rows = [i for i, q in enumerate(queries or []) if q]
+        if not rows:
+            return scores
+        relevance = standardise(self.relevance([queries[i] for i in rows]))
+        with_history = torch.tensor([len(histories[i]) > 0 for i in rows], device=self.device).unsqueeze(1)
+        mixed = torch.where(with_history, standardise(scores[rows]) + self.search_weight * relevance, relevance)
+        scores[rows] = mixed
+        return scores
+
+    # public API ------------------------------------------------------------------------------------------------
+
+    def recommend(self, history: list, *, k: int = 10, exclude_seen: bool = True, query: str | None = None,
+                  explain: bool = False) -> list[Recommendation]:
+        """The top ``k`` items after ``history`` (shop ids, oldest first), optionally for a search ``query``."""
+        return self.recommend_many([history], k=k, exclude_seen=exclude_seen, queries=[query], explain=explain)[0]
+
+    def recommend_many(self, histories: list[list], *, k: int = 10, exclude_seen: bool = True,
+                       queries: list[str | None] | None = None, explain: bool = False,
+                       exclude: list[list] | None = None) -> list[list[Recommendation]]:
+        """``recommend`` for a batch in one pass (at most ``k`` items each: fewer where the catalog has fewer left).
+        ``exclude``: per history, further shop ids never to recommend."""
+        if k < 1:
+            raise ConfigError(f"k: must be at least 1, got {k}")
+        internal = [self.internal(h) for h in histories]
+        scores = self.blended(internal, queries)
+        masked = scores.clone()
+        masked[:, 0] = float("-inf")
+        banned = [(h if exclude_seen else np.zeros(0, np.int64)) for h in internal]
+        if exclude:
+            banned = [np.concatenate([b, self.internal(extra)]) if extra else b
+                      for b, extra in zip(banned, exclude, strict=True)]
+        rows = np.repeat(np.arange(len(banned)), [len(b) for b in banned])
+        if len(rows):  # one indexed write for the whole batch
+            masked[torch.from_numpy(rows).to(self.device),
+                   torch.from_numpy(np.concatenate(banned)).to(self.device)] = float("-inf")
+        k = min(k, int(torch.isfinite(masked).sum(1).min().item()) or 1)
+        top_scores, top = top_k(masked, k)  # ties in the order the run's metrics rank them
+        because = self._explain(internal, queries, scores, top) if explain else None
+        return [[Recommendation(self.ids[int(i) - 1], float(s), self.title(int(i)),
+                                because[row][col] if because else None)
+                 for col, (i, s) in enumerate(zip(top[row].tolist(), top_scores[row].tolist(), strict=True))]
+                for row in range(len(internal))]
+
+    def _explain(self, internal: list[np.ndarray], queries, scores: torch.Tensor, top: torch.Tensor
+                 ) -> list[list[tuple[Because, ...]]]:
+        """For every recommended item, each history item's contribution: full score − score without that item,
+        all leave-one-out histories of the batch in one pass."""
+        variants, owner = [], []
+        for row, h in enumerate(internal):
+            for j in range(len(h)):
+                variants.append(np.delete(h, j))
+                owner.append(row)
+        if not variants:
+            return [[() for _ in range(top.shape[1])] for _ in internal]
+        variant_queries = [queries[r] for r in owner] if queries else None
+        without = self.blended(variants, variant_queries)
+        out, start = [], 0
+        for row, h in enumerate(internal):
+            drop = scores[row].unsqueeze(0) - without[start : start + len(h)]  # [len(h), items]
+            start += len(h)
+            per_item = []
+            for item in top[row].tolist():
+                contributions = drop[:, item].tolist()
+                order = sorted(range(len(h)), key=lambda j: -contributions[j])
+                per_item.append(tuple(Because(self.ids[int(h[j]) - 1], self.title(int(h[j])), float(contributions[j]))
+                                      for j in order))
+            out.append(per_item)
+        return out
+
+    def search(self, query: str, *, k: int = 10) -> list[Recommendation]:
+        """Plain search: the catalog ranked by relevance to ``query`` alone."""
+        return self.recommend([], k=k, query=query)
+
+    def item(self, raw: str) -> dict:
+        internal = self.index.get(str(raw))
+        if internal is None:
+            raise UnknownItems([str(raw)])
+        return {"item": str(raw), "title": self.title(internal)}
+
+
+def _text_vectors(scorer) -> torch.Tensor | None:
+    """The item text vectors inside a scorer (a text prior, alone or within statistics or a fusion), if any."""
+    if isinstance(scorer, TextPrior):
+        return scorer.vectors
+    for part in ("prior", "model"):
+        inner = getattr(scorer, part, None)
+        if inner is not None and (found := _text_vectors(inner)) is not None:
+            return found
+    return None
