@@ -244,6 +244,85 @@ def simulate(
 
 
 @app.command()
+def recommend(
+    model: Path = typer.Option(..., "--model", help="A model bundle directory (RUN/model)."),
+    history: str | None = typer.Option(None, "--history",
+                                       help='One shopper\'s history, shop item ids oldest first: "a b c".'),
+    users: Path | None = typer.Option(None, "--users",
+                                      help="Batch: an events CSV/Parquet or amazon-seq file of histories."),
+    fmt: str | None = typer.Option(None, "--format", help="--users format: events | amazon-seq (from the suffix)."),
+    out: Path | None = typer.Option(None, "--out", help="Batch: the CSV to write (default: stdout)."),
+    k: int = typer.Option(10, "-k", "--k", help="How many items to recommend."),
+    query: str | None = typer.Option(None, "--query", help="A search query: personalised search over the catalog."),
+    explain: bool = typer.Option(False, "--explain", help="Show the history items behind each recommendation."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    include_seen: bool = typer.Option(False, "--include-seen", help="Allow items already in the history."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Recommend (or search) for one history or a file of them with a model bundle."""
+    if (history is None) == (users is None):
+        raise FedaugError("give exactly one of --history and --users")
+    from common.recommender import Recommender
+
+    recommender = Recommender.load(model, device=device)
+    if history is not None:
+        items = history.split()
+        if not items and not query:
+            raise FedaugError("--history: empty (give item ids, or --query for plain search)")
+        results = recommender.recommend(items, k=k, query=query, explain=explain, exclude_seen=not include_seen)
+        _print_recommendations(results, as_json)
+        return
+    from serving.batch import recommend_file
+
+    with _progress() as progress:
+        task = progress.add_task("recommending", total=None)
+        written = recommend_file(recommender, users, out, fmt=fmt, k=k, query=query,
+                                 exclude_seen=not include_seen,
+                                 on_batch=lambda done, total: progress.update(task, completed=done, total=total))
+    console.print(f"{written} users -> {out or 'stdout'}")
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", help="A model bundle directory (RUN/model); a new one is picked up."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="Most requests scored in one forward pass."),
+    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="How long a request waits for others."),
+) -> None:
+    """Serve recommendations and search over HTTP (FastAPI): /v1/recommend, /v1/search, /docs, / to try it."""
+    import uvicorn
+
+    from serving.http import create_app
+
+    application = create_app(model, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    console.print(f"serving {model} on http://{host}:{port}/ (OpenAPI at /docs)")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+def _print_recommendations(results, as_json: bool) -> None:
+    if as_json:
+        import json
+
+        typer.echo(json.dumps([r.to_json() for r in results], indent=2, ensure_ascii=False))
+        return
+    from rich.table import Table
+
+    table = Table(show_lines=any(r.because for r in results))
+    for column in ("#", "item", "title", "score", *(("because",) if results and results[0].because is not None
+                                                    else ())):
+        table.add_column(column)
+    for rank, r in enumerate(results, start=1):
+        row = [str(rank), r.item, r.title or "", f"{r.score:.3f}"]
+        if r.because is not None:
+            row.append("\n".join(f"{b.item} {b.contribution:+.3f}" + (f" {b.title[:40]}" if b.title else "")
+                                 for b in r.because[:3]))
+        table.add_row(*row)
+    Console().print(table)
+
+
+@app.command()
 def sweep(
     config: Path = typer.Option(..., "--config", help="TOML: [sweep] grid (epsilon, augment, modes) plus the base "
                                 "simulation tables."),

@@ -30,10 +30,12 @@ def _roots(names: set[str]) -> set[str]:
 
 
 @pytest.mark.parametrize("folder,forbidden", [
-    ("common", {"client", "server", "simulations", "deploy", "fedaug", "flwr", "subprocess", "cryptography"}),
+    ("common", {"client", "server", "simulations", "deploy", "serving", "fedaug", "flwr", "subprocess",
+                "cryptography", "fastapi", "uvicorn"}),
     ("client", {"server", "simulations", "fedaug"}),
     ("server", {"client", "simulations", "fedaug"}),
     ("deploy", {"client", "server", "simulations", "fedaug", "flwr"}),
+    ("serving", {"client", "server", "simulations", "deploy", "fedaug", "flwr"}),
 ])
 def test_folders_import_only_what_they_may(folder, forbidden):
     offenders = {module: sorted(_roots(names) & forbidden) for module, names in _imports(folder).items()

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 import tomllib
 from flwr.common.config import flatten_dict
 
+from common.bundle import bundle_hash
 from common.config import FederationConfig, from_run_config
+from common.recommender import Recommender
 from simulations.config import SimulationConfig
 from tests.support import ROOT, SMALL
 from tests.support import fedaug as _fedaug
@@ -64,6 +67,33 @@ def test_simulate_with_no_arguments_end_to_end(tmp_path):
     for name in ("report.md", "ndcg_per_round.png", "epsilon_per_merchant.png", "merchant_ndcg.png"):
         assert (out / name).stat().st_size > 0, name
     assert "federated: test NDCG@10" in output  # the one-line summary
+    # The final model comes out as a bundle, and every merchant holds the aggregator's copy of it.
+    final = bundle_hash(out / "state" / "model")
+    assert [bundle_hash(out / "state" / f"merchant-{i}" / "model") for i in range(5)] == [final] * 5
+    history = ["3", "17", "42"]
+    shown = subprocess.run([sys.executable, "-m", "fedaug", "recommend", "--model", str(out / "model"), "--history",
+                            " ".join(history), "-k", "10", "--explain", "--json"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    cli = json.loads(shown.stdout)
+    assert len(cli) == 10 and all({b["item"] for b in r["because"]} == set(history) for r in cli)
+    api = Recommender.load(out / "model", device="cpu").recommend(history, k=10, explain=True)
+    assert [r.item for r in api] == [r["item"] for r in cli] and not set(history) & {r.item for r in api}
+    from fastapi.testclient import TestClient
+
+    from serving.http import create_app
+
+    with TestClient(create_app(out / "model", device="cpu")) as client:
+        served = client.post("/v1/recommend", json={"history": history, "k": 10, "explain": True}).json()
+    assert [r["item"] for r in served["items"]] == [r.item for r in api]
+    from simulations.serving_eval import reproduce_test
+
+    reproduced = reproduce_test(Recommender.load(out / "model", device="cpu"), SimulationConfig().load_data())
+    assert reproduced["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-12)
+    assert reproduced["hr@10"] == pytest.approx(metrics["test"]["hr@10"], abs=1e-12)
+    table = _finish(_fedaug("recommend", "--model", str(out / "model"), "--history", " ".join(history), "--explain"),
+                    timeout=120)
+    assert table.count("│") > 40 and "because" in table  # the table: 10 rows, the history behind each
 
 
 @pytest.mark.slow

@@ -1,0 +1,136 @@
+"""Recommendations out of a bundle: the Python API (shop ids in and out, exclusions, explanations, search), the
+batch CLI, and the HTTP service (validation in one line, micro-batching, a new bundle picked up mid-traffic)."""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from common.bundle import bundle_hash, write_bundle
+from common.evaluate import sasrec_scorer
+from common.loaders import load
+from common.model import SASRec, SASRecConfig
+from common.recommender import Recommender, UnknownItems
+from common.text_prior import TextPrior
+from serving.http import create_app
+from tests.support import fedaug, finish, write_amazon_set
+
+
+def _text_vectors(data) -> np.ndarray:
+    """Hand-made unit vectors: the red items (1-3) along one axis, the blue ones (4-6) along another."""
+    vectors = np.zeros((data.n_items + 1, 3), np.float32)
+    for internal, text in enumerate(data.catalog.texts[1:], start=1):
+        vectors[internal] = [1, 0, 0.1 * internal] if text.startswith("red") else [0, 1, 0.1 * internal]
+    vectors[1:] /= np.linalg.norm(vectors[1:], axis=1, keepdims=True)
+    return vectors
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("shop")
+    data = load(write_amazon_set(directory))
+    prior = write_bundle(directory / "text", TextPrior(_text_vectors(data), decay=0.0), data.catalog)
+    torch.manual_seed(0)
+    sasrec = write_bundle(directory / "sasrec", sasrec_scorer(SASRec(SASRecConfig(data.n_items, hidden=8,
+                                                                                  max_len=5)), "cpu"), data.catalog)
+    return directory, data, prior, sasrec
+
+
+def test_recommendations_speak_shop_ids_exclude_the_history_and_say_why(shop):
+    _, data, prior, _ = shop
+    rec = Recommender.load(prior, device="cpu")
+    red = [str(data.catalog.raw_ids[i]) for i in (1, 2)]
+    top = rec.recommend(red, k=3, explain=True)
+    assert [r.item for r in top][0] == str(data.catalog.raw_ids[3])  # the remaining red item first
+    assert not set(red) & {r.item for r in top} and top[0].title.startswith("red")
+    # The last item alone drives a decay-0 prior: leaving it out changes the score, the older one does not.
+    because = {b.item: b.contribution for b in top[0].because}
+    assert because[red[1]] != 0 and because[red[0]] == pytest.approx(0, abs=1e-6)
+    assert [r.item for r in rec.recommend(red, k=6, exclude_seen=False)][:2] != [r.item for r in top][:2]
+    with pytest.raises(UnknownItems, match="history: unknown item id.*'nope'"):
+        rec.recommend([red[0], "nope"])
+    many = rec.recommend_many([red, red[:1]], k=2)
+    assert [r.item for r in many[0]] == [r.item for r in top[:2]] and len(many[1]) == 2
+
+
+def test_search_alone_and_personalised(shop):
+    _, data, prior, _ = shop
+    rec = Recommender.load(prior, device="cpu")  # no encoder on the card: BM25 over the titles
+    found = rec.search("blue shampoo", k=2)
+    assert found[0].title.startswith("blue shampoo")
+    blue_history = [str(data.catalog.raw_ids[5])]
+    red_history = [str(data.catalog.raw_ids[1])]
+    # "hair oil" matches a red and a blue item equally; the history decides which comes first.
+    assert rec.recommend(blue_history, k=1, query="hair oil")[0].title.startswith("blue hair oil")
+    assert rec.recommend(red_history, k=1, query="hair oil")[0].title.startswith("red hair oil")
+
+
+def test_batch_recommendations_write_one_row_per_user(shop, tmp_path):
+    directory, data, prior, _ = shop
+    out = tmp_path / "recs.csv"
+    output = finish(fedaug("recommend", "--model", str(prior), "--users", str(directory / "Shop.txt"), "-k", "3",
+                           "--out", str(out)), 120)
+    assert f"{data.n_users} users" in output, output
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == data.n_users and all(len(r["items"].split()) == 3 for r in rows)
+    assert rows[0]["user"] == str(data.user_ids[0]) and rows[0]["unknown"] == "0"
+
+
+def test_the_cli_refuses_bad_requests_in_one_line(shop):
+    _, _, prior, _ = shop
+    output = finish(fedaug("recommend", "--model", str(prior), "--history", "1 nope"), 60)
+    assert output.strip().splitlines()[-1] == "error: history: unknown item id(s) 'nope'"
+    output = finish(fedaug("recommend", "--model", str(prior.parent / "missing"), "--history", "1"), 60)
+    assert "error:" in output and "not a fedaug model bundle" in output
+
+
+def test_http_validates_batches_and_picks_up_a_new_bundle(shop, tmp_path):
+    _, data, prior, sasrec = shop
+    served = tmp_path / "model"
+    write_bundle(served, TextPrior(_text_vectors(data), decay=0.0), data.catalog)
+    app = create_app(served, device="cpu", max_wait_ms=50, watch_seconds=0.2)
+    ids = [str(i) for i in data.catalog.raw_ids[1:].tolist()]
+    with TestClient(app) as client:
+        assert client.get("/healthz").json()["kind"] == "text"
+        for body, reason in [({"history": [ids[0], "nope"]}, "history: unknown item id(s) 'nope'"),
+                             ({"history": [ids[0]], "k": 0}, "body.k: Input should be greater than or equal to 1"),
+                             ({"history": [ids[0]] * 201}, "body.history: List should have at most 200 items"),
+                             ({"history": []}, "history: empty")]:
+            response = client.post("/v1/recommend", json=body)
+            assert response.status_code == 422 and response.json()["detail"].startswith(reason), response.json()
+        assert client.get("/v1/items/nope").status_code == 404
+        assert client.get("/v1/items/" + ids[0]).json()["title"].startswith("red")
+        assert client.get("/v1/search", params={"q": "blue shampoo", "k": 1}).json()["items"][0]["title"].startswith(
+            "blue shampoo")
+        # 16 concurrent requests share a handful of forward passes.
+        service = app.state.service
+        before = service.batches
+        results = [None] * 16
+
+        def ask(i):
+            results[i] = client.post("/v1/recommend", json={"history": [ids[i % 6]], "k": 2}).status_code
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [200] * 16 and service.batches - before < 16
+        # A new bundle written over the served one is picked up; requests keep succeeding meanwhile.
+        old = client.get("/healthz").json()["model"]
+        write_bundle(served, Recommender.load(sasrec, device="cpu").bundle.scorer, data.catalog)
+        deadline = time.monotonic() + 10
+        while client.get("/healthz").json()["model"] == old and time.monotonic() < deadline:
+            assert client.post("/v1/recommend", json={"history": [ids[0]], "k": 2}).status_code == 200
+        assert client.get("/healthz").json() | {} and client.get("/healthz").json()["kind"] == "sasrec"
+        assert client.get("/healthz").json()["model"] == bundle_hash(served)[:16]
+        page = client.get("/metrics").text
+        assert 'fedaug_serve_requests_total{endpoint="/v1/recommend",status="200"}' in page
+        assert "fedaug_serve_latency_seconds_bucket" in page and "fedaug_serve_model_info" in page
+        assert "<ol id=\"results\">" in client.get("/").text
