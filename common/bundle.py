@@ -6,9 +6,10 @@
     DIR/items.json          the public catalog: the shop's own item ids (internal id i is ids[i - 1]) and titles
 
 A bundle is written to a sibling temporary directory and renamed into place, so a reader sees the old bundle or
-the new one, never half of one. Loading recomputes the catalog hash and checks the format; a mismatch is refused
-in one line. The scorers a bundle holds are the ones runs evaluate (common/evaluate.py, text_prior.py,
-dp_counts.py, fusion.py, popularity.py), so a bundle reproduces its run's metrics exactly.
+the new one, never half of one. Loading recomputes the catalog hash and checks the format and that no newer
+fedaug (major.minor) wrote it; a mismatch is refused in one line. The scorers a bundle holds are the ones runs
+evaluate (common/evaluate.py, text_prior.py, dp_counts.py, fusion.py, popularity.py), so a bundle reproduces its
+run's metrics exactly.
 """
 
 from __future__ import annotations
@@ -242,9 +243,23 @@ def read_card(directory) -> BundleCard:
         raise ConfigError(f"{path}: bundle format {raw.get('format')!r}, this fedaug ({_version()}) reads format "
                           f"{FORMAT}")
     try:
-        return BundleCard(**raw)
+        card = BundleCard(**raw)
     except TypeError as exc:
         raise ConfigError(f"{path}: malformed bundle card ({exc})") from None
+    if _newer(card.fedaug_version, _version()):
+        raise ConfigError(f"{path}: written by fedaug {card.fedaug_version}, this is fedaug {_version()} "
+                          "(upgrade fedaug to load it)")
+    return card
+
+
+def _newer(written: str, running: str) -> bool:
+    """Was the bundle written by a newer release (major.minor) than the one running? Unknown versions pass."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Version(written).release[:2] > Version(running).release[:2]
+    except InvalidVersion:
+        return False
 
 
 def load_bundle(directory, device="cpu", catalog: ItemCatalog | None = None) -> Bundle:

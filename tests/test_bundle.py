@@ -78,6 +78,9 @@ def test_damaged_foreign_and_future_bundles_are_refused(split, tmp_path):
     (path / CARD).write_text(json.dumps(card | {"format": 99}))
     with pytest.raises(ConfigError, match="bundle format 99, this fedaug .* reads format 1"):
         load_bundle(path)
+    (path / CARD).write_text(json.dumps(card | {"fedaug_version": "99.0.0"}))
+    with pytest.raises(ConfigError, match=r"written by fedaug 99.0.0, this is fedaug .*upgrade"):
+        load_bundle(path)
     with pytest.raises(ConfigError, match="not a fedaug model bundle"):
         load_bundle(tmp_path / "nothing")
 
