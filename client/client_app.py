@@ -130,18 +130,21 @@ def statistics(msg: Message, merchant: Merchant) -> Message:
         raise ValueError("statistics: the neighbour table names items outside the catalog")
     trainer = merchant.trainer
     try:
-        counts = release_statistics(trainer, str(config["run-key"]), neighbours.astype(np.int64),
-                                    share=float(config["share"]), max_items=int(config["max-items"]),
-                                    max_pairs=int(config["max-pairs"]),
-                                    state_dir=trainer.ledger.path.parent if trainer.ledger else None)
+        released = release_statistics(trainer, str(config["run-key"]), neighbours.astype(np.int64),
+                                      share=float(config["share"]), max_items=int(config["max-items"]),
+                                      max_pairs=int(config["max-pairs"]),
+                                      state_dir=trainer.ledger.path.parent if trainer.ledger else None,
+                                      serve_sequences=merchant.split.seen_sequences())
     except BudgetExceeded as exc:
         return Message(RecordDict({"metrics": MetricRecord({"declined": 1}),
                                    "decline": ConfigRecord({"reason": str(exc)})}), reply_to=msg)
+    fit, serve = released.fit, released.serve
     content = RecordDict({
-        "arrays": ArrayRecord({"popularity": torch.from_numpy(counts.popularity.astype(np.float32)),
-                               "pairs": torch.from_numpy(counts.pairs.astype(np.float32))}),
-        "metrics": MetricRecord({"declined": 0, "popularity-std": counts.popularity_std,
-                                 "pair-std": counts.pair_std, "epsilon": _finite(trainer.epsilon_spent()),
+        "arrays": ArrayRecord({name: torch.from_numpy(values.astype(np.float32)) for name, values in (
+            ("popularity", fit.popularity), ("pairs", fit.pairs),
+            ("serve-popularity", serve.popularity), ("serve-pairs", serve.pairs))}),
+        "metrics": MetricRecord({"declined": 0, "popularity-std": fit.popularity_std,
+                                 "pair-std": fit.pair_std, "epsilon": _finite(trainer.epsilon_spent()),
                                  "partition-id": merchant.partition_id}),
     })
     return Message(content, reply_to=msg)

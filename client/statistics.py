@@ -1,9 +1,10 @@
 """A merchant's one DP release of collaborative statistics (common/dp_counts.py) for a federation.
 
-Its users' bounded popularity and candidate-transition counts, noised by the Gaussian mechanism at a share of the
-merchant's ε budget. The release is committed to the ledger (under ``RUN/statistics``, so the run's DP-SGD noise is
-calibrated for what is left) and saved before it leaves; a repeated request for the same run resends the saved
-release instead of spending ε again.
+Its users' bounded popularity and candidate-transition counts, over their training histories (``fit``) and over
+the histories test sees (``serve``: each user's validation item included), noised by the Gaussian mechanism at a
+share of the merchant's ε budget (the four releases together). The release is committed to the ledger (under
+``RUN/statistics``, so the run's DP-SGD noise is calibrated for what is left) and saved before it leaves; a
+repeated request for the same run resends the saved release instead of spending ε again.
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import write_bytes_atomic
-from common.dp_counts import RELEASES, Counts, bounded_counts, epsilon_history, noised
+from common.dp_counts import RELEASES, Counts, Statistics, bounded_counts, epsilon_history, noised
 
 from .ledger import calibrate_noise, epsilon_of
 from .trainer import LocalTrainer
 
 
 def release_statistics(trainer: LocalTrainer, run_key: str, neighbours: np.ndarray, *, share: float,
-                       max_items: int, max_pairs: int, state_dir: Path | None) -> Counts:
+                       max_items: int, max_pairs: int, state_dir: Path | None,
+                       serve_sequences: list[np.ndarray]) -> Statistics:
     """The noised counts this merchant releases for run ``run_key`` (the saved ones if it released before).
 
     Args:
@@ -31,27 +33,39 @@ def release_statistics(trainer: LocalTrainer, run_key: str, neighbours: np.ndarr
         share: fraction of the budget left before this run that the release may spend.
         max_items, max_pairs: each user's contribution bounds (the sensitivity).
         state_dir: where the release is kept (None: a non-private merchant keeps nothing).
+        serve_sequences: the users' histories as test sees them (LeaveOneOut.seen_sequences).
     """
     path = Path(state_dir) / f"statistics-{run_key}.npz" if state_dir is not None else None
     if path is not None and path.is_file():
-        with np.load(path) as saved:
-            return Counts(saved["popularity"], saved["pairs"], float(saved["popularity_std"]), float(saved["pair_std"]))
-    counts = bounded_counts(trainer.sequences, neighbours, max_items=max_items, max_pairs=max_pairs)
+        return _saved(path)
+    fit = bounded_counts(trainer.sequences, neighbours, max_items=max_items, max_pairs=max_pairs)
+    serve = bounded_counts(serve_sequences, neighbours, max_items=max_items, max_pairs=max_pairs)
     if not trainer.privacy.private:
-        return counts
+        return Statistics(fit, serve)
     ledger, delta, budget = trainer.ledger, trainer.delta, trainer.privacy.epsilon
     before = ledger.history()
     spent = epsilon_of(before, delta)
     target = spent + share * (budget - spent)
     noise = calibrate_noise(before, 1.0, RELEASES, delta, target)
     # Fresh OS entropy, never the run's seed: whoever knows a seeded noise can subtract it.
-    released = noised(counts, noise_multiplier=noise, max_items=max_items, max_pairs=max_pairs,
-                      rng=np.random.default_rng())
+    rng = np.random.default_rng()
+    released = Statistics(*(noised(c, noise_multiplier=noise, max_items=max_items, max_pairs=max_pairs, rng=rng)
+                            for c in (fit, serve)))
     # The ledger entry first: a crash after it loses the release, never the accounting.
     for mechanism in epsilon_history(noise):
         ledger.record(f"{run_key}/statistics", 0, *mechanism, delta, budget)
     buffer = io.BytesIO()
-    np.savez(buffer, popularity=released.popularity, pairs=released.pairs,
-             popularity_std=released.popularity_std, pair_std=released.pair_std)
+    np.savez(buffer, popularity=released.fit.popularity, pairs=released.fit.pairs,
+             serve_popularity=released.serve.popularity, serve_pairs=released.serve.pairs,
+             popularity_std=released.fit.popularity_std, pair_std=released.fit.pair_std)
     write_bytes_atomic(path, buffer.getvalue())
     return released
+
+
+def _saved(path: Path) -> Statistics:
+    with np.load(path) as saved:
+        stds = float(saved["popularity_std"]), float(saved["pair_std"])
+        fit = Counts(saved["popularity"], saved["pairs"], *stds)
+        # A release saved before serve counts existed: its fit counts serve too (no second release, no more ε).
+        serve = Counts(saved["serve_popularity"], saved["serve_pairs"], *stds) if "serve_pairs" in saved else fit
+    return Statistics(fit, serve)

@@ -89,13 +89,28 @@ def noised(counts: Counts, *, noise_multiplier: float, max_items: int, max_pairs
     return Counts(popularity, pairs, float(popularity_std), float(pair_std))
 
 
-RELEASES = 2
-"""Gaussian releases per statistics request: the popularity and the pair counts."""
+@dataclass(frozen=True)
+class Statistics:
+    """What a merchant releases for a run: counts over its users' training histories (``fit``: fusion weights are
+    chosen on validation with these, which must not contain the validation items) and over the histories test and
+    serving see (``serve``: each user's validation item included — the most recent behaviour the prior can use)."""
+
+    fit: Counts
+    serve: Counts
+
+    def __add__(self, other: Statistics) -> Statistics:
+        return Statistics(self.fit + other.fit, self.serve + other.serve)
 
 
-def epsilon_history(noise_multiplier: float) -> list[tuple[float, float, int]]:
+COUNT_RELEASES = 2
+"""Gaussian releases per ``Counts``: the popularity and the pair counts."""
+RELEASES = 2 * COUNT_RELEASES
+"""Gaussian releases per statistics request: both counts, over the fit and the serve histories."""
+
+
+def epsilon_history(noise_multiplier: float, releases: int = RELEASES) -> list[tuple[float, float, int]]:
     """The releases as ledger mechanisms: (noise multiplier, sample rate 1, one step each)."""
-    return [(noise_multiplier, 1.0, RELEASES)]
+    return [(noise_multiplier, 1.0, releases)]
 
 
 class PriorWithCounts:
@@ -128,6 +143,12 @@ class PriorWithCounts:
         self.popularity_weight, self.pair_weight, self.pair_window = popularity_weight, pair_weight, pair_window
         self.threshold = threshold
         return self
+
+    def with_counts(self, counts: Counts) -> PriorWithCounts:
+        """The same weights and threshold over other counts (the serve release of the same merchants)."""
+        return PriorWithCounts(self.prior, counts, self.neighbours.cpu().numpy(),
+                               popularity_weight=self.popularity_weight, pair_weight=self.pair_weight,
+                               threshold=self.threshold, pair_window=self.pair_window)
 
     def __call__(self, histories: list[np.ndarray]) -> torch.Tensor:
         scores = self.prior(histories)

@@ -2,7 +2,8 @@
 
 The privacy and evaluation boundary lives here: ``LeaveOneOut.train`` holds every event a trainer or augmenter may
 see; the validation and test items exist only as targets (and, for the test stage, the validation item joins the
-input history, as in the standard SASRec protocol). Nothing downstream of ``train`` can reach a held-out item.
+input history, as in the standard SASRec protocol, and likewise in ``seen_sequences``, what DP statistics count for
+scoring test). Nothing downstream of ``train`` can reach a held-out item.
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ class LeaveOneOut:
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}")
         return self.valid if stage == "valid" else self.test
+
+    def seen_sequences(self) -> list[np.ndarray]:
+        """Every user's history as test sees it: the training sequence, then the validation item where held out."""
+        return [np.append(self.train.sequence(u), v) if v > 0 else self.train.sequence(u)
+                for u, v in enumerate(self.valid.tolist())]
 
     def select_users(self, users: np.ndarray) -> LeaveOneOut:
         return LeaveOneOut(self.train.select_users(users), self.valid[users], self.test[users])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic import write_bytes_atomic
-from common.dp_counts import Counts
+from common.dp_counts import Counts, Statistics
 from common.errors import ConfigError
 from common.records import RoundRecord
 
@@ -45,7 +45,7 @@ class ServerState:
     best_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     best_test: dict | None = None
     """Test metrics of the best round's model, evaluated once the last round is done (simulations)."""
-    statistics: Counts | None = None
+    statistics: Statistics | None = None
     """The merchants' summed DP collaborative statistics, collected once before round 1."""
     statistics_merchants: int = 0
 
@@ -55,13 +55,15 @@ def save(state_dir: Path, state: ServerState) -> None:
             "accountant": state.accountant, "history": [h.to_json() for h in state.history],
             "merchants": state.merchants, "best_round": state.best_round, "best_test": state.best_test,
             "statistics": None if state.statistics is None else {
-                "popularity_std": state.statistics.popularity_std, "pair_std": state.statistics.pair_std,
+                "popularity_std": state.statistics.fit.popularity_std, "pair_std": state.statistics.fit.pair_std,
                 "merchants": state.statistics_merchants},
             "strategy_state_keys": {name: list(arrays) for name, arrays in state.strategy_state.items()}}
     entries = {f"global/{k}": v for k, v in state.arrays.items()}
     entries.update({f"best/{k}": v for k, v in state.best_arrays.items()})
     if state.statistics is not None:
-        entries |= {"statistics/popularity": state.statistics.popularity, "statistics/pairs": state.statistics.pairs}
+        fit, serve = state.statistics.fit, state.statistics.serve
+        entries |= {"statistics/popularity": fit.popularity, "statistics/pairs": fit.pairs,
+                    "statistics/serve-popularity": serve.popularity, "statistics/serve-pairs": serve.pairs}
     for name, arrays in state.strategy_state.items():
         entries.update({f"{name}/{k}": v for k, v in arrays.items()})
     buffer = io.BytesIO()
@@ -79,8 +81,7 @@ def load(state_dir: Path) -> ServerState | None:
             arrays = {k.removeprefix("global/"): stored[k] for k in stored.files if k.startswith("global/")}
             best = {k.removeprefix("best/"): stored[k] for k in stored.files if k.startswith("best/")}
             stats = meta.get("statistics")
-            statistics = None if stats is None else Counts(stored["statistics/popularity"], stored["statistics/pairs"],
-                                                           stats["popularity_std"], stats["pair_std"])
+            statistics = None if stats is None else _statistics(stored, stats)
             strategy_state = {name: {k: stored[f"{name}/{k}"] for k in keys}
                               for name, keys in meta["strategy_state_keys"].items()}
     except (OSError, ValueError, KeyError) as exc:
@@ -91,6 +92,14 @@ def load(state_dir: Path) -> ServerState | None:
                        merchants=meta["merchants"], best_round=int(meta.get("best_round", 0)), best_arrays=best,
                        best_test=meta.get("best_test"), statistics=statistics,
                        statistics_merchants=int((meta.get("statistics") or {}).get("merchants", 0)))
+
+
+def _statistics(stored, stats: dict) -> Statistics:
+    stds = stats["popularity_std"], stats["pair_std"]
+    fit = Counts(stored["statistics/popularity"], stored["statistics/pairs"], *stds)
+    if "statistics/serve-pairs" not in stored.files:  # a checkpoint from before serve counts: fit serves too
+        return Statistics(fit, fit)
+    return Statistics(fit, Counts(stored["statistics/serve-popularity"], stored["statistics/serve-pairs"], *stds))
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.config import FederationSection
-from common.dp_counts import Counts
+from common.dp_counts import Statistics
 from common.errors import ConfigError, FedaugError
 from common.metrics import select
 from common.records import RoundRecord
@@ -32,7 +32,7 @@ from .replies import bound_norms, sort_evaluate_replies, sort_train_replies
 from .statistics import collect_statistics
 from .strategies import STATE_ATTRIBUTES, WEIGHT, build_strategy, central_dp, inner
 
-Evaluator = Callable[[dict[str, np.ndarray], tuple[str, ...], Counts | None], dict]
+Evaluator = Callable[[dict[str, np.ndarray], tuple[str, ...], Statistics | None], dict]
 """Central evaluation of global arrays at the given stages, with the run's DP statistics where there are any
 (attached by simulations, where the server has the data): ``{"valid": {...}, "test": {...}}``."""
 

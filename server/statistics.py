@@ -14,13 +14,15 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.config import FederationSection
-from common.dp_counts import Counts
+from common.dp_counts import Counts, Statistics
+
+ARRAYS = ("popularity", "pairs", "serve-popularity", "serve-pairs")
 
 QUERY = "query.statistics"
 
 
 def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.ndarray,
-                       run_key: str) -> tuple[Counts | None, int]:
+                       run_key: str) -> tuple[Statistics | None, int]:
     """The summed counts of every merchant that answered, and how many did."""
     config = ConfigRecord({"run-key": run_key, "share": settings.statistics_share,
                            "max-items": settings.statistics_max_items, "max-pairs": settings.statistics_max_pairs})
@@ -35,8 +37,10 @@ def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.n
             log(WARNING, "fedaug statistics: merchant %s: %s", node, problem)
             continue
         arrays, metrics = reply.content["arrays"], reply.content["metrics"]
-        counts = Counts(arrays["popularity"].numpy().astype(np.float64), arrays["pairs"].numpy().astype(np.float64),
-                        float(metrics["popularity-std"]), float(metrics["pair-std"]))
+        stds = float(metrics["popularity-std"]), float(metrics["pair-std"])
+        counts = Statistics(*(Counts(arrays[f"{prefix}popularity"].numpy().astype(np.float64),
+                                     arrays[f"{prefix}pairs"].numpy().astype(np.float64), *stds)
+                              for prefix in ("", "serve-")))
         total = counts if total is None else total + counts
         merchants += 1
     return total, merchants
@@ -51,13 +55,15 @@ def _problem(reply: Message, shape: tuple[int, int]) -> str | None:
     if int(metrics.get("declined", 0)):
         return f"declined ({reply.content['decline']['reason']})"
     arrays = reply.content.get("arrays")
-    if arrays is None or set(arrays) != {"popularity", "pairs"}:
-        return "rejected (expected arrays popularity and pairs)"
-    popularity, pairs = arrays["popularity"].numpy(), arrays["pairs"].numpy()
-    if popularity.shape != (shape[0],) or pairs.shape != shape:
-        return f"rejected (shapes {popularity.shape} and {pairs.shape}, expected ({shape[0]},) and {shape})"
-    if not (np.isfinite(popularity).all() and np.isfinite(pairs).all()):
-        return "rejected (non-finite counts)"
+    if arrays is None or set(arrays) != set(ARRAYS):
+        return f"rejected (expected arrays {', '.join(ARRAYS)})"
+    for prefix in ("", "serve-"):
+        popularity, pairs = arrays[f"{prefix}popularity"].numpy(), arrays[f"{prefix}pairs"].numpy()
+        if popularity.shape != (shape[0],) or pairs.shape != shape:
+            return (f"rejected ({prefix}shapes {popularity.shape} and {pairs.shape}, expected ({shape[0]},) and "
+                    f"{shape})")
+        if not (np.isfinite(popularity).all() and np.isfinite(pairs).all()):
+            return "rejected (non-finite counts)"
     stds = (float(metrics.get("popularity-std", -1)), float(metrics.get("pair-std", -1)))
     if not all(np.isfinite(s) and s >= 0 for s in stds):
         return "rejected (missing or bad noise levels)"

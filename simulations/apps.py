@@ -16,10 +16,10 @@ from client.merchant import NUM_PARTITIONS, PARTITION_ID, Merchant, build_mercha
 from common.config import FederationConfig, from_run_config
 from common.data import BehaviorData
 from common.device import pick_device
-from common.dp_counts import Counts, fit_prior_with_counts, text_neighbours
+from common.dp_counts import Statistics, fit_prior_with_counts, text_neighbours
 from common.errors import ConfigError
 from common.evaluate import evaluate, sasrec_scorer
-from common.fusion import fit_fusion
+from common.fusion import Fused, fit_fusion
 from common.model import SASRec
 from common.split import assign_merchants, leave_one_out, merchant_partitions
 from server.server_app import server_app
@@ -77,35 +77,42 @@ class CentralEvaluation:
         self.model = model.to(self.device)
         self.text = (text_prior(config, data, self.split, self.device, progress=False)[0]
                      if data.catalog.texts and config.text.fuse else None)
-        self._with_counts: tuple[int, object] | None = None  # the prior with the run's statistics, fitted once
+        self._with_counts: tuple | None = None  # (statistics, fitted prior, its serve twin): fitted once per run
 
-    def prior(self, statistics: Counts | None):
-        """The public prior, with the merchants' summed statistics when there are any."""
+    def prior(self, statistics: Statistics | None, stage: str = "valid"):
+        """The public prior, with the merchants' summed statistics when there are any: weights fitted on
+        validation with the fit counts; at test, the same weights over the serve counts."""
         if statistics is None:
             return self.text
-        if self._with_counts is None or self._with_counts[0] != id(statistics):
+        if self._with_counts is None or self._with_counts[0] is not statistics:
             neighbours = text_neighbours(self.text.vectors.cpu().numpy(), self.config.federation.statistics_neighbours)
-            self._with_counts = (id(statistics), fit_prior_with_counts(self.text, statistics, neighbours,
-                                                                      self.split)[0])
-        return self._with_counts[1]
+            fitted = fit_prior_with_counts(self.text, statistics.fit, neighbours, self.split)[0]
+            self._with_counts = (statistics, fitted, fitted.with_counts(statistics.serve))
+        return self._with_counts[1] if stage == "valid" else self._with_counts[2]
 
-    def scorer(self, arrays: dict[str, np.ndarray], statistics: Counts | None = None):
-        """The global model's scorer (fused with the prior where there is one) and the fusion's validation:
-        ``(scorer, None)`` or ``(fused, {"weight", "model_valid", "valid"})``."""
+    def scorer(self, arrays: dict[str, np.ndarray], statistics: Statistics | None = None, stage: str = "valid"):
+        """The global model's scorer (fused with the prior where there is one; its weight always chosen on
+        validation) for ``stage`` and the fusion's validation: ``(scorer, None)`` or ``(fused, {"weight",
+        "model_valid", "valid"})``."""
         self.model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
         scorer = sasrec_scorer(self.model, self.device)
         if self.text is None:
             return scorer, None
         fused, tried, valid = fit_fusion(scorer, self.prior(statistics), self.split)
+        if stage != "valid":
+            fused = Fused(scorer, self.prior(statistics, stage), fused.weight)
         alone = next(row for row in tried if row["weight"] == 0)
         return fused, {"weight": fused.weight, "model_valid": {"ndcg@10": alone["valid_ndcg@10"]}, "valid": valid}
 
-    def __call__(self, arrays: dict[str, np.ndarray], stages: tuple[str, ...], statistics: Counts | None = None
+    def __call__(self, arrays: dict[str, np.ndarray], stages: tuple[str, ...], statistics: Statistics | None = None
                  ) -> dict:
-        scorer, fusion = self.scorer(arrays, statistics)
-        out = {stage: evaluate(scorer, self.split, stage) for stage in stages if fusion is None or stage != "valid"}
-        if fusion is not None:
-            out |= {"valid": fusion.pop("valid"), "fusion": fusion}
+        scorer, fusion = self.scorer(arrays, statistics)  # the fusion weight, fitted once on validation
+        out = {} if fusion is None else {"valid": fusion.pop("valid"), "fusion": fusion}
+        for stage in stages:
+            if stage == "valid" and fusion is not None:
+                continue
+            at_stage = scorer if fusion is None else Fused(scorer.model, self.prior(statistics, stage), scorer.weight)
+            out[stage] = evaluate(at_stage, self.split, stage)
         return out
 
 

@@ -21,7 +21,7 @@ from client.ledger import calibrate_noise, epsilon_of
 from common.atomic import write_json_atomic
 from common.config import TextSection
 from common.dp_counts import (
-    RELEASES,
+    COUNT_RELEASES,
     PriorWithCounts,
     bounded_counts,
     epsilon_history,
@@ -54,7 +54,7 @@ def main() -> None:
     started = time.monotonic()
     data = load(args.data)
     split = leave_one_out(data)
-    releases = RELEASES * (2 if args.serve == "train+valid" else 1)
+    releases = COUNT_RELEASES * (2 if args.serve == "train+valid" else 1)
     vectors = TextSection().vectors(data, "cpu")
     prior, _ = fit_text_prior(vectors, split)
     neighbours = text_neighbours(vectors, args.neighbours)
@@ -77,7 +77,7 @@ def main() -> None:
                 one = counts if noise == 0 else noised(counts, noise_multiplier=noise, max_items=args.max_items,
                                                         max_pairs=cap, rng=rng)
                 released = one if released is None else released + one
-                spent.append(epsilon_of(epsilon_history(noise) * (releases // RELEASES), delta) if noise else math.inf)
+                spent.append(epsilon_of(epsilon_history(noise, releases), delta) if noise else math.inf)
             scorer, grid = fit_prior_with_counts(prior, released, neighbours, split)
             grid = [row | {"max_pairs": cap, "noise_multiplier": noise, "epsilon_spent_max": max(spent)}
                     for row in grid]
@@ -113,9 +113,7 @@ def serving_scorer(fitted: PriorWithCounts, data, split, args, max_pairs: int, n
         one = counts if noise == 0 else noised(counts, noise_multiplier=noise, max_items=args.max_items,
                                                 max_pairs=max_pairs, rng=rng)
         released = one if released is None else released + one
-    return PriorWithCounts(fitted.prior, released, fitted.neighbours.cpu().numpy(),
-                           popularity_weight=fitted.popularity_weight, pair_weight=fitted.pair_weight,
-                           threshold=fitted.threshold, pair_window=fitted.pair_window)
+    return fitted.with_counts(released)
 
 
 if __name__ == "__main__":

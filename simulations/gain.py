@@ -36,11 +36,11 @@ def gain_over_prior(run: Path) -> dict:
     prior = evaluate_per_user(evaluation.text, evaluation.split, "test")["ndcg@10"]
     out = {"text_prior_test_ndcg@10": float(prior.mean())}
     for name, arrays, round_ in (("final", state.arrays, state.round), ("best", state.best_arrays, state.best_round)):
-        scorer, fusion = evaluation.scorer(arrays, state.statistics)
+        scorer, fusion = evaluation.scorer(arrays, state.statistics, "test")
         test = evaluate_per_user(scorer, evaluation.split, "test")["ndcg@10"]
         out[name] = {"round": round_, "test_ndcg@10": float(test.mean()), "prior_weight": fusion["weight"],
                      "gain_over_text_prior": paired_gain(test, prior)}
-    prior_with_counts = evaluation.prior(state.statistics)
+    prior_with_counts = evaluation.prior(state.statistics, "test")
     if prior_with_counts is not evaluation.text:
         test = evaluate_per_user(prior_with_counts, evaluation.split, "test")["ndcg@10"]
         out["prior_with_statistics"] = {"test_ndcg@10": float(test.mean()),

@@ -131,18 +131,19 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
 
 
 def _save_global_models(config: SimulationConfig, data, state_dir: Path, metrics: RunMetrics, out: Path) -> None:
-    """DIR/model: the final global model as the run evaluated it (fused with the prior and the merchants' DP
-    statistics where it was); DIR/model-best: the best-validating round's, when that is another round."""
+    """DIR/model: the final global model as the run tested it (fused with the prior and the merchants' DP
+    statistics — their serve counts — where it was); DIR/model-best: the best-validating round's, when that is
+    another round."""
     from server.server_app import initial_model
 
     from .apps import CentralEvaluation
 
     state = checkpoint.load(state_dir)
     evaluation = CentralEvaluation(config, data, initial_model(config, data))
-    scorer, _ = evaluation.scorer(state.arrays, state.statistics)
+    scorer, _ = evaluation.scorer(state.arrays, state.statistics, "test")  # serving: the serve counts
     save_model(out / MODEL, scorer, data, metrics, config)
     if state.best_round and state.best_round != state.round and state.best_arrays:
-        scorer, fusion = evaluation.scorer(state.best_arrays, state.statistics)
+        scorer, fusion = evaluation.scorer(state.best_arrays, state.statistics, "test")
         save_model(out / BEST_MODEL, scorer, data, metrics, config, round_=state.best_round, test=state.best_test,
                    valid=fusion["valid"] if fusion else None)
 

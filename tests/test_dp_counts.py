@@ -85,3 +85,34 @@ def test_fusion_standardises_and_weighs_the_prior():
     assert Fused(model, prior, 0.0)([None]).argmax() == 3 and Fused(model, prior, 4.0)([None]).argmax() == 1
     z = standardise(torch.tensor([[5.0, 1.0, 2.0, 3.0]]))
     assert z[0, 0] == 0 and z[0, 1:].mean().abs() < 1e-6 and z[0, 1:].std() == pytest.approx(1.0)
+
+
+def test_a_merchant_releases_fit_and_serve_counts_once_within_its_share(tmp_path):
+    """Fit counts over the training histories, serve counts over the histories test sees (validation item
+    included), noised together at the share of the budget, ledgered before release and resent, not re-released."""
+    from client.merchant import build_merchant
+    from client.statistics import release_statistics
+    from common.config import FederationConfig
+    from common.dp_counts import RELEASES
+    from common.synthetic import SyntheticSpec, generate
+
+    data = generate(SyntheticSpec(users=200, items=80))
+    config = FederationConfig.model_validate({"privacy": {"epsilon": 8.0}, "local": {"batch_size": 32}})
+    merchant = build_merchant(config, data, tmp_path)
+    neighbours = text_neighbours(np.random.default_rng(0).normal(size=(81, 4)).astype(np.float32), 5)
+    seen = merchant.split.seen_sequences()
+    held_out = int((merchant.split.valid > 0).sum())
+    assert sum(map(len, seen)) == sum(map(len, merchant.split.train.sequences())) + held_out
+    released = release_statistics(merchant.trainer, "run-1", neighbours, share=0.5, max_items=4, max_pairs=1,
+                                  state_dir=tmp_path, serve_sequences=seen)
+    exact = bounded_counts(seen, neighbours, max_items=4, max_pairs=1)
+    assert released.serve.pair_std == released.fit.pair_std > 0
+    residual = released.serve.pairs[1:] - exact.pairs[1:]
+    assert abs(residual.std() / released.serve.pair_std - 1) < 0.1  # serve = true serve counts + the noise
+    history = merchant.trainer.ledger.history()
+    assert sum(steps for _, _, steps in history) == RELEASES
+    assert merchant.trainer.epsilon_spent() == pytest.approx(4.0, rel=1e-3)  # half the budget, all four releases
+    again = release_statistics(merchant.trainer, "run-1", neighbours, share=0.5, max_items=4, max_pairs=1,
+                               state_dir=tmp_path, serve_sequences=seen)
+    assert np.array_equal(again.serve.pairs, released.serve.pairs)
+    assert len(merchant.trainer.ledger.history()) == len(history)  # resent, not released again
