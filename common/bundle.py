@@ -33,6 +33,7 @@ from .dp_counts import PriorWithCounts
 from .errors import ConfigError
 from .evaluate import SASRecScorer, Scorer
 from .fusion import Fused
+from .metrics import json_number
 from .model import SASRec, SASRecConfig
 from .popularity import Popularity
 from .text_prior import TextPrior
@@ -106,7 +107,8 @@ def _describe(scorer, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
         tensors[f"{prefix}{name}"] = torch.as_tensor(tensor).detach().cpu().clone().contiguous()  # tied: own copy
 
     if isinstance(scorer, Fused):
-        return {"kind": "fused", "weight": scorer.weight, "model": _describe(scorer.model, f"{prefix}model.", tensors),
+        return {"kind": "fused", "weight": json_number(scorer.weight),
+                "model": _describe(scorer.model, f"{prefix}model.", tensors),
                 "prior": _describe(scorer.prior, f"{prefix}prior.", tensors)}
     if isinstance(scorer, SASRecScorer):
         model = scorer.model

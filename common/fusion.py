@@ -2,10 +2,12 @@
 
 Each scorer's scores are standardised per user over the catalog (mean 0, std 1; padding excluded), then summed
 with the prior's weighted by ``weight``. The weight is chosen on validation from ``WEIGHTS``, which holds 0 (the
-model alone), so on validation the fused model is at least as good as the model alone.
+model alone) and infinity (the prior alone), so on validation the fused model is at least as good as either.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -14,8 +16,8 @@ from .evaluate import Scorer
 from .metrics import mask_history, mean_metrics, rank_metrics
 from .split import LeaveOneOut
 
-WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 16.0)
-"""16: the prior all but alone (a model that learned nothing useful costs nothing)."""
+WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 16.0, math.inf)
+"""inf: the prior alone, exactly (a model that learned nothing useful costs nothing, not even its noise)."""
 
 
 def standardise(scores: torch.Tensor) -> torch.Tensor:
@@ -30,6 +32,8 @@ class Fused:
         self.model, self.prior, self.weight = model, prior, weight
 
     def __call__(self, histories: list[np.ndarray]) -> torch.Tensor:
+        if math.isinf(self.weight):
+            return standardise(self.prior(histories).float())
         scores = standardise(self.model(histories).float())
         if self.weight:
             prior = standardise(self.prior(histories).float()).to(scores.device)
@@ -49,9 +53,11 @@ def fit_fusion(model: Scorer, prior: Scorer, split: LeaveOneOut, weights: tuple[
         extra = standardise(prior(batch).float()).to(scores.device)
         batch_targets = torch.from_numpy(targets[start : start + batch_size]).to(scores.device)
         for weight in weights:
-            fused = mask_history(scores + weight * extra, batch, batch_targets)
+            fused = mask_history(extra.clone() if math.isinf(weight) else scores + weight * extra, batch,
+                                 batch_targets)
             per_user[weight].append(rank_metrics(fused, batch_targets))
     means = {w: mean_metrics(rows) | {"users": len(targets)} for w, rows in per_user.items()}
     tried = [{"weight": w, "valid_ndcg@10": means[w]["ndcg@10"]} for w in weights]
-    best = max(tried, key=lambda row: row["valid_ndcg@10"])["weight"]
+    # Ties go to the larger prior weight: what the model adds must show on validation.
+    best = max(tried, key=lambda row: (row["valid_ndcg@10"], row["weight"]))["weight"]
     return Fused(model, prior, best), tried, means[best]

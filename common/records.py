@@ -47,7 +47,8 @@ class RoundRecord:
     federated_test: Metrics | None = None
     federated_merchants: int = 0
     fusion_weight: float | None = None
-    """Weight of the public text prior fused with the global model, chosen on this round's validation."""
+    """Weight of the public text prior fused with the global model, chosen on this round's validation (inf: the
+    prior alone)."""
     model_valid: Metrics | None = None
     """Validation of the global model alone, before fusion with the prior."""
 
@@ -57,7 +58,10 @@ class RoundRecord:
     @classmethod
     def from_json(cls, values: dict) -> RoundRecord:
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        record = cls(**{k: v for k, v in values.items() if k in names})
+        if isinstance(record.fusion_weight, str):  # metrics.json writes an infinite weight as "inf"
+            record.fusion_weight = float(record.fusion_weight)
+        return record
 
 
 OnRound = Callable[[int, int, RoundRecord | None], None]
@@ -140,6 +144,9 @@ class RunMetrics:
     """Test metrics over the users whose target item had fewer than COLD_BELOW training interactions."""
     cold_users: int | None = None
     fusion: FusionRecord | None = None
+    gain_over_text: dict[str, dict] | None = None
+    """Federations with item texts: the final (``final``) and best-validation (``best``) global model's test
+    NDCG@10, each with its mean per-user gain over the text prior alone and that gain's 95 % interval."""
 
     def to_json(self) -> dict:
         values = asdict(self)

@@ -4,6 +4,7 @@ foreign or future bundles are refused in one line; a bundle is replaced atomical
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -47,16 +48,18 @@ def _scorers(split):
     catalog_model = ModelSection(hidden=16, max_len=10, catalog=True, tie_embeddings=False).model(split.train)
     return {"sasrec": sasrec, "sasrec+catalog": sasrec_scorer(catalog_model, "cpu"), "text": prior,
             "popularity": Popularity(split.train), "text+statistics": with_counts,
-            "fused": Fused(sasrec, with_counts, 2.0)}
+            "fused": Fused(sasrec, with_counts, 2.0), "fused+prior-alone": Fused(sasrec, with_counts, math.inf)}
 
 
-@pytest.mark.parametrize("kind", ["sasrec", "sasrec+catalog", "text", "popularity", "text+statistics", "fused"])
+@pytest.mark.parametrize("kind", ["sasrec", "sasrec+catalog", "text", "popularity", "text+statistics", "fused",
+                                  "fused+prior-alone"])
 def test_every_scorer_round_trips_with_identical_scores(split, tmp_path, kind):
     scorer = _scorers(split)[kind]
     path = write_bundle(tmp_path / "model", scorer, split.train.catalog, trained={"mode": "test"},
                         metrics={"test": evaluate(scorer, split, "test")})
     bundle = load_bundle(path)
-    assert bundle.card.scorer["kind"] == kind.removesuffix("+catalog") and bundle.card.items == split.n_items
+    assert bundle.card.scorer["kind"] == kind.removesuffix("+catalog").removesuffix("+prior-alone")
+    assert bundle.card.items == split.n_items
     histories, _ = split.eval_inputs("test")
     assert torch.equal(bundle.scorer(histories[:32]), scorer(histories[:32]))
     assert evaluate(bundle.scorer, split, "test") == bundle.card.metrics["test"]

@@ -3,12 +3,18 @@ stated scale, the candidate pairs come from public text alone, and fusion with t
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from common.dp_counts import Counts, PriorWithCounts, bounded_counts, noised, text_neighbours
-from common.fusion import Fused, standardise
+from common.evaluate import evaluate
+from common.fusion import Fused, fit_fusion, standardise
+from common.popularity import Popularity
+from common.split import leave_one_out
+from common.synthetic import SyntheticSpec, generate
 from common.text_prior import TextPrior
 
 
@@ -83,8 +89,28 @@ def test_fusion_standardises_and_weighs_the_prior():
     alone = Fused(model, prior, 0.0)([np.array([1])])
     assert torch.allclose(alone, standardise(model(None)))
     assert Fused(model, prior, 0.0)([None]).argmax() == 3 and Fused(model, prior, 4.0)([None]).argmax() == 1
+    prior_alone = Fused(lambda h: torch.full((1, 4), float("nan")), prior, math.inf)([None])  # model never used
+    assert torch.equal(prior_alone, standardise(prior(None)))
     z = standardise(torch.tensor([[5.0, 1.0, 2.0, 3.0]]))
     assert z[0, 0] == 0 and z[0, 1:].mean().abs() < 1e-6 and z[0, 1:].std() == pytest.approx(1.0)
+
+
+def test_fusion_offers_the_exact_prior_and_takes_what_validates_best():
+    """The prior alone (weight inf) is a candidate scored exactly as the prior itself; validation takes the best
+    candidate, and between equally good ones the one leaning most on the prior (a noise model gains nothing)."""
+    split = leave_one_out(generate(SyntheticSpec(users=300, items=60)))
+    noise = lambda h: torch.randn(len(h), split.n_items + 1,  # noqa: E731
+                                  generator=torch.Generator().manual_seed(len(h)))
+    prior = Popularity(split.train)
+    fused, tried, valid = fit_fusion(noise, prior, split)
+    by_weight = {row["weight"]: row["valid_ndcg@10"] for row in tried}
+    assert by_weight[math.inf] == pytest.approx(evaluate(prior, split, "valid")["ndcg@10"], abs=1e-12)
+    assert valid["ndcg@10"] == by_weight[fused.weight] == max(by_weight.values()) > by_weight[0.0]
+
+    _, targets = split.eval_inputs("valid")
+    oracle = lambda h: torch.nn.functional.one_hot(torch.from_numpy(targets), split.n_items + 1).float()  # noqa: E731
+    fused, tried, valid = fit_fusion(noise, oracle, split)  # 16 ties with inf: both rank every target first
+    assert valid["ndcg@10"] == 1.0 and fused.weight == math.inf
 
 
 def test_a_merchant_releases_fit_and_serve_counts_once_within_its_share(tmp_path):
