@@ -101,6 +101,14 @@ class Statistics:
     def __add__(self, other: Statistics) -> Statistics:
         return Statistics(self.fit + other.fit, self.serve + other.serve)
 
+    def same_as(self, other: Statistics | None) -> bool:
+        """The same released numbers (e.g. this run's statistics read back from its checkpoint)."""
+        return other is self or (other is not None and all(
+            np.array_equal(a, b) for a, b in ((self.fit.popularity, other.fit.popularity),
+                                              (self.fit.pairs, other.fit.pairs),
+                                              (self.serve.popularity, other.serve.popularity),
+                                              (self.serve.pairs, other.serve.pairs))))
+
 
 COUNT_RELEASES = 2
 """Gaussian releases per ``Counts``: the popularity and the pair counts."""

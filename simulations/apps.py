@@ -84,20 +84,23 @@ class CentralEvaluation:
         validation with the fit counts; at test, the same weights over the serve counts."""
         if statistics is None:
             return self.text
-        if self._with_counts is None or self._with_counts[0] is not statistics:
+        if self._with_counts is None or not self._with_counts[0].same_as(statistics):
             neighbours = text_neighbours(self.text.vectors.cpu().numpy(), self.config.federation.statistics_neighbours)
             fitted = fit_prior_with_counts(self.text, statistics.fit, neighbours, self.split)[0]
             self._with_counts = (statistics, fitted, fitted.with_counts(statistics.serve))
         return self._with_counts[1] if stage == "valid" else self._with_counts[2]
 
-    def scorer(self, arrays: dict[str, np.ndarray], statistics: Statistics | None = None, stage: str = "valid"):
-        """The global model's scorer (fused with the prior where there is one; its weight always chosen on
-        validation) for ``stage`` and the fusion's validation: ``(scorer, None)`` or ``(fused, {"weight",
-        "model_valid", "valid"})``."""
+    def scorer(self, arrays: dict[str, np.ndarray], statistics: Statistics | None = None, stage: str = "valid", *,
+               weight: float | None = None):
+        """The global model's scorer (fused with the prior where there is one; its weight chosen on validation,
+        or ``weight``: the one a round's validation already chose) for ``stage`` and the fusion's validation:
+        ``(scorer, None)``, ``(fused, {"weight", "model_valid", "valid"})``, or ``(fused, None)`` given a weight."""
         self.model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
         scorer = sasrec_scorer(self.model, self.device)
         if self.text is None:
             return scorer, None
+        if weight is not None:
+            return Fused(scorer, self.prior(statistics, stage), weight), None
         fused, tried, valid = fit_fusion(scorer, self.prior(statistics), self.split)
         if stage != "valid":
             fused = Fused(scorer, self.prior(statistics, stage), fused.weight)

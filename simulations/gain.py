@@ -13,8 +13,7 @@ from pathlib import Path
 
 from common.atomic import write_json_atomic
 from common.errors import FedaugError
-from common.evaluate import evaluate_per_user
-from common.metrics import paired_gain
+from common.evaluate import evaluate_per_user, gain_over
 from server import checkpoint
 from server.server_app import initial_model
 
@@ -37,14 +36,10 @@ def gain_over_prior(run: Path) -> dict:
     out = {"text_prior_test_ndcg@10": float(prior.mean())}
     for name, arrays, round_ in (("final", state.arrays, state.round), ("best", state.best_arrays, state.best_round)):
         scorer, fusion = evaluation.scorer(arrays, state.statistics, "test")
-        test = evaluate_per_user(scorer, evaluation.split, "test")["ndcg@10"]
-        out[name] = {"round": round_, "test_ndcg@10": float(test.mean()), "prior_weight": fusion["weight"],
-                     "gain_over_text_prior": paired_gain(test, prior)}
+        out[name] = {"round": round_, "prior_weight": fusion["weight"]} | gain_over(scorer, prior, evaluation.split)
     prior_with_counts = evaluation.prior(state.statistics, "test")
     if prior_with_counts is not evaluation.text:
-        test = evaluate_per_user(prior_with_counts, evaluation.split, "test")["ndcg@10"]
-        out["prior_with_statistics"] = {"test_ndcg@10": float(test.mean()),
-                                        "gain_over_text_prior": paired_gain(test, prior)}
+        out["prior_with_statistics"] = gain_over(prior_with_counts, prior, evaluation.split)
     write_json_atomic(run / "gain.json", out)
     return out
 

@@ -17,8 +17,8 @@ import torch
 from common.config import to_run_config
 from common.device import pick_device
 from common.errors import FedaugError
-from common.evaluate import evaluate
-from common.metrics import select
+from common.evaluate import Scorer, evaluate, evaluate_per_user, gain_over
+from common.metrics import mean_metrics, select
 from common.popularity import Popularity
 from common.records import MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
 from common.split import leave_one_out, merchant_partitions
@@ -44,8 +44,9 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     n_merchants = len(merchant_partitions(config.assigned(data)))
     mode = config.simulation.mode
     state_dir = _state_dir(config, out)
+    evaluations: list = []  # the server's central evaluation, fitted during the run: the bundles reuse it
     if mode == "federated":
-        metrics = _federated(config, n_merchants, state_dir, on_round, verbose)
+        metrics = _federated(config, n_merchants, state_dir, on_round, verbose, evaluations)
     elif mode == "local":
         metrics = _local_only(config, data, state_dir, on_round)
     else:
@@ -53,9 +54,12 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     sim = config.simulation
     metrics.mode = mode
     metrics.baselines = {"popularity": select(evaluate(Popularity(split.train), split, "test"))}
+    prior_test = None
     if data.catalog.texts:  # the public prior every merchant has on day one
-        prior, _ = text_prior(config, data, split, pick_device(config.device), progress=verbose)
-        metrics.baselines["text prior"] = select(evaluate(prior, split, "test"))
+        fitted = evaluations[-1].text if evaluations else None
+        prior = fitted or text_prior(config, data, split, pick_device(config.device), progress=verbose)[0]
+        prior_test = evaluate_per_user(prior, split, "test")
+        metrics.baselines["text prior"] = select(mean_metrics([prior_test]))
     metrics.baselines |= baselines or {}
     metrics.attack = ({"kind": sim.attack, "fraction": sim.attackers, "scale": sim.attack_scale,
                        "merchants": config.attacker_ids()} if sim.attack else None)
@@ -65,7 +69,10 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     metrics.config = config.model_dump(mode="json")
     out.mkdir(parents=True, exist_ok=True)
     if mode == "federated":
-        _save_global_models(config, data, state_dir, metrics, out)
+        scorers = _save_global_models(config, data, state_dir, metrics, out, evaluations[-1] if evaluations else None)
+        if prior_test is not None and config.text.fuse:
+            metrics.gain_over_text = {name: {"round": round_} | gain_over(scorer, prior_test["ndcg@10"], split)
+                                      for name, (round_, scorer) in scorers.items()}
     plots = write_plots(metrics, out)
     write_metrics(out, metrics)
     write_report(metrics, out, plots)
@@ -83,7 +90,9 @@ def _state_dir(config: SimulationConfig, out: Path) -> Path:
 
 
 def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_round: OnRound | None,
-               verbose: bool) -> RunMetrics:
+               verbose: bool, evaluations: list) -> RunMetrics:
+    """The federation in Flower's simulation engine; the server's central evaluation is appended to
+    ``evaluations`` (the ServerApp runs in this process)."""
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -93,7 +102,13 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    from .apps import client, server
+    from server.server_app import server_app
+
+    from .apps import CentralEvaluation, client
+
+    def central_evaluation(*args) -> CentralEvaluation:
+        evaluations.append(CentralEvaluation(*args))
+        return evaluations[-1]
 
     run_config = to_run_config(config.changed(federation={"state_dir": state_dir, "min_nodes": n_merchants}))
     # Flower's simulation reads the merchants' run_config from an app directory's pyproject.toml, as `flwr run`
@@ -116,7 +131,8 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
             _write_app_dir(Path(app_dir), run_config)
             watcher.start()
             _run_simulation(num_supernodes=n_merchants, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                            client_app=client, server_app=server, backend_name="ray",
+                            client_app=client, server_app=server_app(SimulationConfig, central_evaluation),
+                            backend_name="ray",
                             backend_config=_backend_config(config, verbose), server_app_context=context,
                             app_dir=app_dir, is_app=True, run=run, verbose_logging=verbose)
     finally:
@@ -130,22 +146,35 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
     return federation_summary(config, state, mode="federated", seconds=0.0, data={})
 
 
-def _save_global_models(config: SimulationConfig, data, state_dir: Path, metrics: RunMetrics, out: Path) -> None:
+def _save_global_models(config: SimulationConfig, data, state_dir: Path, metrics: RunMetrics, out: Path,
+                        evaluation=None) -> dict[str, tuple[int, Scorer]]:
     """DIR/model: the final global model as the run tested it (fused with the prior and the merchants' DP
-    statistics — their serve counts — where it was); DIR/model-best: the best-validating round's, when that is
-    another round."""
+    statistics — their serve counts — at the weight its round's validation chose); DIR/model-best: the
+    best-validating round's, when that is another round. ``evaluation``: the server's, already fitted.
+    Returns the scorers by name (final, best) with their rounds."""
     from server.server_app import initial_model
 
     from .apps import CentralEvaluation
 
     state = checkpoint.load(state_dir)
-    evaluation = CentralEvaluation(config, data, initial_model(config, data))
-    scorer, _ = evaluation.scorer(state.arrays, state.statistics, "test")  # serving: the serve counts
-    save_model(out / MODEL, scorer, data, metrics, config)
+    if evaluation is None:  # e.g. every round was done before this start: nothing was fitted in this process
+        evaluation = CentralEvaluation(config, data, initial_model(config, data))
+    rounds = {r.round: r for r in state.history}
+
+    def scorer(arrays, round_: int):
+        record = rounds.get(round_)
+        return evaluation.scorer(arrays, state.statistics, "test",  # serving: the serve counts
+                                 weight=record.fusion_weight if record is not None else None)[0]
+
+    final = scorer(state.arrays, state.round)
+    save_model(out / MODEL, final, data, metrics, config)
+    scorers = {"final": (state.round, final), "best": (state.round, final)}
     if state.best_round and state.best_round != state.round and state.best_arrays:
-        scorer, fusion = evaluation.scorer(state.best_arrays, state.statistics, "test")
-        save_model(out / BEST_MODEL, scorer, data, metrics, config, round_=state.best_round, test=state.best_test,
-                   valid=fusion["valid"] if fusion else None)
+        best, record = scorer(state.best_arrays, state.best_round), rounds.get(state.best_round)
+        save_model(out / BEST_MODEL, best, data, metrics, config, round_=state.best_round, test=state.best_test,
+                   valid=record.valid if record is not None else None)
+        scorers["best"] = (state.best_round, best)
+    return scorers
 
 
 def _write_app_dir(app_dir: Path, run_config: dict) -> None:

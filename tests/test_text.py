@@ -138,6 +138,15 @@ def test_a_federation_fuses_the_prior_and_the_merchants_dp_statistics(encoder, t
     assert metrics["privacy"]["epsilon_max"] <= 4.0 * (1 + 1e-9)
     report = (out / "report.md").read_text()
     assert "| text prior |" in report and "(kept)" in report
+    # The bundle is the tested scorer (the server's fitted prior, statistics and final round's fusion weight).
+    from common.loaders import load
+    from common.recommender import Recommender
+    from simulations.serving_eval import reproduce_test
+
+    bundle = Recommender.load(out / "model", device="cpu")
+    assert bundle.bundle.card.scorer["weight"] == metrics["rounds"][-1]["fusion_weight"]
+    reproduced = reproduce_test(bundle, load(data))
+    assert reproduced["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-12)
     from simulations.gain import gain_over_prior
 
     gain = gain_over_prior(out)
