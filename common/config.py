@@ -374,21 +374,41 @@ class FederationSection(Section):
 
 
 class Config(Section):
-    """A role's whole config. ``defaults`` are the role's own defaults, merged under what the user gave."""
+    """A role's whole config. ``defaults`` are the role's own defaults, merged under what the user gave;
+    ``nonprivate_defaults``, where set, replace them when the budget is ε = inf (a recipe per regime)."""
 
     defaults: ClassVar[dict[str, dict]] = {}
+    nonprivate_defaults: ClassVar[dict[str, dict] | None] = None
+
+    @classmethod
+    def role_defaults(cls, raw: dict) -> dict[str, dict]:
+        """The defaults that apply to ``raw`` (a config as given, before validation)."""
+        privacy = raw.get("privacy")
+        epsilon = parse_inf(privacy.get("epsilon")) if isinstance(privacy, dict) else None
+        private = not (isinstance(epsilon, int | float) and math.isinf(epsilon))
+        return cls.defaults if private or cls.nonprivate_defaults is None else cls.nonprivate_defaults
 
     @model_validator(mode="before")
     @classmethod
     def _role_defaults(cls, raw):
-        if not isinstance(raw, dict) or not cls.defaults:
+        if not isinstance(raw, dict):
             return raw
         merged = dict(raw)
-        for section, values in cls.defaults.items():
+        for section, values in cls.role_defaults(raw).items():
             given = merged.get(section, {})
             if isinstance(given, dict):
                 merged[section] = {**values, **given}
         return merged
+
+    def given(self) -> dict:
+        """What was set, less the role defaults (which validation adds as if set): validated again with other
+        values, e.g. another ε, it takes that regime's defaults."""
+        raw = self.model_dump(exclude_unset=True)
+        for section, values in self.role_defaults(raw).items():
+            kept = {k: v for k, v in raw.get(section, {}).items() if values.get(k, object()) != v}
+            if section in raw:
+                raw[section] = kept
+        return raw
 
 
 class DataPart(BaseModel):
@@ -437,6 +457,13 @@ FEDERATED_DEFAULTS = {
     "model": {"tie_embeddings": False, "catalog": "auto", "item_dim": 8},
     "local": {"batch_size": 1024, "lr": 0.03},
 }
+NONPRIVATE_FEDERATED_DEFAULTS = {
+    # Without DP nothing is noised: the central baseline's model (wide item tables, shared by input and output),
+    # its batch and lr, and several local epochs a round — at one, a round of FedAvg takes a tenth of the steps
+    # of a central epoch.
+    "local": {"batch_size": TrainSection.model_fields["batch_size"].default,
+              "lr": TrainSection.model_fields["lr"].default, "local_epochs": 4},
+}
 
 
 class SyntheticPart(BaseModel):
@@ -462,7 +489,7 @@ class FederationConfig(Config, DataPart, SyntheticPart, RecipePart):
     Flower's run_config; the deployed aggregator sends it; a merchant's node_config overrides [data], its
     [privacy] budget and device."""
 
-    defaults = FEDERATED_DEFAULTS
+    defaults, nonprivate_defaults = FEDERATED_DEFAULTS, NONPRIVATE_FEDERATED_DEFAULTS
     federation: FederationSection = FederationSection()
 
 

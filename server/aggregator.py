@@ -26,6 +26,7 @@ from pydantic import Field, field_validator, model_validator
 from common.atomic import write_bytes_atomic, write_json_atomic
 from common.config import (
     FEDERATED_DEFAULTS,
+    NONPRIVATE_FEDERATED_DEFAULTS,
     Config,
     DataPart,
     FederationSection,
@@ -75,7 +76,7 @@ class AggregatorConfig(Config, DataPart, RecipePart):
     """The aggregator's TOML: [aggregator], [federation], the training recipe merchants receive ([model],
     [augment], [privacy] default budget, [local]) and [data] catalog — the public item catalog (no user data)."""
 
-    defaults = FEDERATED_DEFAULTS
+    defaults, nonprivate_defaults = FEDERATED_DEFAULTS, NONPRIVATE_FEDERATED_DEFAULTS
     federation: FederationSection = FederationSection()
     aggregator: AggregatorSection = AggregatorSection()
 

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 
 from common.config import (
     FEDERATED_DEFAULTS,
+    NONPRIVATE_FEDERATED_DEFAULTS,
     Config,
     DataPart,
     FederationConfig,
@@ -70,7 +71,7 @@ class SimulationSection(Section):
 class SimulationConfig(Config, DataPart, SyntheticPart, RecipePart):
     """`fedaug simulate`, `sweep`, `audit --federated`: a federation over merchants cut from one data set."""
 
-    defaults = FEDERATED_DEFAULTS
+    defaults, nonprivate_defaults = FEDERATED_DEFAULTS, NONPRIVATE_FEDERATED_DEFAULTS
     federation: FederationSection = FederationSection()
     simulation: SimulationSection = SimulationSection()
 
@@ -104,7 +105,7 @@ class SimulationConfig(Config, DataPart, SyntheticPart, RecipePart):
         """This config with keys replaced (``section={key: value}``; None removes a key), validated again. Only
         what was set travels, so defaults that mean "not given" stay so — [federation] state_dir, when unset,
         puts each run's state in its own DIR/state."""
-        raw = self.model_dump(exclude_unset=True)
+        raw = self.given()
         for section, values in sections.items():
             merged = {**raw.get(section, {}), **values}
             raw[section] = {key: value for key, value in merged.items() if value is not None}

@@ -85,6 +85,22 @@ def test_role_defaults():
     assert given.local.lr == 0.1 and given.local.batch_size == 1024
 
 
+def test_a_nonprivate_federation_gets_the_central_recipe_and_a_sweep_switches_regimes():
+    """ε = inf: the central baseline's tied wide tables, batch and lr, several local epochs; a config changed to
+    another ε takes that regime's defaults, while what the user set stays."""
+    central = BaselineConfig()
+    nonprivate = load_config(None, {"privacy.epsilon": "inf"}, FederationConfig)
+    assert nonprivate.model.tie_embeddings and nonprivate.model.catalog is False and nonprivate.model.item_dim is None
+    assert (nonprivate.local.batch_size, nonprivate.local.lr) == (central.train.batch_size, central.train.lr)
+    assert nonprivate.local.local_epochs > 1
+    base = load_config(None, {"local.lr": 0.05, "model.hidden": 32}, SimulationConfig)
+    switched = base.changed(privacy={"epsilon": math.inf})
+    assert switched.model.tie_embeddings and switched.local.batch_size == central.train.batch_size
+    assert switched.local.lr == 0.05 and switched.model.hidden == 32  # the user's own values travel
+    back = switched.changed(privacy={"epsilon": 8.0})
+    assert back.model.item_dim == 8 and back.local.batch_size == 1024 and back.local.lr == 0.05
+
+
 def test_flower_run_config_round_trips_with_the_same_names():
     config = load_config(None, {"model.hidden": 32, "privacy.epsilon": "inf", "augment.ops": ["crop", "mask"],
                                 "federation.rounds": 3}, SimulationConfig)
