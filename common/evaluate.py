@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .batching import pad_right
-from .metrics import METRIC_NAMES, mask_history, mean_metrics, paired_gain, rank_metrics
+from .metrics import METRIC_NAMES, mask_history, mean_metrics, rank_metrics
 from .model import SASRec
 from .split import LeaveOneOut
 
@@ -35,13 +35,6 @@ def evaluate_per_user(scorer: Scorer, split: LeaveOneOut, stage: str, batch_size
     if not per_user:
         return {name: np.zeros(0) for name in METRIC_NAMES}
     return {name: np.concatenate([p[name] for p in per_user]) for name in METRIC_NAMES}
-
-
-def gain_over(scorer: Scorer, baseline: np.ndarray, split: LeaveOneOut, stage: str = "test") -> dict:
-    """``scorer``'s NDCG@10 at ``stage`` and its mean per-user gain over ``baseline`` (another scorer's per-user
-    NDCG@10 on the same users) with that gain's 95 % interval."""
-    ndcg = evaluate_per_user(scorer, split, stage)["ndcg@10"]
-    return {f"{stage}_ndcg@10": float(ndcg.mean()), "gain_over_text_prior": paired_gain(ndcg, baseline)}
 
 
 class SASRecScorer:

@@ -105,7 +105,9 @@ class FusionRecord:
     weight: float
     tried: list[dict]
     model_test: Metrics
-    model_valid: Metrics
+    model_valid: Metrics | None
+    model_test_cold: Metrics | None = None
+    """The model alone on the test users whose target item is cold (see RunMetrics.test_cold)."""
 
 
 @dataclass
@@ -142,6 +144,8 @@ class RunMetrics:
     best_test: Metrics | None = None
     test_cold: Metrics | None = None
     """Test metrics over the users whose target item had fewer than COLD_BELOW training interactions."""
+    baselines_cold: dict[str, Metrics] = field(default_factory=dict)
+    """The same for the baselines (popularity, text prior)."""
     cold_users: int | None = None
     fusion: FusionRecord | None = None
     gain_over_text: dict[str, dict] | None = None

@@ -109,11 +109,12 @@ def baseline(
     if fusion:
         console.print(f"{cfg.model.kind} alone: test NDCG@10 {fusion.model_test['ndcg@10']:.4f}; fused with the "
                       f"text prior at weight {fusion.weight:g} (chosen on validation):")
+    cold = (f"cold-item targets ({metrics.cold_users} users) NDCG@10 {metrics.test_cold['ndcg@10']:.4f}  "
+            if metrics.test_cold else "")
     console.print(
         f"{cfg.model.kind}{' + text prior' if fusion else ''}: test NDCG@10 {test['ndcg@10']:.4f}  "
-        f"HR@10 {test['hr@10']:.4f}  AUC {test['auc']:.4f}  cold-item targets ({metrics.cold_users} users) NDCG@10 "
-        f"{metrics.test_cold['ndcg@10']:.4f}  ({metrics.epochs} epochs, {metrics.seconds:.0f} s) -> "
-        f"{out / 'metrics.json'}"
+        f"HR@10 {test['hr@10']:.4f}  AUC {test['auc']:.4f}  {cold}({metrics.epochs} epochs, "
+        f"{metrics.seconds:.0f} s) -> {out / 'metrics.json'}"
     )
 
 

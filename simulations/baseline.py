@@ -18,7 +18,7 @@ from common.text_prior import TextPrior, fit_text_prior
 from common.training import fit, set_seed
 
 from .bundles import MODEL, save_model
-from .report import final_metrics
+from .report import final_metrics, tested
 
 
 def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Callable | None = None,
@@ -47,7 +47,8 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
         if data.catalog.texts and config.text.fuse:  # the public prior beside the learned model, if it helps
             prior, _ = text_prior(config, data, split, device)
             fused, tried, _ = fit_fusion(scorer, prior, split)
-            fusion = FusionRecord(weight=fused.weight, tried=tried, model_test=select(evaluate(scorer, split, "test")),
+            alone = tested(scorer, split)
+            fusion = FusionRecord(weight=fused.weight, tried=tried, model_test=alone.all, model_test_cold=alone.cold,
                                   model_valid=select(evaluate(scorer, split, "valid")))
             scorer = fused
         metrics = final_metrics("baseline", scorer, split, data, config, device, result.epochs, started)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from common.atomic import write_json_atomic
 from common.errors import FedaugError
-from common.evaluate import evaluate_per_user, gain_over
+from common.evaluate import evaluate_per_user
+from common.metrics import paired_gain
 from server import checkpoint
 from server.server_app import initial_model
 
@@ -34,12 +35,17 @@ def gain_over_prior(run: Path) -> dict:
         raise FedaugError(f"{run}: the data has no item texts, so there is no text prior to compare with")
     prior = evaluate_per_user(evaluation.text, evaluation.split, "test")["ndcg@10"]
     out = {"text_prior_test_ndcg@10": float(prior.mean())}
+
+    def gain(scorer) -> dict:
+        test = evaluate_per_user(scorer, evaluation.split, "test")["ndcg@10"]
+        return {"test_ndcg@10": float(test.mean()), "gain_over_text_prior": paired_gain(test, prior)}
+
     for name, arrays, round_ in (("final", state.arrays, state.round), ("best", state.best_arrays, state.best_round)):
         scorer, fusion = evaluation.scorer(arrays, state.statistics, "test")
-        out[name] = {"round": round_, "prior_weight": fusion["weight"]} | gain_over(scorer, prior, evaluation.split)
+        out[name] = {"round": round_, "prior_weight": fusion["weight"]} | gain(scorer)
     prior_with_counts = evaluation.prior(state.statistics, "test")
     if prior_with_counts is not evaluation.text:
-        out["prior_with_statistics"] = gain_over(prior_with_counts, prior, evaluation.split)
+        out["prior_with_statistics"] = gain(prior_with_counts)
     write_json_atomic(run / "gain.json", out)
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,11 @@ def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorD
                   epochs: int, started: float) -> RunMetrics:
     """The trained model's test (all users, and cold-item targets) and validation metrics with what the run was;
     callers fill in the rest."""
-    test = evaluate_per_user(scorer, split, "test")
-    cold = cold_targets(split)
-    return RunMetrics(mode=mode, test=select(mean_metrics([test])), valid=select(evaluate(scorer, split, "valid")),
-                      test_users=len(cold), epochs=epochs, seconds=round(time.monotonic() - started, 2),
+    test = tested(scorer, split)
+    return RunMetrics(mode=mode, test=test.all, valid=select(evaluate(scorer, split, "valid")),
+                      test_users=len(test.cold_mask), epochs=epochs, seconds=round(time.monotonic() - started, 2),
                       data=data.summary(), config=config.model_dump(mode="json") | {"device": str(device)},
-                      test_cold=mean_metrics([{k: v[cold] for k, v in test.items()}]), cold_users=int(cold.sum()))
+                      test_cold=test.cold, cold_users=int(test.cold_mask.sum()))
 
 
 def cold_targets(split: LeaveOneOut) -> np.ndarray:
@@ -40,6 +40,29 @@ def cold_targets(split: LeaveOneOut) -> np.ndarray:
     counts = np.bincount(split.train.items, minlength=split.n_items + 1)
     _, targets = split.eval_inputs("test")
     return counts[targets] < COLD_BELOW
+
+
+@dataclass(frozen=True)
+class Tested:
+    """A scorer's test metrics: per user, over all users and over the users whose target is a cold item."""
+
+    per_user: dict[str, np.ndarray]
+    cold_mask: np.ndarray
+
+    @property
+    def all(self) -> dict:
+        return select(mean_metrics([self.per_user]))
+
+    @property
+    def cold(self) -> dict | None:
+        """None where no target is cold."""
+        if not self.cold_mask.any():
+            return None
+        return select(mean_metrics([{k: v[self.cold_mask] for k, v in self.per_user.items()}]))
+
+
+def tested(scorer: Scorer, split: LeaveOneOut) -> Tested:
+    return Tested(evaluate_per_user(scorer, split, "test"), cold_targets(split))
 
 
 def write_report(metrics: RunMetrics, out: Path, plots: list[str]) -> None:
@@ -73,6 +96,8 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
     runs = {f"**{metrics.mode}**": metrics.test}
     if metrics.best_test is not None and metrics.best_round != len(metrics.rounds):
         runs[f"{metrics.mode}, best-validation round ({metrics.best_round})"] = metrics.best_test
+    if metrics.fusion is not None:
+        runs[f"{metrics.mode}, model alone (item ids, no text prior)"] = metrics.fusion.model_test
     runs |= dict(metrics.baselines)
     reference = metrics.baselines.get("centralised non-private")
     for name, test in runs.items():
@@ -87,6 +112,14 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
                  for name, g in metrics.gain_over_text.items() for d in [g["gain_over_text_prior"]]]
         lines += ["", "Gain over the text prior, test NDCG@10 per user (mean, 95 % paired interval): "
                   + "; ".join(gains) + "."]
+    if metrics.test_cold is not None:
+        cold = {f"**{metrics.mode}**": metrics.test_cold}
+        if metrics.fusion is not None and metrics.fusion.model_test_cold is not None:
+            cold[f"{metrics.mode}, model alone"] = metrics.fusion.model_test_cold
+        cold |= {name: m for name, m in metrics.baselines_cold.items() if m is not None}
+        lines += ["", f"Cold items: the {metrics.cold_users} test users whose target had fewer than {COLD_BELOW} "
+                  "training interactions.", "", "| run | hr@10 | ndcg@10 |", "|---|---|---|"]
+        lines += [f"| {name} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} |" for name, m in cold.items()]
     lines += ["", "## Privacy", "",
               f"- ε per merchant: max {_fmt(priv.epsilon_max)}, mean {_fmt(priv.epsilon_mean)} "
               f"(budget {_fmt(priv.epsilon_budget)}), user-level DP-SGD with per-user clipping C = "

@@ -17,10 +17,11 @@ import torch
 from common.config import to_run_config
 from common.device import pick_device
 from common.errors import FedaugError
-from common.evaluate import Scorer, evaluate, evaluate_per_user, gain_over
-from common.metrics import mean_metrics, select
+from common.evaluate import Scorer
+from common.fusion import Fused
+from common.metrics import paired_gain
 from common.popularity import Popularity
-from common.records import MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
+from common.records import FusionRecord, MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
 from common.split import leave_one_out, merchant_partitions
 from server import checkpoint
 from server.monitor import RoundWatcher
@@ -31,7 +32,7 @@ from .bundles import BEST_MODEL, MODEL, save_model
 from .config import SimulationConfig
 from .local import run_local
 from .plots import write_plots
-from .report import METRIC_KEYS, write_report
+from .report import METRIC_KEYS, Tested, tested, write_report
 
 
 def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None = None,
@@ -53,13 +54,14 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
         metrics = _central(config, data, state_dir, on_round, out / MODEL)
     sim = config.simulation
     metrics.mode = mode
-    metrics.baselines = {"popularity": select(evaluate(Popularity(split.train), split, "test"))}
+    popularity = tested(Popularity(split.train), split)
+    metrics.baselines, metrics.baselines_cold = {"popularity": popularity.all}, {"popularity": popularity.cold}
     prior_test = None
     if data.catalog.texts:  # the public prior every merchant has on day one
         fitted = evaluations[-1].text if evaluations else None
         prior = fitted or text_prior(config, data, split, pick_device(config.device), progress=verbose)[0]
-        prior_test = evaluate_per_user(prior, split, "test")
-        metrics.baselines["text prior"] = select(mean_metrics([prior_test]))
+        prior_test = tested(prior, split)
+        metrics.baselines["text prior"], metrics.baselines_cold["text prior"] = prior_test.all, prior_test.cold
     metrics.baselines |= baselines or {}
     metrics.attack = ({"kind": sim.attack, "fraction": sim.attackers, "scale": sim.attack_scale,
                        "merchants": config.attacker_ids()} if sim.attack else None)
@@ -70,13 +72,32 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     out.mkdir(parents=True, exist_ok=True)
     if mode == "federated":
         scorers = _save_global_models(config, data, state_dir, metrics, out, evaluations[-1] if evaluations else None)
-        if prior_test is not None and config.text.fuse:
-            metrics.gain_over_text = {name: {"round": round_} | gain_over(scorer, prior_test["ndcg@10"], split)
-                                      for name, (round_, scorer) in scorers.items()}
+        _test_in_detail(metrics, scorers, split, prior_test if config.text.fuse else None)
     plots = write_plots(metrics, out)
     write_metrics(out, metrics)
     write_report(metrics, out, plots)
     return metrics
+
+
+def _test_in_detail(metrics: RunMetrics, scorers: dict[str, tuple[int, Scorer]], split, prior: Tested | None
+                    ) -> None:
+    """The final global model on cold-item targets, the model alone beside its fusion with the prior (the
+    item-id model vs with text), and the final and best model's paired gain over the text prior."""
+    final = tested(scorers["final"][1], split)
+    metrics.test_cold, metrics.cold_users = final.cold, int(final.cold_mask.sum())
+    if isinstance(scorers["final"][1], Fused):
+        alone = tested(scorers["final"][1].model, split)
+        metrics.fusion = FusionRecord(weight=scorers["final"][1].weight, tried=[], model_test=alone.all,
+                                      model_test_cold=alone.cold,
+                                      model_valid=metrics.rounds[-1].model_valid if metrics.rounds else None)
+    if prior is None:
+        return
+    gains = {}
+    for name, (round_, scorer) in scorers.items():
+        ndcg = (final if scorer is scorers["final"][1] else tested(scorer, split)).per_user["ndcg@10"]
+        gains[name] = {"round": round_, "test_ndcg@10": float(ndcg.mean()),
+                       "gain_over_text_prior": paired_gain(ndcg, prior.per_user["ndcg@10"])}
+    metrics.gain_over_text = gains
 
 
 def _state_dir(config: SimulationConfig, out: Path) -> Path:
