@@ -20,7 +20,7 @@ from common.records import OnRound
 from .attacks import ATTACKS
 from .config import DEFENCES, MODES, SimulationConfig
 from .plots import privacy_utility_plot
-from .report import METRIC_KEYS
+from .report import COLD_BELOW, METRIC_KEYS
 from .simulate import run_simulate
 
 
@@ -101,11 +101,17 @@ def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines:
         else:
             config = _grid_config(base, sweep, mode, epsilon, augment, attack, defence)
             metrics = run_simulate(config, run_dir, on_round=on_round, baselines=baselines).to_json()
+        fusion = metrics.get("fusion") or {}
         results.append({"name": name, "mode": mode, "epsilon": "inf" if math.isinf(epsilon) else epsilon,
                         "augment": augment, "attack": attack or None, "defence": metrics.get("defence"),
-                        "test": metrics["test"], "privacy": metrics["privacy"], "seconds": metrics["seconds"]})
+                        "test": metrics["test"], "privacy": metrics["privacy"], "seconds": metrics["seconds"],
+                        "model_test": fusion.get("model_test"), "test_cold": metrics.get("test_cold"),
+                        "model_test_cold": fusion.get("model_test_cold"),
+                        "prior_weight": fusion.get("weight")})
         baselines = baselines or {}
-        baselines.setdefault("popularity", metrics["baselines"]["popularity"])
+        for baseline in ("popularity", "text prior"):  # the same for every run of one data set
+            if baseline in metrics["baselines"]:
+                baselines.setdefault(baseline, metrics["baselines"][baseline])
     if not results:
         raise ConfigError(f"{out}: no finished runs to report")
     summary = {"runs": results, "missing": [run_name(*point) for point in grid
@@ -114,10 +120,17 @@ def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines:
                "config": base.model_dump(mode="json") | {"sweep": sweep.model_dump(mode="json")}}
     out.mkdir(parents=True, exist_ok=True)
     lines: dict[str, list[tuple[float, float]]] = {}
+    augments = {r["augment"] for r in results}
     for r in results:
-        label = f"{r['mode']}, augmentation {'on' if r['augment'] else 'off'}"
+        if r["attack"]:
+            continue
+        label = r["mode"] + (f", augmentation {'on' if r['augment'] else 'off'}" if len(augments) > 1 else "")
         eps = math.inf if r["epsilon"] == "inf" else float(r["epsilon"])
-        lines.setdefault(label, []).append((eps, r["test"]["ndcg@10"]))
+        if r["model_test"] is None:
+            lines.setdefault(label, []).append((eps, r["test"]["ndcg@10"]))
+        else:  # the item side: the model over item ids alone, and fused with the public text prior
+            lines.setdefault(f"{label}, item ids", []).append((eps, r["model_test"]["ndcg@10"]))
+            lines.setdefault(f"{label}, + text prior", []).append((eps, r["test"]["ndcg@10"]))
     plot = privacy_utility_plot(lines, out, {name: b["ndcg@10"] for name, b in summary["baselines"].items()})
     write_json_atomic(out / "sweep.json", summary)
     write_bytes_atomic(out / "report.md", _report(summary, plot).encode())
@@ -140,6 +153,17 @@ def _report(summary: dict, plot: str) -> str:
                      + " | ".join(f"{r['test'][k]:.4f}" for k in METRIC_KEYS) + f" | {r['seconds']:.0f} |")
     for name, b in summary["baselines"].items():
         lines.append(f"| {name} | — | — | — | — | " + " | ".join(f"{b[k]:.4f}" for k in METRIC_KEYS) + " | |")
+    fused = [r for r in summary["runs"] if r.get("model_test")]
+    if fused:
+        lines += ["", "## Item side: item ids alone vs with the public text prior (test NDCG@10)", "",
+                  f"Cold: the test users whose target item had fewer than {COLD_BELOW} training interactions.", "",
+                  "| run | item ids (model alone) | + text prior | prior weight | cold: item ids | "
+                  "cold: + text prior |",
+                  "|---|---|---|---|---|---|"]
+        for r in fused:
+            cold = [f"{m['ndcg@10']:.4f}" if m else "—" for m in (r["model_test_cold"], r["test_cold"])]
+            lines.append(f"| {r['name']} | {r['model_test']['ndcg@10']:.4f} | {r['test']['ndcg@10']:.4f} | "
+                         f"{r['prior_weight']} | {cold[0]} | {cold[1]} |")
     attacked = [r for r in summary["runs"] if r.get("attack")]
     if attacked:
         lines += _attack_table(summary["runs"], attacked)

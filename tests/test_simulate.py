@@ -17,6 +17,7 @@ from flwr.common.config import flatten_dict
 
 from common.bundle import bundle_hash
 from common.config import FederationConfig, from_run_config
+from common.metrics import METRIC_NAMES
 from common.recommender import Recommender
 from simulations.config import SimulationConfig
 from tests.support import ROOT, SMALL
@@ -178,6 +179,33 @@ def test_a_sweep_runs_its_grid_once_and_reports(tmp_path):
     assert partial["missing"] == ["central-epsinf-aug"] and not (tmp_path / "out" / "central-epsinf-aug" /
                                                                   "metrics.json").exists()
     assert "Not run yet: central-epsinf-aug" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_sweep_draws_item_ids_and_text_prior_lines_with_cold_figures(tmp_path):
+    """Runs fused with the text prior give two lines each (the model over item ids alone, and fused), the text
+    prior and popularity are baselines, and the item-side table carries the cold-item figures."""
+    from simulations.sweep import load_sweep, run_sweep
+
+    path = tmp_path / "sweep.toml"
+    path.write_text(TINY + '\n[sweep]\nepsilon = [1, "inf"]\naugment = [true]\n')
+    grid, base = load_sweep(path)
+
+    def metrics(alone: float, fused: float) -> dict:
+        def same(value: float) -> dict:
+            return dict.fromkeys(METRIC_NAMES, value)
+
+        return {"test": same(fused), "privacy": {"epsilon_max": 1.0}, "seconds": 1.0, "defence": "fedavg",
+                "baselines": {"popularity": same(0.01), "text prior": same(0.03)}, "test_cold": same(fused / 2),
+                "fusion": {"weight": 4.0, "model_test": same(alone), "model_test_cold": same(alone / 4)}}
+
+    for name, alone, fused in (("federated-eps1-aug", 0.005, 0.031), ("federated-epsinf-aug", 0.02, 0.05)):
+        (tmp_path / "out" / name).mkdir(parents=True)
+        (tmp_path / "out" / name / "metrics.json").write_text(json.dumps(metrics(alone, fused)))
+    summary = run_sweep(grid, base, tmp_path / "out", report_only=True)
+    assert set(summary["baselines"]) == {"popularity", "text prior"}
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| federated-eps1-aug | 0.0050 | 0.0310 | 4.0 | 0.0013 | 0.0155 |" in report
+    assert "| federated-epsinf-aug | 0.0200 | 0.0500 | 4.0 | 0.0050 | 0.0250 |" in report
 
 
 def test_sweep_config_errors_name_the_file_and_key(tmp_path):
