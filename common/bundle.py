@@ -151,10 +151,10 @@ def _rebuild(spec: dict, prefix: str, tensors: dict[str, torch.Tensor], device) 
                          device=device)
     if kind == "text+statistics":
         prior = _rebuild(spec["prior"], f"{prefix}prior.", tensors, device)
-        return PriorWithCounts.restore(prior, tensors[f"{prefix}popularity"], tensors[f"{prefix}pairs"],
-                                       tensors[f"{prefix}neighbours"], popularity_weight=spec["popularity_weight"],
-                                       pair_weight=spec["pair_weight"], threshold=spec["threshold"],
-                                       pair_window=spec["pair_window"])
+        return PriorWithCounts(prior, tensors[f"{prefix}popularity"], tensors[f"{prefix}pairs"],
+                               tensors[f"{prefix}neighbours"], popularity_weight=spec["popularity_weight"],
+                               pair_weight=spec["pair_weight"], threshold=spec["threshold"],
+                               pair_window=spec["pair_window"])
     if kind == "popularity":
         return Popularity.restore(tensors[f"{prefix}counts"])
     raise ConfigError(f"bundle scorer: unknown kind {kind!r}")

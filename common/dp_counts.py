@@ -128,35 +128,29 @@ class PriorWithCounts:
     A noisy pair count below ``threshold`` noise standard deviations counts as 0: most candidate cells hold no
     transition at all, and without the cut their noise alone would rank items."""
 
-    def __init__(self, prior: TextPrior, counts: Counts, neighbours: np.ndarray, *, popularity_weight: float,
-                 pair_weight: float, threshold: float = 0.0, pair_window: int = 3):
+    def __init__(self, prior: TextPrior, popularity: torch.Tensor, pairs: torch.Tensor, neighbours: torch.Tensor, *,
+                 popularity_weight: float, pair_weight: float, threshold: float, pair_window: int = 3):
+        """From the scoring tensors (log-counts, pairs already thresholded): what a model bundle keeps."""
         device = prior.vectors.device
-        self.prior = prior
-        self.popularity = torch.as_tensor(np.log1p(np.maximum(counts.popularity, 0)), dtype=torch.float32,
-                                          device=device)
-        pairs = np.where(counts.pairs > threshold * counts.pair_std, counts.pairs, 0.0)
-        self.pairs = torch.as_tensor(np.log1p(np.maximum(pairs, 0)), dtype=torch.float32, device=device)
-        self.neighbours = torch.as_tensor(neighbours, device=device)
+        self.prior, self.popularity, self.pairs = prior, popularity.to(device), pairs.to(device)
+        self.neighbours = torch.as_tensor(neighbours).to(device)
         self.popularity_weight, self.pair_weight, self.pair_window = popularity_weight, pair_weight, pair_window
         self.threshold = threshold
 
     @classmethod
-    def restore(cls, prior: TextPrior, popularity: torch.Tensor, pairs: torch.Tensor, neighbours: torch.Tensor, *,
-                popularity_weight: float, pair_weight: float, threshold: float, pair_window: int) -> PriorWithCounts:
-        """Rebuilt from the scoring tensors (log-counts, already thresholded) that a model bundle keeps."""
-        self = cls.__new__(cls)
-        device = prior.vectors.device
-        self.prior, self.popularity, self.pairs = prior, popularity.to(device), pairs.to(device)
-        self.neighbours = neighbours.to(device)
-        self.popularity_weight, self.pair_weight, self.pair_window = popularity_weight, pair_weight, pair_window
-        self.threshold = threshold
-        return self
+    def from_counts(cls, prior: TextPrior, counts: Counts, neighbours: np.ndarray, *, popularity_weight: float,
+                    pair_weight: float, threshold: float = 0.0, pair_window: int = 3) -> PriorWithCounts:
+        popularity = torch.as_tensor(np.log1p(np.maximum(counts.popularity, 0)), dtype=torch.float32)
+        pairs = np.where(counts.pairs > threshold * counts.pair_std, counts.pairs, 0.0)
+        return cls(prior, popularity, torch.as_tensor(np.log1p(np.maximum(pairs, 0)), dtype=torch.float32),
+                   torch.as_tensor(neighbours), popularity_weight=popularity_weight, pair_weight=pair_weight,
+                   threshold=threshold, pair_window=pair_window)
 
     def with_counts(self, counts: Counts) -> PriorWithCounts:
         """The same weights and threshold over other counts (the serve release of the same merchants)."""
-        return PriorWithCounts(self.prior, counts, self.neighbours.cpu().numpy(),
-                               popularity_weight=self.popularity_weight, pair_weight=self.pair_weight,
-                               threshold=self.threshold, pair_window=self.pair_window)
+        return PriorWithCounts.from_counts(self.prior, counts, self.neighbours.cpu().numpy(),
+                                           popularity_weight=self.popularity_weight, pair_weight=self.pair_weight,
+                                           threshold=self.threshold, pair_window=self.pair_window)
 
     def __call__(self, histories: list[np.ndarray]) -> torch.Tensor:
         scores = self.prior(histories)
@@ -188,7 +182,7 @@ def fit_prior_with_counts(prior: TextPrior, counts: Counts, neighbours: np.ndarr
     from .evaluate import evaluate
 
     def valid(**weights) -> float:
-        return evaluate(PriorWithCounts(prior, counts, neighbours, **weights), split, "valid")["ndcg@10"]
+        return evaluate(PriorWithCounts.from_counts(prior, counts, neighbours, **weights), split, "valid")["ndcg@10"]
 
     tried = [{"popularity_weight": w, "pair_weight": 0.0, "threshold": 0.0,
               "valid_ndcg@10": valid(popularity_weight=w, pair_weight=0.0)} for w in POPULARITY_WEIGHTS]
@@ -199,6 +193,6 @@ def fit_prior_with_counts(prior: TextPrior, counts: Counts, neighbours: np.ndarr
                           "valid_ndcg@10": valid(popularity_weight=popularity, pair_weight=weight,
                                                  threshold=threshold)})
     best = max(tried, key=lambda row: row["valid_ndcg@10"])
-    chosen = PriorWithCounts(prior, counts, neighbours, popularity_weight=best["popularity_weight"],
+    chosen = PriorWithCounts.from_counts(prior, counts, neighbours, popularity_weight=best["popularity_weight"],
                              pair_weight=best["pair_weight"], threshold=best["threshold"])
     return chosen, tried

@@ -44,7 +44,8 @@ def _scorers(split):
     neighbours = text_neighbours(prior.vectors.numpy(), 5)
     counts = noised(bounded_counts(split.train.sequences(), neighbours, max_items=4, max_pairs=2),
                     noise_multiplier=0.5, max_items=4, max_pairs=2, rng=np.random.default_rng(1))
-    with_counts = PriorWithCounts(prior, counts, neighbours, popularity_weight=0.1, pair_weight=0.3, threshold=1.0)
+    with_counts = PriorWithCounts.from_counts(prior, counts, neighbours, popularity_weight=0.1, pair_weight=0.3,
+                                              threshold=1.0)
     catalog_model = ModelSection(hidden=16, max_len=10, catalog=True, tie_embeddings=False).model(split.train)
     return {"sasrec": sasrec, "sasrec+catalog": sasrec_scorer(catalog_model, "cpu"), "text": prior,
             "popularity": Popularity(split.train), "text+statistics": with_counts,

@@ -78,7 +78,8 @@ def test_pair_counts_below_the_threshold_do_not_score():
     counts = Counts(np.zeros(5), pairs, popularity_std=1.0, pair_std=1.0)
     prior = TextPrior(v)
     history = [np.array([4, 1])]
-    scorer = PriorWithCounts(prior, counts, neighbours, popularity_weight=0.0, pair_weight=1.0, threshold=2.0)
+    scorer = PriorWithCounts.from_counts(prior, counts, neighbours, popularity_weight=0.0, pair_weight=1.0,
+                                         threshold=2.0)
     gain = scorer(history) - prior(history)
     assert gain[0, 2] == pytest.approx(np.log1p(10.0)) and gain[0, 3] == 0
 
