@@ -20,7 +20,8 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from common.config import BudgetSection, DataSection, Section
-from common.errors import ConfigError
+from common.data_check import DataReport, check_data
+from common.errors import ConfigError, FedaugError
 from deploy.processes import flower_command, flower_error, split_address, start, stop
 
 from .merchant import STATE_DIR
@@ -98,9 +99,13 @@ class MerchantDaemon:
         self.log = self.state_dir / "supernode.log"
         self.process: subprocess.Popen | None = None
 
-    def validate_data(self) -> dict:
-        """Load the data exactly as the ClientApp will (DataError on any problem); its size."""
-        return self.config.data.load().summary()
+    def validate_data(self) -> DataReport:
+        """The data checked as `fedaug validate` checks it, with the loaders the ClientApp uses (DataError on a
+        malformed file; FedaugError naming the first problem, e.g. items the catalog lacks)."""
+        report = check_data(self.config.data)
+        if not report.ok:
+            raise FedaugError(report.errors[0])
+        return report
 
     def command(self) -> list[str]:
         m = self.config.merchant
@@ -112,9 +117,9 @@ class MerchantDaemon:
 
     def run(self) -> int:
         """Validate, then keep a SuperNode running until stopped (or ``max_restarts`` is used up); exit code."""
-        summary = self.validate_data()
-        self.say(f"Data OK: {summary['users']} users, {summary['items']} catalog items, "
-                 f"{summary['interactions']} interactions.")
+        report = self.validate_data()
+        self.say(f"Data OK: {report.users} users, {report.items} items, {report.events} events"
+                 f"{f', {report.too_short} users too short to evaluate' if report.too_short else ''}.")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {"FLWR_HOME": str(self.state_dir / "flwr")}
         backoff, restarts = 1.0, 0

@@ -22,8 +22,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from .augment import SEQUENCE_OPS, USES
-from .data import BehaviorData, catalog_only
+from .data import EVENT_TYPES, BehaviorData, catalog_only
 from .errors import ConfigError
+from .events import DROP, TIMESTAMP_UNITS, EventSchema
 from .loaders import FORMATS, align_to_catalog, load, load_catalog
 from .model import LOSSES, SASRec, SASRecConfig
 from .split import k_core
@@ -69,6 +70,27 @@ class SyntheticSection(Section):
         return SyntheticSpec(**self.model_dump())
 
 
+class ColumnsSection(Section):
+    """[data.columns]: an events file's own column names (common/events.py)."""
+
+    user: str = Field("user_id", min_length=1)
+    item: str = Field("item_id", min_length=1)
+    timestamp: str = Field("timestamp", min_length=1)
+    event_type: str = Field("event_type", min_length=1)
+    """Used when the file has it."""
+    merchant: str = Field("merchant_id", min_length=1)
+    """Used when the file has it."""
+    context: list[str] | None = None
+    """Extra per-event context columns; not set: every column not named above."""
+    timestamp_unit: Literal[TIMESTAMP_UNITS] = "auto"  # type: ignore[valid-type]
+    """auto (numbers: Unix seconds, or milliseconds from 1e11 on; text: ISO-8601) | s | ms | iso"""
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        return [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else value
+
+
 class DataSection(Section):
     """[data]: the behaviour data file (absent: the embedded synthetic data) and its sibling files."""
 
@@ -83,6 +105,10 @@ class DataSection(Section):
     are numbered by it, so every merchant's model has the aggregator's shapes. Its attributes replace
     ``attributes``."""
     k_core: int = Field(0, ge=0)
+    columns: ColumnsSection = ColumnsSection()
+    events: dict[str, Literal[EVENT_TYPES + (DROP,)]] = {}  # type: ignore[valid-type]
+    """[data.events]: the shop's event names -> view | click | favourite | cart | purchase | drop (left out);
+    the standard names are always understood."""
 
     @model_validator(mode="after")
     def _one_attribute_source(self):
@@ -90,13 +116,28 @@ class DataSection(Section):
             raise ValueError("give data.catalog or data.attributes, not both (the catalog carries the attributes)")
         return self
 
+    @model_validator(mode="after")
+    def _mapping_for_events(self):
+        amazon = self.format == "amazon-seq" or (self.format is None and self.path is not None
+                                                 and self.path.suffix == ".txt")
+        if amazon and ({"columns", "events"} & self.model_fields_set):
+            raise ValueError("data.columns and data.events map an events file's columns; this is amazon-seq data")
+        return self
+
+    def schema(self) -> EventSchema:
+        columns = self.columns
+        return EventSchema(user=columns.user, item=columns.item, timestamp=columns.timestamp,
+                           event_type=columns.event_type, merchant=columns.merchant,
+                           context=None if columns.context is None else tuple(columns.context),
+                           timestamp_unit=columns.timestamp_unit, events=dict(self.events))
+
     def load(self, synthetic: SyntheticSection | None = None) -> BehaviorData:
         """The configured data set (the embedded synthetic one when no path is given), k-core filtered."""
         if self.path is None:
             data = generate((synthetic or SyntheticSection()).spec())
         else:
             data = load(self.path, self.format, timestamps=self.timestamps, attributes=self.attributes,
-                        texts=self.texts)
+                        texts=self.texts, schema=self.schema())
             if self.catalog is not None:
                 data = align_to_catalog(data, load_catalog(self.catalog), self.path, self.catalog)
         return k_core(data, self.k_core)

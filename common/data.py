@@ -12,8 +12,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-EVENT_TYPES = ("view", "click", "cart", "purchase")
-"""Funnel stages, in order; ``event_type`` arrays hold indices into this tuple."""
+EVENT_TYPES = ("view", "click", "favourite", "cart", "purchase")
+"""Behaviour kinds, from the weakest signal of interest to the strongest; ``event_type`` arrays hold indices into
+this tuple."""
 
 
 @dataclass(frozen=True)

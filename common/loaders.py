@@ -1,9 +1,11 @@
 """Loaders for behaviour data files. Each returns a validated BehaviorData or raises DataError naming file/line/column.
 
 Formats:
-- ``events``: CSV or Parquet, columns ``user_id,item_id,timestamp`` plus optional ``event_type``, ``merchant_id`` and
-  any extra (context) columns. Timestamps are Unix seconds or ISO-8601. Duplicate rows are dropped and rows are
-  ordered by time within each user (stable, so equal timestamps keep file order).
+- ``events``: CSV or Parquet (common/events.py), columns ``user_id,item_id,timestamp`` plus optional
+  ``event_type``, ``merchant_id`` and any extra (context) columns, under the shop's own names and event names where
+  an ``EventSchema`` maps them; any string or integer ids. Timestamps are Unix seconds or milliseconds, or
+  ISO-8601. Duplicate rows are dropped and rows are ordered by time within each user (stable, so equal timestamps
+  keep file order).
 - ``amazon-seq``: one line per user, ``user item item ...`` in time order (S3-Rec / ICLRec format), with an optional
   aligned timestamp file (``X_time.txt``) and item attributes (``X_item2attributes.json`` or
   ``X_item_attributes_named.tsv``), found next to ``X.txt`` when not given.
@@ -15,8 +17,6 @@ categories from ``X_item_attributes_named.tsv`` or the attribute file, when they
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -25,13 +25,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from .data import EVENT_TYPES, BehaviorData, ItemCatalog
+from .data import BehaviorData, ItemCatalog
 from .errors import DataError
+from .events import EventSchema, Ingested, load_events_counted, sorted_ids
 
 FORMATS = ("events", "amazon-seq")
-REQUIRED_EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 MAX_ID = 2**62
 LIMITS = {  # what one merchant's file may hold before it is refused, not half-loaded; raise them by environment
     "FEDAUG_MAX_FILE_BYTES": 2 * 2**30,  # the whole file is parsed in memory
@@ -57,8 +56,16 @@ def check_item_count(path: Path, n_items: int) -> None:
         raise DataError(path, f"{n_items:,} distinct items, over the {most:,}-item limit (FEDAUG_MAX_ITEMS)")
 
 
-def load(path, fmt: str | None = None, *, timestamps=None, attributes=None, texts=None) -> BehaviorData:
-    """Load behaviour data from ``path`` in format ``fmt`` (guessed from the suffix when None)."""
+def load(path, fmt: str | None = None, *, timestamps=None, attributes=None, texts=None,
+         schema: EventSchema | None = None) -> BehaviorData:
+    """Load behaviour data from ``path`` in format ``fmt`` (guessed from the suffix when None); ``schema``: an
+    events file's column and event names."""
+    return load_counted(path, fmt, timestamps=timestamps, attributes=attributes, texts=texts, schema=schema)[0]
+
+
+def load_counted(path, fmt: str | None = None, *, timestamps=None, attributes=None, texts=None,
+                 schema: EventSchema | None = None) -> tuple[BehaviorData, Ingested | None]:
+    """``load``, and for an events file what loading it left out (dropped and duplicate events)."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, "no such file")
@@ -68,15 +75,16 @@ def load(path, fmt: str | None = None, *, timestamps=None, attributes=None, text
     if fmt == "events":
         if timestamps is not None:
             raise DataError(timestamps, "a separate timestamp file only applies to the amazon-seq format")
-        data = load_events(path)
+        data, ingested = load_events_counted(path, schema, check_file=check_file_size)
+        check_item_count(path, data.n_items)
         data = data if attributes is None else _attach_catalog(data, attributes)
-        return data if texts is None else attach_texts(data, Path(texts))
+        return (data if texts is None else attach_texts(data, Path(texts))), ingested
     if fmt == "amazon-seq":
         data = load_amazon_seq(path, timestamps=timestamps, attributes=attributes)
         text_path = Path(texts) if texts else _sibling(path, "_item_titles.tsv")
         if text_path is None:
-            return data
-        return attach_texts(data, text_path, _sibling(path, "_item_attributes_named.tsv"))
+            return data, None
+        return attach_texts(data, text_path, _sibling(path, "_item_attributes_named.tsv")), None
     raise DataError(path, f"unknown format {fmt!r} (expected one of: {', '.join(FORMATS)})")
 
 
@@ -211,6 +219,17 @@ def _attach_timestamps(data: BehaviorData, path: Path) -> BehaviorData:
 # item attributes (public catalog data)
 
 
+def _item_key(raw: str) -> str:
+    """An item id as files are matched by: its text, an integer without leading zeros."""
+    raw = raw.strip()
+    return str(int(raw)) if raw.isdigit() and raw.isascii() and len(raw) <= 18 else raw
+
+
+def id_index(raw_ids: np.ndarray) -> dict[str, int]:
+    """Internal id of each raw id, keyed by its text (padding left out)."""
+    return {str(raw): i for i, raw in enumerate(raw_ids.tolist()) if i > 0}
+
+
 def _attach_catalog(data: BehaviorData, path) -> BehaviorData:
     path = Path(path)
     if not path.is_file():
@@ -219,7 +238,7 @@ def _attach_catalog(data: BehaviorData, path) -> BehaviorData:
         by_raw_item, names = _read_attribute_json(path)
     else:
         by_raw_item, names = _read_attribute_tsv(path)
-    raw_to_internal = {int(raw): i for i, raw in enumerate(data.catalog.raw_ids) if i > 0}
+    raw_to_internal = id_index(data.catalog.raw_ids)
     attributes = [np.zeros(0, dtype=np.int64) for _ in range(data.n_items + 1)]
     for raw, attrs in by_raw_item.items():
         internal = raw_to_internal.get(raw)
@@ -237,22 +256,22 @@ def attach_texts(data: BehaviorData, path: Path, named_attributes: Path | None =
     names when they are real names)."""
     titles = _read_item_texts(path)
     raw_ids = data.catalog.raw_ids
-    names: dict[int, list[str]] = {}
+    names: dict[str, list[str]] = {}
     if named_attributes is not None:
         by_raw, attribute_names = _read_attribute_tsv(named_attributes)
         names = {raw: [attribute_names[a] for a in attrs] for raw, attrs in by_raw.items()}
     elif data.catalog.attributes and data.catalog.attribute_names and not data.catalog.attribute_names[-1].startswith(
             "attr"):
-        names = {int(raw): [data.catalog.attribute_names[a] for a in data.catalog.attributes[i]]
+        names = {str(raw): [data.catalog.attribute_names[a] for a in data.catalog.attributes[i]]
                  for i, raw in enumerate(raw_ids) if i > 0}
     texts = [""]
-    for raw in raw_ids[1:]:
-        parts = [titles.get(int(raw), "")] + [n for n in names.get(int(raw), []) if n and n != "Unknown"]
+    for raw in map(str, raw_ids[1:]):
+        parts = [titles.get(raw, "")] + [n for n in names.get(raw, []) if n and n != "Unknown"]
         texts.append(" | ".join(p for p in parts if p))
     return replace(data, catalog=replace(data.catalog, texts=texts))
 
 
-def _read_item_texts(path: Path) -> dict[int, str]:
+def _read_item_texts(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise DataError(path, "no such item text file")
     lines = read_text_lines(path)
@@ -267,16 +286,18 @@ def _read_item_texts(path: Path) -> dict[int, str]:
 
 
 def _item_rows(path: Path, lines: list[str], header: list[str]):
-    """``(item id, fields)`` of every non-blank line after the header of an item-keyed TSV, each checked."""
+    """``(item id, fields)`` of every non-blank line after the header of an item-keyed TSV, each checked; ids as
+    text (the data's ids, integer or not, are matched by their text)."""
     for line_no, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
         fields = line.split("\t")
         if len(fields) != len(header):
             raise DataError(path, f"ragged line: {len(fields)} fields, header has {len(header)}", line_no)
-        if not fields[0].isdigit() or not fields[0].isascii():
-            raise DataError(path, f"item id {fields[0][:40]!r} is not a non-negative integer", line_no, "item_id")
-        yield int(fields[0]), fields
+        item = _item_key(fields[0])
+        if not item:
+            raise DataError(path, "empty item id", line_no, "item_id")
+        yield item, fields
 
 
 def load_catalog(path) -> ItemCatalog:
@@ -289,13 +310,14 @@ def load_catalog(path) -> ItemCatalog:
     by_raw_item, names = _read_attribute_json(path) if path.suffix == ".json" else _read_attribute_tsv(path)
     if not by_raw_item:
         raise DataError(path, "the catalog lists no items")
-    if 0 in by_raw_item:
-        raise DataError(path, "item id 0 is reserved for padding", column="item_id")
     check_item_count(path, len(by_raw_item))
-    raw_ids = np.concatenate([[0], np.sort(np.fromiter(by_raw_item, dtype=np.int64))])
+    raw_ids = sorted_ids(list(by_raw_item))
+    if raw_ids.dtype != object and (raw_ids == 0).any():
+        raise DataError(path, "item id 0 is reserved for padding", column="item_id")
+    raw_ids = np.concatenate([np.array([0 if raw_ids.dtype != object else ""], dtype=raw_ids.dtype), raw_ids])
     if len(names) == 1:
         return ItemCatalog(raw_ids=raw_ids)
-    attributes = [np.zeros(0, dtype=np.int64)] + [np.asarray(sorted(set(by_raw_item[int(raw)])), dtype=np.int64)
+    attributes = [np.zeros(0, dtype=np.int64)] + [np.asarray(sorted(set(by_raw_item[str(raw)])), dtype=np.int64)
                                                   for raw in raw_ids[1:]]
     category, category_names = _dominant_attribute(attributes, names)
     return ItemCatalog(raw_ids=raw_ids, attributes=attributes, attribute_names=names, category=category,
@@ -303,20 +325,22 @@ def load_catalog(path) -> ItemCatalog:
 
 
 def align_to_catalog(data: BehaviorData, catalog: ItemCatalog, data_path, catalog_path) -> BehaviorData:
-    """Renumber ``data``'s items into ``catalog``'s ids; an item the catalog lacks is an error naming it."""
-    position = np.searchsorted(catalog.raw_ids, data.catalog.raw_ids)
-    position = np.minimum(position, len(catalog.raw_ids) - 1)
-    known = catalog.raw_ids[position] == data.catalog.raw_ids
-    known[0] = True  # padding
+    """Renumber ``data``'s items into ``catalog``'s ids (matched by their text); an item the catalog lacks is an
+    error naming it."""
+    index = id_index(catalog.raw_ids)
+    position = np.fromiter((index.get(str(raw), -1) for raw in data.catalog.raw_ids), dtype=np.int64,
+                           count=len(data.catalog.raw_ids))
+    position[0] = 0  # padding
+    known = position >= 0
     if not known.all():
         missing = np.flatnonzero(~known)
-        first = int(data.catalog.raw_ids[missing[0]])
+        first = data.catalog.raw_ids[missing[0]]
         raise DataError(data_path, f"item {first} is not in the catalog {catalog_path} "
                                    f"({len(missing)} unknown item id{'s' * (len(missing) > 1)})", column="item_id")
     return replace(data, items=position[data.items], catalog=catalog)
 
 
-def _read_attribute_json(path: Path) -> tuple[dict[int, list[int]], list[str]]:
+def _read_attribute_json(path: Path) -> tuple[dict[str, list[int]], list[str]]:
     text = "\n".join(read_text_lines(path))
     try:
         obj = json.loads(text)
@@ -324,18 +348,18 @@ def _read_attribute_json(path: Path) -> tuple[dict[int, list[int]], list[str]]:
         raise DataError(path, f"invalid JSON: {exc.msg}", exc.lineno, exc.colno) from None
     if not isinstance(obj, dict):
         raise DataError(path, "expected a JSON object mapping item id to a list of attribute ids", 1, 1)
-    out: dict[int, list[int]] = {}
+    out: dict[str, list[int]] = {}
     for key, attrs in obj.items():
-        if not key.isdigit() or not key.isascii():
-            raise DataError(path, f"item id {key[:40]!r} is not a non-negative integer", column=f"key {key[:40]!r}")
+        if not _item_key(key):
+            raise DataError(path, "empty item id", column=f"key {key[:40]!r}")
         if not isinstance(attrs, list) or not all(isinstance(a, int) and 0 < a < MAX_ID for a in attrs):
-            raise DataError(path, "attributes must be a list of positive integers", column=f"key {key!r}")
-        out[int(key)] = attrs
+            raise DataError(path, "attributes must be a list of positive integers", column=f"key {key[:40]!r}")
+        out[_item_key(key)] = attrs
     n_attr = max((max(a) for a in out.values() if a), default=0)
     return out, [""] + [f"attr{i}" for i in range(1, n_attr + 1)]
 
 
-def _read_attribute_tsv(path: Path) -> tuple[dict[int, list[int]], list[str]]:
+def _read_attribute_tsv(path: Path) -> tuple[dict[str, list[int]], list[str]]:
     lines = read_text_lines(path)
     header = lines[0].split("\t")
     if header[0] != "item_id" or len(header) < 2:
@@ -363,172 +387,3 @@ def _dominant_attribute(attributes: list[np.ndarray], names: list[str]) -> tuple
     remap = np.zeros(len(names) + 1, dtype=np.int64)
     remap[used] = np.arange(1, len(used) + 1)
     return remap[category], [""] + [names[a] for a in used]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# events (CSV / Parquet)
-
-
-def load_events(path) -> BehaviorData:
-    path = Path(path)
-    frame, row_offset, unit = _read_table(path)
-    missing = [c for c in REQUIRED_EVENT_COLUMNS if c not in frame.columns]
-    if missing:
-        raise DataError(path, f"missing required column {missing[0]!r} (found: {', '.join(map(str, frame.columns))})",
-                        1 if unit == "line" else None)
-    if len(frame) == 0:
-        raise DataError(path, "file has a header but no rows")
-
-    def fail(row: int, column: str, message: str):
-        raise DataError(path, message, int(row) + row_offset, column, unit)
-
-    users = _integer_column(frame, "user_id", fail)
-    raw_items = _integer_column(frame, "item_id", fail)
-    if (raw_items == 0).any():
-        fail(np.flatnonzero(raw_items == 0)[0], "item_id", "item id 0 is reserved for padding")
-    stamps = _timestamp_column(frame["timestamp"], fail)
-    table = pd.DataFrame({"user": users, "item": raw_items, "ts": stamps, "row": np.arange(len(frame))})
-
-    if "event_type" in frame.columns:
-        table["event"] = _event_type_column(frame["event_type"], fail)
-    merchant_names = None
-    if "merchant_id" in frame.columns:
-        merchant_raw = frame["merchant_id"].astype(str).str.strip()
-        empty = np.flatnonzero((merchant_raw == "").to_numpy())
-        if len(empty):
-            fail(empty[0], "merchant_id", "empty merchant id")
-        merchant_names = sorted(merchant_raw.unique())
-        table["merchant"] = pd.Categorical(merchant_raw, categories=merchant_names).codes.astype(np.int64)
-    extra = [c for c in frame.columns if c not in REQUIRED_EVENT_COLUMNS + ("event_type", "merchant_id")]
-    for column in extra:
-        table[f"ctx:{column}"] = _context_column(frame[column], column, fail)
-
-    # Duplicated events are dropped; time order within a user, ties in file order.
-    table = table.drop_duplicates(subset=[c for c in table.columns if c != "row"])
-    table = table.sort_values(["user", "ts", "row"], kind="stable")
-    if "merchant" in table:
-        per_user = table.groupby("user")["merchant"].nunique()
-        if (per_user > 1).any():
-            user = per_user.index[np.argmax(per_user.to_numpy() > 1)]
-            rows = table.loc[table["user"] == user, "row"].to_numpy()
-            fail(rows.max(), "merchant_id", f"user {user} appears under more than one merchant")
-
-    unique_users, user_index = np.unique(table["user"].to_numpy(), return_inverse=True)
-    unique_items, item_index = np.unique(table["item"].to_numpy(), return_inverse=True)
-    check_item_count(path, len(unique_items))
-    lengths = np.bincount(user_index, minlength=len(unique_users))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    merchant = None
-    if "merchant" in table:
-        merchant = np.zeros(len(unique_users), dtype=np.int64)
-        merchant[user_index] = table["merchant"].to_numpy()
-    return BehaviorData(
-        items=item_index.astype(np.int64) + 1,
-        offsets=offsets,
-        catalog=ItemCatalog(raw_ids=np.concatenate([[0], unique_items])),
-        user_ids=unique_users,
-        timestamps=table["ts"].to_numpy(np.int64),
-        event_type=table["event"].to_numpy(np.int8) if "event" in table else None,
-        merchant=merchant,
-        merchant_names=merchant_names,
-        context={c[4:]: table[c].to_numpy() for c in table.columns if c.startswith("ctx:")},
-    )
-
-
-def _read_table(path: Path) -> tuple[pd.DataFrame, int, str]:
-    """Read CSV or Parquet as strings/values; returns the frame, the offset from row index to file line, the unit."""
-    if path.suffix.lower() in (".parquet", ".pq"):
-        check_file_size(path)
-        if path.stat().st_size == 0:
-            raise DataError(path, "file is empty")
-        try:
-            return pd.read_parquet(path), 1, "row"
-        except Exception as exc:  # pyarrow raises many types for corrupt files
-            raise DataError(path, f"not a readable Parquet file ({type(exc).__name__})") from None
-    lines = read_text_lines(path)  # encoding, binary and emptiness checks with line numbers
-    try:
-        frame = pd.read_csv(io.StringIO("\n".join(lines)), dtype=str, keep_default_na=False, skipinitialspace=True)
-    except pd.errors.ParserError as exc:
-        match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
-        if match:
-            raise DataError(path, f"ragged line: {match.group(3)} fields, header has {match.group(1)}",
-                            int(match.group(2))) from None
-        raise DataError(path, f"malformed CSV ({str(exc).splitlines()[0]})") from None
-    except pd.errors.EmptyDataError:
-        raise DataError(path, "file is empty") from None
-    frame.columns = [str(c).strip() for c in frame.columns]
-    header = [c.strip() for c in next(csv.reader([lines[0].lstrip("\ufeff")]))]  # pandas renames duplicates
-    duplicated = [c for c in header if header.count(c) > 1]
-    if duplicated:
-        raise DataError(path, f"column {duplicated[0]!r} appears twice in the header", 1)
-    return frame, 2, "line"
-
-
-def _integer_column(frame: pd.DataFrame, column: str, fail) -> np.ndarray:
-    values = frame[column]
-    if pd.api.types.is_integer_dtype(values.dtype):
-        out = values.to_numpy(np.int64)
-    else:
-        text = values.astype(str).str.strip()
-        ok = text.str.fullmatch(r"\d{1,18}").to_numpy(dtype=bool)
-        if not ok.all():
-            bad = int(np.flatnonzero(~ok)[0])
-            fail(bad, column, f"expected a non-negative integer id, got {text.iloc[bad][:40]!r}")
-        out = text.astype(np.int64).to_numpy()
-    if (out < 0).any():
-        fail(np.flatnonzero(out < 0)[0], column, "ids must be non-negative")
-    return out
-
-
-def _timestamp_column(values: pd.Series, fail) -> np.ndarray:
-    """Unix seconds (integers or decimals) or ISO-8601 strings; one convention per file."""
-    if pd.api.types.is_numeric_dtype(values.dtype):
-        numeric = values.astype(float)
-    elif pd.api.types.is_datetime64_any_dtype(values.dtype):
-        return (values.dt.tz_localize(None) if values.dt.tz is None else values.dt.tz_convert(None)).astype(
-            "datetime64[s]").astype(np.int64).to_numpy()
-    else:
-        text = values.astype(str).str.strip()
-        numeric = pd.to_numeric(text, errors="coerce")
-        if numeric.isna().any() and not numeric.notna().any():
-            parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
-            if parsed.isna().any():
-                bad = int(np.flatnonzero(parsed.isna().to_numpy())[0])
-                fail(bad, "timestamp", f"not a Unix time or ISO-8601 timestamp: {text.iloc[bad][:40]!r}")
-            return (parsed.dt.tz_convert(None).astype("datetime64[s]").astype(np.int64)).to_numpy()
-    bad_mask = numeric.isna().to_numpy() | ~np.isfinite(numeric.to_numpy(dtype=float, na_value=np.nan))
-    if bad_mask.any():
-        bad = int(np.flatnonzero(bad_mask)[0])
-        fail(bad, "timestamp", f"not a Unix time or ISO-8601 timestamp: {str(values.iloc[bad])[:40]!r}")
-    out = numeric.to_numpy(dtype=float)
-    if (out < 0).any() or (out > 1e11).any():
-        bad = int(np.flatnonzero((out < 0) | (out > 1e11))[0])
-        fail(bad, "timestamp", f"Unix time {out[bad]:g} is out of range (expected seconds since 1970)")
-    return out.astype(np.int64)
-
-
-def _event_type_column(values: pd.Series, fail) -> np.ndarray:
-    text = values.astype(str).str.strip().str.lower()
-    lookup = {name: i for i, name in enumerate(EVENT_TYPES)} | {str(i): i for i in range(len(EVENT_TYPES))}
-    codes = text.map(lookup)
-    if codes.isna().any():
-        bad = int(np.flatnonzero(codes.isna().to_numpy())[0])
-        expected = ", ".join(EVENT_TYPES)
-        fail(bad, "event_type", f"unknown event type {text.iloc[bad][:40]!r} (expected one of {expected})")
-    return codes.to_numpy(np.int8)
-
-
-def _context_column(values: pd.Series, column: str, fail) -> np.ndarray:
-    """Numeric context stays numeric; text context (e.g. device) becomes category codes in sorted order."""
-    if pd.api.types.is_numeric_dtype(values.dtype):
-        out = values.to_numpy(dtype=float)
-    else:
-        text = values.astype(str).str.strip()
-        numeric = pd.to_numeric(text, errors="coerce")
-        if numeric.notna().all():
-            out = numeric.to_numpy(dtype=float)
-        else:
-            return pd.Categorical(text, categories=sorted(text.unique())).codes.astype(np.float32)
-    if not np.isfinite(out).all():
-        fail(int(np.flatnonzero(~np.isfinite(out))[0]), column, "context value is not a finite number")
-    return out.astype(np.float32)

@@ -61,13 +61,17 @@ class LeaveOneOut:
         return LeaveOneOut(self.train.select_users(users), self.valid[users], self.test[users])
 
 
-def leave_one_out(data: BehaviorData, min_length: int = 3) -> LeaveOneOut:
+MIN_EVALUABLE = 3
+"""Events a user needs to be evaluated: at least one to train on, one for validation, one for test."""
+
+
+def leave_one_out(data: BehaviorData, min_length: int = MIN_EVALUABLE) -> LeaveOneOut:
     """Hold out each user's last item for test and second-to-last for validation.
 
     Users with fewer than ``min_length`` events stay whole in training and are not evaluated.
     """
     lengths = data.lengths
-    evaluable = lengths >= max(min_length, 3)
+    evaluable = lengths >= max(min_length, MIN_EVALUABLE)
     ends = data.offsets[1:]
     valid = np.zeros(data.n_users, dtype=np.int64)
     test = np.zeros(data.n_users, dtype=np.int64)

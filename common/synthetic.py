@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import BehaviorData, ItemCatalog, from_sequences
+from .data import EVENT_TYPES, BehaviorData, ItemCatalog, from_sequences
 
 DEVICES = ("mobile-web", "desktop", "app")
 START_TIME = 1_704_067_200  # 2024-01-01 00:00 UTC
@@ -91,7 +91,7 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> BehaviorData:
             seen.add(item)
             seq.append(item)
             last_event = _funnel_stage(rng)
-            ev.append(last_event)
+            ev.append(FUNNEL[last_event])
             t += int(rng.lognormal(mean=7.0, sigma=2.0))  # seconds to days between events
             ts.append(t)
             if rng.random() < 0.1:
@@ -126,6 +126,10 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> BehaviorData:
         context={"hour": hours.astype(np.float32), "weekday": weekdays.astype(np.float32),
                  "device": np.asarray(devices, dtype=np.float32)},
     )
+
+
+FUNNEL = tuple(EVENT_TYPES.index(stage) for stage in ("view", "click", "cart", "purchase"))
+"""The funnel a synthetic event goes down, as EVENT_TYPES indices."""
 
 
 def _funnel_stage(rng) -> int:

@@ -37,7 +37,7 @@ def write_catalog_tsv(catalog: ItemCatalog, path: Path) -> None:
     lines = ["item_id\tattributes"]
     for internal, raw in enumerate(catalog.raw_ids[1:], start=1):
         attrs = catalog.attributes[internal] if catalog.attributes else []
-        lines.append(f"{int(raw)}\t{'|'.join(names[a] for a in attrs)}")
+        lines.append(f"{raw}\t{'|'.join(names[a] for a in attrs)}")
     write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
 
 

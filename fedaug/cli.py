@@ -119,6 +119,70 @@ def baseline(
 
 
 @app.command()
+def validate(
+    data: Path | None = typer.Option(None, "--data", help="Behaviour data file to check (default: [data] path)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML whose [data] table maps the file's columns."),
+    fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check a behaviour data file without training on it: counts, event types, time range, history lengths, users
+    too short to evaluate, dropped and duplicate events, items a catalog does not know. Exit 1 on errors."""
+    import json
+
+    from pydantic import BaseModel
+
+    from common.config import DataSection, load_config, read_toml
+
+    class DataOnly(BaseModel):
+        data: DataSection = DataSection()
+
+    raw = {"data": read_toml(config).get("data", {})} if config is not None else {}
+    section = load_config(None, {"data.path": str(data) if data else None, "data.format": fmt}, DataOnly,
+                          where=str(config) if config else None, raw=raw).data
+    if section.path is None:
+        raise click.UsageError("give the file to check: --data FILE (or [data] path in --config)")
+    from common.data_check import check_data
+
+    report = check_data(section)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_data_report(report)
+    for error in report.errors:
+        _error(error)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _print_data_report(report) -> None:
+    from rich.table import Table
+
+    from common.split import MIN_EVALUABLE
+
+    out = Console()
+    table = Table(title=f"{report.path} ({report.format})", show_header=False, title_justify="left")
+    rows = [("users", f"{report.users:,}"), ("items", f"{report.items:,}"), ("events", f"{report.events:,}")]
+    if report.events_by_type is not None:
+        rows.append(("events by type", ", ".join(f"{k} {v:,}" for k, v in report.events_by_type.items() if v)))
+    if report.first_event:
+        rows.append(("time range", f"{report.first_event} .. {report.last_event}"))
+    rows.append(("history lengths", ", ".join(f"{k}: {v:,}" for k, v in report.history_lengths.items())))
+    rows.append(("too short to evaluate", f"{report.too_short:,} users (fewer than {MIN_EVALUABLE} events: trained "
+                                          "on, not scored)"))
+    if report.merchants is not None:
+        rows.append(("merchants", str(report.merchants)))
+    if report.context:
+        rows.append(("context columns", ", ".join(report.context)))
+    if report.dropped is not None:
+        rows += [("dropped by [data.events]", f"{report.dropped:,}"), ("duplicate events", f"{report.duplicates:,}")]
+    if report.unknown_catalog_items is not None:
+        rows.append(("items not in the catalog", f"{report.unknown_catalog_items:,}"))
+    for name, value in rows:
+        table.add_row(escape(name), escape(value))
+    out.print(table)
+
+
+@app.command()
 def local(
     out: Path = typer.Option(..., "--out", help="Directory for metrics.json (and the ledger, unless --state-dir)."),
     config: Path | None = typer.Option(None, "--config", help="TOML: data, model, augment, privacy, local."),

@@ -27,7 +27,7 @@ from common.atomic import write_bytes_atomic, write_json_atomic
 from common.config import MerchantRunConfig
 from common.data import BehaviorData
 from common.device import pick_device
-from common.errors import ConfigError
+from common.errors import ConfigError, FedaugError
 from common.metrics import json_number
 from common.records import OnRound, RoundRecord
 from common.split import leave_one_out
@@ -193,8 +193,14 @@ def _with_canaries(config: SimulationConfig, data: BehaviorData, canaries: list[
     frame = events_frame(data)
     frame["merchant_id"] = names[data.merchant[data.event_user()]]
     lengths = [len(c) for c in canaries]
-    first = int(data.user_ids.astype(np.int64).max()) + 1  # user ids are integers: canaries come after them all
-    extra = pd.DataFrame({"user_id": np.repeat(np.arange(first, first + len(canaries)), lengths),
+    if data.user_ids.dtype == object:  # text ids: the canaries' own names
+        ids = np.array([f"fedaug-canary-{k}" for k in range(len(canaries))], dtype=object)
+        if set(ids.tolist()) & set(data.user_ids.tolist()):
+            raise FedaugError("the data already has users named fedaug-canary-N; the audit cannot add its own")
+    else:  # integer ids: the canaries come after them all
+        first = int(data.user_ids.max()) + 1
+        ids = np.arange(first, first + len(canaries))
+    extra = pd.DataFrame({"user_id": np.repeat(ids, lengths),
                           "item_id": data.catalog.raw_ids[np.concatenate(canaries)] if canaries else [],
                           "timestamp": np.arange(sum(lengths), dtype=np.int64), "merchant_id": names[merchant]})
     for column in frame.columns.difference(extra.columns):  # event type, context: the data's most common value
@@ -203,7 +209,8 @@ def _with_canaries(config: SimulationConfig, data: BehaviorData, canaries: list[
     write_catalog_tsv(data.catalog, data_dir / CATALOG_FILE)
     write_bytes_atomic(data_dir / "events.csv", pd.concat([frame, extra[frame.columns]]).to_csv(index=False).encode())
     return config.changed(data={"path": data_dir / "events.csv", "format": "events", "catalog": data_dir / CATALOG_FILE,
-                                "timestamps": None, "attributes": None, "k_core": None},
+                                "timestamps": None, "attributes": None, "k_core": None, "columns": None,
+                                "events": None},  # written under the standard names
                           simulation={"partition": "column", "merchants": len(names), "mode": "federated"})
 
 

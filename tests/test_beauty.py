@@ -1,6 +1,7 @@
 """Real data: Amazon Beauty loads with the published counts, and the popularity baseline is in its known range."""
 
 import numpy as np
+import pandas as pd
 
 from common.evaluate import evaluate
 from common.loaders import load
@@ -26,3 +27,27 @@ def test_beauty_popularity_and_partition(beauty_dir):
     parts = merchant_partitions(assign_merchants(data, 10, "uniform", seed=0))
     assert [p.n_users for p in parts] == [2237] * 3 + [2236] * 7
     assert int(np.sum([p.n_interactions for p in parts])) == 198502
+
+
+def test_beauty_as_a_shops_event_log_with_text_ids_loads_to_the_same_data(beauty_dir, tmp_path):
+    """Beauty exported as a shop would (ids like u30644 / i1203, renamed columns, its own event name, ISO time)
+    loads through [data.columns] / [data.events] into exactly the data the amazon-seq file gives, so every model
+    trains and scores the same."""
+    from common.events import EventSchema
+
+    data = load(beauty_dir / "Beauty.txt", "amazon-seq")
+    users = data.event_user()
+    frame = pd.DataFrame({"customer": np.char.add("u", data.user_ids[users].astype(str)),
+                          "sku": np.char.add("i", data.catalog.raw_ids[data.items].astype(str)),
+                          "when": pd.to_datetime(data.timestamps, unit="s", utc=True).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                          "action": "review"})
+    path = tmp_path / "beauty-events.csv"
+    frame.to_csv(path, index=False)
+    events = load(path, "events", schema=EventSchema(user="customer", item="sku", timestamp="when",
+                                                     event_type="action", events={"review": "purchase"}))
+    assert events.summary() == data.summary()
+    assert events.user_ids[:3].tolist() == ["u1", "u2", "u3"] and events.catalog.raw_ids[1] == "i1"
+    for name in ("items", "offsets", "timestamps"):
+        assert np.array_equal(getattr(events, name), getattr(data, name)), name
+    split, again = leave_one_out(data), leave_one_out(events)
+    assert evaluate(Popularity(again.train), again, "test") == evaluate(Popularity(split.train), split, "test")

@@ -42,6 +42,36 @@ def test_baseline_sasrec_on_events_csv(tmp_path):
     assert 0 < metrics["test"]["auc"] <= 1
 
 
+def test_validate_reports_a_shops_log_and_exits_1_on_errors(tmp_path):
+    """`fedaug validate`: the shop's columns and event names mapped by its config, the report (also as JSON),
+    exit 0; items the catalog lacks and a malformed file: exit 1, one line each."""
+    log = tmp_path / "shop.csv"
+    log.write_text("customer,product,ts,action,channel\n"
+                   "c1,SKU-1,2024-03-01T10:00:00+01:00,pv,web\nc1,SKU-2,2024-03-01T10:05:00+01:00,add_to_cart,web\n"
+                   "c1,SKU-2,2024-03-01T10:05:00+01:00,add_to_cart,web\nc1,SKU-2,2024-03-02T08:00:00Z,buy,app\n"
+                   "c2,SKU-1,2024-03-02T09:00:00Z,pv,app\nc2,SKU-3,2024-03-02T09:01:00Z,leave,app\n")
+    config = tmp_path / "shop.toml"
+    mapping = ('[data.columns]\nuser = "customer"\nitem = "product"\ntimestamp = "ts"\nevent_type = "action"\n'
+               '[data.events]\npv = "view"\nadd_to_cart = "cart"\nbuy = "purchase"\nleave = "drop"\n')
+    config.write_text(mapping)
+    result = fedaug("validate", "--data", str(log), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "users" in result.stdout and "view 2, cart 1, purchase 1" in result.stdout
+    report = json.loads(fedaug("validate", "--data", str(log), "--config", str(config), "--json").stdout)
+    assert (report["users"], report["items"], report["events"]) == (2, 2, 4) and report["ok"]
+    assert (report["dropped"], report["duplicates"], report["too_short"]) == (1, 1, 1)
+    assert report["first_event"] == "2024-03-01T09:00:00Z" and report["context"] == ["channel"]
+    (tmp_path / "catalog.tsv").write_text("item_id\tattributes\nSKU-1\tshoes\nSKU-3\tbags\n")
+    config.write_text(f'[data]\ncatalog = "{tmp_path / "catalog.tsv"}"\n' + mapping)
+    result = fedaug("validate", "--data", str(log), "--config", str(config), "--json")
+    assert result.returncode == 1 and json.loads(result.stdout)["unknown_catalog_items"] == 1
+    assert result.stderr.strip().count("\n") == 0 and "1 item id not in the catalog" in result.stderr
+    assert "'SKU-2'" in result.stderr
+    result = fedaug("validate", "--data", str(log))  # the shop's names, unmapped
+    assert result.returncode == 1 and "missing required column 'user_id'" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--data", "{bad}"], "bad.csv, line 3, column timestamp"),
     (["--data", "{missing}"], "no such file"),

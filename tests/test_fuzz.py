@@ -59,14 +59,14 @@ def assert_one_line(text: str, *fragments: str) -> None:
 
 ROWS = st.lists(st.tuples(st.integers(1, 50), st.integers(1, 80), st.integers(1_600_000_000, 1_700_000_000)),
                 min_size=2, max_size=8)
-EVENT_CORRUPTIONS = {
-    "user id is text": ("user_id", lambda r: "".join(r.choices(string.ascii_letters, k=5))),
-    "item id is negative": ("item_id", lambda r: str(-r.randint(1, 99))),
-    "item id is a fraction": ("item_id", lambda r: f"{r.randint(1, 9)}.5"),
-    "item id too large": ("item_id", lambda r: str(2**63 + r.randint(0, 99))),
+EVENT_CORRUPTIONS = {  # any text is an id (SKUs, ASINs, "-5", "9.5"), but not these
+    "user id is empty": ("user_id", lambda r: " " * r.randint(0, 3)),
+    "item id holds a control character": ("item_id", lambda r: f'"{r.randint(1, 9)}\x01{r.randint(1, 9)}"'),
+    "item id is overlong": ("item_id", lambda r: "".join(r.choices(string.ascii_letters, k=257 + r.randint(0, 9)))),
     "item id zero": ("item_id", lambda r: "0"),
     "timestamp is a word": ("timestamp", lambda r: r.choice(["soon", "yesterday", "n/a", "2024-13-45"])),
     "timestamp is empty": ("timestamp", lambda r: ""),
+    "timestamp is negative": ("timestamp", lambda r: str(-r.randint(1, 10**9))),
 }
 
 

@@ -1,6 +1,7 @@
 """Loaders: the happy paths, and every malformed case as one error naming file, line and column."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -58,6 +59,48 @@ def test_events_iso_timestamps_and_parquet(tmp_path):
     assert np.array_equal(parquet.items, data.items) and np.array_equal(parquet.timestamps, data.timestamps)
 
 
+def test_string_ids_number_in_natural_order_and_prefixed_integers_number_as_integers(tmp_path):
+    rows = [(7, 100, 1), (7, 20, 2), (9, 3, 3), (10, 20, 4), (9, 100, 5)]
+    plain = load(write(tmp_path, "plain.csv", "user_id,item_id,timestamp\n" + "\n".join(
+        f"{u},{i},{t}" for u, i, t in rows)), "events")
+    prefixed = load(write(tmp_path, "prefixed.csv", "user_id,item_id,timestamp\n" + "\n".join(
+        f"u{u},i{i},{t}" for u, i, t in rows)), "events")
+    assert prefixed.catalog.raw_ids.tolist() == ["", "i3", "i20", "i100"] and prefixed.user_ids.tolist() == [
+        "u7", "u9", "u10"]
+    assert np.array_equal(prefixed.items, plain.items) and np.array_equal(prefixed.offsets, plain.offsets)
+    shop = load(write(tmp_path, "shop.csv", "user_id,item_id,timestamp\ncust-b,SKU-9/red,1\ncust-a,4711,2\n"
+                      "cust-b,0,3\n"), "events")  # text ids: 0 is an id like any other
+    assert shop.catalog.raw_ids.tolist() == ["", "0", "4711", "SKU-9/red"] and shop.user_ids.tolist() == [
+        "cust-a", "cust-b"]
+
+
+def test_a_shops_own_columns_and_event_names_are_mapped(tmp_path):
+    from common.events import EventSchema
+
+    path = write(tmp_path, "shop.csv", "\n".join([
+        "customer,product,ts,action,channel",
+        "c1,p1,1700000000000,pv,web", "c1,p2,1700000060000,add_to_cart,web", "c1,p2,1700000120000,buy,app",
+        "c2,p1,1700000000000,pv,app", "c2,p3,1700000030000,page_leave,app", "c2,p3,1700000090000,fav,web"]))
+    with pytest.raises(DataError, match="missing required column 'user_id'"):
+        load(path, "events")
+    schema = EventSchema(user="customer", item="product", timestamp="ts", event_type="action",
+                         events={"pv": "view", "add_to_cart": "cart", "buy": "purchase", "fav": "favourite"})
+    with pytest.raises(DataError, match=r"line 6, column action: unknown event type 'page_leave'.*\[data.events\]"):
+        load(path, "events", schema=schema)
+    schema = replace(schema, events=schema.events | {"page_leave": "drop"})
+    data = load(path, "events", schema=schema)
+    assert data.n_interactions == 5 and data.user_ids.tolist() == ["c1", "c2"]
+    assert [EVENT_TYPES[e] for e in data.event_type] == ["view", "cart", "purchase", "view", "favourite"]
+    assert data.timestamps[0] == 1700000000 and data.timestamps[1] == 1700000060  # milliseconds, detected
+    assert set(data.context) == {"channel"}
+    with pytest.raises(DataError, match="column ts: Unix time .* out of range"):
+        load(path, "events", schema=replace(schema, timestamp_unit="s"))
+    with pytest.raises(DataError, match="line 2, column ts: not an ISO-8601 timestamp"):
+        load(path, "events", schema=replace(schema, timestamp_unit="iso"))
+    with pytest.raises(DataError, match="context column 'region' is not in the file"):
+        load(path, "events", schema=replace(schema, context=("region",)))
+
+
 # ---------------------------------------------------------------- amazon-seq: happy paths
 
 
@@ -88,8 +131,10 @@ def test_amazon_seq_named_attribute_tsv(tmp_path):
 MALFORMED = [
     # (name, content, format, expected fragments of the message)
     ("missing.csv", "user_id,item_id\n1,2\n", "events", ["line 1", "missing required column 'timestamp'"]),
-    ("nonint.csv", "user_id,item_id,timestamp\n1,2,100\n1,x7,200\n", "events", ["line 3", "column item_id"]),
-    ("nonint_user.csv", "user_id,item_id,timestamp\n1.5,2,100\n", "events", ["line 2", "column user_id"]),
+    ("empty_id.csv", "user_id,item_id,timestamp\n1,2,100\n1, ,200\n", "events", ["line 3", "column item_id", "empty"]),
+    ("control_id.csv", "user_id,item_id,timestamp\n\"a\tb\",2,100\n", "events", ["line 2", "column user_id"]),
+    ("long_id.csv", "user_id,item_id,timestamp\n1,{},100\n".format("x" * 300), "events",
+     ["line 2", "column item_id", "longer than"]),
     ("badts.csv", "user_id,item_id,timestamp\n1,2,100\n1,3,yesterday\n", "events", ["line 3", "column timestamp"]),
     ("badiso.csv", "user_id,item_id,timestamp\n1,2,2024-01-01\n1,3,2024-13-45\n", "events",
      ["line 3", "column timestamp"]),
@@ -160,8 +205,8 @@ def test_corrupt_parquet(tmp_path):
 
 
 def test_parquet_bad_value_names_row_and_column(tmp_path):
-    pd.DataFrame({"user_id": [1, 2], "item_id": ["4", "oops"], "timestamp": [1, 2]}).to_parquet(tmp_path / "v.parquet")
-    with pytest.raises(DataError, match=r"v.parquet, row 2, column item_id"):
+    pd.DataFrame({"user_id": [1, 2], "item_id": ["4", ""], "timestamp": [1, 2]}).to_parquet(tmp_path / "v.parquet")
+    with pytest.raises(DataError, match=r"v.parquet, row 2, column item_id: empty id"):
         load(tmp_path / "v.parquet", "events")
 
 

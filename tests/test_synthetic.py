@@ -27,8 +27,8 @@ def test_shape_of_the_default_data():
     assert 0.8 * 3000 * 14 < summary["interactions"] < 1.2 * 3000 * 14
     assert data.lengths.min() >= 5 and data.items.min() >= 1 and data.items.max() <= data.n_items
     # funnel: each stage is rarer than the one before
-    stages = np.bincount(data.event_type, minlength=len(EVENT_TYPES))
-    assert stages[0] > stages[1] > stages[2] > 0 and stages[3] > 0
+    counts = dict(zip(EVENT_TYPES, np.bincount(data.event_type, minlength=len(EVENT_TYPES)), strict=True))
+    assert counts["view"] > counts["click"] > counts["cart"] > 0 and counts["purchase"] > 0
     # Zipf-like popularity: the top 10% of items take a large share of events
     counts = np.sort(np.bincount(data.items)[1:])[::-1]
     assert counts[: len(counts) // 10].sum() > 0.35 * counts.sum()
