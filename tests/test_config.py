@@ -120,3 +120,18 @@ def test_run_config_empty_means_default_and_errors_name_the_key():
         from_run_config({"simulation.merchants": 3})
     node = {"privacy.epsilon": 2.0}  # a merchant's node_config overrides the recipe's budget
     assert from_run_config({"privacy.epsilon": 8.0}, FederationConfig, node).privacy.epsilon == 2.0
+
+
+def test_data_mapping_errors_name_their_key(tmp_path):
+    path = tmp_path / "shop.toml"
+    path.write_text('[data]\npath = "shop.csv"\n[data.events]\npv = "likes"\n')
+    with pytest.raises(ConfigError, match=rf"^{path}: key data.events.pv: "):
+        load_config(path, None, SimulationConfig)
+    path.write_text('[data]\npath = "Beauty.txt"\n[data.columns]\nuser = "customer"\n')
+    with pytest.raises(ConfigError, match="data.columns and data.events map an events file"):
+        load_config(path, None, SimulationConfig)
+    path.write_text('[data.columns]\ntimestamp_unit = "minutes"\n')
+    with pytest.raises(ConfigError, match="key data.columns.timestamp_unit"):
+        load_config(path, None, SimulationConfig)
+    mapped = load_config(None, {"data.path": "shop.csv", "data.columns.context": "channel, region"}, SimulationConfig)
+    assert mapped.data.schema().context == ("channel", "region")

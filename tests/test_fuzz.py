@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
@@ -148,15 +149,68 @@ def test_malformed_amazon_lines_name_their_line(users, corruption, seed):
         assert_one_line(str(error.value), str(path), "line")
 
 
+STAGES = ("view", "click", "favourite", "cart", "purchase", "drop")
+NAMES = st.text(string.ascii_lowercase + "_", min_size=2, max_size=10)
+TIME_FORMS = {"s": str, "ms": lambda t: str(t * 1000),
+              "iso": lambda t: pd.Timestamp(t, unit="s", tz="UTC").isoformat()}
+MAPPED_CORRUPTIONS = ("none", "unmapped event name", "column renamed away", "time in another form", "empty user")
+
+
+@FUZZ
+@given(rows=ROWS, columns=st.lists(NAMES, min_size=4, max_size=4, unique=True),
+       names=st.lists(NAMES, min_size=3, max_size=3, unique=True),
+       targets=st.lists(st.sampled_from(STAGES), min_size=3, max_size=3),
+       form=st.sampled_from(sorted(TIME_FORMS)), stated=st.booleans(),
+       corruption=st.sampled_from(MAPPED_CORRUPTIONS), which=st.integers(0, 7))
+def test_shop_logs_under_their_own_names_load_or_fail_in_one_line(rows, columns, names, targets, form, stated,
+                                                                   corruption, which):
+    """Random column names, event names and timestamp forms, mapped by [data.columns] / [data.events]: the file
+    loads exactly as its standard-named twin; a corruption fails in one line naming file, line and column."""
+    from common.events import EventSchema
+
+    user, item, ts, action = columns
+    schema = EventSchema(user=user, item=item, timestamp=ts, event_type=action,
+                         events=dict(zip(names, targets, strict=True)),
+                         timestamp_unit=form if stated else "auto")
+    body = [[f"u{u}", f"sku-{i}", TIME_FORMS[form](t), names[k % 3]] for k, (u, i, t) in enumerate(rows)]
+    row = which % len(body)
+    header = [user, item, ts, action]
+    if corruption == "unmapped event name":
+        body[row][3] = "zz_not_mapped"
+    elif corruption == "column renamed away":
+        header[2] = ts + "_x"
+    elif corruption == "time in another form":
+        body[row][2] = "soon" if form != "iso" else "2024-99-99"
+    elif corruption == "empty user":
+        body[row][0] = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "shop.csv"
+        path.write_text(",".join(header) + "\n" + "\n".join(",".join(r) for r in body) + "\n")
+        kept = [k for k in range(len(rows)) if targets[k % 3] != "drop"]
+        if corruption == "none" and kept:
+            data = load(path, "events", schema=schema)
+            assert data.n_interactions <= len(kept) and data.timestamps.min() >= min(t for _, _, t in rows)
+            assert set(data.catalog.raw_ids[1:]) <= {f"sku-{i}" for _, i, _ in rows}
+            return
+        if corruption == "none":  # every event mapped to "drop"
+            with pytest.raises(DataError, match="every event was dropped"):
+                load(path, "events", schema=schema)
+            return
+        with pytest.raises(DataError) as error:
+            load(path, "events", schema=schema)
+        where = ["line 1"] if corruption == "column renamed away" else [f"line {row + 2}", "column"]
+        assert_one_line(str(error.value), str(path), *where)
+
+
 ATTRIBUTE_FILES = {
     "json not an object": ("a.json", "[1, 2, 3]"),
     "json syntax": ("a.json", '{"1": [2, 3], "2": [4'),
-    "json non-digit key": ("a.json", '{"x1": [2]}'),
+    "json empty key": ("a.json", '{" ": [2]}'),
     "json attributes not a list": ("a.json", '{"1": 5}'),
     "json negative attribute": ("a.json", '{"1": [-2]}'),
     "tsv wrong header": ("a.tsv", "item\tattributes\n1\tx\n"),
     "tsv ragged": ("a.tsv", "item_id\tattributes\n1\tx\textra\n"),
-    "tsv text id": ("a.tsv", "item_id\tattributes\nabc\tx\n"),
+    "tsv empty id": ("a.tsv", "item_id\tattributes\n \tx\n"),
     "empty": ("a.tsv", ""),
 }
 
