@@ -5,9 +5,9 @@ pyarrow reads the file (multi-threaded CSV, Parquet); every column is then check
 code, so a bad cell is named by its line (CSV) or row (Parquet) and column. A CSV that pyarrow cannot parse at all
 (ragged rows, bad encoding, binary data) is read once more line by line, only to locate the fault.
 
-Ids: a column whose every id is a decimal integer keeps integer ids (item 0 is reserved for padding); any other
-column keeps its ids as text (SKUs, ASINs, UUIDs, ``u30644``). Internal numbers follow the ids' natural order
-("i2" before "i10"), so ids written as prefixed integers number exactly as the integers would.
+Ids: a column whose every id is a decimal integer (no leading zeros) keeps integer ids (item 0 is reserved for
+padding); any other column keeps its ids as text (SKUs, ASINs, UUIDs, ``u30644``). Internal numbers follow the ids'
+natural order ("i2" before "i10"), so ids written as prefixed integers number exactly as the integers would.
 """
 
 from __future__ import annotations
@@ -250,9 +250,14 @@ def _id_codes(column: pa.ChunkedArray, name: str, fail, *, padding: bool) -> tup
     return np.argsort(order)[codes].astype(np.int64), np.asarray(uniques)[order]
 
 
+INTEGER_ID = r"^(0|[1-9][0-9]{0,17})$"
+"""An id that is an integer: at most 18 digits, no leading zeros (zero-padded SKUs stay text, so "007" and "7"
+remain two items)."""
+
+
 def typed_ids(text: np.ndarray) -> np.ndarray:
-    """Ids given as text: int64 when every one is a decimal integer (at most 18 digits), else the text."""
-    digits = pc.match_substring_regex(pa.array(text, pa.string()), r"^[0-9]{1,18}$")
+    """Ids given as text: int64 when every one is an integer (``INTEGER_ID``), else the text."""
+    digits = pc.match_substring_regex(pa.array(text, pa.string()), INTEGER_ID)
     return text.astype(np.int64) if pc.all(digits).as_py() is not False else text
 
 

@@ -220,9 +220,8 @@ def _attach_timestamps(data: BehaviorData, path: Path) -> BehaviorData:
 
 
 def _item_key(raw: str) -> str:
-    """An item id as files are matched by: its text, an integer without leading zeros."""
-    raw = raw.strip()
-    return str(int(raw)) if raw.isdigit() and raw.isascii() and len(raw) <= 18 else raw
+    """An item id as files are matched by: its text, stripped."""
+    return raw.strip()
 
 
 def id_index(raw_ids: np.ndarray) -> dict[str, int]:
