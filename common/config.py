@@ -84,11 +84,20 @@ class ColumnsSection(Section):
     """Extra per-event context columns; not set: every column not named above."""
     timestamp_unit: Literal[TIMESTAMP_UNITS] = "auto"  # type: ignore[valid-type]
     """auto (numbers: Unix seconds, or milliseconds from 1e11 on; text: ISO-8601) | s | ms | iso"""
+    names: list[str] | None = None
+    """A CSV without a header line (e.g. Taobao's UserBehavior.csv): its columns' names, in order."""
 
-    @field_validator("context", mode="before")
+    @field_validator("context", "names", mode="before")
     @classmethod
     def _comma_list(cls, value):
         return [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else value
+
+    @field_validator("names")
+    @classmethod
+    def _distinct(cls, value):
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("column names must be distinct")
+        return value
 
 
 class DataSection(Section):
@@ -129,7 +138,8 @@ class DataSection(Section):
         return EventSchema(user=columns.user, item=columns.item, timestamp=columns.timestamp,
                            event_type=columns.event_type, merchant=columns.merchant,
                            context=None if columns.context is None else tuple(columns.context),
-                           timestamp_unit=columns.timestamp_unit, events=dict(self.events))
+                           timestamp_unit=columns.timestamp_unit,
+                           names=None if columns.names is None else tuple(columns.names), events=dict(self.events))
 
     def load(self, synthetic: SyntheticSection | None = None) -> BehaviorData:
         """The configured data set (the embedded synthetic one when no path is given), k-core filtered."""

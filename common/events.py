@@ -49,6 +49,8 @@ class EventSchema:
     """Extra per-event context columns; None: every column not named above."""
     timestamp_unit: str = "auto"
     """auto (numbers: seconds, or milliseconds from 1e11 on; text: ISO-8601) | s | ms | iso"""
+    names: tuple[str, ...] | None = None
+    """A CSV without a header line (Taobao's UserBehavior.csv): its columns' names, in order."""
     events: dict[str, str] = field(default_factory=dict)
     """The shop's event names -> one of EVENT_TYPES or "drop"; the standard names are always understood."""
 
@@ -80,7 +82,7 @@ def load_events(path, schema: EventSchema | None = None, *, check_file) -> Behav
 def load_events_counted(path, schema: EventSchema | None = None, *, check_file) -> tuple[BehaviorData, Ingested]:
     """``load_events`` and what it left out."""
     path, schema = Path(path), schema or EventSchema()
-    table, row_offset, unit = _read(path, check_file)
+    table, row_offset, unit = _read(path, check_file, schema.names)
     columns = table.column_names
     missing = [c for c in (schema.user, schema.item, schema.timestamp) if c not in columns]
     if missing:
@@ -154,8 +156,9 @@ def load_events_counted(path, schema: EventSchema | None = None, *, check_file) 
 # reading ----------------------------------------------------------------------------------------------------------
 
 
-def _read(path: Path, check_file) -> tuple[pa.Table, int, str]:
-    """The file as an Arrow table, the offset from row index to line (CSV) or row (Parquet) number, the unit."""
+def _read(path: Path, check_file, names: tuple[str, ...] | None) -> tuple[pa.Table, int, str]:
+    """The file as an Arrow table, the offset from row index to line (CSV) or row (Parquet) number, the unit.
+    ``names``: a headerless CSV's column names."""
     check_file(path)
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
@@ -168,14 +171,15 @@ def _read(path: Path, check_file) -> tuple[pa.Table, int, str]:
             raise DataError(path, f"not a readable Parquet file ({type(exc).__name__})") from None
     import pyarrow.csv as pacsv
 
-    header = _header(path)
+    header = _header(path) if names is None else list(names)
     try:
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types=dict.fromkeys(header, pa.string()), strings_can_be_null=False))
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=list(names) if names else None),
+                               convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()),
+                                                                    strings_can_be_null=False))
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
-        _locate_csv_fault(path)  # raises a located DataError for what pyarrow refused
+        _locate_csv_fault(path, names)  # raises a located DataError for what pyarrow refused
         raise DataError(path, f"malformed CSV ({str(exc).splitlines()[0]})") from None
-    return table.rename_columns([c.strip() for c in table.column_names]), 2, "line"
+    return table.rename_columns([c.strip() for c in table.column_names]), 1 if names else 2, "line"
 
 
 def _header(path: Path) -> list[str]:
@@ -198,13 +202,14 @@ def _header(path: Path) -> list[str]:
     return header
 
 
-def _locate_csv_fault(path: Path) -> None:
+def _locate_csv_fault(path: Path, names: tuple[str, ...] | None = None) -> None:
     """Read ``path`` line by line to name what makes it unreadable (encoding, binary data, a ragged line)."""
     from .loaders import read_text_lines
 
     lines = read_text_lines(path)  # encoding, binary, emptiness and line-length faults, located
     try:
-        pd.read_csv(io.StringIO("\n".join(lines)), dtype=str, keep_default_na=False)
+        pd.read_csv(io.StringIO("\n".join(lines)), dtype=str, keep_default_na=False,
+                    header=None if names else "infer", names=list(names) if names else None)
     except pd.errors.ParserError as exc:
         match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
         if match:
