@@ -126,7 +126,8 @@ def _describe(scorer, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
         put("neighbours", scorer.neighbours)
         return {"kind": "text+statistics", "prior": _describe(scorer.prior, f"{prefix}prior.", tensors),
                 "popularity_weight": scorer.popularity_weight, "pair_weight": scorer.pair_weight,
-                "threshold": scorer.threshold, "pair_window": scorer.pair_window}
+                "threshold": scorer.threshold, "popularity_threshold": scorer.popularity_threshold,
+                "pair_window": scorer.pair_window}
     if isinstance(scorer, Popularity):
         put("counts", scorer.counts)
         return {"kind": "popularity"}
@@ -154,6 +155,7 @@ def _rebuild(spec: dict, prefix: str, tensors: dict[str, torch.Tensor], device) 
         return PriorWithCounts(prior, tensors[f"{prefix}popularity"], tensors[f"{prefix}pairs"],
                                tensors[f"{prefix}neighbours"], popularity_weight=spec["popularity_weight"],
                                pair_weight=spec["pair_weight"], threshold=spec["threshold"],
+                               popularity_threshold=spec.get("popularity_threshold", 0.0),  # older bundles: none
                                pair_window=spec["pair_window"])
     if kind == "popularity":
         return Popularity.restore(tensors[f"{prefix}counts"])

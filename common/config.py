@@ -80,11 +80,11 @@ class ColumnsSection(Section):
     """Used when the file has it."""
     merchant: str = Field("merchant_id", min_length=1)
     """Used when the file has it."""
-    context: list[str] | None = None
+    context: tuple[str, ...] | None = None
     """Extra per-event context columns; not set: every column not named above."""
     timestamp_unit: Literal[TIMESTAMP_UNITS] = "auto"  # type: ignore[valid-type]
     """auto (numbers: Unix seconds, or milliseconds from 1e11 on; text: ISO-8601) | s | ms | iso"""
-    names: list[str] | None = None
+    names: tuple[str, ...] | None = None
     """A CSV without a header line (e.g. Taobao's UserBehavior.csv): its columns' names, in order."""
 
     @field_validator("context", "names", mode="before")
@@ -129,17 +129,19 @@ class DataSection(Section):
     def _mapping_for_events(self):
         amazon = self.format == "amazon-seq" or (self.format is None and self.path is not None
                                                  and self.path.suffix == ".txt")
-        if amazon and ({"columns", "events"} & self.model_fields_set):
+        if amazon and (self.columns != ColumnsSection() or self.events):
             raise ValueError("data.columns and data.events map an events file's columns; this is amazon-seq data")
         return self
+
+    def __hash__(self) -> int:  # configs key caches (simulations.apps): the event mapping hashes as its items
+        return hash(tuple((name, value if not isinstance(value, dict) else tuple(sorted(value.items())))
+                          for name, value in self.__dict__.items()))
 
     def schema(self) -> EventSchema:
         columns = self.columns
         return EventSchema(user=columns.user, item=columns.item, timestamp=columns.timestamp,
-                           event_type=columns.event_type, merchant=columns.merchant,
-                           context=None if columns.context is None else tuple(columns.context),
-                           timestamp_unit=columns.timestamp_unit,
-                           names=None if columns.names is None else tuple(columns.names), events=dict(self.events))
+                           event_type=columns.event_type, merchant=columns.merchant, context=columns.context,
+                           timestamp_unit=columns.timestamp_unit, names=columns.names, events=dict(self.events))
 
     def load(self, synthetic: SyntheticSection | None = None) -> BehaviorData:
         """The configured data set (the embedded synthetic one when no path is given), k-core filtered."""

@@ -125,74 +125,106 @@ class PriorWithCounts:
     """Scores = text prior + ``popularity_weight`` · log(1 + popularity) + ``pair_weight`` · Σ over the last
     ``pair_window`` history items a (weighted ``decay**age``) of log(1 + count(a -> item)).
 
-    A noisy pair count below ``threshold`` noise standard deviations counts as 0: most candidate cells hold no
-    transition at all, and without the cut their noise alone would rank items."""
+    A noisy count below its threshold in noise standard deviations counts as 0 (``popularity_threshold`` for the
+    popularity counts, ``threshold`` for the pair counts): most candidate cells hold no transition at all and most
+    items few interactions, and without the cut their noise alone would rank items."""
 
     def __init__(self, prior: TextPrior, popularity: torch.Tensor, pairs: torch.Tensor, neighbours: torch.Tensor, *,
-                 popularity_weight: float, pair_weight: float, threshold: float, pair_window: int = 3):
-        """From the scoring tensors (log-counts, pairs already thresholded): what a model bundle keeps."""
+                 popularity_weight: float, pair_weight: float, threshold: float, popularity_threshold: float = 0.0,
+                 pair_window: int = 3):
+        """From the scoring tensors (log-counts, already thresholded): what a model bundle keeps."""
         device = prior.vectors.device
         self.prior, self.popularity, self.pairs = prior, popularity.to(device), pairs.to(device)
         self.neighbours = torch.as_tensor(neighbours).to(device)
         self.popularity_weight, self.pair_weight, self.pair_window = popularity_weight, pair_weight, pair_window
-        self.threshold = threshold
+        self.threshold, self.popularity_threshold = threshold, popularity_threshold
 
     @classmethod
     def from_counts(cls, prior: TextPrior, counts: Counts, neighbours: np.ndarray, *, popularity_weight: float,
-                    pair_weight: float, threshold: float = 0.0, pair_window: int = 3) -> PriorWithCounts:
-        popularity = torch.as_tensor(np.log1p(np.maximum(counts.popularity, 0)), dtype=torch.float32)
-        pairs = np.where(counts.pairs > threshold * counts.pair_std, counts.pairs, 0.0)
-        return cls(prior, popularity, torch.as_tensor(np.log1p(np.maximum(pairs, 0)), dtype=torch.float32),
-                   torch.as_tensor(neighbours), popularity_weight=popularity_weight, pair_weight=pair_weight,
-                   threshold=threshold, pair_window=pair_window)
+                    pair_weight: float, threshold: float = 0.0, popularity_threshold: float = 0.0,
+                    pair_window: int = 3) -> PriorWithCounts:
+        def log_counts(values: np.ndarray, cut: float) -> torch.Tensor:
+            kept = np.where(values > cut, values, 0.0)
+            return torch.as_tensor(np.log1p(np.maximum(kept, 0)), dtype=torch.float32)
+
+        return cls(prior, log_counts(counts.popularity, popularity_threshold * counts.popularity_std),
+                   log_counts(counts.pairs, threshold * counts.pair_std), torch.as_tensor(neighbours),
+                   popularity_weight=popularity_weight, pair_weight=pair_weight, threshold=threshold,
+                   popularity_threshold=popularity_threshold, pair_window=pair_window)
 
     def with_counts(self, counts: Counts) -> PriorWithCounts:
-        """The same weights and threshold over other counts (the serve release of the same merchants)."""
+        """The same weights and thresholds over other counts (the serve release of the same merchants)."""
         return PriorWithCounts.from_counts(self.prior, counts, self.neighbours.cpu().numpy(),
                                            popularity_weight=self.popularity_weight, pair_weight=self.pair_weight,
-                                           threshold=self.threshold, pair_window=self.pair_window)
+                                           threshold=self.threshold, popularity_threshold=self.popularity_threshold,
+                                           pair_window=self.pair_window)
 
     def __call__(self, histories: list[np.ndarray]) -> torch.Tensor:
         scores = self.prior(histories)
         if self.popularity_weight:
             scores += self.popularity_weight * self.popularity
         if self.pair_weight:
-            for age in range(self.pair_window):
-                rows = [i for i, h in enumerate(histories) if len(h) > age]
-                last = torch.as_tensor([int(histories[i][-1 - age]) for i in rows], device=scores.device)
-                rows_t = torch.as_tensor(rows, device=scores.device)
-                weight = self.pair_weight * self.prior.decay ** age if age else self.pair_weight
-                if weight == 0:
-                    break
-                scores.index_put_((rows_t.unsqueeze(1), self.neighbours[last]), weight * self.pairs[last],
-                                  accumulate=True)
+            scores += self.pair_weight * self.pair_term(histories, scores)
         return scores
 
+    def pair_term(self, histories: list[np.ndarray], like: torch.Tensor) -> torch.Tensor:
+        """The unweighted transition term ``[B, n_items + 1]`` (shaped and placed ``like`` a score tensor)."""
+        out = torch.zeros_like(like)
+        for age in range(self.pair_window):
+            weight = self.prior.decay ** age
+            if weight == 0:
+                break
+            rows = [i for i, h in enumerate(histories) if len(h) > age]
+            last = torch.as_tensor([int(histories[i][-1 - age]) for i in rows], device=out.device)
+            rows_t = torch.as_tensor(rows, device=out.device)
+            out.index_put_((rows_t.unsqueeze(1), self.neighbours[last]), weight * self.pairs[last], accumulate=True)
+        return out
 
-POPULARITY_WEIGHTS = (0.0, 0.01, 0.03, 0.1)
+
+POPULARITY_WEIGHTS = (0.01, 0.02, 0.03, 0.05, 0.1)
+POPULARITY_THRESHOLDS = (0.0, 1.0, 2.0, 3.0)
 PAIR_WEIGHTS = (0.1, 0.3, 1.0)
 THRESHOLDS = (1.0, 2.0, 3.0)
-"""Noisy pair counts below this many noise standard deviations are dropped (post-processing)."""
+"""Noisy counts below this many noise standard deviations are dropped (post-processing)."""
 
 
-def fit_prior_with_counts(prior: TextPrior, counts: Counts, neighbours: np.ndarray, split) -> tuple[
-        PriorWithCounts, list[dict]]:
-    """Weights chosen on validation (never test), stagewise: the popularity weight alone, then pair weight and
-    threshold on top of it; the pair term is dropped unless it validates better than popularity alone."""
-    from .evaluate import evaluate
+def fit_prior_with_counts(prior: TextPrior, counts: Counts, neighbours: np.ndarray, split, batch_size: int = 1024
+                          ) -> tuple[PriorWithCounts, list[dict]]:
+    """Weights and thresholds chosen on validation (never test), stagewise: the popularity term alone (weight and
+    threshold), then the pair term's on top of it; a term is kept only where it validates better than without.
+    Each stage is one pass over the validation users: the prior and each pair term are scored once per batch."""
+    from .metrics import mask_history, rank_metrics
 
-    def valid(**weights) -> float:
-        return evaluate(PriorWithCounts.from_counts(prior, counts, neighbours, **weights), split, "valid")["ndcg@10"]
+    histories, targets = split.eval_inputs("valid")
 
-    tried = [{"popularity_weight": w, "pair_weight": 0.0, "threshold": 0.0,
-              "valid_ndcg@10": valid(popularity_weight=w, pair_weight=0.0)} for w in POPULARITY_WEIGHTS]
-    popularity = max(tried, key=lambda row: row["valid_ndcg@10"])["popularity_weight"]
-    for threshold in THRESHOLDS:
-        for weight in PAIR_WEIGHTS:
-            tried.append({"popularity_weight": popularity, "pair_weight": weight, "threshold": threshold,
-                          "valid_ndcg@10": valid(popularity_weight=popularity, pair_weight=weight,
-                                                 threshold=threshold)})
+    def scorer(**weights) -> PriorWithCounts:
+        return PriorWithCounts.from_counts(prior, counts, neighbours, **weights)
+
+    def validate(candidates: list[dict]) -> list[dict]:
+        popularity = {c["popularity_threshold"]: scorer(popularity_weight=1.0, pair_weight=0.0,
+                                                       popularity_threshold=c["popularity_threshold"]).popularity
+                      for c in candidates}
+        pairs = {c["threshold"]: scorer(popularity_weight=0.0, pair_weight=1.0, threshold=c["threshold"])
+                 for c in candidates if c["pair_weight"]}
+        sums = np.zeros(len(candidates))
+        for start in range(0, len(targets), batch_size):
+            batch = histories[start : start + batch_size]
+            text = prior(batch)
+            batch_targets = torch.from_numpy(targets[start : start + batch_size]).to(text.device)
+            pair_terms = {t: s.pair_term(batch, text) for t, s in pairs.items()}
+            for i, c in enumerate(candidates):
+                scores = text + c["popularity_weight"] * popularity[c["popularity_threshold"]]
+                if c["pair_weight"]:
+                    scores += c["pair_weight"] * pair_terms[c["threshold"]]
+                sums[i] += rank_metrics(mask_history(scores, batch, batch_targets), batch_targets)["ndcg@10"].sum()
+        return [c | {"valid_ndcg@10": float(total / max(len(targets), 1))} for c, total in zip(candidates, sums,
+                                                                                                 strict=True)]
+
+    none = {"popularity_weight": 0.0, "popularity_threshold": 0.0, "pair_weight": 0.0, "threshold": 0.0}
+    tried = validate([none] + [none | {"popularity_weight": w, "popularity_threshold": k}
+                               for k in POPULARITY_THRESHOLDS for w in POPULARITY_WEIGHTS])
+    popularity = max(tried, key=lambda row: row["valid_ndcg@10"])
+    tried += validate([{k: popularity[k] for k in none} | {"pair_weight": w, "threshold": t}
+                       for t in THRESHOLDS for w in PAIR_WEIGHTS])
     best = max(tried, key=lambda row: row["valid_ndcg@10"])
-    chosen = PriorWithCounts.from_counts(prior, counts, neighbours, popularity_weight=best["popularity_weight"],
-                             pair_weight=best["pair_weight"], threshold=best["threshold"])
-    return chosen, tried
+    return scorer(**{k: best[k] for k in none}), tried

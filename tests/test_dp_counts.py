@@ -84,6 +84,39 @@ def test_pair_counts_below_the_threshold_do_not_score():
     assert gain[0, 2] == pytest.approx(np.log1p(10.0)) and gain[0, 3] == 0
 
 
+def test_popularity_below_its_threshold_does_not_score():
+    counts = Counts(np.array([0.0, 30.0, 2.0, -4.0]), np.zeros((4, 2)), popularity_std=10.0, pair_std=1.0)
+    prior = TextPrior(unit_vectors(3))
+    neighbours = np.array([[0, 0], [2, 3], [1, 3], [1, 2]])
+    cut = PriorWithCounts.from_counts(prior, counts, neighbours, popularity_weight=1.0, pair_weight=0.0,
+                                      popularity_threshold=1.0)
+    assert cut.popularity.tolist() == pytest.approx([0.0, np.log1p(30.0), 0.0, 0.0])
+    kept = PriorWithCounts.from_counts(prior, counts, neighbours, popularity_weight=1.0, pair_weight=0.0)
+    assert kept.popularity[2] == pytest.approx(np.log1p(2.0))
+
+
+def test_the_one_pass_fit_scores_each_candidate_as_the_scorer_itself_does():
+    """fit_prior_with_counts validates every candidate from shared per-batch terms; each figure equals the
+    candidate scorer's own evaluation, and the chosen scorer is the best-validating candidate."""
+    from common.dp_counts import fit_prior_with_counts
+
+    split = leave_one_out(generate(SyntheticSpec(users=400, items=80)))
+    n = split.n_items
+    prior = TextPrior(unit_vectors(n, seed=3), decay=0.5)
+    neighbours = text_neighbours(prior.vectors.numpy(), 6)
+    counts = noised(bounded_counts(split.train.sequences(), neighbours, max_items=4, max_pairs=2),
+                    noise_multiplier=0.3, max_items=4, max_pairs=2, rng=np.random.default_rng(0))
+    chosen, tried = fit_prior_with_counts(prior, counts, neighbours, split, batch_size=64)
+    keys = ("popularity_weight", "popularity_threshold", "pair_weight", "threshold")
+    for row in tried[:: max(len(tried) // 8, 1)] + [tried[-1]]:
+        own = evaluate(PriorWithCounts.from_counts(prior, counts, neighbours, **{k: row[k] for k in keys}),
+                       split, "valid")["ndcg@10"]
+        assert row["valid_ndcg@10"] == pytest.approx(own, abs=1e-12)
+    best = max(tried, key=lambda row: row["valid_ndcg@10"])
+    assert all(getattr(chosen, k) == best[k] for k in keys)
+    assert any(row["pair_weight"] for row in tried) and any(row["popularity_threshold"] for row in tried)
+
+
 def test_fusion_standardises_and_weighs_the_prior():
     model = lambda h: torch.tensor([[0.0, 1.0, 2.0, 3.0]]) * 100  # noqa: E731 - scale must not matter
     prior = lambda h: torch.tensor([[0.0, 0.9, 0.1, 0.0]])  # noqa: E731

@@ -154,6 +154,23 @@ def test_local_and_central_modes_train_under_the_same_budget(tmp_path, mode):
     assert (tmp_path / "out" / "report.md").read_text().startswith(f"# fedaug simulation: {mode}")
 
 
+def test_a_nonprivate_federation_trains_the_central_recipe(tmp_path):
+    """ε = inf: every merchant trains the central baseline's tied wide tables for several local epochs; the
+    global model comes back whole (tied input and output tables stay one)."""
+    from common.bundle import load_bundle
+    from common.config import load_config
+    from simulations.simulate import run_simulate
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    config = load_config(path, {"federation.rounds": 1, "privacy.epsilon": "inf"}, SimulationConfig)
+    assert config.model.tie_embeddings and config.local.local_epochs > 1
+    metrics = run_simulate(config, tmp_path / "out")
+    assert metrics.privacy.epsilon_max is None and len(metrics.rounds) == 1 and metrics.test["ndcg@10"] > 0
+    model = load_bundle(tmp_path / "out" / "model").scorer.model
+    assert model.out.weight is model.item_emb.weight
+
+
 def test_a_sweep_runs_its_grid_once_and_reports(tmp_path):
     from common.errors import ConfigError
     from simulations.sweep import load_sweep, run_sweep

@@ -60,8 +60,8 @@ def test_item_texts_are_found_beside_the_data(tmp_path):
 
 def test_a_bad_item_text_file_names_file_and_line(tmp_path):
     path = write_amazon_set(tmp_path)
-    (tmp_path / "Shop_item_titles.tsv").write_text("item_id\tasin\ttitle\n1\tA1\tred\nx\tA2\tblue\n")
-    with pytest.raises(DataError, match=r"Shop_item_titles.tsv, line 3, column item_id: item id 'x'"):
+    (tmp_path / "Shop_item_titles.tsv").write_text("item_id\tasin\ttitle\n1\tA1\tred\n \tA2\tblue\n")
+    with pytest.raises(DataError, match=r"Shop_item_titles.tsv, line 3, column item_id: empty item id"):
         load(path)
     (tmp_path / "Shop_item_titles.tsv").write_text("item_id\tname\n1\tred\n")
     with pytest.raises(DataError, match=r"Shop_item_titles.tsv, line 1: header names no 'title' or 'text'"):
