@@ -5,6 +5,7 @@ central evaluation on every user, which only a simulation's server can do (it ha
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 
 import numpy as np
@@ -94,9 +95,11 @@ class CentralEvaluation:
                weight: float | None = None):
         """The global model's scorer (fused with the prior where there is one; its weight chosen on validation,
         or ``weight``: the one a round's validation already chose) for ``stage`` and the fusion's validation:
-        ``(scorer, None)``, ``(fused, {"weight", "model_valid", "valid"})``, or ``(fused, None)`` given a weight."""
-        self.model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
-        scorer = sasrec_scorer(self.model, self.device)
+        ``(scorer, None)``, ``(fused, {"weight", "model_valid", "valid"})``, or ``(fused, None)`` given a weight.
+        Each scorer holds its own copy of the model: two rounds' scorers never share weights."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
+        scorer = sasrec_scorer(model, self.device)
         if self.text is None:
             return scorer, None
         if weight is not None:

@@ -143,6 +143,11 @@ def test_a_federation_fuses_the_prior_and_the_merchants_dp_statistics(encoder, t
     from common.recommender import Recommender
     from simulations.serving_eval import reproduce_test
 
+    # The final and the best round's figures come from their own weights (their scorers share no model).
+    assert metrics["gain_over_text"]["final"]["test_ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-12)
+    if metrics["best_round"] != 2:
+        assert metrics["gain_over_text"]["best"]["test_ndcg@10"] == pytest.approx(metrics["best_test"]["ndcg@10"],
+                                                                                   abs=1e-12)
     bundle = Recommender.load(out / "model", device="cpu")
     assert bundle.bundle.card.scorer["weight"] == metrics["rounds"][-1]["fusion_weight"]
     reproduced = reproduce_test(bundle, load(data))
