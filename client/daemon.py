@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from common.config import BudgetSection, DataSection, Section
+from common.config import BudgetSection, DataSection, Section, flatten
 from common.data_check import DataReport, check_data
 from common.errors import ConfigError, FedaugError
 from deploy.processes import flower_command, flower_error, split_address, start, stop
@@ -71,8 +71,7 @@ class MerchantDaemonConfig(Section):
     def node_config(self) -> dict:
         """Flower node_config for the ClientApp (client.merchant reads it): the same dotted names as this TOML,
         with absolute paths."""
-        values = {f"data.{k}": v for k, v in self.data.model_dump().items()}
-        values |= {f"privacy.{k}": v for k, v in self.privacy.model_dump().items()}
+        values = flatten(self.data.model_dump(), "data.") | flatten(self.privacy.model_dump(), "privacy.")
         values |= {"device": self.device, STATE_DIR: self.merchant.state_dir}
         return {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in values.items() if v is not None}
 

@@ -609,16 +609,18 @@ def from_run_config(run_config: dict, schema: type[BaseModel] = FederationConfig
 
 def to_run_config(config: BaseModel) -> dict[str, Any]:
     """Flower's flat run_config for ``config``: dotted keys, unset values left out, lists as comma-separated text."""
+    return flatten(config.model_dump(mode="json"))
+
+
+def flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested tables as Flower's flat configs hold them (run_config, node_config): dotted keys, lists as
+    comma-separated text (an empty one as ","), unset (None) values left out."""
     flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: dict) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(f"{prefix}{key}.", value)
-            elif isinstance(value, list | tuple):
-                flat[f"{prefix}{key}"] = ",".join(str(v) for v in value)
-            elif value is not None:
-                flat[f"{prefix}{key}"] = value
-
-    walk("", config.model_dump(mode="json"))
+    for key, value in node.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, list | tuple):  # an empty list is "," ("" means not set)
+            flat[f"{prefix}{key}"] = ",".join(str(v) for v in value) or ","
+        elif value is not None:
+            flat[f"{prefix}{key}"] = value
     return flat

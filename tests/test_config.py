@@ -135,3 +135,8 @@ def test_data_mapping_errors_name_their_key(tmp_path):
         load_config(path, None, SimulationConfig)
     mapped = load_config(None, {"data.path": "shop.csv", "data.columns.context": "channel, region"}, SimulationConfig)
     assert mapped.data.schema().context == ("channel", "region")
+    # Over Flower's flat configs "no context columns" stays that, not "every other column".
+    none = load_config(None, {"data.path": "shop.csv", "data.columns.context": [], "data.events": {"pv": "view"}},
+                       SimulationConfig)
+    assert from_run_config(to_run_config(none), SimulationConfig).data.schema().context == ()
+    assert from_run_config(to_run_config(none), SimulationConfig) == none
