@@ -82,7 +82,8 @@ def load_events(path, schema: EventSchema | None = None, *, check_file) -> Behav
 def load_events_counted(path, schema: EventSchema | None = None, *, check_file) -> tuple[BehaviorData, Ingested]:
     """``load_events`` and what it left out."""
     path, schema = Path(path), schema or EventSchema()
-    table, row_offset, unit = _read(path, check_file, schema.names)
+    table, row_offset, unit = _read(path, check_file, schema.names,
+                                    {schema.user, schema.item, schema.event_type, schema.merchant})
     columns = table.column_names
     missing = [c for c in (schema.user, schema.item, schema.timestamp) if c not in columns]
     if missing:
@@ -96,67 +97,96 @@ def load_events_counted(path, schema: EventSchema | None = None, *, check_file) 
 
     item_codes, items = _id_codes(table[schema.item], schema.item, fail, padding=True)
     user_codes, users = _id_codes(table[schema.user], schema.user, fail, padding=False)
-    frame = pd.DataFrame({"user": user_codes, "item": item_codes,
-                          "ts": _timestamps(table[schema.timestamp], schema, fail), "row": np.arange(table.num_rows)})
+    events = {"user": user_codes, "item": item_codes, "ts": _timestamps(table[schema.timestamp], schema, fail)}
     if schema.event_type in columns:
-        frame["event"] = _event_codes(table[schema.event_type], schema, fail)
-        frame = frame[frame["event"] >= 0]
+        events["event"] = _event_codes(table[schema.event_type], schema, fail)
     merchant_names = None
     if schema.merchant in columns:
-        merchant_raw = _text(table[schema.merchant])
-        empty = np.flatnonzero(merchant_raw == "")
-        if len(empty):
-            fail(empty[0], schema.merchant, "empty merchant id")
-        merchant_names = sorted(set(merchant_raw.tolist()))
-        codes = pd.Categorical(merchant_raw, categories=merchant_names).codes.astype(np.int64)
-        frame["merchant"] = codes[frame["row"].to_numpy()]
+        rows, values = _distinct(table[schema.merchant], ordered=True)
+        _refuse(values == "", rows, schema.merchant, "empty merchant id", fail)
+        merchant_names = values.tolist()  # sorted
+        events["merchant"] = rows
     named = {schema.user, schema.item, schema.timestamp, schema.event_type, schema.merchant}
     context = schema.context if schema.context is not None else tuple(c for c in columns if c not in named)
     for column in context:
         if column not in columns:
             raise DataError(path, f"context column {column!r} is not in the file (found: {', '.join(columns)})",
                             1 if unit == "line" else None)
-        frame[f"ctx:{column}"] = _context(table[column], column, fail)[frame["row"].to_numpy()]
-    if frame.empty:
+        events[f"ctx:{column}"] = _context(table[column], column, fail)
+    rows = table.num_rows
+    del table  # only the typed columns from here on: the text columns' memory goes back
+    events["row"] = np.arange(rows)
+    index = np.flatnonzero(events["event"] >= 0) if "event" in events else np.arange(rows)
+    if not len(index):
         raise DataError(path, "every event was dropped by the event mapping ([data.events])")
+    # Time order within a user, ties in file order; exact duplicates dropped (they share a user and a time).
+    index = index[_user_time_order(events["user"][index], events["ts"][index])]
+    unique = index[~_duplicated(events, index)]
+    ingested = Ingested(rows=rows, dropped=rows - len(index), duplicates=len(index) - len(unique))
+    events = {name: values[unique] for name, values in events.items()}
 
-    # Duplicated events are dropped; time order within a user, ties in file order.
-    kept = len(frame)
-    frame = frame.drop_duplicates(subset=[c for c in frame.columns if c != "row"])
-    ingested = Ingested(rows=table.num_rows, dropped=table.num_rows - kept, duplicates=kept - len(frame))
-    frame = frame.sort_values(["user", "ts", "row"], kind="stable")
-    if "merchant" in frame:
-        per_user = frame.groupby("user")["merchant"].nunique()
-        if (per_user > 1).any():
-            user = per_user.index[np.argmax(per_user.to_numpy() > 1)]
-            rows = frame.loc[frame["user"] == user, "row"].to_numpy()
-            fail(rows.max(), schema.merchant, f"user {users[user]} appears under more than one merchant")
+    user = events["user"]
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    merchant = None
+    if "merchant" in events:
+        per_user = events["merchant"][starts]
+        mixed = np.flatnonzero(np.minimum.reduceat(events["merchant"], starts) !=
+                               np.maximum.reduceat(events["merchant"], starts))
+        if len(mixed):
+            first, end = starts[mixed[0]], np.r_[starts, len(user)][mixed[0] + 1]
+            fail(events["row"][first:end].max(), schema.merchant,
+                 f"user {users[user[first]]} appears under more than one merchant")
+        merchant = per_user.astype(np.int64)
 
     # Users and items without a kept event (all dropped) are left out and the rest renumbered.
-    kept_users, user_index = np.unique(frame["user"].to_numpy(), return_inverse=True)
-    kept_items, item_index = np.unique(frame["item"].to_numpy(), return_inverse=True)
-    lengths = np.bincount(user_index, minlength=len(kept_users))
-    merchant = None
-    if "merchant" in frame:
-        merchant = np.zeros(len(kept_users), dtype=np.int64)
-        merchant[user_index] = frame["merchant"].to_numpy()
+    kept_items, item_index = _renumber(events["item"], len(items))
     return BehaviorData(
-        items=item_index.astype(np.int64) + 1,
-        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        items=item_index + 1,
+        offsets=np.r_[starts, len(user)].astype(np.int64),
         catalog=ItemCatalog(raw_ids=np.concatenate([_padding(items), items[kept_items]])),
-        user_ids=users[kept_users],
-        timestamps=frame["ts"].to_numpy(np.int64),
-        event_type=frame["event"].to_numpy(np.int8) if "event" in frame else None,
+        user_ids=users[user[starts]],
+        timestamps=events["ts"].astype(np.int64, copy=False),
+        event_type=events["event"].astype(np.int8, copy=False) if "event" in events else None,
         merchant=merchant,
         merchant_names=merchant_names,
-        context={c[4:]: frame[c].to_numpy() for c in frame.columns if c.startswith("ctx:")},
+        context={name[4:]: values for name, values in events.items() if name.startswith("ctx:")},
     ), ingested
+
+
+def _user_time_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """The stable order by (user, time): one sort of a packed key where it fits 63 bits, else lexsort."""
+    low = int(ts.min())
+    span = int(ts.max()) - low + 1
+    if (int(user.max()) + 1) * span < 2**62:
+        return np.argsort(user * span + (ts - low), kind="stable")
+    return np.lexsort((ts, user))
+
+
+def _duplicated(events: dict[str, np.ndarray], index: np.ndarray) -> np.ndarray:
+    """For the events at ``index``, in (user, time) order: which equal an earlier one in everything but their row.
+    Only events sharing their user and time with a neighbour are compared."""
+    user, ts = events["user"][index], events["ts"][index]
+    tie = (user[1:] == user[:-1]) & (ts[1:] == ts[:-1])
+    candidates = np.flatnonzero(np.r_[False, tie] | np.r_[tie, False])
+    duplicated = np.zeros(len(index), dtype=bool)
+    if len(candidates):
+        fields = pd.DataFrame({name: values[index[candidates]] for name, values in events.items() if name != "row"})
+        duplicated[candidates] = fields.duplicated().to_numpy()
+    return duplicated
+
+
+def _renumber(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The codes in use (sorted) and each code's index among them."""
+    used = np.zeros(n, dtype=bool)
+    used[codes] = True
+    return np.flatnonzero(used), (np.cumsum(used) - 1)[codes].astype(np.int64)
 
 
 # reading ----------------------------------------------------------------------------------------------------------
 
 
-def _read(path: Path, check_file, names: tuple[str, ...] | None) -> tuple[pa.Table, int, str]:
+def _read(path: Path, check_file, names: tuple[str, ...] | None,
+          dictionary_columns: set[str]) -> tuple[pa.Table, int, str]:
     """The file as an Arrow table, the offset from row index to line (CSV) or row (Parquet) number, the unit.
     ``names``: a headerless CSV's column names."""
     check_file(path)
@@ -172,10 +202,12 @@ def _read(path: Path, check_file, names: tuple[str, ...] | None) -> tuple[pa.Tab
     import pyarrow.csv as pacsv
 
     header = _header(path) if names is None else list(names)
+    # Every column is read as text (checked and typed below, with located errors); columns of few distinct values
+    # (ids, event names) straight into Arrow dictionaries, so each distinct value is held and checked once.
+    types = {c: pa.dictionary(pa.int32(), pa.string()) if c in dictionary_columns else pa.string() for c in header}
     try:
         table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=list(names) if names else None),
-                               convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(header, pa.string()),
-                                                                    strings_can_be_null=False))
+                               convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
         _locate_csv_fault(path, names)  # raises a located DataError for what pyarrow refused
         raise DataError(path, f"malformed CSV ({str(exc).splitlines()[0]})") from None
@@ -230,6 +262,33 @@ def _text(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(pc.fill_null(values, "").to_numpy(zero_copy_only=False), dtype=object)
 
 
+def _distinct(column: pa.ChunkedArray, *, ordered: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's index into the column's distinct stripped values, and those values (object array; null as "";
+    sorted if ``ordered``). Only the distinct values become Python strings: a 10-million-row id column holds a few
+    hundred thousand."""
+    if column.null_count:
+        column = pc.fill_null(pc.cast(column, pa.string()), "")
+    if not pa.types.is_dictionary(column.type):
+        column = pc.dictionary_encode(column)
+    column = column.unify_dictionaries() if column.num_chunks > 1 else column
+    dictionary = column.chunk(0).dictionary if column.num_chunks else pa.array([], pa.string())
+    values = _text(pa.chunked_array([dictionary], dictionary.type))
+    indices = np.concatenate([c.indices.to_numpy() for c in column.chunks]) if column.num_chunks else \
+        np.zeros(0, np.int32)
+    if ordered or len(set(values)) < len(values):  # sorting, or merging values that differed only in spaces
+        values, inverse = np.unique(values, return_inverse=True)
+        return inverse[indices].astype(np.int64), values
+    return indices.astype(np.int64), values
+
+
+def _refuse(bad_values: np.ndarray, rows: np.ndarray, name: str, message, fail) -> None:
+    """Fail at the first row holding one of the distinct values flagged in ``bad_values``; ``message``: text, or a
+    function of the value's index."""
+    if bad_values.any():
+        row = int(np.flatnonzero(bad_values[rows])[0])
+        fail(row, name, message if isinstance(message, str) else message(rows[row]))
+
+
 def _id_codes(column: pa.ChunkedArray, name: str, fail, *, padding: bool) -> tuple[np.ndarray, np.ndarray]:
     """Each row's id as a code into the sorted distinct ids, and those ids (int64 when every id is a decimal
     integer, else text). ``padding``: integer id 0 is reserved (items)."""
@@ -237,22 +296,23 @@ def _id_codes(column: pa.ChunkedArray, name: str, fail, *, padding: bool) -> tup
         ids = column.to_numpy()
         if (ids < 0).any():
             fail(np.flatnonzero(ids < 0)[0], name, "integer ids must be non-negative")
-    else:
-        text = _text(column)
-        lengths = np.fromiter(map(len, text), dtype=np.int64, count=len(text))
-        control = pc.match_substring_regex(pa.array(text, pa.string()), r"[\x00-\x1f\x7f]").to_numpy(
-            zero_copy_only=False)
-        bad = np.flatnonzero((lengths == 0) | (lengths > MAX_ID_CHARS) | control)
-        if len(bad):
-            row = bad[0]
-            fail(row, name, "empty id" if lengths[row] == 0 else f"id longer than {MAX_ID_CHARS} characters"
-                 if lengths[row] > MAX_ID_CHARS else f"id {text[row][:40]!r} holds a control character")
-        ids = typed_ids(text)
-    if ids.dtype != object and padding and (ids == 0).any():
-        fail(np.flatnonzero(ids == 0)[0], name, "item id 0 is reserved for padding")
-    codes, uniques = pd.factorize(ids)
-    order = id_order(np.asarray(uniques))
-    return np.argsort(order)[codes].astype(np.int64), np.asarray(uniques)[order]
+        if padding and (ids == 0).any():
+            fail(np.flatnonzero(ids == 0)[0], name, "item id 0 is reserved for padding")
+        codes, uniques = pd.factorize(ids)
+        order = id_order(np.asarray(uniques))
+        return np.argsort(order)[codes].astype(np.int64), np.asarray(uniques)[order]
+    rows, text = _distinct(column)
+    lengths = np.fromiter(map(len, text), dtype=np.int64, count=len(text))
+    control = pc.match_substring_regex(pa.array(text, pa.string()), r"[\x00-\x1f\x7f]").to_numpy(
+        zero_copy_only=False) if len(text) else np.zeros(0, bool)
+    _refuse(lengths == 0, rows, name, "empty id", fail)
+    _refuse(lengths > MAX_ID_CHARS, rows, name, f"id longer than {MAX_ID_CHARS} characters", fail)
+    _refuse(control, rows, name, lambda v: f"id {text[v][:40]!r} holds a control character", fail)
+    ids = typed_ids(text)
+    if ids.dtype != object and padding:
+        _refuse(ids == 0, rows, name, "item id 0 is reserved for padding", fail)
+    order = id_order(ids)
+    return np.argsort(order)[rows].astype(np.int64), ids[order]
 
 
 INTEGER_ID = r"^(0|[1-9][0-9]{0,17})$"
@@ -277,10 +337,12 @@ def id_order(ids: np.ndarray) -> np.ndarray:
     number ("i2" before "i10")."""
     if ids.dtype != object:
         return np.argsort(ids, kind="stable")
-    parts = pd.Series(ids, dtype=object).str.extract(r"^(\D*)(\d*)(.*)$", flags=re.DOTALL)
-    key = parts[0] + parts[1].str.lstrip("0").str.len().astype(str).str.zfill(3) + parts[1].str.lstrip("0") + \
-        "\x00" + parts[2] + "\x00" + pd.Series(ids, dtype=object)
-    return np.argsort(key.to_numpy(dtype=object), kind="stable")
+    text = pa.array(ids, pa.string())
+    parts = pc.extract_regex(text, r"^(?P<prefix>\D*)(?P<digits>\d*)(?P<rest>(?s:.*))$")
+    digits = pc.utf8_ltrim(parts.field("digits"), "0")
+    key = pa.table({"prefix": parts.field("prefix"), "width": pc.utf8_length(digits), "digits": digits,
+                    "rest": parts.field("rest"), "id": text})
+    return pc.sort_indices(key, sort_keys=[(name, "ascending") for name in key.column_names]).to_numpy()
 
 
 def _padding(ids: np.ndarray) -> np.ndarray:
@@ -293,6 +355,10 @@ def _timestamps(column: pa.ChunkedArray, schema: EventSchema, fail) -> np.ndarra
     name, unit = schema.timestamp, schema.timestamp_unit
     if pa.types.is_timestamp(column.type):
         return pc.cast(column, pa.timestamp("s", column.type.tz)).cast(pa.int64()).to_numpy()
+    fast = _fast_timestamps(column, unit)
+    if fast is not None:
+        return fast
+    # Slow path (values Arrow does not cast: spaces, mixed zone forms, faults to locate): pandas, row by row.
     text = pd.Series(_text(column), dtype=object)
     numeric = pd.to_numeric(text, errors="coerce") if unit != "iso" else pd.Series(np.nan, index=text.index)
     if unit == "iso" or (unit == "auto" and numeric.isna().all()):
@@ -306,33 +372,62 @@ def _timestamps(column: pa.ChunkedArray, schema: EventSchema, fail) -> np.ndarra
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         fail(row, name, f"not a Unix time{' or ISO-8601 timestamp' if unit == 'auto' else ''}: {text.iloc[row][:40]!r}")
+    return _unix_seconds(values, unit, lambda row: fail(
+        row, name, f"Unix time {numeric.iloc[row]:g} is out of range (expected seconds or milliseconds since 1970)"))
+
+
+def _fast_timestamps(column: pa.ChunkedArray, unit: str) -> np.ndarray | None:
+    """Unix seconds by Arrow's own casts, or None where a value needs the slow path (which names faults)."""
+    if unit != "iso" and column.num_chunks:
+        for numeric in (pa.int64(), pa.float64()):
+            try:
+                values = pc.cast(column, numeric).to_numpy()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+            if values.dtype.kind == "f" and not np.isfinite(values).all() or (values < 0).any():
+                return None
+            return _unix_seconds(values, unit, lambda row: None)
+    if unit in ("iso", "auto"):
+        for zone in ("UTC", None):  # every value with a zone, or none with one (read as UTC)
+            try:
+                return pc.cast(column, pa.timestamp("s", zone)).cast(pa.int64()).to_numpy()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+    return None
+
+
+def _unix_seconds(values: np.ndarray, unit: str, out_of_range) -> np.ndarray | None:
+    """Seconds from numbers in seconds or milliseconds (``unit``; "auto": milliseconds from MS_FROM on)."""
     if unit == "ms" or (unit == "auto" and values.max() >= MS_FROM):
         values = values / 1000
     if (values >= MS_FROM).any():
-        row = int(np.flatnonzero(values >= MS_FROM)[0])
-        fail(row, name, f"Unix time {numeric.iloc[row]:g} is out of range (expected seconds or milliseconds "
-                        "since 1970)")
+        return out_of_range(int(np.flatnonzero(values >= MS_FROM)[0]))
     return values.astype(np.int64)
 
 
 def _event_codes(column: pa.ChunkedArray, schema: EventSchema, fail) -> np.ndarray:
     """EVENT_TYPES index per row, -1 for events mapped to "drop"."""
-    text = pd.Series(_text(column), dtype=object).str.lower()
-    codes = text.map(schema.stage())
-    if codes.isna().any():
-        bad = int(np.flatnonzero(codes.isna().to_numpy())[0])
-        fail(bad, schema.event_type, f"unknown event type {text.iloc[bad][:40]!r} (expected one of "
-                                     f"{', '.join(EVENT_TYPES)}, or map it in [data.events])")
-    return codes.to_numpy(np.int8)
+    rows, names = _distinct(column)
+    names = pd.Series(names, dtype=object).str.lower()
+    codes = names.map(schema.stage())
+    _refuse(codes.isna().to_numpy(), rows, schema.event_type,
+            lambda v: f"unknown event type {names.iloc[v][:40]!r} (expected one of {', '.join(EVENT_TYPES)}, or map "
+                      "it in [data.events])", fail)
+    return codes.to_numpy(np.int8)[rows]
 
 
 def _context(column: pa.ChunkedArray, name: str, fail) -> np.ndarray:
     """Numeric context stays numeric; text context (e.g. device) becomes category codes in sorted order."""
-    text = pd.Series(_text(column), dtype=object)
-    numeric = pd.to_numeric(text, errors="coerce")
-    if numeric.notna().all():
+    try:
+        out = pc.cast(column, pa.float64()).to_numpy() if column.null_count == 0 else None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        out = None
+    if out is None:
+        text = pd.Series(_text(column), dtype=object)
+        numeric = pd.to_numeric(text, errors="coerce")
+        if not numeric.notna().all():
+            return _distinct(column, ordered=True)[0].astype(np.float32)  # codes of the sorted distinct values
         out = numeric.to_numpy(dtype=float)
-        if not np.isfinite(out).all():
-            fail(int(np.flatnonzero(~np.isfinite(out))[0]), name, "context value is not a finite number")
-        return out.astype(np.float32)
-    return pd.Categorical(text, categories=sorted(set(text.tolist()))).codes.astype(np.float32)
+    if not np.isfinite(out).all():
+        fail(int(np.flatnonzero(~np.isfinite(out))[0]), name, "context value is not a finite number")
+    return out.astype(np.float32)

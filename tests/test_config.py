@@ -86,8 +86,8 @@ def test_role_defaults():
 
 
 def test_a_nonprivate_federation_gets_the_central_recipe_and_a_sweep_switches_regimes():
-    """ε = inf: the central baseline's tied wide tables and lr, smaller batches, several local epochs; a config changed to
-    another ε takes that regime's defaults, while what the user set stays."""
+    """ε = inf: the central baseline's tied wide tables and lr, smaller batches, several local epochs; a config
+    changed to another ε takes that regime's defaults, while what the user set stays."""
     central = BaselineConfig()
     nonprivate = load_config(None, {"privacy.epsilon": "inf"}, FederationConfig)
     assert nonprivate.model.tie_embeddings and nonprivate.model.catalog is False and nonprivate.model.item_dim is None

@@ -218,6 +218,50 @@ def test_missing_file_and_unknown_format(tmp_path):
         load(path, "xml")
 
 
+# ---------------------------------------------------------------- Arrow's fast paths against a plain reference
+
+_event_rows = st.lists(st.tuples(st.sampled_from(["u2", "u10", "u9", " u2 ", "7"]),
+                                 st.sampled_from(["i1", "i10", "i2", "B00x", "i1 "]),
+                                 st.integers(1_600_000_000, 1_600_000_005),
+                                 st.sampled_from(["view", "cart", " Purchase"])), min_size=1, max_size=40)
+
+
+def _natural(text: str):
+    import re
+
+    prefix, digits, rest = re.match(r"^(\D*)(\d*)(.*)$", text, re.DOTALL).groups()
+    return prefix, len(digits.lstrip("0")), digits.lstrip("0"), rest, text
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_event_rows, st.sampled_from(["s", "ms", "iso", "padded", "parquet"]))
+def test_the_loader_equals_a_plain_reference(tmp_path, rows, form):
+    """Whatever path a column takes (Arrow casts, dictionaries, or the row-by-row fallback for padded values),
+    the result is the reference's: stripped ids in natural order, time order with ties in file order, exact
+    duplicates dropped."""
+    stamp = {"s": str, "ms": lambda t: str(t * 1000), "padded": lambda t: f" {t} ", "parquet": str,
+             "iso": lambda t: pd.Timestamp(t, unit="s", tz="UTC").isoformat()}[form]
+    frame = pd.DataFrame({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                          "timestamp": [stamp(r[2]) for r in rows], "event_type": [r[3] for r in rows]})
+    if form == "parquet":
+        path = tmp_path / "events.parquet"
+        frame.to_parquet(path, row_group_size=7)  # several row groups: dictionaries unified across chunks
+    else:
+        path = write(tmp_path, "events.csv", frame.to_csv(index=False))
+    data = load(path, "events")
+
+    clean = [(u.strip(), i.strip(), t, e.strip().lower()) for u, i, t, e in rows]
+    kept = list(dict.fromkeys(clean))  # exact duplicates once, first occurrence first
+    users = sorted({u for u, *_ in kept}, key=_natural)
+    assert [str(u) for u in data.user_ids] == users
+    for index, user in enumerate(users):
+        events = sorted((r for r in kept if r[0] == user), key=lambda r: r[2])  # stable: ties in file order
+        assert [str(data.catalog.raw_ids[i]) for i in data.sequence(index)] == [r[1] for r in events]
+        span = slice(data.offsets[index], data.offsets[index + 1])
+        assert data.timestamps[span].tolist() == [r[2] for r in events]
+        assert [EVENT_TYPES[e] for e in data.event_type[span]] == [r[3] for r in events]
+
+
 # ---------------------------------------------------------------- fuzzing: never anything but DataError
 
 _settings = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
