@@ -115,7 +115,7 @@ def load_events_counted(path, schema: EventSchema | None = None, *, check_file) 
         events[f"ctx:{column}"] = _context(table[column], column, fail)
     rows = table.num_rows
     del table  # only the typed columns from here on: the text columns' memory goes back
-    events["row"] = np.arange(rows)
+    events["row"] = np.arange(rows, dtype=np.int32 if rows < 2**31 else np.int64)
     index = np.flatnonzero(events["event"] >= 0) if "event" in events else np.arange(rows)
     if not len(index):
         raise DataError(path, "every event was dropped by the event mapping ([data.events])")
@@ -158,7 +158,7 @@ def _user_time_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
     low = int(ts.min())
     span = int(ts.max()) - low + 1
     if (int(user.max()) + 1) * span < 2**62:
-        return np.argsort(user * span + (ts - low), kind="stable")
+        return np.argsort(user.astype(np.int64) * span + (ts - low), kind="stable")
     return np.lexsort((ts, user))
 
 
@@ -206,7 +206,10 @@ def _read(path: Path, check_file, names: tuple[str, ...] | None,
     # (ids, event names) straight into Arrow dictionaries, so each distinct value is held and checked once.
     types = {c: pa.dictionary(pa.int32(), pa.string()) if c in dictionary_columns else pa.string() for c in header}
     try:
-        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=list(names) if names else None),
+        # Large blocks: fewer chunks whose dictionaries must be unified (10M events: 383 of 1 MB took 2.1 s, 6 of
+        # 64 MB 0.4 s).
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=list(names) if names else None,
+                                                                    block_size=64 << 20),
                                convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
         _locate_csv_fault(path, names)  # raises a located DataError for what pyarrow refused
@@ -269,7 +272,8 @@ def _distinct(column: pa.ChunkedArray, *, ordered: bool = False) -> tuple[np.nda
     if column.null_count:
         column = pc.fill_null(pc.cast(column, pa.string()), "")
     if not pa.types.is_dictionary(column.type):
-        column = pc.dictionary_encode(column)
+        # One hash pass over the whole column (encoding chunk by chunk leaves dictionaries that cost more to unify).
+        column = pa.chunked_array([pc.dictionary_encode(column.combine_chunks())])
     column = column.unify_dictionaries() if column.num_chunks > 1 else column
     dictionary = column.chunk(0).dictionary if column.num_chunks else pa.array([], pa.string())
     values = _text(pa.chunked_array([dictionary], dictionary.type))
@@ -277,8 +281,8 @@ def _distinct(column: pa.ChunkedArray, *, ordered: bool = False) -> tuple[np.nda
         np.zeros(0, np.int32)
     if ordered or len(set(values)) < len(values):  # sorting, or merging values that differed only in spaces
         values, inverse = np.unique(values, return_inverse=True)
-        return inverse[indices].astype(np.int64), values
-    return indices.astype(np.int64), values
+        return inverse.astype(np.int32)[indices], values
+    return indices, values
 
 
 def _refuse(bad_values: np.ndarray, rows: np.ndarray, name: str, message, fail) -> None:
@@ -300,7 +304,7 @@ def _id_codes(column: pa.ChunkedArray, name: str, fail, *, padding: bool) -> tup
             fail(np.flatnonzero(ids == 0)[0], name, "item id 0 is reserved for padding")
         codes, uniques = pd.factorize(ids)
         order = id_order(np.asarray(uniques))
-        return np.argsort(order)[codes].astype(np.int64), np.asarray(uniques)[order]
+        return np.argsort(order).astype(np.int32)[codes], np.asarray(uniques)[order]
     rows, text = _distinct(column)
     lengths = np.fromiter(map(len, text), dtype=np.int64, count=len(text))
     control = pc.match_substring_regex(pa.array(text, pa.string()), r"[\x00-\x1f\x7f]").to_numpy(
@@ -312,7 +316,7 @@ def _id_codes(column: pa.ChunkedArray, name: str, fail, *, padding: bool) -> tup
     if ids.dtype != object and padding:
         _refuse(ids == 0, rows, name, "item id 0 is reserved for padding", fail)
     order = id_order(ids)
-    return np.argsort(order)[rows].astype(np.int64), ids[order]
+    return np.argsort(order).astype(np.int32)[rows], ids[order]
 
 
 INTEGER_ID = r"^(0|[1-9][0-9]{0,17})$"
