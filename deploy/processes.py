@@ -42,7 +42,19 @@ def start(command: list[str], log: Path, env: dict[str, str] | None = None) -> s
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as handle:
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})})
+                                env=child_environment(env))
+
+
+def child_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Our environment plus ``env``, with this Python's bin folder first on PATH: Flower's processes start their
+    siblings by name (flower-supernode runs `flower-superexec`), and a daemon started by absolute path (systemd,
+    cron) often has no venv on PATH — the SuperNode then waits forever for a child that never started."""
+    merged = {**os.environ, **(env or {})}
+    scripts = str(Path(sys.executable).parent)
+    path = merged.get("PATH", "")
+    if scripts not in path.split(os.pathsep):
+        merged["PATH"] = scripts + (os.pathsep + path if path else "")
+    return merged
 
 
 def stop(process: subprocess.Popen | None, grace: float = 10.0) -> None:

@@ -56,12 +56,16 @@ def free_port() -> int:
 class Daemon:
     """A `fedaug` daemon in its own process group (so `kill -9` takes its Flower children with it)."""
 
-    def __init__(self, workdir: Path, name: str, *args: str):
+    def __init__(self, workdir: Path, name: str, *args: str, by_path: bool = False):
+        """``by_path``: started as systemd or cron would, as the venv's `fedaug` script by absolute path with no
+        venv on PATH."""
         self.log = workdir / f"{name}.out"
+        command, env = [sys.executable, "-m", "fedaug"], {**os.environ, "COLUMNS": "200"}
+        if by_path:
+            command, env["PATH"] = [str(Path(sys.executable).parent / "fedaug")], "/usr/bin:/bin"
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "fedaug", *args], cwd=workdir, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True,
-                                            env={**os.environ, "COLUMNS": "200"})
+            self.process = subprocess.Popen([*command, *args], cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True, env=env)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -201,8 +205,10 @@ def test_a_killed_merchant_rejoins_with_its_ledger_and_an_exhausted_one_declines
     port = free_port()
     aggregator = Daemon(tmp_path, "aggregator", "aggregator", "--config",
                         str(aggregator_config(site, tmp_path, port, rounds=3, keys=[1, 2, 3])))
+    # Merchant 2 is started by absolute path without the venv on PATH (as systemd would): it must still train.
     merchants = {i: Daemon(tmp_path, f"merchant-{i}", "merchant", "--config",
-                           str(merchant_config(site, tmp_path, i, port, epsilon=1.0 if i == 3 else 8.0)))
+                           str(merchant_config(site, tmp_path, i, port, epsilon=1.0 if i == 3 else 8.0)),
+                           by_path=i == 2)
                  for i in (1, 2, 3)}
     restarted = None
     try:
@@ -226,6 +232,7 @@ def test_a_killed_merchant_rejoins_with_its_ledger_and_an_exhausted_one_declines
     assert rounds[1]["failures"]["missing"] + rounds[1]["failures"]["error"] == 1  # the killed merchant
 
     assert [(run, r) for run, r, _ in ledger_rounds(tmp_path, 3)] == [("an-earlier-run", 1)]  # nothing after
+    assert [r for _, r, _ in ledger_rounds(tmp_path, 2)] == [1, 2, 3]  # the one started by absolute path
     entries = ledger_rounds(tmp_path, 1)
     trained = [r for _, r, _ in entries]
     assert {1, 3} <= set(trained) and set(trained) <= {1, 2, 3}

@@ -142,3 +142,18 @@ def test_aggregator_config_errors_name_the_key(tmp_path, toml, message):
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_config(path, None, AggregatorConfig)
+
+
+def test_flowers_processes_find_their_siblings_without_the_venv_on_path(tmp_path, monkeypatch):
+    """A daemon started by absolute path (systemd, cron) has no venv on PATH; the SuperNode it starts runs
+    `flower-superexec` by name, so the children must get this Python's bin folder on PATH."""
+    import sys
+    from pathlib import Path
+
+    from deploy.processes import start
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    log = tmp_path / "child.log"
+    start([sys.executable, "-c", "import shutil; print(shutil.which('flower-superexec'))"], log).wait(60)
+    found = log.read_text().strip()
+    assert found != "None" and Path(found).parent == Path(sys.executable).parent
