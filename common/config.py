@@ -568,9 +568,10 @@ def read_toml(path: Path) -> dict:
 
 
 def load_config(path: Path | None, overrides: dict | None = None, schema: type[BaseModel] = BaselineConfig, *,
-                where: str | None = None, raw: dict | None = None):
+                where: str | None = None, raw: dict | None = None, flags: dict[str, str] | None = None):
     """Validate TOML ``path`` (or ``raw``, or the defaults) with dotted-key ``overrides`` (None values skipped)
-    applied. Errors are one line: ``WHERE: key K: message`` (WHERE = ``where`` or the file)."""
+    applied. Errors are one line: ``WHERE: key K: message`` (WHERE = ``where`` or the file), or ``FLAG: message``
+    where the bad value came from an override that ``flags`` names (dotted key -> the command-line flag)."""
     raw = read_toml(path) if path is not None else dict(raw or {})
     where = where if where is not None else (str(path) if path is not None else None)
     for dotted, value in (overrides or {}).items():
@@ -584,19 +585,22 @@ def load_config(path: Path | None, overrides: dict | None = None, schema: type[B
                 raise ConfigError(f"{where}: key {key!r} must be a table" if where else f"key {key!r}: must be a "
                                   "table")
         node[leaf] = value
+    given = {dotted: flag for dotted, flag in (flags or {}).items() if (overrides or {}).get(dotted) is not None}
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc, where)) from None
+        raise ConfigError(_one_line(exc, where, given)) from None
 
 
-def _one_line(exc: ValidationError, where: str | None) -> str:
+def _one_line(exc: ValidationError, where: str | None, flags: dict[str, str]) -> str:
     error = exc.errors()[0]
     key = ".".join(str(p) for p in error["loc"])
     cause = (error.get("ctx") or {}).get("error")
     if isinstance(cause, InvalidKey):
         key = ".".join(filter(None, (key, cause.key)))
     message = error["msg"].removeprefix("Value error, ")
+    if key in flags:  # the user typed it as a flag: name the flag, not the config key
+        return f"{flags[key]}: {message}"
     return (f"{where}: " if where else "") + (f"key {key}: " if key else "") + message
 
 

@@ -18,9 +18,26 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from common.errors import FedaugError
 from common.memory import single_malloc_arena
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+# Help text is plain text: rich markup would swallow the TOML [section] names it cites.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 console = Console(stderr=True)
 
+
+FLAGS = {
+    # The config key each command-line flag sets: a bad value is reported under the flag the user typed.
+    "data.path": "--data", "data.format": "--format", "device": "--device", "model.kind": "--model",
+    "model.catalog": "--catalog", "model.item_dim": "--item-dim", "train.epochs": "--epochs",
+    "train.max_minutes": "--max-minutes", "train.seed": "--seed", "privacy.epsilon": "--epsilon",
+    "privacy.delta": "--delta", "privacy.max_grad_norm": "--max-grad-norm",
+    "privacy.grad_sample_mode": "--grad-sample-mode", "local.rounds": "--rounds",
+    "local.local_epochs": "--local-epochs",
+    "local.batch_size": "--batch-size", "local.lr": "--lr", "local.seed": "--seed", "augment.enabled": "--no-augment",
+    "federation.rounds": "--rounds", "federation.strategy": "--strategy", "federation.seed": "--seed",
+    "federation.metrics_port": "--metrics-port", "simulation.merchants": "--merchants",
+    "simulation.partition": "--partition", "simulation.mode": "--mode", "simulation.attack": "--attack",
+    "simulation.attackers": "--attackers", "simulation.defence": "--defence",
+}
 
 QUIET_WARNINGS = (
     # Opacus' ghost clipping backward passes and its non-secure RNG note: known, harmless, and not the user's to fix.
@@ -45,11 +62,18 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:  # a wrong flag or value: one line too, not click's usage box
         context = getattr(exc, "ctx", None)
-        _error(exc.format_message() + (f" (see {context.command_path} --help)" if context else ""))
+        _error(_click_message(exc) + (f" (see {context.command_path} --help)" if context else ""))
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_message(exc: click.ClickException) -> str:
+    """click's message, with its "Did you mean" suggestion once (typer already writes one into the message)."""
+    if getattr(exc, "possibilities", None) and "Did you mean" in exc.message:
+        return exc.message
+    return exc.format_message()
 
 
 def _error(message: str) -> None:
@@ -88,7 +112,7 @@ def baseline(
     cfg = load_config(config, {
         "data.path": str(data) if data else None, "data.format": fmt, "model.kind": model, "train.epochs": epochs,
         "train.max_minutes": max_minutes, "train.seed": seed, "device": device,
-    })
+    }, flags=FLAGS)
     _check_out_dir(out)
     from simulations.baseline import run_baseline  # after validation: a bad flag fails fast
 
@@ -137,7 +161,7 @@ def validate(
         data: DataSection = DataSection()
 
     raw = {"data": read_toml(config).get("data", {})} if config is not None else {}
-    section = load_config(None, {"data.path": str(data) if data else None, "data.format": fmt}, DataOnly,
+    section = load_config(None, {"data.path": str(data) if data else None, "data.format": fmt}, DataOnly, flags=FLAGS,
                           where=str(config) if config else None, raw=raw).data
     if section.path is None:
         raise click.UsageError("give the file to check: --data FILE (or [data] path in --config)")
@@ -213,7 +237,7 @@ def local(
         "local.rounds": rounds, "local.local_epochs": local_epochs, "local.batch_size": batch_size, "local.lr": lr,
         "local.seed": seed, "augment.enabled": False if no_augment else None, "device": device,
         "model.catalog": catalog, "model.item_dim": item_dim,
-    }, MerchantRunConfig)
+    }, MerchantRunConfig, flags=FLAGS)
     _check_out_dir(out)
     from simulations.local import run_local  # after validation: a bad flag fails fast
 
@@ -279,7 +303,7 @@ def simulate(
         "federation.strategy": strategy, "simulation.mode": mode, "federation.seed": seed,
         "federation.metrics_port": metrics_port, "device": device, "simulation.attack": attack,
         "simulation.attackers": attackers, "simulation.defence": defence,
-    }, SimulationConfig)
+    }, SimulationConfig, flags=FLAGS)
     baselines = dict(_read_baseline(path) for path in baseline)
     _check_out_dir(out)
     from simulations.simulate import run_simulate  # after validation: a bad flag fails fast
@@ -449,14 +473,14 @@ def audit(
         from simulations.config import SimulationConfig
 
         cfg = load_config(config, overrides | {"federation.rounds": rounds, "simulation.merchants": merchants},
-                          SimulationConfig)
+                          SimulationConfig, flags=FLAGS)
         total = cfg.federation.rounds
     else:
         from common.config import MerchantRunConfig
 
         if merchants is not None:
             raise FedaugError("--merchants: only with --federated (the merchant path trains one merchant)")
-        cfg = load_config(config, overrides | {"local.rounds": rounds}, MerchantRunConfig)
+        cfg = load_config(config, overrides | {"local.rounds": rounds}, MerchantRunConfig, flags=FLAGS)
         total = cfg.local.rounds
     _check_out_dir(out)
     with _progress() as progress:

@@ -106,8 +106,8 @@ def test_a_taobao_userbehavior_log_trains_end_to_end(tmp_path):
 @pytest.mark.parametrize("args,fragment", [
     (["--data", "{bad}"], "bad.csv, line 3, column timestamp"),
     (["--data", "{missing}"], "no such file"),
-    (["--model", "gru"], "key model.kind"),
-    (["--epochs", "0"], "key train.epochs"),
+    (["--model", "gru"], "error: --model: "),
+    (["--epochs", "0"], "error: --epochs: "),
     (["--device", "tpu"], "--device"),
     (["--config", "{config}"], "key train.lr"),
     (["--config", "{broken}"], "invalid TOML"),
@@ -125,6 +125,21 @@ def test_user_errors_are_one_line_with_no_output(tmp_path, args, fragment):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_help_keeps_toml_section_names_and_answers_to_h():
+    """Help cites TOML tables ([aggregator], [federation], ...): printed as written, not eaten as markup."""
+    for command, section in (("aggregator", "[aggregator]"), ("merchant", "[merchant]"), ("sweep", "[sweep]")):
+        result = fedaug(command, "-h")
+        assert result.returncode == 0 and section in result.stdout, result.stdout
+
+
+def test_a_mistyped_command_or_flag_is_suggested_once():
+    for args, suggestion in ((["locl"], "Did you mean 'local'?"),
+                             (["local", "--epsilonn", "3"], "Did you mean '--epsilon'?")):
+        result = fedaug(*args)
+        assert result.returncode == 2 and result.stderr.count("Did you mean") == 1, result.stderr
+        assert suggestion in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_unknown_flag_is_rejected(tmp_path):
@@ -173,9 +188,9 @@ def test_local_private_run_reports_epsilon_within_budget_and_composes(tmp_path):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--epsilon", "-1"], "key privacy.epsilon"),
-    (["--grad-sample-mode", "fast"], "key privacy.grad_sample_mode"),
-    (["--epsilon", "abc"], "key privacy.epsilon"),
+    (["--epsilon", "-1"], "error: --epsilon: "),
+    (["--grad-sample-mode", "fast"], "error: --grad-sample-mode: "),
+    (["--epsilon", "abc"], "error: --epsilon: "),
 ])
 def test_local_flag_errors(tmp_path, args, fragment):
     result = fedaug("local", *args, "--out", str(tmp_path / "out"))
@@ -184,11 +199,11 @@ def test_local_flag_errors(tmp_path, args, fragment):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--strategy", "fedsgd"], "key federation.strategy"),
-    (["--mode", "solo"], "key simulation.mode"),
-    (["--partition", "alphabetical"], "key simulation.partition"),
-    (["--merchants", "0"], "key simulation.merchants"),
-    (["--rounds", "0"], "key federation.rounds"),
+    (["--strategy", "fedsgd"], "error: --strategy: "),
+    (["--mode", "solo"], "error: --mode: "),
+    (["--partition", "alphabetical"], "error: --partition: "),
+    (["--merchants", "0"], "error: --merchants: "),
+    (["--rounds", "0"], "error: --rounds: "),
     (["--data", "missing.csv"], "missing.csv"),
     (["--baseline", "nothing.json"], "--baseline: nothing.json: no such file"),
 ])
