@@ -22,6 +22,7 @@ from opacus import PrivacyEngine
 from common.augment import Augmenter, AugmentSettings, random_chains
 from common.batching import Contrastive, UserSamples
 from common.config import GRAD_SAMPLE_MODES, Recipe
+from common.errors import ConfigError
 from common.model import PerUserCrossEntropy, SASRec
 from common.training import MICRO_BATCH_TOKENS, train_step
 
@@ -86,12 +87,15 @@ class LocalTrainer:
         if privacy.private and ledger is None:
             raise ValueError("private training needs a ledger")
         self.sequences = train_sequences
-        self.n_users = sum(len(s) >= 2 for s in train_sequences)
+        self.n_users = trainable_users(train_sequences)
         self.n_items = n_items
         self.privacy, self.local, self.augment = privacy, local, augment
         self.ledger = ledger
         self.device = device
         self.delta = privacy.delta_for(self.n_users)
+        if privacy.private:
+            check_delta(self.delta, self.n_users)
+            _warn_on_sampling(self.sample_rate, self.n_users, local.batch_size)
         self._noise: dict[str, float] = {}
         self._augmenter_cache: tuple[int, Augmenter] | None = None
 
@@ -222,6 +226,33 @@ class LocalTrainer:
         return total / max(steps, 1), steps
 
 
+SAMPLE_RATE_WARNING = 0.5
+
+
+def trainable_users(sequences: list[np.ndarray]) -> int:
+    """Users with at least one next-item target (two events): the ones DP-SGD samples and protects."""
+    return sum(len(s) >= 2 for s in sequences)
+
+
+def check_delta(delta: float, n_users: int) -> None:
+    """δ is the chance the guarantee fails outright, so it must stay below one user's share (1 / users)."""
+    if delta >= 1 / max(n_users, 1):
+        raise ConfigError(f"privacy.delta: {delta:g} must be below 1 / users = {1 / max(n_users, 1):g} (this "
+                          f"merchant has {n_users} users who can train)")
+
+
+def _warn_on_sampling(sample_rate: float, n_users: int, batch_size: int) -> None:
+    """A Poisson rate near 1 means each step sees almost everyone: DP-SGD's amplification by sampling is lost."""
+    if sample_rate >= SAMPLE_RATE_WARNING:
+        warnings.warn(f"local.batch_size {batch_size} over {n_users} users is a sampling rate of {sample_rate:.2f}: "
+                      "little privacy amplification; a smaller batch (or more users) costs less noise per ε",
+                      PrivacyPlanWarning, stacklevel=3)
+
+
+class PrivacyPlanWarning(UserWarning):
+    """A private training plan that is valid but spends its budget poorly."""
+
+
 def build_trainer(recipe: Recipe, train_sequences: list[np.ndarray], n_items: int, *, rounds: int, seed: int,
                   state_dir: Path, device: torch.device) -> LocalTrainer:
     """The one way a merchant's trainer is made (ClientApp, `fedaug local`, the audit): ``recipe`` for ``rounds``
@@ -232,6 +263,9 @@ def build_trainer(recipe: Recipe, train_sequences: list[np.ndarray], n_items: in
     local = LocalSettings(local_epochs=recipe.local.local_epochs, batch_size=recipe.local.batch_size,
                           lr=recipe.local.lr, seed=seed)
     augment = AugmentSettings(**recipe.augment.model_dump()) if recipe.augment.active else None
+    if privacy.private:  # refused before the ledger (and its folder) exists
+        n_users = trainable_users(train_sequences)
+        check_delta(privacy.delta_for(n_users), n_users)
     ledger = PrivacyLedger(state_dir) if privacy.private else None
     return LocalTrainer(train_sequences, n_items, privacy, local, augment, ledger, device)
 

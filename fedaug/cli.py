@@ -50,6 +50,7 @@ def main() -> None:
     single_malloc_arena()
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}.*")
+    warnings.formatwarning = _warning_line
     try:
         code = app(standalone_mode=False)  # click returns (not raises) the code of a typer.Exit here
     except FedaugError as exc:
@@ -67,6 +68,13 @@ def main() -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings as one line addressed to the user, not a source location."""
+    if category.__module__.split(".")[0] in ("client", "common", "server", "simulations", "fedaug"):
+        return f"warning: {message}\n"
+    return f"{filename}:{lineno}: {category.__name__}: {message}\n"
 
 
 def _click_message(exc: click.ClickException) -> str:

@@ -191,6 +191,7 @@ def test_local_private_run_reports_epsilon_within_budget_and_composes(tmp_path):
     (["--epsilon", "-1"], "error: --epsilon: "),
     (["--grad-sample-mode", "fast"], "error: --grad-sample-mode: "),
     (["--epsilon", "abc"], "error: --epsilon: "),
+    (["--delta", "0.5"], "privacy.delta: 0.5 must be below 1 / users"),  # refused before the ledger is made
 ])
 def test_local_flag_errors(tmp_path, args, fragment):
     result = fedaug("local", *args, "--out", str(tmp_path / "out"))

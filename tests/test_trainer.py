@@ -278,3 +278,29 @@ def test_rounds_train_with_a_contrastive_objective(tmp_path, use_as, epsilon):
     model = SASRec(SASRecConfig(n_items=data.n_items, hidden=16, heads=2, max_len=20))
     result = trainer.train_round(model, "run", 1)
     assert math.isfinite(result.train_loss) and result.augment_views == 1
+
+
+def test_a_private_plan_needs_delta_below_one_users_share_and_warns_at_high_sampling_rates():
+    from client.trainer import PrivacyPlanWarning
+    from common.errors import ConfigError
+
+    sequences = [np.arange(1, 6)] * 50  # 50 users who can train
+
+    def trainer(delta=None, batch_size=8):
+        return LocalTrainer(sequences, 10, PrivacySettings(epsilon=8.0, delta=delta),
+                            LocalSettings(batch_size=batch_size), None, PrivacyLedger.__new__(PrivacyLedger),
+                            torch.device("cpu"))
+
+    with pytest.raises(ConfigError, match=r"privacy.delta: 0.5 must be below 1 / users = 0.02"):
+        trainer(delta=0.5)
+    with pytest.raises(ConfigError, match="privacy.delta"):
+        trainer(delta=0.02)
+    with pytest.warns(PrivacyPlanWarning, match="sampling rate of 1.00"):
+        trainer(batch_size=256)  # every user in every step
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trainer(delta=1e-3).delta == 1e-3  # a sound plan: no warning
+        LocalTrainer(sequences, 10, PrivacySettings(epsilon=math.inf, delta=0.5), LocalSettings(batch_size=256),
+                     None, None, torch.device("cpu"))  # non-private: nothing to check
