@@ -12,6 +12,7 @@ is what is the merchant's own to decide: its data, its device and its privacy bu
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from common.errors import ConfigError, FedaugError
 from deploy.processes import flower_command, flower_error, split_address, start, stop
 
 from .merchant import STATE_DIR
+from .spent import claim
 
 HEALTHY_SECONDS = 60.0
 """A SuperNode that ran this long before exiting was healthy: the back-off starts again from 1 s."""
@@ -45,6 +47,9 @@ class MerchantSection(Section):
     max_backoff: float = Field(60.0, gt=0)
     max_restarts: int | None = Field(None, ge=0)
     """Give up after this many SuperNode restarts (default: never)."""
+    new_budget: bool = False
+    """Start a new privacy ledger in ``state_dir`` although another ledger has spent budget on this data (refused
+    otherwise: a new state-dir must not restart the budget of users already trained on)."""
 
     @field_validator("superlink")
     @classmethod
@@ -119,6 +124,9 @@ class MerchantDaemon:
         report = self.validate_data()
         self.say(f"Data OK: {report.users} users, {report.items} items, {report.events} events"
                  f"{f', {report.too_short} users too short to evaluate' if report.too_short else ''}.")
+        if self.config.privacy.epsilon != math.inf:
+            claim(report.fingerprint, self.state_dir, new_budget=self.config.merchant.new_budget,
+                  option="[merchant] new_budget = true")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {"FLWR_HOME": str(self.state_dir / "flwr")}
         backoff, restarts = 1.0, 0

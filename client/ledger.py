@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     UNIQUE (run_id, round, attempt)
 )
 """
+LEDGER_FILE = "privacy-ledger.sqlite"
 COLUMNS = "run_id, round, noise_multiplier, sample_rate, steps, delta, epsilon, recorded_at"
 
 
@@ -118,7 +119,7 @@ def calibrate_noise(spent: list[tuple[float, float, int]], sample_rate: float, s
 
 class PrivacyLedger:
     def __init__(self, state_dir: Path):
-        self.path = Path(state_dir) / "privacy-ledger.sqlite"
+        self.path = Path(state_dir) / LEDGER_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None)  # explicit transactions below
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -8,6 +8,7 @@ same layout, so slicing users or trimming sequences keeps them aligned.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -91,6 +92,15 @@ class BehaviorData:
 
     def sequences(self) -> list[np.ndarray]:
         return np.split(self.items, self.offsets[1:-1])
+
+    def fingerprint(self) -> str:
+        """Who and what this data is about: a hash of its user ids and item ids (not of their events), so the same
+        shop's log, re-exported or grown by new events, keeps its fingerprint and its privacy budget."""
+        digest = hashlib.sha256()
+        for ids in (self.user_ids, self.catalog.raw_ids[1:]):
+            digest.update("\x1f".join(sorted(map(str, ids.tolist()))).encode())
+            digest.update(b"\x1e")
+        return digest.hexdigest()[:32]
 
     def summary(self) -> dict:
         return {"users": self.n_users, "items": self.n_items, "interactions": self.n_interactions}

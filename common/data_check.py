@@ -46,6 +46,8 @@ class DataReport:
     """Exact duplicate events, kept once (events files)."""
     unknown_catalog_items: int | None
     """Items the configured catalog ([data] catalog) does not list; None without a catalog."""
+    fingerprint: str
+    """Who and what the data is about (``BehaviorData.fingerprint``): its privacy budget is bound to it."""
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -85,7 +87,7 @@ def check_data(section: DataSection) -> DataReport:
         merchants=None if data.merchant_names is None else len(data.merchant_names), context=sorted(data.context),
         dropped=None if ingested is None else ingested.dropped,
         duplicates=None if ingested is None else ingested.duplicates,
-        unknown_catalog_items=unknown, errors=errors)
+        unknown_catalog_items=unknown, fingerprint=data.fingerprint(), errors=errors)
 
 
 def _bin_name(low: float, high: float) -> str:

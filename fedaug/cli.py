@@ -233,6 +233,8 @@ def local(
                                         help="Item features from the public catalog's attributes."),
     item_dim: int | None = typer.Option(None, "--item-dim", help="Width of learned per-item tables (0: none)."),
     state_dir: Path | None = typer.Option(None, "--state-dir", help="Where the privacy ledger lives (DIR/state)."),
+    new_budget: bool = typer.Option(False, "--new-budget", help="Start a new privacy ledger even though another "
+                                    "ledger has spent budget on this data (refused otherwise)."),
     seed: int | None = typer.Option(None, "--seed"),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
@@ -264,7 +266,8 @@ def local(
                 f"round {done:3d}/{total}  loss {record.train_loss:.4f}  ε {record.epsilon_max:.3f}  "
                 f"valid NDCG@10 {record.valid['ndcg@10']:.4f}  ({record.seconds:.0f} s)")
 
-        metrics = run_local(cfg, out, state_dir or out / "state", on_round=on_round, on_step=on_step)
+        metrics = run_local(cfg, out, state_dir or out / "state", on_round=on_round, on_step=on_step,
+                            new_budget=new_budget)
     test, privacy = metrics.test, metrics.privacy
     console.print(
         f"local: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  ε {privacy.epsilon_max:.3f}  "

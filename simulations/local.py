@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from client.spent import claim
 from client.trainer import build_trainer
 from common.config import MerchantRunConfig
 from common.data import BehaviorData
@@ -23,16 +24,20 @@ from .report import final_metrics
 
 def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_round: OnRound | None = None,
               on_step: Callable[[int, int], None] | None = None, data: BehaviorData | None = None,
-              mode: str = "merchant", model_dir: Path | None = None) -> RunMetrics:
+              mode: str = "merchant", model_dir: Path | None = None, new_budget: bool | None = None) -> RunMetrics:
     """Train ``config.local.rounds`` rounds of local DP training on the whole data set (or ``data``, one
     merchant's part of it) as one merchant; the trained model's bundle goes to ``model_dir`` (default
     ``out/model`` when ``out`` is given).
 
     The privacy ledger in ``state_dir`` makes ε durable: running again with the same state-dir keeps composing.
+    ``new_budget`` (a merchant's own data; None for a simulation's parts): whether a new ledger may start for data
+    another ledger has already spent on (client.spent).
     """
     started = time.monotonic()
     device = pick_device(config.device)
     data = config.load_data() if data is None else data
+    if new_budget is not None and config.privacy.private:
+        claim(data.fingerprint(), state_dir, new_budget=new_budget)
     split = leave_one_out(data)
     trainer = build_trainer(config.recipe, split.train.sequences(), data.n_items, rounds=config.local.rounds,
                             seed=config.local.seed, state_dir=state_dir, device=device)

@@ -185,6 +185,14 @@ def test_local_private_run_reports_epsilon_within_budget_and_composes(tmp_path):
                    "--state-dir", str(tmp_path / "o" / "state"))
     assert again.returncode == 1 and "budget" in again.stderr and "Traceback" not in again.stderr
     assert not (tmp_path / "o2").exists()
+    # a new --out (so a new, empty ledger) for the same users must not restart their budget from zero
+    fresh = fedaug("local", "--config", str(tmp_path / "merchant.toml"), "--out", str(tmp_path / "o3"))
+    assert fresh.returncode == 1 and "Traceback" not in fresh.stderr and not (tmp_path / "o3").exists()
+    assert f"already trained on under {tmp_path / 'o' / 'state'} (2 DP rounds)" in " ".join(fresh.stderr.split())
+    assert "--new-budget" in fresh.stderr and len(fresh.stderr.strip().splitlines()) == 1
+    knowingly = fedaug("local", "--config", str(tmp_path / "merchant.toml"), "--out", str(tmp_path / "o3"),
+                       "--new-budget")
+    assert knowingly.returncode == 0, knowingly.stderr
 
 
 @pytest.mark.parametrize("args,fragment", [

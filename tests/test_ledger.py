@@ -133,3 +133,26 @@ def test_a_kill_mid_commit_leaves_the_ledger_consistent(tmp_path):
     assert [e.round for e in ledger.entries()] == [1]
     ledger.record("run", 2, 1.0, 0.01, 10, DELTA)
     assert [e.round for e in ledger.entries()] == [1, 2]
+
+
+def test_a_new_ledger_for_data_already_spent_on_is_refused_unless_asked_for(tmp_path):
+    """The registry binds ledgers to their data's fingerprint: a fresh state-dir cannot restart a spent budget."""
+    from client.spent import claim, registry_path
+    from common.errors import FedaugError
+
+    first, second = tmp_path / "run1" / "state", tmp_path / "run2" / "state"
+    claim("shop-a", first)
+    claim("shop-a", second)  # nothing spent yet under run1: nothing to protect
+    ledger = PrivacyLedger(first)
+    ledger.record("r", 1, noise_multiplier=1.0, sample_rate=0.1, steps=10, delta=1e-5)
+    ledger.close()
+    claim("shop-a", first)  # the ledger that spent keeps composing
+    with pytest.raises(FedaugError, match=r"run1/state \(1 DP round\): .* --new-budget"):
+        claim("shop-a", tmp_path / "run3")
+    claim("shop-b", tmp_path / "run3")  # other users: their own budget
+    claim("shop-a", tmp_path / "run4", new_budget=True)  # asked for explicitly
+    import shutil
+
+    shutil.rmtree(first)  # a ledger deleted on purpose no longer binds the data
+    claim("shop-a", tmp_path / "run5")
+    assert str(first) not in registry_path().read_text()
