@@ -252,6 +252,16 @@ class ModelSection(Section):
     def model(self, data: BehaviorData) -> SASRec:
         return SASRec(*self.build(data))
 
+    def describe(self, data: BehaviorData) -> str:
+        """The model as built for ``data``, in words (reports)."""
+        if self.kind != "sasrec":
+            return self.kind
+        cfg = self.build(data)[0]
+        items = [f"catalog attributes ({cfg.n_attributes})"] if cfg.n_attributes else []
+        if cfg.id_dim:
+            items.append(f"item tables {cfg.id_dim} wide{', shared by input and output' if cfg.tie_embeddings else ''}")
+        return f"SASRec hidden {cfg.hidden}, {cfg.blocks} blocks, " + " + ".join(items)
+
 
 class TrainSection(Section):
     """[train]: centralised non-private training (`fedaug baseline`)."""

@@ -148,6 +148,8 @@ class RunMetrics:
     """The same for the baselines (popularity, text prior)."""
     cold_users: int | None = None
     fusion: FusionRecord | None = None
+    model: str | None = None
+    """The model as built for this data (catalog attributes only where the data has them)."""
     gain_over_text: dict[str, dict] | None = None
     """Federations with item texts: the final (``final``) and best-validation (``best``) global model's test
     NDCG@10, each with its mean per-user gain over the text prior alone and that gain's 95 % interval."""

@@ -11,9 +11,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from common.atomic import write_bytes_atomic  # noqa: E402
-from common.records import RunMetrics  # noqa: E402
+from common.records import MerchantRecord, RunMetrics  # noqa: E402
 
 
 def write_plots(metrics: RunMetrics, out: Path) -> list[str]:
@@ -27,25 +28,22 @@ def write_plots(metrics: RunMetrics, out: Path) -> list[str]:
         federated = [(r.round, r.federated_valid["ndcg@10"]) for r in rounds if r.federated_valid]
         if federated:
             ax.plot(*zip(*federated, strict=True), marker="x", linestyle="--", label="federated evaluation")
-        pop = metrics.baselines.get("popularity")
-        if pop:
-            ax.axhline(pop["ndcg@10"], color="grey", linestyle=":", label="popularity (test)")
+        # (baselines are test figures: they belong in the report's tables, not on a validation axis)
         ax.set(xlabel="round", ylabel="validation NDCG@10", title="NDCG@10 per round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=8)
         written.append(_save(fig, out / "ndcg_per_round.png"))
     merchants = metrics.merchants
     with_epsilon = [m for m in merchants if m.epsilon_by_round]
     if with_epsilon:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        for m in with_epsilon:
-            points = sorted((int(r), e) for r, e in m.epsilon_by_round.items()
-                            if isinstance(e, int | float) and math.isfinite(e))
-            if points:
-                ax.plot(*zip(*points, strict=True), marker=".", label=f"merchant {m.merchant}")
+        for label, points in epsilon_lines(with_epsilon):
+            ax.plot(*zip(*points, strict=True), marker=".", label=label)
         budget = metrics.privacy.epsilon_budget if metrics.privacy else None
         if isinstance(budget, int | float) and math.isfinite(budget):
             ax.axhline(budget, color="red", linestyle=":", label="budget")
         ax.set(xlabel="round", ylabel="ε spent", title="ε per merchant per round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=6, ncol=2)
         written.append(_save(fig, out / "epsilon_per_merchant.png"))
     tested = [m for m in merchants if m.test]
@@ -57,6 +55,20 @@ def write_plots(metrics: RunMetrics, out: Path) -> list[str]:
         ax.legend(fontsize=8)
         written.append(_save(fig, out / "merchant_ndcg.png"))
     return written
+
+
+def epsilon_lines(merchants: list[MerchantRecord]) -> list[tuple[str, tuple[tuple[int, float], ...]]]:
+    """(label, [(round, ε)]) per line of the ε plot: merchants whose ε per round is the same share one line (ten
+    identical merchants are one line, "all 10 merchants", not ten on top of each other)."""
+    curves: dict[tuple, list[int]] = {}
+    for m in merchants:
+        points = tuple(sorted((int(r), round(e, 6)) for r, e in m.epsilon_by_round.items()
+                              if isinstance(e, int | float) and math.isfinite(e)))
+        if points:
+            curves.setdefault(points, []).append(m.merchant)
+    return [(f"merchant {who[0]}" if len(who) == 1 else
+             f"{'all ' if len(who) == len(merchants) else ''}{len(who)} merchants", points)
+            for points, who in curves.items()]
 
 
 def privacy_utility_plot(lines: dict[str, list[tuple[float, float]]], out: Path, baselines: dict[str, float]) -> str:

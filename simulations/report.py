@@ -32,7 +32,8 @@ def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorD
     return RunMetrics(mode=mode, test=test.all, valid=select(evaluate(scorer, split, "valid")),
                       test_users=len(test.cold_mask), epochs=epochs, seconds=round(time.monotonic() - started, 2),
                       data=data.summary(), config=config.model_dump(mode="json") | {"device": str(device)},
-                      test_cold=test.cold, cold_users=int(test.cold_mask.sum()))
+                      test_cold=test.cold, cold_users=int(test.cold_mask.sum()),
+                      model=config.model.describe(data) if hasattr(config, "model") else None)
 
 
 def cold_targets(split: LeaveOneOut) -> np.ndarray:
@@ -84,9 +85,7 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
              f"| strategy | {fed['strategy'] if metrics.mode == 'federated' else '—'} |",
              f"| ε per merchant (budget) | {_fmt(priv.epsilon_budget)} |",
              f"| augmentation | {_augment_text(augment)} |",
-             f"| model | SASRec hidden {cfg['model']['hidden']}, {cfg['model']['blocks']} blocks, "
-             f"{'catalog attributes + ' if cfg['model']['catalog'] else ''}item tables "
-             f"{cfg['model']['item_dim'] if cfg['model']['item_dim'] is not None else cfg['model']['hidden']} wide |",
+             f"| model | {metrics.model or '—'} |",
              f"| batch, lr, C | {cfg['local']['batch_size']}, {cfg['local']['lr']}, "
              f"{cfg['privacy']['max_grad_norm']} |",
              f"| wall time | {metrics.seconds:.0f} s |", "",
@@ -120,10 +119,13 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
         lines += ["", f"Cold items: the {metrics.cold_users} test users whose target had fewer than {COLD_BELOW} "
                   "training interactions.", "", "| run | hr@10 | ndcg@10 |", "|---|---|---|"]
         lines += [f"| {name} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} |" for name, m in cold.items()]
-    lines += ["", "## Privacy", "",
-              f"- ε per merchant: max {_fmt(priv.epsilon_max)}, mean {_fmt(priv.epsilon_mean)} "
-              f"(budget {_fmt(priv.epsilon_budget)}), user-level DP-SGD with per-user clipping C = "
-              f"{priv.max_grad_norm}, accounted by each merchant's ledger (PRV, never above RDP)."]
+    lines += ["", "## Privacy", ""]
+    if isinstance(priv.epsilon_budget, int | float) and math.isinf(priv.epsilon_budget):
+        lines.append("- non-private (ε = inf): no DP-SGD, no noise, nothing accounted.")
+    else:
+        lines.append(f"- ε per merchant: max {_fmt(priv.epsilon_max)}, mean {_fmt(priv.epsilon_mean)} "
+                     f"(budget {_fmt(priv.epsilon_budget)}), user-level DP-SGD with per-user clipping C = "
+                     f"{priv.max_grad_norm}, accounted by each merchant's ledger (PRV, never above RDP).")
     if priv.central:
         c = priv.central
         lines.append(f"- central (client-level) DP: ε {_fmt(c['epsilon'])} at δ {c['delta']:.2g}, noise multiplier "

@@ -68,6 +68,7 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     metrics.defence = sim.defence or ("normbound" if config.federation.norm_bound else config.federation.strategy)
     metrics.seconds = round(time.monotonic() - started, 2)
     metrics.data, metrics.merchants_total = data.summary(), n_merchants
+    metrics.model = config.model.describe(data)
     metrics.config = config.model_dump(mode="json")
     out.mkdir(parents=True, exist_ok=True)
     if mode == "federated":

@@ -169,6 +169,9 @@ def test_a_nonprivate_federation_trains_the_central_recipe(tmp_path):
     assert metrics.privacy.epsilon_max is None and len(metrics.rounds) == 1 and metrics.test["ndcg@10"] > 0
     model = load_bundle(tmp_path / "out" / "model").scorer.model
     assert model.out.weight is model.item_emb.weight
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "non-private (ε = inf)" in report and "max ε" not in report.split("## Privacy")[1].split("##")[0]
+    assert "shared by input and output" in report  # the model as built, tied
 
 
 def test_a_sweep_runs_its_grid_once_and_reports(tmp_path):
@@ -239,3 +242,24 @@ def test_sweep_config_errors_name_the_file_and_key(tmp_path):
     path.write_text('[federation]\nstrategy = "fedsgd"\n')
     with pytest.raises(ConfigError, match=r"bad.toml: key federation.strategy"):
         load_sweep(path)
+
+
+def test_reports_and_plots_say_what_the_run_was():
+    """The report names the model as built (no catalog where the data has no attributes), says "non-private" for
+    ε = inf, and identical ε curves are one line."""
+    import numpy as np
+
+    from common.config import ModelSection
+    from common.data import ItemCatalog, from_sequences
+    from common.records import MerchantRecord
+    from common.synthetic import SyntheticSpec, generate
+    from simulations.plots import epsilon_lines
+
+    plain = from_sequences([np.array([1, 2, 3])], ItemCatalog(raw_ids=np.arange(4)))
+    section = ModelSection(catalog="auto", item_dim=8, tie_embeddings=False)
+    assert "catalog" not in section.describe(plain) and "item tables 8 wide" in section.describe(plain)
+    assert "catalog attributes (" in section.describe(generate(SyntheticSpec(users=60, items=50, seed=2)))
+    same = [MerchantRecord(merchant=i, epsilon_by_round={"1": 4.0, "2": 7.9}) for i in range(10)]
+    other = MerchantRecord(merchant=10, epsilon_by_round={"1": 8.0})
+    assert [label for label, _ in epsilon_lines(same)] == ["all 10 merchants"]
+    assert [label for label, _ in epsilon_lines([*same, other])] == ["10 merchants", "merchant 10"]
