@@ -43,6 +43,8 @@ QUIET_WARNINGS = (
     # Opacus' ghost clipping backward passes and its non-secure RNG note: known, harmless, and not the user's to fix.
     "Full backward hook is firing",
     "Secure RNG turned off",
+    # Ray's notice about a future default for GPU-less actors: nothing a user of fedaug decides.
+    "Ray will no longer override accelerator visible devices",
 )
 
 

@@ -68,6 +68,7 @@ def test_simulate_with_no_arguments_end_to_end(tmp_path):
     for name in ("report.md", "ndcg_per_round.png", "epsilon_per_merchant.png", "merchant_ndcg.png"):
         assert (out / name).stat().st_size > 0, name
     assert "federated: test NDCG@10" in output  # the one-line summary
+    assert "FutureWarning" not in output  # Ray's notices are not the user's to act on
     # The final model comes out as a bundle, and every merchant holds the aggregator's copy of it.
     final = bundle_hash(out / "state" / "model")
     assert [bundle_hash(out / "state" / f"merchant-{i}" / "model") for i in range(5)] == [final] * 5
