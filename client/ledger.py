@@ -13,12 +13,14 @@ import sqlite3
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.errors import FedaugError
+from common.records import LedgerStatus, RunSpend
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -186,3 +188,28 @@ class PrivacyLedger:
             self._db.execute("ROLLBACK")
             raise
         return epsilon
+
+
+def ledger_status(state_dir: Path) -> LedgerStatus | None:
+    """The ledger in ``state_dir`` summarised for operators, read-only (None where there is none)."""
+    path = Path(state_dir) / LEDGER_FILE
+    if not path.is_file():
+        return None
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT run_id, round, delta, epsilon, recorded_at FROM rounds ORDER BY id").fetchall()
+    except sqlite3.Error as exc:
+        raise FedaugError(f"{path}: not a readable privacy ledger ({exc})") from None
+    finally:
+        db.close()
+    runs: dict[str, RunSpend] = {}
+    for run_id, round_, _, epsilon, _ in rows:
+        before = runs.get(run_id)
+        runs[run_id] = RunSpend(run_id=run_id, rounds=(before.rounds if before else 0) + 1,
+                                last_round=max(round_, before.last_round if before else 0), epsilon_after=epsilon)
+    last = rows[-1] if rows else None
+    return LedgerStatus(state_dir=str(Path(state_dir)), epsilon=last[3] if last else 0.0,
+                        delta=last[2] if last else None, rounds=len(rows), runs=list(runs.values()),
+                        last_recorded=None if last is None else
+                        datetime.fromtimestamp(last[4], timezone.utc).isoformat(timespec="seconds"))
+

@@ -175,3 +175,59 @@ def write_metrics(out: Path, metrics: RunMetrics) -> dict:
     values = metrics.to_json()
     write_json_atomic(Path(out) / "metrics.json", values)
     return values
+
+
+@dataclass(frozen=True)
+class RunSpend:
+    """What one run (a federation's run key, or one `fedaug local` run) took from a merchant's budget."""
+
+    run_id: str
+    rounds: int
+    """DP rounds recorded (a round trained again counts again)."""
+    last_round: int
+    epsilon_after: float
+    """The merchant's total ε after this run's last recorded round (composition over everything before it)."""
+
+
+@dataclass(frozen=True)
+class LedgerStatus:
+    """One merchant's privacy ledger, as `fedaug status` shows it."""
+
+    state_dir: str
+    epsilon: float
+    """ε spent so far (after the last recorded round, at that round's δ)."""
+    delta: float | None
+    rounds: int
+    runs: list[RunSpend]
+    last_recorded: str | None
+    """ISO-8601 UTC time of the last recorded round."""
+
+
+@dataclass(frozen=True)
+class FederationStatus:
+    """An aggregator's (or a simulation's server's) checkpoint, as `fedaug status` shows it."""
+
+    state_dir: str
+    run_key: str
+    strategy: str
+    round: int
+    """Last completed round."""
+    best_round: int
+    valid_ndcg10: float | None
+    """Validation NDCG@10 after the last completed round."""
+    epsilon_max: float | None
+    """Largest ε any merchant had spent after the last completed round (None: non-private)."""
+    merchants: dict[str, float | None]
+    """Merchant (node id, or partition) -> ε it reported last."""
+    model: str | None
+    """The final model bundle's folder, where one was written."""
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    state_dir: str
+    federations: list[FederationStatus]
+    ledgers: list[LedgerStatus]
+
+    def to_json(self) -> dict:
+        return _json_safe(asdict(self))

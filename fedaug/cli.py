@@ -153,6 +153,56 @@ def baseline(
 
 
 @app.command()
+def status(
+    state_dir: Path = typer.Option(..., "--state-dir", help="A merchant's or the aggregator's state folder, or a "
+                                   "run's output folder: every privacy ledger and checkpoint under it is shown."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """ε spent per merchant and run, the federation's last round and model bundle, from ledgers and checkpoints."""
+    import json
+
+    from client.ledger import LEDGER_FILE, ledger_status
+    from common.records import StatusReport
+    from server.checkpoint import CHECKPOINT, federation_status
+
+    if not state_dir.is_dir():
+        raise FedaugError(f"--state-dir: {state_dir} is not a folder")
+
+    def under(name: str) -> list[Path]:  # the folder itself and up to three levels below
+        return sorted(p.parent for depth in range(4) for p in state_dir.glob("/".join(["*"] * depth + [name])))
+
+    report = StatusReport(state_dir=str(state_dir), federations=[federation_status(d) for d in under(CHECKPOINT)],
+                          ledgers=[ledger_status(d) for d in under(LEDGER_FILE)])
+    if not report.federations and not report.ledgers:
+        raise FedaugError(f"--state-dir: no privacy ledger or federation checkpoint under {state_dir}")
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+        return
+    from rich.table import Table
+
+    out = Console()
+    for fed in report.federations:
+        table = Table(title=f"federation {fed.run_key} ({fed.state_dir})", show_header=False, title_justify="left")
+        table.add_row("last round", f"{fed.round} (best validation: round {fed.best_round})")
+        table.add_row("validation NDCG@10", "—" if fed.valid_ndcg10 is None else f"{fed.valid_ndcg10:.4f}")
+        table.add_row("max ε of a merchant", "non-private" if fed.epsilon_max is None else f"{fed.epsilon_max:.3f}")
+        table.add_row("model bundle", fed.model or "— (written when the run ends)")
+        for name, epsilon in fed.merchants.items():
+            table.add_row(name, "non-private" if epsilon is None or epsilon < 0 else f"ε {epsilon:.3f}")
+        out.print(table)
+    if report.ledgers:
+        table = Table(title=f"privacy ledgers under {state_dir}", title_justify="left")
+        for column in ("state dir", "ε spent", "δ", "rounds", "runs (rounds, ε after)", "last recorded"):
+            table.add_column(column)
+        for ledger in report.ledgers:
+            runs = "; ".join(f"{r.run_id[:12]} ({r.rounds}, {r.epsilon_after:.3f})" for r in ledger.runs)
+            where = Path(ledger.state_dir).relative_to(state_dir).as_posix()  # short: the table must fit
+            table.add_row(where, f"{ledger.epsilon:.3f}", "—" if ledger.delta is None else
+                          f"{ledger.delta:.2g}", str(ledger.rounds), runs or "—", ledger.last_recorded or "—")
+        out.print(table)
+
+
+@app.command()
 def validate(
     data: Path | None = typer.Option(None, "--data", help="Behaviour data file to check (default: [data] path)."),
     config: Path | None = typer.Option(None, "--config", help="TOML whose [data] table maps the file's columns."),

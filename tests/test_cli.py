@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,3 +262,35 @@ def test_daemons_reject_bad_configs_before_starting_anything(tmp_path):
     result = fedaug("merchant", "--config", "m.toml", cwd=tmp_path)
     assert result.returncode == 1 and "merchant.root_certificate: nope.crt not found" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["agg.toml", "m.toml"]  # nothing written
+
+
+def test_status_shows_epsilon_per_merchant_and_run_and_the_federations_last_round(tmp_path):
+    from client.ledger import PrivacyLedger
+    from common.records import RoundRecord
+    from server.checkpoint import ServerState, save
+
+    for i, rounds in ((1, 2), (2, 1)):
+        ledger = PrivacyLedger(tmp_path / f"merchant-{i}")
+        for r in range(1, rounds + 1):
+            ledger.record("run-a", r, noise_multiplier=1.0, sample_rate=0.1, steps=20, delta=1e-5)
+        ledger.close()
+    save(tmp_path / "server", ServerState(run_key="run-a", strategy="fedavg", round=2, best_round=1,
+                                          history=[RoundRecord(round=1), RoundRecord(round=2, epsilon_max=3.5,
+                                                                                     valid={"ndcg@10": 0.04})],
+                                          merchants={"77": {"partition-id": -1, "epsilon": 3.5}}))
+    result = fedaug("status", "--state-dir", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    (federation,) = report["federations"]
+    assert (federation["round"], federation["best_round"], federation["valid_ndcg10"]) == (2, 1, 0.04)
+    assert federation["merchants"] == {"node 77": 3.5} and federation["epsilon_max"] == 3.5
+    ledgers = {Path(ledger["state_dir"]).name: ledger for ledger in report["ledgers"]}
+    assert ledgers["merchant-1"]["rounds"] == 2 and ledgers["merchant-2"]["rounds"] == 1
+    assert ledgers["merchant-1"]["epsilon"] > ledgers["merchant-2"]["epsilon"] > 0
+    assert ledgers["merchant-1"]["runs"] == [{"run_id": "run-a", "rounds": 2, "last_round": 2,
+                                              "epsilon_after": ledgers["merchant-1"]["epsilon"]}]
+    table = fedaug("status", "--state-dir", str(tmp_path))
+    assert table.returncode == 0 and "merchant-1" in table.stdout and "node 77" in table.stdout
+    (tmp_path / "nothing").mkdir()
+    empty = fedaug("status", "--state-dir", str(tmp_path / "nothing"))
+    assert empty.returncode == 1 and len(empty.stderr.strip().splitlines()) == 1
