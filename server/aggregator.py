@@ -140,8 +140,10 @@ class Aggregator:
         state = checkpoint.load(self.server_dir)
         if state is None or state.round < rounds:
             done = 0 if state is None else state.round
-            raise FedaugError(f"the run stopped after round {done} of {rounds}: {self._server_error()} "
-                              f"(server log: {self.state_dir / 'server.log'}); start the aggregator again to resume")
+            error = self._server_error()
+            advice = "" if "starting again will not help" in error else "; start the aggregator again to resume"
+            raise FedaugError(f"the run stopped after round {done} of {rounds}: {error} "
+                              f"(server log: {self.state_dir / 'server.log'}){advice}")
         metrics = federation_summary(self.config, state, mode="deployed",
                                      seconds=round(time.monotonic() - started, 2), data={})
         metrics.config = self.config.model_dump(mode="json")

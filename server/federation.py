@@ -113,8 +113,13 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
                else "the strategy aggregated nothing (central DP needs a reply from every sampled merchant)")
         log(WARNING, "fedaug round %d attempt %d: not aggregated: %s", server_round, attempt, why)
     else:
+        declined = len(replies.with_status("declined"))
+        advice = (f"{declined} merchant{'s' * (declined > 1)} declined because the round would pass their privacy "
+                  "budget: starting again will not help; a new run needs merchants with budget left"
+                  if declined and len(replies.accepted) + declined >= settings.min_replies else
+                  f"{settings.state_dir} keeps round {server_round - 1}: start again to resume")
         raise RoundFailed(f"round {server_round}: not aggregated in {settings.retries + 1} attempts ({why}); "
-                          f"stopped. {settings.state_dir} keeps round {server_round - 1}: start again to resume")
+                          f"stopped. {advice}")
     state.arrays = {k: v.numpy() for k, v in aggregated.items()}
     entry = RoundRecord(round=server_round, attempts=attempt, participants=len(replies.accepted),
                         failures={kind: len(replies.with_status(kind)) for kind in ("error", "declined", "rejected",

@@ -211,6 +211,11 @@ def test_too_few_replies_retry_then_stop_cleanly_keeping_the_last_checkpoint(tmp
         run_federation(grid, _settings(tmp_path, rounds=3, min_replies=2, retries=2), MODEL)
     assert [r for r, _ in grid.sent].count(2) == 9  # three attempts at all three merchants
     assert checkpoint.load(tmp_path / "state").round == 1
+    # Merchants whose budget is spent decline: starting again would only decline again, so it is not advised.
+    grid.behaviours.update({2: "decline", 3: "decline"})
+    with pytest.raises(RoundFailed, match="2 merchants declined .* starting again will not help") as failed:
+        run_federation(grid, _settings(tmp_path, rounds=3, min_replies=2, retries=0), MODEL)
+    assert "start again to resume" not in str(failed.value)
 
 
 def test_resume_continues_after_the_last_checkpointed_round_with_strategy_state(tmp_path):
