@@ -26,6 +26,7 @@ from common.metrics import METRIC_NAMES
 from . import replay
 from .ledger import BudgetExceeded
 from .merchant import Merchant, MerchantSource, merchant_for
+from .round_log import MerchantRound, append_round
 from .statistics import release_statistics
 
 STATISTICS = "statistics"
@@ -80,6 +81,7 @@ def train(msg: Message, context: Context, merchant: Merchant) -> Message:
         result = merchant.trainer.train_round(model, run_id=run_key, round_=server_round, proximal_mu=proximal_mu)
     except BudgetExceeded as exc:
         spent = merchant.trainer.epsilon_spent()
+        _log_round(merchant, server_round, run_key, declined=True, epsilon=spent, seconds=0.0, size=0)
         content = RecordDict({
             "metrics": MetricRecord({"declined": 1, "num-examples": 0, "epsilon": _finite(spent),
                                      "partition-id": merchant.partition_id}),
@@ -98,6 +100,8 @@ def train(msg: Message, context: Context, merchant: Merchant) -> Message:
         "partition-id": merchant.partition_id,
     })
     update = model.state_dict()
+    _log_round(merchant, server_round, run_key, declined=False, epsilon=result.epsilon, seconds=result.seconds,
+               size=sum(t.numel() * t.element_size() for t in update.values()))
     if merchant.replays:
         merchant.replays.put(replay_key, {k: v.detach().cpu().numpy() for k, v in update.items()}, dict(metrics))
     content = RecordDict({"arrays": ArrayRecord(update), "metrics": metrics})
@@ -158,6 +162,15 @@ def store_model(msg: Message, merchant: Merchant) -> Message:
     files = {name: bytes(data) for name, data in msg.content["bundle"].items()}
     path = write_bundle_files(merchant.state_dir / "model", files)
     return Message(RecordDict({"bundle": ConfigRecord({"hash": bundle_hash(path)})}), reply_to=msg)
+
+
+def _log_round(merchant: Merchant, server_round: int, run_key: str, *, declined: bool, epsilon: float,
+               seconds: float, size: int) -> None:
+    """One line in the merchant's own round log (what its daemon prints), where it keeps state."""
+    if merchant.state_dir is not None:
+        append_round(merchant.state_dir, MerchantRound(round=server_round, run=run_key, declined=declined,
+                                                       epsilon=None if math.isinf(epsilon) else float(epsilon),
+                                                       seconds=round(seconds, 2), bytes_sent=size))
 
 
 def _finite(epsilon: float) -> float:

@@ -26,6 +26,7 @@ from common.errors import ConfigError, FedaugError
 from deploy.processes import flower_command, flower_error, split_address, start, stop
 
 from .merchant import STATE_DIR
+from .round_log import RoundLogFollower
 from .spent import claim
 
 HEALTHY_SECONDS = 60.0
@@ -136,7 +137,8 @@ class MerchantDaemon:
                 self.process = start(self.command(), self.log, env)
                 self.say(f"SuperNode started (pid {self.process.pid}) towards {self.config.merchant.superlink}; "
                          f"log: {self.log}")
-                code = self.process.wait()
+                with RoundLogFollower(self.state_dir, self.say):  # one line per round the ClientApp answers
+                    code = self.process.wait()
                 reason = flower_error(self.log, offset)
                 limit = self.config.merchant.max_restarts
                 if limit is not None and restarts >= limit:

@@ -233,6 +233,8 @@ def test_a_killed_merchant_rejoins_with_its_ledger_and_an_exhausted_one_declines
 
     assert [(run, r) for run, r, _ in ledger_rounds(tmp_path, 3)] == [("an-earlier-run", 1)]  # nothing after
     assert [r for _, r, _ in ledger_rounds(tmp_path, 2)] == [1, 2, 3]  # the one started by absolute path
+    said = merchants[2].output()  # a daemon says what it does, one line per round
+    assert all(f"round {r}: trained in" in said for r in (1, 2, 3)) and "bytes sent" in said, said[-2000:]
     entries = ledger_rounds(tmp_path, 1)
     trained = [r for _, r, _ in entries]
     assert {1, 3} <= set(trained) and set(trained) <= {1, 2, 3}

@@ -1,0 +1,73 @@
+"""A merchant's own log of the rounds it answered (``state-dir/rounds.jsonl``): written by the ClientApp, which
+runs inside Flower's processes, and followed by the merchant daemon, which prints one line per round."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROUND_LOG = "rounds.jsonl"
+
+
+@dataclass(frozen=True)
+class MerchantRound:
+    round: int
+    run: str
+    declined: bool
+    epsilon: float | None
+    """ε spent after the round (None: non-private)."""
+    seconds: float
+    bytes_sent: int
+    """Size of the update's arrays (0 when declined)."""
+
+    def line(self) -> str:
+        """What the daemon prints."""
+        spent = "non-private" if self.epsilon is None else f"ε {self.epsilon:.3f} spent"
+        if self.declined:
+            return f"round {self.round}: declined (the round would pass the privacy budget; {spent})"
+        return f"round {self.round}: trained in {self.seconds:.1f} s, {spent}, update of {self.bytes_sent:,} bytes sent"
+
+
+def append_round(state_dir: Path, entry: MerchantRound) -> None:
+    with open(Path(state_dir) / ROUND_LOG, "a", encoding="utf-8") as log:
+        log.write(json.dumps(asdict(entry)) + "\n")
+
+
+class RoundLogFollower:
+    """Calls ``say`` with each round the ClientApp logs from now on (checked every ``interval`` seconds)."""
+
+    def __init__(self, state_dir: Path, say: Callable[[str], None], interval: float = 1.0):
+        self.path, self.say, self.interval = Path(state_dir) / ROUND_LOG, say, interval
+        self._offset = self.path.stat().st_size if self.path.exists() else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as log:
+            log.seek(self._offset)
+            data = log.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self._offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                self.say(MerchantRound(**json.loads(line)).line())
+            except (ValueError, TypeError):
+                continue
+
+    def __enter__(self) -> RoundLogFollower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
