@@ -48,6 +48,9 @@ class MerchantSection(Section):
     max_backoff: float = Field(60.0, gt=0)
     max_restarts: int | None = Field(None, ge=0)
     """Give up after this many SuperNode restarts (default: never)."""
+    health_address: str | None = None
+    """host:port of the SuperNode's gRPC health service (no TLS: keep it on loopback), for `fedaug health` and
+    container healthchecks; None: not started."""
     new_budget: bool = False
     """Start a new privacy ledger in ``state_dir`` although another ledger has spent budget on this data (refused
     otherwise: a new state-dir must not restart the budget of users already trained on)."""
@@ -56,6 +59,13 @@ class MerchantSection(Section):
     @classmethod
     def _address(cls, value: str) -> str:
         split_address(value, "merchant.superlink")
+        return value
+
+    @field_validator("health_address")
+    @classmethod
+    def _health_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_address(value, "merchant.health_address")
         return value
 
 
@@ -118,7 +128,8 @@ class MerchantDaemon:
                 "--root-certificates", str(m.root_certificate.resolve()),
                 "--auth-supernode-private-key", str(m.private_key.resolve()),
                 "--node-config", node_config_arg(self.config.node_config()),
-                "--port", str(m.runtime_port)]
+                "--port", str(m.runtime_port)] + (["--health-server-address", m.health_address]
+                                                  if m.health_address else [])
 
     def run(self) -> int:
         """Validate, then keep a SuperNode running until stopped (or ``max_restarts`` is used up); exit code."""

@@ -203,6 +203,22 @@ def status(
 
 
 @app.command()
+def health(address: str = typer.Option(..., "--address", help="host:port of a SuperLink's or SuperNode's health "
+                                        "service ([aggregator] / [merchant] health_address)")) -> None:
+    """Exit 0 while Flower's process at ADDRESS says it is serving, 1 otherwise (container healthchecks)."""
+    from deploy.health import serving
+    from deploy.processes import split_address
+
+    try:
+        split_address(address, "--address")
+    except ValueError as exc:
+        raise FedaugError(str(exc)) from None
+    if not serving(address):
+        raise FedaugError(f"--address: {address} is not serving")
+    typer.echo(f"{address}: serving")
+
+
+@app.command()
 def validate(
     data: Path | None = typer.Option(None, "--data", help="Behaviour data file to check (default: [data] path)."),
     config: Path | None = typer.Option(None, "--config", help="TOML whose [data] table maps the file's columns."),

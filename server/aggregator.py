@@ -64,11 +64,21 @@ class AggregatorSection(Section):
     """The Flower app to run (a directory with pyproject.toml); default: the fedaug project itself."""
     startup_timeout: float = Field(90.0, gt=0)
     poll_seconds: float = Field(2.0, gt=0)
+    health_address: str | None = None
+    """host:port of the SuperLink's gRPC health service (no TLS: keep it on loopback), for `fedaug health` and
+    container healthchecks; None: not started."""
 
     @field_validator("address")
     @classmethod
     def _address(cls, value: str) -> str:
         split_address(value, "aggregator.address")
+        return value
+
+    @field_validator("health_address")
+    @classmethod
+    def _health_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_address(value, "aggregator.health_address")
         return value
 
 
@@ -195,6 +205,8 @@ class Aggregator:
                    "--ssl-keyfile", str(self.certs / SERVER_KEY), "--enable-supernode-auth",
                    "--database", str(self.state_dir / "superlink.db"), "--host", self.host, "--port", str(self.port),
                    "--disable-runtime-dependency-installation"]
+        if self.config.aggregator.health_address:
+            command += ["--health-server-address", self.config.aggregator.health_address]
         self.superlink = start(command, self.log, self._env())
         wait_until(self._answers, self.config.aggregator.startup_timeout, "flower-superlink", self.superlink, self.log,
                    interval=1.0)

@@ -94,6 +94,18 @@ def test_the_dockerfile_builds_both_targets_slim_non_root_and_pinned():
         assert f'ENTRYPOINT ["fedaug", "{target}"]' in block
 
 
+def setup_copies() -> dict[str, set[PurePosixPath]]:
+    """What trial-setup hands each service: the volume it copies into -> the files it copies there."""
+    setup = SERVICES["trial-setup"]
+    copies: dict[str, set[PurePosixPath]] = {}
+    for part in setup["command"][0].split(";"):
+        words = shlex.split(part)
+        if words and words[0] == "cp":
+            *sources, target = (PurePosixPath(w) for w in words[1:])
+            copies.setdefault(mounts(setup)[target], set()).update(sources)
+    return copies
+
+
 def test_trial_setup_runs_valid_fedaug_commands_into_its_volume():
     setup = SERVICES["trial-setup"]
     script = setup["command"][0]
@@ -120,8 +132,11 @@ def test_aggregator_config_ports_and_paths_are_consistent():
     assert len(config.aggregator.merchant_keys) == len(MERCHANTS)
     setup = dict(parse_cli(shlex.split(p.split("||")[1])[1:]) for p in SERVICES["trial-setup"]["command"][0]
                  .split(";") if "fedaug" in p)
-    assert PurePosixPath(certs) == PurePosixPath(setup["certs"]["out"])
-    assert PurePosixPath(config.data.catalog).parent == PurePosixPath(setup["synth"]["out"])
+    # Its volume holds copies of the setup's files, under the names its config expects.
+    handed = {p.name: p for p in setup_copies()[mounts(service)[PurePosixPath("/secrets")]]}
+    for path in [certs / "ca.crt", certs / "server.crt", certs / "server.key", *config.aggregator.merchant_keys]:
+        assert handed[PurePosixPath(path).name].parent == PurePosixPath(setup["certs"]["out"])
+    assert handed[PurePosixPath(config.data.catalog).name].parent == PurePosixPath(setup["synth"]["out"])
 
     prometheus = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
@@ -148,6 +163,38 @@ def test_merchant_configs_reach_the_aggregator_with_their_own_key_and_state(name
     state_volume = mounts(service)[PurePosixPath(config.merchant.state_dir)]
     others = {mounts(SERVICES[m])[PurePosixPath("/state")] for m in MERCHANTS if m != name}
     assert state_volume not in others  # every merchant keeps its own ledger
+
+
+def test_each_service_sees_only_its_own_secrets():
+    """The shared trial volume (with the CA key) stays with trial-setup; each merchant gets the CA certificate,
+    its own key and data, nobody else's; the aggregator no private key but its TLS one."""
+    assert [name for name, service in SERVICES.items() if "trial" in mounts(service).values()] == ["trial-setup"]
+    copies = setup_copies()
+    for name in MERCHANTS:
+        i = name.split("-")[1]
+        volumes = set(mounts(SERVICES[name]).values())
+        assert volumes == {f"./config/{name}.toml", f"{name}-secrets", f"{name}-state"}
+        assert {p.name for p in copies[f"{name}-secrets"]} == {"ca.crt", f"merchant-{i}.key", "catalog.tsv",
+                                                                f"merchant-{i}.csv"}
+    handed = {p.name for p in copies["aggregator-secrets"]}
+    assert not any(n.endswith(".key") for n in handed - {"server.key"}) and "ca.key" not in handed
+    assert "chown -R 10001" in SERVICES["trial-setup"]["command"][0]  # the services' user can read them
+
+
+def test_healthchecks_order_the_start_and_restarts_end_with_the_run():
+    aggregator = config_of(SERVICES["aggregator"], AggregatorConfig)
+    for name, address in [("aggregator", aggregator.aggregator.health_address),
+                          *((m, config_of(SERVICES[m], MerchantDaemonConfig).merchant.health_address)
+                            for m in MERCHANTS)]:
+        check = SERVICES[name]["healthcheck"]["test"]
+        assert check[:2] == ["CMD", "fedaug"] and parse_cli(check[2:]) == ("health", {"address": address})
+        assert address.startswith("127.0.0.1:")  # the health service has no TLS: loopback only
+    for name in MERCHANTS:
+        service = SERVICES[name]
+        assert service["depends_on"]["aggregator"] == {"condition": "service_healthy"}
+        assert re.fullmatch(r"on-failure:\d+", service["restart"])  # bounded: not forever after the run
+        assert config_of(service, MerchantDaemonConfig).merchant.max_restarts is not None
+    assert SERVICES["aggregator"]["restart"] == "on-failure"  # a finished run (exit 0) is not started again
 
 
 def test_a_wrong_flag_in_a_service_command_would_be_caught():
