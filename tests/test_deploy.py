@@ -89,11 +89,14 @@ class Daemon:
             self.kill()
 
 
-def aggregator_config(site: Path, workdir: Path, port: int, rounds: int, keys: list[int], **federation) -> Path:
+def aggregator_config(site: Path, workdir: Path, port: int, rounds: int, keys: list[int], *,
+                      health: str | None = None, **federation) -> Path:
     settings = {"rounds": rounds, "min_nodes": len(keys), "min_replies": 1, "round_timeout": 90.0} | federation
     lines = ["[aggregator]", f'address = "127.0.0.1:{port}"', f'certificates = "{site / "certs"}"',
              "merchant_keys = [" + ", ".join(f'"{site / "certs" / f"merchant-{k}.pub"}"' for k in keys) + "]",
-             f'state_dir = "{workdir / "aggregator"}"', "poll_seconds = 1.0", "", "[federation]"]
+             f'state_dir = "{workdir / "aggregator"}"', "poll_seconds = 1.0"]
+    lines += [f'health_address = "{health}"'] if health else []
+    lines += ["", "[federation]"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
     path = workdir / "aggregator.toml"
     path.write_text("\n".join(lines) + RECIPE.format(catalog=site / "data" / "catalog.tsv"))
@@ -101,13 +104,16 @@ def aggregator_config(site: Path, workdir: Path, port: int, rounds: int, keys: l
 
 
 def merchant_config(site: Path, workdir: Path, i: int, port: int, *, key: int | None = None,
-                    root: Path | None = None, epsilon: float = 8.0, max_restarts: int | None = None) -> Path:
+                    root: Path | None = None, epsilon: float = 8.0, max_restarts: int | None = None,
+                    health: str | None = None) -> Path:
     lines = ["[merchant]", f'superlink = "127.0.0.1:{port}"',
              f'root_certificate = "{root or site / "certs" / "ca.crt"}"',
              f'private_key = "{site / "certs" / f"merchant-{key or i}.key"}"',
              f'state_dir = "{workdir / f"merchant-{i}"}"', f"runtime_port = {free_port()}", "max_backoff = 4.0"]
     if max_restarts is not None:
         lines.append(f"max_restarts = {max_restarts}")
+    if health is not None:
+        lines.append(f'health_address = "{health}"')
     lines += ["", "[data]", f'path = "{site / "data" / f"merchant-{min(i, 3)}.csv"}"',
               f'catalog = "{site / "data" / "catalog.tsv"}"', "", "[privacy]", f"epsilon = {epsilon}"]
     path = workdir / f"merchant-{i}.toml"
@@ -203,15 +209,23 @@ def test_a_killed_merchant_rejoins_with_its_ledger_and_an_exhausted_one_declines
     spent.record("an-earlier-run", 1, noise_multiplier=0.5, sample_rate=1.0, steps=200, delta=1e-5)
     spent.close()
     port = free_port()
+    health = {"aggregator": f"127.0.0.1:{free_port()}", "merchant-2": f"127.0.0.1:{free_port()}"}
     aggregator = Daemon(tmp_path, "aggregator", "aggregator", "--config",
-                        str(aggregator_config(site, tmp_path, port, rounds=3, keys=[1, 2, 3])))
+                        str(aggregator_config(site, tmp_path, port, rounds=3, keys=[1, 2, 3],
+                                              health=health["aggregator"])))
     # Merchant 2 is started by absolute path without the venv on PATH (as systemd would): it must still train.
     merchants = {i: Daemon(tmp_path, f"merchant-{i}", "merchant", "--config",
-                           str(merchant_config(site, tmp_path, i, port, epsilon=1.0 if i == 3 else 8.0)),
+                           str(merchant_config(site, tmp_path, i, port, epsilon=1.0 if i == 3 else 8.0,
+                                               health=health["merchant-2"] if i == 2 else None)),
                            by_path=i == 2)
                  for i in (1, 2, 3)}
     restarted = None
     try:
+        wait_for(lambda: train_messages(tmp_path, 1) >= 1, 400, "round 1 at merchant 1", aggregator)
+        for name, address in health.items():  # what the containers' healthchecks run
+            probe = subprocess.run([sys.executable, "-m", "fedaug", "health", "--address", address],
+                                   capture_output=True, text=True, timeout=60)
+            assert probe.returncode == 0 and "serving" in probe.stdout, (name, probe.stderr)
         wait_for(lambda: train_messages(tmp_path, 1) >= 2, 400, "round 2 at merchant 1", aggregator)
         time.sleep(2)
         merchants[1].kill()  # kill -9, mid-round: its update for round 2 never arrives
