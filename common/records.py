@@ -51,6 +51,9 @@ class RoundRecord:
     prior alone)."""
     model_valid: Metrics | None = None
     """Validation of the global model alone, before fusion with the prior."""
+    budgets_spent: bool = False
+    """Every merchant declined this round for its privacy budget: the model stayed as it was and the federation
+    ended here (a run whose budgets are spent before round 1 is the public prior, with its DP statistics)."""
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -141,14 +141,15 @@ class Aggregator:
             self._start_superlink()
             self._register_merchants()
             state = checkpoint.load(self.server_dir)
-            if state is not None and state.round >= rounds:
-                self.say(f"The checkpoint in {self.server_dir} already holds all {rounds} rounds.")
+            if state is not None and (state.round >= rounds or state.budgets_spent):
+                self.say(f"The checkpoint in {self.server_dir} holds a finished federation (round {state.round}"
+                         f"{', every merchant budget spent' if state.budgets_spent else ''}).")
             else:
                 self._run_federation(rounds)
         finally:
             stop(self.superlink)
         state = checkpoint.load(self.server_dir)
-        if state is None or state.round < rounds:
+        if state is None or (state.round < rounds and not state.budgets_spent):
             done = 0 if state is None else state.round
             error = self._server_error()
             advice = "" if "starting again will not help" in error else "; start the aggregator again to resume"

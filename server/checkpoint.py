@@ -48,12 +48,15 @@ class ServerState:
     statistics: Statistics | None = None
     """The merchants' summed DP collaborative statistics, collected once before round 1."""
     statistics_merchants: int = 0
+    budgets_spent: bool = False
+    """The federation ended before its last round: every merchant declined for its privacy budget."""
 
 
 def save(state_dir: Path, state: ServerState) -> None:
     meta = {"run_key": state.run_key, "strategy": state.strategy, "round": state.round,
             "accountant": state.accountant, "history": [h.to_json() for h in state.history],
             "merchants": state.merchants, "best_round": state.best_round, "best_test": state.best_test,
+            "budgets_spent": state.budgets_spent,
             "statistics": None if state.statistics is None else {
                 "popularity_std": state.statistics.fit.popularity_std, "pair_std": state.statistics.fit.pair_std,
                 "merchants": state.statistics_merchants},
@@ -91,7 +94,8 @@ def load(state_dir: Path) -> ServerState | None:
                        history=[RoundRecord.from_json(h) for h in meta["history"]],
                        merchants=meta["merchants"], best_round=int(meta.get("best_round", 0)), best_arrays=best,
                        best_test=meta.get("best_test"), statistics=statistics,
-                       statistics_merchants=int((meta.get("statistics") or {}).get("merchants", 0)))
+                       statistics_merchants=int((meta.get("statistics") or {}).get("merchants", 0)),
+                       budgets_spent=bool(meta.get("budgets_spent", False)))
 
 
 def _statistics(stored, stats: dict) -> Statistics:

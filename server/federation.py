@@ -59,8 +59,9 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
     n_nodes = _wait_for_nodes(grid, settings.min_nodes, node_wait_seconds)
     strategy = build_strategy(settings, n_nodes)
     state = _resume(state_dir, settings, initial, strategy)
-    if state.round >= settings.rounds:
-        log(INFO, "fedaug: all %d rounds are already in %s; nothing to do", settings.rounds, state_dir)
+    if state.round >= settings.rounds or state.budgets_spent:
+        log(INFO, "fedaug: the federation in %s is finished (round %d%s); nothing to do", state_dir, state.round,
+            ", every merchant's budget spent" if state.budgets_spent else "")
         return state
     if neighbours is not None and state.statistics is None and state.round == 0:
         state.statistics, state.statistics_merchants = collect_statistics(grid, settings, neighbours, state.run_key)
@@ -78,12 +79,15 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
             dp = central_dp(strategy)
             state.accountant = dp.accountant.state_dict() if dp else None
             _keep_best(state, entry)
-            if server_round == settings.rounds and evaluator is not None:
+            state.budgets_spent = entry.budgets_spent
+            if (server_round == settings.rounds or state.budgets_spent) and evaluator is not None:
                 state.best_test = _best_test(state, entry, evaluator)
             checkpoint.save(state_dir, state)
             monitor.record(entry, state.history)
             if on_round:
                 on_round(entry)
+            if state.budgets_spent:
+                break
     finally:
         monitor.close()
     return state
@@ -109,6 +113,8 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
         aggregated, _ = strategy.aggregate_train(server_round, replies.accepted if enough else [])
         if aggregated is not None:
             break
+        if messages and len(replies.with_status("declined")) == len(messages):
+            break  # every merchant declined for its budget: asking again cannot help, and neither can later rounds
         why = (f"{len(replies.accepted)} usable replies, {settings.min_replies} needed" if not enough
                else "the strategy aggregated nothing (central DP needs a reply from every sampled merchant)")
         log(WARNING, "fedaug round %d attempt %d: not aggregated: %s", server_round, attempt, why)
@@ -120,18 +126,23 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
                   f"{settings.state_dir} keeps round {server_round - 1}: start again to resume")
         raise RoundFailed(f"round {server_round}: not aggregated in {settings.retries + 1} attempts ({why}); "
                           f"stopped. {advice}")
+    spent = aggregated is None  # (the loop ends without aggregating only when every budget is spent)
+    if spent:
+        aggregated = arrays  # the global model stays as it was; it is evaluated and kept as the final one
+        log(WARNING, "fedaug round %d: every merchant declined for its privacy budget: the federation ends with "
+            "the model of round %d", server_round, server_round - 1)
     state.arrays = {k: v.numpy() for k, v in aggregated.items()}
     entry = RoundRecord(round=server_round, attempts=attempt, participants=len(replies.accepted),
                         failures={kind: len(replies.with_status(kind)) for kind in ("error", "declined", "rejected",
                                                                                     "missing")},
-                        problems=replies.problems(), bytes_received=replies.bytes_received,
+                        problems=replies.problems(), bytes_received=replies.bytes_received, budgets_spent=spent,
                         **_train_summary(replies.merchants))
     _remember_merchants(state, server_round, replies.merchants)
     if dp is not None:
         entry.central_epsilon = dp.privacy_spent().epsilon
         entry.central_delta = dp.privacy_spent().delta
     # Validation every round; test only for the final model (scoring 12k items per user is not free).
-    stages = ("valid", "test") if server_round == settings.rounds else ("valid",)
+    stages = ("valid", "test") if server_round == settings.rounds or spent else ("valid",)
     _federated_evaluation(grid, settings, strategy, state, server_round, aggregated, stages, entry)
     if evaluator is not None:
         central = evaluator(state.arrays, stages, state.statistics)

@@ -203,6 +203,23 @@ def test_a_round_aggregates_what_arrived_and_logs_the_rest(tmp_path):
     assert [json.loads(line)["round"] for line in log] == [1, 2]
 
 
+def test_when_every_budget_is_spent_the_federation_ends_with_the_model_it_has(tmp_path):
+    """Every merchant declining for its budget is not a failure to retry (it cannot change): the round keeps the
+    global model, it is evaluated as the final one, and the federation ends there — also when resumed."""
+    grid = ScriptedGrid({1: "ok", 2: "ok"})
+    first = run_federation(grid, _settings(tmp_path, rounds=1, min_replies=2), MODEL)
+    grid.behaviours.update({1: "decline", 2: "decline"})
+    state = run_federation(grid, _settings(tmp_path, rounds=4, min_replies=2, retries=2), MODEL)
+    assert state.round == 2 and state.budgets_spent and [r.round for r in state.history] == [1, 2]
+    assert state.history[-1].budgets_spent and state.history[-1].participants == 0
+    assert state.history[-1].federated_test is not None  # evaluated as the final model
+    np.testing.assert_array_equal(state.arrays["w"], first.arrays["w"])
+    assert [r for r, _ in grid.sent].count(2) == 2  # one attempt: asking again cannot help
+    again = run_federation(grid, _settings(tmp_path, rounds=4, min_replies=2), MODEL)
+    assert again.round == 2 and [r for r, _ in grid.sent].count(3) == 0
+    assert checkpoint.load(tmp_path / "state").budgets_spent
+
+
 def test_too_few_replies_retry_then_stop_cleanly_keeping_the_last_checkpoint(tmp_path):
     grid = ScriptedGrid({1: "ok", 2: "ok", 3: "ok"})
     run_federation(grid, _settings(tmp_path, rounds=1, min_replies=2), MODEL)
