@@ -191,9 +191,10 @@ THRESHOLDS = (1.0, 2.0, 3.0)
 def fit_prior_with_counts(prior: TextPrior, counts: Counts, neighbours: np.ndarray, split, batch_size: int = 1024
                           ) -> tuple[PriorWithCounts, list[dict]]:
     """Weights and thresholds chosen on validation (never test), stagewise: the popularity term alone (weight and
-    threshold), then the pair term's on top of it; a term is kept only where it validates better than without.
+    threshold), then the pair term's on top of it; a term is kept only where it validates better than without, and
+    the statistics at all only where they beat the text prior alone beyond chance (paired 95 % interval).
     Each stage is one pass over the validation users: the prior and each pair term are scored once per batch."""
-    from .metrics import mask_history, rank_metrics
+    from .metrics import mask_history, paired_gain, rank_metrics
 
     histories, targets = split.eval_inputs("valid")
 
@@ -206,7 +207,7 @@ def fit_prior_with_counts(prior: TextPrior, counts: Counts, neighbours: np.ndarr
                       for c in candidates}
         pairs = {c["threshold"]: scorer(popularity_weight=0.0, pair_weight=1.0, threshold=c["threshold"])
                  for c in candidates if c["pair_weight"]}
-        sums = np.zeros(len(candidates))
+        ndcg = [[] for _ in candidates]
         for start in range(0, len(targets), batch_size):
             batch = histories[start : start + batch_size]
             text = prior(batch)
@@ -216,15 +217,21 @@ def fit_prior_with_counts(prior: TextPrior, counts: Counts, neighbours: np.ndarr
                 scores = text + c["popularity_weight"] * popularity[c["popularity_threshold"]]
                 if c["pair_weight"]:
                     scores += c["pair_weight"] * pair_terms[c["threshold"]]
-                sums[i] += rank_metrics(mask_history(scores, batch, batch_targets), batch_targets)["ndcg@10"].sum()
-        return [c | {"valid_ndcg@10": float(total / max(len(targets), 1))} for c, total in zip(candidates, sums,
-                                                                                                 strict=True)]
+                ndcg[i].append(rank_metrics(mask_history(scores, batch, batch_targets), batch_targets)["ndcg@10"])
+        per_user.extend(np.concatenate(rows) if rows else np.zeros(0) for rows in ndcg)
+        return [c | {"valid_ndcg@10": float(rows.mean()) if len(rows) else 0.0}
+                for c, rows in zip(candidates, per_user[-len(candidates):], strict=True)]
 
     none = {"popularity_weight": 0.0, "popularity_threshold": 0.0, "pair_weight": 0.0, "threshold": 0.0}
+    per_user: list[np.ndarray] = []  # each tried candidate's validation NDCG@10 per user, in ``tried`` order
     tried = validate([none] + [none | {"popularity_weight": w, "popularity_threshold": k}
                                for k in POPULARITY_THRESHOLDS for w in POPULARITY_WEIGHTS])
     popularity = max(tried, key=lambda row: row["valid_ndcg@10"])
     tried += validate([{k: popularity[k] for k in none} | {"pair_weight": w, "threshold": t}
                        for t in THRESHOLDS for w in PAIR_WEIGHTS])
-    best = max(tried, key=lambda row: row["valid_ndcg@10"])
-    return scorer(**{k: best[k] for k in none}), tried
+    best = max(range(len(tried)), key=lambda i: tried[i]["valid_ndcg@10"])
+    # The statistics are kept only where they beat the text prior alone (tried first) beyond chance on validation:
+    # the best of some thirty candidates on the same users is otherwise partly noise (at eps 1, it cost test).
+    if best and paired_gain(per_user[best], per_user[0], comparisons=len(tried) - 1)["low"] <= 0:
+        best = 0
+    return scorer(**{k: tried[best][k] for k in none}), tried

@@ -2,7 +2,9 @@
 
 Each scorer's scores are standardised per user over the catalog (mean 0, std 1; padding excluded), then summed
 with the prior's weighted by ``weight``. The weight is chosen on validation from ``WEIGHTS``, which holds 0 (the
-model alone) and infinity (the prior alone), so on validation the fused model is at least as good as either.
+model alone) and infinity (the prior alone), so on validation the fused model is at least as good as either; a
+finite weight must beat the prior alone beyond chance (a paired 95 % interval over the validation users,
+widened for the number of weights tried).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 
 from .evaluate import Scorer
-from .metrics import mask_history, mean_metrics, rank_metrics
+from .metrics import mask_history, mean_metrics, paired_gain, rank_metrics
 from .split import LeaveOneOut
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 16.0, math.inf)
@@ -58,6 +60,13 @@ def fit_fusion(model: Scorer, prior: Scorer, split: LeaveOneOut, weights: tuple[
             per_user[weight].append(rank_metrics(fused, batch_targets))
     means = {w: mean_metrics(rows) | {"users": len(targets)} for w, rows in per_user.items()}
     tried = [{"weight": w, "valid_ndcg@10": means[w]["ndcg@10"]} for w in weights]
-    # Ties go to the larger prior weight: what the model adds must show on validation.
+    # Ties go to the larger prior weight, and the model is taken into the prior only where what it adds shows on
+    # validation beyond chance (a paired 95 % interval above zero): picking the best of several weights on the
+    # same users otherwise rewards noise — a model that learned nothing (all budgets spent before it trained)
+    # would still be mixed in, and cost test metrics.
     best = max(tried, key=lambda row: (row["valid_ndcg@10"], row["weight"]))["weight"]
+    if math.inf in weights and not math.isinf(best):
+        ndcg = {w: np.concatenate([row["ndcg@10"] for row in per_user[w]]) for w in (best, math.inf)}
+        if paired_gain(ndcg[best], ndcg[math.inf], comparisons=len(weights) - 1)["low"] <= 0:
+            best = math.inf
     return Fused(model, prior, best), tried, means[best]

@@ -9,6 +9,7 @@ run's metrics exactly; a model that scores everything equally gets chance-level 
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -90,10 +91,12 @@ def mean_metrics(per_user: list[dict[str, np.ndarray]]) -> dict[str, float]:
     return {name: float(np.concatenate([p[name] for p in per_user]).mean()) for name in METRIC_NAMES}
 
 
-def paired_gain(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+def paired_gain(a: np.ndarray, b: np.ndarray, comparisons: int = 1) -> dict[str, float]:
     """Mean per-user difference ``a - b`` of one metric over the same users, with its normal-approximation 95 %
-    interval (``low``, ``high``): a gain is real when ``low`` > 0."""
+    interval (``low``, ``high``): a gain is real when ``low`` > 0. ``comparisons``: how many candidates ``a`` was
+    the best of (Bonferroni: the interval widens so the best of many noise candidates rarely looks real)."""
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
+    z = NormalDist().inv_cdf(1 - 0.025 / max(comparisons, 1))
+    half = z * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
     return {"gain": float(diff.mean()), "low": float(diff.mean() - half), "high": float(diff.mean() + half),
             "users": len(diff)}
