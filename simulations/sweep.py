@@ -107,7 +107,7 @@ def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines:
                         "test": metrics["test"], "privacy": metrics["privacy"], "seconds": metrics["seconds"],
                         "model_test": fusion.get("model_test"), "test_cold": metrics.get("test_cold"),
                         "model_test_cold": fusion.get("model_test_cold"),
-                        "prior_weight": fusion.get("weight")})
+                        "prior_weight": fusion.get("weight"), "recipe": _recipe(metrics)})
         baselines = baselines or {}
         for baseline in ("popularity", "text prior"):  # the same for every run of one data set
             if baseline in metrics["baselines"]:
@@ -137,22 +137,36 @@ def run_sweep(sweep: SweepSection, base: SimulationConfig, out: Path, baselines:
     return summary
 
 
+def _recipe(metrics: dict) -> str:
+    """A run's recipe in a few words (regimes differ: ε = inf trains the central model's recipe)."""
+    cfg = metrics.get("config") or {}
+    rounds = len(metrics.get("rounds") or [])
+    local = cfg.get("local") or {}
+    parts = [f"{rounds} rounds × {local.get('local_epochs', '?')} epochs, batch {local.get('batch_size', '?')}"]
+    if metrics.get("rounds") and metrics["rounds"][-1].get("budgets_spent"):
+        parts.append("budgets spent")
+    if metrics.get("model"):
+        parts.append(metrics["model"])
+    return "; ".join(parts)
+
+
 def _report(summary: dict, plot: str) -> str:
     cfg = summary["config"]
     lines = ["# fedaug sweep", "",
              f"Data: {cfg['data']['path'] or 'embedded synthetic'}; {cfg['simulation']['merchants']} merchants "
-             f"({cfg['simulation']['partition']}); {cfg['federation']['rounds']} rounds × "
-             f"{cfg['local']['local_epochs']} local epochs; strategy {cfg['federation']['strategy']}; "
-             f"model catalog={cfg['model']['catalog']}, item_dim={cfg['model']['item_dim']}.", "",
-             "| run | mode | ε budget | augmentation | max ε spent | " + " | ".join(METRIC_KEYS) + " | seconds |",
-             "|---|---|---|---|---|" + "---|" * (len(METRIC_KEYS) + 1)]
+             f"({cfg['simulation']['partition']}); up to {cfg['federation']['rounds']} rounds; strategy "
+             f"{cfg['federation']['strategy']}; each run with its regime's recipe (its row).", "",
+             "| run | mode | ε budget | augmentation | max ε spent | recipe | " + " | ".join(METRIC_KEYS) +
+             " | seconds |",
+             "|---|---|---|---|---|---|" + "---|" * (len(METRIC_KEYS) + 1)]
     for r in summary["runs"]:
         spent = r["privacy"].get("epsilon_max")
-        spent = f"{spent:.3f}" if isinstance(spent, float) else str(spent)
+        spent = f"{spent:.3f}" if isinstance(spent, float) else "non-private" if r["epsilon"] == "inf" else "—"
         lines.append(f"| {r['name']} | {r['mode']} | {r['epsilon']} | {'on' if r['augment'] else 'off'} | {spent} | "
-                     + " | ".join(f"{r['test'][k]:.4f}" for k in METRIC_KEYS) + f" | {r['seconds']:.0f} |")
+                     f"{r.get('recipe') or '—'} | " + " | ".join(f"{r['test'][k]:.4f}" for k in METRIC_KEYS)
+                     + f" | {r['seconds']:.0f} |")
     for name, b in summary["baselines"].items():
-        lines.append(f"| {name} | — | — | — | — | " + " | ".join(f"{b[k]:.4f}" for k in METRIC_KEYS) + " | |")
+        lines.append(f"| {name} | — | — | — | — | — | " + " | ".join(f"{b[k]:.4f}" for k in METRIC_KEYS) + " | |")
     fused = [r for r in summary["runs"] if r.get("model_test")]
     if fused:
         lines += ["", "## Item side: item ids alone vs with the public text prior (test NDCG@10)", "",
