@@ -81,7 +81,8 @@ def privacy_utility_plot(lines: dict[str, list[tuple[float, float]]], out: Path,
         ax.plot(*zip(*points, strict=True), marker="o", label=label)
     for name, value in baselines.items():
         ax.axhline(value, linestyle=":", color="grey")
-        ax.annotate(name, (ax.get_xlim()[0], value), fontsize=7, va="bottom")
+        # x in axes fraction, y in data: the name stays at the left edge whatever the x scale becomes
+        ax.annotate(name, (0.01, value), xycoords=ax.get_yaxis_transform(), fontsize=7, va="bottom", color="grey")
     ax.set_xscale("log")
     ticks = sorted(set(finite)) + [inf_at]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + ["∞"])
