@@ -9,6 +9,7 @@ the ledger; noise is calibrated so that the planned rounds fit the remaining bud
 from __future__ import annotations
 
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Callable
@@ -310,6 +311,10 @@ class PrivateStep:
         # Hooks see the gradients of the summed loss, which are already per user (no [users, T, 12k] rescaled
         # copy); the optimizer still averages the noised sum over the expected batch size.
         self.optimizer.loss_reduction = "mean"
+        # The noise comes from fresh OS entropy, never from the run's seed (which seeds sampling and dropout and
+        # may be known): whoever can replay a seeded noise can subtract it from the released update.
+        device = next(model.parameters()).device
+        self.optimizer.generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         self.per_user_loss = PerUserCrossEntropy(reduction="none", label_smoothing=model.cfg.label_smoothing)
         self.mode = mode
         self.token_budget = token_budget
@@ -384,7 +389,8 @@ class PrivateStep:
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         for p in opt.params:
-            noise = torch.normal(0.0, opt.noise_multiplier * opt.max_grad_norm, p.shape, device=p.device)
+            noise = torch.normal(0.0, opt.noise_multiplier * opt.max_grad_norm, p.shape, device=p.device,
+                                 generator=opt.generator)
             p.grad = noise / opt.expected_batch_size
         opt.original_optimizer.step()
 

@@ -304,3 +304,16 @@ def test_a_private_plan_needs_delta_below_one_users_share_and_warns_at_high_samp
         assert trainer(delta=1e-3).delta == 1e-3  # a sound plan: no warning
         LocalTrainer(sequences, 10, PrivacySettings(epsilon=math.inf, delta=0.5), LocalSettings(batch_size=256),
                      None, None, torch.device("cpu"))  # non-private: nothing to check
+
+
+def test_dp_noise_does_not_follow_the_run_seed(tmp_path):
+    """Two rounds trained with the same seed (so the same Poisson batches and dropout) release different updates:
+    the noise is drawn from fresh entropy, so knowing the seed does not let anyone subtract it."""
+    released = []
+    for attempt in range(2):
+        trainer, model, _ = _trainer(tmp_path / str(attempt), epsilon=4.0, rounds=1)
+        torch.manual_seed(0)
+        model = SASRec(model.cfg)  # the same initial weights both times
+        trainer.train_round(model, "run", 1)
+        released.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert any(not torch.equal(released[0][k], released[1][k]) for k in released[0])
