@@ -32,6 +32,7 @@ class MerchantRound:
 
 
 def append_round(state_dir: Path, entry: MerchantRound) -> None:
+    Path(state_dir).mkdir(parents=True, exist_ok=True)  # a non-private merchant has no ledger that made it
     with open(Path(state_dir) / ROUND_LOG, "a", encoding="utf-8") as log:
         log.write(json.dumps(asdict(entry)) + "\n")
 
