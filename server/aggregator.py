@@ -141,7 +141,7 @@ class Aggregator:
             self._start_superlink()
             self._register_merchants()
             state = checkpoint.load(self.server_dir)
-            if state is not None and (state.round >= rounds or state.budgets_spent):
+            if state is not None and state.finished(rounds):
                 self.say(f"The checkpoint in {self.server_dir} holds a finished federation (round {state.round}"
                          f"{', every merchant budget spent' if state.budgets_spent else ''}).")
             else:
@@ -149,7 +149,7 @@ class Aggregator:
         finally:
             stop(self.superlink)
         state = checkpoint.load(self.server_dir)
-        if state is None or (state.round < rounds and not state.budgets_spent):
+        if state is None or not state.finished(rounds):
             done = 0 if state is None else state.round
             error = self._server_error()
             advice = "" if "starting again will not help" in error else "; start the aggregator again to resume"

@@ -51,6 +51,10 @@ class ServerState:
     budgets_spent: bool = False
     """The federation ended before its last round: every merchant declined for its privacy budget."""
 
+    def finished(self, rounds: int) -> bool:
+        """Nothing is left to run: the last of ``rounds`` is done, or every merchant's budget is spent."""
+        return self.round >= rounds or self.budgets_spent
+
 
 def save(state_dir: Path, state: ServerState) -> None:
     meta = {"run_key": state.run_key, "strategy": state.strategy, "round": state.round,

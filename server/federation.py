@@ -59,7 +59,7 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
     n_nodes = _wait_for_nodes(grid, settings.min_nodes, node_wait_seconds)
     strategy = build_strategy(settings, n_nodes)
     state = _resume(state_dir, settings, initial, strategy)
-    if state.round >= settings.rounds or state.budgets_spent:
+    if state.finished(settings.rounds):
         log(INFO, "fedaug: the federation in %s is finished (round %d%s); nothing to do", state_dir, state.round,
             ", every merchant's budget spent" if state.budgets_spent else "")
         return state
@@ -80,13 +80,13 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
             state.accountant = dp.accountant.state_dict() if dp else None
             _keep_best(state, entry)
             state.budgets_spent = entry.budgets_spent
-            if (server_round == settings.rounds or state.budgets_spent) and evaluator is not None:
+            if state.finished(settings.rounds) and evaluator is not None:
                 state.best_test = _best_test(state, entry, evaluator)
             checkpoint.save(state_dir, state)
             monitor.record(entry, state.history)
             if on_round:
                 on_round(entry)
-            if state.budgets_spent:
+            if state.finished(settings.rounds):
                 break
     finally:
         monitor.close()

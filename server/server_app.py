@@ -44,7 +44,7 @@ def server_app(schema: type[FederationConfig] = FederationConfig,
         evaluator = central_evaluation(config, data, model) if central_evaluation and not deployed else None
         state = run_federation(grid, config.federation, initial, evaluator,
                                neighbours=statistics_candidates(config, data))
-        if state.round >= config.federation.rounds or state.budgets_spent:  # every merchant gets the final model
+        if state.finished(config.federation.rounds):  # every merchant gets the final model
             distribute_model(grid, config.federation.state_dir,
                              final_bundle(model, state, data.catalog, config.privacy.delta),
                              config.federation.round_timeout)

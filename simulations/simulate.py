@@ -161,7 +161,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
         watcher.stop()
         flwr_logger.setLevel(level)
     state = checkpoint.load(state_dir)
-    if state is None or (state.round < config.federation.rounds and not state.budgets_spent):
+    if state is None or not state.finished(config.federation.rounds):
         done = 0 if state is None else state.round
         raise FedaugError(f"simulation stopped after round {done} of {config.federation.rounds} (see the log "
                           f"above); run the same command again to resume from {state_dir}")
