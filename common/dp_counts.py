@@ -201,7 +201,8 @@ def fit_prior_with_counts(prior: TextPrior, counts: Counts, neighbours: np.ndarr
     def scorer(**weights) -> PriorWithCounts:
         return PriorWithCounts.from_counts(prior, counts, neighbours, **weights)
 
-    def validate(candidates: list[dict]) -> list[dict]:
+    def validate(candidates: list[dict]) -> list[np.ndarray]:
+        """Each candidate's validation NDCG@10 per user."""
         popularity = {c["popularity_threshold"]: scorer(popularity_weight=1.0, pair_weight=0.0,
                                                        popularity_threshold=c["popularity_threshold"]).popularity
                       for c in candidates}
@@ -218,17 +219,23 @@ def fit_prior_with_counts(prior: TextPrior, counts: Counts, neighbours: np.ndarr
                 if c["pair_weight"]:
                     scores += c["pair_weight"] * pair_terms[c["threshold"]]
                 ndcg[i].append(rank_metrics(mask_history(scores, batch, batch_targets), batch_targets)["ndcg@10"])
-        per_user.extend(np.concatenate(rows) if rows else np.zeros(0) for rows in ndcg)
+        return [np.concatenate(rows) if rows else np.zeros(0) for rows in ndcg]
+
+    def with_means(candidates: list[dict], per_user: list[np.ndarray]) -> list[dict]:
         return [c | {"valid_ndcg@10": float(rows.mean()) if len(rows) else 0.0}
-                for c, rows in zip(candidates, per_user[-len(candidates):], strict=True)]
+                for c, rows in zip(candidates, per_user, strict=True)]
 
     none = {"popularity_weight": 0.0, "popularity_threshold": 0.0, "pair_weight": 0.0, "threshold": 0.0}
-    per_user: list[np.ndarray] = []  # each tried candidate's validation NDCG@10 per user, in ``tried`` order
-    tried = validate([none] + [none | {"popularity_weight": w, "popularity_threshold": k}
-                               for k in POPULARITY_THRESHOLDS for w in POPULARITY_WEIGHTS])
+    stage = [none] + [none | {"popularity_weight": w, "popularity_threshold": k}
+                      for k in POPULARITY_THRESHOLDS for w in POPULARITY_WEIGHTS]
+    per_user = validate(stage)  # each tried candidate's validation NDCG@10 per user, in ``tried`` order
+    tried = with_means(stage, per_user)
     popularity = max(tried, key=lambda row: row["valid_ndcg@10"])
-    tried += validate([{k: popularity[k] for k in none} | {"pair_weight": w, "threshold": t}
-                       for t in THRESHOLDS for w in PAIR_WEIGHTS])
+    stage = [{k: popularity[k] for k in none} | {"pair_weight": w, "threshold": t}
+             for t in THRESHOLDS for w in PAIR_WEIGHTS]
+    stage_per_user = validate(stage)
+    per_user += stage_per_user
+    tried += with_means(stage, stage_per_user)
     best = max(range(len(tried)), key=lambda i: tried[i]["valid_ndcg@10"])
     # The statistics are kept only where they beat the text prior alone (tried first) beyond chance on validation:
     # the best of some thirty candidates on the same users is otherwise partly noise (at eps 1, it cost test).
