@@ -18,12 +18,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from common.config import BudgetSection, DataSection, Section, flatten
 from common.data_check import DataReport, check_data
 from common.errors import ConfigError, FedaugError
-from deploy.processes import flower_command, flower_error, split_address, start, stop
+from deploy.processes import HostPort, flower_command, flower_error, start, stop
 
 from .merchant import STATE_DIR
 from .round_log import RoundLogFollower
@@ -36,7 +36,7 @@ HEALTHY_SECONDS = 60.0
 class MerchantSection(Section):
     """[merchant]: where the aggregator is, this merchant's credentials and state."""
 
-    superlink: str = "127.0.0.1:9092"
+    superlink: HostPort = "127.0.0.1:9092"
     """The aggregator's SuperLink (host:port); the host must be in its certificate."""
     root_certificate: Path = Path("certs/ca.crt")
     private_key: Path = Path("certs/merchant-1.key")
@@ -48,25 +48,12 @@ class MerchantSection(Section):
     max_backoff: float = Field(60.0, gt=0)
     max_restarts: int | None = Field(None, ge=0)
     """Give up after this many SuperNode restarts (default: never)."""
-    health_address: str | None = None
+    health_address: HostPort | None = None
     """host:port of the SuperNode's gRPC health service (no TLS: keep it on loopback), for `fedaug health` and
     container healthchecks; None: not started."""
     new_budget: bool = False
     """Start a new privacy ledger in ``state_dir`` although another ledger has spent budget on this data (refused
     otherwise: a new state-dir must not restart the budget of users already trained on)."""
-
-    @field_validator("superlink")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        split_address(value, "merchant.superlink")
-        return value
-
-    @field_validator("health_address")
-    @classmethod
-    def _health_address(cls, value: str | None) -> str | None:
-        if value is not None:
-            split_address(value, "merchant.health_address")
-        return value
 
 
 class MerchantDaemonConfig(Section):

@@ -12,6 +12,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from common.errors import FedaugError
 
@@ -27,13 +30,22 @@ def flower_command(name: str) -> str:
     return found
 
 
-def split_address(address: str, key: str) -> tuple[str, int]:
+def split_address(address: str, key: str = "") -> tuple[str, int]:
     """``host:port`` (IPv6 as ``[::1]:port``) -> (host, port); a one-line error naming ``key`` otherwise."""
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{key}: expected host:port, got {address!r}")
+        raise ValueError((f"{key}: " if key else "") + f"expected host:port, got {address!r}")
     return host, int(port)
+
+
+def _checked_address(address: str) -> str:
+    split_address(address)
+    return address
+
+
+HostPort = Annotated[str, AfterValidator(_checked_address)]
+"""A ``host:port`` config value, checked when the config is read (the error names its key)."""
 
 
 def start(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import tomli_w
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from common.atomic import write_bytes_atomic, write_json_atomic
 from common.config import (
@@ -38,7 +38,7 @@ from common.config import (
 from common.errors import ConfigError, FedaugError
 from common.records import OnRound, RunMetrics, write_metrics
 from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
-from deploy.processes import flower_command, last_line, split_address, start, stop, wait_until
+from deploy.processes import HostPort, flower_command, last_line, split_address, start, stop, wait_until
 
 from . import checkpoint
 from .monitor import RoundWatcher
@@ -53,7 +53,7 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 class AggregatorSection(Section):
     """[aggregator]: where the SuperLink listens, its certificates, who may join, where state lives."""
 
-    address: str = "127.0.0.1:9092"
+    address: HostPort = "127.0.0.1:9092"
     """host:port the SuperLink serves its Fleet, Control and Runtime APIs on (HTTPS); 0.0.0.0 for every interface."""
     certificates: Path = Path("certs")
     """Directory with ca.crt, server.crt and server.key (`fedaug certs`, or your CA's files under those names)."""
@@ -64,22 +64,9 @@ class AggregatorSection(Section):
     """The Flower app to run (a directory with pyproject.toml); default: the fedaug project itself."""
     startup_timeout: float = Field(90.0, gt=0)
     poll_seconds: float = Field(2.0, gt=0)
-    health_address: str | None = None
+    health_address: HostPort | None = None
     """host:port of the SuperLink's gRPC health service (no TLS: keep it on loopback), for `fedaug health` and
     container healthchecks; None: not started."""
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        split_address(value, "aggregator.address")
-        return value
-
-    @field_validator("health_address")
-    @classmethod
-    def _health_address(cls, value: str | None) -> str | None:
-        if value is not None:
-            split_address(value, "aggregator.health_address")
-        return value
 
 
 class AggregatorConfig(Config, DataPart, RecipePart):
