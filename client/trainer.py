@@ -78,10 +78,13 @@ class RoundResult:
 
 
 class LocalTrainer:
-    """One merchant's trainer. ``train_round`` runs the local epochs and commits the round to the ledger."""
+    """One merchant's trainer. ``train_round`` runs the local epochs and commits the round to the ledger.
+
+    ``ledger``: the privacy ledger, or the folder to open it in once the plan is checked (so a refused plan leaves
+    no ledger behind); None for non-private training."""
 
     def __init__(self, train_sequences: list[np.ndarray], n_items: int, privacy: PrivacySettings,
-                 local: LocalSettings, augment: AugmentSettings | None, ledger: PrivacyLedger | None,
+                 local: LocalSettings, augment: AugmentSettings | None, ledger: PrivacyLedger | Path | None,
                  device: torch.device):
         if privacy.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}")
@@ -91,12 +94,12 @@ class LocalTrainer:
         self.n_users = trainable_users(train_sequences)
         self.n_items = n_items
         self.privacy, self.local, self.augment = privacy, local, augment
-        self.ledger = ledger
         self.device = device
         self.delta = privacy.delta_for(self.n_users)
         if privacy.private:
             check_delta(self.delta, self.n_users)
             _warn_on_sampling(self.sample_rate, self.n_users, local.batch_size)
+        self.ledger = PrivacyLedger(ledger) if isinstance(ledger, Path) else ledger
         self._noise: dict[str, float] = {}
         self._augmenter_cache: tuple[int, Augmenter] | None = None
 
@@ -264,11 +267,8 @@ def build_trainer(recipe: Recipe, train_sequences: list[np.ndarray], n_items: in
     local = LocalSettings(local_epochs=recipe.local.local_epochs, batch_size=recipe.local.batch_size,
                           lr=recipe.local.lr, seed=seed)
     augment = AugmentSettings(**recipe.augment.model_dump()) if recipe.augment.active else None
-    if privacy.private:  # refused before the ledger (and its folder) exists
-        n_users = trainable_users(train_sequences)
-        check_delta(privacy.delta_for(n_users), n_users)
-    ledger = PrivacyLedger(state_dir) if privacy.private else None
-    return LocalTrainer(train_sequences, n_items, privacy, local, augment, ledger, device)
+    return LocalTrainer(train_sequences, n_items, privacy, local, augment, state_dir if privacy.private else None,
+                        device)
 
 
 def _proximal_pull(model: SASRec, rate: float) -> Callable[[], None]:

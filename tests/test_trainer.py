@@ -317,3 +317,17 @@ def test_dp_noise_does_not_follow_the_run_seed(tmp_path):
         trainer.train_round(model, "run", 1)
         released.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     assert any(not torch.equal(released[0][k], released[1][k]) for k in released[0])
+
+
+def test_a_refused_private_plan_leaves_no_ledger_behind(tmp_path):
+    """δ is checked before the ledger's folder is made: a retry with a sound δ finds no stray ledger."""
+    from client.trainer import build_trainer
+    from common.config import FederationConfig
+    from common.errors import ConfigError
+
+    recipe = FederationConfig.model_validate({"privacy": {"epsilon": 8.0, "delta": 0.5},
+                                              "model": {"tie_embeddings": False}}).recipe
+    with pytest.raises(ConfigError, match="privacy.delta"):
+        build_trainer(recipe, [np.arange(1, 6)] * 50, 10, rounds=1, seed=0, state_dir=tmp_path / "state",
+                      device=torch.device("cpu"))
+    assert not (tmp_path / "state").exists()
