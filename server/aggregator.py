@@ -1,12 +1,13 @@
 """`fedaug aggregator`: the platform's aggregation service, made of Flower's own processes.
 
-It starts `flower-superlink` (TLS on every API, SuperNode authentication on), registers the merchants' public keys
+It starts `flower-superlink` on loopback (TLS on every API, SuperNode authentication on) and nginx on the public
+address publishing its Fleet API alone (deploy/fleet_proxy.py), registers the merchants' public keys
 with `flwr supernode register`, submits our app with `flwr run` (the Control API) and the federation's run_config,
 follows the rounds the ServerApp logs, and, when the run ends, writes metrics.json and report.md next to the
 checkpoint. Everything lives in ``state_dir``; started again with the same one, the SuperLink keeps its database
 (registered merchants) and the ServerApp resumes from the checkpoint, so no round is lost or repeated.
 
-state_dir layout: ``superlink.db`` + ``superlink.log`` (Flower), ``flwr/`` (the Flower CLI's home: its connection
+state_dir layout: ``superlink.db`` + ``superlink.log`` (Flower), ``fleet-proxy/`` (nginx), ``flwr/`` (the Flower CLI's home: its connection
 to this SuperLink), ``run-config.toml`` (what was submitted), ``server/`` (checkpoint.npz, rounds.jsonl),
 ``merchants.json`` (registered key -> node id), ``server.log`` (the ServerApp's log of the last run), and at the
 end ``metrics.json`` + ``report.md``.
@@ -14,7 +15,9 @@ end ``metrics.json`` + ``report.md``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -38,6 +41,7 @@ from common.config import (
 from common.errors import ConfigError, FedaugError
 from common.records import OnRound, RunMetrics, write_metrics
 from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from deploy.fleet_proxy import start_fleet_proxy
 from deploy.processes import HostPort, flower_command, last_line, split_address, start, stop, wait_until
 
 from . import checkpoint
@@ -54,7 +58,11 @@ class AggregatorSection(Section):
     """[aggregator]: where the SuperLink listens, its certificates, who may join, where state lives."""
 
     address: HostPort = "127.0.0.1:9092"
-    """host:port the SuperLink serves its Fleet, Control and Runtime APIs on (HTTPS); 0.0.0.0 for every interface."""
+    """host:port merchants connect to (HTTPS; 0.0.0.0 for every interface): Flower's Fleet API only, published by
+    nginx in front of the SuperLink (deploy/fleet_proxy.py); any other path is refused there."""
+    control_address: HostPort = "127.0.0.1:9093"
+    """Loopback host:port of the SuperLink itself (Fleet, Control and Runtime APIs, HTTPS): only this host reaches
+    it, since Flower's Control API authenticates no one (whoever reaches it could stop or submit runs)."""
     certificates: Path = Path("certs")
     """Directory with ca.crt, server.crt and server.key (`fedaug certs`, or your CA's files under those names)."""
     merchant_keys: tuple[Path, ...] = ()
@@ -86,9 +94,32 @@ class AggregatorConfig(Config, DataPart, RecipePart):
                              "no other SuperNode can join)")
         if self.data.path is not None:
             raise ValueError("data.path: the aggregator holds no behaviour data (merchants keep theirs)")
+        host, _ = split_address(self.aggregator.control_address)
+        if not _loopback(host):
+            raise ValueError(f"aggregator.control_address: {host} is not a loopback address (Flower's Control API "
+                             "authenticates no one: keep the SuperLink on 127.0.0.1 or ::1)")
+        if split_address(self.aggregator.control_address) == split_address(self.aggregator.address):
+            raise ValueError("aggregator.control_address: must differ from aggregator.address (the public door)")
         if "state_dir" in self.federation.model_fields_set:
             raise ValueError("federation.state_dir: set aggregator.state_dir instead (the checkpoint lives under it)")
         return self
+
+
+def _listening(address: tuple[str, int]) -> bool:
+    host, port = address
+    try:
+        with socket.create_connection(("127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host,
+                                       port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Aggregator:
@@ -102,10 +133,12 @@ class Aggregator:
         self.server_dir = self.state_dir / "server"
         self.flwr_home = self.state_dir / "flwr"
         self.log = self.state_dir / "superlink.log"
-        self.host, self.port = split_address(agg.address, "aggregator.address")
+        self.public = split_address(agg.address, "aggregator.address")
+        self.control = split_address(agg.control_address, "aggregator.control_address")
         self.certs = agg.certificates.resolve()
         self.app = (agg.app or PROJECT_DIR).resolve()
         self.superlink: subprocess.Popen | None = None
+        self.proxy: subprocess.Popen | None = None
         self._check_files()
 
     def _check_files(self) -> None:
@@ -134,6 +167,7 @@ class Aggregator:
             else:
                 self._run_federation(rounds)
         finally:
+            stop(self.proxy)
             stop(self.superlink)
         state = checkpoint.load(self.server_dir)
         if state is None or not state.finished(rounds):
@@ -183,22 +217,29 @@ class Aggregator:
     # -- Flower's processes and CLI -------------------------------------------------------------------------------
 
     def _start_superlink(self) -> None:
-        connect_host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        connect = f"[{connect_host}]:{self.port}" if ":" in connect_host else f"{connect_host}:{self.port}"
+        """The SuperLink on loopback, then nginx on the public address publishing its Fleet API only."""
         flwr_config = {"superlink": {"default": CONNECTION, CONNECTION: {
-            "address": connect, "root-certificates": str(self.certs / CA_CERT)}}}
+            "address": self.config.aggregator.control_address, "root-certificates": str(self.certs / CA_CERT)}}}
         write_bytes_atomic(self.flwr_home / "config.toml", tomli_w.dumps(flwr_config).encode())
+        host, port = self.control
         command = [flower_command("flower-superlink"),
                    "--ssl-ca-certfile", str(self.certs / CA_CERT), "--ssl-certfile", str(self.certs / SERVER_CERT),
                    "--ssl-keyfile", str(self.certs / SERVER_KEY), "--enable-supernode-auth",
-                   "--database", str(self.state_dir / "superlink.db"), "--host", self.host, "--port", str(self.port),
+                   "--database", str(self.state_dir / "superlink.db"), "--host", host, "--port", str(port),
                    "--disable-runtime-dependency-installation"]
         if self.config.aggregator.health_address:
             command += ["--health-server-address", self.config.aggregator.health_address]
         self.superlink = start(command, self.log, self._env())
         wait_until(self._answers, self.config.aggregator.startup_timeout, "flower-superlink", self.superlink, self.log,
                    interval=1.0)
-        self.say(f"SuperLink up at {self.config.aggregator.address} (TLS, SuperNode authentication on).")
+        proxy_dir = self.state_dir / "fleet-proxy"
+        self.proxy = start_fleet_proxy(public=self.public, superlink=self.control, certificate=self.certs / SERVER_CERT,
+                                       key=self.certs / SERVER_KEY, ca_certificate=self.certs / CA_CERT,
+                                       workdir=proxy_dir)
+        wait_until(lambda: _listening(self.public), self.config.aggregator.startup_timeout, "nginx (the Fleet proxy)",
+                   self.proxy, proxy_dir / "error.log", interval=0.2)
+        self.say(f"SuperLink up on {self.config.aggregator.control_address} (loopback); merchants reach its Fleet API "
+                 f"only, at {self.config.aggregator.address} (TLS, SuperNode authentication on).")
 
     def _answers(self) -> bool:
         try:

@@ -92,7 +92,8 @@ class Daemon:
 def aggregator_config(site: Path, workdir: Path, port: int, rounds: int, keys: list[int], *,
                       health: str | None = None, **federation) -> Path:
     settings = {"rounds": rounds, "min_nodes": len(keys), "min_replies": 1, "round_timeout": 90.0} | federation
-    lines = ["[aggregator]", f'address = "127.0.0.1:{port}"', f'certificates = "{site / "certs"}"',
+    lines = ["[aggregator]", f'address = "127.0.0.1:{port}"', f'control_address = "127.0.0.1:{free_port()}"',
+             f'certificates = "{site / "certs"}"',
              "merchant_keys = [" + ", ".join(f'"{site / "certs" / f"merchant-{k}.pub"}"' for k in keys) + "]",
              f'state_dir = "{workdir / "aggregator"}"', "poll_seconds = 1.0"]
     lines += [f'health_address = "{health}"'] if health else []
@@ -119,6 +120,31 @@ def merchant_config(site: Path, workdir: Path, i: int, port: int, *, key: int | 
     path = workdir / f"merchant-{i}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def run_id(aggregator: Daemon) -> str:
+    return aggregator.output().split("Submitted run ", 1)[1].split()[0]
+
+
+def merchant_flwr(workdir: Path, port: int, ca: Path, *args: str) -> subprocess.CompletedProcess:
+    """The Flower CLI as a merchant could run it: the aggregator's public address and the CA certificate."""
+    home = workdir / "merchant-flwr"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "aggregator"\n[superlink.aggregator]\n'
+                                      f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n')
+    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args, "aggregator", "--format", "json"],
+                          capture_output=True, text=True, timeout=120, cwd=workdir,
+                          env={**os.environ, "FLWR_HOME": str(home), "NO_COLOR": "1"})
+
+
+def operator_flwr(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """The Flower CLI as the aggregator's own host runs it (its loopback connection)."""
+    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args, "fedaug", "--format", "json"],
+                          capture_output=True, text=True, timeout=120, cwd=workdir,
+                          env={**os.environ, "FLWR_HOME": str(workdir / "aggregator" / "flwr"), "NO_COLOR": "1"})
 
 
 def wait_for(condition, timeout: float, what: str, *daemons: Daemon) -> None:
@@ -175,6 +201,14 @@ def test_unregistered_keys_and_wrong_root_certificates_are_refused(site, tmp_pat
     daemons = [aggregator]
     try:
         wait_for(lambda: (tmp_path / "aggregator" / "merchants.json").exists(), 120, "SuperLink", aggregator)
+        wait_for(lambda: "Submitted run" in aggregator.output(), 120, "the run's submission", aggregator)
+
+        # A merchant holds ca.crt and the public address: Flower's Control API must stay out of its reach.
+        for attempt in (["ls"], ["stop", run_id(aggregator)], ["run", str(PROJECT)]):
+            refused = merchant_flwr(tmp_path, port, site / "certs" / "ca.crt", *attempt)
+            assert refused.returncode != 0 or '"success": false' in refused.stdout, (attempt, refused.stdout)
+            assert "403" in refused.stdout + refused.stderr, (attempt, refused.stdout, refused.stderr)
+        assert run_id(aggregator) in operator_flwr(tmp_path, "ls").stdout  # still there, still running
 
         stranger = Daemon(tmp_path, "stranger", "merchant", "--config",
                           str(merchant_config(site, tmp_path, 4, port, max_restarts=0)))

@@ -4,6 +4,7 @@ the daemons' configs and the node_config they hand to Flower."""
 from __future__ import annotations
 
 import stat
+import subprocess
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from flwr.common.config import parse_config_args
 from client.daemon import MerchantDaemonConfig, node_config_arg
 from common.config import ModelSection, load_config
 from common.data import catalog_only
-from common.errors import ConfigError, DataError
+from common.errors import ConfigError, DataError, FedaugError
 from common.loaders import align_to_catalog, load, load_catalog
 from common.split import merchant_partitions
 from common.synthetic import SyntheticSpec, generate
@@ -136,6 +137,12 @@ def test_merchant_config_errors_name_the_key(tmp_path, toml, message):
      "aggregator.state_dir"),
     ('[aggregator]\nmerchant_keys = ["k.pub"]\naddress = "h:99999"\n[data]\ncatalog = "c.tsv"\n',
      "aggregator.address"),
+    ('[aggregator]\nmerchant_keys = ["k.pub"]\ncontrol_address = "0.0.0.0:9093"\n[data]\ncatalog = "c.tsv"\n',
+     "aggregator.control_address: 0.0.0.0 is not a loopback address"),
+    ('[aggregator]\nmerchant_keys = ["k.pub"]\ncontrol_address = "10.1.2.3:9093"\n[data]\ncatalog = "c.tsv"\n',
+     "aggregator.control_address: 10.1.2.3 is not a loopback"),
+    ('[aggregator]\nmerchant_keys = ["k.pub"]\ncontrol_address = "127.0.0.1:9092"\n[data]\ncatalog = "c.tsv"\n',
+     "aggregator.control_address: must differ from aggregator.address"),
 ])
 def test_aggregator_config_errors_name_the_key(tmp_path, toml, message):
     path = tmp_path / "aggregator.toml"
@@ -181,3 +188,26 @@ def test_the_health_probe_follows_the_grpc_health_service():
     finally:
         server.stop(None)
     assert not serving(f"127.0.0.1:{port}", timeout=1.0)  # nobody there
+
+
+def test_the_fleet_proxy_config_publishes_the_fleet_api_alone(tmp_path):
+    """nginx accepts the config we write (`nginx -t`), which forwards /v1/fleet/ to the loopback SuperLink and
+    answers every other path (the Control and Runtime APIs) with 403."""
+    from deploy.fleet_proxy import FLEET_PREFIX, nginx_command, render_config
+
+    try:
+        nginx = nginx_command()
+    except FedaugError as exc:
+        pytest.skip(str(exc))
+    write_certificates(tmp_path / "certs", merchants=0)
+    text = render_config(public=("0.0.0.0", 9092), superlink=("127.0.0.1", 9093),
+                         certificate=tmp_path / "certs" / "server.crt", key=tmp_path / "certs" / "server.key",
+                         ca_certificate=tmp_path / "certs" / "ca.crt", workdir=tmp_path / "proxy")
+    locations = [line.split()[1] for line in text.splitlines() if line.strip().startswith("location ")]
+    assert locations == [FLEET_PREFIX, "/"] and "proxy_pass https://127.0.0.1:9093;" in text
+    assert text.split("location / {", 1)[1].split("}", 1)[0].count("return 403") == 1
+    (tmp_path / "proxy" / "tmp").mkdir(parents=True)
+    (tmp_path / "proxy" / "nginx.conf").write_text(text)
+    check = subprocess.run([nginx, "-p", str(tmp_path / "proxy"), "-e", str(tmp_path / "proxy" / "error.log"),
+                            "-c", str(tmp_path / "proxy" / "nginx.conf"), "-t"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
