@@ -2,7 +2,9 @@
 ``query.model``, the federation's final model.
 
 A merchant whose budget cannot afford the round replies normally with ``declined = 1`` and no arrays, so the
-server can tell a decline from a crash (which arrives as a Flower error reply). ``app`` is what merchants run
+server can tell a decline from a crash (which arrives as a Flower error reply). A private merchant sends only what
+its ledger accounts for: the DP update, the noised statistics and its ε — no loss, user count or evaluation metrics
+(README, "What crosses the wire"). ``app`` is what merchants run
 (deployment, `flwr run .`); ``client_app`` builds the same handlers over another merchant source, with Flower mods
 around training — how `fedaug simulate` attaches its simulation-only behaviour (simulations/apps.py).
 """
@@ -22,6 +24,7 @@ from common.evaluate import evaluate as evaluate_split
 from common.evaluate import sasrec_scorer
 from common.memory import single_malloc_arena
 from common.metrics import METRIC_NAMES
+from common.records import WITHHELD
 
 from . import replay
 from .ledger import BudgetExceeded
@@ -83,22 +86,17 @@ def train(msg: Message, context: Context, merchant: Merchant) -> Message:
         spent = merchant.trainer.epsilon_spent()
         _log_round(merchant, server_round, run_key, declined=True, epsilon=spent, seconds=0.0, size=0)
         content = RecordDict({
-            "metrics": MetricRecord({"declined": 1, "num-examples": 0, "epsilon": _finite(spent),
+            "metrics": MetricRecord({"declined": 1, "epsilon": _finite(spent),
                                      "partition-id": merchant.partition_id}),
             "decline": ConfigRecord({"reason": str(exc)}),
         })
         return Message(content, reply_to=msg)
-    metrics = MetricRecord({
-        "declined": 0,
-        "num-examples": result.num_examples,
-        "train_loss": result.train_loss,
-        "epsilon": _finite(result.epsilon),
-        "delta": result.delta,
-        "noise_multiplier": result.noise_multiplier,
-        "seconds": result.seconds,
-        "augment_views": result.augment_views,
-        "partition-id": merchant.partition_id,
-    })
+    sent = {"declined": 0, "epsilon": _finite(result.epsilon), "partition-id": merchant.partition_id}
+    if not merchant.trainer.privacy.private:  # figures computed on the data, outside any accounting
+        sent |= {"num-examples": result.num_examples, "train_loss": result.train_loss, "delta": result.delta,
+                 "noise_multiplier": result.noise_multiplier, "seconds": result.seconds,
+                 "augment_views": result.augment_views}
+    metrics = MetricRecord(sent)
     update = model.state_dict()
     _log_round(merchant, server_round, run_key, declined=False, epsilon=result.epsilon, seconds=result.seconds,
                size=sum(t.numel() * t.element_size() for t in update.values()))
@@ -109,7 +107,11 @@ def train(msg: Message, context: Context, merchant: Merchant) -> Message:
 
 
 def evaluate(msg: Message, merchant: Merchant) -> Message:
-    """Score the global model in ``msg`` on this merchant's held-out users (the stages asked for)."""
+    """Score the global model in ``msg`` on this merchant's held-out users (the stages asked for). A private
+    merchant withholds them: metrics over its users are outside its accounted ε."""
+    if merchant.trainer.privacy.private:
+        return Message(RecordDict({"metrics": MetricRecord({WITHHELD: 1, "partition-id": merchant.partition_id})}),
+                       reply_to=msg)
     model = merchant.model(msg.content["arrays"].to_torch_state_dict())
     scorer = sasrec_scorer(model, merchant.device)
     config = msg.content["config"] if "config" in msg.content else {}

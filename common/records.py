@@ -16,6 +16,10 @@ from .atomic import write_json_atomic
 
 Metrics = dict[str, float]
 
+WITHHELD = "withheld"
+"""Set (1) in a merchant's evaluation reply whose metrics it keeps to itself: computed on a private merchant's
+users, they lie outside its accounted ε (client/client_app.py sends it, server/replies.py honours it)."""
+
 
 @dataclass
 class RoundRecord:

@@ -7,10 +7,10 @@ follows the rounds the ServerApp logs, and, when the run ends, writes metrics.js
 checkpoint. Everything lives in ``state_dir``; started again with the same one, the SuperLink keeps its database
 (registered merchants) and the ServerApp resumes from the checkpoint, so no round is lost or repeated.
 
-state_dir layout: ``superlink.db`` + ``superlink.log`` (Flower), ``fleet-proxy/`` (nginx), ``flwr/`` (the Flower CLI's home: its connection
-to this SuperLink), ``run-config.toml`` (what was submitted), ``server/`` (checkpoint.npz, rounds.jsonl),
-``merchants.json`` (registered key -> node id), ``server.log`` (the ServerApp's log of the last run), and at the
-end ``metrics.json`` + ``report.md``.
+state_dir layout: ``superlink.db`` + ``superlink.log`` (Flower), ``fleet-proxy/`` (nginx), ``flwr/`` (the Flower CLI's
+home: its connection to this SuperLink), ``run-config.toml`` (what was submitted), ``server/`` (checkpoint.npz,
+rounds.jsonl), ``merchants.json`` (registered key -> node id), ``server.log`` (the ServerApp's log of the last run),
+and at the end ``metrics.json`` + ``report.md``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from common.config import FederationSection
 from common.dp_counts import Statistics
 from common.errors import ConfigError, FedaugError
 from common.metrics import select
-from common.records import RoundRecord
+from common.records import WITHHELD, RoundRecord
 
 from . import checkpoint
 from .checkpoint import ServerState
@@ -190,6 +190,8 @@ def _federated_evaluation(grid, settings, strategy, state, server_round, arrays,
             for stage in stages:
                 record[stage] = {k.removeprefix(f"{stage}-"): v for k, v in info.items() if k.startswith(f"{stage}-")}
             record["users"] = info["num-examples"]
+        elif info["status"] == WITHHELD:
+            log(INFO, "fedaug round %d: merchant %s keeps its evaluation to itself (private)", server_round, node)
         else:
             log(WARNING, "fedaug round %d: evaluation by merchant %s: %s (%s)", server_round, node, info["status"],
                 info["reason"])
@@ -206,11 +208,13 @@ def _federated_evaluation(grid, settings, strategy, state, server_round, arrays,
 
 
 def _train_summary(merchants: dict[int, dict]) -> dict:
-    users = [m.get("num-examples", 0) for m in merchants.values() if m["status"] == "ok"]
-    losses = [m.get("train_loss", 0.0) for m in merchants.values() if m["status"] == "ok"]
+    # Only merchants that reported both count (private ones withhold them: outside their accounting).
+    reported = [(m["num-examples"], m["train_loss"]) for m in merchants.values()
+                if m["status"] == "ok" and "num-examples" in m and "train_loss" in m]
+    users, losses = zip(*reported, strict=True) if reported else ((), ())
     epsilons = [m["epsilon"] for m in merchants.values() if m.get("epsilon", -1) >= 0]
     return {
-        "train_loss": float(np.average(losses, weights=users)) if users and sum(users) > 0 else None,
+        "train_loss": float(np.average(losses, weights=users)) if sum(users) > 0 else None,
         "epsilon_max": max(epsilons) if epsilons else None,
         "epsilon_mean": float(np.mean(epsilons)) if epsilons else None,
     }

@@ -2,7 +2,8 @@
 
 Nothing a merchant sends reaches a strategy unchecked. An accepted training reply is rewritten to exactly
 ``{"arrays": <the update>, "metrics": {weight, num-examples, train_loss}}`` so every strategy (and Flower's DP
-wrapper, which insists on identical metric keys) sees one shape.
+wrapper, which insists on identical metric keys) sees one shape. A private merchant withholds its user count and
+loss (outside its accounting): where any accepted merchant did, the round weighs every update equally.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from common.records import WITHHELD
 
 from .strategies import WEIGHT
 
@@ -57,19 +60,23 @@ def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], refe
             out.merchants[node] = info | {"status": "rejected", "reason": problem}
             continue
         out.bytes_received += sum(len(a.data) for a in arrays.values())
-        users = float(metrics["num-examples"])
-        reply.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({
-            WEIGHT: 1.0 if uniform_weights else users, "num-examples": users,
-            "train_loss": float(metrics.get("train_loss", 0.0))})})
         out.accepted.append(reply)
         out.merchants[node] = info
+    counted = all("num-examples" in _metrics_of(reply) for reply in out.accepted)
+    for reply in out.accepted:
+        metrics = _metrics_of(reply)
+        users = float(metrics.get("num-examples", 1.0))
+        reply.content = RecordDict({"arrays": reply.content.array_records["arrays"], "metrics": MetricRecord({
+            WEIGHT: users if counted and not uniform_weights else 1.0, "num-examples": users,
+            "train_loss": float(metrics.get("train_loss", 0.0))})})
     for node in sorted(expected):
         out.merchants[node] = {"status": "missing", "reason": "no reply before the round timeout"}
     return out
 
 
 def sort_evaluate_replies(sent: Iterable[Message], replies: Iterable[Message]) -> tuple[list[Message], dict[int, dict]]:
-    """Evaluation replies with finite metrics and a positive user count (rewritten to weigh by users)."""
+    """Evaluation replies with finite metrics and a positive user count (rewritten to weigh by users); a private
+    merchant's withheld metrics are its right, not a fault."""
     accepted, merchants, sent = [], {}, list(sent)
     for reply in replies:
         node = _sender(reply, sent)
@@ -77,6 +84,9 @@ def sort_evaluate_replies(sent: Iterable[Message], replies: Iterable[Message]) -
             merchants[node] = {"status": "error", "reason": reply.error.reason}
             continue
         metrics = _metrics_of(reply)
+        if metrics.get(WITHHELD) == 1:
+            merchants[node] = {"status": WITHHELD, "reason": "private: metrics on its users are outside its ε"}
+            continue
         values = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         users = values.get("num-examples", 0)
         if not users or users <= 0 or not all(math.isfinite(v) for v in values.values()):
@@ -114,9 +124,11 @@ def _check_update(arrays: ArrayRecord | None, metrics: dict, reference: dict[str
     """Why this update cannot be aggregated, or None."""
     if arrays is None:
         return "no 'arrays' record in the reply"
-    users = metrics.get("num-examples")
+    if not isinstance(metrics.get("epsilon"), int | float):
+        return "no 'metrics' record with the merchant's epsilon in the reply"
+    users = metrics.get("num-examples", 1)  # withheld by a private merchant
     if not isinstance(users, int | float) or isinstance(users, bool) or not math.isfinite(users) or users <= 0:
-        return "num-examples missing, not positive or not finite"
+        return "num-examples not positive or not finite"
     if set(arrays.keys()) != set(reference):
         extra, lacking = set(arrays.keys()) - set(reference), set(reference) - set(arrays.keys())
         return (f"array keys differ from the global model (unexpected {sorted(extra)[:3]}, "

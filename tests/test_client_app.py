@@ -41,19 +41,19 @@ def test_train_and_evaluate_round_trip_then_decline(tmp_path):
 
     reply = _call(MessageType.TRAIN, arrays, context, 1)
     assert not reply.has_error(), reply.error if reply.has_error() else None
+    # A private round's reply carries the DP update and the ledger's ε, nothing else computed on the users:
+    # no loss, no user count (the default δ = 1/(10·users) would tell it too), no noise multiplier, no timings.
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
     metrics = reply.content["metrics"]
-    assert metrics["declined"] == 0 and metrics["num-examples"] == 750 and metrics["augment_views"] == 1
-    assert metrics["partition-id"] == 1
-    assert 0 < metrics["epsilon"] <= 3.0 and metrics["delta"] == pytest.approx(1 / 7500)
+    assert dict(metrics) == {"declined": 0, "epsilon": metrics["epsilon"], "partition-id": 1}
+    assert 0 < metrics["epsilon"] <= 3.0
     new = reply.content["arrays"].to_torch_state_dict()
     assert set(new) == set(arrays) and any(not torch.equal(new[k], arrays[k]) for k in arrays)
     assert (tmp_path / "merchant-1" / "privacy-ledger.sqlite").is_file()
 
-    evaluation = _call(MessageType.EVALUATE, new, context)
-    assert set(evaluation.content["metrics"]) >= {"valid-hr@10", "valid-ndcg@10", "test-hr@20", "test-ndcg@5",
-                                                  "num-examples", "partition-id"}
-    assert evaluation.content["metrics"]["partition-id"] == 1
-    assert evaluation.content["metrics"]["num-examples"] == 750
+    evaluation = _call(MessageType.EVALUATE, new, context)  # metrics on its users: outside its ε, withheld
+    assert set(evaluation.content.keys()) == {"metrics"}
+    assert dict(evaluation.content["metrics"]) == {"withheld": 1, "partition-id": 1}
 
     second = _call(MessageType.TRAIN, new, context, 2)
     assert second.content["metrics"]["declined"] == 0
@@ -70,6 +70,7 @@ def test_train_and_evaluate_round_trip_then_decline(tmp_path):
     third = _call(MessageType.TRAIN, new, context, 3)  # past the planned rounds: the budget is spent
     assert not third.has_error()
     assert third.content["metrics"]["declined"] == 1 and "arrays" not in third.content
+    assert set(third.content["metrics"]) == {"declined", "epsilon", "partition-id"}
     assert "budget" in third.content["decline"]["reason"]
     # The merchant's own round log, which its daemon prints line by line (a replayed round is not a new one).
     from client.round_log import RoundLogFollower
@@ -80,6 +81,18 @@ def test_train_and_evaluate_round_trip_then_decline(tmp_path):
     follower.poll()
     assert [line.split(":")[0] for line in said] == ["round 1", "round 2", "round 3"]
     assert "trained in" in said[0] and "ε" in said[0] and "bytes sent" in said[0] and "declined" in said[2]
+
+
+def test_a_non_private_merchant_reports_its_figures(tmp_path):
+    """Without DP nothing is protected, so the loss, user count and evaluation metrics are sent (and weigh)."""
+    run = RUN | {"privacy.epsilon": "inf", "federation.state_dir": str(tmp_path), "model.tie_embeddings": True}
+    context = _context({"partition-id": 1, "num-partitions": 4}, run)
+    config = from_run_config(run)
+    arrays = initial_model(config, config.load_data()).state_dict()
+    metrics = _call(MessageType.TRAIN, arrays, context).content["metrics"]
+    assert metrics["num-examples"] == 750 and metrics["train_loss"] > 0 and metrics["epsilon"] == -1
+    evaluation = _call(MessageType.EVALUATE, arrays, context).content["metrics"]
+    assert evaluation["num-examples"] == 750 and "valid-ndcg@10" in evaluation and "withheld" not in evaluation
 
 
 def _context(node_config, run_config=RUN):

@@ -47,7 +47,7 @@ def _as_if_inside_a_serverapp(monkeypatch):
 
 
 class ScriptedGrid(Grid):
-    """Merchants whose behaviour is scripted per node: ok, error, decline, nan, shape, dtype or missing.
+    """Merchants whose behaviour is scripted per node: ok, private, error, decline, nan, shape, dtype or missing.
 
     An ok merchant with id n returns the global arrays + n (so aggregates are easy to predict) and reports n·10
     users; ``sent`` logs (round, node) for every training message.
@@ -94,6 +94,9 @@ class ScriptedGrid(Grid):
                 reply.metadata.__dict__["_src_node_id"] = 1
                 replies.append(reply)
                 continue
+            if msg.metadata.message_type == "evaluate" and behaviour == "private":
+                replies.append(Message(RecordDict({"metrics": MetricRecord({"withheld": 1})}), reply_to=msg))
+                continue
             if msg.metadata.message_type == "evaluate":
                 metrics = {"valid-ndcg@10": 0.1 * node, "valid-hr@10": 0.2, "num-examples": 10 * node,
                            "partition-id": node}
@@ -115,6 +118,8 @@ class ScriptedGrid(Grid):
                 arrays["b"] = arrays["b"].astype(np.float64)
             metrics = {"declined": 0, "num-examples": 10 * node, "train_loss": 1.0 / node, "epsilon": 0.5 * node,
                        "partition-id": node}
+            if behaviour == "private":  # what client/client_app.py sends for a DP round
+                metrics = {"declined": 0, "epsilon": 0.5 * node, "partition-id": node}
             content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                                   "metrics": MetricRecord(metrics)})
             replies.append(Message(content, reply_to=msg))
@@ -178,6 +183,22 @@ def test_bad_updates_are_rejected_with_a_reason():
     assert "budget" in reasons[5] and "raised" in reasons[6] and "timeout" in reasons[7]
     assert [r.metadata.src_node_id for r in replies.accepted] == [1]
     assert set(replies.accepted[0].content["metrics"]) == {"weight", "num-examples", "train_loss"}
+
+
+def test_private_merchants_withhold_counts_loss_and_evaluation_and_weigh_equally(tmp_path):
+    grid = ScriptedGrid({1: "private", 2: "ok", 3: "private"})
+    state = run_federation(grid, _settings(tmp_path, rounds=1, min_replies=3), MODEL)
+    # One merchant withheld its user count: the round weighs all three equally, (1 + 2 + 3) / 3 = 2.
+    np.testing.assert_allclose(state.arrays["w"], np.full((3, 2), 2.0), rtol=1e-6)
+    entry = state.history[0]
+    assert entry.participants == 3 and entry.failures["rejected"] == 0
+    assert entry.train_loss == pytest.approx(0.5)  # the one merchant that reported its loss
+    assert entry.epsilon_max == pytest.approx(1.5)
+    assert entry.federated_merchants == 1 and entry.federated_valid["ndcg@10"] == pytest.approx(0.2)
+    assert "users" not in state.merchants["1"] and state.merchants["2"]["users"] == 20
+    only_private = run_federation(ScriptedGrid({1: "private", 3: "private"}),
+                                  _settings(tmp_path / "b", rounds=1, min_replies=2), MODEL)
+    assert only_private.history[0].train_loss is None and only_private.history[0].federated_valid is None
 
 
 def test_a_round_aggregates_what_arrived_and_logs_the_rest(tmp_path):
