@@ -624,15 +624,16 @@ def aggregator(
 
         def on_round(done, total, record):
             progress.update(task, completed=done, total=total)
-            if record and record.federated_valid:
-                progress.console.print(f"round {done:3d}/{total}  merchants {record.participants}  valid NDCG@10 "
-                                       f"{record.federated_valid['ndcg@10']:.4f}"
+            if record:
+                valid = (f"valid NDCG@10 {record.federated_valid['ndcg@10']:.4f}" if record.federated_valid
+                         else "validation withheld (private merchants)")
+                progress.console.print(f"round {done:3d}/{total}  merchants {record.participants}  {valid}"
                                        + (f"  max ε {record.epsilon_max:.3f}" if record.epsilon_max else ""))
 
         metrics = Aggregator(cfg, on_round, say=_plain(progress.console)).run()
-    test = metrics.test or {"ndcg@10": float("nan"), "hr@10": float("nan")}
-    console.print(f"federation done: {len(metrics.rounds)} rounds, test NDCG@10 {test['ndcg@10']:.4f}  "
-                  f"HR@10 {test['hr@10']:.4f} -> {cfg.aggregator.state_dir / 'report.md'}")
+    test = (f"test NDCG@10 {metrics.test['ndcg@10']:.4f}  HR@10 {metrics.test['hr@10']:.4f}" if metrics.test
+            else "test metrics withheld (private merchants)")
+    console.print(f"federation done: {len(metrics.rounds)} rounds, {test} -> {cfg.aggregator.state_dir / 'report.md'}")
     for name, node in sorted(metrics.merchant_keys.items()):
         eps = next((m.epsilon for m in metrics.merchants if str(m.node) == node), None)
         console.print(f"  {name}: node {node}, ε spent {'—' if eps is None else f'{eps:.3f}'}")

@@ -56,6 +56,8 @@ def render_deployment_report(metrics: RunMetrics) -> str:
              "| " + " | ".join(METRIC_NAMES) + " |", "|" + "---|" * len(METRIC_NAMES)]
     test = metrics.test
     lines.append("| " + " | ".join(f"{test[k]:.4f}" if test else "—" for k in METRIC_NAMES) + " |")
+    if not test:
+        lines += ["", "Private merchants keep metrics on their users to themselves (outside their accounted ε)."]
     lines += ["", "## Merchants", "", "| merchant | node | users | ε spent |", "|---|---|---|---|"]
     for m in sorted(metrics.merchants, key=lambda m: names.get(str(m.node), "~")):
         users = m.users if m.users is not None else "—"
