@@ -22,6 +22,9 @@ from common.memory import single_malloc_arena
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]})
 console = Console(stderr=True)
+"""Results, warnings and errors."""
+progress_console = Console(stderr=True)
+"""Progress bars, per-epoch and per-round lines and daemons' running commentary: silenced by ``--quiet``."""
 
 
 FLAGS = {
@@ -100,8 +103,11 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                      help="Print the version and exit.")) -> None:
+                                      help="Print the version and exit."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, per-round lines or daemon "
+                                    "commentary: only results, warnings and errors.")) -> None:
     """Federated, privacy-preserving augmentation and training for sequential recommendation."""
+    progress_console.quiet = quiet
 
 
 @app.command()
@@ -650,7 +656,7 @@ def merchant(
 
     cfg = load_config(config, None, MerchantDaemonConfig)
     _exit_cleanly_on_sigterm()
-    raise typer.Exit(MerchantDaemon(cfg, say=_plain(console)).run())
+    raise typer.Exit(MerchantDaemon(cfg, say=_plain(progress_console)).run())
 
 
 def _plain(out: Console):
@@ -689,4 +695,4 @@ def _check_out_dir(out: Path) -> None:
 
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True)
+                    console=progress_console, transient=True)

@@ -37,8 +37,11 @@ def test_baseline_sasrec_on_events_csv(tmp_path):
     rows = zip(data.user_ids[users], data.items, data.timestamps, data.event_type, strict=True)
     lines = ["user_id,item_id,timestamp,event_type"] + [f"{u},{i},{t},{e}" for u, i, t, e in rows]
     (tmp_path / "events.csv").write_text("\n".join(lines))
-    result = fedaug("baseline", "--data", str(tmp_path / "events.csv"), "--epochs", "2", "--out", str(tmp_path / "o"))
+    result = fedaug("-q", "baseline", "--data", str(tmp_path / "events.csv"), "--epochs", "2", "--out",
+                    str(tmp_path / "o"))
     assert result.returncode == 0, result.stderr
+    # --quiet: no per-epoch lines (printed without it), only the result
+    assert "epoch" not in result.stderr and "test NDCG@10" in result.stderr, result.stderr
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["data"]["users"] == 300
     assert 0 < metrics["test"]["auc"] <= 1
