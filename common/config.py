@@ -424,6 +424,9 @@ class FederationSection(Section):
     """Checkpoint, round log and (in simulation) the merchants' ledgers."""
     seed: int = 0
     """Seeds the initial model, the merchants sampled each round and every merchant's training."""
+    merchant_names: dict[str, str] = Field(default_factory=dict)
+    """Flower node id -> the merchant's name in logs and reports; `fedaug aggregator` sets it from the keys it
+    registered. Unnamed merchants are merchant-N by their simulation partition, else their node id."""
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -16,6 +16,18 @@ from .atomic import write_json_atomic
 
 Metrics = dict[str, float]
 
+def merchant_name(node: int | str | None, partition_id: int | float | None = None,
+                  names: dict[str, str] | None = None) -> str:
+    """How every log, report and status line names a merchant: its registered name where the aggregator gave one
+    (merchant-1 for merchant-1.pub), merchant-N for a simulation's partition N (as its state folder is named),
+    else its Flower node id."""
+    if names and str(node) in names:
+        return names[str(node)]
+    if isinstance(partition_id, int | float) and partition_id >= 0:
+        return f"merchant-{int(partition_id)}"
+    return f"node {node}"
+
+
 WITHHELD = "withheld"
 """Set (1) in a merchant's evaluation reply whose metrics it keeps to itself: computed on a private merchant's
 users, they lie outside its accounted ε (client/client_app.py sends it, server/replies.py honours it)."""
@@ -84,6 +96,12 @@ class MerchantRecord:
     epsilon_by_round: dict[str, float] = field(default_factory=dict)
     test: Metrics | None = None
     node: str | None = None
+    name: str | None = None
+    """As logs and status name it (merchant_name)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or merchant_name(self.node, self.merchant)
 
 
 @dataclass

@@ -187,7 +187,9 @@ class Aggregator:
     def _run_federation(self, rounds: int) -> None:
         federation = federation_config(self.config)
         federation = federation.model_copy(update={
-            "federation": federation.federation.model_copy(update={"state_dir": self.server_dir}),
+            "federation": federation.federation.model_copy(update={
+                "state_dir": self.server_dir,  # logs name merchants as this service does: by their key's name
+                "merchant_names": {node: name for name, node in self._registered().items()}}),
             "data": federation.data.model_copy(update={"catalog": self.config.data.catalog.resolve()})})
         run_config = to_run_config(federation)
         config_file = self.state_dir / "run-config.toml"

@@ -22,7 +22,7 @@ import numpy as np
 from common.atomic import write_bytes_atomic
 from common.dp_counts import Counts, Statistics
 from common.errors import ConfigError
-from common.records import FederationStatus, RoundRecord
+from common.records import FederationStatus, RoundRecord, merchant_name
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -143,12 +143,7 @@ def federation_status(state_dir: Path) -> FederationStatus | None:
         state_dir=str(Path(state_dir)), run_key=state.run_key, strategy=state.strategy, round=state.round,
         best_round=state.best_round, valid_ndcg10=(last.valid or {}).get("ndcg@10") if last else None,
         epsilon_max=last.epsilon_max if last else None,
-        merchants=dict(sorted((_merchant_name(node, figures), figures.get("epsilon"))
+        merchants=dict(sorted((figures.get("name") or merchant_name(node, figures.get("partition-id")),
+                               figures.get("epsilon"))
                               for node, figures in state.merchants.items())), model=model)
-
-
-def _merchant_name(node: str, figures: dict) -> str:
-    """merchant-N for a simulation's partition N (as its state folder is named), else the Flower node id."""
-    pid = figures.get("partition-id")
-    return f"merchant-{pid}" if isinstance(pid, int) and pid >= 0 else f"node {node}"
 

@@ -14,9 +14,11 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.bundle import bundle_files, bundle_hash, write_bundle_files
+from common.config import FederationSection
 from common.data import ItemCatalog
 from common.evaluate import SASRecScorer
 from common.model import SASRec
+from common.records import merchant_name
 
 from .checkpoint import ServerState
 
@@ -38,21 +40,22 @@ def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, delta)
                         if private else None)
 
 
-def distribute_model(grid: Grid, state_dir: Path, files: dict[str, bytes], timeout: float) -> list[int]:
-    """Write the bundle to ``state_dir/model`` and send it to every connected merchant; the nodes that confirmed
-    holding the same bundle (same content hash)."""
-    path = write_bundle_files(Path(state_dir) / MODEL_DIR, files)
+def distribute_model(grid: Grid, settings: FederationSection, files: dict[str, bytes]) -> list[int]:
+    """Write the bundle to ``settings.state_dir/model`` and send it to every connected merchant; the nodes that
+    confirmed holding the same bundle (same content hash)."""
+    path = write_bundle_files(Path(settings.state_dir) / MODEL_DIR, files)
     expected = bundle_hash(path)
     record = ConfigRecord({name: data for name, data in files.items()})
     messages = [Message(RecordDict({"bundle": record}), dst_node_id=node, message_type=QUERY)
                 for node in grid.get_node_ids()]
     confirmed = []
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
         node = reply.metadata.src_node_id
+        name = merchant_name(node, None, settings.merchant_names)
         if reply.has_error():
-            log(WARNING, "fedaug model: merchant %s could not store the final model (%s)", node, reply.error.reason)
+            log(WARNING, "fedaug model: %s could not store the final model (%s)", name, reply.error.reason)
         elif str(reply.content["bundle"].get("hash", "")) != expected:
-            log(WARNING, "fedaug model: merchant %s stored a different bundle", node)
+            log(WARNING, "fedaug model: %s stored a different bundle", name)
         else:
             confirmed.append(node)
     log(INFO, "fedaug: the final model (%s) is with %d of %d merchants", path, len(confirmed), len(messages))

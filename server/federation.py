@@ -23,7 +23,7 @@ from common.config import FederationSection
 from common.dp_counts import Statistics
 from common.errors import ConfigError, FedaugError
 from common.metrics import select
-from common.records import WITHHELD, RoundRecord
+from common.records import WITHHELD, RoundRecord, merchant_name
 
 from . import checkpoint
 from .checkpoint import ServerState
@@ -104,10 +104,11 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
         replies = sort_train_replies(messages, replies, state.arrays, uniform_weights=dp is not None)
-        for problem in replies.problems():
-            log(WARNING, "fedaug round %d: merchant %s", server_round, problem)
+        for problem in replies.problems(settings.merchant_names):
+            log(WARNING, "fedaug round %d: %s", server_round, problem)
         for node, distance in bound_norms(replies.accepted, state.arrays, settings.norm_bound).items():
-            log(INFO, "fedaug round %d: merchant %s: update clipped (distance %.3g)", server_round, node, distance)
+            log(INFO, "fedaug round %d: %s: update clipped (distance %.3g)", server_round,
+                _name(settings, node, replies.merchants.get(node)), distance)
         enough = len(replies.accepted) >= settings.min_replies
         # Called even with too few replies: Flower's DP wrapper keeps a pending privacy event until it is.
         aggregated, _ = strategy.aggregate_train(server_round, replies.accepted if enough else [])
@@ -135,9 +136,10 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
     entry = RoundRecord(round=server_round, attempts=attempt, participants=len(replies.accepted),
                         failures={kind: len(replies.with_status(kind)) for kind in ("error", "declined", "rejected",
                                                                                     "missing")},
-                        problems=replies.problems(), bytes_received=replies.bytes_received, budgets_spent=spent,
+                        problems=replies.problems(settings.merchant_names), bytes_received=replies.bytes_received,
+                        budgets_spent=spent,
                         **_train_summary(replies.merchants))
-    _remember_merchants(state, server_round, replies.merchants)
+    _remember_merchants(state, server_round, replies.merchants, settings)
     if dp is not None:
         entry.central_epsilon = dp.privacy_spent().epsilon
         entry.central_delta = dp.privacy_spent().delta
@@ -191,10 +193,11 @@ def _federated_evaluation(grid, settings, strategy, state, server_round, arrays,
                 record[stage] = {k.removeprefix(f"{stage}-"): v for k, v in info.items() if k.startswith(f"{stage}-")}
             record["users"] = info["num-examples"]
         elif info["status"] == WITHHELD:
-            log(INFO, "fedaug round %d: merchant %s keeps its evaluation to itself (private)", server_round, node)
+            log(INFO, "fedaug round %d: %s keeps its evaluation to itself (private)", server_round,
+                _name(settings, node, record))
         else:
-            log(WARNING, "fedaug round %d: evaluation by merchant %s: %s (%s)", server_round, node, info["status"],
-                info["reason"])
+            log(WARNING, "fedaug round %d: evaluation by %s: %s (%s)", server_round, _name(settings, node, record),
+                info["status"], info["reason"])
     if not accepted:
         return
     metrics = strategy.aggregate_evaluate(server_round, accepted)
@@ -220,10 +223,16 @@ def _train_summary(merchants: dict[int, dict]) -> dict:
     }
 
 
-def _remember_merchants(state: ServerState, server_round: int, merchants: dict[int, dict]) -> None:
+def _name(settings: FederationSection, node: int, figures: dict | None) -> str:
+    return merchant_name(node, (figures or {}).get("partition-id"), settings.merchant_names)
+
+
+def _remember_merchants(state: ServerState, server_round: int, merchants: dict[int, dict],
+                        settings: FederationSection) -> None:
     for node, info in merchants.items():
         record = state.merchants.setdefault(str(node), {})
         record["status"] = info["status"]
+        record["name"] = _name(settings, node, info | record)
         for key in ("partition-id", "num-examples"):
             if key in info:
                 record[key] = info[key]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from common.records import WITHHELD
+from common.records import WITHHELD, merchant_name
 
 from .strategies import WEIGHT
 
@@ -30,9 +30,10 @@ class RoundReplies:
     def with_status(self, *statuses: str) -> dict[int, dict]:
         return {node: m for node, m in self.merchants.items() if m["status"] in statuses}
 
-    def problems(self) -> list[str]:
-        """One ``node: status (reason)`` entry per merchant that did not contribute."""
-        return [f"{node}: {m['status']}" + (f" ({m['reason']})" if m.get("reason") else "")
+    def problems(self, names: dict[str, str] | None = None) -> list[str]:
+        """One ``merchant: status (reason)`` entry per merchant that did not contribute."""
+        return [f"{merchant_name(node, m.get('partition-id'), names)}: {m['status']}"
+                + (f" ({m['reason']})" if m.get("reason") else "")
                 for node, m in sorted(self.merchants.items()) if m["status"] != "ok"]
 
 

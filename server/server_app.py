@@ -45,9 +45,7 @@ def server_app(schema: type[FederationConfig] = FederationConfig,
         state = run_federation(grid, config.federation, initial, evaluator,
                                neighbours=statistics_candidates(config, data))
         if state.finished(config.federation.rounds):  # every merchant gets the final model
-            distribute_model(grid, config.federation.state_dir,
-                             final_bundle(model, state, data.catalog, config.privacy.delta),
-                             config.federation.round_timeout)
+            distribute_model(grid, config.federation, final_bundle(model, state, data.catalog, config.privacy.delta))
 
     return app
 

@@ -18,7 +18,7 @@ def federation_summary(config: FederationConfig, state: ServerState, *, mode: st
     """``test`` is the central evaluation where the server has the data (simulation), else the merchants'
     user-weighted federated test."""
     last = state.history[-1]
-    merchants = sorted((MerchantRecord(merchant=int(m.get("partition-id", -1)), node=node,
+    merchants = sorted((MerchantRecord(merchant=int(m.get("partition-id", -1)), node=node, name=m.get("name"),
                                        users=m.get("users", m.get("num-examples")), epsilon=m.get("epsilon"),
                                        epsilon_by_round=m.get("epsilon_by_round", {}),
                                        test=select(m["test"]) if m.get("test") else None)

@@ -60,13 +60,13 @@ def write_plots(metrics: RunMetrics, out: Path) -> list[str]:
 def epsilon_lines(merchants: list[MerchantRecord]) -> list[tuple[str, tuple[tuple[int, float], ...]]]:
     """(label, [(round, ε)]) per line of the ε plot: merchants whose ε per round is the same share one line (ten
     identical merchants are one line, "all 10 merchants", not ten on top of each other)."""
-    curves: dict[tuple, list[int]] = {}
+    curves: dict[tuple, list[str]] = {}
     for m in merchants:
         points = tuple(sorted((int(r), round(e, 6)) for r, e in m.epsilon_by_round.items()
                               if isinstance(e, int | float) and math.isfinite(e)))
         if points:
-            curves.setdefault(points, []).append(m.merchant)
-    return [(f"merchant {who[0]}" if len(who) == 1 else
+            curves.setdefault(points, []).append(m.label)
+    return [(who[0] if len(who) == 1 else
              f"{'all ' if len(who) == len(merchants) else ''}{len(who)} merchants", points)
             for points, who in curves.items()]
 

@@ -185,6 +185,21 @@ def test_bad_updates_are_rejected_with_a_reason():
     assert set(replies.accepted[0].content["metrics"]) == {"weight", "num-examples", "train_loss"}
 
 
+def test_merchants_are_named_one_way_everywhere(tmp_path):
+    """A registered name wins (the aggregator passes its keys' names), then merchant-N by simulation partition,
+    then the node id: in round problems, the checkpoint and `fedaug status`."""
+    from server.checkpoint import federation_status
+
+    grid = ScriptedGrid({1: "ok", 2: "ok", 5: "nan", 6: "missing"})
+    state = run_federation(grid, _settings(tmp_path, rounds=1, min_replies=2, merchant_names={"6": "shop-six"}),
+                           MODEL)
+    assert state.history[0].problems == ["merchant-5: rejected (array 'w' contains NaN or Inf)",
+                                         "shop-six: missing (no reply before the round timeout)"]
+    assert {m["name"] for m in state.merchants.values()} == {"merchant-1", "merchant-2", "merchant-5", "shop-six"}
+    assert set(federation_status(tmp_path / "state").merchants) == {"merchant-1", "merchant-2", "merchant-5",
+                                                                   "shop-six"}
+
+
 def test_private_merchants_withhold_counts_loss_and_evaluation_and_weigh_equally(tmp_path):
     grid = ScriptedGrid({1: "private", 2: "ok", 3: "private"})
     state = run_federation(grid, _settings(tmp_path, rounds=1, min_replies=3), MODEL)

@@ -263,4 +263,4 @@ def test_reports_and_plots_say_what_the_run_was():
     same = [MerchantRecord(merchant=i, epsilon_by_round={"1": 4.0, "2": 7.9}) for i in range(10)]
     other = MerchantRecord(merchant=10, epsilon_by_round={"1": 8.0})
     assert [label for label, _ in epsilon_lines(same)] == ["all 10 merchants"]
-    assert [label for label, _ in epsilon_lines([*same, other])] == ["10 merchants", "merchant 10"]
+    assert [label for label, _ in epsilon_lines([*same, other])] == ["10 merchants", "merchant-10"]
