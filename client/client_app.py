@@ -22,6 +22,7 @@ from flwr.clientapp.typing import Mod
 from common.bundle import bundle_hash, write_bundle_files
 from common.evaluate import evaluate as evaluate_split
 from common.evaluate import sasrec_scorer
+from common.flower_logging import tame_flower_logging
 from common.memory import single_malloc_arena
 from common.metrics import METRIC_NAMES
 from common.records import WITHHELD
@@ -38,6 +39,7 @@ MODEL = "model"
 """The query action (``query.model``) that hands over the federation's final model bundle (server/distribute.py)."""
 
 single_malloc_arena()  # this process trains round after round: keep its RSS from creeping
+tame_flower_logging()
 
 
 def client_app(merchants: MerchantSource = merchant_for, train_mods: list[Mod] | None = None) -> ClientApp:

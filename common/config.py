@@ -424,9 +424,23 @@ class FederationSection(Section):
     """Checkpoint, round log and (in simulation) the merchants' ledgers."""
     seed: int = 0
     """Seeds the initial model, the merchants sampled each round and every merchant's training."""
-    merchant_names: dict[str, str] = Field(default_factory=dict)
-    """Flower node id -> the merchant's name in logs and reports; `fedaug aggregator` sets it from the keys it
-    registered. Unnamed merchants are merchant-N by their simulation partition, else their node id."""
+    merchant_names: tuple[str, ...] = ()
+    """NODE=NAME entries: the Flower node id -> the merchant's name in logs and reports; `fedaug aggregator` sets
+    them from the keys it registered. Unnamed merchants are merchant-N by their simulation partition, else their
+    node id (see ``names``)."""
+
+    @field_validator("merchant_names", mode="before")
+    @classmethod
+    def _names_from_text(cls, value):
+        entries = [e.strip() for e in value.split(",") if e.strip()] if isinstance(value, str) else list(value)
+        if any(not node.strip() or not name.strip() for node, _, name in (e.partition("=") for e in entries)):
+            raise ValueError(f"expected NODE=NAME entries, got {value!r}")
+        return entries
+
+    @property
+    def names(self) -> dict[str, str]:
+        """Node id (as text) -> merchant name."""
+        return dict(entry.split("=", 1) for entry in self.merchant_names)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -12,9 +12,15 @@ import logging
 import os
 import sys
 
+FLOWER_LOGGER = "flwr"
+"""Flower's logger, by name: common/ does not import Flower."""
+
 
 def tame_flower_logging() -> None:
-    from flwr.supercore.logger import LOGGER_NAME, update_console_handler
-
-    logging.getLogger(LOGGER_NAME).propagate = False
-    update_console_handler(colored=sys.stderr.isatty() and "NO_COLOR" not in os.environ)
+    """Call where Flower is loaded (the ServerApp, the ClientApp, the CLI): later handlers are untouched."""
+    flower = logging.getLogger(FLOWER_LOGGER)
+    flower.propagate = False
+    colored = sys.stderr.isatty() and "NO_COLOR" not in os.environ
+    for handler in flower.handlers:
+        if hasattr(handler, "colored"):  # Flower's ConsoleHandler, as flwr's update_console_handler sets it
+            handler.colored = colored

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.errors import FedaugError
+from common.flower_logging import tame_flower_logging
 from common.memory import single_malloc_arena
 
 # Help text is plain text: rich markup would swallow the TOML [section] names it cites.
@@ -53,6 +54,7 @@ QUIET_WARNINGS = (
 
 def main() -> None:
     single_malloc_arena()
+    tame_flower_logging()
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=f".*{message}.*")
     warnings.formatwarning = _warning_line

@@ -148,6 +148,8 @@ class Aggregator:
         for key in self.config.aggregator.merchant_keys:
             if not key.is_file():
                 raise ConfigError(f"aggregator.merchant_keys: {key} not found")
+            if "," in key.stem or "=" in key.stem:  # the key's name names the merchant in federation.merchant_names
+                raise ConfigError(f"aggregator.merchant_keys: {key.name}: a key's name may not contain ',' or '='")
         if not (self.app / "pyproject.toml").is_file():
             raise ConfigError(f"aggregator.app: {self.app} has no pyproject.toml (not a Flower app)")
 
@@ -189,7 +191,7 @@ class Aggregator:
         federation = federation.model_copy(update={
             "federation": federation.federation.model_copy(update={
                 "state_dir": self.server_dir,  # logs name merchants as this service does: by their key's name
-                "merchant_names": {node: name for name, node in self._registered().items()}}),
+                "merchant_names": tuple(f"{node}={name}" for name, node in self._registered().items())}),
             "data": federation.data.model_copy(update={"catalog": self.config.data.catalog.resolve()})})
         run_config = to_run_config(federation)
         config_file = self.state_dir / "run-config.toml"

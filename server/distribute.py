@@ -51,7 +51,7 @@ def distribute_model(grid: Grid, settings: FederationSection, files: dict[str, b
     confirmed = []
     for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
         node = reply.metadata.src_node_id
-        name = merchant_name(node, None, settings.merchant_names)
+        name = merchant_name(node, None, settings.names)
         if reply.has_error():
             log(WARNING, "fedaug model: %s could not store the final model (%s)", name, reply.error.reason)
         elif str(reply.content["bundle"].get("hash", "")) != expected:

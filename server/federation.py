@@ -104,7 +104,7 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
         replies = sort_train_replies(messages, replies, state.arrays, uniform_weights=dp is not None)
-        for problem in replies.problems(settings.merchant_names):
+        for problem in replies.problems(settings.names):
             log(WARNING, "fedaug round %d: %s", server_round, problem)
         for node, distance in bound_norms(replies.accepted, state.arrays, settings.norm_bound).items():
             log(INFO, "fedaug round %d: %s: update clipped (distance %.3g)", server_round,
@@ -136,7 +136,7 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
     entry = RoundRecord(round=server_round, attempts=attempt, participants=len(replies.accepted),
                         failures={kind: len(replies.with_status(kind)) for kind in ("error", "declined", "rejected",
                                                                                     "missing")},
-                        problems=replies.problems(settings.merchant_names), bytes_received=replies.bytes_received,
+                        problems=replies.problems(settings.names), bytes_received=replies.bytes_received,
                         budgets_spent=spent,
                         **_train_summary(replies.merchants))
     _remember_merchants(state, server_round, replies.merchants, settings)
@@ -224,7 +224,7 @@ def _train_summary(merchants: dict[int, dict]) -> dict:
 
 
 def _name(settings: FederationSection, node: int, figures: dict | None) -> str:
-    return merchant_name(node, (figures or {}).get("partition-id"), settings.merchant_names)
+    return merchant_name(node, (figures or {}).get("partition-id"), settings.names)
 
 
 def _remember_merchants(state: ServerState, server_round: int, merchants: dict[int, dict],

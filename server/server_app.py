@@ -15,6 +15,7 @@ from common.config import FederationConfig, from_run_config
 from common.data import BehaviorData
 from common.device import pick_device
 from common.dp_counts import text_neighbours
+from common.flower_logging import tame_flower_logging
 from common.memory import single_malloc_arena
 from common.model import SASRec
 
@@ -34,6 +35,7 @@ def server_app(schema: type[FederationConfig] = FederationConfig,
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         single_malloc_arena()
+        tame_flower_logging()
         config = from_run_config(context.run_config, schema)
         # Deployment: the aggregator holds only the public catalog; otherwise (`flwr run .`, simulations) the
         # run's data set, numbered by a catalog when one is given, is there to build the model from.

@@ -35,7 +35,7 @@ def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.n
         node = reply.metadata.src_node_id
         problem = _problem(reply, neighbours.shape)
         if problem:
-            log(WARNING, "fedaug statistics: %s: %s", merchant_name(node, None, settings.merchant_names), problem)
+            log(WARNING, "fedaug statistics: %s: %s", merchant_name(node, None, settings.names), problem)
             continue
         arrays, metrics = reply.content["arrays"], reply.content["metrics"]
         stds = float(metrics["popularity-std"]), float(metrics["pair-std"])

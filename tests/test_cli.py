@@ -297,3 +297,13 @@ def test_status_shows_epsilon_per_merchant_and_run_and_the_federations_last_roun
     (tmp_path / "nothing").mkdir()
     empty = fedaug("status", "--state-dir", str(tmp_path / "nothing"))
     assert empty.returncode == 1 and len(empty.stderr.strip().splitlines()) == 1
+
+
+def test_flower_lines_print_once_and_without_colour_off_a_terminal(tmp_path):
+    """Opacus' import-time logging.basicConfig made every Flower log line print twice (once date-stamped), and
+    Flower coloured its level names into pipes and log files."""
+    result = fedaug("simulate", "--rounds", "1", "--merchants", "2", "--epsilon", "0.05", "--out",
+                    str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("every merchant declined for its privacy budget") == 1, result.stderr
+    assert "\x1b[" not in result.stderr and ":WARNING:" not in result.stderr, result.stderr

@@ -191,7 +191,7 @@ def test_merchants_are_named_one_way_everywhere(tmp_path):
     from server.checkpoint import federation_status
 
     grid = ScriptedGrid({1: "ok", 2: "ok", 5: "nan", 6: "missing"})
-    state = run_federation(grid, _settings(tmp_path, rounds=1, min_replies=2, merchant_names={"6": "shop-six"}),
+    state = run_federation(grid, _settings(tmp_path, rounds=1, min_replies=2, merchant_names=("6=shop-six",)),
                            MODEL)
     assert state.history[0].problems == ["merchant-5: rejected (array 'w' contains NaN or Inf)",
                                          "shop-six: missing (no reply before the round timeout)"]
