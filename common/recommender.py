@@ -173,9 +173,16 @@ class Recommender:
                        exclude: list[list] | None = None) -> list[list[Recommendation]]:
         """``recommend`` for a batch in one pass (at most ``k`` items each: fewer where the catalog has fewer left).
         ``exclude``: per history, further shop ids never to recommend."""
+        return self.recommend_internal([self.internal(h) for h in histories], k=k, exclude_seen=exclude_seen,
+                                       queries=queries, explain=explain, exclude=exclude)
+
+    def recommend_internal(self, internal: list[np.ndarray], *, k: int = 10, exclude_seen: bool = True,
+                           queries: list[str | None] | None = None, explain: bool = False,
+                           exclude: list[list] | None = None) -> list[list[Recommendation]]:
+        """``recommend_many`` for histories already mapped to internal ids (``internal``), as a caller that checked
+        them item by item holds them."""
         if k < 1:
             raise ConfigError(f"k: must be at least 1, got {k}")
-        internal = [self.internal(h) for h in histories]
         scores = self.blended(internal, queries)
         masked = scores.clone()
         masked[:, 0] = float("-inf")

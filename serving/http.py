@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -85,20 +86,20 @@ class Service:
         """One forward pass for requests that share ``explain`` and ``exclude_seen`` (k: the largest, cut after).
         A request's own error (an unknown item) is returned in its place, not raised for the batch."""
         recommender, out = self.recommender, [None] * len(requests)
-        valid = []
+        internal: dict[int, np.ndarray] = {}
         for i, r in enumerate(requests):
             try:
-                recommender.internal(r.history)
-                valid.append(i)
+                internal[i] = recommender.internal(r.history)
             except UnknownItems as exc:
                 out[i] = exc
         groups: dict[tuple, list[int]] = {}
-        for i in valid:
+        for i in internal:
             groups.setdefault((requests[i].explain, requests[i].exclude_seen), []).append(i)
         for (explain, exclude_seen), rows in groups.items():
             k = min(max(requests[i].k for i in rows), recommender.n_items)
-            results = recommender.recommend_many([requests[i].history for i in rows], k=k, explain=explain,
-                                                 exclude_seen=exclude_seen, queries=[requests[i].query for i in rows])
+            results = recommender.recommend_internal([internal[i] for i in rows], k=k, explain=explain,
+                                                     exclude_seen=exclude_seen,
+                                                     queries=[requests[i].query for i in rows])
             for i, result in zip(rows, results, strict=True):
                 out[i] = result[: requests[i].k]
         return out
