@@ -19,7 +19,7 @@ from common.device import pick_device
 from common.errors import FedaugError
 from common.evaluate import Scorer
 from common.fusion import Fused
-from common.metrics import paired_gain
+from common.metrics import paired_gain, select
 from common.popularity import Popularity
 from common.records import FusionRecord, MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
 from common.split import leave_one_out, merchant_partitions
@@ -73,19 +73,21 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     out.mkdir(parents=True, exist_ok=True)
     if mode == "federated":
         scorers = _save_global_models(config, data, state_dir, metrics, out, evaluations[-1] if evaluations else None)
-        _test_in_detail(metrics, scorers, split, prior_test if config.text.fuse else None)
+        _test_in_detail(metrics, scorers, split, prior_test if config.text.fuse else None,
+                        config.assigned(data).merchant)
     plots = write_plots(metrics, out)
     write_metrics(out, metrics)
     write_report(metrics, out, plots)
     return metrics
 
 
-def _test_in_detail(metrics: RunMetrics, scorers: dict[str, tuple[int, Scorer]], split, prior: Tested | None
-                    ) -> None:
-    """The final global model on cold-item targets, the model alone beside its fusion with the prior (the
-    item-id model vs with text), and the final and best model's paired gain over the text prior."""
+def _test_in_detail(metrics: RunMetrics, scorers: dict[str, tuple[int, Scorer]], split, prior: Tested | None,
+                    merchant_of_user: np.ndarray) -> None:
+    """The final global model on cold-item targets and per merchant, the model alone beside its fusion with the
+    prior (the item-id model vs with text), and the final and best model's paired gain over the text prior."""
     final = tested(scorers["final"][1], split)
     metrics.test_cold, metrics.cold_users = final.cold, int(final.cold_mask.sum())
+    _per_merchant(metrics, final, split, merchant_of_user)
     if isinstance(scorers["final"][1], Fused):
         alone = tested(scorers["final"][1].model, split)
         metrics.fusion = FusionRecord(weight=scorers["final"][1].weight, tried=[], model_test=alone.all,
@@ -99,6 +101,20 @@ def _test_in_detail(metrics: RunMetrics, scorers: dict[str, tuple[int, Scorer]],
         gains[name] = {"round": round_, "test_ndcg@10": float(ndcg.mean()),
                        "gain_over_text_prior": paired_gain(ndcg, prior.per_user["ndcg@10"])}
     metrics.gain_over_text = gains
+
+
+def _per_merchant(metrics: RunMetrics, final: Tested, split, merchant_of_user: np.ndarray) -> None:
+    """Each merchant's users and test metrics from the central evaluation of the final model: a simulation holds
+    every merchant's data, while a private merchant keeps its own figures off the wire (README, "What crosses the
+    wire")."""
+    tested_users = merchant_of_user[split.eval_users("test")]
+    for m in metrics.merchants:
+        if m.merchant < 0:
+            continue
+        m.users = int((merchant_of_user == m.merchant).sum())
+        rows = tested_users == m.merchant
+        if rows.any():
+            m.test = select({name: float(values[rows].mean()) for name, values in final.per_user.items()})
 
 
 def _state_dir(config: SimulationConfig, out: Path) -> Path:

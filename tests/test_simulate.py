@@ -34,6 +34,35 @@ def test_pyproject_run_config_is_the_federation_default():
     assert "simulation" not in app["config"]  # simulation-only settings are not the production app's
 
 
+def _stop_local_superlink(flwr_home: Path) -> None:
+    """`flwr run` leaves the local SuperLink it started running, detached, on fixed ports (a later run, say the next
+    CI run, would find a stale one): stop ours, found by the log file under our FLWR_HOME."""
+    import contextlib
+    import signal
+    import time
+
+    marker = str(flwr_home / "local-superlink").encode()
+
+    def ours(proc: Path) -> bool:
+        try:
+            command = (proc / "cmdline").read_bytes()  # empty once it exited (a zombie)
+        except OSError:  # gone, or not ours to read
+            return False
+        return b"flower-superlink" in command and marker in command
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):  # it may sit out SIGTERM (seen here): then it is killed
+        alive = [proc for proc in Path("/proc").iterdir() if proc.name.isdigit() and ours(proc)]
+        for proc in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), sig)
+        deadline = time.monotonic() + 10
+        while alive and time.monotonic() < deadline:
+            alive = [proc for proc in alive if ours(proc)]
+            time.sleep(0.2)
+        if not alive:
+            return
+
+
 @pytest.mark.slow
 def test_flwr_run_takes_the_same_nested_names(tmp_path):
     """`flwr run .` (Flower's own CLI and simulation) with run_config overrides named as in every TOML file."""
@@ -42,14 +71,18 @@ def test_flwr_run_takes_the_same_nested_names(tmp_path):
     flwr = Path(sys.executable).parent / "flwr"
     env = os.environ | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_HOME": str(tmp_path / "flwr")}
     overrides = f'model.hidden=32 federation.rounds=1 federation.state_dir="{tmp_path / "state"}"'
-    result = subprocess.run([str(flwr), "run", ".", "--stream", "--run-config", overrides], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=600)
+    try:
+        result = subprocess.run([str(flwr), "run", ".", "--stream", "--run-config", overrides], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        _stop_local_superlink(tmp_path / "flwr")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     from server import checkpoint
 
     state = checkpoint.load(tmp_path / "state")
     assert state is not None and state.round == 1 and state.arrays["ln_f.weight"].shape == (32,)
-    assert state.history[0].participants >= 1 and state.history[0].valid["ndcg@10"] > 0
+    assert state.history[0].participants >= 1
+    assert state.history[0].valid is None  # private merchants keep metrics on their users off the wire
 
 
 @pytest.mark.slow
