@@ -16,6 +16,7 @@ from .atomic import write_json_atomic
 
 Metrics = dict[str, float]
 
+
 def merchant_name(node: int | str | None, partition_id: int | float | None = None,
                   names: dict[str, str] | None = None) -> str:
     """How every log, report and status line names a merchant: its registered name where the aggregator gave one

@@ -43,6 +43,7 @@ def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], refe
     out = RoundReplies()
     sent = list(sent)
     expected = {m.metadata.dst_node_id for m in sent}
+    accepted: list[tuple[Message, dict]] = []  # with the metrics each reported
     for reply in replies:
         node = _sender(reply, sent)
         expected.discard(node)
@@ -61,15 +62,15 @@ def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], refe
             out.merchants[node] = info | {"status": "rejected", "reason": problem}
             continue
         out.bytes_received += sum(len(a.data) for a in arrays.values())
-        out.accepted.append(reply)
+        accepted.append((reply, metrics))
         out.merchants[node] = info
-    counted = all("num-examples" in _metrics_of(reply) for reply in out.accepted)
-    for reply in out.accepted:
-        metrics = _metrics_of(reply)
+    counted = all("num-examples" in metrics for _, metrics in accepted)
+    for reply, metrics in accepted:
         users = float(metrics.get("num-examples", 1.0))
         reply.content = RecordDict({"arrays": reply.content.array_records["arrays"], "metrics": MetricRecord({
             WEIGHT: users if counted and not uniform_weights else 1.0, "num-examples": users,
             "train_loss": float(metrics.get("train_loss", 0.0))})})
+        out.accepted.append(reply)
     for node in sorted(expected):
         out.merchants[node] = {"status": "missing", "reason": "no reply before the round timeout"}
     return out
