@@ -7,9 +7,12 @@ What it models, and why each part is there:
 - sequential structure: each item has a few "next" items (mostly in its category, one in a complementary
   category), which users follow with high probability — the signal a sequential model can learn and a
   popularity model cannot;
-- a view -> click -> cart -> purchase funnel per event (the deepest stage reached is the event type); purchases
-  push the user towards the complementary category;
-- timestamps with session-like gaps, and context per event: hour of day, weekday and device.
+- a view -> click -> cart -> purchase funnel per event (the deepest stage reached is the event type), and the
+  type says what comes next: after a cart the user mostly goes on to the item's strongest successor, after a
+  purchase to the complementary category — signal for behaviour vectors;
+- timestamps with session-like gaps and a daily cycle: a gap longer than ``session_gap`` starts a new session
+  (no successor is followed), and items picked by preference favour categories whose peak hour is near the
+  moment's hour — signal for context vectors; context per event: hour of day, weekday and device.
 Same parameters and seed give identical data.
 """
 
@@ -39,6 +42,10 @@ class SyntheticSpec:
     zipf: float = 1.0
     merchant_skew: float = 0.4
     """Dirichlet concentration of merchants' category mixes (smaller = more distinct merchants)."""
+    daily_cycle: float = 1.5
+    """Strength κ of the daily cycle: a category's weight is multiplied by exp(κ·cos(2π(hour − peak) / 24))."""
+    session_gap: int = 6 * 3600
+    """Seconds after which the next event starts a new session (it follows no successor)."""
     seed: int = 0
 
 
@@ -63,6 +70,8 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> BehaviorData:
         d = complement[c]
         successors[item, 2] = rng.choice(by_category[d], p=cat_probs[d])
     successor_weights = np.array([0.5, 0.3, 0.2])
+    peak_hour = rng.integers(0, 24, n_cat)
+    by_hour = np.exp(spec.daily_cycle * np.cos(2 * np.pi * (np.arange(24)[:, None] - peak_hour[None, :]) / 24))
 
     merchant_mix = rng.dirichlet(np.full(n_cat, spec.merchant_skew), spec.merchants)
     merchant = rng.integers(0, spec.merchants, spec.users)
@@ -76,13 +85,19 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> BehaviorData:
         seq, seen, ev, ts, dev = [], set(), [], [], []
         current, last_event = 0, 0
         for _ in range(length):
+            gap = int(rng.lognormal(mean=7.0, sigma=2.0))  # seconds to days between events
+            t += gap
+            follows = current and gap <= spec.session_gap
+            moment_prefs = prefs * by_hour[(t // 3600) % 24]
+            moment_prefs /= moment_prefs.sum()
             item = 0
             for _attempt in range(10):
-                if current and rng.random() < spec.follow_transition:
-                    pick = 2 if last_event == 3 else rng.choice(3, p=successor_weights)
+                if follows and rng.random() < spec.follow_transition:
+                    pick = {2: 0, 3: 2}.get(last_event) if rng.random() < 0.9 else None  # cart, purchase
+                    pick = rng.choice(3, p=successor_weights) if pick is None else pick
                     item = int(successors[current, pick])
                 else:
-                    c = rng.choice(n_cat, p=prefs)
+                    c = rng.choice(n_cat, p=moment_prefs)
                     item = int(rng.choice(by_category[c], p=cat_probs[c]))
                 if item not in seen:
                     break
@@ -92,7 +107,6 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> BehaviorData:
             seq.append(item)
             last_event = _funnel_stage(rng)
             ev.append(FUNNEL[last_event])
-            t += int(rng.lognormal(mean=7.0, sigma=2.0))  # seconds to days between events
             ts.append(t)
             if rng.random() < 0.1:
                 device = rng.choice(len(DEVICES))
