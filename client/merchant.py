@@ -68,7 +68,8 @@ def build_merchant(config: FederationConfig, data: BehaviorData, state_dir: Path
     device = pick_device(config.device)
     split = leave_one_out(data)
     trainer = build_trainer(config.recipe, split.train.sequences(), data.n_items, rounds=config.federation.rounds,
-                            seed=config.federation.seed, state_dir=state_dir, device=device)
+                            seed=config.federation.seed, state_dir=state_dir, device=device,
+                            features=config.model.train_features(split))
     return Merchant(split, trainer, *config.model.build(data), device, partition_id,
                     ReplayCache(state_dir) if trainer.ledger else None, Path(state_dir))
 

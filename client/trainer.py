@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 
-from common.augment import Augmenter, AugmentSettings, random_chains
+from common.augment import Augmenter, AugmentSettings, View, random_chains
 from common.batching import Contrastive, UserSamples
 from common.config import GRAD_SAMPLE_MODES, Recipe
 from common.errors import ConfigError
-from common.model import PerUserCrossEntropy, SASRec
+from common.model import PerUserCrossEntropy, SASRec, SASRecConfig
 from common.training import MICRO_BATCH_TOKENS, train_step
 
 from . import ghost_norms  # noqa: F401  (registers the output layer's per-user norm with Opacus)
@@ -81,16 +81,18 @@ class LocalTrainer:
     """One merchant's trainer. ``train_round`` runs the local epochs and commits the round to the ledger.
 
     ``ledger``: the privacy ledger, or the folder to open it in once the plan is checked (so a refused plan leaves
-    no ledger behind); None for non-private training."""
+    no ledger behind); None for non-private training. ``features``: each user's side-feature rows
+    (common.features), for models that read them."""
 
     def __init__(self, train_sequences: list[np.ndarray], n_items: int, privacy: PrivacySettings,
                  local: LocalSettings, augment: AugmentSettings | None, ledger: PrivacyLedger | Path | None,
-                 device: torch.device):
+                 device: torch.device, *, features: list[np.ndarray] | None = None):
         if privacy.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}")
         if privacy.private and ledger is None:
             raise ValueError("private training needs a ledger")
         self.sequences = train_sequences
+        self.features = features
         self.n_users = trainable_users(train_sequences)
         self.n_items = n_items
         self.privacy, self.local, self.augment = privacy, local, augment
@@ -142,25 +144,31 @@ class LocalTrainer:
             self._augmenter_cache = (max_len, Augmenter(self.augment, self.sequences, self.n_items, max_len))
         return self._augmenter_cache[1]
 
-    def samples(self, max_len: int, rng: np.random.Generator) -> UserSamples:
-        """This round's samples: every user's sequence plus freshly augmented views of it."""
-        settings = self.augment
+    def samples(self, cfg: SASRecConfig, rng: np.random.Generator) -> UserSamples:
+        """This round's samples for a model of ``cfg``: every user's sequence plus freshly augmented views of it,
+        with side features where the model reads them."""
+        settings, max_len = self.augment, cfg.max_len
+        if cfg.side_features and self.features is None:
+            raise ValueError("this model reads side features: the trainer needs the users' feature rows")
+        side = {"features": self.features if cfg.side_features else None, "target_weights": cfg.target_weights}
         if settings is None or not settings.enabled or settings.views == 0:
-            return UserSamples(self.sequences, max_len)
+            return UserSamples(self.sequences, max_len, **side)
         augmenter = self._augmenter(max_len)
         if settings.use_as == "next-item":
-            return UserSamples(self.sequences, max_len, lambda seq: augmenter.views(seq, rng), settings.views)
+            return UserSamples(self.sequences, max_len, lambda seq: augmenter.source_views(seq, rng),
+                               settings.views, **side)
         # Contrastive: [sequence, its augmentations, random public chains]; the chains never carry targets.
         negatives = settings.contrastive_negatives
 
         def views_of(seq):
-            augmented = augmenter.views(seq, rng)
-            augmented += [seq] * (settings.views - len(augmented))
+            augmented = augmenter.source_views(seq, rng)
+            augmented += [View(seq, np.arange(len(seq)))] * (settings.views - len(augmented))
             return augmented + random_chains(self.n_items, min(len(seq), max_len + 1), negatives, rng)
 
         return UserSamples(self.sequences, max_len, views_of, settings.views + negatives,
                            target_views=1 + settings.views if settings.use_as == "both" else 1,
-                           contrastive=Contrastive(settings.views, settings.contrastive_weight, settings.temperature))
+                           contrastive=Contrastive(settings.views, settings.contrastive_weight, settings.temperature),
+                           **side)
 
     def train_round(self, model: SASRec, run_id: str, round_: int,
                     on_step: Callable[[int, int], None] | None = None, proximal_mu: float = 0.0) -> RoundResult:
@@ -177,9 +185,12 @@ class LocalTrainer:
         if self.privacy.private and self.ledger.epsilon_after(noise, self.sample_rate, self.steps_per_round,
                                                               self.delta) > self.privacy.epsilon * (1 + 1e-9):
             raise BudgetExceeded("the next round would exceed the privacy budget")
-        samples = self.samples(model.cfg.max_len, rng)
+        samples = self.samples(model.cfg, rng)
         model.to(self.device).train()
-        model.attribute_noise = self.augment.attribute_sigma if self.augment and self.augment.enabled else 0.0
+        noising = self.augment is not None and self.augment.enabled
+        model.attribute_noise = self.augment.attribute_sigma if noising else 0.0
+        model.behaviour_noise = self.augment.behaviour_sigma if noising else 0.0
+        model.context_noise = self.augment.context_sigma if noising else 0.0
         after_step = _proximal_pull(model, self.local.lr * proximal_mu) if proximal_mu > 0 else None
         try:
             if self.privacy.private:
@@ -187,7 +198,7 @@ class LocalTrainer:
             else:
                 loss, steps = self._train_plain(model, samples, rng, on_step, after_step)
         finally:
-            model.attribute_noise = 0.0
+            model.attribute_noise = model.behaviour_noise = model.context_noise = 0.0
         epsilon = math.inf
         if self.privacy.private:
             epsilon = self.ledger.record(run_id, round_, noise, self.sample_rate, steps, self.delta,
@@ -258,9 +269,10 @@ class PrivacyPlanWarning(UserWarning):
 
 
 def build_trainer(recipe: Recipe, train_sequences: list[np.ndarray], n_items: int, *, rounds: int, seed: int,
-                  state_dir: Path, device: torch.device) -> LocalTrainer:
+                  state_dir: Path, device: torch.device, features: list[np.ndarray] | None = None) -> LocalTrainer:
     """The one way a merchant's trainer is made (ClientApp, `fedaug local`, the audit): ``recipe`` for ``rounds``
-    planned rounds, seeded, with the privacy ledger in ``state_dir`` when the recipe is private."""
+    planned rounds, seeded, with the privacy ledger in ``state_dir`` when the recipe is private; ``features``: the
+    users' side-feature rows (LeaveOneOut.train_features) for models that read them."""
     privacy = PrivacySettings(epsilon=recipe.privacy.epsilon, delta=recipe.privacy.delta,
                               max_grad_norm=recipe.privacy.max_grad_norm,
                               grad_sample_mode=recipe.privacy.grad_sample_mode, planned_rounds=rounds)
@@ -268,7 +280,7 @@ def build_trainer(recipe: Recipe, train_sequences: list[np.ndarray], n_items: in
                           lr=recipe.local.lr, seed=seed)
     augment = AugmentSettings(**recipe.augment.model_dump()) if recipe.augment.active else None
     return LocalTrainer(train_sequences, n_items, privacy, local, augment, state_dir if privacy.private else None,
-                        device)
+                        device, features=features)
 
 
 def _proximal_pull(model: SASRec, rate: float) -> Callable[[], None]:
@@ -319,7 +331,7 @@ class PrivateStep:
         self.mode = mode
         self.token_budget = token_budget
         self.model = model
-        self._tables = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        self._tables = model.input_parameters()
         self._head = [p for p in model.head_parameters() if p.requires_grad]
         head = {id(p) for p in self._head}
         self._body = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
@@ -353,9 +365,9 @@ class PrivateStep:
         contrastive views) for one micro-batch. Calls the model's parts directly; Opacus' hooks sit on its
         layers."""
         inputs, targets = samples.batch(rows, device)
-        hidden = self.model.encode(inputs)
+        hidden = self.model.encode(inputs, samples.batch_side(rows, device))
         logits = self.model.item_logits(hidden)
-        losses = self.per_user_loss(logits, targets)
+        losses = self.per_user_loss(logits, targets, samples.batch_weights(rows, device))
         if samples.contrastive:
             c = samples.contrastive
             losses = losses + c.weight * self.model.contrastive_loss(

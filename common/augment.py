@@ -10,9 +10,12 @@ Sequence operations (CoSeRec-style) on a user's *training* items only:
 Similarity comes from ``ItemSimilarity``, built from one merchant's own training sequences, so no held-out event
 and no other merchant's data can influence an augmented view.
 
-Vector noise, a' = a + N(0, sigma^2): catalog models noise the attribute vectors they consume
-(``attribute_sigma``, applied inside SASRec while training). The model consumes no behaviour or context vectors, so
-there is nothing of those kinds to noise.
+Each view also says which original position every item came from (``View.source``), so a position's side
+features (event type, time; common/features.py) travel with its item through crop, reorder and insert.
+
+Vector noise, a' = a + N(0, sigma^2), on each kind of vector the model consumes, applied inside SASRec while
+training (never at evaluation): item-attribute vectors of catalog models (``attribute_sigma``), behaviour vectors
+(``behaviour_sigma``) and context vectors (``context_sigma``).
 
 Every op is a pure function of (sequence, rng): the same seed gives the same view, ids stay in 0..n_items, and
 no view is longer than ``max_len``.
@@ -21,6 +24,7 @@ no view is longer than ``max_len``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,6 +61,10 @@ class AugmentSettings:
     attribute_sigma: float = 0.01
     """σ of the Gaussian noise on item-attribute vectors while training (catalog models; embeddings start at
     std 0.02)."""
+    behaviour_sigma: float = 0.01
+    """σ of the Gaussian noise on behaviour (event-type) vectors while training."""
+    context_sigma: float = 0.01
+    """σ of the Gaussian noise on context (time, context-column) vectors while training."""
 
     def __post_init__(self):
         if self.use_as not in USES:
@@ -142,14 +150,30 @@ def substitute(seq: np.ndarray, rng: np.random.Generator, rate: float, similarit
 
 def insert(seq: np.ndarray, rng: np.random.Generator, rate: float, similarity: ItemSimilarity,
            max_len: int) -> np.ndarray:
+    return inserted(seq, rng, rate, similarity, max_len).items
+
+
+def inserted(seq: np.ndarray, rng: np.random.Generator, rate: float, similarity: ItemSimilarity,
+             max_len: int) -> View:
+    """``insert`` with each item's source position (an inserted item shares the one it follows)."""
     count = max(1, int(np.floor(rate * len(seq))))
     positions = set(rng.choice(len(seq), count, replace=False).tolist())
-    out = []
+    out, source = [], []
     for pos, item in enumerate(seq.tolist()):
         out.append(item)
+        source.append(pos)
         if pos in positions:
             out.append(similarity.similar(item, rng))
-    return np.asarray(out[-max_len:], dtype=np.int64)
+            source.append(pos)
+    return View(np.asarray(out[-max_len:], dtype=np.int64), np.asarray(source[-max_len:], dtype=np.int64))
+
+
+class View(NamedTuple):
+    """An augmented view: its items and, for each, the position of the original sequence it came from (None: no
+    source, e.g. a random public chain, whose side features are unknown)."""
+
+    items: np.ndarray
+    source: np.ndarray | None
 
 
 class Augmenter:
@@ -170,24 +194,36 @@ class Augmenter:
         return ops[int(rng.integers(len(ops)))]
 
     def apply(self, op: str, seq: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.apply_view(op, seq, rng).items
+
+    def apply_view(self, op: str, seq: np.ndarray, rng: np.random.Generator) -> View:
+        """``op`` on ``seq`` with each item's source position. Crop and reorder move positions, so they run on
+        the positions themselves (the same draws as on the items); mask and substitute keep every position."""
         s = self.settings
         seq = np.asarray(seq, dtype=np.int64)
+        positions = np.arange(len(seq))
         if op == "crop":
-            return crop(seq, rng, s.crop_eta)
-        if op == "mask":
-            return mask(seq, rng, s.mask_gamma)
+            source = crop(positions, rng, s.crop_eta)
+            return View(seq[source], source)
         if op == "reorder":
-            return reorder(seq, rng, s.reorder_beta)
+            source = reorder(positions, rng, s.reorder_beta)
+            return View(seq[source], source)
+        if op == "mask":
+            return View(mask(seq, rng, s.mask_gamma), positions)
         if op == "substitute":
-            return substitute(seq, rng, s.substitute_rate, self.similarity)
+            return View(substitute(seq, rng, s.substitute_rate, self.similarity), positions)
         if op == "insert":
-            return insert(seq, rng, s.insert_rate, self.similarity, self.max_len)
+            return inserted(seq, rng, s.insert_rate, self.similarity, self.max_len)
         raise ValueError(f"unknown op {op!r}")
 
     def views(self, seq: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        return [view.items for view in self.source_views(seq, rng)]
+
+    def source_views(self, seq: np.ndarray, rng: np.random.Generator) -> list[View]:
+        """This round's views of one user's sequence, each with its items' source positions."""
         if not self.settings.enabled or len(seq) == 0:
             return []
-        return [self.apply(self.choose_op(len(seq), rng), seq, rng) for _ in range(self.settings.views)]
+        return [self.apply_view(self.choose_op(len(seq), rng), seq, rng) for _ in range(self.settings.views)]
 
 
 def random_chains(n_items: int, length: int, count: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import tomllib
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
@@ -27,7 +28,7 @@ from .errors import ConfigError
 from .events import DROP, TIMESTAMP_UNITS, EventSchema
 from .loaders import FORMATS, align_to_catalog, load, load_catalog
 from .model import LOSSES, SASRec, SASRecConfig
-from .split import k_core
+from .split import LeaveOneOut, k_core
 from .synthetic import SyntheticSpec, generate
 from .training import TrainSettings
 
@@ -198,6 +199,28 @@ class TextSection(Section):
 # --- the recipe -----------------------------------------------------------------------------------------------
 
 
+class TargetWeightsSection(Section):
+    """[model.target_weights]: how much a next-item target of each event type counts in training (0: not a
+    target; purchases only: every other type 0). Targets of unknown type count 1."""
+
+    view: float = Field(1.0, ge=0)
+    click: float = Field(1.0, ge=0)
+    favourite: float = Field(1.0, ge=0)
+    cart: float = Field(1.0, ge=0)
+    purchase: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _some_target(self):
+        if not any(getattr(self, kind) > 0 for kind in EVENT_TYPES):
+            raise ValueError("at least one event type must be a target (weight > 0)")
+        return self
+
+    def by_code(self) -> tuple[float, ...] | None:
+        """Weights by behaviour code (unknown first), or None when every type counts 1."""
+        weights = tuple(getattr(self, kind) for kind in EVENT_TYPES)
+        return None if all(w == 1.0 for w in weights) else (1.0, *weights)
+
+
 class ModelSection(Section):
     """[model]: the sequential recommender (common/model.py) and how item features are built."""
 
@@ -219,6 +242,20 @@ class ModelSection(Section):
     catalog: bool | Literal["auto"] = False
     """Use the public catalog's item attributes as item features (input vectors and output scores); "auto": when
     the data set has them."""
+    behaviour: bool = True
+    """Behaviour vectors: each position's event type as a learned embedding added to its input (data without
+    event types adds nothing)."""
+    time_context: bool = True
+    """Context vectors from time: gap since the previous event (log buckets), hour of day, weekday (UTC) of the
+    moment predicted for (data without timestamps adds nothing)."""
+    context_columns: tuple[str, ...] = ()
+    """Numeric context columns of the data (asinh-scaled) added to the context vector."""
+    target_weights: TargetWeightsSection = TargetWeightsSection()
+
+    @field_validator("context_columns", mode="before")
+    @classmethod
+    def _column_list(cls, value):
+        return [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -231,7 +268,17 @@ class ModelSection(Section):
         return self
 
     def sasrec(self, n_items: int, n_attributes: int = 0) -> SASRecConfig:
-        return SASRecConfig(n_items=n_items, n_attributes=n_attributes, **self.model_dump(exclude={"kind", "catalog"}))
+        return SASRecConfig(n_items=n_items, n_attributes=n_attributes, target_weights=self.target_weights.by_code(),
+                            **self.model_dump(exclude={"kind", "catalog", "target_weights"}))
+
+    @property
+    def side_features(self) -> bool:
+        """Does training read per-event side features (side vectors or targets weighted by type)?"""
+        return self.sasrec(1).side_features
+
+    def train_features(self, split: LeaveOneOut) -> list[np.ndarray] | None:
+        """The training users' side-feature rows this model reads (None: it reads none)."""
+        return split.train_features(self.context_columns) if self.side_features else None
 
     def build(self, data: BehaviorData) -> tuple[SASRecConfig, torch.Tensor | None]:
         """The model config for ``data`` and, for catalog models, its item-attribute table (public data)."""
@@ -260,6 +307,10 @@ class ModelSection(Section):
         items = [f"catalog attributes ({cfg.n_attributes})"] if cfg.n_attributes else []
         if cfg.id_dim:
             items.append(f"item tables {cfg.id_dim} wide{', shared by input and output' if cfg.tie_embeddings else ''}")
+        side = [name for name, used in (("behaviour", cfg.behaviour), ("time", cfg.time_context)) if used]
+        side += list(cfg.context_columns)
+        if side:
+            items.append(f"side vectors ({', '.join(side)})")
         return f"SASRec hidden {cfg.hidden}, {cfg.blocks} blocks, " + " + ".join(items)
 
 
@@ -299,6 +350,10 @@ class AugmentSection(Section):
     similar_k: int = Field(10, ge=1)
     window: int = Field(2, ge=1)
     attribute_sigma: float = Field(0.01, ge=0)
+    behaviour_sigma: float = Field(0.01, ge=0)
+    """Vector noise on behaviour (event-type) vectors while training."""
+    context_sigma: float = Field(0.01, ge=0)
+    """Vector noise on context (time, context-column) vectors while training."""
 
     @field_validator("ops", mode="before")
     @classmethod
@@ -307,8 +362,9 @@ class AugmentSection(Section):
 
     @property
     def active(self) -> bool:
-        """Whether augmentation changes anything this round (views or attribute noise)."""
-        return self.enabled and (self.views > 0 or self.attribute_sigma > 0)
+        """Whether augmentation changes anything this round (views or vector noise)."""
+        return self.enabled and (self.views > 0 or self.attribute_sigma > 0 or self.behaviour_sigma > 0
+                                 or self.context_sigma > 0)
 
 
 class BudgetSection(Section):

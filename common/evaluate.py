@@ -7,13 +7,32 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .batching import pad_right
+from .batching import pad_right, pad_side
+from .features import N_CODES
 from .metrics import METRIC_NAMES, mask_history, mean_metrics, rank_metrics
 from .model import SASRec
 from .split import LeaveOneOut
 
-Scorer = Callable[[list[np.ndarray]], torch.Tensor]
-"""Maps a batch of input histories to next-item scores ``[B, n_items + 1]``."""
+Scorer = Callable[..., torch.Tensor]
+"""Maps a batch of input histories to next-item scores ``[B, n_items + 1]``. A scorer that reads side features
+has ``side_columns`` (the numeric context columns it needs, see ``side_columns``) and takes each history's
+feature rows (common.features; the query moment's row last) as its second argument."""
+
+
+def side_columns(scorer: Scorer) -> tuple[str, ...] | None:
+    """The context columns ``scorer`` reads beside event types and times; None: it reads no side features."""
+    return getattr(scorer, "side_columns", None)
+
+
+def eval_features(scorer: Scorer, split: LeaveOneOut, stage: str) -> list[np.ndarray] | None:
+    """The side-feature rows ``scorer`` reads for ``split.eval_inputs(stage)``'s histories (None: it reads none)."""
+    columns = side_columns(scorer)
+    return split.eval_features(stage, columns) if columns is not None else None
+
+
+def score(scorer: Scorer, histories: list[np.ndarray], features: list[np.ndarray] | None) -> torch.Tensor:
+    """``scorer``'s float scores for ``histories``, with their side features where it reads them."""
+    return (scorer(histories) if features is None else scorer(histories, features)).float()
 
 
 def evaluate(scorer: Scorer, split: LeaveOneOut, stage: str, batch_size: int = 1024) -> dict[str, float]:
@@ -26,10 +45,11 @@ def evaluate_per_user(scorer: Scorer, split: LeaveOneOut, stage: str, batch_size
                       ) -> dict[str, np.ndarray]:
     """Each evaluable user's HR@K / NDCG@K / AUC at ``stage`` (for paired comparisons of two scorers)."""
     histories, targets = split.eval_inputs(stage)
+    features = eval_features(scorer, split, stage)
     per_user = []
     for start in range(0, len(targets), batch_size):
         batch_hist = histories[start : start + batch_size]
-        scores = scorer(batch_hist).float()
+        scores = score(scorer, batch_hist, None if features is None else features[start : start + batch_size])
         batch_targets = torch.from_numpy(targets[start : start + batch_size]).to(scores.device)
         per_user.append(rank_metrics(mask_history(scores, batch_hist, batch_targets), batch_targets))
     if not per_user:
@@ -43,12 +63,23 @@ class SASRecScorer:
     def __init__(self, model: SASRec, device):
         self.model, self.device = model, device
 
-    def __call__(self, histories: list[np.ndarray]) -> torch.Tensor:
+    @property
+    def side_columns(self) -> tuple[str, ...] | None:
+        cfg = self.model.cfg
+        return cfg.context_columns if cfg.side_vectors else None
+
+    def __call__(self, histories: list[np.ndarray], features: list[np.ndarray] | None = None) -> torch.Tensor:
+        """``features``: each history's side-feature rows (None: unknown, e.g. a request without them)."""
         model = self.model
         items, lengths = pad_right(histories, model.cfg.max_len)
+        side = None
+        if features is not None and model.cfg.side_vectors:
+            side = torch.from_numpy(pad_side(histories, features, model.cfg.max_len,
+                                             N_CODES + len(model.cfg.context_columns))).to(self.device)
         was_training = model.training
         model.eval()
-        scores = model.score(torch.from_numpy(items).to(self.device), torch.from_numpy(lengths).to(self.device))
+        scores = model.score(torch.from_numpy(items).to(self.device), torch.from_numpy(lengths).to(self.device),
+                             side)
         model.train(was_training)
         return scores
 

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .evaluate import Scorer
+from .evaluate import Scorer, eval_features, score, side_columns
 from .metrics import mask_history, mean_metrics, paired_gain, rank_metrics
 from .split import LeaveOneOut
 
@@ -33,10 +33,15 @@ class Fused:
     def __init__(self, model: Scorer, prior: Scorer, weight: float):
         self.model, self.prior, self.weight = model, prior, weight
 
-    def __call__(self, histories: list[np.ndarray]) -> torch.Tensor:
+    @property
+    def side_columns(self) -> tuple[str, ...] | None:
+        return side_columns(self.model)
+
+    def __call__(self, histories: list[np.ndarray], features: list[np.ndarray] | None = None) -> torch.Tensor:
+        """``features``: the model's side features (the prior reads none)."""
         if math.isinf(self.weight):
             return standardise(self.prior(histories).float())
-        scores = standardise(self.model(histories).float())
+        scores = standardise(score(self.model, histories, features))
         if self.weight:
             prior = standardise(self.prior(histories).float()).to(scores.device)
             scores += self.weight * prior
@@ -48,10 +53,11 @@ def fit_fusion(model: Scorer, prior: Scorer, split: LeaveOneOut, weights: tuple[
     """The fusion whose weight validates best (NDCG@10, never test), every weight's validation NDCG@10, and the
     chosen fusion's full validation metrics. One pass of each scorer per batch serves every weight."""
     histories, targets = split.eval_inputs("valid")
+    features = eval_features(model, split, "valid")
     per_user: dict[float, list] = {w: [] for w in weights}
     for start in range(0, len(targets), batch_size):
         batch = histories[start : start + batch_size]
-        scores = standardise(model(batch).float())
+        scores = standardise(score(model, batch, None if features is None else features[start : start + batch_size]))
         extra = standardise(prior(batch).float()).to(scores.device)
         batch_targets = torch.from_numpy(targets[start : start + batch_size]).to(scores.device)
         for weight in weights:

@@ -14,6 +14,10 @@ Item representations: a learned per-item table (``item_dim`` wide, by default ``
 (``n_attributes`` > 0): an item's input vector is the mean of its attribute embeddings, and its output score adds
 the mean of per-attribute scores. Catalog attributes are not user data, and a catalog model has far fewer trainable
 item parameters (637 Beauty attributes against 12,101 items), so DP noise falls on far fewer coordinates.
+
+Side vectors (common/features.py): a behaviour vector (the event type's embedding) and a context vector (embeddings
+of the gap, hour and weekday codes plus a projection of numeric context columns) are added to each position's item
+input. Code 0 means unknown and adds nothing, so data without event types or timestamps trains as before.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .features import CODE_SIZES, CONTEXT_CODES, FEATURE_CODES, N_CODES
 
 LOSSES = ("ce", "sampled")
 
@@ -50,6 +56,30 @@ class SASRecConfig:
     training only: Opacus' ghost clipping refuses tied weights, so DP models keep them apart."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing: spreads a little probability over all items."""
+    behaviour: bool = False
+    """Add a behaviour vector (the event type's learned embedding) to each position's input."""
+    time_context: bool = False
+    """Add a context vector from the time of the moment predicted for: gap since the last event, hour, weekday."""
+    context_columns: tuple[str, ...] = ()
+    """Numeric context columns of the data projected into the context vector."""
+    target_weights: tuple[float, ...] | None = None
+    """Training objective: weight of a next-item target by its behaviour code (0 = unknown type, then 1 +
+    EVENT_TYPES index); 0 = not a target. None: every target weighs 1."""
+
+    def __post_init__(self):  # JSON (bundles) gives lists
+        object.__setattr__(self, "context_columns", tuple(self.context_columns))
+        if self.target_weights is not None:
+            object.__setattr__(self, "target_weights", tuple(self.target_weights))
+
+    @property
+    def side_vectors(self) -> bool:
+        """Does the model read per-event side features (``side`` inputs)?"""
+        return self.behaviour or self.time_context or bool(self.context_columns)
+
+    @property
+    def side_features(self) -> bool:
+        """Does training need per-event side features (side vectors, or targets weighted by type)?"""
+        return self.side_vectors or self.target_weights is not None
 
     @property
     def id_dim(self) -> int:
@@ -113,6 +143,10 @@ class SASRec(nn.Module):
         self.cfg = cfg
         self.attribute_noise = 0.0
         """σ of Gaussian noise on attribute vectors while training (the augmentation's vector noise)."""
+        self.behaviour_noise = 0.0
+        """σ of Gaussian noise on behaviour vectors while training."""
+        self.context_noise = 0.0
+        """σ of Gaussian noise on context vectors while training."""
         if cfg.id_dim:
             self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.id_dim)
             # Narrow item tables are projected to and from the model width.
@@ -129,6 +163,15 @@ class SASRec(nn.Module):
             # masked out instead.
             self.attr_emb = nn.Embedding(cfg.n_attributes + 1, cfg.hidden)
             self.attr_scores = nn.Linear(cfg.hidden, cfg.n_attributes + 1, bias=False)
+        if cfg.behaviour:
+            self.behaviour_emb = nn.Embedding(CODE_SIZES["behaviour"], cfg.hidden)
+        if cfg.time_context:
+            # One table for the three time codes, each code shifted to its own rows: one call per forward.
+            sizes = [CODE_SIZES[FEATURE_CODES[c]] for c in CONTEXT_CODES]
+            self.register_buffer("context_offsets", torch.tensor([0, *sizes[:-1]]).cumsum(0), persistent=False)
+            self.context_emb = nn.Embedding(sum(sizes), cfg.hidden)
+        if cfg.context_columns:
+            self.context_proj = nn.Linear(len(cfg.context_columns), cfg.hidden, bias=False)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.blocks))
@@ -163,17 +206,20 @@ class SASRec(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def encode(self, items: torch.Tensor) -> torch.Tensor:
+    def encode(self, items: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states for right-padded item ids ``[B, T]`` or ``[B, views, T]`` (T <= max_len).
 
-        Returns ``[B, views * T, D]`` (views = 1 for 2-D input): one user's views side by side, each attending
-        only to itself, so the user stays dim 0 of every parametrised layer's input.
+        ``side``: the positions' side-feature rows ``[..., F]`` (common.features.input_rows), for models with
+        side vectors; None = all unknown. Returns ``[B, views * T, D]`` (views = 1 for 2-D input): one user's views
+        side by side, each attending only to itself, so the user stays dim 0 of every parametrised layer's input.
         """
         if items.dim() == 2:
             items = items.unsqueeze(1)
         B, K, T = items.shape
         positions = torch.arange(T, device=items.device).repeat(K).expand(B, K * T).contiguous()
         x = self._item_vectors(items.reshape(B, K * T)) * math.sqrt(self.cfg.hidden) + self.pos_emb(positions)
+        if self.cfg.side_vectors:
+            x = x + self._side_vectors(side, B, K * T)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, T)
@@ -195,6 +241,31 @@ class SASRec(nn.Module):
             x = x + attributes.sum(-2) * self.attribute_weight[items]
         return x
 
+    def _side_vectors(self, side: torch.Tensor | None, B: int, P: int) -> torch.Tensor:
+        """Behaviour + context vectors ``[B, P, D]`` of side rows ``[B, ..., F]`` (unknown codes add nothing)."""
+        cfg = self.cfg
+        width = N_CODES + len(cfg.context_columns)
+        if side is None:  # unknown everywhere; the layers still run, so every parameter has a (zero) gradient
+            side = torch.zeros(B, P, width, device=self.pos_emb.weight.device)
+        side = side.reshape(B, P, -1)[..., :width]
+        x = 0
+        if cfg.behaviour:
+            codes = side[..., 0].long()
+            behaviour = self.behaviour_emb(codes)
+            if self.training and self.behaviour_noise > 0:
+                behaviour = behaviour + self.behaviour_noise * torch.randn_like(behaviour)  # b^aug = b + Δ
+            x = x + behaviour * (codes > 0).unsqueeze(-1)
+        context = 0
+        if cfg.time_context:
+            codes = side[..., list(CONTEXT_CODES)].long()  # [B, P, 3]: the user stays dim 0
+            vectors = self.context_emb(codes + self.context_offsets) * (codes > 0).unsqueeze(-1)
+            context = vectors.sum(-2)
+        if cfg.context_columns:
+            context = context + self.context_proj(side[..., N_CODES:])
+        if self.training and self.context_noise > 0 and (cfg.time_context or cfg.context_columns):
+            context = context + self.context_noise * torch.randn_like(context)  # c^aug = c + Δ
+        return x + context
+
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores over all items ``[..., n_items + 1]`` for hidden states ``[..., D]`` ('ce' models)."""
         logits = 0
@@ -207,31 +278,43 @@ class SASRec(nn.Module):
             logits = logits + scores.reshape(*per_attribute.shape[:-1], -1)
         return logits
 
+    def input_parameters(self) -> list[nn.Parameter]:
+        """Weights of the layers that read the inputs themselves (every table, the context projection): autograd
+        reaches them only when their own gradient is asked for, which the DP step's first pass does so that
+        Opacus' hooks on them run."""
+        layers = [m for m in self.modules() if isinstance(m, nn.Embedding)]
+        layers += [self.context_proj] if self.cfg.context_columns else []
+        return [m.weight for m in layers]
+
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters of ``item_logits`` (the rest belong to ``encode``)."""
         head = [getattr(self, name, None) for name in ("out", "item_down", "attr_scores")]
         return [p for module in head if module is not None for p in module.parameters()]
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
+    def forward(self, items: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         """Next-item logits ``[B, views * T, n_items + 1]`` at every position ('ce' models): the Opacus-facing
         path, paired with ``PerUserCrossEntropy`` as the criterion."""
         if self.cfg.loss != "ce":
             raise RuntimeError("full logits need loss='ce'; sampled models train through SASRec.loss")
-        return self.item_logits(self.encode(items))
+        return self.item_logits(self.encode(items, side))
 
     def loss(self, items: torch.Tensor, targets: torch.Tensor, per_user: bool = False,
-             hidden: torch.Tensor | None = None) -> torch.Tensor:
+             hidden: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Next-item cross-entropy. ``targets`` has the shape of ``items`` with 0 where a position has no target.
 
         ``per_user=False``: mean over all target positions (non-private training; logits only at targets).
         ``per_user=True``: a ``[B]`` vector, each user's mean over all their targets (every view) — the sample
-        DP-SGD clips. ``hidden``: ``encode(items)`` when the caller already has it.
+        DP-SGD clips. ``hidden``: ``encode(items)`` when the caller already has it. ``weights`` (the shape of
+        ``targets``): each target's weight in those means (by its event type); None = 1.
         """
         hidden = self.encode(items) if hidden is None else hidden
         targets = targets.reshape(hidden.shape[:2])  # [B, views * T], aligned with hidden
         mask = targets > 0
+        if weights is not None:
+            weights = weights.reshape(targets.shape)
         if not per_user:
             hidden, targets = hidden[mask], targets[mask]  # [N, D], [N]: only positions with a target
+            weights = None if weights is None else weights[mask]
         if self.cfg.loss == "ce":
             logits = self.item_logits(hidden)
             labels = targets
@@ -239,8 +322,9 @@ class SASRec(nn.Module):
             logits, labels = self._sampled_logits(hidden, targets)
         smoothing = self.cfg.label_smoothing
         if not per_user:
-            return smoothed_cross_entropy(logits, labels, smoothing).mean()
-        return per_user_cross_entropy(logits, labels, mask, smoothing)
+            losses = smoothed_cross_entropy(logits, labels, smoothing)
+            return (losses if weights is None else losses * weights).mean()
+        return per_user_cross_entropy(logits, labels, mask, smoothing, weights)
 
     def contrastive_loss(self, hidden: torch.Tensor, view_lengths: torch.Tensor, positives: int,
                          temperature: float) -> torch.Tensor:
@@ -273,9 +357,9 @@ class SASRec(nn.Module):
         return logits.masked_fill(accidental, float("-inf")), torch.zeros_like(targets)
 
     @torch.no_grad()
-    def score(self, items: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def score(self, items: torch.Tensor, lengths: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         """Scores ``[B, n_items + 1]`` for every user's next item, from the state at their last real position."""
-        hidden = self.encode(items)
+        hidden = self.encode(items, side)
         last = hidden[torch.arange(len(items), device=items.device), lengths - 1]
         if self.cfg.loss == "ce":
             return self.item_logits(last)
@@ -320,10 +404,11 @@ def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smo
 
 
 def per_user_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                           label_smoothing: float = 0.0) -> torch.Tensor:
-    """Each user's mean cross-entropy over all their target positions: ``[B, ..., C]`` logits -> ``[B]``."""
+                           label_smoothing: float = 0.0, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each user's mean cross-entropy over all their target positions: ``[B, ..., C]`` logits -> ``[B]``; each
+    position weighted by ``weights`` (the shape of ``labels``) where given."""
     losses = smoothed_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), label_smoothing)
-    losses = losses.view(labels.shape) * mask
+    losses = losses.view(labels.shape) * (mask if weights is None else weights.view(labels.shape) * mask)
     return losses.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
 
 
@@ -340,8 +425,9 @@ class PerUserCrossEntropy(nn.Module):
         self.reduction = reduction
         self.label_smoothing = label_smoothing
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        losses = per_user_cross_entropy(logits, targets, targets > 0, self.label_smoothing)
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        losses = per_user_cross_entropy(logits, targets, targets > 0, self.label_smoothing, weights)
         if self.reduction == "none":
             return losses
         return losses.sum() if self.reduction == "sum" else losses.mean()

@@ -14,6 +14,7 @@ import numpy as np
 
 from .data import BehaviorData
 from .errors import ConfigError
+from .features import event_features, user_rows
 
 PARTITIONS = ("uniform", "category", "column")
 STAGES = ("valid", "test")
@@ -27,6 +28,9 @@ class LeaveOneOut:
     """Validation target item per user (0 = user too short to evaluate)."""
     test: np.ndarray
     """Test target item per user (0 = user too short to evaluate)."""
+    full: BehaviorData | None = None
+    """The data before the split (each user's training events, then the held-out ones): where the held-out
+    events' types and times come from, for side features and per-type metrics. None: training events only."""
 
     @property
     def n_items(self) -> int:
@@ -58,7 +62,32 @@ class LeaveOneOut:
                 for u, v in enumerate(self.valid.tolist())]
 
     def select_users(self, users: np.ndarray) -> LeaveOneOut:
-        return LeaveOneOut(self.train.select_users(users), self.valid[users], self.test[users])
+        return LeaveOneOut(self.train.select_users(users), self.valid[users], self.test[users],
+                           None if self.full is None else self.full.select_users(users))
+
+    def train_features(self, columns: tuple[str, ...] = ()) -> list[np.ndarray]:
+        """Each user's side-feature rows (common.features) of their training events."""
+        return self._user_features(columns, 0, np.arange(self.train.n_users))
+
+    def eval_features(self, stage: str, columns: tuple[str, ...] = ()) -> list[np.ndarray]:
+        """Side-feature rows of the histories ``eval_inputs(stage)`` returns, plus one row for the held-out event
+        itself: the moment of the prediction (its type is never read)."""
+        users = self.eval_users(stage)
+        return self._user_features(columns, 2 if stage == "test" else 1, users)
+
+    def target_types(self, stage: str) -> np.ndarray | None:
+        """EVENT_TYPES index of each evaluable user's held-out event at ``stage``; None without event types."""
+        if self.full is None or self.full.event_type is None:
+            return None
+        users = self.eval_users(stage)
+        held = self.full.offsets[users] + self.train.lengths[users] + (1 if stage == "test" else 0)
+        return self.full.event_type[held].astype(np.int64)
+
+    def _user_features(self, columns: tuple[str, ...], extra: int, users: np.ndarray) -> list[np.ndarray]:
+        source = self.full if self.full is not None else self.train
+        extra = extra if self.full is not None else 0  # without the held-out events their rows stay unknown
+        rows = event_features(source, columns)
+        return user_rows(rows, source.offsets[users], self.train.lengths[users] + extra)
 
 
 MIN_EVALUABLE = 3
@@ -80,7 +109,7 @@ def leave_one_out(data: BehaviorData, min_length: int = MIN_EVALUABLE) -> LeaveO
     keep = np.ones(data.n_interactions, dtype=bool)
     keep[ends[evaluable] - 1] = False
     keep[ends[evaluable] - 2] = False
-    return LeaveOneOut(data.select_events(keep), valid, test)
+    return LeaveOneOut(data.select_events(keep), valid, test, data)
 
 
 def k_core(data: BehaviorData, k: int) -> BehaviorData:

@@ -35,8 +35,9 @@ def train_step(model: SASRec, optimizer: torch.optim.Optimizer, samples: UserSam
     total = 0.0
     for bucket in samples.micro_batches(rows, token_budget):
         inputs, targets = samples.batch(bucket, device)
-        hidden = model.encode(inputs)
-        loss = model.loss(inputs, targets, hidden=hidden) * (int((targets > 0).sum()) / n_targets)
+        hidden = model.encode(inputs, samples.batch_side(bucket, device))
+        loss = model.loss(inputs, targets, hidden=hidden, weights=samples.batch_weights(bucket, device)) * (
+            int((targets > 0).sum()) / n_targets)
         if contrastive:
             infonce = model.contrastive_loss(hidden, samples.batch_view_lengths(bucket, device),
                                              contrastive.positives, contrastive.temperature)
@@ -90,7 +91,9 @@ def fit(
     """
     set_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    examples = UserSamples(split.train.sequences(), model.cfg.max_len)
+    cfg = model.cfg
+    examples = UserSamples(split.train.sequences(), cfg.max_len, target_weights=cfg.target_weights,
+                           features=split.train_features(cfg.context_columns) if cfg.side_features else None)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     deadline = time.monotonic() + 60 * settings.max_minutes if settings.max_minutes else float("inf")

@@ -124,8 +124,13 @@ def run_audit(config: MerchantRunConfig, canaries: int, out: Path, *, guesses: i
     included = rng.random(canaries) < 0.5
     train = split.train.sequences() + [c for c, inside in zip(chains, included, strict=True) if inside]
     out = Path(out)
+    features = config.model.train_features(split)
+    if features is not None:  # a canary's events have no type or time: unknown side features
+        width = features[0].shape[1] if features else 0
+        features += [np.zeros((len(c), width), np.float32) for c, inside in zip(chains, included, strict=True)
+                     if inside]
     trainer = build_trainer(config.recipe, train, data.n_items, rounds=config.local.rounds, seed=config.local.seed,
-                            state_dir=out / "state", device=device)
+                            state_dir=out / "state", device=device, features=features)
     set_seed(config.local.seed)
     model = config.model.model(data).to(device)
     run_id = uuid.uuid4().hex

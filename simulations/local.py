@@ -40,7 +40,8 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
         claim(data.fingerprint(), state_dir, new_budget=new_budget)
     split = leave_one_out(data)
     trainer = build_trainer(config.recipe, split.train.sequences(), data.n_items, rounds=config.local.rounds,
-                            seed=config.local.seed, state_dir=state_dir, device=device)
+                            seed=config.local.seed, state_dir=state_dir, device=device,
+                            features=config.model.train_features(split))
     set_seed(config.local.seed)
     model = config.model.model(data)
     run_id = uuid.uuid4().hex

@@ -11,6 +11,7 @@ from client.ledger import BudgetExceeded, PrivacyLedger
 from client.trainer import LocalSettings, LocalTrainer, PrivacySettings, PrivateStep
 from common.augment import Augmenter, AugmentSettings, random_chains
 from common.batching import Contrastive, UserSamples, length_buckets
+from common.features import CODE_SIZES
 from common.model import PerUserCrossEntropy, SASRec, SASRecConfig
 from common.split import leave_one_out
 from common.synthetic import SyntheticSpec, generate
@@ -331,3 +332,124 @@ def test_a_refused_private_plan_leaves_no_ledger_behind(tmp_path):
         build_trainer(recipe, [np.arange(1, 6)] * 50, 10, rounds=1, seed=0, state_dir=tmp_path / "state",
                       device=torch.device("cpu"))
     assert not (tmp_path / "state").exists()
+
+
+# ----------------------------------------------------------------------------- side vectors (behaviour, context)
+
+SIDE_COLUMNS = ("device",)
+
+
+def _side_model(seed=0):
+    torch.manual_seed(seed)
+    model = SASRec(SASRecConfig(n_items=N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0, behaviour=True,
+                                time_context=True, context_columns=SIDE_COLUMNS,
+                                target_weights=(1.0, 0.25, 0.5, 1.0, 2.0, 3.0)))
+    for name in ("behaviour_emb", "context_emb", "context_proj"):  # large enough that clipping sees them
+        torch.nn.init.normal_(getattr(model, name).weight, std=0.5)
+    return model
+
+
+def _side_samples(users=8, seed=7, views=1, ops=("crop", "reorder", "insert")):
+    """Users with random event types, time codes and a numeric column (some unknown), augmented views."""
+    rng = np.random.default_rng(seed)
+    seqs = [rng.permutation(N_ITEMS)[: rng.integers(2, 9)] + 1 for _ in range(users)]  # no repeats in a user
+    features = []
+    for seq in seqs:
+        rows = np.stack([rng.integers(0, size, len(seq)) for size in CODE_SIZES.values()], axis=1)
+        features.append(np.concatenate([rows, rng.normal(size=(len(seq), 1))], axis=1).astype(np.float32))
+    aug = Augmenter(AugmentSettings(views=views, ops=ops), seqs, N_ITEMS, max_len=8)
+    return UserSamples(seqs, 8, lambda s: aug.source_views(s, rng), views, features=features,
+                       target_weights=_side_model().cfg.target_weights)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_dp_step_with_side_vectors_and_target_weights_equals_torch_func_reference(mode):
+    """The behaviour and context layers (two embeddings and a projection) are clipped per user with the rest."""
+    samples = _side_samples()
+    rows = np.arange(len(samples))
+    inputs, targets = samples.batch(rows, "cpu")
+    side, weights = samples.batch_side(rows, "cpu"), samples.batch_weights(rows, "cpu")
+    assert weights is not None and set(weights.unique().tolist()) > {1.0}
+    model = _side_model(3)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    criterion = PerUserCrossEntropy(reduction="sum", label_smoothing=model.cfg.label_smoothing)
+
+    def user_loss(p, x, y, s, w):
+        return criterion(functional_call(model, p, (x.unsqueeze(0), s.unsqueeze(0))), y.unsqueeze(0), w.unsqueeze(0))
+
+    per_user = vmap(grad(user_loss), in_dims=(None, 0, 0, 0, 0))(params, inputs, targets, side, weights)
+    for name in ("behaviour_emb.weight", "context_emb.weight", "context_proj.weight"):
+        assert per_user[name].abs().sum() > 0, name  # the new layers take part in each user's gradient
+    norms = torch.cat([g.reshape(len(rows), -1) for g in per_user.values()], 1).norm(dim=1)
+    clip = float(norms.median())
+    factor = (clip / (norms + 1e-6)).clamp(max=1.0)
+    expected = {k: (g * factor.view(-1, *[1] * (g.dim() - 1))).sum(0) / len(rows) for k, g in per_user.items()}
+    step = PrivateStep(model, torch.optim.SGD(model.parameters(), lr=0.0), len(samples), len(samples), 0.0, clip,
+                       mode, token_budget=8 * samples.views)  # several micro-batches
+    assert len(samples.micro_batches(rows, 8 * samples.views)) > 2
+    step(samples, rows, "cpu")
+    step.close()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_views_carry_each_items_own_side_features():
+    """Crop and reorder move a position's features with its item (an item's behaviour code in a view is the one
+    it has in the user's own sequence)."""
+    samples = _side_samples(users=30, views=3, ops=("crop", "reorder"))
+    compared = 0
+    for row in range(len(samples)):
+        items, side = samples.inputs[row], samples.side[row]
+        for view in range(1, samples.views):
+            for t in np.flatnonzero(items[view] > 0):
+                (own,) = np.flatnonzero(items[0] == items[view, t]) if items[view, t] in items[0] else (None,)
+                if own is not None:
+                    assert side[view, t, 0] == side[0, own, 0]
+                    compared += 1
+    assert compared > 100
+
+
+@pytest.mark.parametrize("kind", ["behaviour", "context"])
+def test_each_vector_noise_changes_training_inputs_and_nothing_at_evaluation(kind):
+    model = _side_model(5)
+    samples = _side_samples(users=4)
+    rows = np.arange(4)
+    x, _ = samples.batch(rows, "cpu")
+    side = samples.batch_side(rows, "cpu")
+    model.train()
+    clean = model.encode(x, side)
+    setattr(model, f"{kind}_noise", 0.5)
+    noised = model.encode(x, side)
+    assert not torch.allclose(clean, noised)
+    other = "context" if kind == "behaviour" else "behaviour"
+    setattr(model, f"{kind}_noise", 0.0)
+    setattr(model, f"{other}_noise", 0.5)
+    assert not torch.allclose(model.encode(x, side), noised)  # the other kind's noise is a different input
+    setattr(model, f"{other}_noise", 0.0)
+    model.eval()
+    evaluated = model.encode(x, side)
+    setattr(model, f"{kind}_noise", 0.5)
+    torch.testing.assert_close(model.encode(x, side), evaluated)  # evaluation never sees the noise
+
+
+def test_a_trainer_applies_each_sigma_only_while_training(tmp_path, monkeypatch):
+    """The trainer sets behaviour_sigma / context_sigma on the model for the round and clears them after."""
+    data = generate(SyntheticSpec(users=60, items=50, seed=4))
+    split = leave_one_out(data)
+    seen = []
+    original = SASRec._side_vectors
+
+    def spy(self, *args):
+        seen.append((self.training, self.behaviour_noise, self.context_noise))
+        return original(self, *args)
+
+    monkeypatch.setattr(SASRec, "_side_vectors", spy)
+    trainer = LocalTrainer(split.train.sequences(), data.n_items, PrivacySettings(epsilon=math.inf),
+                           LocalSettings(batch_size=16), AugmentSettings(views=1, behaviour_sigma=0.3,
+                                                                         context_sigma=0.2),
+                           None, torch.device("cpu"), features=split.train_features())
+    model = SASRec(SASRecConfig(n_items=data.n_items, hidden=16, heads=2, max_len=20, behaviour=True,
+                                time_context=True))
+    trainer.train_round(model, "run", 1)
+    assert seen and all(s == (True, 0.3, 0.2) for s in seen)
+    assert (model.behaviour_noise, model.context_noise) == (0.0, 0.0)
