@@ -20,8 +20,11 @@ import numpy as np
 import torch
 
 from .bundle import Bundle, load_bundle
+from .data import EVENT_TYPES
 from .device import pick_device
 from .errors import ConfigError
+from .evaluate import score, side_columns
+from .features import N_CODES, history_rows
 from .fusion import standardise
 from .metrics import top_k
 from .text_prior import TextPrior
@@ -42,6 +45,32 @@ class UnknownItems(ConfigError):
         self.items = items
         shown = ", ".join(repr(i) for i in items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
         super().__init__(f"history: unknown item id(s) {shown}")
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What a shopper's history says beyond its items, read by models with behaviour and context vectors (the
+    rest ignore it); any part may be left out (unknown)."""
+
+    events: list[str] | None = None
+    """Each history item's event type: view | click | favourite | cart | purchase."""
+    timestamps: list[int] | None = None
+    """Each history item's time, Unix seconds."""
+    at: int | None = None
+    """The moment the recommendations are for (the request's time), Unix seconds."""
+
+    def rows(self, n: int, width: int) -> np.ndarray:
+        """The ``n + 1`` side-feature rows of a history of ``n`` items (common.features.history_rows)."""
+        for name, values in (("events", self.events), ("timestamps", self.timestamps)):
+            if values is not None and len(values) != n:
+                raise ConfigError(f"{name}: {len(values)} given for a history of {n} items")
+        types = None
+        if self.events is not None:
+            unknown = [e for e in self.events if e not in EVENT_TYPES]
+            if unknown:
+                raise ConfigError(f"events: unknown event type {unknown[0]!r} (expected {', '.join(EVENT_TYPES)})")
+            types = np.array([EVENT_TYPES.index(e) for e in self.events], dtype=np.int64)
+        return history_rows(types, self.timestamps, self.at, n, width)
 
 
 @dataclass(frozen=True)
@@ -107,12 +136,24 @@ class Recommender:
 
     # scores ----------------------------------------------------------------------------------------------------
 
-    def scores(self, histories: list[np.ndarray]) -> torch.Tensor:
-        """``[B, n_items + 1]`` raw scores of internal-id histories (an empty history scores by the query alone)."""
+    def side_rows(self, histories: list[np.ndarray], activities: list[Activity | None] | None
+                  ) -> list[np.ndarray] | None:
+        """Each history's side-feature rows where the bundle's model reads them (None: it reads none)."""
+        columns = side_columns(self.bundle.scorer)
+        if columns is None:
+            return None
+        activities = activities or [None] * len(histories)
+        return [(a or Activity()).rows(len(h), N_CODES + len(columns)) for h, a in
+                zip(histories, activities, strict=True)]
+
+    def scores(self, histories: list[np.ndarray], features: list[np.ndarray] | None = None) -> torch.Tensor:
+        """``[B, n_items + 1]`` raw scores of internal-id histories (an empty history scores by the query alone);
+        ``features``: their side-feature rows (``side_rows``)."""
         rows = [i for i, h in enumerate(histories) if len(h)]
         out = torch.zeros(len(histories), self.n_items + 1, device=self.device)
         if rows:
-            out[rows] = self.bundle.scorer([histories[i] for i in rows]).float().to(self.device)
+            out[rows] = score(self.bundle.scorer, [histories[i] for i in rows],
+                              None if features is None else [features[i] for i in rows]).to(self.device)
         return out
 
     def relevance(self, queries: list[str]) -> torch.Tensor:
@@ -149,9 +190,10 @@ class Recommender:
             out[row, 1:] = torch.from_numpy(self._lexical.get_scores(tokens).astype(np.float32)).to(self.device)
         return out
 
-    def blended(self, histories: list[np.ndarray], queries: list[str | None] | None = None) -> torch.Tensor:
+    def blended(self, histories: list[np.ndarray], queries: list[str | None] | None = None,
+                features: list[np.ndarray] | None = None) -> torch.Tensor:
         """Sequence scores, blended with each query's relevance where a query is given."""
-        scores = self.scores(histories)
+        scores = self.scores(histories, features)
         rows = [i for i, q in enumerate(queries or []) if q]
         if not rows:
             return scores
@@ -164,26 +206,31 @@ class Recommender:
     # public API ------------------------------------------------------------------------------------------------
 
     def recommend(self, history: list, *, k: int = 10, exclude_seen: bool = True, query: str | None = None,
-                  explain: bool = False) -> list[Recommendation]:
-        """The top ``k`` items after ``history`` (shop ids, oldest first), optionally for a search ``query``."""
-        return self.recommend_many([history], k=k, exclude_seen=exclude_seen, queries=[query], explain=explain)[0]
+                  explain: bool = False, activity: Activity | None = None) -> list[Recommendation]:
+        """The top ``k`` items after ``history`` (shop ids, oldest first), optionally for a search ``query``;
+        ``activity``: the history's event types and times and the request's moment (models with context)."""
+        return self.recommend_many([history], k=k, exclude_seen=exclude_seen, queries=[query], explain=explain,
+                                   activities=[activity])[0]
 
     def recommend_many(self, histories: list[list], *, k: int = 10, exclude_seen: bool = True,
                        queries: list[str | None] | None = None, explain: bool = False,
-                       exclude: list[list] | None = None) -> list[list[Recommendation]]:
+                       exclude: list[list] | None = None, activities: list[Activity | None] | None = None
+                       ) -> list[list[Recommendation]]:
         """``recommend`` for a batch in one pass (at most ``k`` items each: fewer where the catalog has fewer left).
         ``exclude``: per history, further shop ids never to recommend."""
         return self.recommend_internal([self.internal(h) for h in histories], k=k, exclude_seen=exclude_seen,
-                                       queries=queries, explain=explain, exclude=exclude)
+                                       queries=queries, explain=explain, exclude=exclude, activities=activities)
 
     def recommend_internal(self, internal: list[np.ndarray], *, k: int = 10, exclude_seen: bool = True,
                            queries: list[str | None] | None = None, explain: bool = False,
-                           exclude: list[list] | None = None) -> list[list[Recommendation]]:
+                           exclude: list[list] | None = None, activities: list[Activity | None] | None = None
+                           ) -> list[list[Recommendation]]:
         """``recommend_many`` for histories already mapped to internal ids (``internal``), as a caller that checked
         them item by item holds them."""
         if k < 1:
             raise ConfigError(f"k: must be at least 1, got {k}")
-        scores = self.blended(internal, queries)
+        features = self.side_rows(internal, activities)
+        scores = self.blended(internal, queries, features)
         masked = scores.clone()
         masked[:, 0] = float("-inf")
         banned = [(h if exclude_seen else np.zeros(0, np.int64)) for h in internal]
@@ -196,25 +243,27 @@ class Recommender:
                    torch.from_numpy(np.concatenate(banned)).to(self.device)] = float("-inf")
         k = min(k, int(torch.isfinite(masked).sum(1).min().item()) or 1)
         top_scores, top = top_k(masked, k)  # ties in the order the run's metrics rank them
-        because = self._explain(internal, queries, scores, top) if explain else None
+        because = self._explain(internal, queries, scores, top, features) if explain else None
         return [[Recommendation(self.ids[int(i) - 1], float(s), self.title(int(i)),
                                 because[row][col] if because else None)
                  for col, (i, s) in enumerate(zip(top[row].tolist(), top_scores[row].tolist(), strict=True))]
                 for row in range(len(internal))]
 
-    def _explain(self, internal: list[np.ndarray], queries, scores: torch.Tensor, top: torch.Tensor
-                 ) -> list[list[tuple[Because, ...]]]:
-        """For every recommended item, each history item's contribution: full score − score without that item,
-        all leave-one-out histories of the batch in one pass."""
-        variants, owner = [], []
+    def _explain(self, internal: list[np.ndarray], queries, scores: torch.Tensor, top: torch.Tensor,
+                 features: list[np.ndarray] | None) -> list[list[tuple[Because, ...]]]:
+        """For every recommended item, each history item's contribution: full score − score without that item
+        (and its event), all leave-one-out histories of the batch in one pass."""
+        variants, owner, variant_features = [], [], []
         for row, h in enumerate(internal):
             for j in range(len(h)):
                 variants.append(np.delete(h, j))
                 owner.append(row)
+                if features is not None:
+                    variant_features.append(np.delete(features[row], j, axis=0))
         if not variants:
             return [[() for _ in range(top.shape[1])] for _ in internal]
         variant_queries = [queries[r] for r in owner] if queries else None
-        without = self.blended(variants, variant_queries)
+        without = self.blended(variants, variant_queries, variant_features if features is not None else None)
         out, start = [], 0
         for row, h in enumerate(internal):
             drop = scores[row].unsqueeze(0) - without[start : start + len(h)]  # [len(h), items]

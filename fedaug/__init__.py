@@ -1,7 +1,7 @@
 """fedaug: federated, privacy-preserving data augmentation and training for sequential recommendation."""
 
 __version__ = "0.1.0"
-__all__ = ["Recommender", "Recommendation"]
+__all__ = ["Activity", "Recommender", "Recommendation"]
 
 
 def __getattr__(name: str):

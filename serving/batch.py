@@ -9,8 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.atomic import write_bytes_atomic
+from common.data import EVENT_TYPES
 from common.loaders import load
-from common.recommender import Recommender
+from common.recommender import Activity, Recommender
 
 BATCH = 256
 
@@ -20,7 +21,8 @@ def recommend_file(recommender: Recommender, users: Path, out: Path | None, *, f
                    on_batch: Callable[[int, int], None] | None = None) -> int:
     """Recommend for every user of ``users`` (its histories in the shop's ids); write ``user,items,scores`` rows
     (items and scores space-separated, best first) to ``out`` or stdout; return the number of users. History items
-    the bundle's catalog does not know are left out and counted in an ``unknown`` column."""
+    the bundle's catalog does not know are left out and counted in an ``unknown`` column. The file's event types
+    and times go with the histories (models with behaviour and context vectors read them)."""
     data = load(users, fmt)
     raw = data.catalog.raw_ids
     buffer = io.StringIO()
@@ -28,14 +30,19 @@ def recommend_file(recommender: Recommender, users: Path, out: Path | None, *, f
     writer.writerow(["user", "items", "scores", "unknown"])
     for start in range(0, data.n_users, BATCH):
         rows = range(start, min(start + BATCH, data.n_users))
-        histories, unknown = [], []
+        histories, unknown, activities = [], [], []
         for user in rows:
-            items = [str(i) for i in raw[data.sequence(user)].tolist()]
-            known = [i for i in items if i in recommender.index]
-            histories.append(known)
+            events = slice(data.offsets[user], data.offsets[user + 1])
+            items = [str(i) for i in raw[data.items[events]].tolist()]
+            known = [n for n, i in enumerate(items) if i in recommender.index]
+            histories.append([items[n] for n in known])
             unknown.append(len(items) - len(known))
+            activities.append(Activity(
+                events=None if data.event_type is None else [EVENT_TYPES[t] for t in data.event_type[events][known]],
+                timestamps=None if data.timestamps is None else data.timestamps[events][known].tolist()))
         results = recommender.recommend_many(histories, k=k, exclude_seen=exclude_seen,
-                                             queries=[query] * len(histories) if query else None)
+                                             queries=[query] * len(histories) if query else None,
+                                             activities=activities)
         for user, recs, missing in zip(rows, results, unknown, strict=True):
             writer.writerow([data.user_ids[user], " ".join(r.item for r in recs),
                              " ".join(f"{r.score:.5g}" for r in recs), missing])

@@ -1,6 +1,7 @@
 """`fedaug serve`: a model bundle over HTTP (FastAPI + uvicorn).
 
-    POST /v1/recommend   {"history": ["B0001", ...], "k": 10, "query": null, "explain": false}
+    POST /v1/recommend   {"history": ["B0001", ...], "k": 10, "query": null, "explain": false,
+                          "events": ["view", ...], "timestamps": [1700000000, ...], "at": 1700003600}
     GET  /v1/search?q=lipstick&k=10
     GET  /v1/items/{id}
     GET  /healthz, /metrics (Prometheus), /docs (OpenAPI), / (a page to try it)
@@ -22,11 +23,12 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from common.bundle import bundle_hash
+from common.data import EVENT_TYPES
 from common.errors import FedaugError
-from common.recommender import Recommender, UnknownItems
+from common.recommender import Activity, Recommender, UnknownItems
 
 MAX_K = 100
 MAX_HISTORY = 200
@@ -39,6 +41,29 @@ class RecommendRequest(BaseModel):
     query: str | None = Field(None, max_length=500, description="A search query: personalised search.")
     explain: bool = Field(False, description="Say which history items drove each recommendation.")
     exclude_seen: bool = True
+    events: list[str] | None = Field(None, max_length=MAX_HISTORY, description="Each history item's event type ("
+                                     + " | ".join(EVENT_TYPES) + "), for models with behaviour vectors.")
+    timestamps: list[int] | None = Field(None, max_length=MAX_HISTORY, description="Each history item's time, "
+                                         "Unix seconds, for models with time context.")
+    at: int | None = Field(None, description="The moment the recommendations are for, Unix seconds (default: now "
+                           "when timestamps are given).")
+
+    @model_validator(mode="after")
+    def _aligned(self):
+        for name in ("events", "timestamps"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.history):
+                raise ValueError(f"{name}: {len(values)} given for a history of {len(self.history)} items")
+        unknown = [e for e in self.events or [] if e not in EVENT_TYPES]
+        if unknown:
+            raise ValueError(f"events: unknown event type {unknown[0]!r} (expected {', '.join(EVENT_TYPES)})")
+        return self
+
+    def activity(self) -> Activity | None:
+        if self.events is None and self.timestamps is None and self.at is None:
+            return None
+        at = self.at if self.at is not None or self.timestamps is None else int(time.time())
+        return Activity(events=self.events, timestamps=self.timestamps, at=at)
 
 
 @dataclass
@@ -99,7 +124,8 @@ class Service:
             k = min(max(requests[i].k for i in rows), recommender.n_items)
             results = recommender.recommend_internal([internal[i] for i in rows], k=k, explain=explain,
                                                      exclude_seen=exclude_seen,
-                                                     queries=[requests[i].query for i in rows])
+                                                     queries=[requests[i].query for i in rows],
+                                                     activities=[requests[i].activity() for i in rows])
             for i, result in zip(rows, results, strict=True):
                 out[i] = result[: requests[i].k]
         return out

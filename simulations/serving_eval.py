@@ -1,7 +1,8 @@
 """Check a model bundle against its run, and measure personalised search, through the public Recommender API.
 
 1. Reproduction: every test user's top 10 from ``Recommender.recommend_many`` (the shop's ids in and out; the
-   evaluation's exclusions: the history, but not the target) gives the run's test HR@10 / NDCG@10.
+   evaluation's exclusions: the history, but not the target; the history's event types and times and the test
+   event's moment, as a shop would send them) gives the run's test HR@10 / NDCG@10.
 2. Search: for every test user the query is the held-out item's category names (its named attributes, brand
    left out); NDCG@10 of search alone (the query, no history) vs personalised search (query + history). The blend
    weight is chosen on validation users (their held-out validation item's categories), then applied to test.
@@ -20,9 +21,10 @@ import numpy as np
 from rich.progress import Progress
 
 from common.atomic import write_json_atomic
+from common.data import EVENT_TYPES
 from common.loaders import load
-from common.recommender import Recommender
-from common.split import leave_one_out
+from common.recommender import Activity, Recommender
+from common.split import LeaveOneOut, leave_one_out
 
 WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 """Query-relevance weights against the history's scores, tried on validation."""
@@ -47,15 +49,30 @@ def _ndcg(ranked: list[str], target: str, k: int = 10) -> tuple[float, float]:
     return 0.0, 0.0
 
 
+def activities(split: LeaveOneOut, stage: str) -> list[Activity]:
+    """What a shop would send with each ``split.eval_inputs(stage)`` history: its events' types and times, and
+    the held-out event's time as the moment asked about."""
+    full, out = split.full, []
+    for user in split.eval_users(stage).tolist():
+        start = int(full.offsets[user])
+        n = int(split.train.lengths[user]) + (1 if stage == "test" else 0)
+        out.append(Activity(
+            events=None if full.event_type is None else [EVENT_TYPES[t] for t in full.event_type[start:start + n]],
+            timestamps=None if full.timestamps is None else full.timestamps[start:start + n].tolist(),
+            at=None if full.timestamps is None else int(full.timestamps[start + n])))
+    return out
+
+
 def _run(recommender: Recommender, histories, targets, queries=None, exclude=None, exclude_seen=True,
-         label="", progress=None) -> dict[str, float]:
+         label="", progress=None, activity: list[Activity] | None = None) -> dict[str, float]:
     hits, gains = [], []
     task = progress.add_task(label, total=len(targets)) if progress else None
     for start in range(0, len(targets), BATCH):
         stop = start + BATCH
         results = recommender.recommend_many(histories[start:stop], k=10, exclude_seen=exclude_seen,
                                              queries=None if queries is None else queries[start:stop],
-                                             exclude=None if exclude is None else exclude[start:stop])
+                                             exclude=None if exclude is None else exclude[start:stop],
+                                             activities=None if activity is None else activity[start:stop])
         for recs, target in zip(results, targets[start:stop], strict=True):
             hit, gain = _ndcg([r.item for r in recs], target)
             hits.append(hit)
@@ -73,7 +90,7 @@ def reproduce_test(recommender: Recommender, data, progress=None) -> dict[str, f
     histories, targets = split.eval_inputs("test")
     exclude = [[raw[i] for i in set(h.tolist()) - {int(t)}] for h, t in zip(histories, targets, strict=True)]
     return _run(recommender, [[raw[i] for i in h] for h in histories], [raw[t] for t in targets], exclude=exclude,
-                exclude_seen=False, label="reproducing test", progress=progress)
+                exclude_seen=False, label="reproducing test", progress=progress, activity=activities(split, "test"))
 
 
 def main() -> None:

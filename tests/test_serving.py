@@ -16,7 +16,8 @@ from common.bundle import bundle_hash, write_bundle
 from common.evaluate import sasrec_scorer
 from common.loaders import load
 from common.model import SASRec, SASRecConfig
-from common.recommender import Recommender, UnknownItems
+from common.errors import ConfigError
+from common.recommender import Activity, Recommender, UnknownItems
 from common.text_prior import TextPrior
 from serving.http import create_app
 from tests.support import fedaug, finish, write_amazon_set
@@ -134,3 +135,54 @@ def test_http_validates_batches_and_picks_up_a_new_bundle(shop, tmp_path):
         assert 'fedaug_serve_requests_total{endpoint="/v1/recommend",status="200"}' in page
         assert "fedaug_serve_latency_seconds_bucket" in page and "fedaug_serve_model_info" in page
         assert "<ol id=\"results\">" in client.get("/").text
+
+
+@pytest.fixture(scope="module")
+def contextual(shop):
+    """A bundle whose model reads behaviour and time context, its side layers large enough to matter."""
+    directory, data, _, _ = shop
+    torch.manual_seed(1)
+    model = SASRec(SASRecConfig(data.n_items, hidden=8, max_len=5, behaviour=True, time_context=True))
+    for table in (model.behaviour_emb, model.context_emb):
+        torch.nn.init.normal_(table.weight, std=2.0)
+    return write_bundle(directory / "contextual", sasrec_scorer(model.eval(), "cpu"), data.catalog), data, model
+
+
+def test_a_served_model_reads_the_historys_events_and_the_requests_moment(contextual):
+    path, data, model = contextual
+    rec = Recommender.load(path, device="cpu")
+    history = [str(data.catalog.raw_ids[i]) for i in (1, 4, 2)]
+    monday_noon = 1_704_110_400
+    plain = rec.recommend(history, k=6)
+    carts = Activity(events=["cart"] * 3, timestamps=[monday_noon, monday_noon + 60, monday_noon + 120],
+                     at=monday_noon + 180)
+    night = Activity(events=["cart"] * 3, timestamps=carts.timestamps, at=monday_noon + 12 * 3600)
+    scored = {name: [r.score for r in rec.recommend(history, k=6, activity=a)]
+              for name, a in (("carts", carts), ("night", night))}
+    assert scored["carts"] != [r.score for r in plain] and scored["night"] != scored["carts"]
+    # The same scores as the model given the rows evaluation builds (history rows, then the moment's row)
+    internal = rec.internal(history)
+    expected = sasrec_scorer(model, "cpu")([internal], [carts.rows(3, 4)])[0]
+    top = rec.recommend(history, k=6, activity=carts)
+    assert [r.score for r in top] == pytest.approx([float(expected[rec.index[r.item]]) for r in top], abs=1e-5)
+    with pytest.raises(ConfigError, match="events: 2 given for a history of 3 items"):
+        rec.recommend(history, activity=Activity(events=["cart"] * 2))
+    with pytest.raises(ConfigError, match="events: unknown event type 'basket'"):
+        rec.recommend(history, activity=Activity(events=["cart", "basket", "view"]))
+    # explanations leave an item out together with its event
+    assert len(rec.recommend(history, k=2, explain=True, activity=carts)[0].because) == 3
+
+
+def test_http_takes_events_and_times_and_refuses_misaligned_ones(contextual):
+    path, data, _ = contextual
+    history = [str(data.catalog.raw_ids[i]) for i in (1, 4)]
+    with TestClient(create_app(path, device="cpu", batching=False)) as client:
+        plain = client.post("/v1/recommend", json={"history": history, "k": 3})
+        timed = client.post("/v1/recommend", json={"history": history, "k": 3, "events": ["view", "purchase"],
+                                                   "timestamps": [1_704_110_400, 1_704_110_500], "at": 1_704_200_000})
+        assert plain.status_code == timed.status_code == 200
+        assert plain.json() != timed.json()
+        bad = client.post("/v1/recommend", json={"history": history, "timestamps": [1]})
+        assert bad.status_code == 422 and "timestamps: 1 given for a history of 2 items" in bad.text
+        bad = client.post("/v1/recommend", json={"history": history, "events": ["view", "zap"]})
+        assert bad.status_code == 422 and "unknown event type 'zap'" in bad.text
