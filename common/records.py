@@ -173,6 +173,8 @@ class RunMetrics:
     baselines_cold: dict[str, Metrics] = field(default_factory=dict)
     """The same for the baselines (popularity, text prior)."""
     cold_users: int | None = None
+    test_by_type: dict[str, dict] | None = None
+    """Test metrics (and ``users``) by the type of each user's test event, for data with several event types."""
     fusion: FusionRecord | None = None
     model: str | None = None
     """The model as built for this data (catalog attributes only where the data has them)."""

@@ -158,6 +158,9 @@ def baseline(
         f"HR@10 {test['hr@10']:.4f}  AUC {test['auc']:.4f}  {cold}({metrics.epochs} epochs, "
         f"{metrics.seconds:.0f} s) -> {out / 'metrics.json'}"
     )
+    if metrics.test_by_type:
+        console.print("by the test event's type: " + "  ".join(
+            f"{kind} ({m['users']} users) NDCG@10 {m['ndcg@10']:.4f}" for kind, m in metrics.test_by_type.items()))
 
 
 @app.command()

@@ -11,7 +11,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from common.atomic import write_bytes_atomic
-from common.data import BehaviorData
+from common.data import EVENT_TYPES, BehaviorData
 from common.evaluate import Scorer, evaluate, evaluate_per_user
 from common.metrics import METRIC_NAMES, mean_metrics, select
 from common.records import RunMetrics
@@ -32,7 +32,7 @@ def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorD
     return RunMetrics(mode=mode, test=test.all, valid=select(evaluate(scorer, split, "valid")),
                       test_users=len(test.cold_mask), epochs=epochs, seconds=round(time.monotonic() - started, 2),
                       data=data.summary(), config=config.model_dump(mode="json") | {"device": str(device)},
-                      test_cold=test.cold, cold_users=int(test.cold_mask.sum()),
+                      test_cold=test.cold, cold_users=int(test.cold_mask.sum()), test_by_type=test.by_type,
                       model=config.model.describe(data) if hasattr(config, "model") else None)
 
 
@@ -49,6 +49,8 @@ class Tested:
 
     per_user: dict[str, np.ndarray]
     cold_mask: np.ndarray
+    target_types: np.ndarray | None = None
+    """EVENT_TYPES index of each user's test event (None: the data has no event types)."""
 
     @property
     def all(self) -> dict:
@@ -61,9 +63,17 @@ class Tested:
             return None
         return select(mean_metrics([{k: v[self.cold_mask] for k, v in self.per_user.items()}]))
 
+    @property
+    def by_type(self) -> dict[str, dict] | None:
+        """Test metrics by the test event's type, where the data has more than one type (else None)."""
+        if self.target_types is None or len(np.unique(self.target_types)) < 2:
+            return None
+        return {EVENT_TYPES[t]: select(mean_metrics([{k: v[self.target_types == t] for k, v in self.per_user.items()}]))
+                | {"users": int((self.target_types == t).sum())} for t in np.unique(self.target_types).tolist()}
+
 
 def tested(scorer: Scorer, split: LeaveOneOut) -> Tested:
-    return Tested(evaluate_per_user(scorer, split, "test"), cold_targets(split))
+    return Tested(evaluate_per_user(scorer, split, "test"), cold_targets(split), split.target_types("test"))
 
 
 def write_report(metrics: RunMetrics, out: Path, plots: list[str]) -> None:
@@ -119,6 +129,11 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
         lines += ["", f"Cold items: the {metrics.cold_users} test users whose target had fewer than {COLD_BELOW} "
                   "training interactions.", "", "| run | hr@10 | ndcg@10 |", "|---|---|---|"]
         lines += [f"| {name} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} |" for name, m in cold.items()]
+    if metrics.test_by_type:
+        lines += ["", f"By the test event's type ({metrics.mode}):", "", "| type | users | hr@10 | ndcg@10 |",
+                  "|---|---|---|---|"]
+        lines += [f"| {kind} | {m['users']} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} |"
+                  for kind, m in metrics.test_by_type.items()]
     lines += ["", "## Privacy", ""]
     if isinstance(priv.epsilon_budget, int | float) and math.isinf(priv.epsilon_budget):
         lines.append("- non-private (ε = inf): no DP-SGD, no noise, nothing accounted.")

@@ -87,6 +87,7 @@ def _test_in_detail(metrics: RunMetrics, scorers: dict[str, tuple[int, Scorer]],
     prior (the item-id model vs with text), and the final and best model's paired gain over the text prior."""
     final = tested(scorers["final"][1], split)
     metrics.test_cold, metrics.cold_users = final.cold, int(final.cold_mask.sum())
+    metrics.test_by_type = final.by_type
     _per_merchant(metrics, final, split, merchant_of_user)
     if isinstance(scorers["final"][1], Fused):
         alone = tested(scorers["final"][1].model, split)
