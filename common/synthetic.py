@@ -42,7 +42,7 @@ class SyntheticSpec:
     zipf: float = 1.0
     merchant_skew: float = 0.4
     """Dirichlet concentration of merchants' category mixes (smaller = more distinct merchants)."""
-    daily_cycle: float = 1.5
+    daily_cycle: float = 3.0
     """Strength κ of the daily cycle: a category's weight is multiplied by exp(κ·cos(2π(hour − peak) / 24))."""
     session_gap: int = 6 * 3600
     """Seconds after which the next event starts a new session (it follows no successor)."""

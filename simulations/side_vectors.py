@@ -1,9 +1,12 @@
 """Do behaviour and context vectors help? The centralised baseline trained with and without them, over seeds.
 
 Four variants — none, behaviour only, time context only, both — each trained with every seed on the same data and
-split; validation and test NDCG@10 per run, their means and the spread, and the test event types' figures where
-the data has several types. Each run writes ``OUT/VARIANT-sSEED/metrics.json`` and is skipped when that exists, so
-an interrupted ablation continues; ``OUT/report.md`` is rebuilt from the runs found.
+split; validation and test NDCG@10 per run, their means and the spread, each variant's paired per-user test gain
+over "none" (every test user's NDCG@10 averaged over the seeds, then the mean difference and its 95 % interval:
+run-to-run noise shows in the interval), and the test event types' figures where the data has several types.
+Each run writes ``OUT/VARIANT-sSEED/`` (metrics.json and the model bundle) and is skipped when its metrics.json
+exists, so an interrupted ablation continues; ``OUT/report.md`` and ``OUT/gains.json`` are rebuilt from the runs
+found.
 
     python -m simulations.side_vectors --out simulations/results/synthetic-side-vectors [--seeds 0 1 2]
     python -m simulations.side_vectors --config beauty.toml --out ... (any baseline config: data, model, train)
@@ -16,10 +19,17 @@ import json
 import statistics
 from pathlib import Path
 
-from common.atomic import write_bytes_atomic
+import numpy as np
+
+from common.atomic import write_bytes_atomic, write_json_atomic
+from common.bundle import load_bundle
 from common.config import BaselineConfig, load_config
+from common.evaluate import evaluate_per_user
+from common.metrics import paired_gain
+from common.split import leave_one_out
 
 from .baseline import run_baseline
+from .bundles import MODEL
 
 VARIANTS = {
     "none": {"model.behaviour": False, "model.time_context": False},
@@ -39,12 +49,33 @@ def run(config: Path | None, out: Path, seeds: list[int], variants: list[str]) -
             metrics = run_baseline(cfg, run_dir)
             print(f"{variant} seed {seed}: valid NDCG@10 {metrics.valid['ndcg@10']:.4f}  test NDCG@10 "
                   f"{metrics.test['ndcg@10']:.4f}  ({metrics.epochs} epochs, {metrics.seconds:.0f} s)", flush=True)
-    report = render(out, config)
+    gains = paired_gains(out, config)
+    write_json_atomic(out / "gains.json", gains)
+    report = render(out, config, gains)
     write_bytes_atomic(out / "report.md", report.encode())
     return report
 
 
-def render(out: Path, config: Path | None) -> str:
+def paired_gains(out: Path, config: Path | None) -> dict[str, dict]:
+    """Each variant's per-user test NDCG@10 gain over "none" (both averaged over the seeds they share), scored
+    again from the runs' bundles on the same split."""
+    split = leave_one_out(load_config(config, None, BaselineConfig).load_data())
+    per_user: dict[str, dict[int, np.ndarray]] = {}
+    for path in sorted(out.glob("*-s*/metrics.json")):
+        variant, seed = path.parent.name.rsplit("-s", 1)
+        scorer = load_bundle(path.parent / MODEL).scorer
+        per_user.setdefault(variant, {})[int(seed)] = evaluate_per_user(scorer, split, "test")["ndcg@10"]
+    none = per_user.get("none", {})
+    gains = {}
+    for variant, runs in per_user.items():
+        seeds = sorted(set(runs) & set(none))
+        if variant != "none" and seeds:
+            mean = np.mean([runs[s] for s in seeds], axis=0)
+            gains[variant] = paired_gain(mean, np.mean([none[s] for s in seeds], axis=0)) | {"seeds": seeds}
+    return gains
+
+
+def render(out: Path, config: Path | None, gains: dict[str, dict]) -> str:
     runs: dict[str, list[dict]] = {}
     for path in sorted(out.glob("*-s*/metrics.json")):
         variant = path.parent.name.rsplit("-s", 1)[0]
@@ -55,13 +86,13 @@ def render(out: Path, config: Path | None) -> str:
              f"--out {out}`), data: {first['config']['data']['path'] or 'embedded synthetic'} "
              f"({first['data']['users']} users, {first['data']['items']} items, {first['data']['interactions']} "
              "events). NDCG@10, mean over seeds (each seed's figure in brackets); model chosen by validation.", "",
-             "| variant | seeds | valid NDCG@10 | test NDCG@10 | test − none |", "|---|---|---|---|---|"]
-    none = _mean(runs.get("none", []), "test")
+             "| variant | seeds | valid NDCG@10 | test NDCG@10 | paired test gain over none [95 % interval] |",
+             "|---|---|---|---|---|"]
     for variant in VARIANTS:
         if variant not in runs:
             continue
-        rows = runs[variant]
-        gain = f"{_mean(rows, 'test') - none:+.4f}" if none is not None and variant != "none" else ""
+        rows, g = runs[variant], gains.get(variant)
+        gain = f"{g['gain']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}]" if g else ""
         lines.append(f"| {variant} | {len(rows)} | {_cell(rows, 'valid')} | {_cell(rows, 'test')} | {gain} |")
     typed = {v: rows for v, rows in runs.items() if rows[0].get("test_by_type")}
     if typed:

@@ -13,10 +13,10 @@ import torch
 from fastapi.testclient import TestClient
 
 from common.bundle import bundle_hash, write_bundle
+from common.errors import ConfigError
 from common.evaluate import sasrec_scorer
 from common.loaders import load
 from common.model import SASRec, SASRecConfig
-from common.errors import ConfigError
 from common.recommender import Activity, Recommender, UnknownItems
 from common.text_prior import TextPrior
 from serving.http import create_app
