@@ -238,7 +238,10 @@ def test_malformed_attribute_and_catalog_files(case, padding):
 # --- TOML configs -------------------------------------------------------------------------------------------
 
 SCHEMAS = {
-    "merchant": (MerchantRunConfig, {"privacy": {"epsilon": 4.0}, "local": {"rounds": 2}, "model": {"hidden": 32}}),
+    "merchant": (MerchantRunConfig, {"privacy": {"epsilon": 4.0}, "local": {"rounds": 2},
+                                     "model": {"hidden": 32, "behaviour": True, "context_columns": ["price"],
+                                               "target_weights": {"view": 0.5, "purchase": 2.0}},
+                                     "augment": {"behaviour_sigma": 0.05, "context_sigma": 0.05}}),
     "simulation": (SimulationConfig, {"federation": {"rounds": 3}, "simulation": {"merchants": 4}}),
     "aggregator": (AggregatorConfig, {"aggregator": {"merchant_keys": ["k.pub"]}, "data": {"catalog": "c.tsv"},
                                       "federation": {"rounds": 2}}),
@@ -267,7 +270,8 @@ def test_malformed_configs_name_the_file_and_key(schema, kind, name, value, pick
     elif kind == "wrong value":
         key = sorted(raw[section])[pick % len(raw[section])]
         raw[section][key] = value
-        expected = f"key {section}.{key}" if not isinstance(value, str) or key not in ("catalog", "path") else ""
+        text_valued = ("catalog", "path", "context_columns")  # any text is a valid path or column list
+        expected = f"key {section}.{key}" if not isinstance(value, str) or key not in text_valued else ""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.toml"
         text = tomli_w.dumps(raw) if kind != "syntax" else tomli_w.dumps(raw) + f"\n[{name}\n"
