@@ -12,6 +12,7 @@ around training — how `fedaug simulate` attaches its simulation-only behaviour
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from common.bundle import bundle_hash, write_bundle_files
+from common.compression import COMPRESSIONS, encode
 from common.evaluate import evaluate as evaluate_split
 from common.evaluate import sasrec_scorer
 from common.flower_logging import tame_flower_logging
@@ -48,11 +50,15 @@ def client_app(merchants: MerchantSource = merchant_for, train_mods: list[Mod] |
 
     @app.train(mods=train_mods)
     def _train(msg: Message, context: Context) -> Message:
-        return train(msg, context, merchants(context))
+        started = time.monotonic()
+        merchant = merchants(context)
+        return train(msg, context, merchant, setup_seconds=time.monotonic() - started)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(msg, merchants(context))
+        started = time.monotonic()
+        merchant = merchants(context)
+        return evaluate(msg, merchant, setup_seconds=time.monotonic() - started)
 
     @app.query(STATISTICS)
     def _statistics(msg: Message, context: Context) -> Message:
@@ -65,28 +71,35 @@ def client_app(merchants: MerchantSource = merchant_for, train_mods: list[Mod] |
     return app
 
 
-def train(msg: Message, context: Context, merchant: Merchant) -> Message:
-    """Train one round from the global model in ``msg`` (or resend the update of a round asked again)."""
-    model = merchant.model(msg.content["arrays"].to_torch_state_dict())
+def train(msg: Message, context: Context, merchant: Merchant, setup_seconds: float = 0.0) -> Message:
+    """Train one round from the global model in ``msg`` (or resend the update of a round asked again); the reply
+    carries the update as the server's round config asks (``compression``: common/compression.py)."""
+    started = time.monotonic()
+    global_arrays = msg.content["arrays"]
+    model = merchant.model(global_arrays.to_torch_state_dict())
     config = msg.content["config"] if "config" in msg.content else {}
     server_round = int(config.get("server-round", 0))
     # The server's run key survives its restarts (Flower's run id does not): the ledger keys rounds by it.
     run_key = str(config.get("run-key", context.run_id))
     proximal_mu = float(config.get("proximal-mu", 0.0))
-    replay_key = replay.digest(run_key, server_round, {k: a.data for k, a in msg.content["arrays"].items()},
+    compression = str(config.get("compression", "none"))
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"round config: compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
+    replay_key = replay.digest(run_key, server_round, {k: a.data for k, a in global_arrays.items()},
                                {"proximal-mu": proximal_mu})
     cached = merchant.replays.get(replay_key) if merchant.replays else None
     if cached is not None:  # this exact round was trained and sent before (the server lost it): resend it, for free
         arrays, metrics = cached
-        content = RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()}),
-                              "metrics": MetricRecord(metrics | {"epsilon": _finite(merchant.trainer.epsilon_spent()),
-                                                                 "replayed": 1})})
+        content = _update_content(arrays, global_arrays, compression)
+        content["metrics"] = MetricRecord(metrics | {"epsilon": _finite(merchant.trainer.epsilon_spent()),
+                                                     "replayed": 1})
         return Message(content, reply_to=msg)
     try:
         result = merchant.trainer.train_round(model, run_id=run_key, round_=server_round, proximal_mu=proximal_mu)
     except BudgetExceeded as exc:
         spent = merchant.trainer.epsilon_spent()
-        _log_round(merchant, server_round, run_key, declined=True, epsilon=spent, seconds=0.0, size=0)
+        _log_round(merchant, server_round, run_key, declined=True, epsilon=spent, seconds=0.0, size=0,
+                   work=time.monotonic() - started, setup=setup_seconds)
         content = RecordDict({
             "metrics": MetricRecord({"declined": 1, "epsilon": _finite(spent),
                                      "partition-id": merchant.partition_id}),
@@ -99,18 +112,37 @@ def train(msg: Message, context: Context, merchant: Merchant) -> Message:
                  "noise_multiplier": result.noise_multiplier, "seconds": result.seconds,
                  "augment_views": result.augment_views}
     metrics = MetricRecord(sent)
-    update = model.state_dict()
-    _log_round(merchant, server_round, run_key, declined=False, epsilon=result.epsilon, seconds=result.seconds,
-               size=sum(t.numel() * t.element_size() for t in update.values()))
+    update = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     if merchant.replays:
-        merchant.replays.put(replay_key, {k: v.detach().cpu().numpy() for k, v in update.items()}, dict(metrics))
-    content = RecordDict({"arrays": ArrayRecord(update), "metrics": metrics})
+        merchant.replays.put(replay_key, update, dict(metrics))
+    content = _update_content(update, global_arrays, compression)
+    content["metrics"] = metrics
+    _log_round(merchant, server_round, run_key, declined=False, epsilon=result.epsilon, seconds=result.seconds,
+               size=_payload_bytes(content), work=time.monotonic() - started, setup=setup_seconds)
     return Message(content, reply_to=msg)
 
 
-def evaluate(msg: Message, merchant: Merchant) -> Message:
+def _update_content(update: dict[str, np.ndarray], global_arrays: ArrayRecord, compression: str) -> RecordDict:
+    """The reply's ``arrays`` (and, compressed, its ``compression`` record: the kind and int8 scales)."""
+    if compression == "none":
+        return RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in update.items()})})
+    encoded = encode(update, {k: a.numpy() for k, a in global_arrays.items()}, compression)
+    keys = sorted(encoded.scales)
+    return RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in encoded.arrays.items()}),
+                       "compression": ConfigRecord({"kind": compression, "keys": keys,
+                                                    "scales": [encoded.scales[k] for k in keys]})})
+
+
+def _payload_bytes(content: RecordDict) -> int:
+    """What the update costs on the wire, counted as the server counts it (server/replies.py)."""
+    scales = content["compression"]["scales"] if "compression" in content else []
+    return sum(len(a.data) for a in content["arrays"].values()) + 4 * len(scales)
+
+
+def evaluate(msg: Message, merchant: Merchant, setup_seconds: float = 0.0) -> Message:
     """Score the global model in ``msg`` on this merchant's held-out users (the stages asked for). A private
     merchant withholds them: metrics over its users are outside its accounted ε."""
+    started = time.monotonic()
     if merchant.trainer.privacy.private:
         return Message(RecordDict({"metrics": MetricRecord({WITHHELD: 1, "partition-id": merchant.partition_id})}),
                        reply_to=msg)
@@ -122,6 +154,9 @@ def evaluate(msg: Message, merchant: Merchant) -> Message:
         metrics = evaluate_split(scorer, merchant.split, stage)
         values |= {f"{stage}-{name}": metrics[name] for name in METRIC_NAMES}
         users = metrics["users"]
+    _log_round(merchant, int(config.get("server-round", 0)), str(config.get("run-key", "")), declined=False,
+               epsilon=math.inf, seconds=0.0, size=0, stage="evaluate", work=time.monotonic() - started,
+               setup=setup_seconds)
     content = RecordDict({"metrics": MetricRecord(values | {"num-examples": users,
                                                             "partition-id": merchant.partition_id})})
     return Message(content, reply_to=msg)
@@ -169,12 +204,13 @@ def store_model(msg: Message, merchant: Merchant) -> Message:
 
 
 def _log_round(merchant: Merchant, server_round: int, run_key: str, *, declined: bool, epsilon: float,
-               seconds: float, size: int) -> None:
+               seconds: float, size: int, work: float, setup: float, stage: str = "train") -> None:
     """One line in the merchant's own round log (what its daemon prints), where it keeps state."""
     if merchant.state_dir is not None:
         append_round(merchant.state_dir, MerchantRound(round=server_round, run=run_key, declined=declined,
                                                        epsilon=None if math.isinf(epsilon) else float(epsilon),
-                                                       seconds=round(seconds, 2), bytes_sent=size))
+                                                       seconds=round(seconds, 2), bytes_sent=size, stage=stage,
+                                                       work_seconds=round(work, 3), setup_seconds=round(setup, 3)))
 
 
 def _finite(epsilon: float) -> float:

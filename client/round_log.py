@@ -1,5 +1,7 @@
 """A merchant's own log of the rounds it answered (``state-dir/rounds.jsonl``): written by the ClientApp, which
-runs inside Flower's processes, and followed by the merchant daemon, which prints one line per round."""
+runs inside Flower's processes, and followed by the merchant daemon, which prints one line per entry. It stays
+with the merchant; a simulation, which hosts every merchant, reads it to tell its merchants' own work from the
+engine's overhead (``work_of``)."""
 
 from __future__ import annotations
 
@@ -21,10 +23,18 @@ class MerchantRound:
     """ε spent after the round (None: non-private)."""
     seconds: float
     bytes_sent: int
-    """Size of the update's arrays (0 when declined)."""
+    """Size of the update as sent (0 when declined): compressed, when the server asked for it."""
+    stage: str = "train"
+    """train, or evaluate (a non-private merchant scoring the global model)."""
+    work_seconds: float = 0.0
+    """The handler's own time for this message: training or scoring, and encoding the reply."""
+    setup_seconds: float = 0.0
+    """Time spent building the merchant's state for this message (its data slice, split, trainer, ledger)."""
 
     def line(self) -> str:
         """What the daemon prints."""
+        if self.stage == "evaluate":
+            return f"round {self.round}: evaluated the global model in {self.work_seconds:.1f} s"
         spent = "non-private" if self.epsilon is None else f"ε {self.epsilon:.3f} spent"
         if self.declined:
             return f"round {self.round}: declined (the round would pass the privacy budget; {spent})"
@@ -35,6 +45,22 @@ def append_round(state_dir: Path, entry: MerchantRound) -> None:
     Path(state_dir).mkdir(parents=True, exist_ok=True)  # a non-private merchant has no ledger that made it
     with open(Path(state_dir) / ROUND_LOG, "a", encoding="utf-8") as log:
         log.write(json.dumps(asdict(entry)) + "\n")
+
+
+def read_rounds(state_dir: Path) -> list[MerchantRound]:
+    """Every complete entry of the merchant's round log (none when it has no log yet)."""
+    path = Path(state_dir) / ROUND_LOG
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for line in data[: data.rfind(b"\n") + 1].decode(errors="replace").splitlines():
+        try:
+            entries.append(MerchantRound(**json.loads(line)))
+        except (ValueError, TypeError):
+            continue
+    return entries
 
 
 class RoundLogFollower:

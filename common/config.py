@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from .augment import SEQUENCE_OPS, USES
+from .compression import COMPRESSIONS
 from .data import EVENT_TYPES, BehaviorData, catalog_only
 from .errors import ConfigError
 from .events import DROP, TIMESTAMP_UNITS, EventSchema
@@ -474,6 +475,10 @@ class FederationSection(Section):
     central_clip: float = Field(1.0, gt=0)
     central_delta: float | None = Field(None, gt=0, lt=1)
     """Default 1 / (10 · merchants)."""
+    compression: Literal[COMPRESSIONS] = "none"  # type: ignore[valid-type]
+    """How merchants send their updates (common/compression.py): none (dense fp32 weights), fp16 or int8 (the
+    delta from the global model; int8 with a scale per tensor and stochastic rounding — ¼ of the bytes). The
+    server de-quantises before it validates and aggregates; post-processing, so no privacy cost."""
     metrics_port: int = Field(0, ge=0, le=65535)
     """Prometheus /metrics port; 0 = off."""
     state_dir: Path = Path("fedaug-state")

@@ -100,7 +100,7 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
     dp = central_dp(strategy)
     for attempt in range(1, settings.retries + 2):
         random.seed(f"{settings.seed}/{server_round}/{attempt}")  # Flower samples nodes with `random`
-        config = ConfigRecord({"run-key": state.run_key, "attempt": attempt})
+        config = ConfigRecord({"run-key": state.run_key, "attempt": attempt, "compression": settings.compression})
         messages = list(strategy.configure_train(server_round, arrays, config, grid))
         replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
         replies = sort_train_replies(messages, replies, state.arrays, uniform_weights=dp is not None)

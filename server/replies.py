@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+from common.compression import Encoded, decode
 from common.records import WITHHELD, merchant_name
 
 from .strategies import WEIGHT
@@ -56,18 +57,18 @@ def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], refe
             reason = reply.content["decline"]["reason"] if "decline" in reply.content else "declined"
             out.merchants[node] = info | {"status": "declined", "reason": str(reason)}
             continue
-        arrays = reply.content.array_records.get("arrays") if reply.content else None
-        problem = _check_update(arrays, metrics, reference)
+        arrays, size, problem = _decoded(reply, reference)
+        problem = problem or _check_update(arrays, metrics, reference)
         if problem:
             out.merchants[node] = info | {"status": "rejected", "reason": problem}
             continue
-        out.bytes_received += sum(len(a.data) for a in arrays.values())
-        accepted.append((reply, metrics))
+        out.bytes_received += size
+        accepted.append((reply, arrays, metrics))
         out.merchants[node] = info
-    counted = all("num-examples" in metrics for _, metrics in accepted)
-    for reply, metrics in accepted:
+    counted = all("num-examples" in metrics for _, _, metrics in accepted)
+    for reply, arrays, metrics in accepted:
         users = float(metrics.get("num-examples", 1.0))
-        reply.content = RecordDict({"arrays": reply.content.array_records["arrays"], "metrics": MetricRecord({
+        reply.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({
             WEIGHT: users if counted and not uniform_weights else 1.0, "num-examples": users,
             "train_loss": float(metrics.get("train_loss", 0.0))})})
         out.accepted.append(reply)
@@ -108,6 +109,28 @@ def _sender(reply: Message, sent: list[Message]) -> int:
         if answered and message.metadata.message_id == answered:
             return message.metadata.dst_node_id
     return reply.metadata.src_node_id
+
+
+def _decoded(reply: Message, reference: dict[str, np.ndarray]) -> tuple[ArrayRecord | None, int, str | None]:
+    """The reply's update as fp32 weights (de-quantised when it came compressed), the bytes it took on the wire,
+    and why it cannot be read (or None)."""
+    arrays = reply.content.array_records.get("arrays") if reply.content else None
+    if arrays is None:
+        return None, 0, None
+    size = sum(len(a.data) for a in arrays.values())
+    spec = reply.content.config_records.get("compression")
+    if spec is None:
+        return arrays, size, None
+    try:
+        kind, keys, scales = str(spec["kind"]), list(spec.get("keys", [])), list(spec.get("scales", []))
+        if len(keys) != len(scales):
+            raise ValueError("compression: keys and scales differ in length")
+        encoded = Encoded(kind, {k: a.numpy() for k, a in arrays.items()}, dict(zip(keys, map(float, scales),
+                                                                                    strict=True)))
+        weights = decode(encoded, reference)
+    except Exception as exc:  # noqa: BLE001  (a malformed compressed update is the sender's fault, not ours)
+        return None, 0, str(exc) if isinstance(exc, ValueError) else f"compression: cannot be decoded ({exc!r})"
+    return ArrayRecord({k: Array(v) for k, v in weights.items()}), size + 4 * len(scales), None
 
 
 def _metrics_of(reply: Message) -> dict:

@@ -136,3 +136,40 @@ def _ledger_rows(state_dir):
         return db.execute("SELECT run_id, round, attempt, epsilon FROM rounds ORDER BY id").fetchall()
     finally:
         db.close()
+
+
+def test_a_merchant_sends_its_update_as_the_server_asks_and_logs_its_own_work(tmp_path):
+    """compression int8: the delta from the global model as int8 with a scale per tensor, which the server
+    decodes to within one quantisation step of the dense update; the round log keeps the handler's own time."""
+    from client.round_log import read_rounds
+    from common.compression import INT8_LEVELS
+    from server.replies import sort_train_replies
+
+    run = RUN | {"privacy.epsilon": "inf", "federation.state_dir": str(tmp_path), "model.tie_embeddings": True}
+    context = _context({"partition-id": 1, "num-partitions": 4}, run)
+    config = from_run_config(run)
+    arrays = initial_model(config, config.load_data()).state_dict()
+    replies = {}
+    for kind in ("none", "int8"):
+        msg = Message(content=RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord(
+            {"server-round": 1, "compression": kind})}), dst_node_id=1, message_type=MessageType.TRAIN)
+        replies[kind] = (msg, app(msg, context))
+    dense = replies["none"][1].content["arrays"].to_numpy_ndarrays()
+    packed = replies["int8"][1]
+    assert packed.content["compression"]["kind"] == "int8"
+    assert {a.numpy().dtype.name for a in packed.content["arrays"].values()} == {"int8"}
+    reference = {k: v.numpy() for k, v in arrays.items()}
+    sorted_replies = sort_train_replies([replies["int8"][0]], [packed], reference, uniform_weights=False)
+    assert len(sorted_replies.accepted) == 1, sorted_replies.problems()
+    decoded = sorted_replies.accepted[0].content["arrays"]
+    for (key, start), after in zip(reference.items(), dense, strict=True):
+        step = max(float(abs(after - start).max()) / INT8_LEVELS, 1e-12)
+        assert float(abs(decoded[key].numpy() - after).max()) <= step * 1.001, key
+    dense_bytes = sum(len(a.data) for a in replies["none"][1].content["arrays"].values())
+    assert sorted_replies.bytes_received < 0.3 * dense_bytes
+    log = read_rounds(tmp_path / "merchant-1")
+    assert [entry.bytes_sent for entry in log] == [dense_bytes, sorted_replies.bytes_received]
+    assert all(entry.work_seconds >= entry.seconds > 0 for entry in log)
+    _call(MessageType.EVALUATE, arrays, context)  # a non-private merchant scores the model: its own work too
+    assert read_rounds(tmp_path / "merchant-1")[-1].stage == "evaluate"
+    assert read_rounds(tmp_path / "merchant-1")[-1].work_seconds > 0

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
+from common.compression import encode
 from common.config import STRATEGIES, FederationConfig, FederationSection, from_run_config
 from common.errors import ConfigError
 from common.records import RoundRecord
@@ -122,6 +123,13 @@ class ScriptedGrid(Grid):
                 metrics = {"declined": 0, "epsilon": 0.5 * node, "partition-id": node}
             content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                                   "metrics": MetricRecord(metrics)})
+            kind = str(msg.content["config"].get("compression", "none"))
+            if kind != "none" and behaviour in ("ok", "badscale"):  # as client/client_app.py encodes
+                encoded = encode(arrays, {k: v.numpy() for k, v in msg.content["arrays"].items()}, kind)
+                keys = sorted(encoded.scales)
+                scales = [-1.0 if behaviour == "badscale" else encoded.scales[k] for k in keys]
+                content["arrays"] = ArrayRecord({k: Array(v) for k, v in encoded.arrays.items()})
+                content["compression"] = ConfigRecord({"kind": kind, "keys": keys, "scales": scales})
             replies.append(Message(content, reply_to=msg))
         return replies
 
@@ -183,6 +191,26 @@ def test_bad_updates_are_rejected_with_a_reason():
     assert "budget" in reasons[5] and "raised" in reasons[6] and "timeout" in reasons[7]
     assert [r.metadata.src_node_id for r in replies.accepted] == [1]
     assert set(replies.accepted[0].content["metrics"]) == {"weight", "num-examples", "train_loss"}
+
+
+@pytest.mark.parametrize("kind, ratio", [("fp16", 0.5), ("int8", 0.25)])
+def test_compressed_updates_are_dequantised_before_checks_and_aggregation(tmp_path, kind, ratio):
+    """The server asks for the round's compression, de-quantises what comes back and aggregates fp32 weights as
+    from dense replies; the bytes it counts are what travelled. A compressed update that does not decode is
+    rejected with the reason, like any bad update."""
+    dense = run_federation(ScriptedGrid({1: "ok", 2: "ok"}), _settings(tmp_path / "dense", rounds=1), MODEL)
+    grid = ScriptedGrid({1: "ok", 2: "ok", 3: "badscale"} if kind == "int8" else {1: "ok", 2: "ok"})
+    packed = run_federation(grid, _settings(tmp_path / kind, rounds=1, compression=kind), MODEL)
+    for key in MODEL:  # each merchant's delta is a constant (its id): exact in both encodings
+        np.testing.assert_array_equal(packed.arrays[key], dense.arrays[key])
+        assert packed.arrays[key].dtype == np.float32
+    entry = packed.history[0]
+    assert entry.participants == 2
+    header = dense.history[0].bytes_received - 2 * sum(v.nbytes for v in MODEL.values())  # Flower's per-array header
+    scales = 4 * len(MODEL) * 2 if kind == "int8" else 0
+    assert entry.bytes_received == 2 * ratio * sum(v.nbytes for v in MODEL.values()) + header + scales
+    if kind == "int8":
+        assert entry.problems == ["merchant-3: rejected (compression: array 'w' has no positive finite int8 scale)"]
 
 
 def test_merchants_are_named_one_way_everywhere(tmp_path):
