@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from common.bundle import bundle_hash, write_bundle_files
-from common.compression import COMPRESSIONS, encode
+from common.compression import COMPRESSIONS, Encoded, decode, encode
 from common.evaluate import evaluate as evaluate_split
 from common.evaluate import sasrec_scorer
 from common.flower_logging import tame_flower_logging
@@ -90,7 +90,7 @@ def train(msg: Message, context: Context, merchant: Merchant, setup_seconds: flo
     cached = merchant.replays.get(replay_key) if merchant.replays else None
     if cached is not None:  # this exact round was trained and sent before (the server lost it): resend it, for free
         arrays, metrics = cached
-        content = _update_content(arrays, global_arrays, compression)
+        content = update_content(arrays, global_arrays, compression)
         content["metrics"] = MetricRecord(metrics | {"epsilon": _finite(merchant.trainer.epsilon_spent()),
                                                      "replayed": 1})
         return Message(content, reply_to=msg)
@@ -115,14 +115,14 @@ def train(msg: Message, context: Context, merchant: Merchant, setup_seconds: flo
     update = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     if merchant.replays:
         merchant.replays.put(replay_key, update, dict(metrics))
-    content = _update_content(update, global_arrays, compression)
+    content = update_content(update, global_arrays, compression)
     content["metrics"] = metrics
     _log_round(merchant, server_round, run_key, declined=False, epsilon=result.epsilon, seconds=result.seconds,
                size=_payload_bytes(content), work=time.monotonic() - started, setup=setup_seconds)
     return Message(content, reply_to=msg)
 
 
-def _update_content(update: dict[str, np.ndarray], global_arrays: ArrayRecord, compression: str) -> RecordDict:
+def update_content(update: dict[str, np.ndarray], global_arrays: ArrayRecord, compression: str) -> RecordDict:
     """The reply's ``arrays`` (and, compressed, its ``compression`` record: the kind and int8 scales)."""
     if compression == "none":
         return RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in update.items()})})
@@ -131,6 +131,16 @@ def _update_content(update: dict[str, np.ndarray], global_arrays: ArrayRecord, c
     return RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in encoded.arrays.items()}),
                        "compression": ConfigRecord({"kind": compression, "keys": keys,
                                                     "scales": [encoded.scales[k] for k in keys]})})
+
+
+def sent_weights(content: RecordDict, global_arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The weights a reply built by ``update_content`` stands for (what the server will decode)."""
+    arrays = {k: a.numpy() for k, a in content["arrays"].items()}
+    if "compression" not in content:
+        return arrays
+    spec = content["compression"]
+    encoded = Encoded(str(spec["kind"]), arrays, dict(zip(spec["keys"], spec["scales"], strict=True)))
+    return decode(encoded, {k: a.numpy() for k, a in global_arrays.items()})
 
 
 def _payload_bytes(content: RecordDict) -> int:

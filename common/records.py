@@ -35,6 +35,27 @@ users, they lie outside its accounted ε (client/client_app.py sends it, server/
 
 
 @dataclass
+class MerchantWork:
+    """The merchants' own work in one round, beside the engine's wall time: what a simulation, which hosts every
+    merchant, reads from their round logs (client/round_log.py); a deployed aggregator never sees it."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Merchant -> its handlers' own time this round: training (or scoring) and encoding the reply."""
+    setup: dict[str, float] = field(default_factory=dict)
+    """Merchant -> time spent building its state for this round's messages (data slice, split, trainer, ledger)."""
+    lanes: int = 1
+    """Merchants the engine can run at once (its actors)."""
+    nodes: dict[str, str] = field(default_factory=dict)
+    """Merchant -> the Ray node that ran its training (simulations on a Ray cluster)."""
+
+    def ideal(self) -> float:
+        """The least wall time the merchants' own work needs on ``lanes`` lanes: the busiest merchant, or the
+        total spread evenly, whichever is longer (on at least as many lanes as merchants: the busiest one)."""
+        work = list(self.seconds.values())
+        return max(max(work, default=0.0), sum(work) / max(self.lanes, 1))
+
+
+@dataclass
 class RoundRecord:
     """One finished round: of a federation (server.federation), or of a merchant or pooled run training alone."""
 
@@ -71,6 +92,29 @@ class RoundRecord:
     budgets_spent: bool = False
     """Every merchant declined this round for its privacy budget: the model stayed as it was and the federation
     ended here (a run whose budgets are spent before round 1 is the public prior, with its DP statistics)."""
+    train_seconds: float | None = None
+    """Wall time of the round's training phase: sending, waiting for the merchants, checking, aggregating."""
+    evaluate_seconds: float | None = None
+    """Wall time of the merchants' federated evaluation."""
+    central_seconds: float | None = None
+    """Wall time of the server's central evaluation (simulations)."""
+    work: MerchantWork | None = None
+    """The merchants' own work (simulations)."""
+
+    @property
+    def engine_seconds(self) -> float | None:
+        """Wall time spent waiting on merchants: the training and federated evaluation phases."""
+        if self.train_seconds is None:
+            return None
+        return self.train_seconds + (self.evaluate_seconds or 0.0)
+
+    @property
+    def overhead(self) -> float | None:
+        """Engine overhead: the merchant phases' wall time beyond what the merchants' own work needs on the
+        engine's lanes (``MerchantWork.ideal``) — scheduling, serialisation, building merchant state."""
+        if self.work is None or self.engine_seconds is None:
+            return None
+        return self.engine_seconds - self.work.ideal()
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -81,6 +125,8 @@ class RoundRecord:
         record = cls(**{k: v for k, v in values.items() if k in names})
         if isinstance(record.fusion_weight, str):  # metrics.json writes an infinite weight as "inf"
             record.fusion_weight = float(record.fusion_weight)
+        if isinstance(record.work, dict):
+            record.work = MerchantWork(**record.work)
         return record
 
 

@@ -181,9 +181,29 @@ def _dirichlet_split(label: np.ndarray, n_merchants: int, alpha: float, rng) -> 
     return merchant
 
 
+class Merchants:
+    """A data set's users grouped by merchant, so one merchant's data is cut out on demand, in time proportional
+    to its own users (a simulation worker builds only the merchants it is asked for)."""
+
+    def __init__(self, data: BehaviorData):
+        if data.merchant is None:
+            raise ConfigError("data has no merchant assignment; call assign_merchants first")
+        self.data = data
+        n = len(data.merchant_names) if data.merchant_names else int(data.merchant.max()) + 1
+        self._order = np.argsort(data.merchant, kind="stable")  # each merchant's users in ascending order
+        self._starts = np.searchsorted(data.merchant[self._order], np.arange(n + 1))
+
+    def __len__(self) -> int:
+        return len(self._starts) - 1
+
+    def merchant_data(self, merchant: int) -> BehaviorData:
+        """Merchant ``merchant``'s users as a self-contained BehaviorData."""
+        if not 0 <= merchant < len(self):
+            raise ConfigError(f"merchant {merchant} is not one of the {len(self)} merchants")
+        return self.data.select_users(self._order[self._starts[merchant] : self._starts[merchant + 1]])
+
+
 def merchant_partitions(data: BehaviorData) -> list[BehaviorData]:
     """One self-contained BehaviorData per merchant (split it with ``leave_one_out`` for train/valid/test)."""
-    if data.merchant is None:
-        raise ConfigError("data has no merchant assignment; call assign_merchants first")
-    n = len(data.merchant_names) if data.merchant_names else int(data.merchant.max()) + 1
-    return [data.select_users(np.flatnonzero(data.merchant == m)) for m in range(n)]
+    merchants = Merchants(data)
+    return [merchants.merchant_data(m) for m in range(len(merchants))]

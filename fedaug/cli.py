@@ -41,6 +41,8 @@ FLAGS = {
     "federation.metrics_port": "--metrics-port", "simulation.merchants": "--merchants",
     "simulation.partition": "--partition", "simulation.mode": "--mode", "simulation.attack": "--attack",
     "simulation.attackers": "--attackers", "simulation.defence": "--defence",
+    "federation.compression": "--compression", "simulation.ray_address": "--ray-address",
+    "simulation.client_cpus": "--client-cpus",
 }
 
 QUIET_WARNINGS = (
@@ -380,6 +382,11 @@ def simulate(
                                         "with in the report (repeatable)."),
     metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus /metrics on this port."),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    compression: str | None = typer.Option(None, "--compression", help="How merchants send updates: none | fp16 | "
+                                           "int8 (the delta from the global model)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Join this running Ray cluster (auto or "
+                                           "HOST:PORT) instead of starting Ray here."),
+    client_cpus: int | None = typer.Option(None, "--client-cpus", help="CPUs per simulated merchant."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's own logs."),
 ) -> None:
     """Run the ServerApp and ClientApp in Flower's simulation engine over merchants cut from one data set."""
@@ -392,7 +399,8 @@ def simulate(
         "privacy.epsilon": epsilon, "augment.enabled": False if no_augment else None,
         "federation.strategy": strategy, "simulation.mode": mode, "federation.seed": seed,
         "federation.metrics_port": metrics_port, "device": device, "simulation.attack": attack,
-        "simulation.attackers": attackers, "simulation.defence": defence,
+        "simulation.attackers": attackers, "simulation.defence": defence, "federation.compression": compression,
+        "simulation.ray_address": ray_address, "simulation.client_cpus": client_cpus,
     }, SimulationConfig, flags=FLAGS)
     baselines = dict(_read_baseline(path) for path in baseline)
     _check_out_dir(out)

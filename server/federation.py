@@ -23,7 +23,7 @@ from common.config import FederationSection
 from common.dp_counts import Statistics
 from common.errors import ConfigError, FedaugError
 from common.metrics import select
-from common.records import WITHHELD, RoundRecord, merchant_name
+from common.records import WITHHELD, MerchantWork, RoundRecord, merchant_name
 
 from . import checkpoint
 from .checkpoint import ServerState
@@ -37,24 +37,30 @@ Evaluator = Callable[[dict[str, np.ndarray], tuple[str, ...], Statistics | None]
 (attached by simulations, where the server has the data): ``{"valid": {...}, "test": {...}}``."""
 
 
+WorkReader = Callable[[int, str], MerchantWork | None]
+"""The merchants' own work in a round (round, run key): attached by simulations, which host every merchant."""
+
+
 class RoundFailed(FedaugError):
     """A round got too few usable replies in all its attempts; the last checkpoint is kept for a resume."""
 
 
 def run_federation(grid: Grid, settings: FederationSection, initial: dict[str, np.ndarray],
                    evaluator: Evaluator | None = None, on_round: Callable[[RoundRecord], None] | None = None,
-                   node_wait_seconds: float = 600.0, neighbours: np.ndarray | None = None) -> ServerState:
+                   node_wait_seconds: float = 600.0, neighbours: np.ndarray | None = None,
+                   merchant_work: WorkReader | None = None) -> ServerState:
     """Run (or resume) the federation; ``neighbours``: the public candidate table when the merchants are to
-    release DP collaborative statistics before round 1 (server.statistics)."""
+    release DP collaborative statistics before round 1 (server.statistics); ``merchant_work``: where a
+    simulation reads its merchants' own time per round (recorded beside the engine's)."""
     state_dir = settings.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     with checkpoint.exclusive(state_dir):
-        return _federate(grid, settings, initial, evaluator, on_round, node_wait_seconds, neighbours)
+        return _federate(grid, settings, initial, evaluator, on_round, node_wait_seconds, neighbours, merchant_work)
 
 
 def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.ndarray], evaluator: Evaluator | None,
               on_round: Callable[[RoundRecord], None] | None, node_wait_seconds: float,
-              neighbours: np.ndarray | None) -> ServerState:
+              neighbours: np.ndarray | None, merchant_work: WorkReader | None) -> ServerState:
     state_dir = settings.state_dir
     n_nodes = _wait_for_nodes(grid, settings.min_nodes, node_wait_seconds)
     strategy = build_strategy(settings, n_nodes)
@@ -71,6 +77,8 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
     try:
         for server_round in range(state.round + 1, settings.rounds + 1):
             entry = _run_round(grid, settings, strategy, state, server_round, evaluator)
+            if merchant_work is not None:
+                entry.work = merchant_work(server_round, state.run_key)
             state.round = server_round
             state.history.append(entry)
             inner_strategy = inner(strategy)
@@ -133,6 +141,7 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
         log(WARNING, "fedaug round %d: every merchant declined for its privacy budget: the federation ends with "
             "the model of round %d", server_round, server_round - 1)
     state.arrays = {k: v.numpy() for k, v in aggregated.items()}
+    trained = time.monotonic()
     entry = RoundRecord(round=server_round, attempts=attempt, participants=len(replies.accepted),
                         failures={kind: len(replies.with_status(kind)) for kind in ("error", "declined", "rejected",
                                                                                     "missing")},
@@ -145,9 +154,13 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
         entry.central_delta = dp.privacy_spent().delta
     # Validation every round; test only for the final model (scoring 12k items per user is not free).
     stages = ("valid", "test") if server_round == settings.rounds or spent else ("valid",)
+    entry.train_seconds = round(trained - started, 3)
     _federated_evaluation(grid, settings, strategy, state, server_round, aggregated, stages, entry)
+    evaluated = time.monotonic()
+    entry.evaluate_seconds = round(evaluated - trained, 3)
     if evaluator is not None:
         central = evaluator(state.arrays, stages, state.statistics)
+        entry.central_seconds = round(time.monotonic() - evaluated, 3)
         entry.valid = select(central["valid"])
         entry.test = select(central["test"]) if "test" in central else None
         if "fusion" in central:

@@ -20,16 +20,20 @@ from common.memory import single_malloc_arena
 from common.model import SASRec
 
 from .distribute import distribute_model, final_bundle
-from .federation import Evaluator, run_federation
+from .federation import Evaluator, WorkReader, run_federation
 
 EvaluatorFactory = Callable[[FederationConfig, BehaviorData, SASRec], Evaluator]
 """Builds a central evaluation from the run's config, data and initial model (simulations only)."""
+WorkReaderFactory = Callable[[FederationConfig], WorkReader]
+"""Builds the reader of the merchants' own work per round from the run's config (simulations only)."""
 
 
 def server_app(schema: type[FederationConfig] = FederationConfig,
-               central_evaluation: EvaluatorFactory | None = None) -> ServerApp:
+               central_evaluation: EvaluatorFactory | None = None,
+               merchant_work: WorkReaderFactory | None = None) -> ServerApp:
     """A ServerApp validating run_config with ``schema``; ``central_evaluation`` scores the global model with
-    the data set itself, which only a simulation's server has."""
+    the data set itself, and ``merchant_work`` reads the merchants' own time per round, which only a simulation's
+    server can do (it hosts them)."""
     app = ServerApp()
 
     @app.main()
@@ -45,7 +49,8 @@ def server_app(schema: type[FederationConfig] = FederationConfig,
         initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         evaluator = central_evaluation(config, data, model) if central_evaluation and not deployed else None
         state = run_federation(grid, config.federation, initial, evaluator,
-                               neighbours=statistics_candidates(config, data))
+                               neighbours=statistics_candidates(config, data),
+                               merchant_work=merchant_work(config) if merchant_work and not deployed else None)
         if state.finished(config.federation.rounds):  # every merchant gets the final model
             distribute_model(grid, config.federation, final_bundle(model, state, data.catalog, config.privacy.delta))
 

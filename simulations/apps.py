@@ -6,14 +6,19 @@ central evaluation on every user, which only a simulation's server can do (it ha
 from __future__ import annotations
 
 import copy
+import json
+import os
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
 
 from client.client_app import client_app
 from client.merchant import NUM_PARTITIONS, PARTITION_ID, Merchant, build_merchant
+from client.round_log import read_rounds
 from common.config import FederationConfig, from_run_config
 from common.data import BehaviorData
 from common.device import pick_device
@@ -22,7 +27,8 @@ from common.errors import ConfigError
 from common.evaluate import evaluate, sasrec_scorer
 from common.fusion import Fused, fit_fusion
 from common.model import SASRec
-from common.split import assign_merchants, leave_one_out, merchant_partitions
+from common.records import MerchantWork
+from common.split import Merchants, assign_merchants, leave_one_out
 from server.server_app import server_app
 
 from .attacks import flip_labels, poison_mod
@@ -31,20 +37,24 @@ from .config import SimulationConfig
 
 
 def simulated_merchant(context: Context) -> Merchant:
-    """Partition ``partition-id`` of the run's data set as [simulation] cuts it (poisoned for a label flipper)."""
+    """Partition ``partition-id`` of the run's data set as [simulation] cuts it (poisoned for a label flipper).
+
+    Built for each message and dropped after it: a worker holds the data set once (every merchant's slice of it
+    is a view away) and no merchant's state between its rounds — its ledger and replay cache live in its state
+    dir — so memory follows the merchants sampled, not the ones registered."""
     if PARTITION_ID not in context.node_config:
         raise ConfigError(f"node_config: key {PARTITION_ID} is required in a simulation")
-    return _merchant(tuple(sorted(context.run_config.items())), int(context.node_config[PARTITION_ID]),
-                     int(context.node_config[NUM_PARTITIONS]))
-
-
-@lru_cache(maxsize=256)  # one per merchant a simulation process hosts
-def _merchant(run_items: tuple, pid: int, n: int) -> Merchant:
-    config = _config(run_items)
-    data = _partitions(config, n)[pid]
+    config = _config(tuple(sorted(context.run_config.items())))
+    pid, n = int(context.node_config[PARTITION_ID]), int(context.node_config[NUM_PARTITIONS])
+    data = _assigned(config, n).merchant_data(pid)
     if config.simulation.attack == "labelflip" and pid in config.attacker_ids(n):
         data = flip_labels(data, config.simulation.partition_seed)
-    return build_merchant(config.federation_config, data, config.federation.state_dir / f"merchant-{pid}", pid)
+    return build_merchant(config.federation_config, data, merchant_dir(config, pid), pid)
+
+
+def merchant_dir(config: SimulationConfig, pid: int) -> Path:
+    """Where simulated merchant ``pid`` keeps its ledger, replays and round log."""
+    return config.federation.state_dir / f"merchant-{pid}"
 
 
 @lru_cache(maxsize=4)
@@ -52,11 +62,10 @@ def _config(run_items: tuple) -> SimulationConfig:
     return from_run_config(dict(run_items), SimulationConfig)
 
 
-@lru_cache(maxsize=2)
-def _partitions(config: SimulationConfig, n: int) -> list[BehaviorData]:
+@lru_cache(maxsize=1)  # the data set, once per worker process
+def _assigned(config: SimulationConfig, n: int) -> Merchants:
     sim = config.simulation
-    return merchant_partitions(assign_merchants(config.load_data(), n, sim.partition, sim.partition_seed,
-                                                sim.dirichlet_alpha))
+    return Merchants(assign_merchants(config.load_data(), n, sim.partition, sim.partition_seed, sim.dirichlet_alpha))
 
 
 def _attack_of(context: Context) -> tuple[str, float]:
@@ -122,5 +131,62 @@ class CentralEvaluation:
         return out
 
 
-client = client_app(simulated_merchant, train_mods=[poison_mod(_attack_of)])
-server = server_app(SimulationConfig, CentralEvaluation)
+PLACEMENTS = "placements.jsonl"
+"""In a simulated merchant's state dir: the Ray node that ran each of its training rounds."""
+
+
+def placement_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Note which Ray node trained this merchant's round (what proves a run used every node of a cluster)."""
+    import ray
+
+    reply = call_next(msg, context)
+    config = msg.content["config"] if "config" in msg.content else {}
+    if PARTITION_ID in context.node_config and ray.is_initialized():
+        config_ = _config(tuple(sorted(context.run_config.items())))
+        folder = merchant_dir(config_, int(context.node_config[PARTITION_ID]))
+        folder.mkdir(parents=True, exist_ok=True)
+        line = {"round": int(config.get("server-round", 0)), "run": str(config.get("run-key", "")),
+                "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        with open(folder / PLACEMENTS, "a", encoding="utf-8") as out:
+            out.write(json.dumps(line) + "\n")
+    return reply
+
+
+def merchant_work(config: SimulationConfig):
+    """Reads a round's own work of every merchant from their round logs (client/round_log.py), their Ray nodes
+    from their placements, and the engine's lanes from the Ray cluster the simulation runs on."""
+
+    def read(server_round: int, run_key: str) -> MerchantWork:
+        work = MerchantWork(lanes=engine_lanes(config))
+        for folder in sorted(config.federation.state_dir.glob("merchant-*")):
+            for entry in read_rounds(folder):
+                if entry.round == server_round and entry.run == run_key:
+                    work.seconds[folder.name] = work.seconds.get(folder.name, 0.0) + entry.work_seconds
+                    work.setup[folder.name] = work.setup.get(folder.name, 0.0) + entry.setup_seconds
+            for line in _lines(folder / PLACEMENTS):
+                if line.get("round") == server_round and line.get("run") == run_key:
+                    work.nodes[folder.name] = str(line["node"])
+        return work
+
+    return read
+
+
+def engine_lanes(config: SimulationConfig) -> int:
+    """How many merchants Flower's Ray backend runs at once: its actor pool, sized by Flower from the cluster."""
+    import ray
+    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+    if not ray.is_initialized():
+        return 1
+    return pool_size_from_resources(config.client_resources())
+
+
+def _lines(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (FileNotFoundError, ValueError):
+        return []
+
+
+client = client_app(simulated_merchant, train_mods=[poison_mod(_attack_of), placement_mod])
+server = server_app(SimulationConfig, CentralEvaluation, merchant_work)

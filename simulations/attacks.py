@@ -17,9 +17,10 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from client.client_app import sent_weights, update_content
 from common.data import BehaviorData
 
 ATTACKS = ("scale", "signflip", "noise", "labelflip")
@@ -66,10 +67,16 @@ def poison_mod(attack_of: Callable[[Context], tuple[str, float]]) -> Mod:
         attack, scale = attack_of(context)
         if attack not in UPDATE_ATTACKS or reply.has_error() or "arrays" not in reply.content:
             return reply
-        server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
-        poisoned = poison_update(msg.content["arrays"].to_torch_state_dict(),
-                                 reply.content["arrays"].to_torch_state_dict(), attack, scale, seed=server_round)
-        reply.content["arrays"] = ArrayRecord(poisoned)
+        config = msg.content["config"] if "config" in msg.content else {}
+        server_round = int(config.get("server-round", 0))
+        sent = {k: torch.from_numpy(v) for k, v in sent_weights(reply.content, msg.content["arrays"]).items()}
+        poisoned = poison_update(msg.content["arrays"].to_torch_state_dict(), sent, attack, scale, seed=server_round)
+        # Sent as the honest merchants send theirs (compressed when the round asks for it).
+        packed = update_content({k: v.numpy() for k, v in poisoned.items()}, msg.content["arrays"],
+                                str(config.get("compression", "none")))
+        for name in ("arrays", "compression"):
+            if name in packed:
+                reply.content[name] = packed[name]
         return reply
 
     return mod

@@ -4,6 +4,7 @@ simulation's ServerApp and ClientApp (simulations/apps.py)."""
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -22,6 +23,7 @@ from common.config import (
     federation_config,
 )
 from common.data import BehaviorData
+from common.device import pick_device
 from common.split import PARTITIONS, assign_merchants
 
 from .attacks import ATTACKS, attackers
@@ -51,7 +53,14 @@ class SimulationSection(Section):
     """federated: Flower's simulation engine; local: every merchant alone; central: all data pooled — each with the
     same DP settings and rounds × local epochs, so the three compare like for like."""
     client_cpus: int = Field(0, ge=0)
-    """CPUs per simulated merchant (0: all of them, one merchant trains at a time)."""
+    """CPUs per simulated merchant (0: all of this machine's, one merchant trains at a time; on a Ray cluster, 1).
+    Flower's Ray backend runs as many merchants at once as the cluster's nodes fit."""
+    client_gpus: float = Field(-1.0, ge=-1)
+    """GPUs per simulated merchant (-1: one where this machine has CUDA and the device is not cpu, else none; a
+    fraction shares a GPU between merchants)."""
+    ray_address: str = ""
+    """Join a running Ray cluster (``auto``, or the head's HOST:PORT) instead of starting Ray on this machine.
+    Every node runs the same Python environment with fedaug installed and reads the data from the same path."""
     attack: Literal[("",) + ATTACKS] = ""  # type: ignore[valid-type]
     """Robustness experiments: make a fraction of merchants Byzantine (simulations.attacks)."""
     attackers: float = Field(0.0, ge=0, lt=1)
@@ -110,6 +119,19 @@ class SimulationConfig(Config, DataPart, SyntheticPart, RecipePart):
             merged = {**raw.get(section, {}), **values}
             raw[section] = {key: value for key, value in merged.items() if value is not None}
         return SimulationConfig.model_validate(raw)
+
+    def client_resources(self) -> dict[str, float]:
+        """The Ray resources one simulated merchant takes ([simulation] client_cpus, client_gpus)."""
+        sim = self.simulation
+        cpus = os.cpu_count() or 1
+        if sim.ray_address:
+            per_client = sim.client_cpus or 1
+        else:
+            per_client = min(sim.client_cpus or cpus, cpus)
+        gpus = sim.client_gpus
+        if gpus < 0:
+            gpus = 1.0 if pick_device(self.device).type == "cuda" else 0.0
+        return {"num_cpus": per_client, "num_gpus": gpus}
 
     def assigned(self, data: BehaviorData) -> BehaviorData:
         """``data`` with every user given a merchant, as [simulation] cuts it."""

@@ -168,9 +168,35 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
                          f"{r.valid['ndcg@10']:.4f} | {alone} | {_fmt(r.fusion_weight)} | {_fmt(r.train_loss)} | "
                          f"{_fmt(r.epsilon_max)} | {r.participants if r.participants is not None else '—'} | "
                          f"{missing} |")
+    lines += _engine_lines(metrics.rounds)
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def _engine_lines(rounds) -> list[str]:
+    """Per round: the wall time of the phases that wait on merchants, the merchants' own work and what the engine
+    added beyond it (RoundRecord.overhead), beside the server's own central evaluation."""
+    timed = [r for r in rounds if r.work is not None and r.engine_seconds]
+    if not timed:
+        return []
+    lines = ["", "## Engine overhead", "",
+             "Merchant phases: the training and federated-evaluation wall time. Own work: each merchant's handlers "
+             "(training, scoring, encoding the reply), from their round logs; the ideal is the busiest merchant or "
+             "the total over the engine's lanes, whichever is longer. Overhead: merchant phases − ideal (Ray "
+             "scheduling, serialisation, building each merchant's state: setup).", "",
+             "| round | round wall s | merchant phases s | merchants | lanes | busiest s | total work s | setup s | "
+             "overhead s | overhead % | central evaluation s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in timed:
+        work = r.work
+        lines.append(f"| {r.round} | {_fmt(r.seconds)} | {r.engine_seconds:.2f} | {len(work.seconds)} | "
+                     f"{work.lanes} | {max(work.seconds.values(), default=0.0):.2f} | "
+                     f"{sum(work.seconds.values()):.2f} | {sum(work.setup.values()):.2f} | {r.overhead:.2f} | "
+                     f"{100 * r.overhead / r.engine_seconds:.1f} | {_fmt(r.central_seconds)} |")
+    nodes = sorted({node for r in timed for node in r.work.nodes.values()})
+    if len(nodes) > 1:
+        lines += ["", f"Merchants ran on {len(nodes)} Ray nodes: " + ", ".join(node[:12] for node in nodes) + "."]
+    return lines
 
 
 def _augment_text(augment: dict) -> str:

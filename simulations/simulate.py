@@ -143,7 +143,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
 
     from server.server_app import server_app
 
-    from .apps import CentralEvaluation, client
+    from .apps import CentralEvaluation, client, merchant_work
 
     def central_evaluation(*args) -> CentralEvaluation:
         evaluations.append(CentralEvaluation(*args))
@@ -170,7 +170,8 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
             _write_app_dir(Path(app_dir), run_config)
             watcher.start()
             _run_simulation(num_supernodes=n_merchants, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                            client_app=client, server_app=server_app(SimulationConfig, central_evaluation),
+                            client_app=client,
+                            server_app=server_app(SimulationConfig, central_evaluation, merchant_work),
                             backend_name="ray",
                             backend_config=_backend_config(config, verbose), server_app_context=context,
                             app_dir=app_dir, is_app=True, run=run, verbose_logging=verbose)
@@ -228,12 +229,15 @@ def _write_app_dir(app_dir: Path, run_config: dict) -> None:
 
 
 def _backend_config(config: SimulationConfig, verbose: bool) -> dict:
-    cpus = os.cpu_count() or 1
-    per_client = min(config.simulation.client_cpus or cpus, cpus)
-    gpus = torch.cuda.device_count() if pick_device(config.device).type == "cuda" else 0
-    return {"client_resources": {"num_cpus": per_client, "num_gpus": 1.0 if gpus else 0.0},
-            "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False,
-                          "log_to_driver": verbose}}
+    """Flower's Ray backend: a local Ray over this machine's CPUs (and GPUs), or the running cluster at
+    [simulation] ray_address, whose nodes bring their own resources."""
+    init_args = {"include_dashboard": False, "log_to_driver": verbose}
+    if config.simulation.ray_address:
+        init_args["address"] = config.simulation.ray_address
+    else:
+        gpus = torch.cuda.device_count() if pick_device(config.device).type == "cuda" else 0
+        init_args |= {"num_cpus": os.cpu_count() or 1, "num_gpus": gpus}
+    return {"client_resources": config.client_resources(), "init_args": init_args}
 
 
 # local and central: the client's own trainer, without Flower -----------------------------------------------------
