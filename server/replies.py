@@ -65,6 +65,9 @@ def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], refe
         out.bytes_received += size
         accepted.append((reply, arrays, metrics))
         out.merchants[node] = info
+    # In a fixed order (a simulation's partition, else the node id), not arrival order: float sums then do not
+    # depend on which merchant finished first, so a run on a cluster aggregates exactly as on one machine.
+    accepted.sort(key=lambda entry: (entry[2].get("partition-id", -1), _sender(entry[0], sent)))
     counted = all("num-examples" in metrics for _, _, metrics in accepted)
     for reply, arrays, metrics in accepted:
         users = float(metrics.get("num-examples", 1.0))

@@ -188,5 +188,10 @@ def _lines(path: Path) -> list[dict]:
         return []
 
 
+def central_evaluation(config: SimulationConfig, data: BehaviorData, model: SASRec) -> CentralEvaluation | None:
+    """The server's central evaluation, where [simulation] central_evaluation asks for it."""
+    return CentralEvaluation(config, data, model) if config.simulation.central_evaluation else None
+
+
 client = client_app(simulated_merchant, train_mods=[poison_mod(_attack_of), placement_mod])
-server = server_app(SimulationConfig, CentralEvaluation, merchant_work)
+server = server_app(SimulationConfig, central_evaluation, merchant_work)

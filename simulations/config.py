@@ -58,6 +58,10 @@ class SimulationSection(Section):
     client_gpus: float = Field(-1.0, ge=-1)
     """GPUs per simulated merchant (-1: one where this machine has CUDA and the device is not cpu, else none; a
     fraction shares a GPU between merchants)."""
+    central_evaluation: bool = True
+    """The server also scores every round's global model on every user (a simulation's server has the data);
+    false: only the merchants sampled for evaluation score it, as in a deployment — a round's cost then follows
+    the merchants sampled, not the ones registered. The final model is tested on every user either way."""
     ray_address: str = ""
     """Join a running Ray cluster (``auto``, or the head's HOST:PORT) instead of starting Ray on this machine.
     Every node runs the same Python environment with fedaug installed and reads the data from the same path."""

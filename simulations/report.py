@@ -164,8 +164,9 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
         for r in metrics.rounds:
             missing = ", ".join(f"{v} {k}" for k, v in r.failures.items() if v) or "—"
             alone = _fmt(r.model_valid["ndcg@10"]) if r.model_valid else "—"
+            valid = _fmt(r.valid["ndcg@10"]) if r.valid else "—"
             lines.append(f"| {r.round}{' (kept)' if r.round == metrics.best_round else ''} | "
-                         f"{r.valid['ndcg@10']:.4f} | {alone} | {_fmt(r.fusion_weight)} | {_fmt(r.train_loss)} | "
+                         f"{valid} | {alone} | {_fmt(r.fusion_weight)} | {_fmt(r.train_loss)} | "
                          f"{_fmt(r.epsilon_max)} | {r.participants if r.participants is not None else '—'} | "
                          f"{missing} |")
     lines += _engine_lines(metrics.rounds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from common.config import to_run_config
 from common.device import pick_device
-from common.errors import FedaugError
+from common.errors import ConfigError, FedaugError
 from common.evaluate import Scorer
 from common.fusion import Fused
 from common.metrics import paired_gain, select
@@ -86,6 +87,8 @@ def _test_in_detail(metrics: RunMetrics, scorers: dict[str, tuple[int, Scorer]],
     """The final global model on cold-item targets and per merchant, the model alone beside its fusion with the
     prior (the item-id model vs with text), and the final and best model's paired gain over the text prior."""
     final = tested(scorers["final"][1], split)
+    if metrics.test is None:  # no central evaluation during the run ([simulation] central_evaluation = false)
+        metrics.test = final.all
     metrics.test_cold, metrics.cold_users = final.cold, int(final.cold_mask.sum())
     metrics.test_by_type = final.by_type
     _per_merchant(metrics, final, split, merchant_of_user)
@@ -145,7 +148,9 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
 
     from .apps import CentralEvaluation, client, merchant_work
 
-    def central_evaluation(*args) -> CentralEvaluation:
+    def central_evaluation(*args) -> CentralEvaluation | None:
+        if not config.simulation.central_evaluation:
+            return None
         evaluations.append(CentralEvaluation(*args))
         return evaluations[-1]
 
@@ -233,11 +238,28 @@ def _backend_config(config: SimulationConfig, verbose: bool) -> dict:
     [simulation] ray_address, whose nodes bring their own resources."""
     init_args = {"include_dashboard": False, "log_to_driver": verbose}
     if config.simulation.ray_address:
+        _check_cluster(config.simulation.ray_address)
         init_args["address"] = config.simulation.ray_address
     else:
         gpus = torch.cuda.device_count() if pick_device(config.device).type == "cuda" else 0
-        init_args |= {"num_cpus": os.cpu_count() or 1, "num_gpus": gpus}
+        # "local": a Ray of our own even where RAY_ADDRESS names a cluster (ray.init would join it otherwise).
+        init_args |= {"address": "local", "num_cpus": os.cpu_count() or 1, "num_gpus": gpus}
     return {"client_resources": config.client_resources(), "init_args": init_args}
+
+
+def _check_cluster(address: str) -> None:
+    """Fail in one line, before Flower starts, where no Ray cluster answers at HOST:PORT (Ray itself would retry
+    for minutes inside Flower's engine); ``auto`` is left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        if address != "auto":
+            raise ConfigError(f"simulation.ray_address: expected auto or HOST:PORT, got {address!r}")
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise FedaugError(f"simulation.ray_address: no Ray cluster answers at {address} ({exc.strerror or exc}); "
+                          "start one with `ray start --head` or fix the address") from exc
 
 
 # local and central: the client's own trainer, without Flower -----------------------------------------------------
