@@ -24,7 +24,7 @@ from common.data import BehaviorData
 from common.device import pick_device
 from common.errors import ConfigError
 from common.model import SASRec, SASRecConfig
-from common.split import LeaveOneOut, assign_merchants, leave_one_out, merchant_partitions
+from common.split import LeaveOneOut, Merchants, assign_merchants, leave_one_out
 
 from .replay import ReplayCache
 from .trainer import LocalTrainer, build_trainer
@@ -75,28 +75,37 @@ def build_merchant(config: FederationConfig, data: BehaviorData, state_dir: Path
 
 
 def merchant_for(context: Context) -> Merchant:
-    """The merchant for this node, built once per process (data loading and splitting are not per round)."""
-    return _cached(tuple(sorted(context.node_config.items())), tuple(sorted(context.run_config.items())))
-
-
-@lru_cache(maxsize=256)  # one per merchant a simulation process hosts
-def _cached(node_items: tuple, run_items: tuple) -> Merchant:
-    node, run = dict(node_items), dict(run_items)
-    if "data.path" in node:  # deployment: this node's own data, budget and state
-        if STATE_DIR not in node:
-            raise ConfigError(f"node_config: key {STATE_DIR} is required next to data.path")
-        recipe = {k: v for k, v in run.items() if k.split(".")[0] not in OWN_SECTIONS}
-        own = {k: v for k, v in node.items() if k != STATE_DIR}
-        config = from_run_config(recipe, FederationConfig, own, where="run_config + node_config")
-        return build_merchant(config, config.load_data(), Path(str(node[STATE_DIR])))
-    if PARTITION_ID in node:  # Flower's simulation: a uniform share of the run's data set
-        config = from_run_config(run, FederationConfig)
-        pid, n = int(node[PARTITION_ID]), int(node[NUM_PARTITIONS])
-        data = _uniform_partitions(config, n)[pid]
-        return build_merchant(config, data, config.federation.state_dir / f"merchant-{pid}", pid)
+    """The merchant for this node. Deployed, it is built once per process (its data loading and splitting are
+    not per round); in a simulation, for each message from the data set the process holds once (nothing of a
+    merchant stays in memory between its rounds: its ledger and replays live in its state dir)."""
+    node, run = tuple(sorted(context.node_config.items())), tuple(sorted(context.run_config.items()))
+    if "data.path" in context.node_config:
+        return _deployed(node, run)
+    if PARTITION_ID in context.node_config:  # Flower's simulation: a uniform share of the run's data set
+        config = _federation_config(run)
+        pid, n = int(context.node_config[PARTITION_ID]), int(context.node_config[NUM_PARTITIONS])
+        return build_merchant(config, _uniform(config, n).merchant_data(pid),
+                              config.federation.state_dir / f"merchant-{pid}", pid)
     raise ConfigError(f"node_config needs data.path (deployment) or {PARTITION_ID} (simulation)")
 
 
-@lru_cache(maxsize=2)
-def _uniform_partitions(config: FederationConfig, n: int) -> list[BehaviorData]:
-    return merchant_partitions(assign_merchants(config.load_data(), n, "uniform", config.federation.seed))
+@lru_cache(maxsize=4)
+def _deployed(node_items: tuple, run_items: tuple) -> Merchant:
+    """This node's own data, budget and state."""
+    node, run = dict(node_items), dict(run_items)
+    if STATE_DIR not in node:
+        raise ConfigError(f"node_config: key {STATE_DIR} is required next to data.path")
+    recipe = {k: v for k, v in run.items() if k.split(".")[0] not in OWN_SECTIONS}
+    own = {k: v for k, v in node.items() if k != STATE_DIR}
+    config = from_run_config(recipe, FederationConfig, own, where="run_config + node_config")
+    return build_merchant(config, config.load_data(), Path(str(node[STATE_DIR])))
+
+
+@lru_cache(maxsize=4)
+def _federation_config(run_items: tuple) -> FederationConfig:
+    return from_run_config(dict(run_items), FederationConfig)
+
+
+@lru_cache(maxsize=1)  # the data set, once per process
+def _uniform(config: FederationConfig, n: int) -> Merchants:
+    return Merchants(assign_merchants(config.load_data(), n, "uniform", config.federation.seed))

@@ -386,3 +386,23 @@ def test_the_best_validating_global_model_is_kept_across_a_resume(tmp_path):
     # round 4 (0.1) does not replace it
     assert resumed.best_round == 2 and resumed.best_arrays["w"][0, 0] == pytest.approx(2 * 50 / 30)
     assert checkpoint.load(tmp_path / "state").best_round == 2
+
+
+def test_a_rounds_engine_overhead_is_its_merchant_phases_beyond_the_merchants_own_work(tmp_path):
+    """Phases are timed by the server; a simulation attaches the merchants' own work, which survives the round log
+    and the checkpoint."""
+    from common.records import MerchantWork
+
+    def work(server_round, run_key):
+        return MerchantWork(seconds={"merchant-1": 0.02, "merchant-2": 0.01}, setup={"merchant-1": 0.001}, lanes=1)
+
+    state = run_federation(ScriptedGrid({1: "ok", 2: "ok"}), _settings(tmp_path, rounds=1), MODEL,
+                           merchant_work=work)
+    entry = state.history[0]
+    assert entry.train_seconds > 0 and entry.evaluate_seconds > 0 and entry.central_seconds is None
+    assert entry.engine_seconds == pytest.approx(entry.train_seconds + entry.evaluate_seconds)
+    assert entry.work.ideal() == pytest.approx(0.03)  # one lane: the total; two lanes: the busiest
+    assert MerchantWork(seconds={"a": 2.0, "b": 1.0}, lanes=2).ideal() == 2.0
+    assert entry.overhead == pytest.approx(entry.engine_seconds - 0.03)
+    logged = RoundRecord.from_json(json.loads((tmp_path / "state" / ROUND_LOG).read_text().splitlines()[0]))
+    assert logged.work == entry.work and checkpoint.load(tmp_path / "state").history[0].work == entry.work

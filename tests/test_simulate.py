@@ -315,3 +315,30 @@ def test_the_side_vector_ablation_reports_each_variant_and_its_paired_gain(tmp_p
     stamp = (tmp_path / "out" / "both-s0" / "metrics.json").stat().st_mtime_ns
     run(config, tmp_path / "out", [0], ["none", "both"])  # nothing left to run
     assert (tmp_path / "out" / "both-s0" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_many_merchants_a_fraction_per_round_each_built_only_when_sampled(tmp_path):
+    """200 registered merchants, 5 % trained and 5 % evaluated per round: each round trains exactly the ten
+    Flower samples (seeded: a rerun samples the same), and only merchants that were ever sampled have any state —
+    the others were never built. Without central evaluation the rounds' figures come from the sampled merchants."""
+    path = tmp_path / "many.toml"
+    path.write_text(TINY.replace("users = 150", "users = 4000").replace("merchants = 3\n[local]",
+                                                                         "merchants = 200\ncentral_evaluation = false"
+                                                                         "\n[local]")
+                    + "[federation]\nrounds = 2\nfraction_train = 0.05\nfraction_evaluate = 0.05\n")
+    runs = {}
+    for name in ("a", "b"):
+        process = _fedaug("simulate", "--config", str(path), "--epsilon", "inf", "--out", str(tmp_path / name))
+        output = _finish(process, timeout=900)
+        assert process.returncode == 0, output[-3000:]
+        runs[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    rounds = runs["a"]["rounds"]
+    assert [r["participants"] for r in rounds] == [10, 10]
+    assert all(r["federated_merchants"] == 10 and r["federated_valid"] for r in rounds)
+    worked = [set(r["work"]["seconds"]) for r in rounds]  # sampled to train, to evaluate, or both
+    assert all(10 <= len(w) <= 20 for w in worked)
+    built = {p.name for p in (tmp_path / "a" / "state").glob("merchant-*")}
+    assert built == set().union(*worked) and len(built) <= 40  # 200 registered; only the sampled ever built
+    assert [set(r["work"]["seconds"]) for r in runs["b"]["rounds"]] == worked
+    assert runs["a"]["test"] == runs["b"]["test"] and runs["a"]["merchants_total"] == 200

@@ -5,7 +5,7 @@ import pytest
 
 from common.data import ItemCatalog, from_sequences
 from common.errors import ConfigError
-from common.split import assign_merchants, dominant_category, k_core, leave_one_out, merchant_partitions
+from common.split import Merchants, assign_merchants, dominant_category, k_core, leave_one_out, merchant_partitions
 from common.synthetic import SyntheticSpec, generate
 
 
@@ -77,6 +77,18 @@ def test_merchant_partitions_are_self_contained():
     assert sum(p.n_interactions for p in parts) == data.n_interactions
     splits = [leave_one_out(p) for p in parts]
     assert all(s.n_items == data.n_items for s in splits)  # one global item space for the shared model
+
+
+def test_one_merchant_is_cut_out_on_demand_as_the_partitions_cut_it():
+    data = assign_merchants(generate(SyntheticSpec(users=300, items=100)), 7, "uniform", seed=4)
+    merchants = Merchants(data)
+    assert len(merchants) == 7
+    for m, part in enumerate(merchant_partitions(data)):
+        alone = merchants.merchant_data(m)
+        assert np.array_equal(alone.user_ids, data.user_ids[np.flatnonzero(data.merchant == m)])
+        assert np.array_equal(alone.items, part.items) and np.array_equal(alone.offsets, part.offsets)
+    with pytest.raises(ConfigError, match="merchant 7 is not one of the 7"):
+        merchants.merchant_data(7)
 
 
 def test_column_partition_needs_merchant_ids():
