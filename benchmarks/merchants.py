@@ -2,8 +2,8 @@
 
 The same federation twice, each a `fedaug simulate` subprocess: synthetic data with USERS_PER_MERCHANT users per
 merchant, SAMPLED merchants trained per round (fraction_train = SAMPLED / registered, the same for evaluation),
-ROUNDS rounds, the server scoring through the sampled merchants only ([simulation] central_evaluation = false,
-as in a deployment). Once with the small registry (the baseline), once with the large one. Per run: the peak RSS
+ROUNDS rounds, one CPU per merchant (as many at once as the machine has cores), the server scoring through the
+sampled merchants only ([simulation] central_evaluation = false, as in a deployment). Once with the small registry (the baseline), once with the large one. Per run: the peak RSS
 of the whole process tree (the driver, Ray's processes and its workers; sampled every 0.2 s from /proc) and the
 seconds per round (the rounds' wall time from metrics.json; round 1 also starts the engine's workers, so the
 steady rounds 2.. are reported beside it).
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--users-per-merchant", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--items", type=int, default=1500)
+    parser.add_argument("--hidden", type=int, default=16)
     args = parser.parse_args()
     runs = [measure(n, args) for n in args.registered]
     small, large = runs
@@ -50,7 +51,7 @@ def main() -> None:
         "steady_seconds_per_round_ratio": (large["steady_seconds_per_round"] / small["steady_seconds_per_round"]
                                            if small["steady_seconds_per_round"] else None),
         "settings": {"sampled": args.sampled, "users_per_merchant": args.users_per_merchant,
-                     "rounds": args.rounds, "items": args.items, "cpus": os.cpu_count()},
+                     "rounds": args.rounds, "items": args.items, "hidden": args.hidden, "cpus": os.cpu_count()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -62,10 +63,12 @@ def measure(registered: int, args) -> dict:
         folder = Path(folder)
         config = {
             "synthetic": {"users": registered * args.users_per_merchant, "items": args.items},
-            "simulation": {"merchants": registered, "central_evaluation": False},
+            "simulation": {"merchants": registered, "central_evaluation": False, "client_cpus": 1},
             "federation": {"rounds": args.rounds, "fraction_train": args.sampled / registered,
                            "fraction_evaluate": args.sampled / registered},
             "local": {"batch_size": 32},
+            # A small model: what is measured is how a round's cost grows with the registry, not the model's.
+            "model": {"hidden": args.hidden, "blocks": 1, "max_len": 20},
         }
         (folder / "config.toml").write_text(tomli_w.dumps(config))
         started = time.monotonic()
