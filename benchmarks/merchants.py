@@ -3,10 +3,10 @@
 The same federation twice, each a `fedaug simulate` subprocess: synthetic data with USERS_PER_MERCHANT users per
 merchant, SAMPLED merchants trained per round (fraction_train = SAMPLED / registered, the same for evaluation),
 ROUNDS rounds, one CPU per merchant (as many at once as the machine has cores), the server scoring through the
-sampled merchants only ([simulation] central_evaluation = false, as in a deployment). Once with the small registry (the baseline), once with the large one. Per run: the peak RSS
-of the whole process tree (the driver, Ray's processes and its workers; sampled every 0.2 s from /proc) and the
-seconds per round (the rounds' wall time from metrics.json; round 1 also starts the engine's workers, so the
-steady rounds 2.. are reported beside it).
+sampled merchants only ([simulation] central_evaluation = false, as in a deployment). Once with the small registry
+(the baseline), once with the large one. Per run: the peak RSS of the whole process tree (the driver, Ray's
+processes and its workers; sampled every 0.2 s from /proc) and the seconds per round (the rounds' wall time from
+metrics.json; round 1 also starts the engine's workers, so the steady rounds 2.. are reported beside it).
 
     python benchmarks/merchants.py --out benchmarks/results/merchants_cpu.json [--registered 100 1000]
 
