@@ -54,13 +54,20 @@ def read_rounds(state_dir: Path) -> list[MerchantRound]:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
+    return _parse(data)[0]
+
+
+def _parse(data: bytes) -> tuple[list[MerchantRound], int]:
+    """The complete entries in ``data`` (a line still being written is left for later) and the bytes they took;
+    a line that is not an entry is skipped."""
+    complete = data[: data.rfind(b"\n") + 1]
     entries = []
-    for line in data[: data.rfind(b"\n") + 1].decode(errors="replace").splitlines():
+    for line in complete.decode(errors="replace").splitlines():
         try:
             entries.append(MerchantRound(**json.loads(line)))
         except (ValueError, TypeError):
             continue
-    return entries
+    return entries, len(complete)
 
 
 class RoundLogFollower:
@@ -82,13 +89,10 @@ class RoundLogFollower:
         with open(self.path, "rb") as log:
             log.seek(self._offset)
             data = log.read()
-        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next poll
-        self._offset += len(complete)
-        for line in complete.decode(errors="replace").splitlines():
-            try:
-                self.say(MerchantRound(**json.loads(line)).line())
-            except (ValueError, TypeError):
-                continue
+        entries, used = _parse(data)  # a line still being written waits for the next poll
+        self._offset += used
+        for entry in entries:
+            self.say(entry.line())
 
     def __enter__(self) -> RoundLogFollower:
         self._thread.start()

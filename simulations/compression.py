@@ -114,10 +114,11 @@ def render(summary: dict) -> str:
                      f"{_pct(vs.get('relative_ndcg_loss'))} | {_pct(vs.get('model_relative_ndcg_loss'))} | "
                      f"{entry['seconds']:.0f} |")
     for kind, stats in summary["by_kind"].items():
-        parts = [f"{key} mean {_fmt(v['mean'], 4) if key == 'bytes_ratio' else _pct(v['mean'])} "
-                 f"[{_fmt(v['min'], 4) if key == 'bytes_ratio' else _pct(v['min'])}, "
-                 f"{_fmt(v['max'], 4) if key == 'bytes_ratio' else _pct(v['max'])}] over {v['seeds']} seed(s)"
-                 for key, v in stats.items()]
+        parts = []
+        for key, v in stats.items():
+            shown = (lambda x: _fmt(x, 4)) if key == "bytes_ratio" else _pct  # a ratio, or a relative loss
+            parts.append(f"{key} mean {shown(v['mean'])} [{shown(v['min'])}, {shown(v['max'])}] "
+                         f"over {v['seeds']} seed(s)")
         lines += ["", f"**{kind}**: " + "; ".join(parts) + "."]
     return "\n".join(lines) + "\n"
 

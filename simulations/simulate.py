@@ -146,13 +146,13 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
 
     from server.server_app import server_app
 
-    from .apps import CentralEvaluation, client, merchant_work
+    from .apps import CentralEvaluation, central_evaluation, client, merchant_work
 
-    def central_evaluation(*args) -> CentralEvaluation | None:
-        if not config.simulation.central_evaluation:
-            return None
-        evaluations.append(CentralEvaluation(*args))
-        return evaluations[-1]
+    def keep_central_evaluation(*args) -> CentralEvaluation | None:
+        evaluation = central_evaluation(*args)
+        if evaluation is not None:
+            evaluations.append(evaluation)
+        return evaluation
 
     run_config = to_run_config(config.changed(federation={"state_dir": state_dir, "min_nodes": n_merchants}))
     # Flower's simulation reads the merchants' run_config from an app directory's pyproject.toml, as `flwr run`
@@ -176,7 +176,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
             watcher.start()
             _run_simulation(num_supernodes=n_merchants, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                             client_app=client,
-                            server_app=server_app(SimulationConfig, central_evaluation, merchant_work),
+                            server_app=server_app(SimulationConfig, keep_central_evaluation, merchant_work),
                             backend_name="ray",
                             backend_config=_backend_config(config, verbose), server_app_context=context,
                             app_dir=app_dir, is_app=True, run=run, verbose_logging=verbose)

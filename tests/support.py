@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,10 @@ def write_amazon_set(directory: Path) -> Path:
         "item_id\tasin\tattributes\n" + "".join(f"{i}\tA{i}\tbrand|{'red' if i < 4 else 'blue'}\n"
                                                 for i in range(1, 7)))
     return directory / "Shop.txt"
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

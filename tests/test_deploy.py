@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from common.bundle import bundle_hash, load_bundle
 from common.synthetic import SyntheticSpec, generate
 from deploy.certs import write_certificates
 from deploy.export import write_merchant_files
+from tests.support import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -46,11 +46,6 @@ def site(tmp_path_factory) -> Path:
     write_merchant_files(generate(SyntheticSpec(users=300, items=300, merchants=3)), root / "data")
     return root
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Daemon:

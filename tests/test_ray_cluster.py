@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,17 +18,13 @@ import numpy as np
 import pytest
 
 from server import checkpoint
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(RAY is None, reason="the ray command line is not installed")]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cluster_processes(marker: str) -> list[int]:
@@ -64,7 +59,7 @@ def _stop(marker: str) -> None:
 def two_node_cluster():
     """A head node and a second node, one CPU each, each with a resource naming it; both stopped afterwards."""
     temp = tempfile.mkdtemp(prefix="fedaug-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = _free_port()
+    port = free_port()
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
     address = f"127.0.0.1:{port}"
     try:
@@ -130,7 +125,7 @@ def test_a_simulation_on_a_two_node_ray_cluster_uses_both_nodes_and_equals_the_l
 
 
 def test_an_unreachable_ray_address_is_a_one_line_error(tmp_path):
-    result = _simulate(tmp_path / "nowhere", "--ray-address", f"127.0.0.1:{_free_port()}")
+    result = _simulate(tmp_path / "nowhere", "--ray-address", f"127.0.0.1:{free_port()}")
     assert result.returncode != 0
     assert not (tmp_path / "nowhere" / "metrics.json").exists()
     last = [line for line in result.stderr.strip().splitlines() if line.strip()][-1]

@@ -4,7 +4,6 @@ checkpoint and resume, central DP accounting and the metrics endpoint. (Real pro
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from server.federation import RoundFailed, run_federation
 from server.monitor import ROUND_LOG, Monitor
 from server.replies import sort_train_replies
 from server.strategies import build_strategy
+from tests.support import free_port
 
 MODEL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
 
@@ -342,14 +342,9 @@ def test_central_dp_accounts_every_release_and_resumes_its_accountant(tmp_path):
         run_federation(grid, settings.model_copy(update={"rounds": 4, "retries": 0}), MODEL)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_metrics_endpoint_answers(tmp_path):
-    port = _free_port()
+    port = free_port()
     monitor = Monitor(tmp_path, port)
     try:
         entry = RoundRecord(round=3, participants=4, failures={"missing": 1}, bytes_received=1234,
