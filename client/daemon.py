@@ -26,6 +26,7 @@ from common.errors import ConfigError, FedaugError
 from deploy.processes import HostPort, flower_command, flower_error, start, stop
 
 from .merchant import STATE_DIR
+from .model_check import ModelCheckWatcher
 from .round_log import RoundLogFollower
 from .spent import claim
 
@@ -118,6 +119,13 @@ class MerchantDaemon:
                 "--port", str(m.runtime_port)] + (["--health-server-address", m.health_address]
                                                   if m.health_address else [])
 
+    def model_check(self) -> ModelCheckWatcher:
+        """Tests each final model the federation sends (STATE/model) on this merchant's own held-out users, beside
+        the text prior and popularity: printed, and kept in STATE/model-check.json; nothing is sent."""
+        data = self.config.data
+        return ModelCheckWatcher(self.state_dir, data.load, self.say, device=self.config.device,
+                                 source=data.path)
+
     def run(self) -> int:
         """Validate, then keep a SuperNode running until stopped (or ``max_restarts`` is used up); exit code."""
         report = self.validate_data()
@@ -129,6 +137,7 @@ class MerchantDaemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {"FLWR_HOME": str(self.state_dir / "flwr")}
         backoff, restarts = 1.0, 0
+        checker = self.model_check().start()  # the final model, when it arrives, tested on the merchant's own data
         try:
             while True:
                 started, offset = time.monotonic(), self.log.stat().st_size if self.log.exists() else 0
@@ -148,4 +157,5 @@ class MerchantDaemon:
                 self.say(f"SuperNode exited with code {code} ({reason}); restarting in {backoff:.0f} s")
                 time.sleep(backoff)
         finally:
+            checker.stop()
             stop(self.process)

@@ -1,15 +1,19 @@
-"""Leave-one-out evaluation of any scorer over a split's valid or test users."""
+"""Leave-one-out evaluation of any scorer over a split's valid or test users, and a scorer's test figures in detail
+(``tested``: per user, on cold-item targets, by the test event's type) that runs, reports and a merchant's check of
+a received model (common/check.py) share."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .batching import pad_right, pad_side
+from .data import EVENT_TYPES
 from .features import N_CODES
-from .metrics import METRIC_NAMES, mask_history, mean_metrics, rank_metrics
+from .metrics import METRIC_NAMES, mask_history, mean_metrics, rank_metrics, select
 from .model import SASRec
 from .split import LeaveOneOut
 
@@ -55,6 +59,56 @@ def evaluate_per_user(scorer: Scorer, split: LeaveOneOut, stage: str, batch_size
     if not per_user:
         return {name: np.zeros(0) for name in METRIC_NAMES}
     return {name: np.concatenate([p[name] for p in per_user]) for name in METRIC_NAMES}
+
+
+COLD_BELOW = 5
+"""A test target is a cold item when it had fewer training interactions than this."""
+
+
+def cold_targets(split: LeaveOneOut) -> np.ndarray:
+    """Per evaluable test user: is the target an item with fewer than COLD_BELOW training interactions?"""
+    counts = np.bincount(split.train.items, minlength=split.n_items + 1)
+    _, targets = split.eval_inputs("test")
+    return counts[targets] < COLD_BELOW
+
+
+@dataclass(frozen=True)
+class Tested:
+    """A scorer's test metrics: per user, over all users and over the users whose target is a cold item."""
+
+    per_user: dict[str, np.ndarray]
+    cold_mask: np.ndarray
+    target_types: np.ndarray | None = None
+    """EVENT_TYPES index of each user's test event (None: the data has no event types)."""
+
+    @property
+    def users(self) -> int:
+        """How many users were tested."""
+        return len(self.cold_mask)
+
+    @property
+    def all(self) -> dict:
+        return select(mean_metrics([self.per_user]))
+
+    @property
+    def cold(self) -> dict | None:
+        """None where no target is cold."""
+        if not self.cold_mask.any():
+            return None
+        return select(mean_metrics([{k: v[self.cold_mask] for k, v in self.per_user.items()}]))
+
+    @property
+    def by_type(self) -> dict[str, dict] | None:
+        """Test metrics by the test event's type, where the data has more than one type (else None)."""
+        if self.target_types is None or len(np.unique(self.target_types)) < 2:
+            return None
+        return {EVENT_TYPES[t]: select(mean_metrics([{k: v[self.target_types == t] for k, v in self.per_user.items()}]))
+                | {"users": int((self.target_types == t).sum())} for t in np.unique(self.target_types).tolist()}
+
+
+def tested(scorer: Scorer, split: LeaveOneOut) -> Tested:
+    """``scorer``'s test figures on ``split`` (``.all`` equals ``evaluate(scorer, split, "test")`` less ``users``)."""
+    return Tested(evaluate_per_user(scorer, split, "test"), cold_targets(split), split.target_types("test"))
 
 
 class SASRecScorer:

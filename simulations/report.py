@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from pydantic import BaseModel
 
 from common.atomic import write_bytes_atomic
-from common.data import EVENT_TYPES, BehaviorData
-from common.evaluate import Scorer, evaluate, evaluate_per_user
-from common.metrics import METRIC_NAMES, mean_metrics, select
+from common.data import BehaviorData
+from common.evaluate import COLD_BELOW, Scorer, Tested, cold_targets, evaluate, tested
+from common.metrics import METRIC_NAMES, select
 from common.records import RunMetrics
 from common.split import LeaveOneOut
 
 METRIC_KEYS = METRIC_NAMES
+# ``tested``, ``Tested``, ``cold_targets`` and ``COLD_BELOW`` live in common/evaluate.py (a merchant's check of a
+# received model uses them too, and client/ never imports simulations/); runs import them from here as before.
+__all__ = ["COLD_BELOW", "METRIC_KEYS", "Tested", "cold_targets", "final_metrics", "render_report", "tested",
+           "write_report"]
 
-
-COLD_BELOW = 5
-"""A test target is a cold item when it had fewer training interactions than this."""
 
 
 def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorData, config: BaseModel, device,
@@ -34,46 +33,6 @@ def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorD
                       data=data.summary(), config=config.model_dump(mode="json") | {"device": str(device)},
                       test_cold=test.cold, cold_users=int(test.cold_mask.sum()), test_by_type=test.by_type,
                       model=config.model.describe(data) if hasattr(config, "model") else None)
-
-
-def cold_targets(split: LeaveOneOut) -> np.ndarray:
-    """Per evaluable test user: is the target an item with fewer than COLD_BELOW training interactions?"""
-    counts = np.bincount(split.train.items, minlength=split.n_items + 1)
-    _, targets = split.eval_inputs("test")
-    return counts[targets] < COLD_BELOW
-
-
-@dataclass(frozen=True)
-class Tested:
-    """A scorer's test metrics: per user, over all users and over the users whose target is a cold item."""
-
-    per_user: dict[str, np.ndarray]
-    cold_mask: np.ndarray
-    target_types: np.ndarray | None = None
-    """EVENT_TYPES index of each user's test event (None: the data has no event types)."""
-
-    @property
-    def all(self) -> dict:
-        return select(mean_metrics([self.per_user]))
-
-    @property
-    def cold(self) -> dict | None:
-        """None where no target is cold."""
-        if not self.cold_mask.any():
-            return None
-        return select(mean_metrics([{k: v[self.cold_mask] for k, v in self.per_user.items()}]))
-
-    @property
-    def by_type(self) -> dict[str, dict] | None:
-        """Test metrics by the test event's type, where the data has more than one type (else None)."""
-        if self.target_types is None or len(np.unique(self.target_types)) < 2:
-            return None
-        return {EVENT_TYPES[t]: select(mean_metrics([{k: v[self.target_types == t] for k, v in self.per_user.items()}]))
-                | {"users": int((self.target_types == t).sum())} for t in np.unique(self.target_types).tolist()}
-
-
-def tested(scorer: Scorer, split: LeaveOneOut) -> Tested:
-    return Tested(evaluate_per_user(scorer, split, "test"), cold_targets(split), split.target_types("test"))
 
 
 def write_report(metrics: RunMetrics, out: Path, plots: list[str]) -> None:
