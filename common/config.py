@@ -24,10 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from .augment import SEQUENCE_OPS, USES
 from .compression import COMPRESSIONS
-from .data import EVENT_TYPES, BehaviorData, catalog_only
+from .data import EVENT_TYPES, BehaviorData, ItemCatalog, catalog_only
 from .errors import ConfigError
 from .events import DROP, TIMESTAMP_UNITS, EventSchema
-from .loaders import FORMATS, align_to_catalog, load, load_catalog
+from .loaders import FORMATS, align_to_catalog, load, load_catalog, texts_from_file
 from .model import LOSSES, SASRec, SASRecConfig
 from .split import LeaveOneOut, k_core
 from .synthetic import SyntheticSpec, generate
@@ -110,16 +110,25 @@ class DataSection(Section):
     timestamps: Path | None = None
     attributes: Path | None = None
     texts: Path | None = None
-    """Public item texts (a TSV with item_id and a title or text column); amazon-seq: ``X_item_titles.tsv``."""
+    """Public item texts (a TSV with item_id and a title or text column); amazon-seq: ``X_item_titles.tsv``. With
+    ``catalog``: the titles of a catalog that has no text columns of its own."""
     catalog: Path | None = None
     """Deployment: the public item catalog shared by every party (common.loaders.load_catalog); the data's items
     are numbered by it, so every merchant's model has the aggregator's shapes. Its attributes replace
-    ``attributes``."""
+    ``attributes``; its text columns (or else ``texts``) give the item texts."""
+    text_columns: tuple[str, ...] | None = None
+    """The catalog TSV's columns joined, in this order, into each item's text; not set: those of title, text, brand
+    and tags it has."""
     k_core: int = Field(0, ge=0)
     columns: ColumnsSection = ColumnsSection()
     events: dict[str, Literal[EVENT_TYPES + (DROP,)]] = {}  # type: ignore[valid-type]
     """[data.events]: the shop's event names -> view | click | favourite | cart | purchase | drop (left out);
     the standard names are always understood."""
+
+    @field_validator("text_columns", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        return [c.strip() for c in value.split(",") if c.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_attribute_source(self):
@@ -151,16 +160,22 @@ class DataSection(Section):
             data = generate((synthetic or SyntheticSection()).spec())
         else:
             data = load(self.path, self.format, timestamps=self.timestamps, attributes=self.attributes,
-                        texts=self.texts, schema=self.schema())
+                        texts=self.texts if self.catalog is None else None, schema=self.schema())
             if self.catalog is not None:
-                data = align_to_catalog(data, load_catalog(self.catalog), self.path, self.catalog)
+                data = align_to_catalog(data, self.public_catalog(), self.path, self.catalog)
         return k_core(data, self.k_core)
 
     def load_catalog(self) -> BehaviorData:
-        """The aggregator's view in deployment: the public catalog alone, no users (enough to build the model)."""
+        """The aggregator's view in deployment: the public catalog alone, no users (enough to build the model, and
+        with item texts the public text prior)."""
         if self.catalog is None:
             raise ConfigError("data.catalog: the aggregator needs the public item catalog to build the model")
-        return catalog_only(load_catalog(self.catalog))
+        return catalog_only(self.public_catalog())
+
+    def public_catalog(self) -> ItemCatalog:
+        """``catalog`` with its item texts: its own text columns, or else the titles of ``texts``."""
+        catalog = load_catalog(self.catalog, self.text_columns)
+        return catalog if catalog.texts or self.texts is None else texts_from_file(catalog, self.texts)
 
 
 class TextSection(Section):

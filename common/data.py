@@ -33,6 +33,9 @@ class ItemCatalog:
     category_names: list[str] | None = None
     texts: list[str] | None = None
     """Public text of each internal item id (title, brand, categories), for text encoders; index 0 is empty."""
+    titles: list[str] | None = None
+    """The part of each item's text that is not its attribute names (its title, and a catalog's other text
+    columns); index 0 is empty. Set with ``texts``: what a written catalog's ``title`` column holds."""
 
     @property
     def n_items(self) -> int:

@@ -65,7 +65,7 @@ def check_data(section: DataSection) -> DataReport:
                                   attributes=section.attributes, texts=section.texts, schema=section.schema())
     errors, unknown = [], None
     if section.catalog is not None:
-        known = id_index(load_catalog(section.catalog).raw_ids)
+        known = id_index(load_catalog(section.catalog, section.text_columns).raw_ids)
         missing = [raw for raw in data.catalog.raw_ids[1:].tolist() if str(raw) not in known]
         unknown = len(missing)
         if missing:

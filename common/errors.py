@@ -30,3 +30,7 @@ class DataError(FedaugError):
 
 class ConfigError(FedaugError):
     """An impossible or malformed configuration (TOML key, CLI flag)."""
+
+
+class DataWarning(UserWarning):
+    """A data file that loads, but has something the loaders do not use (a catalog column): one line naming it."""

@@ -13,6 +13,16 @@ Formats:
 Item texts (public titles, for the text encoder): a TSV ``item_id<TAB>...<TAB>title`` given as ``texts`` or found
 next to ``X.txt`` as ``X_item_titles.tsv``; an item's text is its title followed by its named attributes (brand and
 categories from ``X_item_attributes_named.tsv`` or the attribute file, when they have names).
+
+The public item catalog (``load_catalog``, ``[data] catalog``): the JSON attribute format, or a TSV whose header
+names its columns:
+- ``item_id`` first: the shop's item ids; the catalog's items are exactly these.
+- text columns: ``title`` and the other known text columns (``TEXT_COLUMNS``: title, text, brand, tags), or the
+  columns ``[data] text_columns`` names, in that order; an item's text columns are joined by " | " into its
+  title part, and its public text is that followed by its attribute names (as ``attach_texts`` builds it).
+- ``attributes``: attribute names joined by '|'; a file without a column of that name takes its last column as
+  the attributes unless that is a text column (the two-column ``item_id<TAB>attributes`` format).
+Any other column is reported (a ``DataWarning`` naming the file and the columns), not silently dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -27,10 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from .data import BehaviorData, ItemCatalog
-from .errors import DataError
+from .errors import DataError, DataWarning
 from .events import EventSchema, Ingested, load_events_counted, sorted_ids
 
 FORMATS = ("events", "amazon-seq")
+TEXT_COLUMNS = ("title", "text", "brand", "tags")
+"""A catalog TSV's columns joined into each item's public text when ``[data] text_columns`` is not set."""
+ATTRIBUTES_COLUMN = "attributes"
+TEXT_SEPARATOR = " | "
 MAX_ID = 2**62
 LIMITS = {  # what one merchant's file may hold before it is refused, not half-loaded; raise them by environment
     "FEDAUG_MAX_FILE_BYTES": 2 * 2**30,  # the whole file is parsed in memory
@@ -253,21 +268,78 @@ def attach_texts(data: BehaviorData, path: Path, named_attributes: Path | None =
     """Give every catalog item its public text: the title from ``path`` (a TSV whose first column is ``item_id`` and
     which has a ``title`` or ``text`` column), then its attribute names (``named_attributes``, or the catalog's own
     names when they are real names)."""
-    titles = _read_item_texts(path)
-    raw_ids = data.catalog.raw_ids
-    names: dict[str, list[str]] = {}
+    return replace(data, catalog=texts_from_file(data.catalog, path, named_attributes))
+
+
+def texts_from_file(catalog: ItemCatalog, path: Path, named_attributes: Path | None = None) -> ItemCatalog:
+    """``catalog`` with the texts ``attach_texts`` gives: titles from the TSV ``path``, then attribute names."""
+    names = None
     if named_attributes is not None:
         by_raw, attribute_names = _read_attribute_tsv(named_attributes)
         names = {raw: [attribute_names[a] for a in attrs] for raw, attrs in by_raw.items()}
-    elif data.catalog.attributes and data.catalog.attribute_names and not data.catalog.attribute_names[-1].startswith(
-            "attr"):
-        names = {str(raw): [data.catalog.attribute_names[a] for a in data.catalog.attributes[i]]
-                 for i, raw in enumerate(raw_ids) if i > 0}
-    texts = [""]
-    for raw in map(str, raw_ids[1:]):
-        parts = [titles.get(raw, "")] + [n for n in names.get(raw, []) if n and n != "Unknown"]
-        texts.append(" | ".join(p for p in parts if p))
-    return replace(data, catalog=replace(data.catalog, texts=texts))
+    return with_texts(catalog, _read_item_texts(Path(path)), names)
+
+
+def with_texts(catalog: ItemCatalog, titles: dict[str, str], names: dict[str, list[str]] | None = None
+               ) -> ItemCatalog:
+    """``catalog`` with every item's public text: its title part (``titles``, by raw id as text), then its attribute
+    names (``names`` by raw id, or the catalog's own names when they are real names, not ``attrN``), joined by
+    " | "; empty parts and the name "Unknown" are left out."""
+    if names is None:
+        names = _own_attribute_names(catalog)
+    raw_ids = list(map(str, catalog.raw_ids[1:]))
+    item_titles = [""] + [titles.get(raw, "") for raw in raw_ids]
+    texts = [""] + [_join([title, *_text_names(names.get(raw, []))])
+                    for title, raw in zip(item_titles[1:], raw_ids, strict=True)]
+    return replace(catalog, texts=texts, titles=item_titles)
+
+
+def catalog_columns(catalog: ItemCatalog) -> list[tuple[str, str, list[str]]]:
+    """What a written catalog TSV holds for each item so that ``load_catalog`` reads back its attributes and texts:
+    ``(title, tags, attribute names)``. ``title`` is the item's title part; the attribute names are in the order its
+    text shows them (the reader joins them in file order); ``tags``, whatever else its text holds that the attributes
+    will not give back (e.g. the named brand and categories of data whose own attributes are anonymous ids).
+    Exact unless an item's text ends with other names than its real attribute names."""
+    names = catalog.attribute_names or [""]
+    columns = []
+    for i in range(1, len(catalog.raw_ids)):
+        item_names = [names[a] for a in catalog.attributes[i]] if catalog.attributes else []
+        if not catalog.texts:
+            columns.append(("", "", item_names))
+            continue
+        text = catalog.texts[i]
+        title = catalog.titles[i] if catalog.titles and text.startswith(catalog.titles[i]) else ""
+        rest = text[len(title):].removeprefix(TEXT_SEPARATOR) if title else text
+        shown = _text_names(item_names) if _real_names(names) else []
+        parts = rest.split(TEXT_SEPARATOR) if rest else []
+        if shown and sorted(parts[-len(shown):]) == sorted(shown):  # the text's own order, hidden names after
+            item_names = parts[-len(shown):] + [n for n in item_names if n not in shown]
+            rest = TEXT_SEPARATOR.join(parts[: -len(shown)])
+        if not catalog.titles:
+            title, rest = rest, ""
+        columns.append((title, rest, item_names))
+    return columns
+
+
+def _own_attribute_names(catalog: ItemCatalog) -> dict[str, list[str]]:
+    """Each item's attribute names, by raw id, where they are real names (not the JSON format's ``attrN``)."""
+    if not catalog.attributes or not _real_names(catalog.attribute_names):
+        return {}
+    names = catalog.attribute_names
+    return {str(raw): [names[a] for a in catalog.attributes[i]] for i, raw in enumerate(catalog.raw_ids) if i > 0}
+
+
+def _real_names(names: list[str] | None) -> bool:
+    """Attribute names that say something (not the JSON format's ``attrN``), worth putting in item texts."""
+    return bool(names) and len(names) > 1 and not names[-1].startswith("attr")
+
+
+def _text_names(names: list[str]) -> list[str]:
+    return [n for n in names if n and n != "Unknown"]
+
+
+def _join(parts: list[str]) -> str:
+    return TEXT_SEPARATOR.join(p for p in parts if p)
 
 
 def _read_item_texts(path: Path) -> dict[str, str]:
@@ -299,14 +371,20 @@ def _item_rows(path: Path, lines: list[str], header: list[str]):
         yield item, fields
 
 
-def load_catalog(path) -> ItemCatalog:
-    """The public item catalog every merchant and the aggregator share: an attribute file (TSV or JSON, as above)
-    whose item ids are the whole catalog. Internal ids are the catalog's sorted raw ids, so every party that loads
-    the same file numbers items identically (and their models have the same shapes)."""
+def load_catalog(path, text_columns: tuple[str, ...] | None = None) -> ItemCatalog:
+    """The public item catalog every merchant and the aggregator share: a JSON attribute file or a catalog TSV (its
+    columns as the module docstring says) whose item ids are the whole catalog, with each item's public text where
+    it has text columns (``text_columns``: which, in order; None: the known ones, ``TEXT_COLUMNS``). Internal ids
+    are the catalog's sorted raw ids, so every party that loads the same file numbers items identically (and their
+    models have the same shapes)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "no such catalog file")
-    by_raw_item, names = _read_attribute_json(path) if path.suffix == ".json" else _read_attribute_tsv(path)
+    titles = None
+    if path.suffix == ".json":
+        by_raw_item, names = _read_attribute_json(path)
+    else:
+        by_raw_item, names, titles = _read_catalog_tsv(path, text_columns)
     if not by_raw_item:
         raise DataError(path, "the catalog lists no items")
     check_item_count(path, len(by_raw_item))
@@ -315,17 +393,69 @@ def load_catalog(path) -> ItemCatalog:
         raise DataError(path, "item id 0 is reserved for padding", column="item_id")
     raw_ids = np.concatenate([np.array([0 if raw_ids.dtype != object else ""], dtype=raw_ids.dtype), raw_ids])
     if len(names) == 1:
-        return ItemCatalog(raw_ids=raw_ids)
-    attributes = [np.zeros(0, dtype=np.int64)] + [np.asarray(sorted(set(by_raw_item[str(raw)])), dtype=np.int64)
-                                                  for raw in raw_ids[1:]]
-    category, category_names = _dominant_attribute(attributes, names)
-    return ItemCatalog(raw_ids=raw_ids, attributes=attributes, attribute_names=names, category=category,
-                       category_names=category_names)
+        catalog = ItemCatalog(raw_ids=raw_ids)
+    else:
+        attributes = [np.zeros(0, dtype=np.int64)] + [
+            np.asarray(sorted(set(by_raw_item[str(raw)])), dtype=np.int64) for raw in raw_ids[1:]]
+        category, category_names = _dominant_attribute(attributes, names)
+        catalog = ItemCatalog(raw_ids=raw_ids, attributes=attributes, attribute_names=names, category=category,
+                              category_names=category_names)
+    if titles is None:
+        return catalog
+    in_file_order = {raw: [names[a] for a in attrs] for raw, attrs in by_raw_item.items()} if _real_names(names) else {}
+    return with_texts(catalog, titles, in_file_order)
+
+
+def _read_catalog_tsv(path: Path, text_columns: tuple[str, ...] | None
+                      ) -> tuple[dict[str, list[int]], list[str], dict[str, str] | None]:
+    """A catalog TSV's attributes (as ``_read_attribute_tsv``) and each item's title part (its text columns joined;
+    None without text columns); a column it does not use is reported."""
+    lines = read_text_lines(path)
+    header = lines[0].split("\t")
+    if header[0] != "item_id":
+        raise DataError(path, "header must start with 'item_id'", 1, 1)
+    for at, name in enumerate(header):
+        if header.index(name) != at:
+            raise DataError(path, f"column {name!r} appears twice in the header", 1, at + 1)
+    if text_columns is None:
+        texts = [at for at, name in enumerate(header) if at > 0 and name in TEXT_COLUMNS]
+    else:
+        for name in text_columns:
+            if name not in header[1:]:
+                raise DataError(path, f"no column {name!r} (data.text_columns; the header has: "
+                                      f"{', '.join(header)})", 1)
+        texts = [header.index(name) for name in text_columns]
+    if ATTRIBUTES_COLUMN in header:
+        attributes = header.index(ATTRIBUTES_COLUMN)
+    else:  # the two-column format: its last column, whatever its name
+        attributes = len(header) - 1 if len(header) > 1 and len(header) - 1 not in texts else None
+    if attributes in texts:
+        raise DataError(path, f"column {ATTRIBUTES_COLUMN!r} holds attributes, not text (data.text_columns)", 1,
+                        attributes + 1)
+    if attributes is None and not texts:
+        raise DataError(path, "header names no attributes or text column after 'item_id'", 1)
+    unused = [name for at, name in enumerate(header) if at > 0 and at != attributes and at not in texts]
+    if unused:
+        warnings.warn(f"{path}: column{'s' * (len(unused) > 1)} {', '.join(unused)} not used (text columns: "
+                      f"{', '.join(text_columns or TEXT_COLUMNS)}, as [data] text_columns sets; attributes: "
+                      f"{ATTRIBUTES_COLUMN!r})", DataWarning, stacklevel=3)
+    names, ids, out, titles = [""], {}, {}, {}
+    for item, fields in _item_rows(path, lines, header):
+        attrs = []
+        for name in filter(None, fields[attributes].split("|") if attributes is not None else ()):
+            if name not in ids:
+                ids[name] = len(names)
+                names.append(name)
+            attrs.append(ids[name])
+        out[item] = attrs
+        titles[item] = _join([fields[at].strip() for at in texts])
+    return out, names, titles if texts else None
 
 
 def align_to_catalog(data: BehaviorData, catalog: ItemCatalog, data_path, catalog_path) -> BehaviorData:
     """Renumber ``data``'s items into ``catalog``'s ids (matched by their text); an item the catalog lacks is an
-    error naming it."""
+    error naming it. The catalog's item texts are kept; a catalog without texts takes the data's, where it has them
+    (an item the data does not hold gets an empty text)."""
     index = id_index(catalog.raw_ids)
     position = np.fromiter((index.get(str(raw), -1) for raw in data.catalog.raw_ids), dtype=np.int64,
                            count=len(data.catalog.raw_ids))
@@ -336,6 +466,12 @@ def align_to_catalog(data: BehaviorData, catalog: ItemCatalog, data_path, catalo
         first = data.catalog.raw_ids[missing[0]]
         raise DataError(data_path, f"item {first} is not in the catalog {catalog_path} "
                                    f"({len(missing)} unknown item id{'s' * (len(missing) > 1)})", column="item_id")
+    if not catalog.texts and data.catalog.texts:
+        texts, titles = [""] * len(catalog.raw_ids), [""] * len(catalog.raw_ids)
+        for old, new in enumerate(position.tolist()):
+            texts[new] = data.catalog.texts[old]
+            titles[new] = data.catalog.titles[old] if data.catalog.titles else ""
+        catalog = replace(catalog, texts=texts, titles=titles if data.catalog.titles else None)
     return replace(data, items=position[data.items], catalog=catalog)
 
 

@@ -1,5 +1,6 @@
 """Writing behaviour data back out in the formats the loaders read: an events CSV per merchant and the public
-catalog as an attribute TSV. `fedaug synth` uses it to hand trial merchants files of their own."""
+catalog as a catalog TSV (ids, titles where the data has item texts, attributes). `fedaug synth` uses it to hand
+trial merchants files of their own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pandas as pd
 
 from common.atomic import write_bytes_atomic
 from common.data import EVENT_TYPES, BehaviorData, ItemCatalog
+from common.loaders import catalog_columns
 from common.split import merchant_partitions
 
 CATALOG_FILE = "catalog.tsv"
@@ -32,13 +34,22 @@ def write_events_csv(data: BehaviorData, path: Path) -> None:
 
 
 def write_catalog_tsv(catalog: ItemCatalog, path: Path) -> None:
-    """``item_id<TAB>attributes`` (names joined by '|'); read back by common.loaders.load_catalog."""
-    names = catalog.attribute_names or [""]
-    lines = ["item_id\tattributes"]
-    for internal, raw in enumerate(catalog.raw_ids[1:], start=1):
-        attrs = catalog.attributes[internal] if catalog.attributes else []
-        lines.append(f"{raw}\t{'|'.join(names[a] for a in attrs)}")
+    """``item_id<TAB>attributes`` (names joined by '|'), with a ``title`` column before the attributes when the
+    catalog has item texts (and a ``tags`` column for text its attributes do not give back), so that
+    common.loaders.load_catalog reads back the same items, attributes and texts."""
+    columns = catalog_columns(catalog)
+    titles = bool(catalog.texts)
+    tags = any(tag for _, tag, _ in columns)
+    lines = ["\t".join(["item_id"] + ["title"] * titles + ["tags"] * tags + ["attributes"])]
+    for raw, (title, tag, names) in zip(catalog.raw_ids[1:], columns, strict=True):
+        fields = [str(raw)] + [_one_field(title)] * titles + [_one_field(tag)] * tags
+        lines.append("\t".join(fields + ["|".join(names)]))
     write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
+
+
+def _one_field(text: str) -> str:
+    """``text`` as one TSV field: no tabs or line breaks."""
+    return " ".join(text.replace("\t", " ").splitlines())
 
 
 def write_merchant_files(data: BehaviorData, out: Path) -> list[Path]:

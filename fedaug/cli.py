@@ -673,18 +673,33 @@ def synth(
     out: Path = typer.Option(..., "--out", help="New directory for catalog.tsv and merchant-N.csv."),
     merchants: int = typer.Option(3, "--merchants", help="Merchants to generate (each gets its own users)."),
     users: int | None = typer.Option(None, "--users", help="Users in all (default: the embedded data's)."),
+    data: Path | None = typer.Option(None, "--data", help="A real data set to cut into merchants' files (its users "
+                                     "split uniformly at random); default: the embedded synthetic data."),
+    fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Write the embedded synthetic data as trial merchants' files: the public catalog and one events CSV each."""
-    from common.config import SyntheticSection
+    """Write trial merchants' files: the public catalog (ids, titles where the data has them, attributes) and one
+    events CSV each, from the embedded synthetic data or a real data set (--data)."""
+    from common.config import SyntheticSection, load_config
+    from common.split import assign_merchants
     from common.synthetic import generate
     from deploy.export import write_merchant_files
 
+    if data is None and fmt is not None:
+        raise FedaugError("--format: applies to --data only")
+    if data is not None and users is not None:
+        raise FedaugError("--users: applies to the synthetic data only (--data cuts the whole data set)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FedaugError(f"--out: {out} exists and is not an empty directory")
-    spec = SyntheticSection(**{"merchants": merchants, "seed": seed} | ({"users": users} if users else {})).spec()
-    files = write_merchant_files(generate(spec), out)
-    console.print(f"wrote {', '.join(f.name for f in files)} to {out}")
+    if data is None:
+        spec = SyntheticSection(**{"merchants": merchants, "seed": seed} | ({"users": users} if users else {})).spec()
+        source = generate(spec)
+    else:  # loaded as every command loads it (sibling files included), users split as `fedaug simulate` splits
+        section = load_config(None, {"data.path": str(data), "data.format": fmt}, flags=FLAGS).data
+        source = assign_merchants(section.load(), merchants, "uniform", seed)
+    files = write_merchant_files(source, out)
+    console.print(f"wrote {', '.join(f.name for f in files)} to {out}: {source.n_users} users, {source.n_items} "
+                  f"items{', with item titles' if source.catalog.texts else ''}")
 
 
 @app.command()

@@ -255,6 +255,48 @@ def test_certs_and_synth_write_a_trial_site_once(tmp_path):
         assert len(again.stderr.strip().splitlines()) == 1 and "not an empty directory" in again.stderr
 
 
+def test_synth_cuts_a_real_data_set_into_merchants_and_a_catalog_with_titles(tmp_path):
+    """`fedaug synth --data`: a real data set (sibling time, attribute and title files found as every command finds
+    them) split by user as `fedaug simulate` splits it; each merchant's file with the catalog loads back to the same
+    users, items, times and item texts."""
+    from common.config import DataSection
+    from common.loaders import load
+    from common.split import assign_merchants, merchant_partitions
+
+    rng = np.random.default_rng(0)
+    seqs = {user: rng.choice(np.arange(1, 31), size=rng.integers(3, 8), replace=False) for user in range(1, 13)}
+    (tmp_path / "Toy.txt").write_text("".join(f"{u} {' '.join(map(str, s))}\n" for u, s in seqs.items()))
+    (tmp_path / "Toy_time.txt").write_text("".join(f"{u} {' '.join(str(1000 * u + k) for k in range(len(s)))}\n"
+                                                   for u, s in seqs.items()))
+    (tmp_path / "Toy_item_attributes_named.tsv").write_text("item_id\tasin\tattributes\n" + "".join(
+        f"{i}\tA{i}\tBrand{i % 4}|{'Nails' if i % 2 else 'Face'}\n" for i in range(1, 31)))
+    (tmp_path / "Toy_item_titles.tsv").write_text("item_id\tasin\ttitle\n" + "".join(
+        f"{i}\tA{i}\tProduct {i}, 0.5 oz\n" for i in range(1, 31) if i != 7))
+    result = fedaug("synth", "--data", str(tmp_path / "Toy.txt"), "--format", "amazon-seq", "--merchants", "3",
+                    "--seed", "4", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "12 users" in result.stderr and "with item titles" in result.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["catalog.tsv", "merchant-1.csv", "merchant-2.csv",
+                                                    "merchant-3.csv"]
+    assert (out / "catalog.tsv").read_text().splitlines()[:2] == ["item_id\ttitle\tattributes",
+                                                                 "1\tProduct 1, 0.5 oz\tBrand1|Nails"]
+    data = load(tmp_path / "Toy.txt", "amazon-seq")
+    text_of = dict(zip(data.catalog.raw_ids[1:].tolist(), data.catalog.texts[1:], strict=True))
+    assert text_of[1] == "Product 1, 0.5 oz | Brand1 | Nails" and text_of[7] == "Brand3 | Nails"
+    for i, expected in enumerate(merchant_partitions(assign_merchants(data, 3, "uniform", 4)), start=1):
+        part = DataSection(path=out / f"merchant-{i}.csv", catalog=out / "catalog.tsv").load()
+        assert part.n_items == data.n_items
+        assert dict(zip(part.catalog.raw_ids[1:].tolist(), part.catalog.texts[1:], strict=True)) == text_of
+        assert part.user_ids.tolist() == expected.user_ids.tolist()
+        for got, want in zip(part.sequences(), expected.sequences(), strict=True):
+            assert part.catalog.raw_ids[got].tolist() == data.catalog.raw_ids[want].tolist()
+        np.testing.assert_array_equal(part.timestamps, expected.timestamps)
+    wrong = fedaug("synth", "--data", str(tmp_path / "Toy.txt"), "--users", "5", "--out", str(tmp_path / "o2"))
+    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1 and "--users" in wrong.stderr
+    assert not (tmp_path / "o2").exists()
+
+
 def test_daemons_reject_bad_configs_before_starting_anything(tmp_path):
     (tmp_path / "agg.toml").write_text('[aggregator]\nmerchant_keys = ["k.pub"]\n[data]\ncatalog = "c.tsv"\n'
                                        '[federation]\nrounds = 0\n')

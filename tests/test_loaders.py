@@ -1,6 +1,7 @@
 """Loaders: the happy paths, and every malformed case as one error naming file, line and column."""
 
 import json
+import warnings
 from dataclasses import replace
 
 import numpy as np
@@ -9,9 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.bundle import BundleCatalog
+from common.config import DataSection
 from common.data import EVENT_TYPES
-from common.errors import DataError
-from common.loaders import load
+from common.errors import DataError, DataWarning
+from common.loaders import load, load_catalog
+from deploy.export import write_catalog_tsv
 
 
 def write(tmp_path, name, content, mode="w"):
@@ -196,6 +200,102 @@ def test_attribute_tsv_ragged(tmp_path):
     tsv = write(tmp_path, "a.tsv", "item_id\tasin\tattributes\n10\tA\tX\n20\tB\n")
     with pytest.raises(DataError, match=r"a.tsv, line 3: ragged line"):
         load(seq, "amazon-seq", attributes=tsv)
+
+
+# ---------------------------------------------------------------- the public catalog: ids, texts, attributes
+
+PRODUCTS = ("item_id\ttitle\tbrand\tasin\tattributes\n"
+            "A\tRed lipstick\tAcme\tX1\tMakeup|Lips\n"
+            "B\tNail polish\t\tX2\tMakeup|Nails|Unknown\n"
+            "C\t\tBrandC\tX3\t\n")
+
+
+def test_catalog_with_title_brand_and_attributes_has_texts_and_reports_the_unused_column(tmp_path):
+    path = write(tmp_path, "products.tsv", PRODUCTS)
+    with pytest.warns(DataWarning, match=r"products.tsv: column asin not used"):
+        catalog = load_catalog(path)
+    assert catalog.raw_ids.tolist() == ["", "A", "B", "C"]
+    assert catalog.attribute_names[1:] == ["Makeup", "Lips", "Nails", "Unknown"]
+    assert catalog.texts == ["", "Red lipstick | Acme | Makeup | Lips", "Nail polish | Makeup | Nails", "BrandC"]
+    assert catalog.titles == ["", "Red lipstick | Acme", "Nail polish", "BrandC"]
+    # [data] text_columns: which columns, in which order (asin as text now: nothing unused, no warning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ordered = load_catalog(path, ("brand", "asin", "title"))
+    assert ordered.texts[1] == "Acme | X1 | Red lipstick | Makeup | Lips"
+    with pytest.raises(DataError, match=r"products.tsv, line 1: no column 'colour' \(data.text_columns"):
+        load_catalog(path, ("title", "colour"))
+    with pytest.raises(DataError, match=r"products.tsv, line 1, column 5: column 'attributes' holds attributes"):
+        load_catalog(path, ("title", "attributes"))
+
+
+def test_catalog_formats_before_titles_load_as_they_did(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing unused in the two-column format, whatever its second column is called
+        two = load_catalog(write(tmp_path, "two.tsv", "item_id\tcategories\n10\tMakeup|Nails\n20\tMakeup\n"))
+        titles_only = load_catalog(write(tmp_path, "t.tsv", "item_id\ttitle\n10\tPolish\n20\tLipstick\n"))
+        as_json = load_catalog(write(tmp_path, "c.json", json.dumps({"10": [1, 2], "20": [2]})))
+    assert two.raw_ids.tolist() == [0, 10, 20] and two.attribute_names[1:] == ["Makeup", "Nails"] and two.texts is None
+    assert titles_only.attributes is None and titles_only.texts == ["", "Polish", "Lipstick"]
+    assert as_json.attribute_names[1:] == ["attr1", "attr2"] and as_json.texts is None
+    for name, content, message in (
+            ("dup.tsv", "item_id\ttitle\ttitle\n1\ta\tb\n", r"line 1, column 3: column 'title' appears twice"),
+            ("ids.tsv", "item_id\n1\n", "line 1: header names no attributes or text column")):
+        with pytest.raises(DataError, match=message):
+            load_catalog(write(tmp_path, name, content))
+
+
+def test_catalog_and_data_texts_together_keep_the_texts_in_every_command(tmp_path):
+    """`[data] catalog` with `[data] texts`: the merchant's data (baseline --model text, simulate, local) and the
+    aggregator's catalog alone both carry every catalog item's text, numbered by the catalog."""
+    shop = write(tmp_path, "shop.csv", "user_id,item_id,timestamp\nu1,10,1\nu1,20,2\nu2,20,1\nu2,10,2\n")
+    catalog = write(tmp_path, "catalog.tsv", "item_id\tattributes\n30\tMakeup\n20\tMakeup|Nails\n10\tLips\n")
+    titles = write(tmp_path, "titles.tsv", "item_id\tasin\ttitle\n10\tX\tLipstick\n20\tY\tPolish\n30\tZ\tCream\n")
+    expected = ["", "Lipstick | Lips", "Polish | Makeup | Nails", "Cream | Makeup"]
+    section = DataSection(path=shop, catalog=catalog, texts=titles)
+    data = section.load()
+    assert data.catalog.raw_ids.tolist() == [0, 10, 20, 30] and data.catalog.texts == expected
+    assert data.catalog.raw_ids[data.sequence(0)].tolist() == [10, 20]
+    assert DataSection(catalog=catalog, texts=titles).load_catalog().catalog.texts == expected  # the aggregator
+    assert BundleCatalog.of(data.catalog).titles == expected[1:]
+    # a catalog with titles of its own: they win, and [data] texts is not needed
+    own = write(tmp_path, "own.tsv", "item_id\ttitle\tattributes\n10\tRed lipstick\tLips\n20\tPolish\t\n30\tCream\t\n")
+    assert DataSection(path=shop, catalog=own, texts=titles).load().catalog.texts[1:] == ["Red lipstick | Lips",
+                                                                                          "Polish", "Cream"]
+    assert DataSection(catalog=own).load_catalog().catalog.texts[1:] == ["Red lipstick | Lips", "Polish", "Cream"]
+
+
+def test_texts_found_next_to_the_data_survive_alignment_to_a_catalog_without_texts(tmp_path):
+    seq = write(tmp_path, "Toy.txt", "1 10 20\n2 20\n")
+    write(tmp_path, "Toy_item_titles.tsv", "item_id\tasin\ttitle\n10\tX\tLipstick\n20\tY\tPolish\n")
+    catalog = write(tmp_path, "catalog.tsv", "item_id\tattributes\n10\tLips\n20\tNails\n30\tFace\n")
+    data = DataSection(path=seq, catalog=catalog).load()
+    assert data.catalog.texts == ["", "Lipstick", "Polish", ""]  # 30: not in this data, no title known here
+
+
+def test_a_written_catalog_reads_back_with_the_same_items_texts_and_attributes(tmp_path):
+    """Beauty's layout: anonymous attribute ids (the JSON) and texts from titles and named attributes; the written
+    catalog keeps the titles, the named attributes as tags, and the anonymous attributes."""
+    seq = write(tmp_path, "Toy.txt", "1 10 20 30\n2 20 40\n")
+    write(tmp_path, "Toy_item2attributes.json", json.dumps({"10": [1, 2], "20": [2], "30": [3], "40": [2, 3]}))
+    write(tmp_path, "Toy_item_attributes_named.tsv",
+          "item_id\tasin\tattributes\n10\tA\tOPI|Nails\n20\tB\tNails\n30\tC\tFace\n40\tD\tNails|Face\n")
+    write(tmp_path, "Toy_item_titles.tsv", "item_id\tasin\ttitle\n10\tA\tOPI polish\n20\tB\tTop coat\n40\tD\tDuo\n")
+    data = load(seq, "amazon-seq")
+    assert data.catalog.texts[1:] == ["OPI polish | OPI | Nails", "Top coat | Nails", "Face", "Duo | Nails | Face"]
+    write_catalog_tsv(data.catalog, tmp_path / "catalog.tsv")
+    lines = (tmp_path / "catalog.tsv").read_text().splitlines()
+    assert lines[:2] == ["item_id\ttitle\ttags\tattributes", "10\tOPI polish\tOPI | Nails\tattr1|attr2"]
+    back = load_catalog(tmp_path / "catalog.tsv")
+    assert back.raw_ids.tolist() == data.catalog.raw_ids.tolist() and back.texts == data.catalog.texts
+    assert [[back.attribute_names[a] for a in attrs] for attrs in back.attributes] == [
+        [data.catalog.attribute_names[a] for a in attrs] for attrs in data.catalog.attributes]
+    # real attribute names are written once, as attributes, and come back in the text from there
+    named = load(seq, "amazon-seq", attributes=tmp_path / "Toy_item_attributes_named.tsv")
+    write_catalog_tsv(named.catalog, tmp_path / "named.tsv")
+    assert (tmp_path / "named.tsv").read_text().splitlines()[:2] == ["item_id\ttitle\tattributes",
+                                                                     "10\tOPI polish\tOPI|Nails"]
+    assert load_catalog(tmp_path / "named.tsv").texts == named.catalog.texts
 
 
 def test_corrupt_parquet(tmp_path):
