@@ -200,3 +200,32 @@ def test_the_merchant_daemon_checks_the_model_in_its_state_dir_on_its_own_data(t
     assert result.test["users"] == len(split.eval_users("test")) < 150  # the merchant's own users only
     assert json.loads((tmp_path / "state" / MODEL_CHECK).read_text())["gain_over_text_prior"]["gain"] == 0
     assert any("held-out users" in line for line in said)
+
+
+def test_a_model_without_a_prior_is_compared_with_one_encoded_from_the_datas_texts(tmp_path):
+    """--config with [text]: the data's item texts (here the bundle's titles) are encoded locally into a prior."""
+    from common.config import TextSection
+    from common.loaders import load
+    from common.text_prior import fit_text_prior
+    from tests.support import tiny_encoder, write_amazon_set
+
+    shop = load(write_amazon_set(tmp_path))
+    torch.manual_seed(0)
+    scorer = sasrec_scorer(SASRec(SASRecConfig(n_items=shop.n_items, hidden=16, max_len=10, item_dim=8)), "cpu")
+    model = write_bundle(tmp_path / "model", scorer, shop.catalog)
+    encoder = tiny_encoder(tmp_path)
+    (tmp_path / "text.toml").write_text(f'[text]\nencoder = "{encoder}"\ncache_dir = "{tmp_path / "cache"}"\n'
+                                        "decay = 0.5\n")
+    result = fedaug("-q", "evaluate", "--model", str(model), "--data", str(tmp_path / "Shop.txt"), "--config",
+                    str(tmp_path / "text.toml"), "--json", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    split = leave_one_out(shop)
+    text = TextSection(encoder=encoder, cache_dir=tmp_path / "cache", decay=0.5)
+    prior, _ = fit_text_prior(text.vectors(shop, "cpu", progress=False), split, decay=0.5, window=text.window)
+    assert out["text_prior_source"] == "data" and out["text_prior"] == evaluate(prior, split, "test")
+    assert out["test"] == evaluate(scorer, split, "test")
+    assert out["gain_over_text_prior"]["users"] == out["test"]["users"] == 60
+    without = json.loads(fedaug("-q", "evaluate", "--model", str(model), "--data", str(tmp_path / "Shop.txt"),
+                                "--json").stdout)
+    assert without["text_prior"] is None and without["gain_over_text_prior"] is None  # no --config: none encoded
