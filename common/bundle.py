@@ -86,6 +86,9 @@ class BundleCard:
     """The run's figures for this model (valid / test), for reference."""
     text_encoder: str | None = None
     """The sentence encoder that made the text vectors ("packaged" or a directory), for query encoding."""
+    parts: dict = field(default_factory=dict)
+    """What the model is made of (common.composite): each part — text prior, DP statistics, trained model — with
+    its weight and settings, and how they were chosen."""
     fedaug_version: str = field(default_factory=_version)
     format: int = FORMAT
     created: float = field(default_factory=time.time)
@@ -166,14 +169,16 @@ def _rebuild(spec: dict, prefix: str, tensors: dict[str, torch.Tensor], device) 
 
 
 def bundle_files(scorer: Scorer, catalog: ItemCatalog, *, trained: dict | None = None, privacy: dict | None = None,
-                 metrics: dict | None = None, text_encoder: str | None = None) -> dict[str, bytes]:
+                 metrics: dict | None = None, text_encoder: str | None = None, parts: dict | None = None
+                 ) -> dict[str, bytes]:
     """The bundle of ``scorer`` over ``catalog`` as its files' bytes (what ``write_bundle`` writes, and what a
     federation sends its merchants)."""
     tensors: dict[str, torch.Tensor] = {}
     structure = _describe(scorer, "", tensors)
     items = BundleCatalog.of(catalog)
     card = BundleCard(scorer=structure, catalog_hash=items.content_hash(), items=len(items.ids),
-                      trained=trained or {}, privacy=privacy, metrics=metrics or {}, text_encoder=text_encoder)
+                      trained=trained or {}, privacy=privacy, metrics=metrics or {}, text_encoder=text_encoder,
+                      parts=parts or {})
     return {WEIGHTS: save(tensors, metadata={"format": str(FORMAT)}),
             ITEMS: (json.dumps(dataclasses.asdict(items), ensure_ascii=False) + "\n").encode(),
             CARD: (json.dumps(dataclasses.asdict(card), indent=2, default=_plain) + "\n").encode()}
@@ -205,6 +210,11 @@ def write_bundle_files(directory, files: dict[str, bytes]) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def bundle_bytes(directory) -> dict[str, bytes]:
+    """A bundle's files as bytes (to copy it exactly: the same content hash)."""
+    return {name: (Path(directory) / name).read_bytes() for name in (CARD, WEIGHTS, ITEMS)}
 
 
 def bundle_hash(directory) -> str:

@@ -14,6 +14,7 @@ merchants and the scores below are post-processing.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,6 +181,58 @@ class PriorWithCounts:
             out.index_put_((rows_t.unsqueeze(1), self.neighbours[last]), weight * self.pairs[last], accumulate=True)
         return out
 
+
+# Private selection: every choice from the release itself (post-processing, no ε) ---------------------------------
+
+CUTS = (0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+"""The cuts (in noise standard deviations) a release rule may pick from."""
+FALSE_KEEPS = 0.1
+"""The share of kept cells that may be pure noise, at most (expected): the rule's one setting."""
+
+
+def release_cut(values: np.ndarray, std: float, false_keeps: float = FALSE_KEEPS) -> float:
+    """The smallest cut ``t`` (noise standard deviations) at which the expected number of pure-noise cells above
+    ``t·std`` — at most every cell's ``P(N(0, 1) > t)`` — is at most ``false_keeps`` of the cells kept
+    (Benjamini–Hochberg's bound with every cell taken as null). Read from the released counts and their public
+    noise level alone, so choosing it costs no ε. Exact counts (``std`` 0) keep every positive cell; ``inf``:
+    no cut keeps enough signal, the term is dropped."""
+    if std <= 0:
+        return 0.0
+    cells = values[1:].ravel()  # padding (row / cell 0) is never released
+    for cut in CUTS:
+        kept = int((cells > cut * std).sum())
+        if kept and cells.size * _normal_tail(cut) <= false_keeps * kept:
+            return cut
+    return math.inf
+
+
+def _normal_tail(x: float) -> float:
+    return 0.5 * math.erfc(x / math.sqrt(2))
+
+
+@dataclass(frozen=True)
+class ReleaseRule:
+    """How a private run turns released counts into a scorer without looking at anyone's held-out data: the
+    weights are public settings (``[federation] statistics_popularity_weight`` / ``statistics_pair_weight``), the
+    cuts follow from the release (``release_cut``)."""
+
+    popularity_weight: float
+    pair_weight: float
+    false_keeps: float = FALSE_KEEPS
+    pair_window: int = 3
+
+    def scorer(self, prior: TextPrior, counts: Counts, neighbours: np.ndarray) -> PriorWithCounts:
+        popularity_cut = release_cut(counts.popularity, counts.popularity_std, self.false_keeps)
+        pair_cut = release_cut(counts.pairs, counts.pair_std, self.false_keeps)
+        return PriorWithCounts.from_counts(
+            prior, counts, neighbours,
+            popularity_weight=self.popularity_weight if math.isfinite(popularity_cut) else 0.0,
+            pair_weight=self.pair_weight if math.isfinite(pair_cut) else 0.0,
+            popularity_threshold=popularity_cut if math.isfinite(popularity_cut) else 0.0,
+            threshold=pair_cut if math.isfinite(pair_cut) else 0.0, pair_window=self.pair_window)
+
+
+# Selection on validation (the pooled research switch and the probe) -----------------------------------------------
 
 POPULARITY_WEIGHTS = (0.01, 0.02, 0.03, 0.05, 0.1)
 POPULARITY_THRESHOLDS = (0.0, 1.0, 2.0, 3.0)

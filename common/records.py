@@ -227,6 +227,13 @@ class RunMetrics:
     gain_over_text: dict[str, dict] | None = None
     """Federations with item texts: the final (``final``) and best-validation (``best``) global model's test
     NDCG@10, each with its mean per-user gain over the text prior alone and that gain's 95 % interval."""
+    selection: str | None = None
+    """How the model handed out was chosen: "private" (public settings and accounted releases only) or
+    "pooled validation (not private)" (the research switch: choices read every merchant's held-out users)."""
+    product: str | None = None
+    """What the model handed out is made of, in one phrase (common.composite.product_kind)."""
+    parts: dict | None = None
+    """Its bundle card's parts: each part, its weight and settings."""
 
     def to_json(self) -> dict:
         values = asdict(self)

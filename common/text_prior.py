@@ -36,6 +36,13 @@ class TextPrior:
 
 DECAYS = (0.0, 0.25, 0.5, 0.75)
 """The history weightings tried on validation when ``[text] decay = "auto"``."""
+PUBLIC_DECAY = 0.25
+"""The weighting used where nothing may be chosen on held-out data (the model a private federation hands its
+merchants) and ``decay`` is "auto": the one Beauty's validation chose."""
+
+
+def public_decay(decay: float | str) -> float:
+    return PUBLIC_DECAY if decay == "auto" else float(decay)
 
 
 def fit_text_prior(vectors, split, *, decay: float | str = "auto", window: int = 50,

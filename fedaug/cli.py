@@ -426,8 +426,10 @@ def simulate(
         + (f"  text prior NDCG@10 {metrics.baselines['text prior']['ndcg@10']:.4f}"
            if "text prior" in metrics.baselines else "")
         + (f"  best-validation round {metrics.best_round}: test NDCG@10 {metrics.best_test['ndcg@10']:.4f}"
-           if metrics.best_test else "")
+           if metrics.best_test and metrics.selection != "private" else "")
         + f"  ({metrics.seconds:.0f} s) -> {out / 'report.md'}")
+    if metrics.product:
+        console.print(f"the model handed out: {metrics.product}; chosen by {metrics.selection}")
 
 
 @app.command()

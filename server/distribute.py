@@ -8,17 +8,21 @@ import math
 from logging import INFO, WARNING
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.bundle import bundle_files, bundle_hash, write_bundle_files
-from common.config import FederationSection
+from common.composite import compose
+from common.config import FederationConfig, FederationSection
 from common.data import ItemCatalog
+from common.dp_counts import ReleaseRule
 from common.evaluate import SASRecScorer
 from common.model import SASRec
 from common.records import merchant_name
+from common.text_prior import TextPrior
 
 from .checkpoint import ServerState
 
@@ -26,18 +30,54 @@ QUERY = "query.model"
 MODEL_DIR = "model"
 
 
-def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, delta) -> dict[str, bytes]:
-    """The final global model over the public catalog, with what trained it and the merchants' largest ε."""
+def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, config: FederationConfig, *,
+                 prior: TextPrior | None = None, neighbours: np.ndarray | None = None) -> dict[str, bytes]:
+    """The model every merchant receives: the final global model composed with the public text prior and the
+    merchants' summed DP statistics (their serve release) by public rules (common.composite), over the public
+    catalog; its card names each part, its weight and the ε behind it."""
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.arrays.items()})
+    settings = config.federation
+    statistics = state.statistics.serve if state.statistics is not None else None
+    scorer, parts = compose(SASRecScorer(model.cpu().eval(), "cpu"), prior, statistics, neighbours,
+                            release_rule(settings))
     epsilons = [m["epsilon"] for m in state.merchants.values() if m.get("epsilon", -1) >= 0]
     epsilon = max(epsilons, default=None)
     private = epsilon is not None and math.isfinite(epsilon)
-    return bundle_files(SASRecScorer(model.cpu().eval(), "cpu"), catalog,
+    if "statistics" in parts:
+        parts["statistics"]["merchants"] = state.statistics_merchants
+        parts["statistics"]["epsilon_share"] = settings.statistics_share if private else None
+    parts["model"] |= {"rounds": state.round, "merchants": len(state.merchants)}
+    delta = config.privacy.delta
+    return bundle_files(scorer, catalog,
                         trained={"mode": "federated", "rounds": state.round, "round": state.round,
                                  "merchants": len(state.merchants), "run_key": state.run_key},
                         privacy={"epsilon": epsilon, "delta": delta if delta is not None else "1/(10·users)",
-                                 "unit": "user", "accountant": "min(PRV, RDP), composed over every release"}
-                        if private else None)
+                                 "unit": "user", "accountant": "min(PRV, RDP), composed over every release",
+                                 "releases": _releases(settings, state)}
+                        if private else None,
+                        parts=parts, text_encoder=_encoder(config) if prior is not None else None)
+
+
+def release_rule(settings: FederationSection) -> ReleaseRule:
+    return ReleaseRule(settings.statistics_popularity_weight, settings.statistics_pair_weight,
+                       settings.statistics_false_keeps)
+
+
+def _releases(settings: FederationSection, state: ServerState) -> list[dict]:
+    """Every kind of release behind the model, as the merchants' ledgers record it (ε: the largest a merchant
+    reported after it)."""
+    out = []
+    if state.statistics is not None:
+        out.append({"release": "DP statistics (popularity and transition counts, Gaussian, 4 releases)",
+                    "budget_share": settings.statistics_share})
+    by_round = [m.get("epsilon_by_round", {}) for m in state.merchants.values()]
+    last = max((float(r[str(state.round)]) for r in by_round if str(state.round) in r), default=None)
+    out.append({"release": f"DP-SGD updates ({state.round} rounds)", "epsilon_after": last})
+    return out
+
+
+def _encoder(config: FederationConfig) -> str:
+    return "packaged" if config.text.encoder is None else str(Path(config.text.encoder).resolve())
 
 
 def distribute_model(grid: Grid, settings: FederationSection, files: dict[str, bytes]) -> list[int]:

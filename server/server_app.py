@@ -18,6 +18,7 @@ from common.dp_counts import text_neighbours
 from common.flower_logging import tame_flower_logging
 from common.memory import single_malloc_arena
 from common.model import SASRec
+from common.text_prior import TextPrior, public_decay
 
 from .distribute import distribute_model, final_bundle
 from .federation import Evaluator, WorkReader, run_federation
@@ -47,23 +48,39 @@ def server_app(schema: type[FederationConfig] = FederationConfig,
         data = config.load_catalog() if deployed else config.load_data()
         model = initial_model(config, data)
         initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        # The public parts of the model every merchant receives, built before round 1: a catalog without texts or
+        # an encoder that does not load stops the run here, never after it as a model-alone bundle.
+        prior = public_prior(config, data)
+        neighbours = statistics_candidates(config, data, prior)
         evaluator = central_evaluation(config, data, model) if central_evaluation and not deployed else None
-        state = run_federation(grid, config.federation, initial, evaluator,
-                               neighbours=statistics_candidates(config, data),
+        state = run_federation(grid, config.federation, initial, evaluator, neighbours=neighbours,
                                merchant_work=merchant_work(config) if merchant_work and not deployed else None)
         if state.finished(config.federation.rounds):  # every merchant gets the final model
-            distribute_model(grid, config.federation, final_bundle(model, state, data.catalog, config.privacy.delta))
+            files = final_bundle(model, state, data.catalog, config, prior=prior, neighbours=neighbours)
+            distribute_model(grid, config.federation, files)
 
     return app
 
 
-def statistics_candidates(config: FederationConfig, data: BehaviorData) -> np.ndarray | None:
+def public_prior(config: FederationConfig, data: BehaviorData) -> TextPrior | None:
+    """The public text prior over the catalog's item texts, with its public history weighting (no validation
+    chooses it), or None where the catalog has no texts, or [text] fuse and [federation] statistics are off."""
+    statistics = config.federation.statistics
+    if (not data.catalog.texts and statistics is not True) or (not config.text.fuse and statistics is False):
+        return None
+    vectors = config.text.vectors(data, pick_device(config.device), progress=False)  # no texts: a one-line error
+    return TextPrior(vectors, decay=public_decay(config.text.decay), window=config.text.window)
+
+
+def statistics_candidates(config: FederationConfig, data: BehaviorData, prior: TextPrior | None = None
+                          ) -> np.ndarray | None:
     """The public candidate table for the merchants' DP statistics (each item's text neighbours), or None when the
     run releases none ([federation] statistics; "auto": where the catalog has item texts)."""
     settings = config.federation
     if settings.statistics is False or (settings.statistics == "auto" and not data.catalog.texts):
         return None
-    vectors = config.text.vectors(data, pick_device(config.device), progress=False)
+    vectors = (prior.vectors.cpu().numpy() if prior is not None
+               else config.text.vectors(data, pick_device(config.device), progress=False))
     return text_neighbours(vectors, settings.statistics_neighbours)
 
 

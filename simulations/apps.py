@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -19,17 +20,19 @@ from flwr.clientapp.typing import ClientAppCallable
 from client.client_app import client_app
 from client.merchant import NUM_PARTITIONS, PARTITION_ID, Merchant, build_merchant
 from client.round_log import read_rounds
-from common.config import FederationConfig, from_run_config
+from common.config import from_run_config
 from common.data import BehaviorData
 from common.device import pick_device
-from common.dp_counts import Statistics, fit_prior_with_counts, text_neighbours
+from common.dp_counts import Statistics, fit_prior_with_counts
 from common.errors import ConfigError
 from common.evaluate import evaluate, sasrec_scorer
 from common.fusion import Fused, fit_fusion
+from common.metrics import select
 from common.model import SASRec
 from common.records import MerchantWork
 from common.split import Merchants, assign_merchants, leave_one_out
-from server.server_app import server_app
+from server.distribute import release_rule
+from server.server_app import public_prior, server_app, statistics_candidates
 
 from .attacks import flip_labels, poison_mod
 from .baseline import text_prior
@@ -77,35 +80,45 @@ def _attack_of(context: Context) -> tuple[str, float]:
 
 class CentralEvaluation:
     """Score global arrays on every merchant's held-out users at once (the union of the merchants' users is the
-    whole data set). Where the data has item texts the global model is fused with the public text prior — plus the
-    merchants' DP statistics when the run collected them — the weights chosen on validation (common/fusion.py,
-    common/dp_counts.py; the model alone is a candidate)."""
+    whole data set): reporting only. By default the scored model is the one every merchant receives, composed by
+    public rules from the public text prior, the merchants' DP statistics and the global model
+    (common.composite): nothing chosen here. With [simulation] pooled_selection (research, not private) the
+    weights are chosen on the pooled validation users instead (common/fusion.py, common/dp_counts.py; the model
+    alone is a candidate)."""
 
-    def __init__(self, config: FederationConfig, data: BehaviorData, model: SASRec):
+    def __init__(self, config: SimulationConfig, data: BehaviorData, model: SASRec):
         self.config, self.split = config, leave_one_out(data)
+        self.pooled = config.simulation.pooled_selection
         self.device = pick_device(config.device)
         self.model = model.to(self.device)
-        self.text = (text_prior(config, data, self.split, self.device, progress=False)[0]
-                     if data.catalog.texts and config.text.fuse else None)
+        if self.pooled:
+            self.text = (text_prior(config, data, self.split, self.device, progress=False)[0]
+                         if data.catalog.texts and config.text.fuse else None)
+        else:
+            self.text = public_prior(config, data)
+        self.neighbours = statistics_candidates(config, data, self.text) if self.text is not None else None
         self._with_counts: tuple | None = None  # (statistics, fitted prior, its serve twin): fitted once per run
 
     def prior(self, statistics: Statistics | None, stage: str = "valid"):
-        """The public prior, with the merchants' summed statistics when there are any: weights fitted on
-        validation with the fit counts; at test, the same weights over the serve counts."""
-        if statistics is None:
+        """The public prior, with the merchants' summed statistics when there are any: the fit counts for
+        validation (they hold no validation item), the serve counts for test and serving; weights and cuts by the
+        release rule, or (pooled) fitted on validation with the fit counts."""
+        if statistics is None or self.neighbours is None:
             return self.text
+        if not self.pooled:
+            return release_rule(self.config.federation).scorer(
+                self.text, statistics.fit if stage == "valid" else statistics.serve, self.neighbours)
         if self._with_counts is None or not self._with_counts[0].same_as(statistics):
-            neighbours = text_neighbours(self.text.vectors.cpu().numpy(), self.config.federation.statistics_neighbours)
-            fitted = fit_prior_with_counts(self.text, statistics.fit, neighbours, self.split)[0]
+            fitted = fit_prior_with_counts(self.text, statistics.fit, self.neighbours, self.split)[0]
             self._with_counts = (statistics, fitted, fitted.with_counts(statistics.serve))
         return self._with_counts[1] if stage == "valid" else self._with_counts[2]
 
     def scorer(self, arrays: dict[str, np.ndarray], statistics: Statistics | None = None, stage: str = "valid", *,
                weight: float | None = None):
-        """The global model's scorer (fused with the prior where there is one; its weight chosen on validation,
-        or ``weight``: the one a round's validation already chose) for ``stage`` and the fusion's validation:
-        ``(scorer, None)``, ``(fused, {"weight", "model_valid", "valid"})``, or ``(fused, None)`` given a weight.
-        Each scorer holds its own copy of the model: two rounds' scorers never share weights."""
+        """The global model's scorer composed with the prior where there is one, for ``stage``, and the fusion's
+        record: ``(scorer, None)``, ``(fused, {"weight", "model_valid", "valid"})``, or ``(fused, None)`` given a
+        weight. Private: the model's weight is ∞ (no accounted evaluation measured it), the record still gives the
+        model's own validation. Each scorer holds its own copy of the model: two rounds' never share weights."""
         model = copy.deepcopy(self.model)
         model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
         scorer = sasrec_scorer(model, self.device)
@@ -113,6 +126,12 @@ class CentralEvaluation:
             return scorer, None
         if weight is not None:
             return Fused(scorer, self.prior(statistics, stage), weight), None
+        if not self.pooled:
+            fused = Fused(scorer, self.prior(statistics, stage), math.inf)
+            if stage != "valid":
+                return fused, None
+            return fused, {"weight": math.inf, "model_valid": select(evaluate(scorer, self.split, "valid")),
+                           "valid": evaluate(fused, self.split, "valid")}
         fused, tried, valid = fit_fusion(scorer, self.prior(statistics), self.split)
         if stage != "valid":
             fused = Fused(scorer, self.prior(statistics, stage), fused.weight)

@@ -58,6 +58,11 @@ class SimulationSection(Section):
     client_gpus: float = Field(-1.0, ge=-1)
     """GPUs per simulated merchant (-1: one where this machine has CUDA and the device is not cpu, else none; a
     fraction shares a GPU between merchants)."""
+    pooled_selection: bool = False
+    """Research switch, not private: choose the text prior's weighting, the statistics' weights and cuts, the
+    model's fusion weight and the round kept on every merchant's validation users pooled — data no real aggregator
+    holds, read outside any ledger. Every report of such a run says "not private". Off: the model handed out is
+    chosen from public settings and accounted releases alone (common.composite), as a deployment does."""
     central_evaluation: bool = True
     """The server also scores every round's global model on every user (a simulation's server has the data);
     false: only the merchants sampled for evaluation score it, as in a deployment — a round's cost then follows

@@ -22,7 +22,6 @@ __all__ = ["COLD_BELOW", "METRIC_KEYS", "Tested", "cold_targets", "final_metrics
            "write_report"]
 
 
-
 def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorData, config: BaseModel, device,
                   epochs: int, started: float) -> RunMetrics:
     """The trained model's test (all users, and cold-item targets) and validation metrics with what the run was;
@@ -38,6 +37,29 @@ def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorD
 def write_report(metrics: RunMetrics, out: Path, plots: list[str]) -> None:
     """``out/report.md``: settings, the test table with the baselines, privacy, merchants and rounds."""
     write_bytes_atomic(Path(out) / "report.md", render_report(metrics, plots).encode())
+
+
+def _selection_lines(metrics: RunMetrics) -> list[str]:
+    """How the model handed out was chosen and what it is made of (above the test table)."""
+    if metrics.selection == "private":
+        how = ("**private selection**: from public settings and the merchants' accounted releases alone (the "
+               "statistics' cuts from their own noise level); no merchant's held-out data was read to choose "
+               "anything. The model tested is the bundle every merchant received.")
+    else:
+        how = (f"**{metrics.selection}** — NOT PRIVATE: the prior's weighting, the statistics' weights and cuts, "
+               "the model's fusion weight and the round kept were chosen on every merchant's validation users "
+               "pooled, data no real aggregator holds, outside any ledger. A research figure.")
+    lines = [f"Selection: {how}", "", f"The model handed out: {metrics.product or '—'}.", ""]
+    parts = metrics.parts or {}
+    if "statistics" in parts:
+        st = parts["statistics"]
+        lines += [f"DP statistics: popularity weight {st['popularity_weight']:g} (cut {st['popularity_cut_std']:g} "
+                  f"noise std, {st['items_kept']} items kept), transition weight {st['pair_weight']:g} (cut "
+                  f"{st['pair_cut_std']:g} noise std, {st['pairs_kept']} pairs kept), from "
+                  f"{st.get('merchants', '?')} merchants.", ""]
+    if "model" in parts and parts["model"].get("note"):
+        lines += [f"Trained model: weight {parts['model']['weight']} — {parts['model']['note']}.", ""]
+    return lines
 
 
 def render_report(metrics: RunMetrics, plots: list[str]) -> str:
@@ -61,8 +83,11 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
              "## Test metrics (leave-one-out, full ranking)", "",
              "| run | " + " | ".join(METRIC_KEYS) + " | NDCG@10 ratio |",
              "|---|" + "---|" * (len(METRIC_KEYS) + 1)]
+    if metrics.selection:
+        lines[-4:-4] = _selection_lines(metrics)
     runs = {f"**{metrics.mode}**": metrics.test}
-    if metrics.best_test is not None and metrics.best_round != len(metrics.rounds):
+    if metrics.best_test is not None and metrics.best_round != len(metrics.rounds) and \
+            metrics.selection != "private":
         runs[f"{metrics.mode}, best-validation round ({metrics.best_round})"] = metrics.best_test
     if metrics.fusion is not None:
         runs[f"{metrics.mode}, model alone (item ids, no text prior)"] = metrics.fusion.model_test

@@ -15,6 +15,8 @@ import numpy as np
 import tomli_w
 import torch
 
+from common.bundle import bundle_bytes, load_bundle, write_bundle_files
+from common.composite import product_kind
 from common.config import to_run_config
 from common.device import pick_device
 from common.errors import ConfigError, FedaugError
@@ -25,6 +27,7 @@ from common.popularity import Popularity
 from common.records import FusionRecord, MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
 from common.split import leave_one_out, merchant_partitions
 from server import checkpoint
+from server.distribute import MODEL_DIR
 from server.monitor import RoundWatcher
 from server.summary import federation_summary
 
@@ -87,8 +90,7 @@ def _test_in_detail(metrics: RunMetrics, scorers: dict[str, tuple[int, Scorer]],
     """The final global model on cold-item targets and per merchant, the model alone beside its fusion with the
     prior (the item-id model vs with text), and the final and best model's paired gain over the text prior."""
     final = tested(scorers["final"][1], split)
-    if metrics.test is None:  # no central evaluation during the run ([simulation] central_evaluation = false)
-        metrics.test = final.all
+    metrics.test = final.all  # the reported test figures are those of the bundle the run wrote
     metrics.test_cold, metrics.cold_users = final.cold, int(final.cold_mask.sum())
     metrics.test_by_type = final.by_type
     _per_merchant(metrics, final, split, merchant_of_user)
@@ -193,15 +195,25 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
 
 def _save_global_models(config: SimulationConfig, data, state_dir: Path, metrics: RunMetrics, out: Path,
                         evaluation=None) -> dict[str, tuple[int, Scorer]]:
-    """DIR/model: the final global model as the run tested it (fused with the prior and the merchants' DP
-    statistics — their serve counts — at the weight its round's validation chose); DIR/model-best: the
-    best-validating round's, when that is another round. ``evaluation``: the server's, already fitted.
-    Returns the scorers by name (final, best) with their rounds."""
+    """DIR/model: the model every merchant received — the aggregator's bundle (server.distribute: composed by
+    public rules from the prior, the merchants' DP statistics and the final global model), byte for byte, so
+    what this run reports is what a deployment delivers. With [simulation] pooled_selection (research, not
+    private): the final model as the run's pooled validation fitted it, and DIR/model-best, the best-validating
+    round's. ``evaluation``: the server's, already fitted. Returns the scorers by name (final, best) with their
+    rounds."""
+    state = checkpoint.load(state_dir)
+    if not config.simulation.pooled_selection:
+        received = load_bundle(state_dir / MODEL_DIR)
+        write_bundle_files(out / MODEL, bundle_bytes(state_dir / MODEL_DIR))
+        metrics.selection, metrics.parts = "private", received.card.parts
+        metrics.product = product_kind(received.scorer)
+        return {"final": (state.round, received.scorer), "best": (state.round, received.scorer)}
+
     from server.server_app import initial_model
 
     from .apps import CentralEvaluation
 
-    state = checkpoint.load(state_dir)
+    metrics.selection = POOLED
     if evaluation is None:  # e.g. every round was done before this start: nothing was fitted in this process
         evaluation = CentralEvaluation(config, data, initial_model(config, data))
     rounds = {r.round: r for r in state.history}
@@ -212,6 +224,7 @@ def _save_global_models(config: SimulationConfig, data, state_dir: Path, metrics
                                  weight=record.fusion_weight if record is not None else None)[0]
 
     final = scorer(state.arrays, state.round)
+    metrics.product = product_kind(final)
     save_model(out / MODEL, final, data, metrics, config)
     scorers = {"final": (state.round, final), "best": (state.round, final)}
     if state.best_round and state.best_round != state.round and state.best_arrays:
@@ -220,6 +233,9 @@ def _save_global_models(config: SimulationConfig, data, state_dir: Path, metrics
                    valid=record.valid if record is not None else None)
         scorers["best"] = (state.best_round, best)
     return scorers
+
+
+POOLED = "pooled validation (not private)"
 
 
 def _write_app_dir(app_dir: Path, run_config: dict) -> None:

@@ -1,0 +1,164 @@
+"""Private selection: the model a private federation hands out is chosen from public settings and accounted
+releases alone (common.composite, common.dp_counts.ReleaseRule), never from anyone's held-out data — and it is the
+model the simulation reports."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.dp_counts import Counts, ReleaseRule, bounded_counts, noised, release_cut, text_neighbours
+from common.synthetic import SyntheticSpec, generate
+from common.text_prior import TextPrior
+from tests.support import WORDS, tiny_encoder
+
+
+def test_exact_counts_keep_every_positive_cell():
+    counts = np.array([0.0, 3.0, 0.0, 1.0])
+    assert release_cut(counts, 0.0) == 0.0
+
+
+def test_pure_noise_is_cut_away_and_strong_counts_are_kept():
+    rng = np.random.default_rng(0)
+    cells = 20_000
+    noise = rng.normal(0, 2.0, cells + 1)
+    assert release_cut(noise, 2.0) == math.inf  # nothing but noise: the term is dropped
+    signal = noise.copy()
+    signal[1:2001] += 20.0  # a tenth of the cells carry counts ten noise stds high
+    cut = release_cut(signal, 2.0)
+    assert 2.0 <= cut <= 4.0
+    kept = signal[1:] > cut * 2.0
+    assert kept[:2000].mean() > 0.99 and kept[2000:].sum() <= 0.1 * kept.sum()
+
+
+def test_the_rule_drops_a_term_whose_cells_are_all_noise():
+    split_data = generate(SyntheticSpec(users=300, items=80))
+    vectors = np.random.default_rng(1).normal(size=(81, 8))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    neighbours = text_neighbours(vectors, 6)
+    prior = TextPrior(vectors, decay=0.25)
+    exact = bounded_counts(split_data.sequences(), neighbours, max_items=4, max_pairs=1)
+    drowned = noised(exact, noise_multiplier=1e4, max_items=4, max_pairs=1, rng=np.random.default_rng(0))
+    scorer = ReleaseRule(0.03, 0.3).scorer(prior, drowned, neighbours)
+    assert scorer.popularity_weight == 0 and scorer.pair_weight == 0
+    clear = ReleaseRule(0.03, 0.3).scorer(prior, Counts(exact.popularity, exact.pairs), neighbours)
+    assert clear.popularity_weight == 0.03 and clear.pair_weight == 0.3 and clear.threshold == 0
+
+
+def write_titled_set(directory: Path, users: int = 240, items: int = 60) -> Path:
+    """The synthetic generator's users as an Amazon-style set whose titles name each item's category (the text
+    neighbours then follow the categories, as real titles do)."""
+    data = generate(SyntheticSpec(users=users, items=items, categories=4, merchants=3))
+    lines = [" ".join(map(str, [u + 1, *data.items[data.offsets[u]:data.offsets[u + 1]].tolist()]))
+             for u in range(data.n_users)]
+    (directory / "Shop.txt").write_text("\n".join(lines) + "\n")
+    category = data.catalog.category
+    titles = [f"{WORDS[int(category[i]) % 4]} {WORDS[4 + int(category[i]) % 6]} {WORDS[i % len(WORDS)]}"
+              for i in range(1, data.n_items + 1)]
+    (directory / "Shop_item_titles.tsv").write_text(
+        "item_id\tasin\ttitle\n" + "".join(f"{i}\tA{i}\t{t}\n" for i, t in enumerate(titles, start=1)))
+    return directory / "Shop.txt"
+
+
+def _config(tmp_path: Path, pooled: bool):
+    from common.config import load_config
+    from simulations.config import SimulationConfig
+
+    path = write_titled_set(tmp_path)
+    encoder = tiny_encoder(tmp_path)
+    (tmp_path / "run.toml").write_text(f"""
+[data]
+path = "{path}"
+[text]
+encoder = "{encoder}"
+cache_dir = "{tmp_path / 'cache'}"
+[model]
+hidden = 16
+blocks = 1
+max_len = 20
+[simulation]
+merchants = 3
+pooled_selection = {str(pooled).lower()}
+[federation]
+rounds = 1
+[local]
+batch_size = 32
+""")
+    return load_config(tmp_path / "run.toml", {"privacy.epsilon": 8.0}, SimulationConfig)
+
+
+def _forbid_choosing_on_validation(monkeypatch, calls: list[str]) -> None:
+    """Every function that chooses on validation records a call (and fails a private run below)."""
+    import common.dp_counts
+    import common.fusion
+    import common.text_prior
+    import simulations.apps
+    import simulations.baseline
+
+    def spy(name, real):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return wrapper
+
+    for module, name in ((common.fusion, "fit_fusion"), (simulations.apps, "fit_fusion"),
+                         (common.dp_counts, "fit_prior_with_counts"), (simulations.apps, "fit_prior_with_counts"),
+                         (common.text_prior, "fit_text_prior"), (simulations.baseline, "fit_text_prior"),
+                         (simulations.apps, "text_prior")):
+        monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
+
+
+@pytest.mark.slow
+def test_a_private_federation_hands_out_the_composite_chosen_without_held_out_data(tmp_path, monkeypatch):
+    """No choice of a private run reads the pooled validation users: none of the functions that choose on
+    validation is called while the federation runs and builds its bundle (they may run after it only for the
+    baselines' report lines). The merchants all hold the aggregator's bundle, the prior fused with the DP
+    statistics; the simulation reports exactly that bundle's test metrics."""
+    from common.bundle import bundle_hash, load_bundle
+    from common.evaluate import evaluate
+    from common.fusion import Fused
+    from common.split import leave_one_out
+    from simulations import simulate
+
+    calls: list[str] = []
+    _forbid_choosing_on_validation(monkeypatch, calls)
+    config = _config(tmp_path, pooled=False)
+    during: list[str] = []
+    real_save = simulate._save_global_models
+
+    def after_the_run(*args, **kwargs):
+        during.extend(calls)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(simulate, "_save_global_models", after_the_run)
+    metrics = simulate.run_simulate(config, tmp_path / "out")
+    assert during == [], f"a private run chose on validation: {during}"
+    assert metrics.selection == "private" and "text prior + DP statistics" in metrics.product
+    out = tmp_path / "out"
+    final = bundle_hash(out / "state" / "model")
+    assert bundle_hash(out / "model") == final
+    assert [bundle_hash(out / "state" / f"merchant-{i}" / "model") for i in range(3)] == [final] * 3
+    bundle = load_bundle(out / "model")
+    assert bundle.card.scorer["kind"] == "fused" and bundle.card.scorer["prior"]["kind"] == "text+statistics"
+    assert set(bundle.card.parts) >= {"text prior", "statistics", "model", "selection"}
+    assert bundle.card.privacy["epsilon"] <= 8.0 and bundle.card.items == config.load_data().n_items
+    assert isinstance(bundle.scorer, Fused)
+    test = evaluate(bundle.scorer, leave_one_out(config.load_data()), "test")
+    assert metrics.test["ndcg@10"] == pytest.approx(test["ndcg@10"], abs=1e-12)
+    report = (out / "report.md").read_text()
+    assert "private selection" in report and "NOT PRIVATE" not in report
+
+
+@pytest.mark.slow
+def test_the_pooled_research_switch_chooses_on_validation_and_says_not_private(tmp_path, monkeypatch):
+    from simulations.simulate import run_simulate
+
+    calls: list[str] = []
+    _forbid_choosing_on_validation(monkeypatch, calls)
+    metrics = run_simulate(_config(tmp_path, pooled=True), tmp_path / "out")
+    assert "fit_fusion" in calls and "fit_prior_with_counts" in calls
+    assert metrics.selection == "pooled validation (not private)"
+    assert "NOT PRIVATE" in (tmp_path / "out" / "report.md").read_text()
