@@ -1,5 +1,6 @@
-"""The merchant's Flower ClientApp (Message API): ``train``, ``evaluate``, the ``query.statistics`` release and
-``query.model``, the federation's final model.
+"""The merchant's Flower ClientApp (Message API): ``train``, ``evaluate``, the ``query.statistics`` release, the
+``query.selection`` release (federated DP evaluation of the candidate model's fusion weights) and ``query.model``,
+the federation's final model.
 
 A merchant whose budget cannot afford the round replies normally with ``declined = 1`` and no arrays, so the
 server can tell a decline from a crash (which arrives as a Flower error reply). A private merchant sends only what
@@ -12,7 +13,9 @@ around training — how `fedaug simulate` attaches its simulation-only behaviour
 from __future__ import annotations
 
 import math
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,23 +23,27 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from common.bundle import bundle_hash, write_bundle_files
+from common.bundle import bundle_hash, load_bundle, write_bundle_files
 from common.compression import COMPRESSIONS, Encoded, decode, encode
 from common.evaluate import evaluate as evaluate_split
 from common.evaluate import sasrec_scorer
 from common.flower_logging import tame_flower_logging
+from common.fusion import Fused, fused_rows
 from common.memory import single_malloc_arena
 from common.metrics import METRIC_NAMES
 from common.records import WITHHELD
+from common.selection import coordinates
 
 from . import replay
 from .ledger import BudgetExceeded
 from .merchant import Merchant, MerchantSource, merchant_for
 from .round_log import MerchantRound, append_round
-from .statistics import release_statistics
+from .statistics import release_selection, release_statistics, selection_noise
 
 STATISTICS = "statistics"
 """The query action (Flower message type ``query.statistics``) that asks for the DP collaborative statistics."""
+SELECTION = "selection"
+"""The query action (``query.selection``) that asks for this merchant's figures on the candidate fusion weights."""
 MODEL = "model"
 """The query action (``query.model``) that hands over the federation's final model bundle (server/distribute.py)."""
 
@@ -63,6 +70,10 @@ def client_app(merchants: MerchantSource = merchant_for, train_mods: list[Mod] |
     @app.query(STATISTICS)
     def _statistics(msg: Message, context: Context) -> Message:
         return statistics(msg, merchants(context))
+
+    @app.query(SELECTION)
+    def _selection(msg: Message, context: Context) -> Message:
+        return select(msg, merchants(context))
 
     @app.query(MODEL)
     def _model(msg: Message, context: Context) -> Message:
@@ -187,7 +198,8 @@ def statistics(msg: Message, merchant: Merchant) -> Message:
                                       share=float(config["share"]), max_items=int(config["max-items"]),
                                       max_pairs=int(config["max-pairs"]),
                                       state_dir=trainer.ledger.path.parent if trainer.ledger else None,
-                                      serve_sequences=merchant.split.seen_sequences())
+                                      serve_sequences=merchant.split.seen_sequences(),
+                                      selection_share=float(config.get("selection-share", 0.0)))
     except BudgetExceeded as exc:
         return Message(RecordDict({"metrics": MetricRecord({"declined": 1}),
                                    "decline": ConfigRecord({"reason": str(exc)})}), reply_to=msg)
@@ -201,6 +213,43 @@ def statistics(msg: Message, merchant: Merchant) -> Message:
                                  "partition-id": merchant.partition_id}),
     })
     return Message(content, reply_to=msg)
+
+
+def select(msg: Message, merchant: Merchant) -> Message:
+    """Score the server's candidate model (a bundle: the global model fused with the prior and the fit-count
+    statistics) at every public fusion weight on this merchant's validation users, and release the summed figures
+    through the Gaussian mechanism reserved for this run (common/selection.py, client/statistics.py)."""
+    config = msg.content["config"]
+    run_key = str(config["run-key"])
+    weights = tuple(float(w) for w in config["weights"])
+    if math.inf not in weights or len(set(weights)) != len(weights):
+        raise ValueError("selection: the candidate weights must be distinct and include inf (the prior alone)")
+    trainer = merchant.trainer
+    if selection_noise(trainer, run_key) is None:
+        return _declined(msg, merchant, f"run {run_key}: no selection release was reserved")
+    files = {name: bytes(data) for name, data in msg.content["bundle"].items()}
+    with tempfile.TemporaryDirectory(prefix="fedaug-candidate-") as folder:
+        candidate = load_bundle(write_bundle_files(Path(folder) / "model", files), device=merchant.device).scorer
+    if not isinstance(candidate, Fused) or candidate.prior is None:
+        raise ValueError("selection: the candidate bundle is not a fused model")
+    rows = fused_rows(candidate.model, candidate.prior, merchant.split, weights, "valid")
+    per_user = {w: np.concatenate([r["ndcg@10"] for r in rows[w]]) for w in weights}
+    try:
+        released, noise = release_selection(trainer, run_key, coordinates(per_user, weights),
+                                            state_dir=trainer.ledger.path.parent if trainer.ledger else None,
+                                            weights=weights)
+    except BudgetExceeded as exc:
+        return _declined(msg, merchant, str(exc))
+    content = RecordDict({"arrays": ArrayRecord({"selection": torch.from_numpy(released)}),
+                          "metrics": MetricRecord({"declined": 0, "noise-multiplier": noise,
+                                                   "epsilon": _finite(trainer.epsilon_spent()),
+                                                   "partition-id": merchant.partition_id})})
+    return Message(content, reply_to=msg)
+
+
+def _declined(msg: Message, merchant: Merchant, reason: str) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord({"declined": 1, "partition-id": merchant.partition_id}),
+                               "decline": ConfigRecord({"reason": reason})}), reply_to=msg)
 
 
 def store_model(msg: Message, merchant: Merchant) -> Message:

@@ -67,6 +67,8 @@ class SyntheticSection(Section):
     merchants: int = Field(SyntheticSpec.merchants, ge=1)
     mean_length: float = Field(SyntheticSpec.mean_length, ge=5)
     seed: int = 0
+    titles: bool = False
+    """Public item titles (common.synthetic.item_titles): the text prior and DP statistics then apply."""
 
     def spec(self) -> SyntheticSpec:
         return SyntheticSpec(**self.model_dump())
@@ -493,6 +495,21 @@ class FederationSection(Section):
     matters (0.1 to 1: 0.0415 to 0.0414), without noise 1 is best (0.0562 vs 0.0508 at 0.1)."""
     statistics_false_keeps: float = Field(0.1, gt=0, lt=1)
     """The expected share of pure-noise cells among the noisy counts kept (their cut follows from the release)."""
+
+    selection: Literal["evaluated", "released"] = "evaluated"
+    """How the trained model's weight in the model handed out is chosen. evaluated: after the last round every
+    merchant scores the candidate weights on its own validation users and releases the sums through the Gaussian
+    mechanism at ``selection_share`` (common/selection.py; accounted, reserved before round 1); released: from
+    the releases alone — the trained model is then left out (nothing measured it)."""
+    selection_share: float = Field(0.05, gt=0, lt=1)
+    """Fraction of each private merchant's budget (left before the run) the selection release may spend."""
+
+    def release_rule(self):
+        """How the released statistics join the prior in the model handed out (common.dp_counts.ReleaseRule)."""
+        from .dp_counts import ReleaseRule
+
+        return ReleaseRule(self.statistics_popularity_weight, self.statistics_pair_weight,
+                           self.statistics_false_keeps)
     central_dp: bool = False
     """Client-level DP on top: Flower's server-side fixed clipping of each update plus Gaussian noise."""
     central_noise: float = Field(1.0, gt=0)

@@ -48,12 +48,12 @@ class Fused:
         return scores
 
 
-def fit_fusion(model: Scorer, prior: Scorer, split: LeaveOneOut, weights: tuple[float, ...] = WEIGHTS,
-               batch_size: int = 1024) -> tuple[Fused, list[dict], dict[str, float]]:
-    """The fusion whose weight validates best (NDCG@10, never test), every weight's validation NDCG@10, and the
-    chosen fusion's full validation metrics. One pass of each scorer per batch serves every weight."""
-    histories, targets = split.eval_inputs("valid")
-    features = eval_features(model, split, "valid")
+def fused_rows(model: Scorer, prior: Scorer, split: LeaveOneOut, weights: tuple[float, ...] = WEIGHTS,
+               stage: str = "valid", batch_size: int = 1024) -> dict[float, list[dict]]:
+    """Every weight's rank metrics per user at ``stage``, in batches; one pass of each scorer per batch serves
+    every weight."""
+    histories, targets = split.eval_inputs(stage)
+    features = eval_features(model, split, stage)
     per_user: dict[float, list] = {w: [] for w in weights}
     for start in range(0, len(targets), batch_size):
         batch = histories[start : start + batch_size]
@@ -64,6 +64,15 @@ def fit_fusion(model: Scorer, prior: Scorer, split: LeaveOneOut, weights: tuple[
             fused = mask_history(extra.clone() if math.isinf(weight) else scores + weight * extra, batch,
                                  batch_targets)
             per_user[weight].append(rank_metrics(fused, batch_targets))
+    return per_user
+
+
+def fit_fusion(model: Scorer, prior: Scorer, split: LeaveOneOut, weights: tuple[float, ...] = WEIGHTS,
+               batch_size: int = 1024) -> tuple[Fused, list[dict], dict[str, float]]:
+    """The fusion whose weight validates best (NDCG@10, never test), every weight's validation NDCG@10, and the
+    chosen fusion's full validation metrics."""
+    per_user = fused_rows(model, prior, split, weights, "valid", batch_size)
+    targets = split.eval_inputs("valid")[1]
     means = {w: mean_metrics(rows) | {"users": len(targets)} for w, rows in per_user.items()}
     tried = [{"weight": w, "valid_ndcg@10": means[w]["ndcg@10"]} for w in weights]
     # Ties go to the larger prior weight, and the model is taken into the prior only where what it adds shows on

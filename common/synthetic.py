@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .data import EVENT_TYPES, BehaviorData, ItemCatalog, from_sequences
+from .loaders import with_texts
 
 DEVICES = ("mobile-web", "desktop", "app")
 START_TIME = 1_704_067_200  # 2024-01-01 00:00 UTC
@@ -47,6 +48,32 @@ class SyntheticSpec:
     session_gap: int = 6 * 3600
     """Seconds after which the next event starts a new session (it follows no successor)."""
     seed: int = 0
+    titles: bool = False
+    """Give every item a public title (a brand, a finish and its category's product word), as a shop's catalog
+    has: what the public text prior and the DP statistics' candidates are built from. The behaviour drawn is the
+    same either way."""
+
+
+CATEGORY_WORDS = ("lipstick", "shampoo", "perfume", "moisturiser", "mascara", "nail polish", "conditioner",
+                  "sunscreen", "eyeliner", "face mask", "body lotion", "hair oil", "foundation", "blush",
+                  "toothpaste", "razor")
+FINISHES = ("matte", "glossy", "hydrating", "organic", "travel size", "long lasting", "sensitive", "classic")
+BRAND_WORDS = ("Aurora", "Belle", "Cedar", "Dune", "Ember", "Flora", "Gala", "Halo", "Iris", "Jade", "Kiko",
+               "Luna", "Mira", "Nova", "Opal", "Pearl")
+
+
+def item_titles(spec: SyntheticSpec, category: np.ndarray, brand: np.ndarray) -> dict[str, str]:
+    """Each item's title by its raw id: its brand's name, a finish and its category's product word (categories
+    past the word list get a numbered word), drawn from their own seed so the behaviour is unchanged."""
+    rng = np.random.default_rng([spec.seed, 1])
+    titles = {}
+    for item in range(1, len(category)):
+        c, b = int(category[item]), int(brand[item])
+        word = CATEGORY_WORDS[c % len(CATEGORY_WORDS)] + (f" {c // len(CATEGORY_WORDS) + 1}"
+                                                          if c >= len(CATEGORY_WORDS) else "")
+        maker = f"{BRAND_WORDS[b % len(BRAND_WORDS)]}{'' if b < len(BRAND_WORDS) else b // len(BRAND_WORDS)}"
+        titles[str(item)] = f"{maker} {FINISHES[int(rng.integers(len(FINISHES)))]} {word}"
+    return titles
 
 
 def generate(spec: SyntheticSpec = SyntheticSpec()) -> BehaviorData:
@@ -129,6 +156,8 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> BehaviorData:
         category=np.where(np.arange(n_items + 1) > 0, category + 1, 0),
         category_names=[""] + [f"category-{c}" for c in range(n_cat)],
     )
+    if spec.titles:
+        catalog = with_texts(catalog, item_titles(spec, category, brand))
     return from_sequences(
         sequences,
         catalog,

@@ -353,6 +353,20 @@ def local(
     console.print(
         f"local: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  ε {privacy.epsilon_max:.3f}  "
         f"δ {privacy.delta:.2e}  ({metrics.seconds:.0f} s) -> {out / 'metrics.json'}")
+    _print_baselines(metrics)
+
+
+def _print_baselines(metrics) -> None:
+    """What the model handed out is made of and how it compares with the public prior (honest about a model that
+    adds nothing)."""
+    if metrics.product:
+        console.print(f"the model: {metrics.product}; chosen by {metrics.selection}")
+    if "text prior" in metrics.baselines:
+        gain = (metrics.gain_over_text or {}).get("final", {}).get("gain_over_text_prior")
+        console.print(f"text prior: test NDCG@10 {metrics.baselines['text prior']['ndcg@10']:.4f}  popularity "
+                      f"{metrics.baselines['popularity']['ndcg@10']:.4f}"
+                      + (f"  gain over the prior {gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
+                         if gain else ""))
 
 
 @app.command()
@@ -428,8 +442,7 @@ def simulate(
         + (f"  best-validation round {metrics.best_round}: test NDCG@10 {metrics.best_test['ndcg@10']:.4f}"
            if metrics.best_test and metrics.selection != "private" else "")
         + f"  ({metrics.seconds:.0f} s) -> {out / 'report.md'}")
-    if metrics.product:
-        console.print(f"the model handed out: {metrics.product}; chosen by {metrics.selection}")
+    _print_baselines(metrics)
 
 
 @app.command()
@@ -679,6 +692,8 @@ def synth(
                                      "split uniformly at random); default: the embedded synthetic data."),
     fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
     seed: int = typer.Option(0, "--seed"),
+    titles: bool = typer.Option(True, "--titles/--no-titles", help="Synthetic items get public titles (the text "
+                                "prior and DP statistics then apply)."),
 ) -> None:
     """Write trial merchants' files: the public catalog (ids, titles where the data has them, attributes) and one
     events CSV each, from the embedded synthetic data or a real data set (--data)."""
@@ -694,7 +709,8 @@ def synth(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FedaugError(f"--out: {out} exists and is not an empty directory")
     if data is None:
-        spec = SyntheticSection(**{"merchants": merchants, "seed": seed} | ({"users": users} if users else {})).spec()
+        spec = SyntheticSection(**{"merchants": merchants, "seed": seed, "titles": titles}
+                                | ({"users": users} if users else {})).spec()
         source = generate(spec)
     else:  # loaded as every command loads it (sibling files included), users split as `fedaug simulate` splits
         section = load_config(None, {"data.path": str(data), "data.format": fmt}, flags=FLAGS).data

@@ -50,6 +50,8 @@ class ServerState:
     statistics_merchants: int = 0
     budgets_spent: bool = False
     """The federation ended before its last round: every merchant declined for its privacy budget."""
+    selection: dict | None = None
+    """The federated DP evaluation's choice of the trained model's weight (server.selection), once made."""
 
     def finished(self, rounds: int) -> bool:
         """Nothing is left to run: the last of ``rounds`` is done, or every merchant's budget is spent."""
@@ -60,7 +62,7 @@ def save(state_dir: Path, state: ServerState) -> None:
     meta = {"run_key": state.run_key, "strategy": state.strategy, "round": state.round,
             "accountant": state.accountant, "history": [h.to_json() for h in state.history],
             "merchants": state.merchants, "best_round": state.best_round, "best_test": state.best_test,
-            "budgets_spent": state.budgets_spent,
+            "budgets_spent": state.budgets_spent, "selection": state.selection,
             "statistics": None if state.statistics is None else {
                 "popularity_std": state.statistics.fit.popularity_std, "pair_std": state.statistics.fit.pair_std,
                 "merchants": state.statistics_merchants},
@@ -99,7 +101,7 @@ def load(state_dir: Path) -> ServerState | None:
                        merchants=meta["merchants"], best_round=int(meta.get("best_round", 0)), best_arrays=best,
                        best_test=meta.get("best_test"), statistics=statistics,
                        statistics_merchants=int((meta.get("statistics") or {}).get("merchants", 0)),
-                       budgets_spent=bool(meta.get("budgets_spent", False)))
+                       budgets_spent=bool(meta.get("budgets_spent", False)), selection=meta.get("selection"))
 
 
 def _statistics(stored, stats: dict) -> Statistics:

@@ -15,10 +15,9 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.bundle import bundle_files, bundle_hash, write_bundle_files
-from common.composite import compose
+from common.composite import UNMEASURED, compose
 from common.config import FederationConfig, FederationSection
 from common.data import ItemCatalog
-from common.dp_counts import ReleaseRule
 from common.evaluate import SASRecScorer
 from common.model import SASRec
 from common.records import merchant_name
@@ -31,15 +30,28 @@ MODEL_DIR = "model"
 
 
 def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, config: FederationConfig, *,
-                 prior: TextPrior | None = None, neighbours: np.ndarray | None = None) -> dict[str, bytes]:
+                 prior: TextPrior | None = None, neighbours: np.ndarray | None = None,
+                 candidate: bool = False) -> dict[str, bytes]:
     """The model every merchant receives: the final global model composed with the public text prior and the
-    merchants' summed DP statistics (their serve release) by public rules (common.composite), over the public
-    catalog; its card names each part, its weight and the ε behind it."""
+    merchants' summed DP statistics (their serve release) by public rules (common.composite), the model at the
+    weight the federated DP evaluation chose (``state.selection``; none: left out), over the public catalog; its
+    card names each part, its weight and the ε behind it. ``candidate``: the model the merchants evaluate for
+    that choice instead — the fit counts (no validation item in them), the model's weight left to them."""
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.arrays.items()})
     settings = config.federation
-    statistics = state.statistics.serve if state.statistics is not None else None
+    statistics = None if state.statistics is None else state.statistics.fit if candidate else state.statistics.serve
+    weight, note = math.inf, UNMEASURED
+    if state.selection is not None and not candidate:
+        weight = float(state.selection["weight"])
+        note = (f"not used: its gain over the prior with the statistics was not above zero beyond chance and "
+                f"noise on {state.selection['users']:.0f} merchants' validation users (federated DP evaluation)"
+                if math.isinf(weight) else "weight chosen by the federated DP evaluation")
     scorer, parts = compose(SASRecScorer(model.cpu().eval(), "cpu"), prior, statistics, neighbours,
-                            release_rule(settings))
+                            settings.release_rule(), model_weight=weight, model_note=note)
+    if state.selection is not None and not candidate:
+        parts["selection"] = ("statistics: public settings and the release's own noise level (no ε); the model's "
+                              "weight: federated DP evaluation (each merchant's noised validation sums, accounted)")
+        parts["model"]["evaluation"] = state.selection
     epsilons = [m["epsilon"] for m in state.merchants.values() if m.get("epsilon", -1) >= 0]
     epsilon = max(epsilons, default=None)
     private = epsilon is not None and math.isfinite(epsilon)
@@ -58,11 +70,6 @@ def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, config
                         parts=parts, text_encoder=_encoder(config) if prior is not None else None)
 
 
-def release_rule(settings: FederationSection) -> ReleaseRule:
-    return ReleaseRule(settings.statistics_popularity_weight, settings.statistics_pair_weight,
-                       settings.statistics_false_keeps)
-
-
 def _releases(settings: FederationSection, state: ServerState) -> list[dict]:
     """Every kind of release behind the model, as the merchants' ledgers record it (ε: the largest a merchant
     reported after it)."""
@@ -73,6 +80,9 @@ def _releases(settings: FederationSection, state: ServerState) -> list[dict]:
     by_round = [m.get("epsilon_by_round", {}) for m in state.merchants.values()]
     last = max((float(r[str(state.round)]) for r in by_round if str(state.round) in r), default=None)
     out.append({"release": f"DP-SGD updates ({state.round} rounds)", "epsilon_after": last})
+    if state.selection is not None:
+        out.append({"release": "federated DP evaluation of the fusion weights (Gaussian, 1 release)",
+                    "budget_share": settings.selection_share, "merchants": state.selection.get("merchants")})
     return out
 
 

@@ -20,8 +20,10 @@ from common.memory import single_malloc_arena
 from common.model import SASRec
 from common.text_prior import TextPrior, public_decay
 
+from . import checkpoint
 from .distribute import distribute_model, final_bundle
 from .federation import Evaluator, WorkReader, run_federation
+from .selection import evaluate_candidates
 
 EvaluatorFactory = Callable[[FederationConfig, BehaviorData, SASRec], Evaluator]
 """Builds a central evaluation from the run's config, data and initial model (simulations only)."""
@@ -56,8 +58,15 @@ def server_app(schema: type[FederationConfig] = FederationConfig,
         state = run_federation(grid, config.federation, initial, evaluator, neighbours=neighbours,
                                merchant_work=merchant_work(config) if merchant_work and not deployed else None)
         if state.finished(config.federation.rounds):  # every merchant gets the final model
+            settings = config.federation
+            if (prior is not None and state.statistics is not None and settings.selection == "evaluated"
+                    and state.selection is None):  # the model's weight: the merchants' federated DP evaluation
+                candidate = final_bundle(model, state, data.catalog, config, prior=prior, neighbours=neighbours,
+                                         candidate=True)
+                state.selection = evaluate_candidates(grid, settings, state.run_key, candidate)
+                checkpoint.save(settings.state_dir, state)
             files = final_bundle(model, state, data.catalog, config, prior=prior, neighbours=neighbours)
-            distribute_model(grid, config.federation, files)
+            distribute_model(grid, settings, files)
 
     return app
 

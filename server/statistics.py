@@ -26,6 +26,7 @@ def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.n
                        run_key: str) -> tuple[Statistics | None, int]:
     """The summed counts of every merchant that answered, and how many did."""
     config = ConfigRecord({"run-key": run_key, "share": settings.statistics_share,
+                           "selection-share": settings.selection_share if settings.selection == "evaluated" else 0.0,
                            "max-items": settings.statistics_max_items, "max-pairs": settings.statistics_max_pairs})
     messages = [Message(RecordDict({"arrays": ArrayRecord({"neighbours": Array(neighbours)}), "config": config}),
                         dst_node_id=node, message_type=QUERY) for node in grid.get_node_ids()]

@@ -31,7 +31,6 @@ from common.metrics import select
 from common.model import SASRec
 from common.records import MerchantWork
 from common.split import Merchants, assign_merchants, leave_one_out
-from server.distribute import release_rule
 from server.server_app import public_prior, server_app, statistics_candidates
 
 from .attacks import flip_labels, poison_mod
@@ -106,7 +105,7 @@ class CentralEvaluation:
         if statistics is None or self.neighbours is None:
             return self.text
         if not self.pooled:
-            return release_rule(self.config.federation).scorer(
+            return self.config.federation.release_rule().scorer(
                 self.text, statistics.fit if stage == "valid" else statistics.serve, self.neighbours)
         if self._with_counts is None or not self._with_counts[0].same_as(statistics):
             fitted = fit_prior_with_counts(self.text, statistics.fit, self.neighbours, self.split)[0]

@@ -15,7 +15,8 @@ MODEL, BEST_MODEL = "model", "model-best"
 
 
 def save_model(directory: Path, scorer: Scorer, data: BehaviorData, metrics: RunMetrics, config, *,
-               round_: int | None = None, test: dict | None = None, valid: dict | None = None) -> Path:
+               round_: int | None = None, test: dict | None = None, valid: dict | None = None,
+               parts: dict | None = None) -> Path:
     """Write ``scorer`` as a bundle; ``round_`` / ``test`` / ``valid`` name a federation's model other than its
     final one (the best-validating round)."""
     privacy = metrics.privacy
@@ -32,4 +33,4 @@ def save_model(directory: Path, scorer: Scorer, data: BehaviorData, metrics: Run
                  "accountant": "min(PRV, RDP), composed over every release"} if private else None,
         metrics={"test": test if test is not None else metrics.test,
                  "valid": valid if valid is not None else metrics.valid},
-        text_encoder=encoder)
+        text_encoder=encoder, parts=parts)

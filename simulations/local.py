@@ -2,24 +2,59 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from client.spent import claim
+from client.statistics import release_selection, release_statistics
 from client.trainer import build_trainer
-from common.config import MerchantRunConfig
+from common import selection
+from common.composite import UNMEASURED, compose, product_kind
+from common.config import FederationSection, MerchantRunConfig
 from common.data import BehaviorData
 from common.device import pick_device
-from common.evaluate import evaluate, sasrec_scorer
-from common.metrics import select
-from common.records import OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
+from common.dp_counts import text_neighbours
+from common.evaluate import evaluate, sasrec_scorer, tested
+from common.fusion import fused_rows
+from common.metrics import paired_gain, select
+from common.popularity import Popularity
+from common.records import FusionRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
 from common.split import leave_one_out
+from common.text_prior import TextPrior, public_decay
 from common.training import set_seed
 
 from .bundles import MODEL, save_model
 from .report import final_metrics
+
+STATISTICS = FederationSection()
+"""A merchant alone releases its statistics as a federation's merchants do (the [federation] defaults)."""
+
+
+def merchant_prior(config: MerchantRunConfig, data: BehaviorData, device) -> TextPrior | None:
+    """The public text prior over the data's item texts, its history weighting public; None without texts or
+    with [text] fuse off."""
+    if not data.catalog.texts or not config.text.fuse:
+        return None
+    return TextPrior(config.text.vectors(data, device, progress=False), decay=public_decay(config.text.decay),
+                     window=config.text.window, device=device)
+
+
+def evaluate_alone(trainer, run_id: str, trained, prior: TextPrior, released, neighbours, split,
+                   state_dir: Path) -> dict:
+    """A merchant alone chooses its model's weight as a federation does (common/selection.py): the candidate
+    (fit counts) scored at each public weight on its validation users, released through its reserved Gaussian
+    mechanism, the choice made on the noised figures only."""
+    candidate = STATISTICS.release_rule().scorer(prior, released.fit, neighbours)
+    rows = fused_rows(trained, candidate, split, selection.WEIGHTS, "valid")
+    per_user = {w: np.concatenate([r["ndcg@10"] for r in rows[w]]) for w in selection.WEIGHTS}
+    vector, noise = release_selection(trainer, run_id, selection.coordinates(per_user), weights=selection.WEIGHTS,
+                                      state_dir=state_dir if trainer.ledger else None)
+    return selection.choose(vector, noise * selection.sensitivity()) | {"merchants": 1}
 
 
 def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_round: OnRound | None = None,
@@ -45,6 +80,19 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
     set_seed(config.local.seed)
     model = config.model.model(data)
     run_id = uuid.uuid4().hex
+    # The public prior and this merchant's own DP statistics, released (and ledgered) before training so DP-SGD
+    # is calibrated for what is left: the same composition a federation hands out (common.composite).
+    prior = merchant_prior(config, data, device)
+    released, neighbours = None, None
+    if prior is not None and STATISTICS.statistics is not False:
+        neighbours = text_neighbours(prior.vectors.cpu().numpy(), STATISTICS.statistics_neighbours)
+        released = release_statistics(trainer, run_id, neighbours, share=STATISTICS.statistics_share,
+                                      max_items=STATISTICS.statistics_max_items,
+                                      max_pairs=STATISTICS.statistics_max_pairs,
+                                      state_dir=state_dir if trainer.ledger else None,
+                                      serve_sequences=split.seen_sequences(),
+                                      selection_share=STATISTICS.selection_share
+                                      if STATISTICS.selection == "evaluated" else 0.0)
     history, result = [], None
     for round_ in range(1, config.local.rounds + 1):
         result = trainer.train_round(model, run_id, round_, on_step=on_step)
@@ -53,9 +101,31 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
                                    epsilon_mean=result.epsilon, seconds=round(result.seconds, 2), valid=valid))
         if on_round:
             on_round(round_, config.local.rounds, history[-1])
-    scorer = sasrec_scorer(model, device)
+    trained = sasrec_scorer(model, device)
+    weight, note, evaluation = math.inf, UNMEASURED, None
+    if released is not None and STATISTICS.selection == "evaluated":  # the same federated DP evaluation, alone
+        evaluation = evaluate_alone(trainer, run_id, trained, prior, released, neighbours, split, state_dir)
+        weight, note = evaluation["weight"], "weight chosen by its own DP evaluation (accounted)"
+    scorer, parts = compose(trained, prior, released.serve if released else None, neighbours,
+                            STATISTICS.release_rule(), model_weight=weight,
+                            model_note=note if math.isfinite(weight) or evaluation is None else
+                            "not used: its gain over the prior with the statistics was not above zero beyond "
+                            "chance and noise on this merchant's validation users (its own DP evaluation)")
+    if evaluation is not None:
+        parts["model"]["evaluation"] = evaluation
     metrics = final_metrics(mode, scorer, split, data, config, device,
                             config.local.rounds * config.local.local_epochs, started)
+    metrics.selection, metrics.parts, metrics.product = "private", parts, product_kind(scorer)
+    if prior is not None:
+        prior_test, alone = tested(prior, split), tested(trained, split)
+        metrics.baselines = {"popularity": tested(Popularity(split.train), split).all, "text prior": prior_test.all}
+        metrics.fusion = FusionRecord(weight=getattr(scorer, "weight", 1.0), tried=[], model_test=alone.all,
+                                      model_valid=history[-1].valid if history else None,
+                                      model_test_cold=alone.cold)
+        ndcg = tested(scorer, split).per_user["ndcg@10"]
+        metrics.gain_over_text = {"final": {"round": config.local.rounds, "test_ndcg@10": float(ndcg.mean()),
+                                            "gain_over_text_prior": paired_gain(ndcg,
+                                                                                prior_test.per_user["ndcg@10"])}}
     private = trainer.privacy.private
     spent = trainer.epsilon_spent()
     metrics.privacy = PrivacyRecord(
@@ -68,7 +138,7 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
     if trainer.ledger:
         trainer.ledger.close()
     if out is not None or model_dir is not None:  # first: metrics.json means a finished run
-        save_model(model_dir or Path(out) / MODEL, scorer, data, metrics, config)
+        save_model(model_dir or Path(out) / MODEL, scorer, data, metrics, config, parts=parts)
     if out is not None:
         write_metrics(out, metrics)
     return metrics

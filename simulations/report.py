@@ -59,6 +59,16 @@ def _selection_lines(metrics: RunMetrics) -> list[str]:
                   f"{st.get('merchants', '?')} merchants.", ""]
     if "model" in parts and parts["model"].get("note"):
         lines += [f"Trained model: weight {parts['model']['weight']} — {parts['model']['note']}.", ""]
+    evaluation = (parts.get("model") or {}).get("evaluation")
+    if evaluation and evaluation.get("candidates"):
+        lines += [f"Federated DP evaluation ({evaluation.get('merchants', '?')} merchants, "
+                  f"{evaluation['users']:.0f} validation users as released, noise std {evaluation['noise_std']:.1f} "
+                  "per summed coordinate): the model's weight beside the prior with the statistics, each "
+                  "candidate's validation gain over none and the low end of its interval.", "",
+                  "| weight | valid NDCG@10 (released) | gain | low |", "|---|---|---|---|"]
+        lines += [f"| {c['weight']:g} | {_fmt(c.get('valid_ndcg@10'))} | {_fmt(c.get('gain'))} | "
+                  f"{_fmt(c.get('low'))} |" for c in evaluation["candidates"]]
+        lines.append("")
     return lines
 
 

@@ -5,6 +5,7 @@ something (every merchant alone; all data pooled), each under the same DP settin
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -99,6 +100,8 @@ def _test_in_detail(metrics: RunMetrics, scorers: dict[str, tuple[int, Scorer]],
         metrics.fusion = FusionRecord(weight=scorers["final"][1].weight, tried=[], model_test=alone.all,
                                       model_test_cold=alone.cold,
                                       model_valid=metrics.rounds[-1].model_valid if metrics.rounds else None)
+        if not math.isinf(scorers["final"][1].weight):  # beside it: what the releases alone would have handed out
+            metrics.baselines["prior + statistics, model left out"] = tested(scorers["final"][1].prior, split).all
     if prior is None:
         return
     gains = {}

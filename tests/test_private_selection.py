@@ -162,3 +162,66 @@ def test_the_pooled_research_switch_chooses_on_validation_and_says_not_private(t
     assert "fit_fusion" in calls and "fit_prior_with_counts" in calls
     assert metrics.selection == "pooled validation (not private)"
     assert "NOT PRIVATE" in (tmp_path / "out" / "report.md").read_text()
+
+
+# federated DP evaluation (common/selection.py) ---------------------------------------------------------------------
+
+
+def _per_user(gain: float, users: int = 2000, seed: int = 0) -> dict[float, np.ndarray]:
+    from common.selection import WEIGHTS
+
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(0.1, 0.8, users)
+    return {w: base if math.isinf(w) else base + gain * (w == 2.0) + rng.choice([-0.05, 0.05], users)
+            for w in WEIGHTS}  # per-user differences without a systematic part, bar the gain at weight 2
+
+
+def test_one_user_moves_the_released_vector_by_at_most_its_sensitivity():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from common.selection import WEIGHTS, coordinates, sensitivity
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.tuples(*[st.floats(0, 1)] * len(WEIGHTS)), min_size=2, max_size=30))
+    def check(rows):
+        table = np.asarray(rows)
+        full = coordinates({w: table[:, i] for i, w in enumerate(WEIGHTS)})
+        less = coordinates({w: table[1:, i] for i, w in enumerate(WEIGHTS)})
+        assert np.linalg.norm(full - less) <= sensitivity() + 1e-9
+
+    check()
+
+
+def test_a_clear_gain_is_kept_and_one_drowned_in_noise_is_not():
+    from common.selection import choose, coordinates
+
+    exact = coordinates(_per_user(0.05))
+    clear = choose(exact, noise_std=5.0)
+    assert clear["weight"] == 2.0 and clear["users"] == 2000
+    assert choose(exact, noise_std=500.0)["weight"] == math.inf  # the same gain, but within the noise
+    assert choose(coordinates(_per_user(0.0)), noise_std=0.0)["weight"] == math.inf  # no gain: the simpler model
+
+
+def test_a_merchant_reserves_its_selection_before_its_statistics_and_releases_it_once(tmp_path):
+    from client.merchant import build_merchant
+    from client.statistics import release_selection, release_statistics
+    from common.config import FederationConfig
+    from common.selection import WEIGHTS, coordinates
+
+    data = generate(SyntheticSpec(users=200, items=60))
+    merchant = build_merchant(FederationConfig(), data, tmp_path)
+    vectors = np.random.default_rng(1).normal(size=(data.n_items + 1, 8))
+    neighbours = text_neighbours(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), 5)
+    exact = coordinates(_per_user(0.0, users=50))
+    with pytest.raises(Exception, match="no selection release was reserved"):
+        release_selection(merchant.trainer, "run-1", exact, state_dir=tmp_path, weights=WEIGHTS)
+    release_statistics(merchant.trainer, "run-1", neighbours, share=0.5, max_items=4, max_pairs=1,
+                       state_dir=tmp_path, serve_sequences=merchant.split.seen_sequences(), selection_share=0.1)
+    entries = merchant.trainer.ledger.entries()
+    assert [e.run_id for e in entries][0] == "run-1/selection"  # reserved first: DP-SGD is calibrated after both
+    spent = merchant.trainer.epsilon_spent()
+    released, noise = release_selection(merchant.trainer, "run-1", exact, state_dir=tmp_path, weights=WEIGHTS)
+    assert noise == entries[0].noise_multiplier > 0 and not np.array_equal(released, exact)
+    again, _ = release_selection(merchant.trainer, "run-1", exact, state_dir=tmp_path, weights=WEIGHTS)
+    assert np.array_equal(again, released) and merchant.trainer.epsilon_spent() == spent  # resent, not re-spent
