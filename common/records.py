@@ -302,6 +302,11 @@ class FederationStatus:
     """Merchant (node id, or partition) -> ε it reported last."""
     model: str | None
     """The final model bundle's folder, where one was written."""
+    product: str | None = None
+    """What that model is made of (common.composite.product_kind)."""
+    selection_valid_ndcg10: float | None = None
+    """The validation NDCG@10 of the model handed out as the merchants' federated DP evaluation released it (a
+    noised estimate; None: no evaluation ran)."""
 
 
 @dataclass(frozen=True)

@@ -196,8 +196,14 @@ def status(
     out = Console()
     for fed in report.federations:
         table = Table(title=f"federation {fed.run_key} ({fed.state_dir})", show_header=False, title_justify="left")
-        table.add_row("last round", f"{fed.round} (best validation: round {fed.best_round})")
-        table.add_row("validation NDCG@10", "—" if fed.valid_ndcg10 is None else f"{fed.valid_ndcg10:.4f}")
+        table.add_row("last round", f"{fed.round}" + (f" (best validation: round {fed.best_round})"
+                                                        if fed.best_round else ""))
+        table.add_row("validation NDCG@10", "— (private merchants keep it)" if fed.valid_ndcg10 is None
+                      else f"{fed.valid_ndcg10:.4f}")
+        if fed.product:
+            table.add_row("the model handed out", fed.product)
+        if fed.selection_valid_ndcg10 is not None:
+            table.add_row("its validation NDCG@10 (federated DP estimate)", f"{fed.selection_valid_ndcg10:.4f}")
         table.add_row("max ε of a merchant", "non-private" if fed.epsilon_max is None else f"{fed.epsilon_max:.3f}")
         table.add_row("model bundle", fed.model or "— (written when the run ends)")
         for name, epsilon in fed.merchants.items():
@@ -746,6 +752,16 @@ def aggregator(
     test = (f"test NDCG@10 {metrics.test['ndcg@10']:.4f}  HR@10 {metrics.test['hr@10']:.4f}" if metrics.test
             else "test metrics withheld (private merchants)")
     console.print(f"federation done: {len(metrics.rounds)} rounds, {test} -> {cfg.aggregator.state_dir / 'report.md'}")
+    evaluation = (metrics.parts or {}).get("model", {}).get("evaluation")
+    if evaluation and evaluation.get("candidates"):
+        from server.checkpoint import handed_out_estimate
+
+        estimate = handed_out_estimate(evaluation)
+        console.print(f"the model handed out: trained model weight {evaluation['weight']}"
+                      + (" (it adds nothing measured: the text prior with the DP statistics)"
+                         if evaluation["weight"] == float("inf") else "")
+                      + (f"; validation NDCG@10 {estimate:.4f} (federated DP estimate)" if estimate is not None
+                         else ""))
     for name, node in sorted(metrics.merchant_keys.items()):
         eps = next((m.epsilon for m in metrics.merchants if str(m.node) == node), None)
         console.print(f"  {name}: node {node}, ε spent {'—' if eps is None else f'{eps:.3f}'}")

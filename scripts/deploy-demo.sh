@@ -1,10 +1,29 @@
 #!/usr/bin/env bash
-# Deployment demo on loopback: certificates, 1 aggregator + 3 merchant daemons on the embedded synthetic data,
-# 2 federated rounds over TLS with SuperNode authentication, then the results. Exits 0 only if the run completed
-# with every round and every merchant reported its ε. Usage: bash scripts/deploy-demo.sh [WORKDIR]
+# Deployment demo on loopback: certificates, 1 aggregator + 3 merchant daemons, federated rounds over TLS with
+# SuperNode authentication, then the results: the model every merchant received (the public text prior with the
+# merchants' DP statistics, and the trained model at the weight their federated DP evaluation chose) and each
+# merchant's own local check of it. Exits 0 only if every round ran, every merchant reported its ε and holds the
+# aggregator's fused model.
+# Usage: bash scripts/deploy-demo.sh [WORKDIR] [--data FILE [--format FMT]] [--rounds N] [--model-size small|default]
+#   default: the embedded synthetic merchants (900 users, titled catalog), 2 rounds, a small model;
+#   --data: a real data set cut into 3 merchants by `fedaug synth --data` (e.g. Amazon Beauty).
 set -euo pipefail
 
-work="${1:-$(mktemp -d -t fedaug-demo-XXXXXX)}"
+work="$(mktemp -d -t fedaug-demo-XXXXXX)"
+data_args=(--users 900)
+rounds=2
+model_size=small
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then work="$1"; shift; fi
+work="$(realpath -m "$work")"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data) data_args=(--data "$(realpath "$2")"); shift 2 ;;
+    --format) data_args+=(--format "$2"); shift 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
+    --model-size) model_size="$2"; shift 2 ;;
+    *) echo "deploy-demo: unknown option $1" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$work"
 cd "$work"
 echo "== fedaug deployment demo in $work"
@@ -21,7 +40,9 @@ port="$(free_port)"
 metrics_port="$(free_port)"
 
 fedaug certs --out certs --merchants 3
-fedaug synth --out data --merchants 3 --users 900
+fedaug synth --out data --merchants 3 "${data_args[@]}"
+model=$'[model]\nhidden = 32\nblocks = 1'
+[ "$model_size" = "small" ] || model=""
 
 cat > aggregator.toml <<TOML
 [aggregator]
@@ -34,15 +55,13 @@ state_dir = "state/aggregator"
 catalog = "data/catalog.tsv"
 
 [federation]
-rounds = 2
+rounds = $rounds
 min_nodes = 3
 min_replies = 3
 round_timeout = 600
 metrics_port = $metrics_port
 
-[model]
-hidden = 32
-blocks = 1
+$model
 TOML
 
 for i in 1 2 3; do
@@ -87,7 +106,7 @@ for i in 1 2 3; do
   for _ in $(seq 1 180); do [ -f "state/merchant-$i/model-check.json" ] && break; sleep 1; done
 done
 
-python - state <<'PY'
+python - state "$rounds" <<'PY'
 import json, sys
 from pathlib import Path
 from common.bundle import bundle_hash, read_card
@@ -118,7 +137,7 @@ for i in (1, 2, 3):
               + f", popularity {figures['popularity']['ndcg@10']:.4f} ({figures['test']['users']} users)")
     else:
         print(f"merchant-{i}: no check of the received model")
-ok = (rounds == [1, 2] and len(eps) == 3 and all(e is not None and 0 < e <= 8.0 for e in eps.values())
+ok = (rounds == list(range(1, int(sys.argv[2]) + 1)) and len(eps) == 3 and all(e is not None and 0 < e <= 8.0 for e in eps.values())
       and all(held.values()) and card.scorer["kind"] == "fused")
 print("== demo OK" if ok else "== demo FAILED: rounds, merchants' ε, the fused model or a merchant's copy missing")
 sys.exit(0 if ok else 1)

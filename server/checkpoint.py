@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -141,11 +142,27 @@ def federation_status(state_dir: Path) -> FederationStatus | None:
     last = state.history[-1] if state.history else None
     model = next((str(p) for p in (Path(state_dir) / "model", Path(state_dir).parent / "model")
                   if (p / "card.json").is_file()), None)
+    product = None
+    if model is not None:
+        from common.bundle import load_bundle
+        from common.composite import product_kind
+
+        product = product_kind(load_bundle(model).scorer)
     return FederationStatus(
         state_dir=str(Path(state_dir)), run_key=state.run_key, strategy=state.strategy, round=state.round,
         best_round=state.best_round, valid_ndcg10=(last.valid or {}).get("ndcg@10") if last else None,
         epsilon_max=last.epsilon_max if last else None,
         merchants=dict(sorted((figures.get("name") or merchant_name(node, figures.get("partition-id")),
                                figures.get("epsilon"))
-                              for node, figures in state.merchants.items())), model=model)
+                              for node, figures in state.merchants.items())), model=model, product=product,
+        selection_valid_ndcg10=handed_out_estimate(state.selection))
+
+
+def handed_out_estimate(selection: dict | None) -> float | None:
+    """The released validation NDCG@10 of the weight the federated DP evaluation chose."""
+    if not selection or not selection.get("candidates"):
+        return None
+    if math.isinf(float(selection["weight"])):
+        return selection.get("prior_valid_ndcg@10")
+    return next((c.get("valid_ndcg@10") for c in selection["candidates"] if c["weight"] == selection["weight"]), None)
 

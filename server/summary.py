@@ -4,6 +4,8 @@ metrics.json."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from common.config import FederationConfig
@@ -33,7 +35,8 @@ def federation_summary(config: FederationConfig, state: ServerState, *, mode: st
                            "noise_multiplier": config.federation.central_noise,
                            "clipping_norm": config.federation.central_clip}
     best = next((r for r in state.history if r.round == state.best_round), None)
-    return RunMetrics(mode=mode, test=last.test, valid=last.valid,
+    parts = {"model": {"evaluation": state.selection}} if state.selection else None
+    return RunMetrics(parts=parts, mode=mode, test=last.test, valid=last.valid,
                       federated_test=last.federated_test, rounds=list(state.history), merchants=merchants,
                       privacy=privacy, run_key=state.run_key, seconds=seconds, data=data,
                       config=config.model_dump(mode="json"), best_round=state.best_round or None,
@@ -58,6 +61,19 @@ def render_deployment_report(metrics: RunMetrics) -> str:
     lines.append("| " + " | ".join(f"{test[k]:.4f}" if test else "—" for k in METRIC_NAMES) + " |")
     if not test:
         lines += ["", "Private merchants keep metrics on their users to themselves (outside their accounted ε)."]
+    evaluation = (metrics.parts or {}).get("model", {}).get("evaluation")
+    if evaluation and evaluation.get("candidates"):
+        lines += ["", "## The model handed out: the merchants' federated DP evaluation", "",
+                  f"{evaluation['merchants']} merchants scored the candidate weights of the trained model beside the "
+                  "text prior with the DP statistics on their own validation users and released noised sums "
+                  f"(accounted in their ledgers; noise std {evaluation['noise_std']:.1f} per summed figure, "
+                  f"{evaluation['users']:.0f} users as released). Chosen weight: {evaluation['weight']}"
+                  + (" (the trained model adds nothing measured)" if math.isinf(float(evaluation["weight"])) else "")
+                  + ".", "", "| model weight | valid NDCG@10 (DP estimate) | gain over none | low end |",
+                  "|---|---|---|---|", f"| none (prior + statistics) | {_num(evaluation.get('prior_valid_ndcg@10'))} | "
+                  "— | — |"]
+        lines += [f"| {c['weight']:g} | {_num(c.get('valid_ndcg@10'))} | {_num(c.get('gain'))} | "
+                  f"{_num(c.get('low'))} |" for c in evaluation["candidates"]]
     lines += ["", "## Merchants", "", "| merchant | node | users | ε spent |", "|---|---|---|---|"]
     for m in sorted(metrics.merchants, key=lambda m: names.get(str(m.node), "~")):
         users = m.users if m.users is not None else "—"
@@ -73,3 +89,7 @@ def render_deployment_report(metrics: RunMetrics) -> str:
         lines.append(f"| {r.round} | {r.participants} | {failures} | {loss} | {eps} | {valid} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "—" if value is None else f"{value:.4f}"

@@ -326,3 +326,27 @@ def test_a_killed_aggregator_resumes_from_its_state_dir(site, tmp_path):
         # and the saved update, which over-counts, never under-counts).
         assert {r for _, r, _ in entries} == {1, 2} and len(entries) in (2, 3)
     assert run_keys == {metrics["run_key"]}  # the resumed run kept its key: the merchants' ε composes in one run
+
+
+def test_the_readme_deployment_demo_hands_every_merchant_the_fused_model(tmp_path):
+    """`bash scripts/deploy-demo.sh` as the README runs it: three merchant daemons and the aggregator on loopback
+    (TLS, SuperNode authentication) over synthetic merchants whose public catalog carries titles, ε = 8. It exits
+    0, every merchant holds the aggregator's bundle, which is the text prior with the merchants' DP statistics
+    (and the trained model at the weight their federated DP evaluation chose), and each merchant checked it
+    locally."""
+    work = tmp_path / "demo"
+    result = subprocess.run(["bash", str(PROJECT / "scripts" / "deploy-demo.sh"), str(work)], capture_output=True,
+                            text=True, timeout=900, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "== demo OK" in result.stdout
+    state = work / "state"
+    expected = bundle_hash(state / "aggregator" / "server" / "model")
+    bundle = load_bundle(state / "aggregator" / "server" / "model")
+    assert bundle.card.scorer["kind"] == "fused" and bundle.card.scorer["prior"]["kind"] == "text+statistics"
+    assert bundle.catalog.titles and all(bundle.catalog.titles)
+    assert bundle.card.parts["model"]["evaluation"]["merchants"] == 3
+    for i in (1, 2, 3):
+        assert bundle_hash(state / f"merchant-{i}" / "model") == expected
+        check = json.loads((state / f"merchant-{i}" / "model-check.json").read_text())
+        assert check["bundle"]["hash"] == expected and check["text_prior"] is not None
+    assert "the model handed out" in result.stdout

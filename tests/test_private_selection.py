@@ -150,6 +150,20 @@ def test_a_private_federation_hands_out_the_composite_chosen_without_held_out_da
     assert metrics.test["ndcg@10"] == pytest.approx(test["ndcg@10"], abs=1e-12)
     report = (out / "report.md").read_text()
     assert "private selection" in report and "NOT PRIVATE" not in report
+    # The model's weight came from the merchants' federated DP evaluation, which every ledger lists.
+    evaluation = bundle.card.parts["model"]["evaluation"]
+    assert evaluation["merchants"] == 3 and len(evaluation["candidates"]) == 3 and evaluation["noise_std"] > 0
+    assert bundle.scorer.weight == evaluation["weight"]
+    assert "Federated DP evaluation (3 merchants" in report
+    from client.ledger import PrivacyLedger
+
+    for i in range(3):
+        ledger = PrivacyLedger(out / "state" / f"merchant-{i}")
+        runs = [e.run_id for e in ledger.entries()]
+        ledger.close()
+        assert runs[0].endswith("/selection") and runs[1].endswith("/statistics") and len(runs) > 2
+    assert [r["release"].split(" (")[0] for r in bundle.card.privacy["releases"]] == [
+        "DP statistics", "DP-SGD updates", "federated DP evaluation of the fusion weights"]
 
 
 @pytest.mark.slow
