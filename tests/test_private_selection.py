@@ -148,6 +148,12 @@ def test_a_private_federation_hands_out_the_composite_chosen_without_held_out_da
     assert isinstance(bundle.scorer, Fused)
     test = evaluate(bundle.scorer, leave_one_out(config.load_data()), "test")
     assert metrics.test["ndcg@10"] == pytest.approx(test["ndcg@10"], abs=1e-12)
+    from common.check import check_model  # what `fedaug evaluate` reports for the bundle the run wrote
+
+    checked = check_model(bundle, config.load_data())
+    assert checked.test["ndcg@10"] == pytest.approx(metrics.test["ndcg@10"], abs=1e-12)
+    assert checked.test["hr@10"] == pytest.approx(metrics.test["hr@10"], abs=1e-12)
+    assert checked.text_prior["ndcg@10"] == pytest.approx(metrics.baselines["text prior"]["ndcg@10"], abs=1e-12)
     report = (out / "report.md").read_text()
     assert "private selection" in report and "NOT PRIVATE" not in report
     # The model's weight came from the merchants' federated DP evaluation, which every ledger lists.
@@ -239,3 +245,14 @@ def test_a_merchant_reserves_its_selection_before_its_statistics_and_releases_it
     assert noise == entries[0].noise_multiplier > 0 and not np.array_equal(released, exact)
     again, _ = release_selection(merchant.trainer, "run-1", exact, state_dir=tmp_path, weights=WEIGHTS)
     assert np.array_equal(again, released) and merchant.trainer.epsilon_spent() == spent  # resent, not re-spent
+
+
+def test_an_aggregator_that_needs_item_texts_and_has_none_stops_before_the_run():
+    from common.config import FederationConfig
+    from common.errors import ConfigError
+    from server.server_app import public_prior
+
+    data = generate(SyntheticSpec(users=60, items=60, categories=3))  # no titles
+    assert public_prior(FederationConfig(), data) is None  # statistics "auto": none needed, the model alone
+    with pytest.raises(ConfigError, match="no item texts"):
+        public_prior(FederationConfig(federation={"statistics": True}), data)
