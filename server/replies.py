@@ -104,6 +104,19 @@ def sort_evaluate_replies(sent: Iterable[Message], replies: Iterable[Message]) -
     return accepted, merchants
 
 
+def query_problem(reply: Message) -> str | None:
+    """Why a reply to a one-off query (statistics, selection) carries no release: an error, no metrics, or the
+    merchant declined (its budget); None when it does."""
+    if reply.has_error():
+        return f"error ({reply.error.reason})"
+    metrics = reply.content.get("metrics")
+    if metrics is None:
+        return "no metrics"
+    if int(metrics.get("declined", 0)):
+        return f"declined ({reply.content['decline']['reason']})"
+    return None
+
+
 def _sender(reply: Message, sent: list[Message]) -> int:
     """The merchant a reply answers for: the node its message was sent to. Flower's own error replies (say, for a
     node that stopped sending heartbeats) do not come from that node, so their source id would misname it."""

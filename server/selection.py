@@ -18,6 +18,8 @@ from common import selection
 from common.config import FederationSection
 from common.records import merchant_name
 
+from .replies import query_problem
+
 QUERY = "query.selection"
 
 
@@ -49,13 +51,10 @@ def evaluate_candidates(grid: Grid, settings: FederationSection, run_key: str, c
 
 
 def _problem(reply: Message, size: int) -> str | None:
-    if reply.has_error():
-        return f"error ({reply.error.reason})"
-    metrics = reply.content.get("metrics")
-    if metrics is None:
-        return "no metrics"
-    if int(metrics.get("declined", 0)):
-        return f"declined ({reply.content['decline']['reason']})"
+    problem = query_problem(reply)
+    if problem:
+        return problem
+    metrics = reply.content["metrics"]
     arrays = reply.content.get("arrays")
     if arrays is None or "selection" not in arrays:
         return "rejected (no selection array)"

@@ -17,6 +17,8 @@ from common.config import FederationSection
 from common.dp_counts import Counts, Statistics
 from common.records import merchant_name
 
+from .replies import query_problem
+
 ARRAYS = ("popularity", "pairs", "serve-popularity", "serve-pairs")
 
 QUERY = "query.statistics"
@@ -49,13 +51,10 @@ def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.n
 
 
 def _problem(reply: Message, shape: tuple[int, int]) -> str | None:
-    if reply.has_error():
-        return f"error ({reply.error.reason})"
-    metrics = reply.content.get("metrics")
-    if metrics is None:
-        return "no metrics"
-    if int(metrics.get("declined", 0)):
-        return f"declined ({reply.content['decline']['reason']})"
+    problem = query_problem(reply)
+    if problem:
+        return problem
+    metrics = reply.content["metrics"]
     arrays = reply.content.get("arrays")
     if arrays is None or set(arrays) != set(ARRAYS):
         return f"rejected (expected arrays {', '.join(ARRAYS)})"
