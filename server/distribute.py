@@ -44,7 +44,8 @@ def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, config
     if state.selection is not None and not candidate:
         weight = float(state.selection["weight"])
         note = (f"not used: its gain over the prior with the statistics was not above zero beyond chance and "
-                f"noise on {state.selection['users']:.0f} merchants' validation users (federated DP evaluation)"
+                f"noise on the merchants' {state.selection['users']:.0f} validation users (federated DP "
+                f"evaluation)"
                 if math.isinf(weight) else "weight chosen by the federated DP evaluation")
     scorer, parts = compose(SASRecScorer(model.cpu().eval(), "cpu"), prior, statistics, neighbours,
                             settings.release_rule(), model_weight=weight, model_note=note)
