@@ -26,10 +26,12 @@ UNMEASURED = ("not used: no accounted evaluation measured what the trained model
 
 
 def compose(model: Scorer, prior: TextPrior | None, statistics: Counts | None, neighbours: np.ndarray | None,
-            rule: ReleaseRule, *, model_weight: float = math.inf, model_note: str = UNMEASURED
+            rule: ReleaseRule, *, evaluation: dict | None = None, who: str = "the merchants'"
             ) -> tuple[Scorer, dict]:
     """The composite scorer and its parts as a bundle card names them (``parts``): each part, its weight and
-    settings. Without a prior (no item texts, or fusion off) the product is the trained model alone."""
+    settings. ``evaluation``: the DP evaluation's choice of the model's weight (common.selection.choose; None:
+    none ran, the model is left out); ``who``: whose validation users it read, for the card. Without a prior (no
+    item texts, or fusion off) the product is the trained model alone."""
     if prior is None:
         return model, {"model": {"weight": 1.0, "note": "the trained model alone (no public text prior)"},
                        "selection": "none"}
@@ -38,11 +40,22 @@ def compose(model: Scorer, prior: TextPrior | None, statistics: Counts | None, n
     if statistics is not None and neighbours is not None:
         base = rule.scorer(prior, statistics, neighbours)
         parts["statistics"] = statistics_part(base, statistics)
-    parts["model"] = {"weight": json_number(model_weight),
-                      "note": model_note if math.isinf(model_weight) else "fused with the prior"}
-    parts["selection"] = ("public settings and the released statistics' own noise level (post-processing of "
-                          "accounted releases: no ε, no held-out data read)")
-    return Fused(model, base, model_weight), parts
+    weight = math.inf if evaluation is None else float(evaluation["weight"])
+    if evaluation is None:
+        note = UNMEASURED
+    elif math.isinf(weight):
+        note = (f"not used: its gain over the prior with the statistics was not above zero beyond chance and noise "
+                f"on {who} {evaluation['users']:.0f} validation users (DP evaluation)")
+    else:
+        note = f"fused at the weight the DP evaluation on {who} validation users chose"
+    parts["model"] = {"weight": json_number(weight), "note": note}
+    if evaluation is not None:
+        parts["model"]["evaluation"] = evaluation
+    parts["selection"] = ("statistics: public settings and the release's own noise level (post-processing: no ε, no "
+                          "held-out data read); " + ("the model: left out, nothing measured it" if evaluation is None
+                                                     else "the model's weight: a DP evaluation (noised validation "
+                                                          "sums, accounted)"))
+    return Fused(model, base, weight), parts
 
 
 def statistics_part(scorer: PriorWithCounts, counts: Counts) -> dict:

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.bundle import bundle_files, bundle_hash, write_bundle_files
-from common.composite import UNMEASURED, compose
+from common.composite import compose
 from common.config import FederationConfig, FederationSection
 from common.data import ItemCatalog
 from common.evaluate import SASRecScorer
@@ -40,19 +40,8 @@ def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, config
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.arrays.items()})
     settings = config.federation
     statistics = None if state.statistics is None else state.statistics.fit if candidate else state.statistics.serve
-    weight, note = math.inf, UNMEASURED
-    if state.selection is not None and not candidate:
-        weight = float(state.selection["weight"])
-        note = (f"not used: its gain over the prior with the statistics was not above zero beyond chance and "
-                f"noise on the merchants' {state.selection['users']:.0f} validation users (federated DP "
-                f"evaluation)"
-                if math.isinf(weight) else "weight chosen by the federated DP evaluation")
     scorer, parts = compose(SASRecScorer(model.cpu().eval(), "cpu"), prior, statistics, neighbours,
-                            settings.release_rule(), model_weight=weight, model_note=note)
-    if state.selection is not None and not candidate:
-        parts["selection"] = ("statistics: public settings and the release's own noise level (no ε); the model's "
-                              "weight: federated DP evaluation (each merchant's noised validation sums, accounted)")
-        parts["model"]["evaluation"] = state.selection
+                            settings.release_rule(), evaluation=None if candidate else state.selection)
     epsilons = [m["epsilon"] for m in state.merchants.values() if m.get("epsilon", -1) >= 0]
     epsilon = max(epsilons, default=None)
     private = epsilon is not None and math.isfinite(epsilon)

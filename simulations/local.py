@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from client.spent import claim
 from client.statistics import release_selection, release_statistics
 from client.trainer import build_trainer
 from common import selection
-from common.composite import UNMEASURED, compose, product_kind
+from common.composite import compose, product_kind
 from common.config import FederationSection, MerchantRunConfig
 from common.data import BehaviorData
 from common.device import pick_device
@@ -54,7 +53,7 @@ def evaluate_alone(trainer, run_id: str, trained, prior: TextPrior, released, ne
     per_user = {w: np.concatenate([r["ndcg@10"] for r in rows[w]]) for w in selection.WEIGHTS}
     vector, noise = release_selection(trainer, run_id, selection.coordinates(per_user), weights=selection.WEIGHTS,
                                       state_dir=state_dir if trainer.ledger else None)
-    return selection.choose(vector, noise * selection.sensitivity()) | {"merchants": 1}
+    return selection.choose(vector, noise * selection.sensitivity())| {"merchants": 1}
 
 
 def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_round: OnRound | None = None,
@@ -102,17 +101,11 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
         if on_round:
             on_round(round_, config.local.rounds, history[-1])
     trained = sasrec_scorer(model, device)
-    weight, note, evaluation = math.inf, UNMEASURED, None
-    if released is not None and STATISTICS.selection == "evaluated":  # the same federated DP evaluation, alone
+    evaluation = None
+    if released is not None and STATISTICS.selection == "evaluated":  # the same DP evaluation, alone
         evaluation = evaluate_alone(trainer, run_id, trained, prior, released, neighbours, split, state_dir)
-        weight, note = evaluation["weight"], "weight chosen by its own DP evaluation (accounted)"
     scorer, parts = compose(trained, prior, released.serve if released else None, neighbours,
-                            STATISTICS.release_rule(), model_weight=weight,
-                            model_note=note if math.isfinite(weight) or evaluation is None else
-                            "not used: its gain over the prior with the statistics was not above zero beyond "
-                            "chance and noise on this merchant's validation users (its own DP evaluation)")
-    if evaluation is not None:
-        parts["model"]["evaluation"] = evaluation
+                            STATISTICS.release_rule(), evaluation=evaluation, who="this merchant's")
     metrics = final_metrics(mode, scorer, split, data, config, device,
                             config.local.rounds * config.local.local_epochs, started)
     metrics.selection, metrics.parts, metrics.product = "private", parts, product_kind(scorer)
