@@ -49,6 +49,8 @@ class ServerState:
     statistics: Statistics | None = None
     """The merchants' summed DP collaborative statistics, collected once before round 1."""
     statistics_merchants: int = 0
+    statistics_epsilon: float | None = None
+    """The largest ε a private merchant reported after its statistics release (and its selection reservation)."""
     budgets_spent: bool = False
     """The federation ended before its last round: every merchant declined for its privacy budget."""
     selection: dict | None = None
@@ -66,7 +68,7 @@ def save(state_dir: Path, state: ServerState) -> None:
             "budgets_spent": state.budgets_spent, "selection": state.selection,
             "statistics": None if state.statistics is None else {
                 "popularity_std": state.statistics.fit.popularity_std, "pair_std": state.statistics.fit.pair_std,
-                "merchants": state.statistics_merchants},
+                "merchants": state.statistics_merchants, "epsilon": state.statistics_epsilon},
             "strategy_state_keys": {name: list(arrays) for name, arrays in state.strategy_state.items()}}
     entries = {f"global/{k}": v for k, v in state.arrays.items()}
     entries.update({f"best/{k}": v for k, v in state.best_arrays.items()})
@@ -102,6 +104,7 @@ def load(state_dir: Path) -> ServerState | None:
                        merchants=meta["merchants"], best_round=int(meta.get("best_round", 0)), best_arrays=best,
                        best_test=meta.get("best_test"), statistics=statistics,
                        statistics_merchants=int((meta.get("statistics") or {}).get("merchants", 0)),
+                       statistics_epsilon=(meta.get("statistics") or {}).get("epsilon"),
                        budgets_spent=bool(meta.get("budgets_spent", False)), selection=meta.get("selection"))
 
 

@@ -61,18 +61,22 @@ def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, config
 
 
 def _releases(settings: FederationSection, state: ServerState) -> list[dict]:
-    """Every kind of release behind the model, as the merchants' ledgers record it (ε: the largest a merchant
-    reported after it)."""
+    """Every release behind the model in the order the merchants' ledgers record them, each with the largest ε a
+    merchant reported after it (the ledgers compose them all; the last is the model's ε)."""
     out = []
+    evaluated = state.selection is not None
     if state.statistics is not None:
-        out.append({"release": "DP statistics (popularity and transition counts, Gaussian, 4 releases)",
-                    "budget_share": settings.statistics_share})
+        out.append({"release": ("the federated DP evaluation's reservation (Gaussian, 1 release, "
+                                f"{settings.selection_share:g} of the budget) and " if evaluated else "")
+                    + f"DP statistics (popularity and transition counts, Gaussian, 4 releases, "
+                      f"{settings.statistics_share:g} of what was left)",
+                    "epsilon_after": state.statistics_epsilon})
     by_round = [m.get("epsilon_by_round", {}) for m in state.merchants.values()]
     last = max((float(r[str(state.round)]) for r in by_round if str(state.round) in r), default=None)
     out.append({"release": f"DP-SGD updates ({state.round} rounds)", "epsilon_after": last})
-    if state.selection is not None:
-        out.append({"release": "federated DP evaluation of the fusion weights (Gaussian, 1 release)",
-                    "budget_share": settings.selection_share, "merchants": state.selection.get("merchants")})
+    if evaluated:
+        out.append({"release": "the federated DP evaluation's figures (its reserved release, sent once)",
+                    "epsilon_after": last, "merchants": state.selection.get("merchants")})
     return out
 
 

@@ -70,7 +70,8 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
             ", every merchant's budget spent" if state.budgets_spent else "")
         return state
     if neighbours is not None and state.statistics is None and state.round == 0:
-        state.statistics, state.statistics_merchants = collect_statistics(grid, settings, neighbours, state.run_key)
+        state.statistics, state.statistics_merchants, state.statistics_epsilon = collect_statistics(
+            grid, settings, neighbours, state.run_key)
         log(INFO, "fedaug: DP statistics from %d merchants", state.statistics_merchants)
         checkpoint.save(state_dir, state)
     monitor = Monitor(state_dir, settings.metrics_port)

@@ -25,15 +25,16 @@ QUERY = "query.statistics"
 
 
 def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.ndarray,
-                       run_key: str) -> tuple[Statistics | None, int]:
-    """The summed counts of every merchant that answered, and how many did."""
+                       run_key: str) -> tuple[Statistics | None, int, float | None]:
+    """The summed counts of every merchant that answered, how many did, and the largest ε a private one reported
+    after its release (its selection reservation included; None: none private)."""
     config = ConfigRecord({"run-key": run_key, "share": settings.statistics_share,
                            "selection-share": settings.selection_share if settings.selection == "evaluated" else 0.0,
                            "max-items": settings.statistics_max_items, "max-pairs": settings.statistics_max_pairs})
     messages = [Message(RecordDict({"arrays": ArrayRecord({"neighbours": Array(neighbours)}), "config": config}),
                         dst_node_id=node, message_type=QUERY) for node in grid.get_node_ids()]
     replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
-    total, merchants = None, 0
+    total, merchants, epsilons = None, 0, []
     for reply in replies:
         node = reply.metadata.src_node_id
         problem = _problem(reply, neighbours.shape)
@@ -47,7 +48,9 @@ def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.n
                               for prefix in ("", "serve-")))
         total = counts if total is None else total + counts
         merchants += 1
-    return total, merchants
+        if float(metrics.get("epsilon", -1)) >= 0:
+            epsilons.append(float(metrics["epsilon"]))
+    return total, merchants, max(epsilons, default=None)
 
 
 def _problem(reply: Message, shape: tuple[int, int]) -> str | None:

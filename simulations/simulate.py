@@ -210,7 +210,7 @@ def _save_global_models(config: SimulationConfig, data, state_dir: Path, metrics
         write_bundle_files(out / MODEL, bundle_bytes(state_dir / MODEL_DIR))
         metrics.selection, metrics.parts = "private", received.card.parts
         metrics.product = product_kind(received.scorer)
-        return {"final": (state.round, received.scorer), "best": (state.round, received.scorer)}
+        return {"final": (state.round, received.scorer)}  # a private run keeps no best round: nothing chose one
 
     from server.server_app import initial_model
 

@@ -168,8 +168,10 @@ def test_a_private_federation_hands_out_the_composite_chosen_without_held_out_da
         runs = [e.run_id for e in ledger.entries()]
         ledger.close()
         assert runs[0].endswith("/selection") and runs[1].endswith("/statistics") and len(runs) > 2
-    assert [r["release"].split(" (")[0] for r in bundle.card.privacy["releases"]] == [
-        "DP statistics", "DP-SGD updates", "federated DP evaluation of the fusion weights"]
+    releases = bundle.card.privacy["releases"]
+    assert [r["release"].split(" (")[0] for r in releases] == [
+        "the federated DP evaluation's reservation", "DP-SGD updates", "the federated DP evaluation's figures"]
+    assert 0 < releases[0]["epsilon_after"] < releases[1]["epsilon_after"] <= 8.0
 
 
 @pytest.mark.slow

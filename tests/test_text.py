@@ -113,8 +113,8 @@ def test_the_packaged_encoder_knows_what_is_alike(tmp_path):
 @pytest.mark.slow
 def test_a_federation_fuses_the_prior_and_the_merchants_dp_statistics(encoder, tmp_path):
     """On data with item texts a simulation collects every merchant's DP statistics once (ledgered under
-    RUN/statistics, within the budget), fuses the global model with the prior on validation, keeps the round
-    that validates best, and reports the text prior beside popularity."""
+    RUN/statistics after the selection's reservation, within the budget), hands out the global model fused with
+    the prior at the weight the merchants' DP evaluation chose, and reports the text prior beside popularity."""
     import sqlite3
 
     data = write_amazon_set(tmp_path)
@@ -133,25 +133,26 @@ def test_a_federation_fuses_the_prior_and_the_merchants_dp_statistics(encoder, t
     for merchant in range(3):
         ledger = sqlite3.connect(out / "state" / f"merchant-{merchant}" / "privacy-ledger.sqlite")
         runs = [row[0] for row in ledger.execute("SELECT run_id FROM rounds ORDER BY id")]
-        assert runs[0].endswith("/statistics") and len(runs) == 3  # the release first, then two DP-SGD rounds
+        # the selection's reservation and the statistics first, then two DP-SGD rounds
+        assert runs[0].endswith("/selection") and runs[1].endswith("/statistics") and len(runs) == 4
         assert list(ledger.execute("SELECT MAX(epsilon) FROM rounds"))[0][0] <= 4.0 * (1 + 1e-9)
     assert metrics["privacy"]["epsilon_max"] <= 4.0 * (1 + 1e-9)
     report = (out / "report.md").read_text()
     assert "| text prior |" in report and "(kept)" in report
-    # The bundle is the tested scorer (the server's fitted prior, statistics and final round's fusion weight).
+    # The bundle is the tested scorer (the prior, the statistics and the model at the evaluation's weight).
     from common.loaders import load
     from common.recommender import Recommender
     from simulations.serving_eval import reproduce_test
 
     # The final and the best round's figures come from their own weights (their scorers share no model).
     assert metrics["gain_over_text"]["final"]["test_ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-12)
-    if metrics["best_round"] != 2:
+    if metrics["best_round"] != 2 and metrics["selection"] != "private":  # a private run keeps no best round
         assert metrics["gain_over_text"]["best"]["test_ndcg@10"] == pytest.approx(metrics["best_test"]["ndcg@10"],
                                                                                    abs=1e-12)
     bundle = Recommender.load(out / "model", device="cpu")
-    assert bundle.bundle.card.scorer["weight"] == metrics["rounds"][-1]["fusion_weight"]
+    assert float(bundle.bundle.card.scorer["weight"]) == bundle.bundle.card.parts["model"]["evaluation"]["weight"]
     reproduced = reproduce_test(bundle, load(data))
     assert reproduced["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-12)
     interval = metrics["gain_over_text"]["final"]["gain_over_text_prior"]
     assert interval["low"] <= interval["gain"] <= interval["high"] and interval["users"] == 60
-    assert metrics["gain_over_text"]["best"]["round"] == metrics["best_round"]
+    assert "best" not in metrics["gain_over_text"]  # a private run keeps no best round: nothing chose one
