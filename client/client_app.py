@@ -28,11 +28,11 @@ from common.compression import COMPRESSIONS, Encoded, decode, encode
 from common.evaluate import evaluate as evaluate_split
 from common.evaluate import sasrec_scorer
 from common.flower_logging import tame_flower_logging
-from common.fusion import Fused, fused_rows
+from common.fusion import Fused
 from common.memory import single_malloc_arena
 from common.metrics import METRIC_NAMES
 from common.records import WITHHELD
-from common.selection import coordinates
+from common.selection import figures
 
 from . import replay
 from .ledger import BudgetExceeded
@@ -232,10 +232,9 @@ def select(msg: Message, merchant: Merchant) -> Message:
         candidate = load_bundle(write_bundle_files(Path(folder) / "model", files), device=merchant.device).scorer
     if not isinstance(candidate, Fused) or candidate.prior is None:
         raise ValueError("selection: the candidate bundle is not a fused model")
-    rows = fused_rows(candidate.model, candidate.prior, merchant.split, weights, "valid")
-    per_user = {w: np.concatenate([r["ndcg@10"] for r in rows[w]]) for w in weights}
     try:
-        released, noise = release_selection(trainer, run_key, coordinates(per_user, weights),
+        released, noise = release_selection(trainer, run_key,
+                                            figures(candidate.model, candidate.prior, merchant.split, weights),
                                             state_dir=trainer.ledger.path.parent if trainer.ledger else None,
                                             weights=weights)
     except BudgetExceeded as exc:

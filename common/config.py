@@ -203,6 +203,17 @@ class TextSection(Section):
             raise ValueError("must be in [0, 1] or 'auto'")
         return value
 
+    def public_prior(self, data: BehaviorData, device, *, required: bool = False):
+        """The public text prior over the catalog's item texts with its public history weighting (nothing chosen
+        on held-out data: common.text_prior.public_decay); None where the data has no texts, unless
+        ``required`` (then the one-line error of ``vectors``)."""
+        from .text_prior import TextPrior, public_decay
+
+        if not data.catalog.texts and not required:
+            return None
+        return TextPrior(self.vectors(data, device, progress=False), decay=public_decay(self.decay),
+                         window=self.window, device=device)
+
     def vectors(self, data: BehaviorData, device, progress: bool = True):
         """The catalog's unit text vectors ``[n_items + 1, d]``; ConfigError when the data has no item texts."""
         from .text import item_vectors

@@ -40,6 +40,15 @@ def coordinates(per_user: dict[float, np.ndarray], weights: tuple[float, ...] = 
     return np.asarray(sums + squares + [float(len(base))], dtype=np.float64)
 
 
+def figures(model, prior, split, weights: tuple[float, ...] = WEIGHTS) -> np.ndarray:
+    """One merchant's exact vector: ``model`` fused with ``prior`` at each weight, scored on ``split``'s validation
+    users (common.fusion.fused_rows)."""
+    from .fusion import fused_rows
+
+    rows = fused_rows(model, prior, split, weights, "valid")
+    return coordinates({w: np.concatenate([r["ndcg@10"] for r in rows[w]]) for w in weights}, weights)
+
+
 def noised(vector: np.ndarray, noise_multiplier: float, weights: tuple[float, ...] = WEIGHTS,
            rng: np.random.Generator | None = None) -> np.ndarray:
     """The Gaussian mechanism on ``vector`` (std = noise multiplier × sensitivity); 0: exact (non-private)."""

@@ -18,7 +18,7 @@ from common.dp_counts import text_neighbours
 from common.flower_logging import tame_flower_logging
 from common.memory import single_malloc_arena
 from common.model import SASRec
-from common.text_prior import TextPrior, public_decay
+from common.text_prior import TextPrior
 
 from . import checkpoint
 from .distribute import distribute_model, final_bundle
@@ -77,8 +77,7 @@ def public_prior(config: FederationConfig, data: BehaviorData) -> TextPrior | No
     statistics = config.federation.statistics
     if (not data.catalog.texts and statistics is not True) or (not config.text.fuse and statistics is False):
         return None
-    vectors = config.text.vectors(data, pick_device(config.device), progress=False)  # no texts: a one-line error
-    return TextPrior(vectors, decay=public_decay(config.text.decay), window=config.text.window)
+    return config.text.public_prior(data, pick_device(config.device), required=statistics is True)
 
 
 def statistics_candidates(config: FederationConfig, data: BehaviorData, prior: TextPrior | None = None

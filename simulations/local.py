@@ -7,8 +7,6 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from client.spent import claim
 from client.statistics import release_selection, release_statistics
 from client.trainer import build_trainer
@@ -19,12 +17,11 @@ from common.data import BehaviorData
 from common.device import pick_device
 from common.dp_counts import text_neighbours
 from common.evaluate import evaluate, sasrec_scorer, tested
-from common.fusion import fused_rows
 from common.metrics import paired_gain, select
 from common.popularity import Popularity
 from common.records import FusionRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
 from common.split import leave_one_out
-from common.text_prior import TextPrior, public_decay
+from common.text_prior import TextPrior
 from common.training import set_seed
 
 from .bundles import MODEL, save_model
@@ -34,26 +31,15 @@ STATISTICS = FederationSection()
 """A merchant alone releases its statistics as a federation's merchants do (the [federation] defaults)."""
 
 
-def merchant_prior(config: MerchantRunConfig, data: BehaviorData, device) -> TextPrior | None:
-    """The public text prior over the data's item texts, its history weighting public; None without texts or
-    with [text] fuse off."""
-    if not data.catalog.texts or not config.text.fuse:
-        return None
-    return TextPrior(config.text.vectors(data, device, progress=False), decay=public_decay(config.text.decay),
-                     window=config.text.window, device=device)
-
-
 def evaluate_alone(trainer, run_id: str, trained, prior: TextPrior, released, neighbours, split,
                    state_dir: Path) -> dict:
     """A merchant alone chooses its model's weight as a federation does (common/selection.py): the candidate
     (fit counts) scored at each public weight on its validation users, released through its reserved Gaussian
     mechanism, the choice made on the noised figures only."""
     candidate = STATISTICS.release_rule().scorer(prior, released.fit, neighbours)
-    rows = fused_rows(trained, candidate, split, selection.WEIGHTS, "valid")
-    per_user = {w: np.concatenate([r["ndcg@10"] for r in rows[w]]) for w in selection.WEIGHTS}
-    vector, noise = release_selection(trainer, run_id, selection.coordinates(per_user), weights=selection.WEIGHTS,
-                                      state_dir=state_dir if trainer.ledger else None)
-    return selection.choose(vector, noise * selection.sensitivity())| {"merchants": 1}
+    vector, noise = release_selection(trainer, run_id, selection.figures(trained, candidate, split),
+                                      weights=selection.WEIGHTS, state_dir=state_dir if trainer.ledger else None)
+    return selection.choose(vector, noise * selection.sensitivity()) | {"merchants": 1}
 
 
 def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_round: OnRound | None = None,
@@ -81,7 +67,7 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
     run_id = uuid.uuid4().hex
     # The public prior and this merchant's own DP statistics, released (and ledgered) before training so DP-SGD
     # is calibrated for what is left: the same composition a federation hands out (common.composite).
-    prior = merchant_prior(config, data, device)
+    prior = config.text.public_prior(data, device) if config.text.fuse else None
     released, neighbours = None, None
     if prior is not None and STATISTICS.statistics is not False:
         neighbours = text_neighbours(prior.vectors.cpu().numpy(), STATISTICS.statistics_neighbours)
