@@ -727,6 +727,34 @@ def synth(
 
 
 @app.command()
+def prepare(
+    reviews: Path = typer.Option(..., "--reviews", help="Amazon reviews, JSON lines, .gz or not (2014: "
+                                 "reviews_Beauty_5.json.gz; 2018: Beauty_5.json.gz)."),
+    meta: Path = typer.Option(..., "--meta", help="Its metadata: meta_Beauty.json.gz (titles, brands, categories)."),
+    out: Path = typer.Option(..., "--out", help="New directory for NAME.txt, NAME_time.txt, "
+                             "NAME_item_attributes_named.tsv and NAME_item_titles.tsv (--format amazon-seq)."),
+    name: str | None = typer.Option(None, "--name", help="The files' stem (default: from the reviews file, Beauty)."),
+    core: int = typer.Option(5, "--core", help="Keep users and items with at least this many reviews (k-core)."),
+    attribute_core: int = typer.Option(5, "--attribute-core", help="Keep brands and categories at least this many "
+                                       "items share."),
+) -> None:
+    """Turn the public Amazon review and metadata files into the amazon-seq files every command reads."""
+    from common.prepare import prepare as prepare_amazon
+
+    result = prepare_amazon(reviews=reviews, meta=meta, out=out, name=name, core=core,
+                            attribute_core=attribute_core)
+    console.print(f"wrote {', '.join(f.name for f in result.files)} to {out}: {result.users:,} users, "
+                  f"{result.items:,} items, {result.events:,} events; {result.titled:,} items with a title, "
+                  f"{result.attributes:,} brands and categories", highlight=False, soft_wrap=True)
+    if result.expected is not None:
+        users, items, events = result.expected
+        same = result.expected == (result.users, result.items, result.events)
+        console.print(f"expected for {reviews.name}: {users:,} users, {items:,} items, {events:,} events — "
+                      + ("matches" if same else "DIFFERS: check the file"), highlight=False, soft_wrap=True)
+    console.print(f"use it with: --data {result.files[0]} --format amazon-seq", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def aggregator(
     config: Path = typer.Option(..., "--config", help="TOML: [aggregator], [federation], [data] catalog and the "
                                 "training recipe ([model], [augment], [privacy], [local])."),
