@@ -71,6 +71,9 @@ class Ingested:
     """Events whose name [data.events] maps to "drop"."""
     duplicates: int
     """Exact duplicate events (same user, item, time, type and context), kept once."""
+    delimiter: str | None = None
+    """The CSV's field separator (detected: ',' unless the first line has none and splits on ';', tab or '|');
+    None for Parquet."""
 
 
 def load_events(path, schema: EventSchema | None = None, *, check_file) -> BehaviorData:
@@ -82,8 +85,8 @@ def load_events(path, schema: EventSchema | None = None, *, check_file) -> Behav
 def load_events_counted(path, schema: EventSchema | None = None, *, check_file) -> tuple[BehaviorData, Ingested]:
     """``load_events`` and what it left out."""
     path, schema = Path(path), schema or EventSchema()
-    table, row_offset, unit = _read(path, check_file, schema.names,
-                                    {schema.user, schema.item, schema.event_type, schema.merchant})
+    table, row_offset, unit, delimiter = _read(path, check_file, schema.names,
+                                               {schema.user, schema.item, schema.event_type, schema.merchant})
     columns = table.column_names
     missing = [c for c in (schema.user, schema.item, schema.timestamp) if c not in columns]
     if missing:
@@ -122,7 +125,8 @@ def load_events_counted(path, schema: EventSchema | None = None, *, check_file) 
     # Time order within a user, ties in file order; exact duplicates dropped (they share a user and a time).
     index = index[_user_time_order(events["user"][index], events["ts"][index])]
     unique = index[~_duplicated(events, index)]
-    ingested = Ingested(rows=rows, dropped=rows - len(index), duplicates=len(index) - len(unique))
+    ingested = Ingested(rows=rows, dropped=rows - len(index), duplicates=len(index) - len(unique),
+                        delimiter=delimiter)
     events = {name: values[unique] for name, values in events.items()}
 
     user = events["user"]
@@ -186,9 +190,9 @@ def _renumber(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read(path: Path, check_file, names: tuple[str, ...] | None,
-          dictionary_columns: set[str]) -> tuple[pa.Table, int, str]:
-    """The file as an Arrow table, the offset from row index to line (CSV) or row (Parquet) number, the unit.
-    ``names``: a headerless CSV's column names."""
+          dictionary_columns: set[str]) -> tuple[pa.Table, int, str, str | None]:
+    """The file as an Arrow table, the offset from row index to line (CSV) or row (Parquet) number, the unit, the
+    CSV's delimiter. ``names``: a headerless CSV's column names."""
     check_file(path)
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
@@ -196,12 +200,14 @@ def _read(path: Path, check_file, names: tuple[str, ...] | None,
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path), 1, "row"
+            return pq.read_table(path), 1, "row", None
         except Exception as exc:  # pyarrow raises many types for corrupt files
             raise DataError(path, f"not a readable Parquet file ({type(exc).__name__})") from None
     import pyarrow.csv as pacsv
 
-    header = _header(path) if names is None else list(names)
+    first = _first_line(path)
+    delimiter = _delimiter(first)
+    header = _header(path, first, delimiter) if names is None else list(names)
     # Every column is read as text (checked and typed below, with located errors); columns of few distinct values
     # (ids, event names) straight into Arrow dictionaries, so each distinct value is held and checked once.
     types = {c: pa.dictionary(pa.int32(), pa.string()) if c in dictionary_columns else pa.string() for c in header}
@@ -210,15 +216,16 @@ def _read(path: Path, check_file, names: tuple[str, ...] | None,
         # 64 MB 0.4 s).
         table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=list(names) if names else None,
                                                                     block_size=64 << 20),
+                               parse_options=pacsv.ParseOptions(delimiter=delimiter),
                                convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
-        _locate_csv_fault(path, names)  # raises a located DataError for what pyarrow refused
+        _locate_csv_fault(path, names, delimiter)  # raises a located DataError for what pyarrow refused
         raise DataError(path, f"malformed CSV ({str(exc).splitlines()[0]})") from None
-    return table.rename_columns([c.strip() for c in table.column_names]), 1 if names else 2, "line"
+    return table.rename_columns([c.strip() for c in table.column_names]), 1 if names else 2, "line", delimiter
 
 
-def _header(path: Path) -> list[str]:
-    """The CSV header's column names (each once)."""
+def _first_line(path: Path) -> str:
+    """The CSV's first line (its header, or a headerless file's first row) as text."""
     with open(path, "rb") as f:
         first = f.readline(1 << 20)
     try:
@@ -228,7 +235,23 @@ def _header(path: Path) -> list[str]:
         raise
     if "\x00" in text:
         _locate_csv_fault(path)
-    header = [c.strip() for c in next(csv.reader([text]), [])]
+    return text
+
+
+def _delimiter(first_line: str) -> str:
+    """',' unless the first line holds none and csv.Sniffer finds it ';', tab or '|' separated (spreadsheets in
+    comma-decimal locales write ';')."""
+    if "," in first_line:
+        return ","
+    try:
+        return csv.Sniffer().sniff(first_line, delimiters=";\t|").delimiter
+    except csv.Error:
+        return ","
+
+
+def _header(path: Path, text: str, delimiter: str) -> list[str]:
+    """The CSV header's column names (each once)."""
+    header = [c.strip() for c in next(csv.reader([text], delimiter=delimiter), [])]
     if not any(header):
         raise DataError(path, "file is empty" if not text.strip() else "the header names no columns", 1)
     duplicated = [c for c in header if header.count(c) > 1]
@@ -237,13 +260,13 @@ def _header(path: Path) -> list[str]:
     return header
 
 
-def _locate_csv_fault(path: Path, names: tuple[str, ...] | None = None) -> None:
+def _locate_csv_fault(path: Path, names: tuple[str, ...] | None = None, delimiter: str = ",") -> None:
     """Read ``path`` line by line to name what makes it unreadable (encoding, binary data, a ragged line)."""
     from .loaders import read_text_lines
 
     lines = read_text_lines(path)  # encoding, binary, emptiness and line-length faults, located
     try:
-        pd.read_csv(io.StringIO("\n".join(lines)), dtype=str, keep_default_na=False,
+        pd.read_csv(io.StringIO("\n".join(lines)), sep=delimiter, dtype=str, keep_default_na=False,
                     header=None if names else "infer", names=list(names) if names else None)
     except pd.errors.ParserError as exc:
         match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
@@ -365,17 +388,28 @@ def _timestamps(column: pa.ChunkedArray, schema: EventSchema, fail) -> np.ndarra
     # Slow path (values Arrow does not cast: spaces, mixed zone forms, faults to locate): pandas, row by row.
     text = pd.Series(_text(column), dtype=object)
     numeric = pd.to_numeric(text, errors="coerce") if unit != "iso" else pd.Series(np.nan, index=text.index)
-    if unit == "iso" or (unit == "auto" and numeric.isna().all()):
-        parsed = pd.to_datetime(text, format="ISO8601", utc=True, errors="coerce")
-        if parsed.isna().any():
-            bad = int(np.flatnonzero(parsed.isna().to_numpy())[0])
-            fail(bad, name, f"not an ISO-8601 timestamp: {text.iloc[bad][:40]!r}")
-        return parsed.dt.tz_convert(None).astype("datetime64[s]").astype(np.int64).to_numpy()
     values = numeric.to_numpy(dtype=float, na_value=np.nan)
-    bad = ~np.isfinite(values) | (values < 0)
+    is_number = np.isfinite(values) & (values >= 0)
+    if unit in ("s", "ms") or (unit == "auto" and is_number.all()):
+        iso = np.zeros(len(text), dtype=bool)
+    else:
+        parsed = pd.to_datetime(text.where(~is_number), format="ISO8601", utc=True, errors="coerce")
+        iso = parsed.notna().to_numpy()
+    # Under "auto" the column is read the way most of its values are written: one value of the other kind (a Unix
+    # time among ISO times) or of neither is the fault, named at its own line.
+    as_iso = unit == "iso" or (unit == "auto" and iso.sum() > is_number.sum())
+    bad = ~iso if as_iso else ~is_number
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        fail(row, name, f"not a Unix time{' or ISO-8601 timestamp' if unit == 'auto' else ''}: {text.iloc[row][:40]!r}")
+        value = text.iloc[row][:40]
+        if unit == "auto" and (is_number if as_iso else iso)[row]:
+            other = ("a Unix time among ISO-8601 timestamps" if as_iso else
+                     "an ISO-8601 timestamp among Unix times")
+            fail(row, name, f"{other}: {value!r} (a column holds one kind of time)")
+        fail(row, name, f"not an ISO-8601 timestamp: {value!r}" if as_iso else
+             f"not a Unix time{' or ISO-8601 timestamp' if unit == 'auto' else ''}: {value!r}")
+    if as_iso:
+        return parsed.dt.tz_convert(None).astype("datetime64[s]").astype(np.int64).to_numpy()
     return _unix_seconds(values, unit, lambda row: fail(
         row, name, f"Unix time {numeric.iloc[row]:g} is out of range (expected seconds or milliseconds since 1970)"))
 

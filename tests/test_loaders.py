@@ -105,6 +105,42 @@ def test_a_shops_own_columns_and_event_names_are_mapped(tmp_path):
         load(path, "events", schema=replace(schema, context=("region",)))
 
 
+def test_one_unix_time_among_iso_times_is_blamed_at_its_own_line(tmp_path):
+    """The column is read the way most of its values are written: the odd one out is the fault, not line 2."""
+    iso = [f"u{i % 7},i{i % 13},2024-03-01T10:{i % 60:02d}:00Z" for i in range(99)]
+    path = write(tmp_path, "mixed.csv", "\n".join(["user_id,item_id,timestamp", *iso, "u1,i3,1709290000",
+                                                   "u2,i4,2024-03-02T10:00:00Z"]))
+    with pytest.raises(DataError, match=r"mixed.csv, line 101, column timestamp: a Unix time among ISO-8601 "
+                                        r"timestamps: '1709290000'"):
+        load(path, "events")
+    unix = [f"u{i % 7},i{i % 13},{1709290000 + i}" for i in range(50)]
+    path = write(tmp_path, "mixed2.csv", "\n".join(["user_id,item_id,timestamp", *unix, "u1,i3,2024-03-02T10:00Z"]))
+    with pytest.raises(DataError, match=r"line 52, column timestamp: an ISO-8601 timestamp among Unix times"):
+        load(path, "events")
+    path = write(tmp_path, "garbage.csv", "\n".join(["user_id,item_id,timestamp", *iso, "u1,i3,soon"]))
+    with pytest.raises(DataError, match=r"line 101, column timestamp: not an ISO-8601 timestamp: 'soon'"):
+        load(path, "events")
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t", "|"])
+def test_a_semicolon_or_tab_separated_export_is_detected_and_reported(tmp_path, delimiter):
+    from common.loaders import load_counted
+
+    rows = ["user_id,item_id,timestamp,price", "c1,SKU-1,2024-03-01T10:00:00Z,9.5",
+            "c1,SKU-2,2024-03-01T11:00:00Z,3.25", "c2,SKU-1,2024-03-01T12:00:00Z,1.0"]
+    comma, _ = load_counted(write(tmp_path, "comma.csv", "\n".join(rows)))
+    other = write(tmp_path, "other.csv", "\n".join(row.replace(",", delimiter) for row in rows))
+    data, ingested = load_counted(other)
+    assert ingested.delimiter == delimiter
+    assert data.user_ids.tolist() == comma.user_ids.tolist() and np.array_equal(data.items, comma.items)
+    assert np.array_equal(data.timestamps, comma.timestamps) and np.allclose(data.context["price"],
+                                                                            comma.context["price"])
+    assert load_counted(write(tmp_path, "c.csv", "\n".join(rows)))[1].delimiter == ","
+    ragged = write(tmp_path, "ragged.csv", "\n".join(row.replace(",", delimiter) for row in rows) + f"{delimiter}9")
+    with pytest.raises(DataError, match="line 4: ragged line"):
+        load(ragged, "events")
+
+
 # ---------------------------------------------------------------- amazon-seq: happy paths
 
 
