@@ -32,6 +32,7 @@ from .data import ItemCatalog
 from .dp_counts import PriorWithCounts
 from .errors import ConfigError
 from .evaluate import SASRecScorer, Scorer
+from .events import EventSchema
 from .fusion import Fused
 from .metrics import json_number
 from .model import SASRec, SASRecConfig
@@ -89,9 +90,23 @@ class BundleCard:
     parts: dict = field(default_factory=dict)
     """What the model is made of (common.composite): each part — text prior, DP statistics, trained model — with
     its weight and settings, and how they were chosen."""
+    data: dict | None = None
+    """The shop's vocabulary the model was trained with ([data.columns] and [data.events]: column names, event
+    names, timestamp unit; common.events.EventSchema), which serving applies to histories (None: an older bundle,
+    the default vocabulary)."""
     fedaug_version: str = field(default_factory=_version)
     format: int = FORMAT
     created: float = field(default_factory=time.time)
+
+    def schema(self) -> EventSchema:
+        """The event-file mapping the model was trained with (the default one for a bundle that carries none)."""
+        if not self.data:
+            return EventSchema()
+        try:
+            return EventSchema(**{name: tuple(value) if isinstance(value, list) else value
+                                  for name, value in self.data.items()})
+        except TypeError as exc:
+            raise ConfigError(f"bundle card: malformed data mapping ({exc})") from None
 
 
 @dataclass
@@ -169,16 +184,16 @@ def _rebuild(spec: dict, prefix: str, tensors: dict[str, torch.Tensor], device) 
 
 
 def bundle_files(scorer: Scorer, catalog: ItemCatalog, *, trained: dict | None = None, privacy: dict | None = None,
-                 metrics: dict | None = None, text_encoder: str | None = None, parts: dict | None = None
-                 ) -> dict[str, bytes]:
+                 metrics: dict | None = None, text_encoder: str | None = None, parts: dict | None = None,
+                 schema: EventSchema | None = None) -> dict[str, bytes]:
     """The bundle of ``scorer`` over ``catalog`` as its files' bytes (what ``write_bundle`` writes, and what a
-    federation sends its merchants)."""
+    federation sends its merchants); ``schema``: the event-file mapping the model was trained with."""
     tensors: dict[str, torch.Tensor] = {}
     structure = _describe(scorer, "", tensors)
     items = BundleCatalog.of(catalog)
     card = BundleCard(scorer=structure, catalog_hash=items.content_hash(), items=len(items.ids),
                       trained=trained or {}, privacy=privacy, metrics=metrics or {}, text_encoder=text_encoder,
-                      parts=parts or {})
+                      parts=parts or {}, data=None if schema is None else dataclasses.asdict(schema))
     return {WEIGHTS: save(tensors, metadata={"format": str(FORMAT)}),
             ITEMS: (json.dumps(dataclasses.asdict(items), ensure_ascii=False) + "\n").encode(),
             CARD: (json.dumps(dataclasses.asdict(card), indent=2, default=_plain) + "\n").encode()}

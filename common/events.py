@@ -376,6 +376,26 @@ def _padding(ids: np.ndarray) -> np.ndarray:
     return np.zeros(1, dtype=np.int64) if ids.dtype != object else np.array([""], dtype=object)
 
 
+def parse_times(values: list, schema: EventSchema, name: str) -> np.ndarray:
+    """Unix seconds of request values: numbers as Unix seconds or milliseconds, text as a file's column is read
+    (``schema.timestamp_unit``: ISO-8601 or Unix numbers); numbers and text may be mixed. A bad value is refused as
+    ``name[i]`` (ValueError, one line)."""
+    out = np.zeros(len(values), np.int64)
+    numbers = [i for i, v in enumerate(values) if isinstance(v, int | float) and not isinstance(v, bool)]
+    text = [i for i, v in enumerate(values) if isinstance(v, str)]
+    if len(numbers) + len(text) != len(values):
+        raise ValueError(f"{name}: expected Unix times or ISO-8601 text")
+    for rows, unit in ((numbers, "auto" if schema.timestamp_unit == "iso" else schema.timestamp_unit),
+                       (text, schema.timestamp_unit)):
+        if rows:
+            def fail(row: int, _column: str, message: str, rows=rows):
+                raise ValueError(f"{name}[{rows[int(row)]}]: {message}")
+
+            column = pa.chunked_array([pa.array([str(values[i]) for i in rows], pa.string())])
+            out[rows] = _timestamps(column, EventSchema(timestamp=name, timestamp_unit=unit), fail)
+    return out
+
+
 def _timestamps(column: pa.ChunkedArray, schema: EventSchema, fail) -> np.ndarray:
     """Unix seconds (int64). Numbers are seconds or milliseconds (``timestamp_unit``, detected under "auto"),
     text is ISO-8601 (a zone given or UTC)."""

@@ -7,12 +7,18 @@
 Search ranks the catalog by a query's relevance: the bundle's sentence encoder over the item text vectors where
 the bundle has them and the encoder is at hand, else BM25 (``bm25s``) over the item titles. With a history, the
 query's relevance is blended with the user's sequence scores (both standardised per request, ``search_weight`` ×
-relevance + scores); without one it is plain search. Explanations leave each history item out in turn (one
-batched pass) and report how much each raised the recommended item's score.
+relevance + scores); without one it is plain search, scored by the relevance itself (BM25 ranks only items that
+match a query word). A history with no query (a new visitor) gets the bundle's popular items: the popularity its
+DP statistics or popularity scorer holds (a bundle without one has none to give). Explanations leave each history
+item out in turn (one batched pass) and report how much each raised the recommended item's score.
+
+Histories come in the shop's vocabulary (``Recommender.shop_history``): the event names and timestamp unit the
+bundle was trained with ([data.events], [data.columns] timestamp_unit on its card), ISO-8601 or Unix times.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +28,14 @@ import torch
 from .bundle import Bundle, load_bundle
 from .data import EVENT_TYPES
 from .device import pick_device
+from .dp_counts import PriorWithCounts
 from .errors import ConfigError
 from .evaluate import score, side_columns
+from .events import EventSchema, parse_times
 from .features import N_CODES, history_rows
 from .fusion import standardise
 from .metrics import top_k
+from .popularity import Popularity
 from .text_prior import TextPrior
 
 SEARCH_WEIGHT = 1.0
@@ -43,7 +52,8 @@ class UnknownItems(ConfigError):
 
     def __init__(self, items: list[str]):
         self.items = items
-        shown = ", ".join(repr(i) for i in items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+        clipped = [repr(i if len(i) <= 40 else i[:39] + "…") for i in items[:5]]  # never echo unbounded input
+        shown = ", ".join(clipped) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
         super().__init__(f"history: unknown item id(s) {shown}")
 
 
@@ -105,10 +115,14 @@ class Recommender:
         bundle: a loaded model bundle (``Recommender.load`` reads one from a directory).
         device: torch device for scoring ("auto": CUDA when present).
         search_weight: weight of a query's relevance against the history's scores in personalised search.
+        schema: the shop's event names and timestamp unit (default: those the bundle was trained with).
     """
 
-    def __init__(self, bundle: Bundle, *, device="cpu", search_weight: float = SEARCH_WEIGHT):
+    def __init__(self, bundle: Bundle, *, device="cpu", search_weight: float = SEARCH_WEIGHT,
+                 schema: EventSchema | None = None):
         self.bundle, self.device, self.search_weight = bundle, device, search_weight
+        self.schema = schema or bundle.card.schema()
+        self._stages = self.schema.stage()
         self.ids = bundle.catalog.ids
         self.titles = bundle.catalog.titles
         self.index = {raw: i + 1 for i, raw in enumerate(self.ids)}
@@ -116,9 +130,11 @@ class Recommender:
         self._query_vectors: dict[str, torch.Tensor] = {}  # popular queries repeat
 
     @classmethod
-    def load(cls, path, *, device="auto", search_weight: float = SEARCH_WEIGHT) -> Recommender:
+    def load(cls, path, *, device="auto", search_weight: float = SEARCH_WEIGHT,
+             schema: EventSchema | None = None) -> Recommender:
+        """The bundle at ``path``; ``schema``: the shop's vocabulary (default: the one on the bundle's card)."""
         device = pick_device(device)
-        return cls(load_bundle(Path(path), device), device=device, search_weight=search_weight)
+        return cls(load_bundle(Path(path), device), device=device, search_weight=search_weight, schema=schema)
 
     @property
     def n_items(self) -> int:
@@ -133,6 +149,37 @@ class Recommender:
         if unknown:
             raise UnknownItems(unknown)
         return np.asarray([self.index[str(item)] for item in history], dtype=np.int64)
+
+    def shop_history(self, history: list, *, events: list[str] | None = None, timestamps: list | None = None,
+                     at: int | float | str | None = None) -> tuple[list[str], Activity | None]:
+        """A history in the shop's vocabulary as the model reads it: its event names mapped as in training (events
+        mapped to "drop" leave their item out), its times (ISO-8601 or Unix, the bundle's timestamp unit) as Unix
+        seconds; ``at`` defaults to now when times are given. ConfigError names a bad value."""
+        for name, values in (("events", events), ("timestamps", timestamps)):
+            if values is not None and len(values) != len(history):
+                raise ConfigError(f"{name}: {len(values)} given for a history of {len(history)} items")
+        keep = list(range(len(history)))
+        types = None
+        if events is not None:
+            codes = [self._stages.get(str(e).strip().lower()) for e in events]
+            if None in codes:
+                bad = codes.index(None)
+                shop = [n for n in self.schema.events if n not in EVENT_TYPES]
+                raise ConfigError(f"events[{bad}]: unknown event type {str(events[bad])[:40]!r} (expected one of "
+                                  f"{', '.join(EVENT_TYPES + tuple(shop))})")
+            keep = [i for i in keep if codes[i] >= 0]
+            types = [EVENT_TYPES[codes[i]] for i in keep]
+        try:
+            times = None if timestamps is None else parse_times(timestamps, self.schema, "timestamps")[keep].tolist()
+            moment = None if at is None else int(parse_times([at], self.schema, "at")[0])
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("at[0]", "at")) from None
+        if moment is None and times is not None:
+            moment = int(time.time())
+        items = [str(history[i]) for i in keep]
+        if types is None and times is None and moment is None:
+            return items, None
+        return items, Activity(events=types, timestamps=times, at=moment)
 
     # scores ----------------------------------------------------------------------------------------------------
 
@@ -175,6 +222,12 @@ class Recommender:
             except ConfigError:
                 pass  # the encoder is not installed here: lexical search below
         return self._bm25(queries)
+
+    def warm(self) -> None:
+        """Load what the first search would (the query encoder, where the bundle searches by one) now."""
+        if _text_vectors(self.bundle.scorer) is not None and self.bundle.card.text_encoder is not None:
+            self.relevance(["warm"])
+            self._query_vectors.clear()
 
     def _bm25(self, queries: list[str]) -> torch.Tensor:
         import bm25s
@@ -231,6 +284,7 @@ class Recommender:
             raise ConfigError(f"k: must be at least 1, got {k}")
         features = self.side_rows(internal, activities)
         scores = self.blended(internal, queries, features)
+        self._without_history(scores, internal, queries)
         masked = scores.clone()
         masked[:, 0] = float("-inf")
         banned = [(h if exclude_seen else np.zeros(0, np.int64)) for h in internal]
@@ -241,13 +295,35 @@ class Recommender:
         if len(rows):  # one indexed write for the whole batch
             masked[torch.from_numpy(rows).to(self.device),
                    torch.from_numpy(np.concatenate(banned)).to(self.device)] = float("-inf")
-        k = min(k, int(torch.isfinite(masked).sum(1).min().item()) or 1)
+        k = min(k, int(torch.isfinite(masked).sum(1).max().item()) or 1)
         top_scores, top = top_k(masked, k)  # ties in the order the run's metrics rank them
         because = self._explain(internal, queries, scores, top, features) if explain else None
         return [[Recommendation(self.ids[int(i) - 1], float(s), self.title(int(i)),
                                 because[row][col] if because else None)
-                 for col, (i, s) in enumerate(zip(top[row].tolist(), top_scores[row].tolist(), strict=True))]
+                 for col, (i, s) in enumerate(zip(top[row].tolist(), top_scores[row].tolist(), strict=True))
+                 if s != float("-inf")]  # a row with fewer candidates: only those
                 for row in range(len(internal))]
+
+    def _without_history(self, scores: torch.Tensor, histories: list[np.ndarray], queries) -> None:
+        """Score rows of empty histories in place: plain search by the query's own relevance (items it does not
+        match at all, relevance 0, are none of its results), or with no query the bundle's popular items (none
+        where the bundle holds no popularity)."""
+        empty = [i for i, h in enumerate(histories) if not len(h)]
+        queries = queries or [None] * len(histories)
+        searched = [i for i in empty if queries[i]]
+        if searched:
+            relevance = self.relevance([queries[i] for i in searched])
+            scores[searched] = torch.where(relevance != 0, relevance, float("-inf"))
+        cold = [i for i in empty if not queries[i]]
+        if cold:
+            popular = self.popularity()
+            scores[cold] = (float("-inf") if popular is None
+                            else torch.where(popular > 0, popular, float("-inf")).to(scores.device))
+
+    def popularity(self) -> torch.Tensor | None:
+        """``[n_items + 1]`` popularity the bundle holds (its DP statistics' kept log-counts, or a popularity
+        scorer's counts), what a visitor without history is shown; None: it holds none."""
+        return _popularity(self.bundle.scorer)
 
     def _explain(self, internal: list[np.ndarray], queries, scores: torch.Tensor, top: torch.Tensor,
                  features: list[np.ndarray] | None) -> list[list[tuple[Because, ...]]]:
@@ -286,6 +362,19 @@ class Recommender:
         if internal is None:
             raise UnknownItems([str(raw)])
         return {"item": str(raw), "title": self.title(internal)}
+
+
+def _popularity(scorer) -> torch.Tensor | None:
+    """The popularity inside a scorer (alone, within DP statistics that use it, or a fusion), if any."""
+    if isinstance(scorer, Popularity):
+        return scorer.counts
+    if isinstance(scorer, PriorWithCounts):
+        return scorer.popularity if scorer.popularity_weight else None
+    for part in ("prior", "model"):
+        inner = getattr(scorer, part, None)
+        if inner is not None and (found := _popularity(inner)) is not None:
+            return found
+    return None
 
 
 def _text_vectors(scorer) -> torch.Tensor | None:

@@ -57,7 +57,8 @@ def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, config
                                  "unit": "user", "accountant": "min(PRV, RDP), composed over every release",
                                  "releases": _releases(settings, state)}
                         if private else None,
-                        parts=parts, text_encoder=_encoder(config) if prior is not None else None)
+                        parts=parts, text_encoder=_encoder(config) if prior is not None else None,
+                        schema=config.data.schema())
 
 
 def _releases(settings: FederationSection, state: ServerState) -> list[dict]:

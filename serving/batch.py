@@ -21,9 +21,11 @@ def recommend_file(recommender: Recommender, users: Path, out: Path | None, *, f
                    on_batch: Callable[[int, int], None] | None = None) -> int:
     """Recommend for every user of ``users`` (its histories in the shop's ids); write ``user,items,scores`` rows
     (items and scores space-separated, best first) to ``out`` or stdout; return the number of users. History items
-    the bundle's catalog does not know are left out and counted in an ``unknown`` column. The file's event types
-    and times go with the histories (models with behaviour and context vectors read them)."""
-    data = load(users, fmt)
+    the bundle's catalog does not know are left out and counted in an ``unknown`` column (a user left with none
+    gets the bundle's popular items). The file is read with the recommender's mapping (the shop's column and event
+    names the bundle was trained with, or ``--config``'s); its event types and times go with the histories
+    (models with behaviour and context vectors read them)."""
+    data = load(users, fmt, schema=recommender.schema)
     raw = data.catalog.raw_ids
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -1,10 +1,16 @@
 """`fedaug serve`: a model bundle over HTTP (FastAPI + uvicorn).
 
-    POST /v1/recommend   {"history": ["B0001", ...], "k": 10, "query": null, "explain": false,
-                          "events": ["view", ...], "timestamps": [1700000000, ...], "at": 1700003600}
+    POST /v1/recommend   {"history": ["SKU-1", ...], "k": 10, "query": null, "explain": false,
+                          "events": ["view", "add_to_cart", ...], "timestamps": ["2024-03-01T10:00:00Z", ...],
+                          "at": 1700003600}
     GET  /v1/search?q=lipstick&k=10
     GET  /v1/items/{id}
-    GET  /healthz, /metrics (Prometheus), /docs (OpenAPI), / (a page to try it)
+    GET  /healthz, /metrics (Prometheus), /docs (OpenAPI, its assets served from here), / (a page to try it)
+
+Histories speak the shop's vocabulary: the event names and timestamp unit the bundle was trained with (its card's
+[data.events] / [data.columns]; the standard names always work), times as ISO-8601 text or Unix numbers. An empty
+history is a new visitor: plain search with a query, else the bundle's popular items. Request bodies are limited
+(``max_body_bytes``, 413 beyond), unknown fields refused, and a 422 names the field without echoing long input.
 
 Concurrent recommend requests are micro-batched: they wait up to ``max_wait_ms`` for each other and are scored in
 one forward pass (``Recommender.recommend_many``). The bundle directory is watched; a new bundle (the next
@@ -14,61 +20,122 @@ federation's) is loaded beside the old one and swapped in between batches, so no
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints
 
 from common.bundle import bundle_hash
 from common.data import EVENT_TYPES
 from common.errors import FedaugError
+from common.events import DROP, MAX_ID_CHARS
 from common.recommender import Activity, Recommender, UnknownItems
 
 MAX_K = 100
 MAX_HISTORY = 200
+MAX_BODY_BYTES = 1_000_000
+"""Default request body limit (``create_app(max_body_bytes=...)``, ``fedaug serve --max-body-bytes``)."""
+SHOWN = 80
+"""Longest piece of a request echoed in an error."""
+
+ItemId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Moment = StrictInt | StrictFloat | Annotated[str, StringConstraints(max_length=64)]
 
 
 class RecommendRequest(BaseModel):
-    history: list[str] = Field(default_factory=list, max_length=MAX_HISTORY,
-                               description="The shopper's items, shop ids, oldest first (empty: plain search).")
+    model_config = ConfigDict(extra="forbid")
+
+    history: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY,
+                                  description="The shopper's items, shop ids, oldest first (empty: a new visitor: "
+                                              "plain search with a query, else popular items).")
     k: int = Field(10, ge=1, le=MAX_K)
     query: str | None = Field(None, max_length=500, description="A search query: personalised search.")
     explain: bool = Field(False, description="Say which history items drove each recommendation.")
     exclude_seen: bool = True
-    events: list[str] | None = Field(None, max_length=MAX_HISTORY, description="Each history item's event type ("
-                                     + " | ".join(EVENT_TYPES) + "), for models with behaviour vectors.")
-    timestamps: list[int] | None = Field(None, max_length=MAX_HISTORY, description="Each history item's time, "
-                                         "Unix seconds, for models with time context.")
-    at: int | None = Field(None, description="The moment the recommendations are for, Unix seconds (default: now "
-                           "when timestamps are given).")
+    events: list[Name] | None = Field(None, max_length=MAX_HISTORY, description="Each history item's event, in the "
+                                      "shop's names the model was trained with (GET /healthz lists them; "
+                                      + " | ".join(EVENT_TYPES) + " always work).")
+    timestamps: list[Moment] | None = Field(None, max_length=MAX_HISTORY, description="Each history item's time: "
+                                            "ISO-8601 text or Unix seconds (milliseconds from 1e11 on).")
+    at: Moment | None = Field(None, description="The moment the recommendations are for, like timestamps (default: "
+                              "now when timestamps are given).")
 
-    @model_validator(mode="after")
-    def _aligned(self):
-        for name in ("events", "timestamps"):
-            values = getattr(self, name)
-            if values is not None and len(values) != len(self.history):
-                raise ValueError(f"{name}: {len(values)} given for a history of {len(self.history)} items")
-        unknown = [e for e in self.events or [] if e not in EVENT_TYPES]
-        if unknown:
-            raise ValueError(f"events: unknown event type {unknown[0]!r} (expected {', '.join(EVENT_TYPES)})")
-        return self
 
-    def activity(self) -> Activity | None:
-        if self.events is None and self.timestamps is None and self.at is None:
-            return None
-        at = self.at if self.at is not None or self.timestamps is None else int(time.time())
-        return Activity(events=self.events, timestamps=self.timestamps, at=at)
+class Reason(BaseModel):
+    item: str
+    title: str | None
+    contribution: float = Field(description="How much leaving this history item out lowers the score.")
+
+
+class Ranked(BaseModel):
+    item: str
+    score: float
+    title: str | None = None
+    because: list[Reason] | None = Field(None, description="History items behind it, largest first (explain).")
+
+
+class Ranking(BaseModel):
+    items: list[Ranked]
+    model: str = Field(description="The served bundle's content hash (16 hex digits).")
+    note: str | None = Field(None, description="Why the list is empty or short, when it is.")
+
+
+class CatalogItem(BaseModel):
+    item: str
+    title: str | None
+
+
+class CatalogItems(BaseModel):
+    items: list[CatalogItem]
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    items: int
+    kind: str | None
+    privacy: dict | None
+    events: list[str] = Field(description="The event names this model takes (the shop's, then the standard).")
+    timestamp_unit: str = Field(description="How numeric times are read: auto | s | ms | iso.")
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+PROBLEMS = {code: {"model": Problem} for code in (404, 413, 422)}
+
+
+@dataclass
+class _Ask:
+    """A request in the model's vocabulary: internal ids, standard event names, Unix seconds."""
+
+    internal: np.ndarray
+    activity: Activity | None
+    k: int
+    query: str | None
+    explain: bool
+    exclude_seen: bool
+
+
+def _clip(text: str, limit: int = SHOWN) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
 class _Pending:
-    request: RecommendRequest
+    ask: _Ask
     future: asyncio.Future
 
 
@@ -90,6 +157,7 @@ class Service:
 
     def load(self) -> None:
         recommender = Recommender.load(self.model_dir, device=self.device)
+        recommender.warm()  # the query encoder loads now, once, not on the first search
         self.recommender, self.model_hash = recommender, bundle_hash(self.model_dir)  # one swap: old or new
 
     async def start(self) -> None:
@@ -100,34 +168,33 @@ class Service:
         for task in self.tasks:
             task.cancel()
 
-    async def recommend(self, request: RecommendRequest) -> list:
+    def ask(self, request: RecommendRequest) -> _Ask:
+        """The request in the model's vocabulary; ConfigError (a 422) names a bad item, event or time."""
+        history, activity = self.recommender.shop_history(request.history, events=request.events,
+                                                          timestamps=request.timestamps, at=request.at)
+        return _Ask(self.recommender.internal(history), activity, request.k, request.query, request.explain,
+                    request.exclude_seen)
+
+    async def recommend(self, ask: _Ask) -> list:
         if not self.batching:
-            return (await asyncio.to_thread(self._score, [request]))[0]
+            return (await asyncio.to_thread(self._score, [ask]))[0]
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(request, future))
+        await self.queue.put(_Pending(ask, future))
         return await future
 
-    def _score(self, requests: list[RecommendRequest]) -> list:
-        """One forward pass for requests that share ``explain`` and ``exclude_seen`` (k: the largest, cut after).
-        A request's own error (an unknown item) is returned in its place, not raised for the batch."""
-        recommender, out = self.recommender, [None] * len(requests)
-        internal: dict[int, np.ndarray] = {}
-        for i, r in enumerate(requests):
-            try:
-                internal[i] = recommender.internal(r.history)
-            except UnknownItems as exc:
-                out[i] = exc
+    def _score(self, asks: list[_Ask]) -> list:
+        """One forward pass for requests that share ``explain`` and ``exclude_seen`` (k: the largest, cut after)."""
+        recommender, out = self.recommender, [None] * len(asks)
         groups: dict[tuple, list[int]] = {}
-        for i in internal:
-            groups.setdefault((requests[i].explain, requests[i].exclude_seen), []).append(i)
+        for i, ask in enumerate(asks):
+            groups.setdefault((ask.explain, ask.exclude_seen), []).append(i)
         for (explain, exclude_seen), rows in groups.items():
-            k = min(max(requests[i].k for i in rows), recommender.n_items)
-            results = recommender.recommend_internal([internal[i] for i in rows], k=k, explain=explain,
-                                                     exclude_seen=exclude_seen,
-                                                     queries=[requests[i].query for i in rows],
-                                                     activities=[requests[i].activity() for i in rows])
+            k = min(max(asks[i].k for i in rows), recommender.n_items)
+            results = recommender.recommend_internal([asks[i].internal for i in rows], k=k, explain=explain,
+                                                     exclude_seen=exclude_seen, queries=[asks[i].query for i in rows],
+                                                     activities=[asks[i].activity for i in rows])
             for i, result in zip(rows, results, strict=True):
-                out[i] = result[: requests[i].k]
+                out[i] = result[: asks[i].k]
         return out
 
     async def _batcher(self) -> None:
@@ -144,7 +211,7 @@ class Service:
                 except asyncio.TimeoutError:
                     break
             try:
-                results = await asyncio.to_thread(self._score, [p.request for p in batch])
+                results = await asyncio.to_thread(self._score, [p.ask for p in batch])
             except Exception as exc:  # a failed pass fails its requests, never the service
                 results = [exc] * len(batch)
             self.batches += 1
@@ -167,8 +234,18 @@ class Service:
 
 
 def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, max_batch: int = 64,
-               max_wait_ms: float = 2.0, watch_seconds: float = 2.0) -> FastAPI:
-    """The HTTP service over the bundle at ``model_dir`` (loaded now: a bad bundle fails here, in one line)."""
+               max_wait_ms: float = 2.0, watch_seconds: float = 2.0, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The HTTP service over the bundle at ``model_dir`` (loaded now: a bad bundle fails here, in one line).
+
+    Args:
+        model_dir: the bundle directory; a new bundle written there is picked up between batches.
+        device: torch device for scoring ("auto": CUDA when present).
+        batching: micro-batch concurrent recommend requests into one forward pass.
+        max_batch: most requests scored in one pass.
+        max_wait_ms: how long a request waits for others to share its pass.
+        watch_seconds: how often the bundle directory is checked for a new bundle.
+        max_body_bytes: the largest request body taken (413 beyond).
+    """
     service = Service(Path(model_dir), device=device, batching=batching, max_batch=max_batch,
                       max_wait_ms=max_wait_ms, watch_seconds=watch_seconds)
     service.load()
@@ -187,44 +264,53 @@ def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, 
         yield
         await service.stop()
 
-    app = FastAPI(title="fedaug", summary="Recommendations and personalised search from a fedaug model bundle",
-                  lifespan=lifespan)
+    # Swagger UI and ReDoc from fastapi-offline's own copies of their assets: /docs works without the internet.
+    app = FastAPIOffline(title="fedaug", summary="Recommendations and personalised search from a fedaug model bundle",
+                         lifespan=lifespan, static_url="/docs-assets")
     app.state.service = service
 
-    app.add_middleware(_Measure, requests=requests, latency=latency)
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(_Measure, requests=requests, latency=latency, routes=app.router.routes)
 
     def one_line(exc: Exception, status: int = 422) -> HTTPException:
-        return HTTPException(status, detail=" ".join(str(exc).split()))
+        return HTTPException(status, detail=_clip(exc, 300))
 
-    def ranked(results) -> JSONResponse:  # built here, not by FastAPI's encoder: it is the hot path
-        return JSONResponse({"items": [r.to_json() for r in results], "model": service.model_hash[:16]})
+    def ranked(results, note: str | None = None) -> JSONResponse:  # not FastAPI's encoder: it is the hot path
+        body = {"items": [r.to_json() for r in results], "model": service.model_hash[:16]}
+        if note:
+            body["note"] = note
+        return JSONResponse(body)
 
-    @app.post("/v1/recommend")
+    @app.post("/v1/recommend", response_model=Ranking, responses=PROBLEMS)
     async def recommend(body: RecommendRequest) -> JSONResponse:
-        if not body.history and not body.query:
-            raise HTTPException(422, detail="history: empty (give item ids, or a query for plain search)")
         try:
-            return ranked(await service.recommend(body))
+            results = await service.recommend(service.ask(body))
         except (UnknownItems, FedaugError) as exc:
             raise one_line(exc) from None
+        note = None
+        if not results and not body.history:
+            note = ("no item matches the query" if body.query else
+                    "this model holds no popularity for a visitor without history: give a query")
+        return ranked(results, note)
 
-    @app.get("/v1/search")
+    @app.get("/v1/search", response_model=Ranking, responses=PROBLEMS)
     async def search(q: str = Query(..., min_length=1, max_length=500),
                      k: int = Query(10, ge=1, le=MAX_K)) -> JSONResponse:
         try:
-            return ranked(await service.recommend(RecommendRequest(history=[], k=k, query=q)))
+            results = await service.recommend(service.ask(RecommendRequest(history=[], k=k, query=q)))
         except FedaugError as exc:
             raise one_line(exc) from None
+        return ranked(results, None if results else "no item matches the query")
 
-    @app.get("/v1/items/{item_id}")
+    @app.get("/v1/items/{item_id}", response_model=CatalogItem, responses=PROBLEMS)
     async def item(item_id: str) -> dict:
         try:
             return service.recommender.item(item_id)
         except UnknownItems:
-            raise HTTPException(404, detail=f"item {item_id!r}: not in the catalog") from None
+            raise HTTPException(404, detail=f"item {_clip(item_id, 40)!r}: not in the catalog") from None
 
-    @app.get("/v1/items")
-    async def items(prefix: str = "", limit: int = Query(20, ge=1, le=200)) -> dict:
+    @app.get("/v1/items", response_model=CatalogItems, responses=PROBLEMS)
+    async def items(prefix: str = Query("", max_length=200), limit: int = Query(20, ge=1, le=200)) -> dict:
         """Catalog items whose id or title contains ``prefix`` (for the page's picker)."""
         rec, needle, found = service.recommender, prefix.lower(), []
         for i, raw in enumerate(rec.ids, start=1):
@@ -235,11 +321,14 @@ def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, 
                     break
         return {"items": found}
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health)
     async def healthz() -> dict:
-        card = service.recommender.bundle.card
+        rec = service.recommender
+        card = rec.bundle.card
+        shop = [name for name, target in rec.schema.events.items() if target != DROP]
         return {"status": "ok", "model": service.model_hash[:16], "items": card.items,
-                "kind": card.scorer.get("kind"), "privacy": card.privacy}
+                "kind": card.scorer.get("kind"), "privacy": card.privacy,
+                "events": list(dict.fromkeys([*shop, *EVENT_TYPES])), "timestamp_unit": rec.schema.timestamp_unit}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -254,18 +343,72 @@ def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request, exc: RequestValidationError):
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()))
-        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
+        where = ".".join(_clip(part, 40) for part in first.get("loc", ()))
+        return JSONResponse({"detail": f"{where}: {_clip(first.get('msg', 'invalid'), 200)}"}, status_code=422)
 
     return app
 
 
+class _BodyLimit:
+    """Request bodies over ``max_bytes`` answered 413 before the app reads them (by their declared length, or
+    while they stream in); the body of a request within the limit is handed on as it came."""
+
+    def __init__(self, app, *, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._refuse(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes:,} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class _Measure:
     """Request counts and latency per route, as plain ASGI middleware (Starlette's ``BaseHTTPMiddleware`` costs
-    about a millisecond a request)."""
+    about a millisecond a request). Every route is labelled by its path (FastAPI's own /docs and /openapi.json
+    too, and the docs' assets by their mount); a request no route matched is ``unmatched``."""
 
-    def __init__(self, app, *, requests: Counter, latency: Histogram):
-        self.app, self.requests, self.latency = app, requests, latency
+    def __init__(self, app, *, requests: Counter, latency: Histogram, routes: list):
+        self.app, self.requests, self.latency, self.routes = app, requests, latency, routes
+
+    def _endpoint(self, scope) -> str:
+        route = scope.get("route")
+        if route is not None:
+            return route.path
+        endpoint = scope.get("endpoint")
+        for candidate in self.routes:
+            if endpoint is not None and endpoint in (getattr(candidate, "endpoint", None),
+                                                     getattr(candidate, "app", None)):
+                return candidate.path
+        return "unmatched"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -280,8 +423,7 @@ class _Measure:
         try:
             await self.app(scope, receive, watch)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
+            endpoint = self._endpoint(scope)
             self.requests.labels(endpoint, str(status[0])).inc()
             self.latency.labels(endpoint).observe(time.perf_counter() - started)
 

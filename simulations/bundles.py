@@ -25,6 +25,7 @@ def save_model(directory: Path, scorer: Scorer, data: BehaviorData, metrics: Run
     text = getattr(config, "text", None)
     encoder = None if text is None else "packaged" if text.encoder is None else str(Path(text.encoder).resolve())
     rounds = metrics.rounds[-1].round if metrics.rounds else None
+    section = getattr(config, "data", None)
     return write_bundle(
         directory, scorer, data.catalog,
         trained={"mode": metrics.mode, "data": data.summary(), "epochs": metrics.epochs, "rounds": rounds,
@@ -33,4 +34,4 @@ def save_model(directory: Path, scorer: Scorer, data: BehaviorData, metrics: Run
                  "accountant": "min(PRV, RDP), composed over every release"} if private else None,
         metrics={"test": test if test is not None else metrics.test,
                  "valid": valid if valid is not None else metrics.valid},
-        text_encoder=encoder, parts=parts)
+        text_encoder=encoder, parts=parts, schema=None if section is None else section.schema())

@@ -1,9 +1,12 @@
 """Recommendations out of a bundle: the Python API (shop ids in and out, exclusions, explanations, search), the
-batch CLI, and the HTTP service (validation in one line, micro-batching, a new bundle picked up mid-traffic)."""
+batch CLI, and the HTTP service (validation in one line, micro-batching, a new bundle picked up mid-traffic; cold
+start, search without a match, the body limit, offline /docs, response schemas, unknown fields, metric labels)."""
 
 from __future__ import annotations
 
 import csv
+import json
+import re
 import threading
 import time
 
@@ -15,8 +18,10 @@ from fastapi.testclient import TestClient
 from common.bundle import bundle_hash, write_bundle
 from common.errors import ConfigError
 from common.evaluate import sasrec_scorer
+from common.events import EventSchema
 from common.loaders import load
 from common.model import SASRec, SASRecConfig
+from common.popularity import Popularity
 from common.recommender import Activity, Recommender, UnknownItems
 from common.text_prior import TextPrior
 from serving.http import create_app
@@ -101,8 +106,7 @@ def test_http_validates_batches_and_picks_up_a_new_bundle(shop, tmp_path):
         assert client.get("/healthz").json()["kind"] == "text"
         for body, reason in [({"history": [ids[0], "nope"]}, "history: unknown item id(s) 'nope'"),
                              ({"history": [ids[0]], "k": 0}, "body.k: Input should be greater than or equal to 1"),
-                             ({"history": [ids[0]] * 201}, "body.history: List should have at most 200 items"),
-                             ({"history": []}, "history: empty")]:
+                             ({"history": [ids[0]] * 201}, "body.history: List should have at most 200 items")]:
             response = client.post("/v1/recommend", json=body)
             assert response.status_code == 422 and response.json()["detail"].startswith(reason), response.json()
         assert client.get("/v1/items/nope").status_code == 404
@@ -186,3 +190,159 @@ def test_http_takes_events_and_times_and_refuses_misaligned_ones(contextual):
         assert bad.status_code == 422 and "timestamps: 1 given for a history of 2 items" in bad.text
         bad = client.post("/v1/recommend", json={"history": history, "events": ["view", "zap"]})
         assert bad.status_code == 422 and "unknown event type 'zap'" in bad.text
+
+
+@pytest.fixture(scope="module")
+def popular(shop):
+    """A bundle that holds popularity (what a visitor without history is shown)."""
+    directory, data, _, _ = shop
+    return write_bundle(directory / "popular", Popularity(data), data.catalog), data
+
+
+def test_a_new_visitor_gets_popular_items_or_plain_search_not_422(shop, popular):
+    path, data = popular
+    counts = np.bincount(data.items, minlength=data.n_items + 1)[1:]
+    expected = [str(data.catalog.raw_ids[i + 1]) for i in np.argsort(-counts, kind="stable")[:3]]
+    with TestClient(create_app(path, device="cpu", batching=False)) as client:
+        response = client.post("/v1/recommend", json={"history": [], "k": 3})
+        assert response.status_code == 200, response.text
+        assert [r["item"] for r in response.json()["items"]] == expected
+        assert [r["score"] for r in response.json()["items"]] == sorted(counts.tolist(), reverse=True)[:3]
+    _, _, prior, _ = shop  # a text prior holds no popularity: nothing to show, said so; a query searches
+    with TestClient(create_app(prior, device="cpu", batching=False)) as client:
+        response = client.post("/v1/recommend", json={})
+        assert response.status_code == 200 and response.json()["items"] == []
+        assert "no popularity" in response.json()["note"]
+        found = client.post("/v1/recommend", json={"query": "blue shampoo", "k": 2}).json()["items"]
+        assert found[0]["title"].startswith("blue shampoo")
+
+
+def test_the_cli_searches_for_a_new_visitor(shop):
+    from typer.testing import CliRunner
+
+    from fedaug.cli import app
+
+    _, _, prior, _ = shop
+    result = CliRunner().invoke(app, ["recommend", "--model", str(prior), "--query", "lipstick", "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.stdout)
+    assert found[0]["title"].startswith("red lipstick") and found[0]["score"] > 0
+
+
+def test_search_without_a_match_returns_nothing_or_real_matches_only(shop):
+    _, data, prior, _ = shop
+    with TestClient(create_app(prior, device="cpu", batching=False)) as client:
+        nothing = client.get("/v1/search", params={"q": "gren tee"}).json()
+        assert nothing["items"] == [] and nothing["note"] == "no item matches the query"
+        blue = client.get("/v1/search", params={"q": "blue", "k": 10}).json()["items"]
+        assert len(blue) == 3 and all(r["title"].startswith("blue") and r["score"] > 0 for r in blue)
+
+
+def test_request_bodies_are_limited_and_errors_never_echo_long_input(shop):
+    _, data, prior, _ = shop
+    ids = [str(i) for i in data.catalog.raw_ids[1:].tolist()]
+    with TestClient(create_app(prior, device="cpu", batching=False, max_body_bytes=2_000)) as client:
+        big = {"history": [ids[0]], "query": "x" * 3_000}
+        assert client.post("/v1/recommend", json=big).status_code == 413
+        chunks = (b'{"history": ["' + b"1" * 1_000 + b'"', b', "query": "' + b"x" * 1_500 + b'"}')
+        streamed = client.post("/v1/recommend", content=iter(chunks),
+                               headers={"content-type": "application/json"})  # no Content-Length: counted
+        assert streamed.status_code == 413 and "over 2,000 bytes" in streamed.json()["detail"]
+        assert client.post("/v1/recommend", json={"history": [ids[0]]}).status_code == 200
+        long_id = client.post("/v1/recommend", json={"history": ["z" * 1_500]})
+        assert long_id.status_code == 422 and len(long_id.content) < 300, long_id.text
+        unknown = client.post("/v1/recommend", json={"history": [ids[0], "q" * 200]})
+        assert unknown.status_code == 422 and "qqq" in unknown.text and len(unknown.content) < 200, unknown.text
+
+
+def test_docs_work_offline_from_the_apps_own_assets(shop):
+    _, _, prior, _ = shop
+    with TestClient(create_app(prior, device="cpu", batching=False)) as client:
+        html = client.get("/docs").text
+        assert "SwaggerUIBundle" in html and "cdn" not in html and "https://" not in html
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert any(a.endswith(".js") for a in assets) and any(a.endswith(".css") for a in assets)
+        for asset in assets:
+            assert asset.startswith("/"), asset
+            response = client.get(asset)
+            assert response.status_code == 200 and len(response.content) > 1_000, asset
+
+
+def test_the_openapi_spec_has_response_schemas(shop):
+    _, _, prior, _ = shop
+    with TestClient(create_app(prior, device="cpu", batching=False)) as client:
+        spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path, method, model in [("/v1/recommend", "post", "Ranking"), ("/v1/search", "get", "Ranking"),
+                                ("/v1/items/{item_id}", "get", "CatalogItem"), ("/healthz", "get", "Health")]:
+        schema = paths[path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": f"#/components/schemas/{model}"}, (path, schema)
+    assert paths["/v1/recommend"]["post"]["responses"]["422"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Problem"}
+    ranked = spec["components"]["schemas"]["Ranked"]["properties"]
+    assert {"item", "score", "title", "because"} <= set(ranked)
+
+
+def test_unknown_request_fields_are_refused_by_name(shop):
+    _, data, prior, _ = shop
+    with TestClient(create_app(prior, device="cpu", batching=False)) as client:
+        response = client.post("/v1/recommend", json={"history": [str(data.catalog.raw_ids[1])], "colour": "red"})
+        assert response.status_code == 422
+        assert response.json()["detail"] == "body.colour: Extra inputs are not permitted"
+
+
+def test_metrics_label_docs_and_openapi_by_their_route(shop):
+    _, _, prior, _ = shop
+    with TestClient(create_app(prior, device="cpu", batching=False)) as client:
+        for path in ("/docs", "/openapi.json", "/nowhere"):
+            client.get(path)
+        page = client.get("/metrics").text
+    assert 'fedaug_serve_requests_total{endpoint="/docs",status="200"} 1.0' in page
+    assert 'fedaug_serve_requests_total{endpoint="/openapi.json",status="200"} 1.0' in page
+    assert 'fedaug_serve_requests_total{endpoint="unmatched",status="404"} 1.0' in page
+
+
+def test_http_speaks_the_vocabulary_the_bundle_was_trained_with(contextual, tmp_path):
+    """A bundle carries its [data.events] / timestamp unit: shop event names and ISO times give the same
+    recommendations as the standard names and Unix seconds; an event mapped to drop leaves its item out."""
+    _, data, model = contextual
+    schema = EventSchema(events={"add_to_cart": "cart", "order": "purchase", "page_leave": "drop"})
+    path = write_bundle(tmp_path / "shop", sasrec_scorer(model, "cpu"), data.catalog, schema=schema)
+    history = [str(data.catalog.raw_ids[i]) for i in (1, 4, 2)]
+    with TestClient(create_app(path, device="cpu", batching=False)) as client:
+        health = client.get("/healthz").json()
+        assert health["events"][:2] == ["add_to_cart", "order"] and "page_leave" not in health["events"]
+        standard = client.post("/v1/recommend", json={
+            "history": [history[0], history[2]], "events": ["view", "cart"],
+            "timestamps": [1_704_110_400, 1_704_110_460], "at": 1_704_200_000}).json()["items"]
+        shop = client.post("/v1/recommend", json={
+            "history": history, "events": ["view", "page_leave", "Add_To_Cart"],
+            "timestamps": ["2024-01-01T12:00:00Z", "2024-01-01T12:00:30Z", "2024-01-01T13:01:00+01:00"],
+            "at": "2024-01-02T12:53:20Z"}).json()["items"]
+        assert [(r["item"], r["score"]) for r in shop] == [(r["item"], pytest.approx(r["score"])) for r in standard]
+        bad = client.post("/v1/recommend", json={"history": history[:1], "events": ["basket"]})
+        assert bad.status_code == 422 and "events[0]: unknown event type 'basket'" in bad.text
+        assert "add_to_cart" in bad.text
+        bad = client.post("/v1/recommend", json={"history": history[:2], "timestamps": [1_704_110_400, "soon"]})
+        assert bad.status_code == 422 and bad.json()["detail"].startswith("timestamps[1]: not ")
+        assert bad.json()["detail"].endswith("timestamp: 'soon'")
+    assert Recommender.load(path, device="cpu").schema == schema  # and an old bundle: the default vocabulary
+    card = json.loads((path / "card.json").read_text())
+    del card["data"]
+    (path / "card.json").write_text(json.dumps(card))
+    assert Recommender.load(path, device="cpu").schema == EventSchema()
+
+
+def test_a_busy_port_fails_in_one_line_before_announcing_anything(shop):
+    import socket
+
+    _, _, prior, _ = shop
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        process = fedaug("serve", "--model", str(prior), "--port", str(port), "--device", "cpu")
+        output = finish(process, 120)
+    assert process.returncode == 1, output
+    assert "serving" not in output and output.strip().count("\n") == 0, output
+    assert output.startswith(f"error: --port: cannot listen on 127.0.0.1:{port} (") and "in use" in output
