@@ -138,7 +138,9 @@ def _encode(directory: Path, texts: list[str], *, device, batch_size: int, progr
 @functools.lru_cache(maxsize=2)
 def _sentence_model(directory: str, device: str):
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # no "Loading weights" bar on a search
     return SentenceTransformer(directory, device=device, local_files_only=True)
 
 
@@ -150,4 +152,5 @@ def encode_queries(queries: list[str], *, encoder: Path | None = None, device="c
         raise ConfigError("text.encoder: query vectors need sentence-transformers (pip install 'fedaug[text]')"
                           ) from None
     model = _sentence_model(str(encoder_directory(encoder)), str(device))
-    return model.encode(list(queries), normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+    return model.encode(list(queries), normalize_embeddings=True, convert_to_numpy=True,
+                        show_progress_bar=False).astype(np.float32)

@@ -459,6 +459,9 @@ def recommend(
     users: Path | None = typer.Option(None, "--users",
                                       help="Batch: an events CSV/Parquet or amazon-seq file of histories."),
     fmt: str | None = typer.Option(None, "--format", help="--users format: events | amazon-seq (from the suffix)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML whose [data.columns] / [data.events] map the "
+                                       "--users file's columns and event names (default: the mapping the bundle "
+                                       "was trained with)."),
     out: Path | None = typer.Option(None, "--out", help="Batch: the CSV to write (default: stdout)."),
     k: int = typer.Option(10, "-k", "--k", help="How many items to recommend."),
     query: str | None = typer.Option(None, "--query", help="A search query: personalised search over the catalog."),
@@ -467,17 +470,25 @@ def recommend(
     include_seen: bool = typer.Option(False, "--include-seen", help="Allow items already in the history."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
-    """Recommend (or search) for one history or a file of them with a model bundle."""
-    if (history is None) == (users is None):
-        raise FedaugError("give exactly one of --history and --users")
+    """Recommend (or search) for one history or a file of them with a model bundle. Without --history and --users:
+    a new visitor (--query: plain search; none: the bundle's popular items)."""
+    if history is not None and users is not None:
+        raise FedaugError("give one of --history and --users, not both")
     from common.recommender import Recommender
 
-    recommender = Recommender.load(model, device=device)
-    if history is not None:
-        items = history.split()
-        if not items and not query:
-            raise FedaugError("--history: empty (give item ids, or --query for plain search)")
-        results = recommender.recommend(items, k=k, query=query, explain=explain, exclude_seen=not include_seen)
+    schema = None
+    if config is not None:
+        from common.check import read_check_config
+
+        schema = read_check_config(config, {}, flags=FLAGS).data.schema()
+    recommender = Recommender.load(model, device=device, schema=schema)
+    if users is None:
+        results = recommender.recommend((history or "").split(), k=k, query=query, explain=explain,
+                                        exclude_seen=not include_seen)
+        if not results and not history:
+            console.print("no recommendations: " + ("no item matches the query" if query else
+                                                     "this model holds no popularity for a new visitor (give "
+                                                     "--query or --history)"), highlight=False)
         _print_recommendations(results, as_json)
         return
     from serving.batch import recommend_file
@@ -558,15 +569,33 @@ def serve(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Most requests scored in one forward pass."),
     max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="How long a request waits for others."),
+    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1,
+                                       help="Largest request body taken (413 beyond)."),
+    access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One line per request on stderr."),
 ) -> None:
     """Serve recommendations and search over HTTP (FastAPI): /v1/recommend, /v1/search, /docs, / to try it."""
+    import copy
+    import socket
+
     import uvicorn
 
     from serving.http import create_app
 
-    application = create_app(model, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms)
-    console.print(f"serving {model} on http://{host}:{port}/ (OpenAPI at /docs)")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    application = create_app(model, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             max_body_bytes=max_body_bytes)
+    try:  # the port is ours before we say we serve on it
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(family, kind, proto)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+    except OSError as exc:
+        raise FedaugError(f"--port: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    bound = listener.getsockname()[1]
+    console.print(f"serving {model} on http://{host}:{bound}/ (OpenAPI at /docs)", highlight=False)
+    logging = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    logging["loggers"]["uvicorn.error"]["level"] = "WARNING"  # no start-up chatter; the access log stays
+    config = uvicorn.Config(application, log_config=logging, log_level=None, access_log=access_log)
+    uvicorn.Server(config).run(sockets=[listener])
 
 
 def _print_recommendations(results, as_json: bool) -> None:
