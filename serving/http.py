@@ -105,7 +105,8 @@ class Health(BaseModel):
     items: int
     kind: str | None
     privacy: dict | None
-    events: list[str] = Field(description="The event names this model takes (the shop's, then the standard).")
+    events: list[str] = Field(description="The event names this model takes: the shop's in the funnel's order "
+                              "(view ... purchase), then the standard ones.")
     timestamp_unit: str = Field(description="How numeric times are read: auto | s | ms | iso.")
 
 
@@ -325,7 +326,8 @@ def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, 
     async def healthz() -> dict:
         rec = service.recommender
         card = rec.bundle.card
-        shop = [name for name, target in rec.schema.events.items() if target != DROP]
+        shop = sorted((name for name, target in rec.schema.events.items() if target != DROP),
+                      key=lambda name: EVENT_TYPES.index(rec.schema.events[name]))  # the funnel's order
         return {"status": "ok", "model": service.model_hash[:16], "items": card.items,
                 "kind": card.scorer.get("kind"), "privacy": card.privacy,
                 "events": list(dict.fromkeys([*shop, *EVENT_TYPES])), "timestamp_unit": rec.schema.timestamp_unit}

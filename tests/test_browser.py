@@ -1,5 +1,6 @@
 """The try-it page of `fedaug serve` in a real headless browser (Debian's chromium driven by playwright): pick a
-history item, ask, and see recommendations with titles and explanations rendered."""
+history item, ask, and see recommendations with titles and explanations rendered; the history goes with its events
+and times; a phone-wide window does not overflow; a refused request reads as a friendly message."""
 
 from __future__ import annotations
 
@@ -52,14 +53,31 @@ def test_the_page_shows_recommendations_with_titles_and_explanations(tmp_path):
             page.fill("#find", "red nail")
             page.click("#picks button >> nth=0")  # pick "red nail polish" into the history
             assert page.input_value("#history").split() == [str(data.catalog.raw_ids[1])]
+            assert page.get_attribute("#history", "placeholder") == "e.g. 1 2"  # this catalog's ids, not Beauty's
             page.fill("#k", "3")
-            page.click("#go")
+            with page.expect_request("**/v1/recommend") as asked:
+                page.click("#go")
+            sent = asked.value.post_data_json
+            assert sent["events"] == ["view"] and len(sent["timestamps"]) == 1 and sent["timestamps"][0][:2] == "20"
             page.wait_for_selector("ol#results li.rec")
             rows = page.locator("ol#results li.rec")
             assert rows.count() == 3
             first = rows.nth(0).inner_text()
             assert first.startswith("red") and "because red nail polish" in first
+            assert "(-" not in page.inner_text("ol#results")  # only the reasons that raised a score
             shot = page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            # A phone: nothing wider than the window; a refused history reads as a friendly message.
+            phone = browser.new_page(viewport={"width": 390, "height": 800})
+            phone.goto(f"http://127.0.0.1:{port}/")
+            phone.fill("#history", "1 nope")
+            phone.click("#go")
+            phone.wait_for_function("document.getElementById('error').textContent.length > 0")
+            error = phone.inner_text("#error")
+            assert error.startswith("Some of these items are not in this shop's catalog"), error
+            assert "history:" not in error and "'nope'" not in error
+            widest = phone.evaluate("Math.max(...[...document.querySelectorAll('body *')]"
+                                    ".map(e => e.getBoundingClientRect().right))")
+            assert widest <= 390 and phone.evaluate("document.documentElement.scrollWidth") <= 390, widest
             browser.close()
         from PIL import Image
 
@@ -69,4 +87,6 @@ def test_the_page_shows_recommendations_with_titles_and_explanations(tmp_path):
         assert (image[image.shape[0] // 3 :] < 100).mean() > 0.001
     finally:
         server.terminate()
-        server.wait(30)
+        output, _ = server.communicate(timeout=30)
+    # the access log: one line per request
+    assert '"GET /healthz HTTP/1.1" 200' in output and '"POST /v1/recommend HTTP/1.1" 422' in output, output
