@@ -67,8 +67,9 @@ class SyntheticSection(Section):
     merchants: int = Field(SyntheticSpec.merchants, ge=1)
     mean_length: float = Field(SyntheticSpec.mean_length, ge=5)
     seed: int = 0
-    titles: bool = False
-    """Public item titles (common.synthetic.item_titles): the text prior and DP statistics then apply."""
+    titles: bool = True
+    """Public item titles (common.synthetic.item_titles), as a shop's catalog has: the text prior and the DP
+    statistics apply, and search works on the bundle. false: item ids alone."""
 
     def spec(self) -> SyntheticSpec:
         return SyntheticSpec(**self.model_dump())

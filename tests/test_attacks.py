@@ -94,7 +94,7 @@ def test_a_scaling_attacker_wrecks_fedavg_and_the_median_holds(tmp_path):
     # The embedded data set (3,000 users): on the 400-user SMALL set one scaled update out of three cannot be told
     # from DP noise after 3 rounds. (Simulations used to drop [synthetic] on the way to the merchants, so this test
     # always ran on the full set.)
-    recipe = "[model]" + SMALL.split("[model]", 1)[1]
+    recipe = "[synthetic]\ntitles = false\n[model]" + SMALL.split("[model]", 1)[1]  # the trained model's test
     config.write_text(recipe.replace("[simulation]\n", "[simulation]\nattack = \"scale\"\nattackers = 0.34\n"))
     results = {}
     for defence in ("none", "median"):

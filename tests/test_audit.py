@@ -45,7 +45,8 @@ def test_guess_takes_the_most_confident_on_both_sides():
     assert guess(scores, included, 4) == (4, 3)
 
 
-SMALL = {"synthetic.users": 200, "synthetic.items": 300, "model.hidden": 32, "model.blocks": 1, "model.max_len": 20,
+SMALL = {"synthetic.users": 200, "synthetic.items": 300, "synthetic.titles": False, "model.hidden": 32,
+         "model.blocks": 1, "model.max_len": 20,
          "model.dropout": 0.0, "model.tie_embeddings": False, "local.batch_size": 64, "local.lr": 0.01,
          "augment.enabled": False}
 

@@ -156,6 +156,7 @@ LOCAL_CONFIG = """
 [synthetic]
 users = 300
 items = 200
+titles = false
 
 [model]
 hidden = 16

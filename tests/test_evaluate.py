@@ -26,7 +26,7 @@ from common.synthetic import generate
 from common.text_prior import TextPrior
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = SyntheticSection(users=120, items=60)
+SPEC = SyntheticSection(users=120, items=60, titles=False)
 
 
 def fedaug(*args):
@@ -107,11 +107,11 @@ def test_a_text_prior_bundle_gains_nothing_over_itself_and_prints_a_table(data, 
 def test_a_model_without_a_prior_has_no_gain(data, tmp_path):
     scorer = _fused(data.n_items).model
     model = write_bundle(tmp_path / "model", scorer, data.catalog)
-    (tmp_path / "small.toml").write_text("[synthetic]\nusers = 120\nitems = 60\n")
+    (tmp_path / "small.toml").write_text("[synthetic]\nusers = 120\nitems = 60\ntitles = false\n")
     result = fedaug("-q", "evaluate", "--model", str(model), "--config", str(tmp_path / "small.toml"), "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert out["text_prior"] is None and out["gain_over_text_prior"] is None  # synthetic data: no item texts
+    assert out["text_prior"] is None and out["gain_over_text_prior"] is None  # synthetic data without titles
     assert out["test"] == evaluate(scorer, leave_one_out(data), "test")
 
 

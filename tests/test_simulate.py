@@ -305,7 +305,7 @@ def test_the_side_vector_ablation_reports_each_variant_and_its_paired_gain(tmp_p
     from simulations.side_vectors import run
 
     config = tmp_path / "tiny.toml"
-    config.write_text("[synthetic]\nusers = 120\nitems = 60\n\n[train]\nepochs = 1\n")
+    config.write_text("[synthetic]\nusers = 120\nitems = 60\ntitles = false\n\n[train]\nepochs = 1\n")
     report = run(config, tmp_path / "out", [0], ["none", "both"])
     assert "| none | 1 |" in report and "| both | 1 |" in report and "cart" in report
     gains = json.loads((tmp_path / "out" / "gains.json").read_text())

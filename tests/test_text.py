@@ -4,7 +4,6 @@ history → text-similarity ranking of `fedaug baseline --model text`."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from common.loaders import load
 from common.text_prior import TextPrior
 from tests.support import fedaug, finish, tiny_encoder, write_amazon_set
 
-pytest.importorskip("sentence_transformers", reason="the text prior needs the text extra: pip install '.[text]'")
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> Path:
@@ -101,8 +99,6 @@ def test_baseline_text_without_item_texts_fails_in_one_line(tmp_path):
     assert "error: data.texts: the data set has no item texts" in output and not out.exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("all_minilm_l6_v2") is None,
-                    reason="the packaged encoder is not installed (pip install '.[text]')")
 def test_the_packaged_encoder_knows_what_is_alike(tmp_path):
     texts = ["", "Red nail polish, glossy lacquer", "Crimson nail lacquer", "Beard oil for men"]
     vectors = text.item_vectors(texts, cache_dir=tmp_path, progress=False)
