@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers.optimizer import _generate_noise
 
 from common.augment import Augmenter, AugmentSettings, View, random_chains
 from common.batching import Contrastive, UserSamples
@@ -56,8 +57,10 @@ class PrivacySettings:
 @dataclass(frozen=True)
 class LocalSettings:
     local_epochs: int = 1
-    batch_size: int = 256
-    """Expected users per step (Poisson sampling rate = batch_size / users)."""
+    batch_size: int | str = "auto"
+    """Expected users per step (Poisson sampling rate = batch_size / users); "auto": ``auto_batch_size``."""
+    max_batch_size: int = 256
+    """The batch "auto" takes where there are users enough for it."""
     lr: float = 1e-3
     seed: int = 0
     micro_batch_tokens: int = DP_MICRO_BATCH_TOKENS
@@ -98,16 +101,19 @@ class LocalTrainer:
         self.privacy, self.local, self.augment = privacy, local, augment
         self.device = device
         self.delta = privacy.delta_for(self.n_users)
+        self.batch_size = (auto_batch_size(self.n_users, local.max_batch_size) if local.batch_size == "auto"
+                           else local.batch_size)
+        """Expected users per step: ``local.batch_size``, or what "auto" makes of it for these users."""
         if privacy.private:
             check_delta(self.delta, self.n_users)
-            _warn_on_sampling(self.sample_rate, self.n_users, local.batch_size)
+            _warn_on_sampling(self.sample_rate, self.n_users, self.batch_size)
         self.ledger = PrivacyLedger(ledger) if isinstance(ledger, Path) else ledger
         self._noise: dict[str, float] = {}
         self._augmenter_cache: tuple[int, Augmenter] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(self.n_users / self.local.batch_size))
+        return max(1, math.ceil(self.n_users / self.batch_size))
 
     @property
     def sample_rate(self) -> float:
@@ -212,8 +218,8 @@ class LocalTrainer:
         total, steps = 0.0, 0
         for _ in range(self.local.local_epochs):
             order = rng.permutation(len(samples))
-            for start in range(0, len(order), self.local.batch_size):
-                total += train_step(model, optimizer, samples, order[start : start + self.local.batch_size],
+            for start in range(0, len(order), self.batch_size):
+                total += train_step(model, optimizer, samples, order[start : start + self.batch_size],
                                     self.device)
                 steps += 1
                 if after_step:
@@ -225,7 +231,7 @@ class LocalTrainer:
     def _train_private(self, model: SASRec, samples: UserSamples, noise: float, rng: np.random.Generator,
                        on_step, after_step) -> tuple[float, int]:
         step = PrivateStep(model, torch.optim.Adam(model.parameters(), lr=self.local.lr), len(samples),
-                           self.local.batch_size, noise, self.privacy.max_grad_norm, self.privacy.grad_sample_mode,
+                           self.batch_size, noise, self.privacy.max_grad_norm, self.privacy.grad_sample_mode,
                            self.local.micro_batch_tokens)
         total, steps = 0.0, 0
         try:
@@ -242,6 +248,16 @@ class LocalTrainer:
 
 
 SAMPLE_RATE_WARNING = 0.5
+AUTO_BATCH_STEPS = 3
+"""batch_size "auto" keeps at least this many Poisson steps per epoch: a sampling rate of 1/3 at most, under
+SAMPLE_RATE_WARNING, however few users a merchant has."""
+
+
+def auto_batch_size(n_users: int, max_batch_size: int) -> int:
+    """batch_size "auto": ``max_batch_size``, or the largest batch below it that still takes AUTO_BATCH_STEPS steps
+    an epoch over ``n_users`` (so 1,024 stays 1,024 for 2,236 users, and becomes 497 for 996)."""
+    largest = -(-n_users // (AUTO_BATCH_STEPS - 1)) - 1  # the largest b with ceil(n / b) >= AUTO_BATCH_STEPS
+    return max(1, min(max_batch_size, largest))
 
 
 def trainable_users(sequences: list[np.ndarray]) -> int:
@@ -277,7 +293,7 @@ def build_trainer(recipe: Recipe, train_sequences: list[np.ndarray], n_items: in
                               max_grad_norm=recipe.privacy.max_grad_norm,
                               grad_sample_mode=recipe.privacy.grad_sample_mode, planned_rounds=rounds)
     local = LocalSettings(local_epochs=recipe.local.local_epochs, batch_size=recipe.local.batch_size,
-                          lr=recipe.local.lr, seed=seed)
+                          max_batch_size=recipe.local.max_batch_size, lr=recipe.local.lr, seed=seed)
     augment = AugmentSettings(**recipe.augment.model_dump()) if recipe.augment.active else None
     return LocalTrainer(train_sequences, n_items, privacy, local, augment, state_dir if privacy.private else None,
                         device, features=features)
@@ -323,10 +339,6 @@ class PrivateStep:
         # Hooks see the gradients of the summed loss, which are already per user (no [users, T, 12k] rescaled
         # copy); the optimizer still averages the noised sum over the expected batch size.
         self.optimizer.loss_reduction = "mean"
-        # The noise comes from fresh OS entropy, never from the run's seed (which seeds sampling and dropout and
-        # may be known): whoever can replay a seeded noise can subtract it from the released update.
-        device = next(model.parameters()).device
-        self.optimizer.generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         self.per_user_loss = PerUserCrossEntropy(reduction="none", label_smoothing=model.cfg.label_smoothing)
         self.mode = mode
         self.token_budget = token_budget
@@ -400,14 +412,19 @@ class PrivateStep:
     def _noise_only_step(self) -> None:
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
-        for p in opt.params:
-            noise = torch.normal(0.0, opt.noise_multiplier * opt.max_grad_norm, p.shape, device=p.device,
-                                 generator=opt.generator)
+        for p in opt.params:  # the very draw Opacus makes for a step (generator and sampling as privatize set them)
+            noise = _generate_noise(opt.noise_multiplier * opt.max_grad_norm, p, opt.generator, opt.secure_mode)
             p.grad = noise / opt.expected_batch_size
         opt.original_optimizer.step()
 
     def close(self) -> None:
         self.module._close()  # remove Opacus' hooks so the caller's model is a plain module again
+
+
+NOISE_SOURCE = ("DP noise: torch's generator, seeded from OS entropy (Python's secrets) for every training round, "
+                "never from the run's seed, with Opacus' floating-point-safe Gaussian sampling; not a cryptographic "
+                "generator (Opacus' secure_mode needs torchcsprng, which has no build for this torch)")
+"""Where the noise comes from, as the merchant daemon states it once at start."""
 
 
 def privatize(model: SASRec, optimizer: torch.optim.Optimizer, loader, noise_multiplier: float,
@@ -416,18 +433,33 @@ def privatize(model: SASRec, optimizer: torch.optim.Optimizer, loader, noise_mul
     """Opacus' make_private with one return shape for both modes: (module, optimizer, criterion, loader).
 
     Ghost mode returns a wrapped criterion whose ``backward`` runs the two ghost-clipping passes; hooks mode uses
-    the plain per-user criterion. Our ledger, not this engine's accountant, is the accountant of record.
+    the plain per-user criterion. Our ledger, not this engine's accountant, is the accountant of record. The
+    optimizer draws its noise as NOISE_SOURCE says.
     """
     if mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}")
-    engine = PrivacyEngine(accountant="rdp")
     criterion = PerUserCrossEntropy(reduction=loss_reduction, label_smoothing=label_smoothing)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        # Opacus' note asks for secure_mode, which takes its generator from torchcsprng (no build for this torch);
+        # its other half, floating-point-safe sampling, is switched on below with a generator of our own.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant="rdp")
         wrapped = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, grad_sample_mode=mode,
             poisson_sampling=poisson, loss_reduction=loss_reduction)
+    dp_optimizer = wrapped[1]
+    # The noise comes from fresh OS entropy, never from the run's seed (which seeds sampling and dropout and may be
+    # known): whoever can replay a seeded noise can subtract it from the released update. secure_mode on the
+    # optimizer alone draws every noise tensor as Opacus' secure mode does (2n Gaussians, arXiv:2107.10138).
+    device = next(model.parameters()).device
+    dp_optimizer.generator = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    dp_optimizer.secure_mode = True
+    # Opacus' per-user gradient hooks are full backward hooks on every trainable layer, the embedding tables among
+    # them; their inputs are item ids, so torch notes on every backward that the hook sees outputs only. That is
+    # all Opacus reads (capture_backprops_hook takes the output gradient and the activations its forward hook kept).
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                            "respect to module outputs since no inputs require gradients", category=UserWarning)
     if mode == "ghost":
         return wrapped
     private_model, dp_optimizer, dp_loader = wrapped

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import tomllib
@@ -429,8 +429,11 @@ class LocalSection(Section):
     """[local]: a merchant's training steps within one round."""
 
     local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(256, ge=1)
-    """Expected users per DP step (Poisson sampling rate = batch_size / users)."""
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Expected users per DP step (Poisson sampling rate = batch_size / users). auto: max_batch_size, or fewer so
+    that an epoch still takes 3 steps on this merchant's users (a sampling rate of at most 1/3)."""
+    max_batch_size: int = Field(256, ge=1)
+    """What batch_size auto takes where the merchant has the users for it."""
     lr: float = Field(1e-3, gt=0)
 
 
@@ -649,7 +652,7 @@ FEDERATED_DEFAULTS = {
     # holding a tenth of the users learns with bigger Poisson batches (less noise per step) and a larger step size
     # (simulations/results/README.md: tuning).
     "model": {"tie_embeddings": False, "catalog": "auto", "item_dim": 8},
-    "local": {"batch_size": 1024, "lr": 0.03},
+    "local": {"max_batch_size": 1024, "lr": 0.03},
 }
 NONPRIVATE_FEDERATED_DEFAULTS = {
     # Without DP nothing is noised: the central baseline's model (wide item tables, shared by input and output)

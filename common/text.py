@@ -125,12 +125,14 @@ def _encode(directory: Path, texts: list[str], *, device, batch_size: int, progr
     model = SentenceTransformer(str(directory), device=str(device), local_files_only=True)
     present = [i for i, text in enumerate(texts) if i > 0 and text.strip()]
     out = np.zeros((len(texts), model.get_embedding_dimension()), dtype=np.float32)
-    with Progress(disable=not progress, transient=True) as bar:
+    bar = Progress(transient=True)
+    bar.disable = not (progress and bar.console.is_terminal)  # a bar in a log is only noise
+    with bar:
         task = bar.add_task("embedding item texts", total=len(present))
         for start in range(0, len(present), batch_size):
             rows = present[start : start + batch_size]
-            out[rows] = model.encode([texts[i] for i in rows], batch_size=batch_size,
-                                                     normalize_embeddings=True, convert_to_numpy=True)
+            out[rows] = model.encode([texts[i] for i in rows], batch_size=batch_size, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=False)  # no "Batches" bar: ours
             bar.advance(task, len(rows))
     return out
 

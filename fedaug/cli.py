@@ -45,20 +45,9 @@ FLAGS = {
     "simulation.client_cpus": "--client-cpus",
 }
 
-QUIET_WARNINGS = (
-    # Opacus' ghost clipping backward passes and its non-secure RNG note: known, harmless, and not the user's to fix.
-    "Full backward hook is firing",
-    "Secure RNG turned off",
-    # Ray's notice about a future default for GPU-less actors: nothing a user of fedaug decides.
-    "Ray will no longer override accelerator visible devices",
-)
-
-
 def main() -> None:
     single_malloc_arena()
-    tame_flower_logging()
-    for message in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=f".*{message}.*")
+    tame_flower_logging()  # also Ray's tip; Opacus' notes are settled where Opacus is set up (client.trainer)
     warnings.formatwarning = _warning_line
     try:
         code = app(standalone_mode=False)  # click returns (not raises) the code of a typer.Exit here

@@ -76,13 +76,14 @@ def test_sections_a_role_does_not_use_are_refused(tmp_path, text, key):
 def test_role_defaults():
     assert BaselineConfig().model.tie_embeddings  # non-private: tied tables
     merchant = MerchantRunConfig()
-    assert not merchant.model.tie_embeddings and merchant.local.batch_size == 256 and merchant.local.rounds == 1
+    assert not merchant.model.tie_embeddings and merchant.local.max_batch_size == 256 and merchant.local.rounds == 1
     federation = FederationConfig()
     assert federation.model.item_dim == 8 and federation.model.catalog == "auto"
-    assert federation.local.batch_size == 1024 and federation.local.lr == 0.03
+    assert federation.local.batch_size == "auto" and federation.local.max_batch_size == 1024
+    assert federation.local.lr == 0.03
     # a role default yields to what the user gives, key by key
     given = load_config(None, {"local.lr": 0.1}, FederationConfig)
-    assert given.local.lr == 0.1 and given.local.batch_size == 1024
+    assert given.local.lr == 0.1 and given.local.max_batch_size == 1024
 
 
 def test_a_nonprivate_federation_gets_the_central_recipe_and_a_sweep_switches_regimes():
@@ -99,7 +100,7 @@ def test_a_nonprivate_federation_gets_the_central_recipe_and_a_sweep_switches_re
     assert switched.model.tie_embeddings and switched.local.batch_size == nonprivate.local.batch_size
     assert switched.local.lr == 0.05 and switched.model.hidden == 32  # the user's own values travel
     back = switched.changed(privacy={"epsilon": 8.0})
-    assert back.model.item_dim == 8 and back.local.batch_size == 1024 and back.local.lr == 0.05
+    assert back.model.item_dim == 8 and back.local.max_batch_size == 1024 and back.local.lr == 0.05
 
 
 def test_flower_run_config_round_trips_with_the_same_names():
