@@ -29,6 +29,14 @@ def merchant_name(node: int | str | None, partition_id: int | float | None = Non
     return f"node {node}"
 
 
+def federation_name(run_key: str, flower_runs: list[int] | tuple[int, ...] = ()) -> str:
+    """How output names a federation: its own key (what merchants' ledgers record its rounds under), with the
+    Flower run ids it ran under (what `flwr ls` and Flower's logs show; a resumed federation has several)."""
+    runs = ", ".join(str(r) for r in flower_runs)
+    flower = f" (Flower run{'s' if len(flower_runs) > 1 else ''} {runs})" if flower_runs else ""
+    return f"federation {run_key[:12]}…{flower}" if len(run_key) > 12 else f"federation {run_key}{flower}"
+
+
 WITHHELD = "withheld"
 """Set (1) in a merchant's evaluation reply whose metrics it keeps to itself: computed on a private merchant's
 users, they lie outside its accounted ε (client/client_app.py sends it, server/replies.py honours it)."""
@@ -145,6 +153,9 @@ class MerchantRecord:
     node: str | None = None
     name: str | None = None
     """As logs and status name it (merchant_name)."""
+    epsilon_releases: dict[str, float] = field(default_factory=dict)
+    """The merchant's ε after each release before round 1, in ledger order ("selection": the DP evaluation's
+    reservation, "statistics"), where its ledger is at hand (simulations, a merchant alone)."""
 
     @property
     def label(self) -> str:
@@ -218,6 +229,8 @@ class RunMetrics:
     """Test metrics over the users whose target item had fewer than COLD_BELOW training interactions."""
     baselines_cold: dict[str, Metrics] = field(default_factory=dict)
     """The same for the baselines (popularity, text prior)."""
+    baselines_valid: dict[str, Metrics] = field(default_factory=dict)
+    """The baselines' validation metrics (the references of the per-round validation plot)."""
     cold_users: int | None = None
     test_by_type: dict[str, dict] | None = None
     """Test metrics (and ``users``) by the type of each user's test event, for data with several event types."""
@@ -234,11 +247,38 @@ class RunMetrics:
     """What the model handed out is made of, in one phrase (common.composite.product_kind)."""
     parts: dict | None = None
     """Its bundle card's parts: each part, its weight and settings."""
+    flower_runs: list[int] = field(default_factory=list)
+    """Federations: the Flower run ids the federation (``run_key``) ran under, one per start (a resume is a new
+    Flower run)."""
 
     def to_json(self) -> dict:
         values = asdict(self)
         values["rounds"] = [r.to_json() for r in self.rounds]
         return _json_safe(values)
+
+    @classmethod
+    def from_json(cls, values: dict) -> RunMetrics:
+        """A metrics.json read back (keys this fedaug does not know are left out; "inf" is infinity again)."""
+
+        def known(kind, record: dict) -> dict:
+            names = {f.name for f in fields(kind)}
+            return {k: v for k, v in record.items() if k in names}
+
+        def number(value):
+            return math.inf if value == "inf" else value
+
+        out = known(cls, values)
+        if out.get("privacy"):
+            privacy = known(PrivacyRecord, out["privacy"])
+            out["privacy"] = PrivacyRecord(**privacy | {k: number(privacy.get(k)) for k in
+                                                        ("epsilon_budget", "epsilon_max", "epsilon_mean")})
+        out["rounds"] = [RoundRecord.from_json(r) for r in out.get("rounds", [])]
+        out["merchants"] = [MerchantRecord(**known(MerchantRecord, m) | {"epsilon": number(m.get("epsilon"))})
+                            for m in out.get("merchants", [])]
+        if out.get("fusion"):
+            fusion = known(FusionRecord, out["fusion"])
+            out["fusion"] = FusionRecord(**fusion | {"weight": float(fusion["weight"])})
+        return cls(**out)
 
 
 def _json_safe(value):
@@ -307,6 +347,8 @@ class FederationStatus:
     selection_valid_ndcg10: float | None = None
     """The validation NDCG@10 of the model handed out as the merchants' federated DP evaluation released it (a
     noised estimate; None: no evaluation ran)."""
+    flower_runs: list[int] = field(default_factory=list)
+    """The Flower run ids this federation ran under (``run_key`` is the federation's own key)."""
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,8 @@ class ServerState:
     """The federation ended before its last round: every merchant declined for its privacy budget."""
     selection: dict | None = None
     """The federated DP evaluation's choice of the trained model's weight (server.selection), once made."""
+    flower_runs: list[int] = field(default_factory=list)
+    """The Flower run ids this federation ran under, one per start of the ServerApp that ran rounds."""
 
     def finished(self, rounds: int) -> bool:
         """Nothing is left to run: the last of ``rounds`` is done, or every merchant's budget is spent."""
@@ -65,7 +67,7 @@ def save(state_dir: Path, state: ServerState) -> None:
     meta = {"run_key": state.run_key, "strategy": state.strategy, "round": state.round,
             "accountant": state.accountant, "history": [h.to_json() for h in state.history],
             "merchants": state.merchants, "best_round": state.best_round, "best_test": state.best_test,
-            "budgets_spent": state.budgets_spent, "selection": state.selection,
+            "budgets_spent": state.budgets_spent, "selection": state.selection, "flower_runs": state.flower_runs,
             "statistics": None if state.statistics is None else {
                 "popularity_std": state.statistics.fit.popularity_std, "pair_std": state.statistics.fit.pair_std,
                 "merchants": state.statistics_merchants, "epsilon": state.statistics_epsilon},
@@ -105,7 +107,8 @@ def load(state_dir: Path) -> ServerState | None:
                        best_test=meta.get("best_test"), statistics=statistics,
                        statistics_merchants=int((meta.get("statistics") or {}).get("merchants", 0)),
                        statistics_epsilon=(meta.get("statistics") or {}).get("epsilon"),
-                       budgets_spent=bool(meta.get("budgets_spent", False)), selection=meta.get("selection"))
+                       budgets_spent=bool(meta.get("budgets_spent", False)), selection=meta.get("selection"),
+                       flower_runs=[int(r) for r in meta.get("flower_runs", [])])
 
 
 def _statistics(stored, stats: dict) -> Statistics:
@@ -158,7 +161,7 @@ def federation_status(state_dir: Path) -> FederationStatus | None:
         merchants=dict(sorted((figures.get("name") or merchant_name(node, figures.get("partition-id")),
                                figures.get("epsilon"))
                               for node, figures in state.merchants.items())), model=model, product=product,
-        selection_valid_ndcg10=handed_out_estimate(state.selection))
+        selection_valid_ndcg10=handed_out_estimate(state.selection), flower_runs=state.flower_runs)
 
 
 def handed_out_estimate(selection: dict | None) -> float | None:

@@ -48,19 +48,22 @@ class RoundFailed(FedaugError):
 def run_federation(grid: Grid, settings: FederationSection, initial: dict[str, np.ndarray],
                    evaluator: Evaluator | None = None, on_round: Callable[[RoundRecord], None] | None = None,
                    node_wait_seconds: float = 600.0, neighbours: np.ndarray | None = None,
-                   merchant_work: WorkReader | None = None) -> ServerState:
+                   merchant_work: WorkReader | None = None, flower_run: int | None = None) -> ServerState:
     """Run (or resume) the federation; ``neighbours``: the public candidate table when the merchants are to
     release DP collaborative statistics before round 1 (server.statistics); ``merchant_work``: where a
-    simulation reads its merchants' own time per round (recorded beside the engine's)."""
+    simulation reads its merchants' own time per round (recorded beside the engine's); ``flower_run``: the Flower
+    run this start is (kept in the checkpoint beside the federation's own key)."""
     state_dir = settings.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     with checkpoint.exclusive(state_dir):
-        return _federate(grid, settings, initial, evaluator, on_round, node_wait_seconds, neighbours, merchant_work)
+        return _federate(grid, settings, initial, evaluator, on_round, node_wait_seconds, neighbours, merchant_work,
+                         flower_run)
 
 
 def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.ndarray], evaluator: Evaluator | None,
               on_round: Callable[[RoundRecord], None] | None, node_wait_seconds: float,
-              neighbours: np.ndarray | None, merchant_work: WorkReader | None) -> ServerState:
+              neighbours: np.ndarray | None, merchant_work: WorkReader | None, flower_run: int | None
+              ) -> ServerState:
     state_dir = settings.state_dir
     n_nodes = _wait_for_nodes(grid, settings.min_nodes, node_wait_seconds)
     strategy = build_strategy(settings, n_nodes)
@@ -69,6 +72,8 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
         log(INFO, "fedaug: the federation in %s is finished (round %d%s); nothing to do", state_dir, state.round,
             ", every merchant's budget spent" if state.budgets_spent else "")
         return state
+    if flower_run is not None and flower_run not in state.flower_runs:
+        state.flower_runs.append(flower_run)
     if neighbours is not None and state.statistics is None and state.round == 0:
         state.statistics, state.statistics_merchants, state.statistics_epsilon = collect_statistics(
             grid, settings, neighbours, state.run_key)

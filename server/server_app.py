@@ -56,7 +56,8 @@ def server_app(schema: type[FederationConfig] = FederationConfig,
         neighbours = statistics_candidates(config, data, prior)
         evaluator = central_evaluation(config, data, model) if central_evaluation and not deployed else None
         state = run_federation(grid, config.federation, initial, evaluator, neighbours=neighbours,
-                               merchant_work=merchant_work(config) if merchant_work and not deployed else None)
+                               merchant_work=merchant_work(config) if merchant_work and not deployed else None,
+                               flower_run=context.run_id)
         if state.finished(config.federation.rounds):  # every merchant gets the final model
             settings = config.federation
             if (prior is not None and state.statistics is not None and settings.selection == "evaluated"

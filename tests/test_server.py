@@ -319,6 +319,21 @@ def test_resume_continues_after_the_last_checkpointed_round_with_strategy_state(
     assert len(grid.sent) == 9
 
 
+def test_a_federation_keeps_its_own_key_and_every_flower_run_it_ran_under(tmp_path):
+    """One federation, two ids: its key (merchants' ledgers) and Flower's run id, one per start; output names both."""
+    from common.records import federation_name
+
+    grid = ScriptedGrid({1: "ok", 2: "ok", 3: "ok"})
+    first = run_federation(grid, _settings(tmp_path, rounds=1), MODEL, flower_run=1111)
+    resumed = run_federation(grid, _settings(tmp_path, rounds=2), MODEL, flower_run=2222)
+    assert resumed.run_key == first.run_key and resumed.flower_runs == [1111, 2222]
+    status = checkpoint.federation_status(tmp_path / "state")
+    assert status.run_key == first.run_key and status.flower_runs == [1111, 2222]
+    assert federation_name(status.run_key, status.flower_runs) == (f"federation {first.run_key[:12]}… "
+                                                                   "(Flower runs 1111, 2222)")
+    assert federation_name("run-a", [7]) == "federation run-a (Flower run 7)"
+
+
 def test_a_checkpoint_of_another_run_is_refused(tmp_path):
     run_federation(ScriptedGrid({1: "ok"}), _settings(tmp_path, rounds=1), MODEL)
     with pytest.raises(ConfigError, match="fedavg run, this run is fedmedian"):
