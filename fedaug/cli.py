@@ -146,8 +146,8 @@ def baseline(
             if metrics.test_cold else "")
     console.print(
         f"{cfg.model.kind}{' + text prior' if fusion else ''}: test NDCG@10 {test['ndcg@10']:.4f}  "
-        f"HR@10 {test['hr@10']:.4f}  AUC {test['auc']:.4f}  {cold}({metrics.epochs} epochs, "
-        f"{metrics.seconds:.0f} s) -> {out / 'metrics.json'}"
+        f"HR@10 {test['hr@10']:.4f}  AUC {test['auc']:.4f}  {cold}("
+        f"{f'{metrics.epochs} epochs, ' if metrics.epochs else ''}{metrics.seconds:.0f} s) -> {out / 'metrics.json'}"
     )
     if metrics.test_by_type:
         console.print("by the test event's type: " + "  ".join(
@@ -164,7 +164,7 @@ def status(
     import json
 
     from client.ledger import LEDGER_FILE, ledger_status
-    from common.records import StatusReport
+    from common.records import StatusReport, federation_name
     from server.checkpoint import CHECKPOINT, federation_status
 
     if not state_dir.is_dir():
@@ -184,7 +184,8 @@ def status(
 
     out = Console()
     for fed in report.federations:
-        table = Table(title=f"federation {fed.run_key} ({fed.state_dir})", show_header=False, title_justify="left")
+        table = Table(title=f"{federation_name(fed.run_key, fed.flower_runs)} ({fed.state_dir})", show_header=False,
+                      title_justify="left")
         table.add_row("last round", f"{fed.round}" + (f" (best validation: round {fed.best_round})"
                                                         if fed.best_round else ""))
         table.add_row("validation NDCG@10", "— (private merchants keep it)" if fed.valid_ndcg10 is None
@@ -292,7 +293,8 @@ def _print_data_report(report) -> None:
 
 @app.command()
 def local(
-    out: Path = typer.Option(..., "--out", help="Directory for metrics.json (and the ledger, unless --state-dir)."),
+    out: Path = typer.Option(..., "--out", help="Directory for metrics.json, report.md, plots, the model bundle "
+                             "(and the ledger, unless --state-dir)."),
     config: Path | None = typer.Option(None, "--config", help="TOML: data, model, augment, privacy, local."),
     data: Path | None = typer.Option(None, "--data", help="This merchant's behaviour data; default: synthetic."),
     fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
@@ -314,7 +316,8 @@ def local(
     seed: int | None = typer.Option(None, "--seed"),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
-    """Train one merchant alone with the client's own DP trainer and write DIR/metrics.json."""
+    """Train one merchant alone with the client's own DP trainer; DIR/report.md sets it beside the public text prior
+    and popularity."""
     from common.config import MerchantRunConfig, load_config
 
     cfg = load_config(config, {
@@ -344,24 +347,31 @@ def local(
 
         metrics = run_local(cfg, out, state_dir or out / "state", on_round=on_round, on_step=on_step,
                             new_budget=new_budget)
+    _print_result(metrics, out, "local")
+
+
+def _print_result(metrics, out: Path, label: str) -> None:
+    """A finished run in three lines: its test figures, what needs no training beside them on the same users,
+    and what the model handed out is — saying plainly where its trained parts add nothing — with the ε spent."""
+    from server.summary import attribute
+
     test, privacy = metrics.test, metrics.privacy
-    console.print(
-        f"local: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  ε {privacy.epsilon_max:.3f}  "
-        f"δ {privacy.delta:.2e}  ({metrics.seconds:.0f} s) -> {out / 'metrics.json'}")
-    _print_baselines(metrics)
-
-
-def _print_baselines(metrics) -> None:
-    """What the model handed out is made of and how it compares with the public prior (honest about a model that
-    adds nothing)."""
-    if metrics.product:
-        console.print(f"the model: {metrics.product}; chosen by {metrics.selection}")
-    if "text prior" in metrics.baselines:
-        gain = (metrics.gain_over_text or {}).get("final", {}).get("gain_over_text_prior")
-        console.print(f"text prior: test NDCG@10 {metrics.baselines['text prior']['ndcg@10']:.4f}  popularity "
-                      f"{metrics.baselines['popularity']['ndcg@10']:.4f}"
-                      + (f"  gain over the prior {gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
-                         if gain else ""))
+    delta = privacy.delta if privacy and isinstance(privacy.delta, float) else None
+    console.print(f"{label}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}"
+                  + (f"  δ {delta:.2g}" if delta is not None else "")
+                  + f"  ({metrics.seconds:.0f} s) -> {out / 'report.md'}")
+    beside = {name: m["ndcg@10"] for name, m in metrics.baselines.items()}
+    if metrics.fusion is not None:
+        beside["the trained model alone"] = metrics.fusion.model_test["ndcg@10"]
+    gain = ((metrics.gain_over_text or {}).get("final") or {}).get("gain_over_text_prior")
+    console.print("  beside it, test NDCG@10 on the same users: "
+                  + "  ".join(f"{name} {value:.4f}" for name, value in beside.items())
+                  + (f"  (gain over the text prior {gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}])"
+                     if gain else ""))
+    if metrics.best_test and metrics.selection != "private":
+        console.print(f"  best-validation round {metrics.best_round}: test NDCG@10 "
+                      f"{metrics.best_test['ndcg@10']:.4f}")
+    console.print(attribute(metrics).line(), markup=False, highlight=False)
 
 
 @app.command()
@@ -413,8 +423,15 @@ def simulate(
     }, SimulationConfig, flags=FLAGS)
     baselines = dict(_read_baseline(path) for path in baseline)
     _check_out_dir(out)
-    from simulations.simulate import run_simulate  # after validation: a bad flag fails fast
+    from simulations.simulate import finished_run, run_simulate  # after validation: a bad flag fails fast
 
+    done = finished_run(cfg, out)
+    if done is not None:
+        console.print(f"{out} holds this run, finished (its metrics.json has these very settings): not run again. "
+                      f"Its result (report: {out / 'report.md'}; for a fresh run, give another --out):",
+                      markup=False, highlight=False)
+        _print_result(done, out, done.mode)
+        return
     with _progress() as progress:
         unit = "merchants" if cfg.simulation.mode == "local" else "rounds"
         task = progress.add_task(f"{cfg.simulation.mode}: {unit}", total=None)
@@ -427,17 +444,7 @@ def simulate(
                                        + (f"  ({record.seconds:.0f} s)" if record.seconds else ""))
 
         metrics = run_simulate(cfg, out, on_round=on_round, baselines=baselines, verbose=verbose)
-    test, epsilon = metrics.test, metrics.privacy.epsilon_max
-    console.print(
-        f"{metrics.mode}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}  "
-        f"max ε {'—' if epsilon is None else f'{epsilon:.3f}'}  "
-        f"popularity NDCG@10 {metrics.baselines['popularity']['ndcg@10']:.4f}"
-        + (f"  text prior NDCG@10 {metrics.baselines['text prior']['ndcg@10']:.4f}"
-           if "text prior" in metrics.baselines else "")
-        + (f"  best-validation round {metrics.best_round}: test NDCG@10 {metrics.best_test['ndcg@10']:.4f}"
-           if metrics.best_test and metrics.selection != "private" else "")
-        + f"  ({metrics.seconds:.0f} s) -> {out / 'report.md'}")
-    _print_baselines(metrics)
+    _print_result(metrics, out, metrics.mode)
 
 
 @app.command()
@@ -797,17 +804,17 @@ def aggregator(
         metrics = Aggregator(cfg, on_round, say=_plain(progress.console)).run()
     test = (f"test NDCG@10 {metrics.test['ndcg@10']:.4f}  HR@10 {metrics.test['hr@10']:.4f}" if metrics.test
             else "test metrics withheld (private merchants)")
-    console.print(f"federation done: {len(metrics.rounds)} rounds, {test} -> {cfg.aggregator.state_dir / 'report.md'}")
-    evaluation = (metrics.parts or {}).get("model", {}).get("evaluation")
-    if evaluation and evaluation.get("candidates"):
-        from server.checkpoint import handed_out_estimate
+    from common.records import federation_name
+    from server.checkpoint import handed_out_estimate
+    from server.summary import attribute
 
-        estimate = handed_out_estimate(evaluation)
-        console.print(f"the model handed out: trained model weight {evaluation['weight']}"
-                      + (" (it adds nothing measured: the text prior with the DP statistics)"
-                         if evaluation["weight"] == float("inf") else "")
-                      + (f"; validation NDCG@10 {estimate:.4f} (federated DP estimate)" if estimate is not None
-                         else ""))
+    console.print(f"{federation_name(metrics.run_key, metrics.flower_runs)} done: {len(metrics.rounds)} rounds, "
+                  f"{test} -> {cfg.aggregator.state_dir / 'report.md'}", markup=False, highlight=False)
+    estimate = handed_out_estimate((metrics.parts or {}).get("model", {}).get("evaluation"))
+    console.print(attribute(metrics).line()
+                  + (f"; its validation NDCG@10 {estimate:.4f} (federated DP estimate)" if estimate is not None
+                     else ""),
+                  markup=False, highlight=False)
     for name, node in sorted(metrics.merchant_keys.items()):
         eps = next((m.epsilon for m in metrics.merchants if str(m.node) == node), None)
         console.print(f"  {name}: node {node}, ε spent {'—' if eps is None else f'{eps:.3f}'}")

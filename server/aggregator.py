@@ -39,14 +39,15 @@ from common.config import (
     to_run_config,
 )
 from common.errors import ConfigError, FedaugError
-from common.records import OnRound, RunMetrics, write_metrics
+from common.records import OnRound, RunMetrics, federation_name, write_metrics
 from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
 from deploy.fleet_proxy import start_fleet_proxy
 from deploy.processes import HostPort, flower_command, last_line, split_address, start, stop, wait_until
 
 from . import checkpoint
+from .distribute import MODEL_DIR
 from .monitor import RoundWatcher
-from .summary import federation_summary, render_deployment_report
+from .summary import federation_summary, read_handed_out, render_deployment_report
 
 CONNECTION = "fedaug"
 """Name of the Flower CLI connection to our SuperLink (in ``state_dir/flwr/config.toml``)."""
@@ -164,10 +165,11 @@ class Aggregator:
             self._register_merchants()
             state = checkpoint.load(self.server_dir)
             if state is not None and state.finished(rounds):
-                self.say(f"The checkpoint in {self.server_dir} holds a finished federation (round {state.round}"
+                self.say(f"The checkpoint in {self.server_dir} holds a finished "
+                         f"{federation_name(state.run_key, state.flower_runs)} (round {state.round}"
                          f"{', every merchant budget spent' if state.budgets_spent else ''}).")
             else:
-                self._run_federation(rounds)
+                self._run_federation(rounds, state)
         finally:
             stop(self.proxy)
             stop(self.superlink)
@@ -182,11 +184,13 @@ class Aggregator:
                                      seconds=round(time.monotonic() - started, 2), data={})
         metrics.config = self.config.model_dump(mode="json")
         metrics.merchant_keys = self._registered()
+        if (self.server_dir / MODEL_DIR / "card.json").is_file():  # what every merchant received
+            read_handed_out(metrics, self.server_dir / MODEL_DIR)
         write_metrics(self.state_dir, metrics)
         write_bytes_atomic(self.state_dir / "report.md", render_deployment_report(metrics).encode())
         return metrics
 
-    def _run_federation(self, rounds: int) -> None:
+    def _run_federation(self, rounds: int, resumed: checkpoint.ServerState | None) -> None:
         federation = federation_config(self.config)
         federation = federation.model_copy(update={
             "federation": federation.federation.model_copy(update={
@@ -198,7 +202,10 @@ class Aggregator:
         write_bytes_atomic(config_file, tomli_w.dumps(run_config).encode())
         reply = self._flwr("run", str(self.app), CONNECTION, "--run-config", str(config_file))
         run_id = str(reply["run-id"])
-        self.say(f"Submitted run {run_id} ({rounds} rounds) to the SuperLink at {self.config.aggregator.address}.")
+        which = ("a new federation (its key is made when the ServerApp starts)" if resumed is None else
+                 f"{federation_name(resumed.run_key, resumed.flower_runs)}, resuming after round {resumed.round}")
+        self.say(f"Submitted run {run_id} (Flower's run id) for {which}: {rounds} rounds, merchants connect to "
+                 f"{self.config.aggregator.address}.")
         watcher = RoundWatcher(self.server_dir, rounds, self.on_round)
         watcher.start()
         try:
@@ -206,7 +213,9 @@ class Aggregator:
         finally:
             watcher.stop()
             self._save_server_log(run_id)
-        self.say(f"Run {run_id}: {status}.")
+        state = checkpoint.load(self.server_dir)
+        self.say(f"{federation_name(state.run_key, state.flower_runs) if state else f'Flower run {run_id}'}: "
+                 f"{status}.")
 
     def _wait_for_run(self, run_id: str) -> str:
         while True:

@@ -7,8 +7,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from client.ledger import ledger_status
 from client.spent import claim
-from client.statistics import release_selection, release_statistics
+from client.statistics import SELECTION, release_selection, release_statistics
 from client.trainer import build_trainer
 from common import selection
 from common.composite import compose, product_kind
@@ -18,14 +19,13 @@ from common.device import pick_device
 from common.dp_counts import text_neighbours
 from common.evaluate import evaluate, sasrec_scorer, tested
 from common.metrics import paired_gain, select
-from common.popularity import Popularity
-from common.records import FusionRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
+from common.records import FusionRecord, MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
 from common.split import leave_one_out
 from common.text_prior import TextPrior
 from common.training import set_seed
 
 from .bundles import MODEL, save_model
-from .report import final_metrics
+from .report import baselines, final_metrics, write_report
 
 STATISTICS = FederationSection()
 """A merchant alone releases its statistics as a federation's merchants do (the [federation] defaults)."""
@@ -95,16 +95,20 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
     metrics = final_metrics(mode, scorer, split, data, config, device,
                             config.local.rounds * config.local.local_epochs, started)
     metrics.selection, metrics.parts, metrics.product = "private", parts, product_kind(scorer)
+    metrics.run_key = run_id
+    # beside it, on the same test users: what the merchant has without training
+    references = baselines(split, prior)
+    metrics.baselines, metrics.baselines_cold = references.test, references.cold
+    metrics.baselines_valid = references.valid
     if prior is not None:
-        prior_test, alone = tested(prior, split), tested(trained, split)
-        metrics.baselines = {"popularity": tested(Popularity(split.train), split).all, "text prior": prior_test.all}
+        alone = tested(trained, split)
         metrics.fusion = FusionRecord(weight=getattr(scorer, "weight", 1.0), tried=[], model_test=alone.all,
                                       model_valid=history[-1].valid if history else None,
                                       model_test_cold=alone.cold)
         ndcg = tested(scorer, split).per_user["ndcg@10"]
         metrics.gain_over_text = {"final": {"round": config.local.rounds, "test_ndcg@10": float(ndcg.mean()),
-                                            "gain_over_text_prior": paired_gain(ndcg,
-                                                                                prior_test.per_user["ndcg@10"])}}
+                                            "gain_over_text_prior": paired_gain(
+                                                ndcg, references.prior.per_user["ndcg@10"])}}
     private = trainer.privacy.private
     spent = trainer.epsilon_spent()
     metrics.privacy = PrivacyRecord(
@@ -114,10 +118,35 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
         grad_sample_mode=config.privacy.grad_sample_mode if private else None)
     metrics.rounds = history
     metrics.augment_views = result.augment_views
+    if private:  # its ε release by release, as a federation's merchants are shown
+        metrics.merchants = [MerchantRecord(
+            merchant=-1, name="the pooled trainer" if mode == "central" else "this merchant", users=data.n_users,
+            epsilon=spent, epsilon_by_round={str(h.round): h.epsilon_max for h in history},
+            epsilon_releases=releases_before_training(state_dir, run_id))]
     if trainer.ledger:
         trainer.ledger.close()
     if out is not None or model_dir is not None:  # first: metrics.json means a finished run
         save_model(model_dir or Path(out) / MODEL, scorer, data, metrics, config, parts=parts)
     if out is not None:
-        write_metrics(out, metrics)
+        write_outputs(metrics, out)
     return metrics
+
+
+def releases_before_training(state_dir: Path, run_key: str | None) -> dict[str, float]:
+    """A merchant's ε after each of run ``run_key``'s releases before DP-SGD (the selection's reservation, the
+    statistics), in ledger order, from its ledger in ``state_dir`` ({} without one)."""
+    status = ledger_status(state_dir) if run_key else None
+    if status is None:
+        return {}
+    return {run.run_id.rsplit("/", 1)[1]: run.epsilon_after for run in status.runs
+            if run.run_id in (f"{run_key}/{SELECTION}", f"{run_key}/statistics")}
+
+
+def write_outputs(metrics: RunMetrics, out: Path) -> None:
+    """A finished run's files: its plots and report.md, then metrics.json, the mark of a finished run."""
+    from .plots import write_plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(metrics, out, write_plots(metrics, out))
+    write_metrics(out, metrics)

@@ -1,5 +1,6 @@
-"""PNG plots of a run's metrics.json: NDCG@10 per round, ε per merchant per round, test NDCG@10 per merchant, and a
-sweep's privacy–utility curve. Written atomically like every other output."""
+"""PNG plots of a run's metrics.json: validation NDCG@10 per round beside the public prior and popularity, ε per
+merchant release by release, test NDCG@10 per merchant of the model handed out, and a sweep's privacy–utility
+curve. Written atomically like every other output."""
 
 from __future__ import annotations
 
@@ -15,57 +16,105 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from common.atomic import write_bytes_atomic  # noqa: E402
 from common.records import MerchantRecord, RunMetrics  # noqa: E402
+from server.summary import attribute  # noqa: E402
 
 
 def write_plots(metrics: RunMetrics, out: Path) -> list[str]:
     """The run's plots in ``out``; returns their file names (for the report)."""
     written = []
-    rounds = [r for r in metrics.rounds if r.valid]
-    if rounds:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([r.round for r in rounds], [r.valid["ndcg@10"] for r in rounds], marker="o",
-                label="global model (all merchants' users)" if metrics.mode == "federated" else metrics.mode)
-        federated = [(r.round, r.federated_valid["ndcg@10"]) for r in rounds if r.federated_valid]
-        if federated:
-            ax.plot(*zip(*federated, strict=True), marker="x", linestyle="--", label="federated evaluation")
-        # (baselines are test figures: they belong in the report's tables, not on a validation axis)
-        ax.set(xlabel="round", ylabel="validation NDCG@10", title="NDCG@10 per round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out / "ndcg_per_round.png"))
-    merchants = metrics.merchants
-    with_epsilon = [m for m in merchants if m.epsilon_by_round]
-    if with_epsilon:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for label, points in epsilon_lines(with_epsilon):
-            ax.plot(*zip(*points, strict=True), marker=".", label=label)
-        budget = metrics.privacy.epsilon_budget if metrics.privacy else None
-        if isinstance(budget, int | float) and math.isfinite(budget):
-            ax.axhline(budget, color="red", linestyle=":", label="budget")
-        ax.set(xlabel="round", ylabel="ε spent", title="ε per merchant per round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=6, ncol=2)
-        written.append(_save(fig, out / "epsilon_per_merchant.png"))
-    tested = [m for m in merchants if m.test]
-    if tested:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar([str(m.merchant) for m in tested], [m.test["ndcg@10"] for m in tested])
-        ax.axhline(metrics.test["ndcg@10"], color="black", linestyle="--", label="all users")
-        ax.set(xlabel="merchant", ylabel="test NDCG@10", title="Test NDCG@10 per merchant")
-        ax.legend(fontsize=8)
-        written.append(_save(fig, out / "merchant_ndcg.png"))
+    for plot in (_ndcg_per_round, _epsilon_per_merchant, _merchant_ndcg):
+        name = plot(metrics, out)
+        if name:
+            written.append(name)
     return written
 
 
-def epsilon_lines(merchants: list[MerchantRecord]) -> list[tuple[str, tuple[tuple[int, float], ...]]]:
-    """(label, [(round, ε)]) per line of the ε plot: merchants whose ε per round is the same share one line (ten
-    identical merchants are one line, "all 10 merchants", not ten on top of each other)."""
+def _ndcg_per_round(metrics: RunMetrics, out: Path) -> str | None:
+    """Validation NDCG@10 per round of the model as composed for validation and of the trained model alone, with
+    what needs no training (the public text prior, popularity: validated on the same users) as reference lines."""
+    rounds = [r for r in metrics.rounds if r.valid]
+    if not rounds:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    composed = any(r.fusion_weight is not None for r in rounds)
+    label = ("the model as composed (prior + statistics + model at its weight)" if composed else
+             "global model (all merchants' users)" if metrics.mode == "federated" else "the trained model")
+    ax.plot([r.round for r in rounds], [r.valid["ndcg@10"] for r in rounds], marker="o", label=label)
+    alone = [(r.round, r.model_valid["ndcg@10"]) for r in rounds if r.model_valid and r.fusion_weight is not None]
+    if alone:
+        ax.plot(*zip(*alone, strict=True), marker="s", label="the trained model alone")
+    federated = [(r.round, r.federated_valid["ndcg@10"]) for r in rounds if r.federated_valid]
+    if federated:
+        ax.plot(*zip(*federated, strict=True), marker="x", linestyle="--", label="federated evaluation")
+    for (name, values), style in zip(metrics.baselines_valid.items(), (":", "-."), strict=False):
+        ax.axhline(values["ndcg@10"], color="grey", linestyle=style, label=f"{name} (no training)")
+    ax.set(xlabel="round", ylabel="validation NDCG@10", title="Validation NDCG@10 per round")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=7)
+    return _save(fig, out / "ndcg_per_round.png")
+
+
+RELEASES = {"selection": "DP evaluation's reservation", "statistics": "DP statistics"}
+"""The releases a merchant's ledger records before DP-SGD, in ledger order (MerchantRecord.epsilon_releases)."""
+
+
+def _epsilon_per_merchant(metrics: RunMetrics, out: Path) -> str | None:
+    """Each merchant's ε after each release, from 0: the releases before training (shaded), then every DP-SGD
+    round; merchants with the same curve share a line."""
+    merchants = [m for m in metrics.merchants if m.epsilon_by_round]
+    if not merchants:
+        return None
+    lines = epsilon_lines(merchants)
+    steps = [k for k in RELEASES if any(k in m.epsilon_releases for m in merchants)]
+    rounds = sorted({r for _, points in lines for r, _ in points if isinstance(r, int)})
+    ticks = ["start", *(RELEASES[k] for k in steps), *(f"round {r}" for r in rounds)]
+    where = {"start": 0} | {k: i + 1 for i, k in enumerate(steps)} | {r: len(steps) + i + 1
+                                                                       for i, r in enumerate(rounds)}
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    if steps:
+        ax.axvspan(0, len(steps), color="tab:orange", alpha=0.12, label="before training (selection, statistics)")
+    ax.axvspan(len(steps), len(ticks) - 1, color="tab:blue", alpha=0.06, label="DP-SGD rounds")
+    for label, points in lines:
+        ax.plot([where[x] for x, _ in points], [e for _, e in points], marker=".", label=label)
+    budget = metrics.privacy.epsilon_budget if metrics.privacy else None
+    if isinstance(budget, int | float) and math.isfinite(budget):
+        ax.axhline(budget, color="red", linestyle=":", label="budget")
+    ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(bottom=0)
+    ax.set(ylabel="ε spent (composed)", title="ε per merchant, release by release")
+    ax.legend(fontsize=6, ncol=2)
+    return _save(fig, out / "epsilon_per_merchant.png")
+
+
+def _merchant_ndcg(metrics: RunMetrics, out: Path) -> str | None:
+    """Each merchant's test NDCG@10 of the model handed out, titled by what that model is."""
+    tested = [m for m in metrics.merchants if m.test]
+    if len(tested) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.bar([m.label for m in tested], [m.test["ndcg@10"] for m in tested])
+    ax.axhline(metrics.test["ndcg@10"], color="black", linestyle="--", label="all users")
+    what = (attribute(metrics).source if metrics.mode == "federated" else
+            "each merchant's own model" if metrics.mode == "local" else metrics.mode)
+    ax.set(xlabel="merchant", ylabel="test NDCG@10", title=f"Test NDCG@10 per merchant: {what}")
+    ax.title.set_fontsize(8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=8)
+    return _save(fig, out / "merchant_ndcg.png")
+
+
+def epsilon_lines(merchants: list[MerchantRecord]) -> list[tuple[str, tuple[tuple[int | str, float], ...]]]:
+    """(label, [(step, ε)]) per line of the ε plot — steps: "start" (ε 0), the releases before training by name,
+    then round numbers —; merchants whose curve is the same share one line (ten identical merchants are one line,
+    "all 10 merchants", not ten on top of each other)."""
     curves: dict[tuple, list[str]] = {}
     for m in merchants:
-        points = tuple(sorted((int(r), round(e, 6)) for r, e in m.epsilon_by_round.items()
+        rounds = tuple(sorted((int(r), round(e, 6)) for r, e in m.epsilon_by_round.items()
                               if isinstance(e, int | float) and math.isfinite(e)))
-        if points:
-            curves.setdefault(points, []).append(m.label)
+        if rounds:
+            before = tuple((k, round(m.epsilon_releases[k], 6)) for k in RELEASES if k in m.epsilon_releases)
+            curves.setdefault((("start", 0.0), *before, *rounds), []).append(m.label)
     return [(who[0] if len(who) == 1 else
              f"{'all ' if len(who) == len(merchants) else ''}{len(who)} merchants", points)
             for points, who in curves.items()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -12,14 +13,16 @@ from common.atomic import write_bytes_atomic
 from common.data import BehaviorData
 from common.evaluate import COLD_BELOW, Scorer, Tested, cold_targets, evaluate, tested
 from common.metrics import METRIC_NAMES, select
+from common.popularity import Popularity
 from common.records import RunMetrics
 from common.split import LeaveOneOut
+from server.summary import DASH, attribute, markdown_table
 
 METRIC_KEYS = METRIC_NAMES
 # ``tested``, ``Tested``, ``cold_targets`` and ``COLD_BELOW`` live in common/evaluate.py (a merchant's check of a
 # received model uses them too, and client/ never imports simulations/); runs import them from here as before.
-__all__ = ["COLD_BELOW", "METRIC_KEYS", "Tested", "cold_targets", "final_metrics", "render_report", "tested",
-           "write_report"]
+__all__ = ["COLD_BELOW", "METRIC_KEYS", "Baselines", "Tested", "baselines", "cold_targets", "final_metrics",
+           "render_report", "tested", "write_report"]
 
 
 def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorData, config: BaseModel, device,
@@ -34,6 +37,27 @@ def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorD
                       model=config.model.describe(data) if hasattr(config, "model") else None)
 
 
+@dataclass
+class Baselines:
+    """What every merchant has without training, on the run's own test (and validation) users: popularity over
+    the training events, and the public text prior where the items have texts."""
+
+    test: dict[str, dict]
+    cold: dict[str, dict | None]
+    valid: dict[str, dict]
+    prior: Tested | None
+    """The text prior's test figures per user (for paired gains), None without one."""
+
+
+def baselines(split: LeaveOneOut, prior: Scorer | None) -> Baselines:
+    """Popularity and (given) the text prior, tested and validated on ``split``."""
+    scorers = {"popularity": Popularity(split.train)} | ({"text prior": prior} if prior is not None else {})
+    test = {name: tested(scorer, split) for name, scorer in scorers.items()}
+    return Baselines(test={name: t.all for name, t in test.items()}, cold={name: t.cold for name, t in test.items()},
+                     valid={name: select(evaluate(scorer, split, "valid")) for name, scorer in scorers.items()},
+                     prior=test.get("text prior"))
+
+
 def write_report(metrics: RunMetrics, out: Path, plots: list[str]) -> None:
     """``out/report.md``: settings, the test table with the baselines, privacy, merchants and rounds."""
     write_bytes_atomic(Path(out) / "report.md", render_report(metrics, plots).encode())
@@ -41,72 +65,93 @@ def write_report(metrics: RunMetrics, out: Path, plots: list[str]) -> None:
 
 def _selection_lines(metrics: RunMetrics) -> list[str]:
     """How the model handed out was chosen and what it is made of (above the test table)."""
+    alone = metrics.mode in ("merchant", "central")
     if metrics.selection == "private":
-        how = ("**private selection**: from public settings and the merchants' accounted releases alone (the "
-               "statistics' cuts from their own noise level); no merchant's held-out data was read to choose "
-               "anything. The model tested is the bundle every merchant received.")
+        how = (f"**private selection**: from public settings and {'its own' if alone else 'the merchants'} "
+               "accounted releases alone (the statistics' cuts from their own noise level); no held-out data was "
+               "read to choose anything outside an accounted release. The model tested is the bundle "
+               + ("this run wrote." if alone else "every merchant received."))
     else:
         how = (f"**{metrics.selection}** — NOT PRIVATE: the prior's weighting, the statistics' weights and cuts, "
                "the model's fusion weight and the round kept were chosen on every merchant's validation users "
                "pooled, data no real aggregator holds, outside any ledger. A research figure.")
-    lines = [f"Selection: {how}", "", f"The model handed out: {metrics.product or '—'}.", ""]
+    lines = [f"Selection: {how}", "", f"What it is made of: {metrics.product or DASH}.", ""]
     parts = metrics.parts or {}
     if "statistics" in parts:
         st = parts["statistics"]
         lines += [f"DP statistics: popularity weight {st['popularity_weight']:g} (cut {st['popularity_cut_std']:g} "
                   f"noise std, {st['items_kept']} items kept), transition weight {st['pair_weight']:g} (cut "
-                  f"{st['pair_cut_std']:g} noise std, {st['pairs_kept']} pairs kept), from "
-                  f"{st.get('merchants', '?')} merchants.", ""]
+                  f"{st['pair_cut_std']:g} noise std, {st['pairs_kept']} pairs kept)"
+                  + (f", from {_count(st['merchants'], 'merchant')}." if st.get("merchants") else "."), ""]
     if "model" in parts and parts["model"].get("note"):
         lines += [f"Trained model: weight {parts['model']['weight']} — {parts['model']['note']}.", ""]
     evaluation = (parts.get("model") or {}).get("evaluation")
     if evaluation and evaluation.get("candidates"):
-        lines += [f"Federated DP evaluation ({evaluation.get('merchants', '?')} merchants, "
+        lines += [f"{'DP evaluation' if alone else 'Federated DP evaluation'} "
+                  f"({_count(evaluation.get('merchants', 0), 'merchant')}, "
                   f"{evaluation['users']:.0f} validation users as released, noise std {evaluation['noise_std']:.1f} "
                   "per summed coordinate): the model's weight beside the prior with the statistics, each "
-                  "candidate's validation gain over none and the low end of its interval.", "",
-                  "| weight | valid NDCG@10 (released) | gain | low |", "|---|---|---|---|"]
-        lines += [f"| {c['weight']:g} | {_fmt(c.get('valid_ndcg@10'))} | {_fmt(c.get('gain'))} | "
-                  f"{_fmt(c.get('low'))} |" for c in evaluation["candidates"]]
+                  "candidate's validation gain over none and the low end of its interval.", ""]
+        lines += markdown_table(["weight", "valid NDCG@10 (released)", "gain", "low"],
+                                [[f"{c['weight']:g}", _fmt(c.get("valid_ndcg@10")), _fmt(c.get("gain")),
+                                  _fmt(c.get("low"))] for c in evaluation["candidates"]])
         lines.append("")
     return lines
 
 
+def _settings(metrics: RunMetrics) -> list[list[str]]:
+    """The settings table's rows: those that apply to the run."""
+    cfg, priv = metrics.config, metrics.privacy
+    fed, sim = cfg.get("federation"), cfg.get("simulation")
+    rounds = fed["rounds"] if fed else cfg["local"].get("rounds")
+    rows = [["data", f"{cfg['data']['path'] or 'embedded synthetic'} ({metrics.data['users']} users, "
+                     f"{metrics.data['items']} items)"]]
+    if sim:
+        rows.append(["merchants", f"{metrics.merchants_total} ({sim['partition']} partition)"])
+    rows += [["mode", MODES.get(metrics.mode, metrics.mode)],
+             ["rounds × local epochs", f"{rounds} × {cfg['local']['local_epochs']}"]]
+    if fed and metrics.mode == "federated":
+        rows.append(["strategy", fed["strategy"]])
+    rows += [["ε per merchant (budget)", _fmt(priv.epsilon_budget if priv else None)],
+             ["augmentation", _augment_text(cfg["augment"])], ["model", metrics.model or DASH],
+             ["batch, lr, C", f"{cfg['local']['batch_size']}, {cfg['local']['lr']}, "
+                              f"{cfg['privacy']['max_grad_norm']}"],
+             ["wall time", f"{metrics.seconds:.0f} s"]]
+    return rows
+
+
+RUN_LABELS = {"merchant": "local"}
+"""How a run's own row is named where its mode's name would read oddly."""
+MODES = {"merchant": "one merchant alone (fedaug local)", "federated": "federated",
+         "local": "every merchant alone", "central": "all merchants' data pooled in one DP trainer"}
+
+
 def render_report(metrics: RunMetrics, plots: list[str]) -> str:
-    cfg = metrics.config
-    fed, sim, priv = cfg["federation"], cfg["simulation"], metrics.privacy
-    augment = cfg["augment"]
-    lines = [f"# fedaug simulation: {metrics.mode}", "",
-             "| setting | value |", "|---|---|",
-             f"| data | {cfg['data']['path'] or 'embedded synthetic'} ({metrics.data['users']} users, "
-             f"{metrics.data['items']} items) |",
-             f"| merchants | {metrics.merchants_total} ({sim['partition']} partition) |",
-             f"| mode | {metrics.mode} |",
-             f"| rounds × local epochs | {fed['rounds']} × {cfg['local']['local_epochs']} |",
-             f"| strategy | {fed['strategy'] if metrics.mode == 'federated' else '—'} |",
-             f"| ε per merchant (budget) | {_fmt(priv.epsilon_budget)} |",
-             f"| augmentation | {_augment_text(augment)} |",
-             f"| model | {metrics.model or '—'} |",
-             f"| batch, lr, C | {cfg['local']['batch_size']}, {cfg['local']['lr']}, "
-             f"{cfg['privacy']['max_grad_norm']} |",
-             f"| wall time | {metrics.seconds:.0f} s |", "",
-             "## Test metrics (leave-one-out, full ranking)", "",
-             "| run | " + " | ".join(METRIC_KEYS) + " | NDCG@10 ratio |",
-             "|---|" + "---|" * (len(METRIC_KEYS) + 1)]
+    """report.md of a simulation or of one merchant alone (``fedaug local``): what the model handed out is and
+    whether its trained parts add anything, settings, the test table beside the public prior and popularity,
+    privacy, merchants, rounds, plots, and the engine's overhead in an appendix."""
+    priv = metrics.privacy
+    story = attribute(metrics)
+    title = "fedaug local: one merchant alone" if metrics.mode == "merchant" else f"fedaug simulation: {metrics.mode}"
+    headline = story.line()
+    lines = [f"# {title}", "", f"**{headline[0].upper()}{headline[1:]}.**", ""]
+    lines += markdown_table(["setting", "value"], _settings(metrics))
+    lines += ["", "## Test metrics (leave-one-out, full ranking)", ""]
     if metrics.selection:
-        lines[-4:-4] = _selection_lines(metrics)
-    runs = {f"**{metrics.mode}**": metrics.test}
+        lines += _selection_lines(metrics)
+    run = RUN_LABELS.get(metrics.mode, metrics.mode)
+    runs = {f"**{run}**: {story.source}": metrics.test}
     if metrics.best_test is not None and metrics.best_round != len(metrics.rounds) and \
             metrics.selection != "private":
-        runs[f"{metrics.mode}, best-validation round ({metrics.best_round})"] = metrics.best_test
+        runs[f"{run}, best-validation round ({metrics.best_round})"] = metrics.best_test
     if metrics.fusion is not None:
-        runs[f"{metrics.mode}, model alone (item ids, no text prior)"] = metrics.fusion.model_test
+        runs["the trained model alone (item ids, no text prior)"] = metrics.fusion.model_test
     runs |= dict(metrics.baselines)
+    rows = [[name] + [f"{test[k]:.4f}" for k in METRIC_KEYS]
+            + [f"{metrics.test['ndcg@10'] / test['ndcg@10']:.2f}×" if test is not metrics.test and test["ndcg@10"] > 0
+               else DASH] for name, test in runs.items()]
+    lines += markdown_table(["run", *METRIC_KEYS, f"{run} ÷ this (NDCG@10)"], rows)
     reference = metrics.baselines.get("centralised non-private")
-    for name, test in runs.items():
-        ratio = f"{metrics.test['ndcg@10'] / test['ndcg@10']:.2f}× of it" if test is not metrics.test and \
-            test["ndcg@10"] > 0 else ""
-        lines.append(f"| {name} | " + " | ".join(f"{test[k]:.4f}" for k in METRIC_KEYS) + f" | {ratio} |")
     if reference:
         lines += ["", f"Test NDCG@10 is **{metrics.test['ndcg@10'] / reference['ndcg@10']:.3f}×** the "
                   "centralised non-private baseline."]
@@ -116,82 +161,105 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
         lines += ["", "Gain over the text prior, test NDCG@10 per user (mean, 95 % paired interval): "
                   + "; ".join(gains) + "."]
     if metrics.test_cold is not None:
-        cold = {f"**{metrics.mode}**": metrics.test_cold}
+        cold = {f"**{run}**": metrics.test_cold}
         if metrics.fusion is not None and metrics.fusion.model_test_cold is not None:
-            cold[f"{metrics.mode}, model alone"] = metrics.fusion.model_test_cold
+            cold["the trained model alone"] = metrics.fusion.model_test_cold
         cold |= {name: m for name, m in metrics.baselines_cold.items() if m is not None}
         lines += ["", f"Cold items: the {metrics.cold_users} test users whose target had fewer than {COLD_BELOW} "
-                  "training interactions.", "", "| run | hr@10 | ndcg@10 |", "|---|---|---|"]
-        lines += [f"| {name} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} |" for name, m in cold.items()]
+                  "training interactions.", ""]
+        lines += markdown_table(["run", "hr@10", "ndcg@10"],
+                                [[name, f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}"] for name, m in cold.items()])
     if metrics.test_by_type:
-        lines += ["", f"By the test event's type ({metrics.mode}):", "", "| type | users | hr@10 | ndcg@10 |",
-                  "|---|---|---|---|"]
-        lines += [f"| {kind} | {m['users']} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} |"
-                  for kind, m in metrics.test_by_type.items()]
+        lines += ["", f"By the test event's type ({run}):", ""]
+        lines += markdown_table(["type", "users", "hr@10", "ndcg@10"],
+                                [[kind, str(m["users"]), f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}"]
+                                 for kind, m in metrics.test_by_type.items()])
     lines += ["", "## Privacy", ""]
-    if isinstance(priv.epsilon_budget, int | float) and math.isinf(priv.epsilon_budget):
+    if priv is None or (isinstance(priv.epsilon_budget, int | float) and math.isinf(priv.epsilon_budget)):
         lines.append("- non-private (ε = inf): no DP-SGD, no noise, nothing accounted.")
     else:
         lines.append(f"- ε per merchant: max {_fmt(priv.epsilon_max)}, mean {_fmt(priv.epsilon_mean)} "
                      f"(budget {_fmt(priv.epsilon_budget)}), user-level DP-SGD with per-user clipping C = "
                      f"{priv.max_grad_norm}, accounted by each merchant's ledger (PRV, never above RDP).")
-    if priv.central:
+        releases = _releases_line(metrics)
+        if releases:
+            lines.append(releases)
+    if priv and priv.central:
         c = priv.central
         lines.append(f"- central (client-level) DP: ε {_fmt(c['epsilon'])} at δ {c['delta']:.2g}, noise multiplier "
                      f"{c['noise_multiplier']}, update clipping {c['clipping_norm']} (Flower's RDP accountant, "
                      "no sampling amplification).")
-    if metrics.merchants:
-        lines += ["", "## Merchants", "", "| merchant | users | ε | test NDCG@10 | test HR@10 |",
-                  "|---|---|---|---|---|"]
-        for m in metrics.merchants:
-            test = m.test or {}
-            lines.append(f"| {m.merchant} | {m.users} | {_fmt(m.epsilon)} | "
-                         f"{_fmt(test.get('ndcg@10'))} | {_fmt(test.get('hr@10'))} |")
+    if metrics.merchants and metrics.mode not in ("merchant", "central"):  # (one trainer: the figures above)
+        lines += ["", "## Merchants", ""]
+        lines += markdown_table(["merchant", "users", "ε", "test NDCG@10", "test HR@10"], [
+            [m.label, DASH if m.users is None else str(m.users), _fmt(m.epsilon),
+             _fmt((m.test or {}).get("ndcg@10")), _fmt((m.test or {}).get("hr@10"))] for m in metrics.merchants])
     if metrics.rounds:
-        fused = any(r.fusion_weight is not None for r in metrics.rounds)
         lines += ["", "## Rounds", ""]
+        fused = any(r.fusion_weight is not None for r in metrics.rounds)
         if fused:
-            lines += ["Validation is of the global model fused with the public text prior, at the weight this round's "
-                      "validation chose (common/fusion.py); \"model alone\" is without the prior.", ""]
-        lines += ["| round | valid NDCG@10 | model alone | prior weight | train loss | max ε | merchants | "
-                  "not aggregated |", "|---|---|---|---|---|---|---|---|"]
-        for r in metrics.rounds:
-            missing = ", ".join(f"{v} {k}" for k, v in r.failures.items() if v) or "—"
-            alone = _fmt(r.model_valid["ndcg@10"]) if r.model_valid else "—"
-            valid = _fmt(r.valid["ndcg@10"]) if r.valid else "—"
-            lines.append(f"| {r.round}{' (kept)' if r.round == metrics.best_round else ''} | "
-                         f"{valid} | {alone} | {_fmt(r.fusion_weight)} | {_fmt(r.train_loss)} | "
-                         f"{_fmt(r.epsilon_max)} | {r.participants if r.participants is not None else '—'} | "
-                         f"{missing} |")
-    lines += _engine_lines(metrics.rounds)
+            lines += ["Validation is of the global model composed with the public text prior (and the DP "
+                      "statistics) as the central evaluation composed it, at the model weight shown (inf: the model "
+                      "left out); \"model alone\" is the trained model without them.", ""]
+        lines += markdown_table(
+            ["round", "valid NDCG@10" if fused else "valid NDCG@10 (the trained model)", "model alone",
+             "model weight", "train loss", "max ε", "merchants", "not aggregated"],
+            [[f"{r.round}{' (kept)' if r.round == metrics.best_round else ''}",
+              _fmt((r.valid or {}).get("ndcg@10")), _fmt((r.model_valid or {}).get("ndcg@10")),
+              _fmt(r.fusion_weight), _fmt(r.train_loss), _fmt(r.epsilon_max),
+              DASH if r.participants is None else str(r.participants),
+              ", ".join(f"{v} {k}" for k, v in r.failures.items() if v) or DASH] for r in metrics.rounds])
     if plots:
         lines += ["", "## Plots", ""] + [f"![{name}]({name})" for name in plots]
+    lines += _engine_lines(metrics.rounds)
     return "\n".join(lines) + "\n"
 
 
+def _releases_line(metrics: RunMetrics) -> str | None:
+    """Where the budget went before training: each merchant's ε after the selection's reservation and after the
+    DP statistics (from their ledgers), beside its ε at the end."""
+    before = [m for m in metrics.merchants if m.epsilon_releases]
+    if not before:
+        return None
+    names = {"selection": "the DP evaluation's reservation", "statistics": "the DP statistics"}
+    steps = [k for k in names if any(k in m.epsilon_releases for m in before)]
+    highest = {k: max(m.epsilon_releases[k] for m in before if k in m.epsilon_releases) for k in steps}
+    return ("- before any training, the budget went to " + ", then ".join(
+        f"{names[k]} (ε {highest[k]:.2f} after it)" for k in steps)
+            + f"; DP-SGD took the rest, to ε {_fmt(metrics.privacy.epsilon_max)} (largest over merchants).")
+
+
 def _engine_lines(rounds) -> list[str]:
-    """Per round: the wall time of the phases that wait on merchants, the merchants' own work and what the engine
-    added beyond it (RoundRecord.overhead), beside the server's own central evaluation."""
+    """Appendix, per round: the wall time of the phases that wait on merchants, the merchants' own work and what
+    the engine added beyond it (RoundRecord.overhead), beside the server's own central evaluation."""
     timed = [r for r in rounds if r.work is not None and r.engine_seconds]
     if not timed:
         return []
-    lines = ["", "## Engine overhead", "",
-             "Merchant phases: the training and federated-evaluation wall time. Own work: each merchant's handlers "
-             "(training, scoring, encoding the reply), from their round logs; the ideal is the busiest merchant or "
-             "the total over the engine's lanes, whichever is longer. Overhead: merchant phases − ideal (Ray "
-             "scheduling, serialisation, building each merchant's state: setup).", "",
-             "| round | round wall s | merchant phases s | merchants | lanes | busiest s | total work s | setup s | "
-             "overhead s | overhead % | central evaluation s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in timed:
-        work = r.work
-        lines.append(f"| {r.round} | {_fmt(r.seconds)} | {r.engine_seconds:.2f} | {len(work.seconds)} | "
-                     f"{work.lanes} | {max(work.seconds.values(), default=0.0):.2f} | "
-                     f"{sum(work.seconds.values()):.2f} | {sum(work.setup.values()):.2f} | {r.overhead:.2f} | "
-                     f"{100 * r.overhead / r.engine_seconds:.1f} | {_fmt(r.central_seconds)} |")
+    lines = ["", "## Appendix: engine overhead", "",
+             "For developers of the simulation engine. Merchant phases: the training and federated-evaluation wall "
+             "time. Own work: each merchant's handlers (training, scoring, encoding the reply), from their round "
+             "logs; the ideal is the busiest merchant or the total over the engine's lanes, whichever is longer. "
+             "Overhead: merchant phases − ideal (Ray scheduling, serialisation, building each merchant's state: "
+             "setup). Times in seconds.", ""]
+
+    def sec(value) -> str:
+        return DASH if value is None else f"{value:.2f}"
+
+    lines += markdown_table(
+        ["round", "round wall", "merchant phases", "merchants", "lanes", "busiest", "total work", "setup",
+         "overhead", "overhead %", "central evaluation"],
+        [[str(r.round), sec(r.seconds), sec(r.engine_seconds), str(len(r.work.seconds)), str(r.work.lanes),
+          sec(max(r.work.seconds.values(), default=0.0)), sec(sum(r.work.seconds.values())),
+          sec(sum(r.work.setup.values())), sec(r.overhead), f"{100 * r.overhead / r.engine_seconds:.1f}",
+          sec(r.central_seconds)] for r in timed])
     nodes = sorted({node for r in timed for node in r.work.nodes.values()})
     if len(nodes) > 1:
         lines += ["", f"Merchants ran on {len(nodes)} Ray nodes: " + ", ".join(node[:12] for node in nodes) + "."]
     return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _augment_text(augment: dict) -> str:
@@ -202,7 +270,7 @@ def _augment_text(augment: dict) -> str:
 
 def _fmt(value) -> str:
     if value is None:
-        return "—"
+        return DASH
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     if isinstance(value, float):

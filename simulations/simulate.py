@@ -4,6 +4,7 @@ something (every merchant alone; all data pooled), each under the same DP settin
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import tomli_w
 import torch
 
-from common.bundle import bundle_bytes, load_bundle, write_bundle_files
+from common.bundle import bundle_bytes, write_bundle_files
 from common.composite import product_kind
 from common.config import to_run_config
 from common.device import pick_device
@@ -24,20 +25,19 @@ from common.errors import ConfigError, FedaugError
 from common.evaluate import Scorer
 from common.fusion import Fused
 from common.metrics import paired_gain, select
-from common.popularity import Popularity
-from common.records import FusionRecord, MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
+from common.records import FusionRecord, MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics
 from common.split import leave_one_out, merchant_partitions
 from server import checkpoint
 from server.distribute import MODEL_DIR
 from server.monitor import RoundWatcher
-from server.summary import federation_summary
+from server.summary import federation_summary, read_handed_out
 
 from .baseline import text_prior
 from .bundles import BEST_MODEL, MODEL, save_model
 from .config import SimulationConfig
-from .local import run_local
-from .plots import write_plots
-from .report import METRIC_KEYS, Tested, tested, write_report
+from .local import releases_before_training, run_local, write_outputs
+from .report import METRIC_KEYS, Tested, tested
+from .report import baselines as report_baselines
 
 
 def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None = None,
@@ -59,14 +59,13 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
         metrics = _central(config, data, state_dir, on_round, out / MODEL)
     sim = config.simulation
     metrics.mode = mode
-    popularity = tested(Popularity(split.train), split)
-    metrics.baselines, metrics.baselines_cold = {"popularity": popularity.all}, {"popularity": popularity.cold}
-    prior_test = None
+    prior = None
     if data.catalog.texts:  # the public prior every merchant has on day one
         fitted = evaluations[-1].text if evaluations else None
         prior = fitted or text_prior(config, data, split, pick_device(config.device), progress=verbose)[0]
-        prior_test = tested(prior, split)
-        metrics.baselines["text prior"], metrics.baselines_cold["text prior"] = prior_test.all, prior_test.cold
+    references = report_baselines(split, prior)
+    metrics.baselines, metrics.baselines_cold = references.test, references.cold
+    metrics.baselines_valid, prior_test = references.valid, references.prior
     metrics.baselines |= baselines or {}
     metrics.attack = ({"kind": sim.attack, "fraction": sim.attackers, "scale": sim.attack_scale,
                        "merchants": config.attacker_ids()} if sim.attack else None)
@@ -80,10 +79,26 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
         scorers = _save_global_models(config, data, state_dir, metrics, out, evaluations[-1] if evaluations else None)
         _test_in_detail(metrics, scorers, split, prior_test if config.text.fuse else None,
                         config.assigned(data).merchant)
-    plots = write_plots(metrics, out)
-    write_metrics(out, metrics)
-    write_report(metrics, out, plots)
+        for m in metrics.merchants:  # where each merchant's budget went before training, from its own ledger
+            if m.merchant >= 0:
+                m.epsilon_releases = releases_before_training(state_dir / f"merchant-{m.merchant}", metrics.run_key)
+    write_outputs(metrics, out)
     return metrics
+
+
+def finished_run(config: SimulationConfig, out: Path) -> RunMetrics | None:
+    """The run ``out`` already holds, where its metrics.json (written last) is of exactly this configuration:
+    nothing is left to run. None where there is none, or it was run with other settings."""
+    path = Path(out) / "metrics.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise FedaugError(f"{path}: not a readable metrics.json ({exc}); remove it to run again") from None
+    if stored.get("config") != config.model_dump(mode="json"):
+        return None
+    return RunMetrics.from_json(stored)
 
 
 def _test_in_detail(metrics: RunMetrics, scorers: dict[str, tuple[int, Scorer]], split, prior: Tested | None,
@@ -206,10 +221,9 @@ def _save_global_models(config: SimulationConfig, data, state_dir: Path, metrics
     rounds."""
     state = checkpoint.load(state_dir)
     if not config.simulation.pooled_selection:
-        received = load_bundle(state_dir / MODEL_DIR)
+        received = read_handed_out(metrics, state_dir / MODEL_DIR)
         write_bundle_files(out / MODEL, bundle_bytes(state_dir / MODEL_DIR))
-        metrics.selection, metrics.parts = "private", received.card.parts
-        metrics.product = product_kind(received.scorer)
+        metrics.selection = "private"
         return {"final": (state.round, received.scorer)}  # a private run keeps no best round: nothing chose one
 
     from server.server_app import initial_model
@@ -304,8 +318,10 @@ def _local_only(config: SimulationConfig, data, state_dir: Path, on_round: OnRou
                           train_loss=mean(r.rounds[j].train_loss for r in results))
               for j in range(config.federation.rounds)]
     merchants = [MerchantRecord(merchant=i, users=r.test_users, epsilon=r.privacy.epsilon_max,
-                                epsilon_by_round={str(h.round): h.epsilon_max for h in r.rounds}, test=r.test)
+                                epsilon_by_round={str(h.round): h.epsilon_max for h in r.rounds}, test=r.test,
+                                epsilon_releases=r.merchants[0].epsilon_releases if r.merchants else {})
                  for i, r in enumerate(results)]
+    products = sorted({r.product for r in results if r.product})
     epsilons = [m.epsilon for m in merchants if np.isfinite(m.epsilon)]
     return RunMetrics(mode="local", test={k: mean(r.test[k] for r in results) for k in METRIC_KEYS},
                       valid={k: mean(r.valid[k] for r in results) for k in METRIC_KEYS}, seconds=0.0, data={},
@@ -313,7 +329,10 @@ def _local_only(config: SimulationConfig, data, state_dir: Path, on_round: OnRou
                       privacy=PrivacyRecord(epsilon_budget=config.privacy.epsilon,
                                             epsilon_max=max(epsilons, default=None),
                                             epsilon_mean=float(np.mean(epsilons)) if epsilons else None,
-                                            max_grad_norm=config.privacy.max_grad_norm))
+                                            max_grad_norm=config.privacy.max_grad_norm),
+                      product=("each merchant's own: " + products[0] if len(products) == 1 else
+                               "each merchant's own, of different parts: " + " | ".join(products)) if products
+                      else None)
 
 
 def _central(config: SimulationConfig, data, state_dir: Path, on_round: OnRound | None, model_dir: Path
