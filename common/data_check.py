@@ -2,8 +2,9 @@
 
 The file is read by the very loaders training uses (so a malformed file fails here with the same one-line error)
 and summarised: users, items, events per type, time range, how long the users' histories are, the users too short
-to evaluate, what loading left out, and the items a shared catalog does not know (an error: such a file cannot
-train in a federation numbered by that catalog).
+to evaluate, the evaluated users whose held-out test event shares its time with the event before (file order
+decides their test target), what loading left out (and the CSV delimiter it found), and the items a shared catalog
+does not know (an error: such a file cannot train in a federation numbered by that catalog).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 from .config import DataSection
 from .data import EVENT_TYPES
 from .loaders import id_index, load_catalog, load_counted
-from .split import MIN_EVALUABLE
+from .split import MIN_EVALUABLE, tied_test_targets
 
 LENGTH_BINS = (1, 2, 3, 5, 10, 20, 50, 100)
 """Lower edges of the history-length histogram's bins."""
@@ -38,12 +39,17 @@ class DataReport:
     """Users per history length bin ("3-4": three or four events; "100+": at least 100)."""
     too_short: int
     """Users with fewer events than evaluation needs (they train, but are not scored)."""
+    tied_test_targets: int | None
+    """Evaluated users whose test event (their last) has the same time as the event before it: which of the two is
+    the test target is decided by the file's order (ties are kept in file order). None without timestamps."""
     merchants: int | None
     context: list[str]
     dropped: int | None
     """Events mapped to "drop" by [data.events] (events files)."""
     duplicates: int | None
     """Exact duplicate events, kept once (events files)."""
+    delimiter: str | None
+    """The events CSV's field separator as detected (',' unless its first line splits on ';', tab or '|')."""
     unknown_catalog_items: int | None
     """Items the configured catalog ([data] catalog) does not list; None without a catalog."""
     fingerprint: str
@@ -54,8 +60,14 @@ class DataReport:
     def ok(self) -> bool:
         return not self.errors
 
+    @property
+    def tied_test_share(self) -> float | None:
+        """``tied_test_targets`` over the evaluated users."""
+        evaluated = self.users - self.too_short
+        return None if self.tied_test_targets is None or not evaluated else self.tied_test_targets / evaluated
+
     def to_json(self) -> dict:
-        return asdict(self) | {"ok": self.ok}
+        return asdict(self) | {"tied_test_share": self.tied_test_share, "ok": self.ok}
 
 
 def check_data(section: DataSection) -> DataReport:
@@ -84,9 +96,11 @@ def check_data(section: DataSection) -> DataReport:
         first_event=None if stamps is None or not len(stamps) else _iso(stamps.min()),
         last_event=None if stamps is None or not len(stamps) else _iso(stamps.max()),
         history_lengths=histogram, too_short=int((lengths < MIN_EVALUABLE).sum()),
+        tied_test_targets=tied_test_targets(data),
         merchants=None if data.merchant_names is None else len(data.merchant_names), context=sorted(data.context),
         dropped=None if ingested is None else ingested.dropped,
         duplicates=None if ingested is None else ingested.duplicates,
+        delimiter=None if ingested is None else ingested.delimiter,
         unknown_catalog_items=unknown, fingerprint=data.fingerprint(), errors=errors)
 
 

@@ -112,6 +112,15 @@ def leave_one_out(data: BehaviorData, min_length: int = MIN_EVALUABLE) -> LeaveO
     return LeaveOneOut(data.select_events(keep), valid, test, data)
 
 
+def tied_test_targets(data: BehaviorData) -> int | None:
+    """Evaluable users whose test event (their last) has the same time as the one before it, so that the file's
+    order, which ties keep, decides which of the two is held out for test; None without timestamps."""
+    if data.timestamps is None:
+        return None
+    ends = data.offsets[1:][data.lengths >= MIN_EVALUABLE]
+    return int((data.timestamps[ends - 1] == data.timestamps[ends - 2]).sum())
+
+
 def k_core(data: BehaviorData, k: int) -> BehaviorData:
     """Repeatedly drop users and items with fewer than ``k`` interactions (item ids keep their numbering)."""
     if k <= 1:
