@@ -1,10 +1,19 @@
 """Liveness of Flower's processes through their own gRPC health service (`--health-server-address`), for
-container healthchecks: `fedaug health --address HOST:PORT` exits 0 while the process answers SERVING."""
+container healthchecks: `fedaug health --config DAEMON.toml` (or `--address HOST:PORT`) exits 0 while the process
+answers SERVING. A daemon starts the health service only where its config sets ``health_address`` ([aggregator] or
+[merchant])."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
+import tomllib
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common.errors import ConfigError
+
+ROLES = ("aggregator", "merchant")
 
 
 def serving(address: str, timeout: float = 3.0) -> bool:
@@ -15,3 +24,29 @@ def serving(address: str, timeout: float = 3.0) -> bool:
     except grpc.RpcError:
         return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def configured_address(config: Path) -> str:
+    """The ``health_address`` a daemon's config gives Flower: its [aggregator] or [merchant] table's.
+
+    The TOML is read here rather than validated as the daemon validates it: a healthcheck runs every few seconds and
+    needs this one key, not the recipe (whose module loads torch)."""
+    try:
+        raw = tomllib.loads(Path(config).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{config}: no such config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{config}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config}: invalid TOML: {exc}") from None
+    roles = [role for role in ROLES if isinstance(raw.get(role), dict)]
+    if len(roles) != 1:
+        raise ConfigError(f"{config}: not a daemon's config (expected one [aggregator] or [merchant] table)")
+    address = raw[roles[0]].get("health_address")
+    if not address:
+        example = "127.0.0.1:9098" if roles[0] == "aggregator" else "127.0.0.1:9099"
+        raise ConfigError(f"{config}: key {roles[0]}.health_address is not set, so the daemon starts no health "
+                          f'service (set e.g. health_address = "{example}" and restart it)')
+    if not isinstance(address, str):
+        raise ConfigError(f"{config}: key {roles[0]}.health_address: expected host:port text")
+    return address
