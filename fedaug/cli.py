@@ -1,16 +1,22 @@
 """The ``fedaug`` command line. Subcommands are thin: parse, validate, call into common/ client/ server/ simulations/.
 
-User errors (bad files, flags, configs) print one line to stderr and exit 1, without a traceback.
+Errors print one line to stderr, without a traceback. Exit 2: the command line itself is wrong (an unknown command or
+flag, a missing required flag, a value not of the flag's type, flags that exclude each other), as click and most
+command lines have it. Exit 1: what the data, a config or a flag's value says is wrong (a malformed file, a bad key,
+a budget already spent), or a check failed (`validate`, `health`).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
 
 import click
 import typer
+import typer.core
+from packaging.version import Version
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -19,7 +25,11 @@ from common.errors import FedaugError
 from common.flower_logging import tame_flower_logging
 from common.memory import single_malloc_arena
 
-# Help text is plain text: rich markup would swallow the TOML [section] names it cites.
+# Help text is plain text: rich markup would swallow the TOML [section] names it cites. typer before 0.21.1 escapes
+# its own "[required]" and "[default: 3]" for rich even then, printing "\[required]"; flwr keeps typer below 0.21,
+# so typer is told here what is true of this app: help is not formatted by rich.
+if Version(typer.__version__) < Version("0.21.1"):
+    typer.core.HAS_RICH = False
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]})
 console = Console(stderr=True)
@@ -49,8 +59,11 @@ def main() -> None:
     single_malloc_arena()
     tame_flower_logging()  # also Ray's tip; Opacus' notes are settled where Opacus is set up (client.trainer)
     warnings.formatwarning = _warning_line
+    command = typer.main.get_command(app)
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        _cite_config_defaults(command, sys.argv[1:])
     try:
-        code = app(standalone_mode=False)  # click returns (not raises) the code of a typer.Exit here
+        code = command.main(standalone_mode=False)  # click returns (not raises) the code of a typer.Exit here
     except FedaugError as exc:
         _error(str(exc))
         sys.exit(1)
@@ -66,6 +79,42 @@ def main() -> None:
     except click.exceptions.Abort:
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+CONFIG_KEY = re.compile(r"from \[([\w.]+)\] (\w+)")
+"""How help cites a default that comes from a config key: "default: from [privacy] epsilon"."""
+
+
+def _cite_config_defaults(group: click.Group, args: list[str]) -> None:
+    """Add to the help of the command in ``args`` the value of each config key it cites ("default: from [privacy]
+    epsilon" -> "default: from [privacy] epsilon, 8.0"): the defaults of the config models themselves, read only
+    when help is asked for (they load torch)."""
+    command = next((group.commands[a] for a in args if a in group.commands), None)
+    cited = [p for p in (command.params if command else ()) if p.help and CONFIG_KEY.search(p.help)]
+    if not cited:
+        return
+    from common.config import BaselineConfig, FederationConfig, MerchantRunConfig
+
+    def configs():  # the simulation's own tables last, only where cited: its module loads Flower
+        yield from (MerchantRunConfig(), FederationConfig(), BaselineConfig())
+        from simulations.config import SimulationConfig
+
+        yield SimulationConfig()
+
+    def value(match: re.Match) -> str:
+        path = [*match.group(1).split("."), match.group(2)]
+        for node in configs():
+            for name in path:
+                node = getattr(node, name) if hasattr(node, name) else KeyError
+                if node is KeyError:
+                    break
+            if node is not KeyError:
+                shown = "" if node is None else f", {node:g}" if isinstance(node, float) else f", {node}"
+                return match.group(0) + shown
+        raise KeyError(f"help cites [{match.group(1)}] {match.group(2)}, which no config has")
+
+    for param in cited:
+        param.help = CONFIG_KEY.sub(value, param.help)
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
@@ -109,9 +158,11 @@ def baseline(
     config: Path | None = typer.Option(None, "--config", help="TOML file with data, model and train tables."),
     data: Path | None = typer.Option(None, "--data", help="Behaviour data file; default: embedded synthetic data."),
     fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
-    model: str | None = typer.Option(None, "--model", help="sasrec | pop | text (the public text prior)"),
-    epochs: int | None = typer.Option(None, "--epochs", help="Maximum training epochs."),
-    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Training time budget in minutes."),
+    model: str | None = typer.Option(None, "--model", help="sasrec | pop | text (the public text prior); default: "
+                                        "from [model] kind"),
+    epochs: int | None = typer.Option(None, "--epochs", help="Maximum training epochs; default: from [train] epochs."),
+    max_minutes: float | None = typer.Option(None, "--max-minutes", help="Training time budget in minutes; default: "
+                                             "from [train] max_minutes (none)."),
     seed: int | None = typer.Option(None, "--seed"),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
@@ -186,6 +237,8 @@ def status(
     for fed in report.federations:
         table = Table(title=f"{federation_name(fed.run_key, fed.flower_runs)} ({fed.state_dir})", show_header=False,
                       title_justify="left")
+        table.add_column(overflow="fold")
+        table.add_column(overflow="fold")  # paths (the model bundle) are folded whole, never cut short
         table.add_row("last round", f"{fed.round}" + (f" (best validation: round {fed.best_round})"
                                                         if fed.best_round else ""))
         table.add_row("validation NDCG@10", "— (private merchants keep it)" if fed.valid_ndcg10 is None
@@ -202,40 +255,56 @@ def status(
     if report.ledgers:
         table = Table(title=f"privacy ledgers under {state_dir}", title_justify="left")
         for column in ("state dir", "ε spent", "δ", "rounds", "runs (rounds, ε after)", "last recorded"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")  # a narrow terminal folds a path whole, never cuts it short
         for ledger in report.ledgers:
             runs = "; ".join(f"{r.run_id[:12]} ({r.rounds}, {r.epsilon_after:.3f})" for r in ledger.runs)
-            where = Path(ledger.state_dir).relative_to(state_dir).as_posix()  # short: the table must fit
+            where = Path(ledger.state_dir).relative_to(state_dir).as_posix()  # under the title's folder
             table.add_row(where, f"{ledger.epsilon:.3f}", "—" if ledger.delta is None else
-                          f"{ledger.delta:.2g}", str(ledger.rounds), runs or "—", ledger.last_recorded or "—")
+                          f"{ledger.delta:.2e}", str(ledger.rounds), runs or "—", ledger.last_recorded or "—")
         out.print(table)
 
 
 @app.command()
-def health(address: str = typer.Option(..., "--address", help="host:port of a SuperLink's or SuperNode's health "
-                                        "service ([aggregator] / [merchant] health_address)")) -> None:
-    """Exit 0 while Flower's process at ADDRESS says it is serving, 1 otherwise (container healthchecks)."""
-    from deploy.health import serving
+def health(
+    config: Path | None = typer.Option(None, "--config", help="The daemon's own TOML (`fedaug aggregator` or "
+                                       "`fedaug merchant`): asks the address its [aggregator] or [merchant] "
+                                       "health_address gives Flower."),
+    address: str | None = typer.Option(None, "--address", help="Or the health service's host:port itself (keep it "
+                                       "on loopback: it has no TLS)."),
+    timeout: float = typer.Option(3.0, "--timeout", help="Seconds to wait for the answer."),
+) -> None:
+    """Exit 0 while Flower's SuperLink (aggregator) or SuperNode (merchant) says it is serving, 1 otherwise: for
+    container healthchecks. Give --config or --address. A daemon starts Flower's health service only where its
+    config sets health_address (e.g. [aggregator] health_address = "127.0.0.1:9098")."""
+    from deploy.health import configured_address, serving
     from deploy.processes import split_address
 
+    if (config is None) == (address is None):
+        raise click.UsageError("give one of --config (the daemon's TOML) and --address HOST:PORT")
+    if not timeout > 0:
+        raise FedaugError(f"--timeout: {timeout:g} must be above 0 seconds")
+    flag = "--address" if config is None else str(config)
+    address = address or configured_address(config)
     try:
-        split_address(address, "--address")
+        split_address(address, flag if config is None else f"{config}: health_address")
     except ValueError as exc:
         raise FedaugError(str(exc)) from None
-    if not serving(address):
-        raise FedaugError(f"--address: {address} is not serving")
+    if not serving(address, timeout):
+        raise FedaugError(f"{flag}: {address} is not serving (no answer within {timeout:g} s)")
     typer.echo(f"{address}: serving")
 
 
 @app.command()
 def validate(
-    data: Path | None = typer.Option(None, "--data", help="Behaviour data file to check (default: [data] path)."),
+    data: Path | None = typer.Option(None, "--data", help="Behaviour data file to check; default: from [data] path in "
+                                     "--config."),
     config: Path | None = typer.Option(None, "--config", help="TOML whose [data] table maps the file's columns."),
     fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check a behaviour data file without training on it: counts, event types, time range, history lengths, users
-    too short to evaluate, dropped and duplicate events, items a catalog does not know. Exit 1 on errors."""
+    too short to evaluate, test targets tied in time with the event before, dropped and duplicate events, items a
+    catalog does not know. Exit 1 on errors (with --json: {"ok": false, "errors": [...]} on stdout as well)."""
     import json
 
     from pydantic import BaseModel
@@ -245,14 +314,19 @@ def validate(
     class DataOnly(BaseModel):
         data: DataSection = DataSection()
 
-    raw = {"data": read_toml(config).get("data", {})} if config is not None else {}
-    section = load_config(None, {"data.path": str(data) if data else None, "data.format": fmt}, DataOnly, flags=FLAGS,
-                          where=str(config) if config else None, raw=raw).data
-    if section.path is None:
-        raise click.UsageError("give the file to check: --data FILE (or [data] path in --config)")
-    from common.data_check import check_data
+    try:
+        raw = {"data": read_toml(config).get("data", {})} if config is not None else {}
+        section = load_config(None, {"data.path": str(data) if data else None, "data.format": fmt}, DataOnly,
+                              flags=FLAGS, where=str(config) if config else None, raw=raw).data
+        if section.path is None:
+            raise click.UsageError("give the file to check: --data FILE (or [data] path in --config)")
+        from common.data_check import check_data
 
-    report = check_data(section)
+        report = check_data(section)
+    except (FedaugError, click.UsageError) as exc:
+        if as_json:  # a malformed file or config is a report too: scripts read one JSON object either way
+            typer.echo(json.dumps({"ok": False, "errors": [str(exc)]}, indent=2))
+        raise
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -278,6 +352,13 @@ def _print_data_report(report) -> None:
     rows.append(("history lengths", ", ".join(f"{k}: {v:,}" for k, v in report.history_lengths.items())))
     rows.append(("too short to evaluate", f"{report.too_short:,} users (fewer than {MIN_EVALUABLE} events: trained "
                                           "on, not scored)"))
+    if report.tied_test_share is not None:
+        rows.append(("test target tied in time", f"{report.tied_test_targets:,} of {report.users - report.too_short:,} "
+                     f"evaluated users ({report.tied_test_share:.0%}): their last event has the same time as the one "
+                     "before it, so the file's order decides which is held out for test (ties are kept in file "
+                     "order)"))
+    if report.delimiter not in (None, ","):
+        rows.append(("delimiter", f"{report.delimiter!r} (detected from the first line)"))
     if report.merchants is not None:
         rows.append(("merchants", str(report.merchants)))
     if report.context:
@@ -298,13 +379,19 @@ def local(
     config: Path | None = typer.Option(None, "--config", help="TOML: data, model, augment, privacy, local."),
     data: Path | None = typer.Option(None, "--data", help="This merchant's behaviour data; default: synthetic."),
     fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
-    epsilon: str | None = typer.Option(None, "--epsilon", help="Total privacy budget ε, or 'inf' (non-private)."),
-    delta: float | None = typer.Option(None, "--delta", help="δ (default 1 / (10 · users))."),
-    rounds: int | None = typer.Option(None, "--rounds", help="Training rounds (noise is calibrated for all)."),
-    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Epochs per round."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Expected users per DP step."),
+    epsilon: str | None = typer.Option(None, "--epsilon", help="Total privacy budget ε, or 'inf' (non-private); "
+                                       "default: from [privacy] epsilon."),
+    delta: float | None = typer.Option(None, "--delta", help="δ; default: from [privacy] delta, else 1 / (10 × the "
+                                       "users who can be trained on: two or more events besides the held-out ones)."),
+    rounds: int | None = typer.Option(None, "--rounds", help="Training rounds (noise is calibrated for all); "
+                                      "default: from [local] rounds."),
+    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Epochs per round; default: from [local] "
+                                            "local_epochs."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Expected users per DP step; default: from "
+                                          "[local] batch_size."),
     lr: float | None = typer.Option(None, "--lr"),
-    max_grad_norm: float | None = typer.Option(None, "--max-grad-norm", help="Per-user clipping norm C."),
+    max_grad_norm: float | None = typer.Option(None, "--max-grad-norm", help="Per-user clipping norm C; "
+                                             "default: from [privacy] max_grad_norm."),
     grad_sample_mode: str | None = typer.Option(None, "--grad-sample-mode", help="ghost | hooks"),
     no_augment: bool = typer.Option(False, "--no-augment", help="Train on the original sequences only."),
     catalog: bool | None = typer.Option(None, "--catalog/--no-catalog",
@@ -313,6 +400,8 @@ def local(
     state_dir: Path | None = typer.Option(None, "--state-dir", help="Where the privacy ledger lives (DIR/state)."),
     new_budget: bool = typer.Option(False, "--new-budget", help="Start a new privacy ledger even though another "
                                     "ledger has spent budget on this data (refused otherwise)."),
+    trial: bool = typer.Option(False, "--trial", help="Try it without spending a real budget: the embedded synthetic "
+                               "data (--config's [data] set aside) and a privacy ledger in a temporary folder."),
     seed: int | None = typer.Option(None, "--seed"),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
@@ -328,6 +417,9 @@ def local(
         "model.catalog": catalog, "model.item_dim": item_dim,
     }, MerchantRunConfig, flags=FLAGS)
     _check_out_dir(out)
+    trial_state = _trial(cfg, data, state_dir, new_budget) if trial else None
+    if trial_state is not None:
+        cfg, state_dir, new_budget = cfg.model_copy(update={"data": type(cfg.data)()}), Path(trial_state.name), None
     from simulations.local import run_local  # after validation: a bad flag fails fast
 
     with _progress() as progress:
@@ -348,6 +440,21 @@ def local(
         metrics = run_local(cfg, out, state_dir or out / "state", on_round=on_round, on_step=on_step,
                             new_budget=new_budget)
     _print_result(metrics, out, "local")
+
+
+def _trial(cfg, data: Path | None, state_dir: Path | None, new_budget: bool):
+    """`fedaug local --trial`: the temporary folder its ledger lives in (removed at exit), said before training."""
+    import tempfile
+
+    for flag, given in (("--data", data is not None), ("--state-dir", state_dir is not None),
+                        ("--new-budget", new_budget)):
+        if given:
+            raise click.UsageError(f"{flag}: not with --trial (a trial runs on the embedded synthetic data with a "
+                                   "throwaway ledger)")
+    console.print("trial: the embedded synthetic data" + (" (--config's [data] set aside)" if cfg.data.path else "")
+                  + "; its privacy ledger lives in a temporary folder, removed afterwards: no real data's budget is "
+                  "spent or recorded", highlight=False, soft_wrap=True)
+    return tempfile.TemporaryDirectory(prefix="fedaug-trial-")
 
 
 def _print_result(metrics, out: Path, label: str) -> None:
@@ -381,11 +488,15 @@ def simulate(
                                        "federation, simulation."),
     data: Path | None = typer.Option(None, "--data", help="Behaviour data file; default: embedded synthetic data."),
     fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
-    merchants: int | None = typer.Option(None, "--merchants", help="Merchants to cut the data into."),
+    merchants: int | None = typer.Option(None, "--merchants", help="Merchants to cut the data into; default: from "
+                                         "[simulation] merchants."),
     partition: str | None = typer.Option(None, "--partition", help="uniform | category | column"),
-    rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds (merchants plan their ε for all)."),
-    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round."),
-    epsilon: str | None = typer.Option(None, "--epsilon", help="ε budget per merchant, or 'inf' (non-private)."),
+    rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds (merchants plan their ε for all); "
+                                      "default: from [federation] rounds."),
+    local_epochs: int | None = typer.Option(None, "--local-epochs", help="Local epochs per round; default: from "
+                                            "[local] local_epochs."),
+    epsilon: str | None = typer.Option(None, "--epsilon", help="ε budget per merchant, or 'inf' (non-private); "
+                                       "default: from [privacy] epsilon."),
     no_augment: bool = typer.Option(False, "--no-augment", help="Merchants train on their original sequences."),
     strategy: str | None = typer.Option(None, "--strategy", help="fedavg | fedprox | fedadam | fedyogi | "
                                         "fedtrimmedavg | fedmedian | krum | multikrum"),
@@ -654,11 +765,13 @@ def audit(
                                        "(with --federated also federation, simulation)."),
     data: Path | None = typer.Option(None, "--data", help="Behaviour data the canaries join; default: synthetic."),
     fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
-    epsilon: str | None = typer.Option(None, "--epsilon", help="The privacy budget ε to audit, or 'inf'."),
+    epsilon: str | None = typer.Option(None, "--epsilon", help="The privacy budget ε to audit, or 'inf'; default: "
+                                       "from [privacy] epsilon."),
     canaries: int = typer.Option(1000, "--canaries", help="Canary users, each trained on with probability 1/2."),
     guesses: int | None = typer.Option(None, "--guesses", help="Canaries guessed in/out (default: canaries / 5)."),
     canary_length: int = typer.Option(20, "--canary-length", help="Items per canary chain."),
-    rounds: int | None = typer.Option(None, "--rounds", help="Training rounds (noise is calibrated for all)."),
+    rounds: int | None = typer.Option(None, "--rounds", help="Training rounds (noise is calibrated for all); "
+                                      "default: from [local] rounds (--federated: [federation] rounds)."),
     federated: bool = typer.Option(False, "--federated", help="Through the federated path: the canaries join one "
                                    "simulated merchant and the final global model is scored."),
     merchants: int | None = typer.Option(None, "--merchants", help="With --federated: merchants to cut the data into."),
@@ -683,7 +796,7 @@ def audit(
         from common.config import MerchantRunConfig
 
         if merchants is not None:
-            raise FedaugError("--merchants: only with --federated (the merchant path trains one merchant)")
+            raise click.UsageError("--merchants: only with --federated (the merchant path trains one merchant)")
         cfg = load_config(config, overrides | {"local.rounds": rounds}, MerchantRunConfig, flags=FLAGS)
         total = cfg.local.rounds
     _check_out_dir(out)
@@ -718,7 +831,8 @@ def certs(
 def synth(
     out: Path = typer.Option(..., "--out", help="New directory for catalog.tsv and merchant-N.csv."),
     merchants: int = typer.Option(3, "--merchants", help="Merchants to generate (each gets its own users)."),
-    users: int | None = typer.Option(None, "--users", help="Users in all (default: the embedded data's)."),
+    users: int | None = typer.Option(None, "--users", help="Users in all; default: the embedded synthetic data's, "
+                                     "from [synthetic] users."),
     data: Path | None = typer.Option(None, "--data", help="A real data set to cut into merchants' files (its users "
                                      "split uniformly at random); default: the embedded synthetic data."),
     fmt: str | None = typer.Option(None, "--format", help="events | amazon-seq (default: from the file suffix)."),
@@ -734,9 +848,9 @@ def synth(
     from deploy.export import write_merchant_files
 
     if data is None and fmt is not None:
-        raise FedaugError("--format: applies to --data only")
+        raise click.UsageError("--format: applies to --data only")
     if data is not None and users is not None:
-        raise FedaugError("--users: applies to the synthetic data only (--data cuts the whole data set)")
+        raise click.UsageError("--users: applies to the synthetic data only (--data cuts the whole data set)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FedaugError(f"--out: {out} exists and is not an empty directory")
     if data is None:

@@ -1,6 +1,7 @@
 """The fedaug command line: the baseline end to end, and user errors as one line, exit 1, nothing written."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,9 @@ import pytest
 KEYS = {"hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "auc"}
 
 
-def fedaug(*args, cwd=None):
+def fedaug(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "fedaug", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600)
+                          timeout=600, env=None if env is None else os.environ | env)
 
 
 def test_baseline_pop_writes_metrics_in_the_documented_shape(tmp_path):
@@ -294,7 +295,7 @@ def test_synth_cuts_a_real_data_set_into_merchants_and_a_catalog_with_titles(tmp
             assert part.catalog.raw_ids[got].tolist() == data.catalog.raw_ids[want].tolist()
         np.testing.assert_array_equal(part.timestamps, expected.timestamps)
     wrong = fedaug("synth", "--data", str(tmp_path / "Toy.txt"), "--users", "5", "--out", str(tmp_path / "o2"))
-    assert wrong.returncode == 1 and len(wrong.stderr.strip().splitlines()) == 1 and "--users" in wrong.stderr
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1 and "--users" in wrong.stderr
     assert not (tmp_path / "o2").exists()
 
 
@@ -350,3 +351,133 @@ def test_flower_lines_print_once_and_without_colour_off_a_terminal(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("every merchant declined for its privacy budget") == 1, result.stderr
     assert "\x1b[" not in result.stderr and ":WARNING:" not in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------- errors and help
+
+
+def test_help_prints_required_and_defaults_plainly_and_the_defaults_configs_give():
+    """typer's "[required]" and "[default: 3]" are not rich-escaped into "\\[required]"; a default that comes from a
+    config key is cited with the value the config models give it."""
+    from common.config import MerchantRunConfig
+
+    wide = {"COLUMNS": "200"}
+    synth = " ".join(fedaug("synth", "--help", env=wide).stdout.split())
+    assert "[required]" in synth and "[default: 3]" in synth and "\\[" not in synth, synth
+    local = fedaug("local", "--help", env=wide)
+    assert local.returncode == 0 and "\\[" not in local.stdout
+    text = " ".join(local.stdout.split())
+    defaults = MerchantRunConfig()
+    assert f"default: from [privacy] epsilon, {defaults.privacy.epsilon:g}." in text, text
+    assert f"default: from [local] rounds, {defaults.local.rounds}." in text, text
+    assert "default: from [privacy] delta, else 1 / (10 × the users who can be trained on" in text, text
+
+
+def test_usage_errors_exit_2_and_what_the_data_says_exits_1(tmp_path):
+    """Exit 2: the command line is wrong (flags that exclude each other, a missing flag); exit 1: the data is."""
+    for args in (("synth", "--format", "events", "--out", str(tmp_path / "s")), ("health",),
+                 ("local", "--trial", "--data", "x.csv", "--out", str(tmp_path / "t")), ("status",)):
+        result = fedaug(*args)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+    (tmp_path / "bad.csv").write_text("user_id,item_id,timestamp\n1,2,100\n1,3,soon\n")
+    result = fedaug("validate", "--data", str(tmp_path / "bad.csv"))
+    assert result.returncode == 1 and "bad.csv, line 3, column timestamp" in result.stderr
+    assert not (tmp_path / "s").exists() and not (tmp_path / "t").exists()
+
+
+def test_validate_json_reports_errors_as_json_and_names_the_line_at_fault(tmp_path):
+    """A Unix time at line 101 among ISO times is blamed there, and --json says so as JSON on stdout."""
+    rows = [f"u{i % 7},i{i % 13},2024-03-01T10:{i % 60:02d}:00Z" for i in range(99)] + ["u1,i3,1709290000"]
+    (tmp_path / "mixed.csv").write_text("\n".join(["user_id,item_id,timestamp", *rows]) + "\n")
+    result = fedaug("validate", "--data", str(tmp_path / "mixed.csv"), "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ok"] is False and len(report["errors"]) == 1
+    assert "mixed.csv, line 101, column timestamp: a Unix time among ISO-8601 timestamps: '1709290000'" in \
+        report["errors"][0]
+    missing = fedaug("validate", "--json")  # a usage error is JSON too, and keeps its exit status
+    assert missing.returncode == 2 and json.loads(missing.stdout)["ok"] is False
+
+
+def test_validate_reports_held_out_ties_and_a_detected_delimiter(tmp_path):
+    """A ';'-separated export reads as its comma twin and is said to be; users whose last event shares its time with
+    the one before (file order decides their test target) are counted, in the table and the JSON."""
+    rows = ["customer;sku;ts"]
+    for user in range(10):
+        times = ["2024-03-01T10:00:00Z", "2024-03-01T10:01:00Z", "2024-03-01T10:02:00Z",
+                 "2024-03-01T10:02:00Z" if user < 4 else "2024-03-01T10:03:00Z"]
+        rows += [f"c{user};S{user + k};{t}" for k, t in enumerate(times)]
+    (tmp_path / "shop.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "shop.toml").write_text('[data.columns]\nuser = "customer"\nitem = "sku"\ntimestamp = "ts"\n')
+    args = ("validate", "--data", str(tmp_path / "shop.csv"), "--config", str(tmp_path / "shop.toml"))
+    report = json.loads(fedaug(*args, "--json").stdout)
+    assert report["ok"] and report["delimiter"] == ";" and report["users"] == 10
+    assert report["tied_test_targets"] == 4 and report["tied_test_share"] == 0.4
+    table = fedaug(*args, env={"COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    text = " ".join(table.stdout.replace("│", " ").split())
+    assert "4 of 10 evaluated users (40%)" in text and "ties are kept in file order" in text, text
+    assert "';' (detected from the first line)" in text
+
+
+def test_status_shows_whole_paths_at_80_columns_and_one_format_for_delta(tmp_path):
+    from client.ledger import PrivacyLedger
+
+    long = "merchant-with-a-rather-long-shop-name-0001"
+    for name, delta in ((long, 9.9e-5), ("m2", 1e-4)):
+        ledger = PrivacyLedger(tmp_path / "state" / name)
+        ledger.record("run-a", 1, noise_multiplier=1.0, sample_rate=0.1, steps=20, delta=delta)
+        ledger.close()
+    result = fedaug("status", "--state-dir", str(tmp_path), env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    cells = [line.split("│") for line in result.stdout.splitlines() if line.startswith("│")]
+    column = "".join(cell[1].strip() for cell in cells)  # a narrow column folds the path over several lines
+    assert f"state/{long}" in column and "…" not in result.stdout, result.stdout
+    deltas = {cell[3].strip() for cell in cells} - {""}
+    assert deltas == {"9.90e-05", "1.00e-04"}, result.stdout
+
+
+def test_health_asks_the_address_the_daemons_config_gives_flower(tmp_path):
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        config = tmp_path / "merchant.toml"
+        config.write_text(f'[merchant]\nsuperlink = "agg:9092"\nhealth_address = "127.0.0.1:{port}"\n')
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        result = fedaug("health", "--config", str(config))
+        assert result.returncode == 0 and f"127.0.0.1:{port}: serving" in result.stdout, result.stderr
+        assert fedaug("health", "--address", f"127.0.0.1:{port}").returncode == 0
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        result = fedaug("health", "--config", str(config), "--timeout", "1")
+        assert result.returncode == 1 and "is not serving" in result.stderr
+    finally:
+        server.stop(None)
+    config.write_text('[merchant]\nsuperlink = "agg:9092"\n')
+    result = fedaug("health", "--config", str(config))
+    assert result.returncode == 1 and "key merchant.health_address is not set" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_local_trial_spends_no_real_budget(tmp_path):
+    """`fedaug local --trial`: the synthetic data (the config's [data] set aside), a temporary ledger, no entry in
+    the machine's registry of spent budgets, said before training."""
+    (tmp_path / "shop.csv").write_text("user_id,item_id,timestamp\n1,2,3\n")
+    (tmp_path / "trial.toml").write_text(f'[data]\npath = "{tmp_path / "shop.csv"}"\n' + LOCAL_CONFIG.replace(
+        "epsilon = 2.0", "epsilon = 8.0").replace("rounds = 2", "rounds = 1"))
+    home = tmp_path / "state-home"
+    result = fedaug("local", "--trial", "--config", str(tmp_path / "trial.toml"), "--out", str(tmp_path / "out"),
+                    env={"FEDAUG_STATE_HOME": str(home)})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("trial: the embedded synthetic data (--config's [data] set aside)")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["data"]["users"] == 300 and metrics["privacy"]["epsilon_max"] > 0
+    assert not home.exists() and not (tmp_path / "out" / "state").exists()
