@@ -35,7 +35,7 @@ def federation_summary(config: FederationConfig, state: ServerState, *, mode: st
     epsilons = [m.epsilon for m in merchants if m.epsilon is not None]
     privacy = PrivacyRecord(epsilon_budget=config.privacy.epsilon, epsilon_max=max(epsilons, default=None),
                             epsilon_mean=float(np.mean(epsilons)) if epsilons else None,
-                            delta=config.privacy.delta or "1 / (10 · merchant users)",
+                            delta=config.privacy.delta or "1 / (10 × each merchant's trainable users)",
                             max_grad_norm=config.privacy.max_grad_norm)
     if config.federation.central_dp:
         privacy.central = {"epsilon": last.central_epsilon, "delta": last.central_delta,
@@ -107,7 +107,8 @@ def attribute(metrics: RunMetrics) -> Attribution:
         notes.append("the DP statistics were all below their noise cut (they add nothing)")
     gain = ((metrics.gain_over_text or {}).get("final") or {}).get("gain_over_text_prior")
     if gain and prior and (model_used or stats_used) and gain["low"] <= 0:
-        notes.append(f"what the trained parts add over the public prior is within chance (test NDCG@10 gain "
+        notes.append(f"what {'the trained parts add' if model_used else 'the DP statistics add'} over the public "
+                     "prior is within chance (test NDCG@10 gain "
                      f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}])")
     popularity = metrics.baselines.get("popularity")
     if popularity and metrics.test and metrics.test["ndcg@10"] < popularity["ndcg@10"]:

@@ -37,7 +37,9 @@ def _ndcg_per_round(metrics: RunMetrics, out: Path) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     composed = any(r.fusion_weight is not None for r in rounds)
-    label = ("the model as composed (prior + statistics + model at its weight)" if composed else
+    left_out = composed and all(r.fusion_weight is not None and math.isinf(r.fusion_weight) for r in rounds)
+    label = ("as composed: the prior with the statistics (the model left out)" if left_out else
+             "as composed: prior (+ statistics) + the model at its weight" if composed else
              "global model (all merchants' users)" if metrics.mode == "federated" else "the trained model")
     ax.plot([r.round for r in rounds], [r.valid["ndcg@10"] for r in rounds], marker="o", label=label)
     alone = [(r.round, r.model_valid["ndcg@10"]) for r in rounds if r.model_valid and r.fusion_weight is not None]

@@ -67,7 +67,8 @@ def _selection_lines(metrics: RunMetrics) -> list[str]:
     """How the model handed out was chosen and what it is made of (above the test table)."""
     alone = metrics.mode in ("merchant", "central")
     if metrics.selection == "private":
-        how = (f"**private selection**: from public settings and {'its own' if alone else 'the merchants'} "
+        whose = "its own" if alone else "the merchants'"
+        how = (f"**private selection**: from public settings and {whose} "
                "accounted releases alone (the statistics' cuts from their own noise level); no held-out data was "
                "read to choose anything outside an accounted release. The model tested is the bundle "
                + ("this run wrote." if alone else "every merchant received."))
@@ -204,7 +205,7 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
         lines += markdown_table(
             ["round", "valid NDCG@10" if fused else "valid NDCG@10 (the trained model)", "model alone",
              "model weight", "train loss", "max ε", "merchants", "not aggregated"],
-            [[f"{r.round}{' (kept)' if r.round == metrics.best_round else ''}",
+            [[f"{r.round}{' (kept)' if r.round == metrics.best_round and metrics.selection != 'private' else ''}",
               _fmt((r.valid or {}).get("ndcg@10")), _fmt((r.model_valid or {}).get("ndcg@10")),
               _fmt(r.fusion_weight), _fmt(r.train_loss), _fmt(r.epsilon_max),
               DASH if r.participants is None else str(r.participants),
