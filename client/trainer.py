@@ -40,7 +40,7 @@ class PrivacySettings:
     epsilon: float = 8.0
     """Total budget of this merchant, over every round it will ever train; inf = non-private."""
     delta: float | None = None
-    """Default 1 / (10 * local users)."""
+    """Default 1 / (10 × the users who can be trained on: ``trainable_users``, two or more training events)."""
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "ghost"
     planned_rounds: int = 1

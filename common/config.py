@@ -402,7 +402,8 @@ class BudgetSection(Section):
 
     epsilon: float = Field(8.0, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
-    """Default 1 / (10 · the merchant's users)."""
+    """Default 1 / (10 × the users the merchant can train on: those with two or more events once each evaluated
+    user's last two are held out; client.trainer.trainable_users)."""
 
     @field_validator("epsilon", mode="before")
     @classmethod
