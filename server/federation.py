@@ -97,7 +97,7 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
             if state.finished(settings.rounds) and evaluator is not None:
                 state.best_test = _best_test(state, entry, evaluator)
             checkpoint.save(state_dir, state)
-            monitor.record(entry, state.history)
+            monitor.record(entry, state.history, state.merchants)
             if on_round:
                 on_round(entry)
             if state.finished(settings.rounds):

@@ -32,15 +32,22 @@ class Monitor:
         self.loss = Gauge("fedaug_train_loss", "User-weighted mean merchant training loss", registry=r)
         self.epsilon_max = Gauge("fedaug_merchant_epsilon_max", "Largest ε any merchant reports", registry=r)
         self.epsilon_mean = Gauge("fedaug_merchant_epsilon_mean", "Mean ε merchants report", registry=r)
+        self.epsilon = Gauge("fedaug_merchant_epsilon", "ε each merchant last reported, by merchant name",
+                             ["merchant"], registry=r)
+        self.seconds = Gauge("fedaug_round_seconds", "Wall time of the last completed round", registry=r)
         self.central_epsilon = Gauge("fedaug_central_epsilon", "Client-level (central DP) ε", registry=r)
         self.bytes = Counter("fedaug_bytes_received", "Bytes of accepted model updates received", registry=r)
         self.server = None
         if port:
             self.server, _ = start_http_server(port, registry=self.registry)
 
-    def record(self, entry: RoundRecord, history: list[RoundRecord]) -> None:
-        """Publish one finished round (``entry``) and rewrite the round log from ``history``."""
+    def record(self, entry: RoundRecord, history: list[RoundRecord], merchants: dict[str, dict] | None = None) -> None:
+        """Publish one finished round (``entry``) and rewrite the round log from ``history``; ``merchants``: the
+        checkpoint's merchant records (name, last reported ε)."""
         self.round.set(entry.round)
+        for merchant in (merchants or {}).values():
+            if merchant.get("epsilon") is not None:
+                self.epsilon.labels(merchant["name"]).set(merchant["epsilon"])
         self.participants.set(entry.participants or 0)
         for kind, count in entry.failures.items():
             if count:
@@ -49,6 +56,7 @@ class Monitor:
             self.ndcg.set(entry.valid["ndcg@10"])
             self.hr.set(entry.valid["hr@10"])
         for gauge, value in ((self.loss, entry.train_loss), (self.epsilon_max, entry.epsilon_max),
+                             (self.seconds, entry.seconds),
                              (self.epsilon_mean, entry.epsilon_mean), (self.central_epsilon, entry.central_epsilon)):
             if value is not None:
                 gauge.set(value)

@@ -4,6 +4,7 @@ path a config names is inside a volume of its service, ports and host names line
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path, PurePosixPath
@@ -140,7 +141,7 @@ def test_aggregator_config_ports_and_paths_are_consistent():
 
     prometheus = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
     targets = [t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
-    assert targets == [f"aggregator:{config.federation.metrics_port}"]
+    assert f"aggregator:{config.federation.metrics_port}" in targets
     assert mounts(SERVICES["prometheus"])[PurePosixPath("/etc/prometheus/prometheus.yml")] == "./prometheus.yml"
 
 
@@ -200,3 +201,62 @@ def test_healthchecks_order_the_start_and_restarts_end_with_the_run():
 def test_a_wrong_flag_in_a_service_command_would_be_caught():
     with pytest.raises(click.UsageError):
         parse_cli(["merchant", "--config", "/config/merchant.toml", "--no-such-flag"])
+
+
+def exported_metrics() -> set[str]:
+    """Every series name the code exports to Prometheus: the metrics server/monitor.py and serving/http.py declare,
+    with the suffixes prometheus_client gives each kind (a counter's _total, a histogram's _bucket/_sum/_count)."""
+    import ast
+
+    suffixes = {"Gauge": [""], "Counter": ["_total", "_created"], "Summary": ["_sum", "_count", "_created"],
+                "Histogram": ["_bucket", "_sum", "_count", "_created"], "Info": ["_info"]}
+    names = set()
+    for source in ("server/monitor.py", "serving/http.py"):
+        tree = ast.parse((DOCKER.parent / source).read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in suffixes
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                names |= {node.args[0].value + suffix for suffix in suffixes[node.func.id]}
+    return names
+
+
+def test_grafana_shows_the_dashboard_from_prometheus():
+    grafana = SERVICES["grafana"]
+    assert mounts(grafana) == {PurePosixPath("/etc/grafana/provisioning"): "./grafana/provisioning",
+                               PurePosixPath("/var/lib/grafana/dashboards"): "./grafana/dashboards"}
+    datasources = yaml.safe_load((DOCKER / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    [source] = datasources["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    assert "9090:9090" in SERVICES["prometheus"]["ports"]
+    providers = yaml.safe_load((DOCKER / "grafana/provisioning/dashboards/fedaug.yaml").read_text())
+    assert [p["options"]["path"] for p in providers["providers"]] == ["/var/lib/grafana/dashboards"]
+    dashboard = json.loads((DOCKER / "grafana/dashboards/fedaug.json").read_text())
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == "/var/lib/grafana/dashboards/fedaug.json"
+    assert all(p["datasource"]["uid"] == source["uid"] for p in dashboard["panels"])
+
+
+def test_the_dashboard_queries_only_metrics_the_code_exports():
+    dashboard = json.loads((DOCKER / "grafana/dashboards/fedaug.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {name for query in queries for name in re.findall(r"\bfedaug_[a-z0-9_]+", query)}
+    exported = exported_metrics()
+    assert used and used <= exported, used - exported
+    # what operators watch: rounds, participants, ε per merchant, bytes, round time, serving's requests and latency
+    for name in ("fedaug_round", "fedaug_round_participants", "fedaug_merchant_epsilon", "fedaug_bytes_received_total",
+                 "fedaug_round_seconds", "fedaug_serve_requests_total", "fedaug_serve_latency_seconds_bucket"):
+        assert name in used, name
+
+
+def test_prometheus_scrapes_the_aggregator_and_serving_where_they_listen():
+    scrape = yaml.safe_load((DOCKER / "prometheus.yml").read_text())["scrape_configs"]
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape}
+    aggregator = config_of(SERVICES["aggregator"], AggregatorConfig)
+    assert targets["fedaug-aggregator"] == [f"aggregator:{aggregator.federation.metrics_port}"]
+    serving = SERVICES["serving"]
+    name, params = parse_cli(serving["entrypoint"][1:] + serving["command"])
+    assert name == "serve" and params["host"] == "0.0.0.0"
+    assert targets["fedaug-serving"] == [f"serving:{params['port']}"]
+    assert mounts(serving)[PurePosixPath(str(params["model"])).parent] == "merchant-1-state"  # what merchant 1 received
+    assert_mounted(SERVICES["merchant-1"], config_of(SERVICES["merchant-1"], MerchantDaemonConfig).merchant.state_dir,
+                   writable=True)
