@@ -24,8 +24,10 @@ from .text_prior import TextPrior
 
 
 def text_neighbours(vectors: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
-    """``[n_items + 1, k]``: each item's ``k`` most text-similar other items (row 0, padding, is all 0)."""
+    """``[n_items + 1, k]``: each item's ``k`` most text-similar other items (row 0, padding, is all 0); a catalog
+    with fewer other items gives them all (``k`` is cut to ``n_items - 1``)."""
     v = torch.as_tensor(vectors, dtype=torch.float32)
+    k = max(1, min(k, len(v) - 2))
     out = np.zeros((len(v), k), dtype=np.int64)
     for start in range(1, len(v), chunk):
         sims = v[start : start + chunk] @ v.T
