@@ -1,6 +1,8 @@
 """What a finished (or stopped) federation amounts to, from the aggregator's checkpoint alone: the final global
 model's metrics, every round, every merchant's ε. `fedaug simulate` and the deployed aggregator both write it as
-metrics.json."""
+metrics.json. And the story every run's output tells (``attribute``): what the model handed out is made of, read
+from its bundle card's parts, where its trained parts add nothing, and the ε spent — one line for the aggregator,
+`fedaug simulate` and `fedaug local`, and the head of their reports."""
 
 from __future__ import annotations
 
