@@ -6,6 +6,11 @@ platform's root certificate, authenticated with the merchant's private key, its 
 ClientApp at the data, the ledger's directory and the merchant's own budget. When the SuperNode exits (the
 aggregator away too long, a crash) it is started again after a back-off that doubles up to ``max_backoff``.
 
+The console says what the SuperNode only logs: each retry towards an unreachable aggregator with its next delay,
+and why the aggregator refused this merchant (Flower's ``[code: 2004]``: not registered yet, or not at all).
+The aggregator is one-shot per federation run: after a run's final model arrives, the daemon stays up and waits,
+quietly, for the aggregator's next run (the SuperNode keeps retrying, logged in its log file only).
+
 The training recipe (model, augmentation, local steps) arrives from the aggregator with each run; what stays here
 is what is the merchant's own to decide: its data, its device and its privacy budget.
 """
@@ -13,7 +18,9 @@ is what is the merchant's own to decide: its data, its device and its privacy bu
 from __future__ import annotations
 
 import math
+import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,15 +30,23 @@ from pydantic import Field, model_validator
 from common.config import BudgetSection, DataSection, Section, flatten
 from common.data_check import DataReport, check_data
 from common.errors import ConfigError, FedaugError
-from deploy.processes import HostPort, flower_command, flower_error, start, stop
+from deploy.processes import HostPort, LogFollower, flower_command, flower_error, start, stop
 
 from .merchant import STATE_DIR
 from .model_check import ModelCheckWatcher
 from .round_log import RoundLogFollower
 from .spent import claim
+from .trainer import NOISE_SOURCE
 
 HEALTHY_SECONDS = 60.0
 """A SuperNode that ran this long before exiting was healthy: the back-off starts again from 1 s."""
+KEY_PATIENCE = 120.0
+"""An aggregator registers its merchants' keys within seconds of starting: refused ([code: 2004]) for longer than
+this, the merchant's key is taken to be missing from its list."""
+RETRY = re.compile(r"Connection attempt failed, retrying in ([0-9.]+) seconds")
+CONNECTED = re.compile(r"Connection successful after ([0-9.]+) seconds and (\d+) tries")
+NOT_ACTIVATED = "[code: 2004]"
+"""Flower's answer when the SuperLink knows no node with this key, or counts its previous connection online."""
 
 
 class MerchantSection(Section):
@@ -101,6 +116,8 @@ class MerchantDaemon:
         self.state_dir = m.state_dir.resolve()
         self.log = self.state_dir / "supernode.log"
         self.process: subprocess.Popen | None = None
+        self.between_runs = threading.Event()
+        """Set once a run's final model has arrived, until the SuperNode reconnects: retries are not news then."""
 
     def validate_data(self) -> DataReport:
         """The data checked as `fedaug validate` checks it, with the loaders the ClientApp uses (DataError on a
@@ -123,8 +140,43 @@ class MerchantDaemon:
         """Tests each final model the federation sends (STATE/model) on this merchant's own held-out users, beside
         the text prior and popularity: printed, and kept in STATE/model-check.json; nothing is sent."""
         data = self.config.data
-        return ModelCheckWatcher(self.state_dir, data.load, self.say, device=self.config.device,
+        return ModelCheckWatcher(self.state_dir, data.load, self._on_model_check, device=self.config.device,
                                  source=data.path)
+
+    def _on_model_check(self, line: str) -> None:
+        """The watcher speaks only when a run's final model arrived: that run is over for this merchant."""
+        self.say(line)
+        if not self.between_runs.is_set() and not line.startswith("model check"):
+            self.between_runs.set()
+            self.say(f"This federation run is over for this merchant. Waiting for the aggregator's next run "
+                     f"(its operator starts it again, e.g. monthly); until it connects, retries are logged in "
+                     f"{self.log} only.")
+
+    def on_supernode_line(self, line: str) -> None:
+        """What the console shows of the SuperNode's log: retries with their next delay, and reconnection."""
+        superlink = self.config.merchant.superlink
+        if retry := RETRY.search(line):
+            if not self.between_runs.is_set():
+                self.say(f"aggregator {superlink} not reachable; next try in {float(retry.group(1)):.1f} s")
+        elif connected := CONNECTED.search(line):
+            self.between_runs.clear()
+            self.say(f"connected to the aggregator {superlink} after {float(connected.group(1)):.0f} s and "
+                     f"{connected.group(2)} tries")
+        elif "Giving up reconnection" in line:
+            self.say(f"aggregator {superlink}: {line.split(':', 1)[-1].strip()}")
+
+    def refusal(self, reason: str, refused_for: float) -> str:
+        """The SuperNode's exit ``reason``, with Flower's [code: 2004] told apart by how long it has lasted:
+        ``refused_for`` seconds since the first such exit in a row."""
+        if NOT_ACTIVATED not in reason:
+            return reason
+        m = self.config.merchant
+        if refused_for < KEY_PATIENCE:
+            return (f"{reason}: the aggregator {m.superlink} is up but does not accept this merchant yet (it "
+                    f"registers its merchants' keys once started; an earlier connection of this merchant stays "
+                    f"online for a few heartbeats)")
+        return (f"{reason}: the aggregator {m.superlink} has refused this merchant's key for {refused_for:.0f} s: "
+                f"ask its operator to add {m.private_key.with_suffix('.pub')} to [aggregator] merchant_keys")
 
     def run(self) -> int:
         """Validate, then keep a SuperNode running until stopped (or ``max_restarts`` is used up); exit code."""
@@ -134,9 +186,11 @@ class MerchantDaemon:
         if self.config.privacy.epsilon != math.inf:
             claim(report.fingerprint, self.state_dir, new_budget=self.config.merchant.new_budget,
                   option="[merchant] new_budget = true")
+        if self.config.privacy.epsilon != math.inf:
+            self.say(f"{NOISE_SOURCE}.")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         env = {"FLWR_HOME": str(self.state_dir / "flwr")}
-        backoff, restarts = 1.0, 0
+        backoff, restarts, refused_since = 1.0, 0, None
         checker = self.model_check().start()  # the final model, when it arrives, tested on the merchant's own data
         try:
             while True:
@@ -144,9 +198,15 @@ class MerchantDaemon:
                 self.process = start(self.command(), self.log, env)
                 self.say(f"SuperNode started (pid {self.process.pid}) towards {self.config.merchant.superlink}; "
                          f"log: {self.log}")
-                with RoundLogFollower(self.state_dir, self.say):  # one line per round the ClientApp answers
+                with (RoundLogFollower(self.state_dir, self.say),  # one line per round the ClientApp answers
+                      LogFollower(self.log, self.on_supernode_line, since=offset)):
                     code = self.process.wait()
                 reason = flower_error(self.log, offset)
+                if NOT_ACTIVATED in reason:
+                    refused_since = refused_since or started
+                else:
+                    refused_since = None
+                reason = self.refusal(reason, time.monotonic() - refused_since if refused_since else 0.0)
                 limit = self.config.merchant.max_restarts
                 if limit is not None and restarts >= limit:
                     self.say(f"SuperNode exited with code {code}: {reason}")

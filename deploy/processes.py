@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +103,45 @@ def last_line(log: Path | None, containing: str = "", since: int = 0) -> str:
         text = handle.read().decode(errors="replace")
     lines = [" ".join(ANSI.sub("", line).split()) for line in text.splitlines()]
     return next((line for line in reversed(lines) if line and containing in line), "")
+
+
+class LogFollower:
+    """Calls ``on_line`` with each complete line appended to ``log`` from now on (colour codes removed), checked
+    every ``interval`` seconds in a thread while used as a context manager: a daemon's console shows what its
+    Flower process logs, as it happens (the process itself writes only to its log file)."""
+
+    def __init__(self, log: Path, on_line: Callable[[str], None], interval: float = 0.5, since: int | None = None):
+        """``since``: the byte to start from (default: the log's end now)."""
+        self.log, self.on_line, self.interval = Path(log), on_line, interval
+        self._offset = since if since is not None else self.log.stat().st_size if self.log.exists() else 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        if not self.log.exists():
+            return
+        with open(self.log, "rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next poll
+        self._offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            line = " ".join(ANSI.sub("", line).split())
+            if line:
+                self.on_line(line)
+
+    def __enter__(self) -> LogFollower:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
 
 
 def flower_error(log: Path | None, since: int = 0) -> str:

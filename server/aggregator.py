@@ -11,6 +11,11 @@ state_dir layout: ``superlink.db`` + ``superlink.log`` (Flower), ``fleet-proxy/`
 home: its connection to this SuperLink), ``run-config.toml`` (what was submitted), ``server/`` (checkpoint.npz,
 rounds.jsonl), ``merchants.json`` (registered key -> node id), ``server.log`` (the ServerApp's log of the last run),
 and at the end ``metrics.json`` + ``report.md``.
+
+Lifecycle: one federation run per start. When the run ends the aggregator stops its SuperLink (and /metrics) and
+exits; the merchants' daemons stay up and wait for the next run. The next federation (a monthly retrain) is the same
+command with a new ``state_dir``: a new model from round 1, the keys registered again from ``merchant_keys``; the
+merchants' ledgers compose ε over every run, so each run spends more of their budgets.
 """
 
 from __future__ import annotations
@@ -188,6 +193,9 @@ class Aggregator:
             read_handed_out(metrics, self.server_dir / MODEL_DIR)
         write_metrics(self.state_dir, metrics)
         write_bytes_atomic(self.state_dir / "report.md", render_deployment_report(metrics).encode())
+        self.say(f"This federation run is over; the aggregator stops here (one run per start) and the merchants' "
+                 f"daemons wait for the next one. The next run (e.g. a monthly retrain): the same command with a new "
+                 f"[aggregator] state_dir (this one, {self.state_dir}, stays finished).")
         return metrics
 
     def _run_federation(self, rounds: int, resumed: checkpoint.ServerState | None) -> None:

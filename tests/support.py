@@ -32,6 +32,12 @@ batch_size = 64
 """
 
 
+LIBRARY_NOTES = ("Secure RNG", "Optimal order", "Full backward hook", "FutureWarning", "UserWarning",
+                 "PrivacyPlanWarning", "sampling rate of", "Loading weights", "Batches", "%|", "warnings.warn(")
+"""Warnings and progress bars that once reached users' terminals and logs from Opacus, torch, Ray, transformers and
+our own privacy plan (tests/test_quiet.py): none of them may appear in what a user runs."""
+
+
 def fedaug(*args: str, **kwargs) -> subprocess.Popen:
     """`python -m fedaug ARGS` from the repository root, in its own process group (so a test can kill it all)."""
     env = os.environ | {"PYTHONUNBUFFERED": "1"}

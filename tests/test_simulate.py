@@ -20,7 +20,7 @@ from common.config import FederationConfig, from_run_config
 from common.metrics import METRIC_NAMES
 from common.recommender import Recommender
 from simulations.config import SimulationConfig
-from tests.support import ROOT, SMALL
+from tests.support import LIBRARY_NOTES, ROOT, SMALL
 from tests.support import fedaug as _fedaug
 from tests.support import finish as _finish
 
@@ -77,6 +77,8 @@ def test_flwr_run_takes_the_same_nested_names(tmp_path):
     finally:
         _stop_local_superlink(tmp_path / "flwr")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    notes = [note for note in LIBRARY_NOTES if note in result.stdout + result.stderr]
+    assert not notes, (notes, (result.stdout + result.stderr)[-3000:])  # what users see: no library notes
     from server import checkpoint
 
     state = checkpoint.load(tmp_path / "state")
