@@ -100,7 +100,7 @@ def attribute(metrics: RunMetrics) -> Attribution:
     else:
         names = ["the public text prior"] + (["DP statistics"] if stats_used else [])
         if model_used:
-            names.append(f"the trained model (weight {weight:g})")
+            names.append(f"the trained model (fused at prior weight {weight:g})")
         source = " + ".join(names) + ("" if len(names) > 1 else " alone")
     if prior and not model_used:
         notes.append("the trained model adds nothing over the public prior"

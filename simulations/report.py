@@ -200,11 +200,11 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
         fused = any(r.fusion_weight is not None for r in metrics.rounds)
         if fused:
             lines += ["Validation is of the global model composed with the public text prior (and the DP "
-                      "statistics) as the central evaluation composed it, at the model weight shown (inf: the model "
-                      "left out); \"model alone\" is the trained model without them.", ""]
+                      "statistics) as the central evaluation composed it, the prior at the weight shown beside the "
+                      "model's 1 (inf: the model left out); \"model alone\" is the trained model without them.", ""]
         lines += markdown_table(
             ["round", "valid NDCG@10" if fused else "valid NDCG@10 (the trained model)", "model alone",
-             "model weight", "train loss", "max ε", "merchants", "not aggregated"],
+             "prior weight", "train loss", "max ε", "merchants", "not aggregated"],
             [[f"{r.round}{' (kept)' if r.round == metrics.best_round and metrics.selection != 'private' else ''}",
               _fmt((r.valid or {}).get("ndcg@10")), _fmt((r.model_valid or {}).get("ndcg@10")),
               _fmt(r.fusion_weight), _fmt(r.train_loss), _fmt(r.epsilon_max),

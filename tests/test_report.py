@@ -73,7 +73,7 @@ def test_a_run_whose_trained_parts_add_nothing_says_so_plainly():
     assert kept.source == "the public text prior + DP statistics"
     assert kept.nothing == "the trained model adds nothing over the public prior with the DP statistics"
     used = attribute(_metrics(weight=2.0, statistics=KEPT, gain=(0.002, 0.001, 0.003)))
-    assert used.source == "the public text prior + DP statistics + the trained model (weight 2)"
+    assert used.source == "the public text prior + DP statistics + the trained model (fused at prior weight 2)"
     assert used.nothing is None
     noisy = attribute(_metrics(weight=2.0, statistics=KEPT, gain=(0.001, -0.001, 0.003)))
     assert noisy.nothing == ("what the trained parts add over the public prior is within chance (test NDCG@10 gain "
