@@ -583,12 +583,7 @@ def recommend(
         raise FedaugError("give one of --history and --users, not both")
     from common.recommender import Recommender
 
-    schema = None
-    if config is not None:
-        from common.check import read_check_config
-
-        schema = read_check_config(config, {}, flags=FLAGS).data.schema()
-    recommender = Recommender.load(model, device=device, schema=schema)
+    recommender = Recommender.load(model, device=device, schema=_shop_schema(config))
     if users is None:
         results = recommender.recommend((history or "").split(), k=k, query=query, explain=explain,
                                         exclude_seen=not include_seen)
@@ -679,6 +674,9 @@ def serve(
     max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1,
                                        help="Largest request body taken (413 beyond)."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One line per request on stderr."),
+    config: Path | None = typer.Option(None, "--config", help="TOML whose [data.events] / [data.columns] "
+                                       "timestamp_unit say how requests name events and times (default: the "
+                                       "mapping the bundle was trained with)."),
 ) -> None:
     """Serve recommendations and search over HTTP (FastAPI): /v1/recommend, /v1/search, /docs, / to try it."""
     import copy
@@ -689,7 +687,7 @@ def serve(
     from serving.http import create_app
 
     application = create_app(model, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                             max_body_bytes=max_body_bytes)
+                             max_body_bytes=max_body_bytes, schema=_shop_schema(config))
     try:  # the port is ours before we say we serve on it
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         listener = socket.socket(family, kind, proto)
@@ -703,6 +701,15 @@ def serve(
     logging["loggers"]["uvicorn.error"]["level"] = "WARNING"  # no start-up chatter; the access log stays
     config = uvicorn.Config(application, log_config=logging, log_level=None, access_log=access_log)
     uvicorn.Server(config).run(sockets=[listener])
+
+
+def _shop_schema(config: Path | None):
+    """The event-file mapping of ``config``'s [data] table (None: no --config, the bundle's own)."""
+    if config is None:
+        return None
+    from common.check import read_check_config
+
+    return read_check_config(config, {}, flags=FLAGS).data.schema()
 
 
 def _print_recommendations(results, as_json: bool) -> None:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Strin
 from common.bundle import bundle_hash
 from common.data import EVENT_TYPES
 from common.errors import FedaugError
-from common.events import DROP, MAX_ID_CHARS
+from common.events import DROP, MAX_ID_CHARS, EventSchema
 from common.recommender import Activity, Recommender, UnknownItems
 
 MAX_K = 100
@@ -150,6 +150,7 @@ class Service:
     max_wait_ms: float = 2.0
     watch_seconds: float = 2.0
     batching: bool = True
+    schema: EventSchema | None = None
     recommender: Recommender | None = None
     model_hash: str = ""
     queue: asyncio.Queue | None = None
@@ -157,7 +158,7 @@ class Service:
     batches: int = 0
 
     def load(self) -> None:
-        recommender = Recommender.load(self.model_dir, device=self.device)
+        recommender = Recommender.load(self.model_dir, device=self.device, schema=self.schema)
         recommender.warm()  # the query encoder loads now, once, not on the first search
         self.recommender, self.model_hash = recommender, bundle_hash(self.model_dir)  # one swap: old or new
 
@@ -235,7 +236,8 @@ class Service:
 
 
 def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, max_batch: int = 64,
-               max_wait_ms: float = 2.0, watch_seconds: float = 2.0, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_wait_ms: float = 2.0, watch_seconds: float = 2.0, max_body_bytes: int = MAX_BODY_BYTES,
+               schema: EventSchema | None = None) -> FastAPI:
     """The HTTP service over the bundle at ``model_dir`` (loaded now: a bad bundle fails here, in one line).
 
     Args:
@@ -246,9 +248,10 @@ def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, 
         max_wait_ms: how long a request waits for others to share its pass.
         watch_seconds: how often the bundle directory is checked for a new bundle.
         max_body_bytes: the largest request body taken (413 beyond).
+        schema: the shop's event names and timestamp unit (default: those on the bundle's card, each bundle's own).
     """
     service = Service(Path(model_dir), device=device, batching=batching, max_batch=max_batch,
-                      max_wait_ms=max_wait_ms, watch_seconds=watch_seconds)
+                      max_wait_ms=max_wait_ms, watch_seconds=watch_seconds, schema=schema)
     service.load()
     registry = CollectorRegistry()
     requests = Counter("fedaug_serve_requests", "HTTP requests", ["endpoint", "status"], registry=registry)

@@ -331,6 +331,12 @@ def test_http_speaks_the_vocabulary_the_bundle_was_trained_with(contextual, tmp_
     del card["data"]
     (path / "card.json").write_text(json.dumps(card))
     assert Recommender.load(path, device="cpu").schema == EventSchema()
+    with TestClient(create_app(path, device="cpu", batching=False)) as client:  # an old bundle: the standard names
+        body = {"history": history[:1], "events": ["add_to_cart"]}
+        assert client.post("/v1/recommend", json=body).status_code == 422
+        assert client.post("/v1/recommend", json=body | {"events": ["cart"]}).status_code == 200
+    with TestClient(create_app(path, device="cpu", batching=False, schema=schema)) as client:  # serve --config
+        assert client.post("/v1/recommend", json=body).status_code == 200
 
 
 def test_a_busy_port_fails_in_one_line_before_announcing_anything(shop):
