@@ -463,7 +463,8 @@ def _print_result(metrics, out: Path, label: str) -> None:
     from server.summary import attribute
 
     test, privacy = metrics.test, metrics.privacy
-    delta = privacy.delta if privacy and isinstance(privacy.delta, float) else None
+    private = privacy is not None and privacy.epsilon_max is not None and privacy.epsilon_max < float("inf")
+    delta = privacy.delta if private and isinstance(privacy.delta, float) else None
     console.print(f"{label}: test NDCG@10 {test['ndcg@10']:.4f}  HR@10 {test['hr@10']:.4f}"
                   + (f"  δ {delta:.2g}" if delta is not None else "")
                   + f"  ({metrics.seconds:.0f} s) -> {out / 'report.md'}")
