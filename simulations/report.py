@@ -138,8 +138,8 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
     lines = [f"# {title}", "", f"**{headline[0].upper()}{headline[1:]}.**", ""]
     lines += markdown_table(["setting", "value"], _settings(metrics))
     lines += ["", "## Test metrics (leave-one-out, full ranking)", ""]
-    if metrics.selection:
-        lines += _selection_lines(metrics)
+    if metrics.selection and (metrics.selection != "private" or "text prior" in (metrics.parts or {})):
+        lines += _selection_lines(metrics)  # (a trained model alone: nothing was chosen)
     run = RUN_LABELS.get(metrics.mode, metrics.mode)
     runs = {f"**{run}**: {story.source}": metrics.test}
     if metrics.best_test is not None and metrics.best_round != len(metrics.rounds) and \
