@@ -453,7 +453,7 @@ def _trial(cfg, data: Path | None, state_dir: Path | None, new_budget: bool):
                                    "throwaway ledger)")
     console.print("trial: the embedded synthetic data" + (" (--config's [data] set aside)" if cfg.data.path else "")
                   + "; its privacy ledger lives in a temporary folder, removed afterwards: no real data's budget is "
-                  "spent or recorded", highlight=False, soft_wrap=True)
+                  "spent or recorded", highlight=False, markup=False, soft_wrap=True)
     return tempfile.TemporaryDirectory(prefix="fedaug-trial-")
 
 
