@@ -581,7 +581,7 @@ def recommend(
     """Recommend (or search) for one history or a file of them with a model bundle. Without --history and --users:
     a new visitor (--query: plain search; none: the bundle's popular items)."""
     if history is not None and users is not None:
-        raise FedaugError("give one of --history and --users, not both")
+        raise click.UsageError("give one of --history and --users, not both")
     from common.recommender import Recommender
 
     recommender = Recommender.load(model, device=device, schema=_shop_schema(config))
