@@ -38,7 +38,7 @@ from common.bundle import bundle_hash
 from common.data import EVENT_TYPES
 from common.errors import FedaugError
 from common.events import DROP, MAX_ID_CHARS, EventSchema
-from common.recommender import Activity, Recommender, UnknownItems
+from common.recommender import Activity, Recommendation, Recommender, UnknownItems
 
 MAX_K = 100
 MAX_HISTORY = 200
@@ -71,21 +71,8 @@ class RecommendRequest(BaseModel):
                               "now when timestamps are given).")
 
 
-class Reason(BaseModel):
-    item: str
-    title: str | None
-    contribution: float = Field(description="How much leaving this history item out lowers the score.")
-
-
-class Ranked(BaseModel):
-    item: str
-    score: float
-    title: str | None = None
-    because: list[Reason] | None = Field(None, description="History items behind it, largest first (explain).")
-
-
 class Ranking(BaseModel):
-    items: list[Ranked]
+    items: list[Recommendation]
     model: str = Field(description="The served bundle's content hash (16 hex digits).")
     note: str | None = Field(None, description="Why the list is empty or short, when it is.")
 

@@ -279,8 +279,9 @@ def test_the_openapi_spec_has_response_schemas(shop):
         assert schema == {"$ref": f"#/components/schemas/{model}"}, (path, schema)
     assert paths["/v1/recommend"]["post"]["responses"]["422"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/Problem"}
-    ranked = spec["components"]["schemas"]["Ranked"]["properties"]
+    ranked = spec["components"]["schemas"]["Recommendation"]["properties"]
     assert {"item", "score", "title", "because"} <= set(ranked)
+    assert set(spec["components"]["schemas"]["Because"]["properties"]) == {"item", "title", "contribution"}
 
 
 def test_unknown_request_fields_are_refused_by_name(shop):
