@@ -290,7 +290,7 @@ def health(
     except ValueError as exc:
         raise FedaugError(str(exc)) from None
     if not serving(address, timeout):
-        raise FedaugError(f"{flag}: {address} is not serving (no answer within {timeout:g} s)")
+        raise FedaugError(f"{flag}: {address} is not serving (no SERVING answer within {timeout:g} s)")
     typer.echo(f"{address}: serving")
 
 
