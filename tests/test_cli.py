@@ -371,6 +371,15 @@ def test_help_prints_required_and_defaults_plainly_and_the_defaults_configs_give
     assert f"default: from [privacy] epsilon, {defaults.privacy.epsilon:g}." in text, text
     assert f"default: from [local] rounds, {defaults.local.rounds}." in text, text
     assert "default: from [privacy] delta, else 1 / (10 × the users who can be trained on" in text, text
+    import typer
+
+    from fedaug.cli import _cite_config_defaults, app
+
+    group = typer.main.get_command(app)
+    for name in group.commands:  # every key any command's help cites is a config key (else KeyError)
+        _cite_config_defaults(group, [name, "--help"])
+    assert "from [simulation] merchants, " in next(p.help for p in group.commands["simulate"].params
+                                                   if p.name == "merchants")
 
 
 def test_usage_errors_exit_2_and_what_the_data_says_exits_1(tmp_path):
