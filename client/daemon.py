@@ -148,9 +148,11 @@ class MerchantDaemon:
         self.say(line)
         if not self.between_runs.is_set() and not line.startswith("model check"):
             self.between_runs.set()
+            limit = self.config.merchant.max_restarts
+            bound = "" if limit is None else f"; at most {limit} SuperNode restarts ([merchant] max_restarts)"
             self.say(f"This federation run is over for this merchant. Waiting for the aggregator's next run "
-                     f"(its operator starts it again, e.g. monthly); until it connects, retries are logged in "
-                     f"{self.log} only.")
+                     f"(its operator starts it again, e.g. monthly{bound}); until it connects, retries are logged "
+                     f"in {self.log} only.")
 
     def on_supernode_line(self, line: str) -> None:
         """What the console shows of the SuperNode's log: retries with their next delay, and reconnection."""
