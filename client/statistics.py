@@ -18,7 +18,7 @@ from common import selection
 from common.atomic import write_bytes_atomic
 from common.dp_counts import RELEASES, Counts, Statistics, bounded_counts, epsilon_history, noised
 
-from .ledger import BudgetExceeded, calibrate_noise, epsilon_of
+from .ledger import RELEASE_MAX_NOISE_MULTIPLIER, BudgetExceeded, calibrate_noise, epsilon_of
 from .trainer import LocalTrainer
 
 
@@ -90,7 +90,7 @@ def reserve_selection(trainer: LocalTrainer, run_key: str, share: float) -> floa
     ledger, delta, budget = trainer.ledger, trainer.delta, trainer.privacy.epsilon
     before = ledger.history()
     spent = epsilon_of(before, delta)
-    noise = calibrate_noise(before, 1.0, 1, delta, spent + share * (budget - spent))
+    noise = calibrate_noise(before, 1.0, 1, delta, spent + share * (budget - spent), limit=RELEASE_MAX_NOISE_MULTIPLIER)
     ledger.record(f"{run_key}/{SELECTION}", 0, noise, 1.0, 1, delta, budget)
     return noise
 

@@ -156,3 +156,15 @@ def test_a_new_ledger_for_data_already_spent_on_is_refused_unless_asked_for(tmp_
     shutil.rmtree(first)  # a ledger deleted on purpose no longer binds the data
     claim("shop-a", tmp_path / "run5")
     assert str(first) not in registry_path().read_text()
+
+
+def test_a_small_merchants_selection_release_is_reserved_past_the_training_limit():
+    """ε 4 with 5 % for the selection: one Gaussian release at ε 0.2 and δ 1/1500 needs a multiplier past the
+    training limit of 10; the one-off release takes it rather than failing the merchant's whole run."""
+    from client.ledger import MAX_NOISE_MULTIPLIER, RELEASE_MAX_NOISE_MULTIPLIER
+    delta = 1 / 1500
+    with pytest.raises(BudgetExceeded):
+        calibrate_noise([], 1.0, 1, delta, 0.2)
+    noise = calibrate_noise([], 1.0, 1, delta, 0.2, limit=RELEASE_MAX_NOISE_MULTIPLIER)
+    assert MAX_NOISE_MULTIPLIER < noise < RELEASE_MAX_NOISE_MULTIPLIER
+    assert epsilon_of([(noise, 1.0, 1)], delta) <= 0.2
