@@ -178,6 +178,8 @@ class PriorWithCounts:
             if weight == 0:
                 break
             rows = [i for i, h in enumerate(histories) if len(h) > age]
+            if not rows:  # every history is shorter (one item, or an explanation's leave-one-out variant)
+                break
             last = torch.as_tensor([int(histories[i][-1 - age]) for i in rows], device=out.device)
             rows_t = torch.as_tensor(rows, device=out.device)
             out.index_put_((rows_t.unsqueeze(1), self.neighbours[last]), weight * self.pairs[last], accumulate=True)

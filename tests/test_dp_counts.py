@@ -84,6 +84,19 @@ def test_pair_counts_below_the_threshold_do_not_score():
     assert gain[0, 2] == pytest.approx(np.log1p(10.0)) and gain[0, 3] == 0
 
 
+def test_histories_shorter_than_the_pair_window_score_their_own_transitions():
+    v = unit_vectors(4)
+    neighbours = np.array([[0, 0], [2, 3], [1, 3], [1, 2], [1, 2]])
+    pairs = np.zeros((5, 2))
+    pairs[1] = [10.0, 4.0]
+    counts = Counts(np.zeros(5), pairs, popularity_std=1.0, pair_std=1.0)
+    prior = TextPrior(v, decay=0.5)
+    scorer = PriorWithCounts.from_counts(prior, counts, neighbours, popularity_weight=0.0, pair_weight=1.0,
+                                         threshold=0.0, pair_window=3)
+    gain = scorer([np.array([1])]) - prior([np.array([1])])  # one item: nothing at ages 1 and 2
+    assert gain[0, 2] == pytest.approx(np.log1p(10.0)) and gain[0, 3] == pytest.approx(np.log1p(4.0))
+
+
 def test_popularity_below_its_threshold_does_not_score():
     counts = Counts(np.array([0.0, 30.0, 2.0, -4.0]), np.zeros((4, 2)), popularity_std=10.0, pair_std=1.0)
     prior = TextPrior(unit_vectors(3))
