@@ -6,10 +6,11 @@ engine's overhead (``work_of``)."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from deploy.processes import LogFollower
 
 ROUND_LOG = "rounds.jsonl"
 
@@ -70,35 +71,15 @@ def _parse(data: bytes) -> tuple[list[MerchantRound], int]:
     return entries, len(complete)
 
 
-class RoundLogFollower:
+class RoundLogFollower(LogFollower):
     """Calls ``say`` with each round the ClientApp logs from now on (checked every ``interval`` seconds)."""
 
-    def __init__(self, state_dir: Path, say: Callable[[str], None], interval: float = 1.0):
-        self.path, self.say, self.interval = Path(state_dir) / ROUND_LOG, say, interval
-        self._offset = self.path.stat().st_size if self.path.exists() else 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._follow, daemon=True)
+    def __init__(self, state_dir: Path, say: Callable[[str], None], interval: float = 1.0, since: int | None = None):
+        """``since``: the byte to start from (default: the log's end now)."""
+        super().__init__(Path(state_dir) / ROUND_LOG, self._entry, interval, since)
+        self.say = say
 
-    def _follow(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.poll()
-
-    def poll(self) -> None:
-        if not self.path.exists():
-            return
-        with open(self.path, "rb") as log:
-            log.seek(self._offset)
-            data = log.read()
-        entries, used = _parse(data)  # a line still being written waits for the next poll
-        self._offset += used
+    def _entry(self, line: str) -> None:
+        entries, _ = _parse(f"{line}\n".encode())  # a line that is not an entry is skipped
         for entry in entries:
             self.say(entry.line())
-
-    def __enter__(self) -> RoundLogFollower:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.poll()

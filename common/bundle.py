@@ -18,8 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from .atomic import staged_directory
 from .data import ItemCatalog
 from .dp_counts import PriorWithCounts
 from .errors import ConfigError
@@ -211,19 +210,13 @@ def write_bundle_files(directory, files: dict[str, bytes]) -> Path:
     directory = Path(directory)
     if set(files) != {CARD, WEIGHTS, ITEMS}:
         raise ConfigError(f"{directory}: a bundle is exactly {CARD}, {WEIGHTS} and {ITEMS}, got {sorted(files)}")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+    with staged_directory(directory) as staging:  # a reader mid-swap retries: see ``load_bundle``
         for name, data in files.items():
             with open(staging / name, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
         load_bundle(staging)
-        _replace_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 
@@ -246,18 +239,6 @@ def _plain(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def _replace_directory(staging: Path, target: Path) -> None:
-    """Rename ``staging`` onto ``target``; an existing bundle is moved aside first and removed after, so at every
-    moment ``target`` is either the old bundle or the new one (a reader mid-swap retries: see ``load_bundle``)."""
-    if target.exists():
-        aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
-        os.replace(target, aside / "bundle")
-        os.replace(staging, target)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(staging, target)
 
 
 def read_card(directory) -> BundleCard:

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-import tomllib
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from .augment import SEQUENCE_OPS, USES
 from .compression import COMPRESSIONS
 from .data import EVENT_TYPES, BehaviorData, ItemCatalog, catalog_only
-from .errors import ConfigError
+from .errors import ConfigError, read_toml
 from .events import DROP, TIMESTAMP_UNITS, EventSchema
 from .loaders import FORMATS, align_to_catalog, load, load_catalog, texts_from_file
 from .model import LOSSES, SASRec, SASRecConfig
@@ -699,17 +698,6 @@ def federation_config(config: BaseModel) -> FederationConfig:
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
-
-
-def read_toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
 def load_config(path: Path | None, overrides: dict | None = None, schema: type[BaseModel] = BaselineConfig, *,

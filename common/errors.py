@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import tomllib
+
 
 class FedaugError(Exception):
     """An error caused by the user's input (file, flag, config), not by a bug.
@@ -34,3 +38,16 @@ class ConfigError(FedaugError):
 
 class DataWarning(UserWarning):
     """A data file that loads, but has something the loaders do not use (a catalog column): one line naming it."""
+
+
+def read_toml(path) -> dict:
+    """A TOML config file's tables; a missing, non-UTF-8 or invalid file is one ConfigError line. Here rather than
+    in common.config so that a reader of one key (a container healthcheck) does not load the ML stack."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None

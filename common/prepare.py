@@ -21,15 +21,13 @@ from __future__ import annotations
 import ast
 import gzip
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.atomic import staged_directory
 from common.errors import DataError, FedaugError
 
 KNOWN_COUNTS = {"reviews_Beauty_5": (22_363, 12_101, 198_502)}
@@ -189,16 +187,8 @@ def prepare(*, reviews: Path, meta: Path, out: Path, name: str | None = None, co
     kept_names = {attribute for attribute, count in shared.items() if count >= attribute_core}
     titles = {asin: _clean(record.get("title")) for asin, record in metadata.items()}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         files = _write(staging, name, histories, item_ids, names, kept_names, titles)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return Prepared(users=len(histories), items=len(item_ids), events=len(kept), attributes=len(kept_names),
                     titled=sum(bool(titles.get(asin)) for asin in item_ids),
                     files=tuple(out / f.name for f in files),

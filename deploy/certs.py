@@ -14,8 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -23,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.atomic import staged_directory
 from common.errors import ConfigError
 
 CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY = "ca.crt", "ca.key", "server.crt", "server.key"
@@ -44,9 +43,7 @@ def write_certificates(out: Path, merchants: int, hosts: tuple[str, ...] = ()) -
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out}: already exists and is not an empty directory (certificates are never overwritten)")
     san = _subject_alt_names(DEFAULT_HOSTS + tuple(hosts))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with staged_directory(out) as tmp:
         ca_key = ec.generate_private_key(ec.SECP384R1())
         ca_cert = _certificate("fedaug trial CA", ca_key.public_key(), ca_key, None, is_ca=True)
         server_key = ec.generate_private_key(ec.SECP384R1())
@@ -64,12 +61,6 @@ def write_certificates(out: Path, merchants: int, hosts: tuple[str, ...] = ()) -
             public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
             _write(tmp / public_name, public + f" merchant-{i}\n".encode(), 0o644)
         os.chmod(tmp, 0o700)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(out.iterdir())
 
 

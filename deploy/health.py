@@ -8,10 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-import tomllib
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common.errors import ConfigError
+from common.errors import ConfigError, read_toml
 
 ROLES = ("aggregator", "merchant")
 
@@ -31,14 +30,7 @@ def configured_address(config: Path) -> str:
 
     The TOML is read here rather than validated as the daemon validates it: a healthcheck runs every few seconds and
     needs this one key, not the recipe (whose module loads torch)."""
-    try:
-        raw = tomllib.loads(Path(config).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{config}: no such config file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{config}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{config}: invalid TOML: {exc}") from None
+    raw = read_toml(config)
     roles = [role for role in ROLES if isinstance(raw.get(role), dict)]
     if len(roles) != 1:
         raise ConfigError(f"{config}: not a daemon's config (expected one [aggregator] or [merchant] table)")

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +108,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def health_server():
+    """A stand-in for Flower's gRPC health service on a free loopback port: yields (port, set_serving), where
+    set_serving(bool) sets what it answers."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    status = health_pb2.HealthCheckResponse
+    try:
+        yield port, lambda serving: servicer.set("", status.SERVING if serving else status.NOT_SERVING)
+    finally:
+        server.stop(None)

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.support import health_server
+
 KEYS = {"hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "auc"}
 
 
@@ -447,28 +449,16 @@ def test_status_shows_whole_paths_at_80_columns_and_one_format_for_delta(tmp_pat
 
 
 def test_health_asks_the_address_the_daemons_config_gives_flower(tmp_path):
-    from concurrent import futures
-
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        config = tmp_path / "merchant.toml"
+    config = tmp_path / "merchant.toml"
+    with health_server() as (port, set_serving):
         config.write_text(f'[merchant]\nsuperlink = "agg:9092"\nhealth_address = "127.0.0.1:{port}"\n')
-        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        set_serving(True)
         result = fedaug("health", "--config", str(config))
         assert result.returncode == 0 and f"127.0.0.1:{port}: serving" in result.stdout, result.stderr
         assert fedaug("health", "--address", f"127.0.0.1:{port}").returncode == 0
-        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        set_serving(False)
         result = fedaug("health", "--config", str(config), "--timeout", "1")
         assert result.returncode == 1 and "is not serving" in result.stderr
-    finally:
-        server.stop(None)
     config.write_text('[merchant]\nsuperlink = "agg:9092"\n')
     result = fedaug("health", "--config", str(config))
     assert result.returncode == 1 and "key merchant.health_address is not set" in result.stderr

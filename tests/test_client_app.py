@@ -76,8 +76,7 @@ def test_train_and_evaluate_round_trip_then_decline(tmp_path):
     from client.round_log import RoundLogFollower
 
     said = []
-    follower = RoundLogFollower(tmp_path / "merchant-1", said.append)
-    follower._offset = 0  # from the start of the log
+    follower = RoundLogFollower(tmp_path / "merchant-1", said.append, since=0)  # from the start of the log
     follower.poll()
     assert [line.split(":")[0] for line in said] == ["round 1", "round 2", "round 3"]
     assert "trained in" in said[0] and "ε" in said[0] and "bytes sent" in said[0] and "declined" in said[2]

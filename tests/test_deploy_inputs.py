@@ -23,6 +23,7 @@ from common.synthetic import SyntheticSpec, generate
 from deploy.certs import write_certificates
 from deploy.export import write_merchant_files
 from server.aggregator import AggregatorConfig
+from tests.support import health_server
 
 
 def test_certificates_are_private_where_they_must_be_and_chain_to_the_ca(tmp_path):
@@ -168,25 +169,13 @@ def test_flowers_processes_find_their_siblings_without_the_venv_on_path(tmp_path
 
 def test_the_health_probe_follows_the_grpc_health_service():
     """`fedaug health` (container healthchecks) asks Flower's gRPC health service; here a stand-in server."""
-    from concurrent import futures
-
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
     from deploy.health import serving
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    with health_server() as (port, set_serving):
+        set_serving(True)
         assert serving(f"127.0.0.1:{port}")
-        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        set_serving(False)
         assert not serving(f"127.0.0.1:{port}")
-    finally:
-        server.stop(None)
     assert not serving(f"127.0.0.1:{port}", timeout=1.0)  # nobody there
 
 
