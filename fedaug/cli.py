@@ -8,6 +8,7 @@ a budget already spent), or a check failed (`validate`, `health`).
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import warnings
@@ -551,12 +552,24 @@ def simulate(
         def on_round(done, total, record):
             progress.update(task, completed=done, total=total)
             if record and record.valid:
-                progress.console.print(f"round {done:3d}/{total}  valid NDCG@10 {record.valid['ndcg@10']:.4f}"
+                progress.console.print(f"round {done:3d}/{total}  valid NDCG@10 {_round_validation(record)}"
                                        + (f"  max ε {record.epsilon_max:.3f}" if record.epsilon_max else "")
                                        + (f"  ({record.seconds:.0f} s)" if record.seconds else ""))
 
         metrics = run_simulate(cfg, out, on_round=on_round, baselines=baselines, verbose=verbose)
     _print_result(metrics, out, metrics.mode)
+
+
+def _round_validation(record) -> str:
+    """A round's validation figure; where the central evaluation composed the model with the prior, the model
+    alone beside it (a private run composes it at prior weight inf every round: the prior with the statistics, a
+    flat line, while the model itself may be learning)."""
+    valid = record.valid["ndcg@10"]
+    if record.fusion_weight is None or not record.model_valid:
+        return f"{valid:.4f}"
+    composed = ("prior + statistics" if math.isinf(record.fusion_weight)
+                else f"fused at prior weight {record.fusion_weight:g}")
+    return f"model alone {record.model_valid['ndcg@10']:.4f}, {composed} {valid:.4f}"
 
 
 @app.command()
