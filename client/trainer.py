@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.optimizers.optimizer import _generate_noise
 
 from common.augment import Augmenter, AugmentSettings, View, random_chains
 from common.batching import Contrastive, UserSamples
@@ -412,9 +411,11 @@ class PrivateStep:
     def _noise_only_step(self) -> None:
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
-        for p in opt.params:  # the very draw Opacus makes for a step (generator and sampling as privatize set them)
-            noise = _generate_noise(opt.noise_multiplier * opt.max_grad_norm, p, opt.generator, opt.secure_mode)
-            p.grad = noise / opt.expected_batch_size
+        for p in opt.params:  # no user clipped anything: Opacus' own noise step on zero sums (its generator and
+            p.summed_grad = torch.zeros_like(p)  # sampling as privatize set them)
+        opt.add_noise()
+        for p in opt.params:
+            p.grad /= opt.expected_batch_size
         opt.original_optimizer.step()
 
     def close(self) -> None:
