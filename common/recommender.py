@@ -320,6 +320,12 @@ class Recommender:
             scores[cold] = (float("-inf") if popular is None
                             else torch.where(popular > 0, popular, float("-inf")).to(scores.device))
 
+    @staticmethod
+    def why_empty(query: str | None) -> str:
+        """Why a visitor without history got no items: the query matched nothing, or (no query) the bundle holds
+        no popularity to show."""
+        return "no item matches the query" if query else "this model holds no popularity for a visitor without history"
+
     def popularity(self) -> torch.Tensor | None:
         """``[n_items + 1]`` popularity the bundle holds (its DP statistics' kept log-counts, or a popularity
         scorer's counts), what a visitor without history is shown; None: it holds none."""

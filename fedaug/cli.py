@@ -602,9 +602,8 @@ def recommend(
         results = recommender.recommend((history or "").split(), k=k, query=query, explain=explain,
                                         exclude_seen=not include_seen)
         if not results and not history:
-            console.print("no recommendations: " + ("no item matches the query" if query else
-                                                     "this model holds no popularity for a new visitor (give "
-                                                     "--query or --history)"), highlight=False)
+            console.print(f"no recommendations: {Recommender.why_empty(query)}"
+                          + ("" if query else " (give --query or --history)"), highlight=False)
         _print_recommendations(results, as_json)
         return
     from serving.batch import recommend_file

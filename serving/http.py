@@ -280,8 +280,7 @@ def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, 
             raise one_line(exc) from None
         note = None
         if not results and not body.history:
-            note = ("no item matches the query" if body.query else
-                    "this model holds no popularity for a visitor without history: give a query")
+            note = Recommender.why_empty(body.query) + ("" if body.query else ": give a query")
         return ranked(results, note)
 
     @app.get("/v1/search", response_model=Ranking, responses=PROBLEMS)
@@ -291,7 +290,7 @@ def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, 
             results = await service.recommend(service.ask(RecommendRequest(history=[], k=k, query=q)))
         except FedaugError as exc:
             raise one_line(exc) from None
-        return ranked(results, None if results else "no item matches the query")
+        return ranked(results, None if results else Recommender.why_empty(q))
 
     @app.get("/v1/items/{item_id}", response_model=CatalogItem, responses=PROBLEMS)
     async def item(item_id: str) -> dict:
