@@ -15,11 +15,11 @@ import time
 import numpy as np
 import torch
 
-from common.batching import UserSamples
-from common.loaders import load
-from common.model import SASRec, SASRecConfig
-from common.split import leave_one_out
-from common.synthetic import generate
+from fedaug.common.data.loaders import load
+from fedaug.common.data.split import leave_one_out
+from fedaug.common.data.synthetic import generate
+from fedaug.common.model.batching import UserSamples
+from fedaug.common.model.sasrec import SASRec, SASRecConfig
 
 
 def main() -> None:

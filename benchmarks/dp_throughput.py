@@ -1,7 +1,8 @@
 """DP training throughput and peak memory against non-private training, measured in one run.
 
 Modes, each in its own subprocess so peak memory is its own:
-  nonprivate  fedaug's non-private step (common.training.train_step): length-bucketed micro-batches, logits only
+  nonprivate  fedaug's non-private step (fedaug.common.model.training.train_step): length-bucketed micro-batches, logits
+  only
               at target positions; the baseline every ratio is taken against
   nonprivate-padded  the same without bucketing: each batch padded to its longest user
   hooks       Opacus per-sample gradients (grad_sample_mode="hooks"), per-user samples [users, views, positions]
@@ -61,13 +62,13 @@ def main() -> None:
 
 
 def measure(mode: str, data_path: Path, steps: int, batch_size: int) -> dict:
-    from client.trainer import LocalSettings, PrivateStep, poisson_rows, privatize
-    from common.batching import UserSamples
-    from common.loaders import load
-    from common.memory import single_malloc_arena
-    from common.model import SASRec, SASRecConfig
-    from common.split import leave_one_out
-    from common.training import train_step
+    from fedaug.client.trainer import LocalSettings, PrivateStep, poisson_rows, privatize
+    from fedaug.common.data.loaders import load
+    from fedaug.common.data.split import leave_one_out
+    from fedaug.common.memory import single_malloc_arena
+    from fedaug.common.model.batching import UserSamples
+    from fedaug.common.model.sasrec import SASRec, SASRecConfig
+    from fedaug.common.model.training import train_step
 
     single_malloc_arena()  # as the fedaug CLI and ClientApp do, in every mode alike
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

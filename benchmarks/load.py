@@ -4,8 +4,8 @@ A generated log (``--events`` rows, default 10 million: text user and item ids w
 Unix-second timestamps, event names, one numeric context column) is written once as CSV and as Parquet. Each
 measurement runs in its own process, so its peak resident memory is its own:
 
-  raw-csv      pyarrow.csv.read_csv of the CSV            fedaug-csv      common.loaders.load of the CSV
-  raw-parquet  pyarrow.parquet.read_table of the Parquet  fedaug-parquet  common.loaders.load of the Parquet
+  raw-csv      pyarrow.csv.read_csv of the CSV            fedaug-csv      fedaug.common.data.loaders.load of the CSV
+  raw-parquet  pyarrow.parquet.read_table of the Parquet  fedaug-parquet  fedaug.common.data.loaders.load of the Parquet
 
     python benchmarks/load.py --out benchmarks/results/load_cpu.json [--events 10000000] [--dir /tmp/fedaug-load]
 
@@ -98,7 +98,7 @@ def measure(mode: str, path: Path) -> dict:
             return pq.read_table(path).num_rows
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from common.loaders import load
+        from fedaug.common.data.loaders import load
 
         def read():
             return load(path, "events").n_interactions

@@ -42,10 +42,10 @@ def _free_port() -> int:
 def _bundle(data_path: Path, directory: Path) -> tuple[Path, list[list[str]]]:
     import torch
 
-    from common.bundle import write_bundle
-    from common.evaluate import sasrec_scorer
-    from common.loaders import load
-    from common.model import SASRec, SASRecConfig
+    from fedaug.common.data.loaders import load
+    from fedaug.common.model.evaluate import sasrec_scorer
+    from fedaug.common.model.sasrec import SASRec, SASRecConfig
+    from fedaug.common.recommend.bundle import write_bundle
 
     data = load(data_path)
     torch.manual_seed(0)

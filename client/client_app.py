@@ -23,22 +23,21 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from common.bundle import bundle_hash, load_bundle, write_bundle_files
-from common.compression import COMPRESSIONS, Encoded, decode, encode
-from common.evaluate import evaluate as evaluate_split
-from common.evaluate import sasrec_scorer
-from common.flower_logging import tame_flower_logging
-from common.fusion import Fused
-from common.memory import single_malloc_arena
-from common.metrics import METRIC_NAMES
-from common.records import WITHHELD
-from common.selection import figures
-
-from . import replay
-from .ledger import BudgetExceeded
-from .merchant import Merchant, MerchantSource, merchant_for
-from .round_log import MerchantRound, append_round
-from .statistics import release_selection, release_statistics, selection_noise
+from fedaug.client import replay
+from fedaug.client.ledger import BudgetExceeded
+from fedaug.client.merchant import Merchant, MerchantSource, merchant_for
+from fedaug.client.releases import release_selection, release_statistics, selection_noise
+from fedaug.client.round_log import MerchantRound, append_round
+from fedaug.common.flower_logging import tame_flower_logging
+from fedaug.common.memory import single_malloc_arena
+from fedaug.common.model.evaluate import evaluate as evaluate_split
+from fedaug.common.model.evaluate import sasrec_scorer
+from fedaug.common.model.metrics import METRIC_NAMES
+from fedaug.common.priors.fusion import Fused
+from fedaug.common.priors.fusion_weights import figures
+from fedaug.common.protocol.codec import COMPRESSIONS, Encoded, decode, encode
+from fedaug.common.recommend.bundle import bundle_hash, load_bundle, write_bundle_files
+from fedaug.common.records import WITHHELD
 
 STATISTICS = "statistics"
 """The query action (Flower message type ``query.statistics``) that asks for the DP collaborative statistics."""
@@ -84,7 +83,7 @@ def client_app(merchants: MerchantSource = merchant_for, train_mods: list[Mod] |
 
 def train(msg: Message, context: Context, merchant: Merchant, setup_seconds: float = 0.0) -> Message:
     """Train one round from the global model in ``msg`` (or resend the update of a round asked again); the reply
-    carries the update as the server's round config asks (``compression``: common/compression.py)."""
+    carries the update as the server's round config asks (``compression``: common/protocol/codec.py)."""
     started = time.monotonic()
     global_arrays = msg.content["arrays"]
     model = merchant.model(global_arrays.to_torch_state_dict())
@@ -184,7 +183,7 @@ def evaluate(msg: Message, merchant: Merchant, setup_seconds: float = 0.0) -> Me
 
 
 def statistics(msg: Message, merchant: Merchant) -> Message:
-    """Release this merchant's DP collaborative statistics for the run (client/statistics.py)."""
+    """Release this merchant's DP collaborative statistics for the run (client/releases.py)."""
     config = msg.content["config"]
     neighbours = msg.content["arrays"]["neighbours"].numpy()
     if neighbours.ndim != 2 or neighbours.shape[0] != merchant.model_config.n_items + 1:
@@ -218,7 +217,7 @@ def statistics(msg: Message, merchant: Merchant) -> Message:
 def select(msg: Message, merchant: Merchant) -> Message:
     """Score the server's candidate model (a bundle: the global model fused with the prior and the fit-count
     statistics) at every public fusion weight on this merchant's validation users, and release the summed figures
-    through the Gaussian mechanism reserved for this run (common/selection.py, client/statistics.py)."""
+    through the Gaussian mechanism reserved for this run (common/priors/fusion_weights.py, client/releases.py)."""
     config = msg.content["config"]
     run_key = str(config["run-key"])
     weights = tuple(float(w) for w in config["weights"])

@@ -27,16 +27,15 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from common.config import BudgetSection, DataSection, Section, flatten
-from common.data_check import DataReport, check_data
-from common.errors import ConfigError, FedaugError
-from deploy.processes import HostPort, LogFollower, flower_command, flower_error, start, stop
-
-from .merchant import STATE_DIR
-from .model_check import ModelCheckWatcher
-from .round_log import RoundLogFollower
-from .spent import claim
-from .trainer import NOISE_SOURCE
+from fedaug.client.merchant import STATE_DIR
+from fedaug.client.model_check import ModelCheckWatcher
+from fedaug.client.round_log import RoundLogFollower
+from fedaug.client.spent import claim
+from fedaug.client.trainer import NOISE_SOURCE
+from fedaug.common.config import BudgetSection, DataSection, Section, flatten
+from fedaug.common.data.validate import DataReport, check_data
+from fedaug.common.errors import ConfigError, FedaugError
+from fedaug.runtime.processes import HostPort, LogFollower, flower_command, flower_error, start, stop
 
 HEALTHY_SECONDS = 60.0
 """A SuperNode that ran this long before exiting was healthy: the back-off starts again from 1 s."""
@@ -88,7 +87,7 @@ class MerchantDaemonConfig(Section):
         return self
 
     def node_config(self) -> dict:
-        """Flower node_config for the ClientApp (client.merchant reads it): the same dotted names as this TOML,
+        """Flower node_config for the ClientApp (fedaug.client.merchant reads it): the same dotted names as this TOML,
         with absolute paths."""
         values = flatten(self.data.model_dump(), "data.") | flatten(self.privacy.model_dump(), "privacy.")
         values |= {"device": self.device, STATE_DIR: self.merchant.state_dir}

@@ -12,7 +12,7 @@ import torch
 from opacus.grad_sample.linear import compute_linear_grad_sample
 from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
 
-from common.model import ItemScores
+from fedaug.common.model.sasrec import ItemScores
 
 register_grad_sampler(ItemScores)(compute_linear_grad_sample)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from common.errors import FedaugError
-from common.records import LedgerStatus, RunSpend
+from fedaug.common.errors import FedaugError
+from fedaug.common.records import LedgerStatus, RunSpend
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (

@@ -3,7 +3,7 @@
 Where the data comes from (``merchant_for``):
 - deployment: ``node_config`` has ``data.path`` (+ ``data.format``, ``data.catalog`` — the shared public catalog that
   numbers items —, ...), ``merchant.state_dir``, and the merchant's own ``privacy.epsilon`` / ``privacy.delta`` and
-  ``device`` (written by client.daemon); they override the recipe that arrives in run_config;
+  ``device`` (written by fedaug.client.daemon); they override the recipe that arrives in run_config;
 - Flower's simulation convention (`flwr run .`): ``node_config`` has ``partition-id`` / ``num-partitions``; the
   merchant is that partition of the run's data set, cut uniformly (seeded by ``federation.seed``); its ledger lives
   in ``federation.state_dir``/merchant-<id>. `fedaug simulate` brings its own partitions (simulations/apps.py).
@@ -19,15 +19,14 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 
-from common.config import FederationConfig, from_run_config
-from common.data import BehaviorData
-from common.device import pick_device
-from common.errors import ConfigError
-from common.model import SASRec, SASRecConfig
-from common.split import LeaveOneOut, Merchants, assign_merchants, leave_one_out
-
-from .replay import ReplayCache
-from .trainer import LocalTrainer, build_trainer
+from fedaug.client.replay import ReplayCache
+from fedaug.client.trainer import LocalTrainer, build_trainer
+from fedaug.common.config import FederationConfig, from_run_config
+from fedaug.common.data import BehaviorData
+from fedaug.common.data.split import LeaveOneOut, Merchants, assign_merchants, leave_one_out
+from fedaug.common.errors import ConfigError
+from fedaug.common.model.device import pick_device
+from fedaug.common.model.sasrec import SASRec, SASRecConfig
 
 PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
 """Flower's own node_config keys in simulation."""

@@ -1,7 +1,7 @@
 """The merchant's own check of the model it received: when the federation's final bundle lands in the state
 directory (``STATE/model``, written by the ClientApp's ``query.model`` handler), the merchant daemon tests it on the
-merchant's held-out users beside the public text prior and popularity (common/check.py), prints the figures and
-keeps them in ``STATE/model-check.json``. Everything stays on the merchant's machine: nothing is sent, so no ε is
+merchant's held-out users beside the public text prior and popularity (common/recommend/check.py), prints the figures
+and keeps them in ``STATE/model-check.json``. Everything stays on the merchant's machine: nothing is sent, so no ε is
 spent."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from common.atomic import write_bytes_atomic
-from common.bundle import CARD, bundle_hash, load_bundle
-from common.check import ModelCheck, check_model
-from common.data import BehaviorData
-from common.device import pick_device
-from common.errors import FedaugError
+from fedaug.common.atomic import write_bytes_atomic
+from fedaug.common.data import BehaviorData
+from fedaug.common.errors import FedaugError
+from fedaug.common.model.device import pick_device
+from fedaug.common.recommend.bundle import CARD, bundle_hash, load_bundle
+from fedaug.common.recommend.check import ModelCheck, check_model
 
 MODEL_DIR = "model"
 """Where the ClientApp keeps the federation's final bundle in the merchant's state directory."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import write_bytes_atomic
+from fedaug.common.atomic import write_bytes_atomic
 
 FILE = "last-update.npz"
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deploy.processes import LogFollower
+from fedaug.runtime.processes import LogFollower
 
 ROUND_LOG = "rounds.jsonl"
 

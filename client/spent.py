@@ -15,10 +15,9 @@ import os
 import sqlite3
 from pathlib import Path
 
-from common.atomic import write_json_atomic
-from common.errors import FedaugError
-
-from .ledger import LEDGER_FILE
+from fedaug.client.ledger import LEDGER_FILE
+from fedaug.common.atomic import write_json_atomic
+from fedaug.common.errors import FedaugError
 
 STATE_HOME = "FEDAUG_STATE_HOME"
 

@@ -20,15 +20,14 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 
-from common.augment import Augmenter, AugmentSettings, View, random_chains
-from common.batching import Contrastive, UserSamples
-from common.config import GRAD_SAMPLE_MODES, Recipe
-from common.errors import ConfigError
-from common.model import PerUserCrossEntropy, SASRec, SASRecConfig
-from common.training import MICRO_BATCH_TOKENS, train_step
-
-from . import ghost_norms  # noqa: F401  (registers the output layer's per-user norm with Opacus)
-from .ledger import BudgetExceeded, PrivacyLedger, calibrate_noise
+from fedaug.client import ghost_norms  # noqa: F401  (registers the output layer's per-user norm with Opacus)
+from fedaug.client.ledger import BudgetExceeded, PrivacyLedger, calibrate_noise
+from fedaug.common.config import GRAD_SAMPLE_MODES, Recipe
+from fedaug.common.errors import ConfigError
+from fedaug.common.model.augment import Augmenter, AugmentSettings, View, random_chains
+from fedaug.common.model.batching import Contrastive, UserSamples
+from fedaug.common.model.sasrec import PerUserCrossEntropy, SASRec, SASRecConfig
+from fedaug.common.model.training import MICRO_BATCH_TOKENS, train_step
 
 DP_MICRO_BATCH_TOKENS = MICRO_BATCH_TOKENS // 2
 """Half the non-private micro-batch: a DP micro-batch holds item scores and their gradient for every position."""
@@ -84,7 +83,7 @@ class LocalTrainer:
 
     ``ledger``: the privacy ledger, or the folder to open it in once the plan is checked (so a refused plan leaves
     no ledger behind); None for non-private training. ``features``: each user's side-feature rows
-    (common.features), for models that read them."""
+    (fedaug.common.data.features), for models that read them."""
 
     def __init__(self, train_sequences: list[np.ndarray], n_items: int, privacy: PrivacySettings,
                  local: LocalSettings, augment: AugmentSettings | None, ledger: PrivacyLedger | Path | None,

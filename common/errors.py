@@ -42,7 +42,7 @@ class DataWarning(UserWarning):
 
 def read_toml(path) -> dict:
     """A TOML config file's tables; a missing, non-UTF-8 or invalid file is one ConfigError line. Here rather than
-    in common.config so that a reader of one key (a container healthcheck) does not load the ML stack."""
+    in fedaug.common.config so that a reader of one key (a container healthcheck) does not load the ML stack."""
     try:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -1,7 +1,7 @@
 """Results as typed records, defined once: a round, a merchant's figures, the privacy a run was trained under, and
 a run's metrics.json — which every command writes through ``write_metrics`` alone.
 
-Metric maps (``{"ndcg@10": ..., "hr@10": ...}``, common.metrics.METRIC_NAMES) stay plain dicts. JSON has no
+Metric maps (``{"ndcg@10": ..., "hr@10": ...}``, fedaug.common.model.metrics.METRIC_NAMES) stay plain dicts. JSON has no
 infinity: a non-private ε is written as the string "inf".
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .atomic import write_json_atomic
+from fedaug.common.atomic import write_json_atomic
 
 Metrics = dict[str, float]
 
@@ -65,7 +65,7 @@ class MerchantWork:
 
 @dataclass
 class RoundRecord:
-    """One finished round: of a federation (server.federation), or of a merchant or pooled run training alone."""
+    """One finished round: of a federation (fedaug.server.federation), or of a merchant or pooled run training alone."""
 
     round: int
     train_loss: float | None = None
@@ -182,7 +182,7 @@ class PrivacyRecord:
 
 @dataclass
 class FusionRecord:
-    """A trained model's scores fused with the public text prior's (common/fusion.py), weight chosen on
+    """A trained model's scores fused with the public text prior's (common/priors/fusion.py), weight chosen on
     validation; ``model_test`` / ``model_valid``: the model alone."""
 
     weight: float
@@ -244,7 +244,7 @@ class RunMetrics:
     """How the model handed out was chosen: "private" (public settings and accounted releases only) or
     "pooled validation (not private)" (the research switch: choices read every merchant's held-out users)."""
     product: str | None = None
-    """What the model handed out is made of, in one phrase (common.composite.product_kind)."""
+    """What the model handed out is made of, in one phrase (fedaug.common.priors.composite.product_kind)."""
     parts: dict | None = None
     """Its bundle card's parts: each part, its weight and settings."""
     flower_runs: list[int] = field(default_factory=list)
@@ -343,7 +343,7 @@ class FederationStatus:
     model: str | None
     """The final model bundle's folder, where one was written."""
     product: str | None = None
-    """What that model is made of (common.composite.product_kind)."""
+    """What that model is made of (fedaug.common.priors.composite.product_kind)."""
     selection_valid_ndcg10: float | None = None
     """The validation NDCG@10 of the model handed out as the merchants' federated DP evaluation released it (a
     noised estimate; None: no evaluation ran)."""

@@ -7,7 +7,7 @@ __all__ = ["Activity", "Recommender", "Recommendation"]
 def __getattr__(name: str):
     # Lazy, so the command line starts without importing torch.
     if name in __all__:
-        from common import recommender
+        from fedaug.common.recommend import recommender
 
         return getattr(recommender, name)
     raise AttributeError(f"module 'fedaug' has no attribute {name!r}")

@@ -22,9 +22,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from common.errors import FedaugError
-from common.flower_logging import tame_flower_logging
-from common.memory import single_malloc_arena
+from fedaug.common.errors import FedaugError
+from fedaug.common.flower_logging import tame_flower_logging
+from fedaug.common.memory import single_malloc_arena
 
 # Help text is plain text: rich markup would swallow the TOML [section] names it cites. typer before 0.21.1 escapes
 # its own "[required]" and "[default: 3]" for rich even then, printing "\[required]"; flwr keeps typer below 0.21,
@@ -58,7 +58,7 @@ FLAGS = {
 
 def main() -> None:
     single_malloc_arena()
-    tame_flower_logging()  # also Ray's tip; Opacus' notes are settled where Opacus is set up (client.trainer)
+    tame_flower_logging()  # also Ray's tip; Opacus' notes are settled where Opacus is set up (fedaug.client.trainer)
     warnings.formatwarning = _warning_line
     command = typer.main.get_command(app)
     if {"-h", "--help"} & set(sys.argv[1:]):
@@ -94,11 +94,11 @@ def _cite_config_defaults(group: click.Group, args: list[str]) -> None:
     cited = [p for p in (command.params if command else ()) if p.help and CONFIG_KEY.search(p.help)]
     if not cited:
         return
-    from common.config import BaselineConfig, FederationConfig, MerchantRunConfig
+    from fedaug.common.config import BaselineConfig, FederationConfig, MerchantRunConfig
 
     def configs():  # the simulation's own tables last, only where cited: its module loads Flower
         yield from (MerchantRunConfig(), FederationConfig(), BaselineConfig())
-        from simulations.config import SimulationConfig
+        from fedaug.simulations.scenario import SimulationConfig
 
         yield SimulationConfig()
 
@@ -120,7 +120,7 @@ def _cite_config_defaults(group: click.Group, args: list[str]) -> None:
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     """Our own warnings as one line addressed to the user, not a source location."""
-    if category.__module__.split(".")[0] in ("client", "common", "server", "simulations", "fedaug"):
+    if category.__module__.split(".")[0] == "fedaug":
         return f"warning: {message}\n"
     return f"{filename}:{lineno}: {category.__name__}: {message}\n"
 
@@ -168,14 +168,14 @@ def baseline(
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Train the centralised non-private reference model and write DIR/metrics.json."""
-    from common.config import load_config
+    from fedaug.common.config import load_config
 
     cfg = load_config(config, {
         "data.path": str(data) if data else None, "data.format": fmt, "model.kind": model, "train.epochs": epochs,
         "train.max_minutes": max_minutes, "train.seed": seed, "device": device,
     }, flags=FLAGS)
     _check_out_dir(out)
-    from simulations.baseline import run_baseline  # after validation: a bad flag fails fast
+    from fedaug.simulations.baseline import run_baseline  # after validation: a bad flag fails fast
 
     with _progress() as progress:
         task = progress.add_task("training", total=None)
@@ -215,9 +215,9 @@ def status(
     """ε spent per merchant and run, the federation's last round and model bundle, from ledgers and checkpoints."""
     import json
 
-    from client.ledger import LEDGER_FILE, ledger_status
-    from common.records import StatusReport, federation_name
-    from server.checkpoint import CHECKPOINT, federation_status
+    from fedaug.client.ledger import LEDGER_FILE, ledger_status
+    from fedaug.common.records import StatusReport, federation_name
+    from fedaug.server.checkpoint import CHECKPOINT, federation_status
 
     if not state_dir.is_dir():
         raise FedaugError(f"--state-dir: {state_dir} is not a folder")
@@ -277,8 +277,8 @@ def health(
     """Exit 0 while Flower's SuperLink (aggregator) or SuperNode (merchant) says it is serving, 1 otherwise: for
     container healthchecks. Give --config or --address. A daemon starts Flower's health service only where its
     config sets health_address (e.g. [aggregator] health_address = "127.0.0.1:9098")."""
-    from deploy.health import configured_address, serving
-    from deploy.processes import split_address
+    from fedaug.runtime.health import configured_address, serving
+    from fedaug.runtime.processes import split_address
 
     if (config is None) == (address is None):
         raise click.UsageError("give one of --config (the daemon's TOML) and --address HOST:PORT")
@@ -310,7 +310,7 @@ def validate(
 
     from pydantic import BaseModel
 
-    from common.config import DataSection, load_config, read_toml
+    from fedaug.common.config import DataSection, load_config, read_toml
 
     class DataOnly(BaseModel):
         data: DataSection = DataSection()
@@ -321,7 +321,7 @@ def validate(
                               flags=FLAGS, where=str(config) if config else None, raw=raw).data
         if section.path is None:
             raise click.UsageError("give the file to check: --data FILE (or [data] path in --config)")
-        from common.data_check import check_data
+        from fedaug.common.data.validate import check_data
 
         report = check_data(section)
     except (FedaugError, click.UsageError) as exc:
@@ -341,7 +341,7 @@ def validate(
 def _print_data_report(report) -> None:
     from rich.table import Table
 
-    from common.split import MIN_EVALUABLE
+    from fedaug.common.data.split import MIN_EVALUABLE
 
     out = Console()
     table = Table(title=f"{report.path} ({report.format})", show_header=False, title_justify="left")
@@ -408,7 +408,7 @@ def local(
 ) -> None:
     """Train one merchant alone with the client's own DP trainer; DIR/report.md sets it beside the public text prior
     and popularity."""
-    from common.config import MerchantRunConfig, load_config
+    from fedaug.common.config import MerchantRunConfig, load_config
 
     cfg = load_config(config, {
         "data.path": str(data) if data else None, "data.format": fmt, "privacy.epsilon": epsilon,
@@ -421,7 +421,7 @@ def local(
     trial_state = _trial(cfg, data, state_dir, new_budget) if trial else None
     if trial_state is not None:
         cfg, state_dir, new_budget = cfg.model_copy(update={"data": type(cfg.data)()}), Path(trial_state.name), None
-    from simulations.local import run_local  # after validation: a bad flag fails fast
+    from fedaug.simulations.local import run_local  # after validation: a bad flag fails fast
 
     with _progress() as progress:
         task = progress.add_task("round 1 steps", total=None)
@@ -461,7 +461,7 @@ def _trial(cfg, data: Path | None, state_dir: Path | None, new_budget: bool):
 def _print_result(metrics, out: Path, label: str) -> None:
     """A finished run in three lines: its test figures, what needs no training beside them on the same users,
     and what the model handed out is — saying plainly where its trained parts add nothing — with the ε spent."""
-    from server.summary import attribute
+    from fedaug.server.summary import attribute
 
     test, privacy = metrics.test, metrics.privacy
     private = privacy is not None and privacy.epsilon_max is not None and privacy.epsilon_max < float("inf")
@@ -522,8 +522,8 @@ def simulate(
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's own logs."),
 ) -> None:
     """Run the ServerApp and ClientApp in Flower's simulation engine over merchants cut from one data set."""
-    from common.config import load_config
-    from simulations.config import SimulationConfig
+    from fedaug.common.config import load_config
+    from fedaug.simulations.scenario import SimulationConfig
 
     cfg = load_config(config, {
         "data.path": str(data) if data else None, "data.format": fmt, "simulation.merchants": merchants,
@@ -536,7 +536,7 @@ def simulate(
     }, SimulationConfig, flags=FLAGS)
     baselines = dict(_read_baseline(path) for path in baseline)
     _check_out_dir(out)
-    from simulations.simulate import finished_run, run_simulate  # after validation: a bad flag fails fast
+    from fedaug.simulations.simulate import finished_run, run_simulate  # after validation: a bad flag fails fast
 
     done = finished_run(cfg, out)
     if done is not None:
@@ -595,7 +595,7 @@ def recommend(
     a new visitor (--query: plain search; none: the bundle's popular items)."""
     if history is not None and users is not None:
         raise click.UsageError("give one of --history and --users, not both")
-    from common.recommender import Recommender
+    from fedaug.common.recommend.recommender import Recommender
 
     recommender = Recommender.load(model, device=device, schema=_shop_schema(config))
     if users is None:
@@ -606,7 +606,7 @@ def recommend(
                           + ("" if query else " (give --query or --history)"), highlight=False)
         _print_recommendations(results, as_json)
         return
-    from serving.batch import recommend_file
+    from fedaug.serving.batch import recommend_file
 
     with _progress() as progress:
         task = progress.add_task("recommending", total=None)
@@ -632,9 +632,9 @@ def evaluate(
     the public text prior and popularity, and its paired gain over the prior."""
     import json
 
-    from common.bundle import load_bundle
-    from common.check import check_model, read_check_config
-    from common.device import pick_device
+    from fedaug.common.model.device import pick_device
+    from fedaug.common.recommend.bundle import load_bundle
+    from fedaug.common.recommend.check import check_model, read_check_config
 
     cfg = read_check_config(config, {"data.path": str(data) if data else None, "data.format": fmt,
                                      "device": device}, flags=FLAGS)
@@ -655,7 +655,7 @@ def evaluate(
 def _print_model_check(result, model: Path) -> None:
     from rich.table import Table
 
-    from common.check import gain_text
+    from fedaug.common.recommend.check import gain_text
 
     kind = result.bundle["kind"]
     table = Table(title=f"{model} ({kind}) on {result.test['users']:,} held-out users", title_justify="left")
@@ -697,7 +697,7 @@ def serve(
 
     import uvicorn
 
-    from serving.http import create_app
+    from fedaug.serving.http import create_app
 
     application = create_app(model, device=device, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              max_body_bytes=max_body_bytes, schema=_shop_schema(config))
@@ -720,7 +720,7 @@ def _shop_schema(config: Path | None):
     """The event-file mapping of ``config``'s [data] table (None: no --config, the bundle's own)."""
     if config is None:
         return None
-    from common.check import read_check_config
+    from fedaug.common.recommend.check import read_check_config
 
     return read_check_config(config, {}, flags=FLAGS).data.schema()
 
@@ -756,7 +756,7 @@ def sweep(
     report_only: bool = typer.Option(False, "--report-only", help="Run nothing; report the runs finished so far."),
 ) -> None:
     """Run a grid of simulations (ε × augmentation × mode) and write one report with a privacy–utility plot."""
-    from simulations.sweep import load_sweep, run_sweep
+    from fedaug.simulations.sweep import load_sweep, run_sweep
 
     grid, base = load_sweep(config)
     baselines = dict(_read_baseline(path) for path in baseline)
@@ -801,19 +801,19 @@ def audit(
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Audit ε empirically in one training run (Steinke, Nasr & Jagielski 2023): canaries in or out, guessed."""
-    from common.config import load_config
-    from simulations.audit import run_audit, run_federated_audit
+    from fedaug.common.config import load_config
+    from fedaug.simulations.audit import run_audit, run_federated_audit
 
     overrides = {"data.path": str(data) if data else None, "data.format": fmt, "privacy.epsilon": epsilon,
                  "device": device}
     if federated:
-        from simulations.config import SimulationConfig
+        from fedaug.simulations.scenario import SimulationConfig
 
         cfg = load_config(config, overrides | {"federation.rounds": rounds, "simulation.merchants": merchants},
                           SimulationConfig, flags=FLAGS)
         total = cfg.federation.rounds
     else:
-        from common.config import MerchantRunConfig
+        from fedaug.common.config import MerchantRunConfig
 
         if merchants is not None:
             raise click.UsageError("--merchants: only with --federated (the merchant path trains one merchant)")
@@ -841,7 +841,7 @@ def certs(
                                    "(repeatable; localhost, 127.0.0.1 and ::1 are always in)."),
 ) -> None:
     """Create a trial CA, the SuperLink's TLS certificate and merchant key pairs (production: your own CA)."""
-    from deploy.certs import write_certificates
+    from fedaug.runtime.certs import write_certificates
 
     files = write_certificates(out, merchants, tuple(host))
     console.print(f"wrote {len(files)} files to {out}: {', '.join(f.name for f in files)}")
@@ -862,10 +862,10 @@ def synth(
 ) -> None:
     """Write trial merchants' files: the public catalog (ids, titles where the data has them, attributes) and one
     events CSV each, from the embedded synthetic data or a real data set (--data)."""
-    from common.config import SyntheticSection, load_config
-    from common.split import assign_merchants
-    from common.synthetic import generate
-    from deploy.export import write_merchant_files
+    from fedaug.common.config import SyntheticSection, load_config
+    from fedaug.common.data.split import assign_merchants
+    from fedaug.common.data.synthetic import generate
+    from fedaug.runtime.export import write_merchant_files
 
     if data is None and fmt is not None:
         raise click.UsageError("--format: applies to --data only")
@@ -898,7 +898,7 @@ def prepare(
                                        "items share."),
 ) -> None:
     """Turn the public Amazon review and metadata files into the amazon-seq files every command reads."""
-    from common.prepare import prepare as prepare_amazon
+    from fedaug.common.data.prepare import prepare as prepare_amazon
 
     result = prepare_amazon(reviews=reviews, meta=meta, out=out, name=name, core=core,
                             attribute_core=attribute_core)
@@ -919,8 +919,8 @@ def aggregator(
                                 "training recipe ([model], [augment], [privacy], [local])."),
 ) -> None:
     """Run the aggregation service: Flower's SuperLink with TLS and merchant authentication, our ServerApp."""
-    from common.config import load_config
-    from server.aggregator import Aggregator, AggregatorConfig
+    from fedaug.common.config import load_config
+    from fedaug.server.aggregator import Aggregator, AggregatorConfig
 
     cfg = load_config(config, None, AggregatorConfig)
     _exit_cleanly_on_sigterm()
@@ -938,9 +938,9 @@ def aggregator(
         metrics = Aggregator(cfg, on_round, say=_plain(progress.console)).run()
     test = (f"test NDCG@10 {metrics.test['ndcg@10']:.4f}  HR@10 {metrics.test['hr@10']:.4f}" if metrics.test
             else "test metrics withheld (private merchants)")
-    from common.records import federation_name
-    from server.checkpoint import handed_out_estimate
-    from server.summary import attribute
+    from fedaug.common.records import federation_name
+    from fedaug.server.checkpoint import handed_out_estimate
+    from fedaug.server.summary import attribute
 
     console.print(f"{federation_name(metrics.run_key, metrics.flower_runs)} done: {len(metrics.rounds)} rounds, "
                   f"{test} -> {cfg.aggregator.state_dir / 'report.md'}", markup=False, highlight=False)
@@ -960,8 +960,8 @@ def merchant(
                                 "[data] (file, catalog), [privacy] (ε budget, δ)."),
 ) -> None:
     """Run a merchant daemon: check the data, then keep Flower's SuperNode with our ClientApp connected."""
-    from client.daemon import MerchantDaemon, MerchantDaemonConfig
-    from common.config import load_config
+    from fedaug.client.daemon import MerchantDaemon, MerchantDaemonConfig
+    from fedaug.common.config import load_config
 
     cfg = load_config(config, None, MerchantDaemonConfig)
     _exit_cleanly_on_sigterm()
@@ -983,7 +983,7 @@ def _exit_cleanly_on_sigterm() -> None:
 def _read_baseline(path: Path) -> tuple[str, dict]:
     import json
 
-    from simulations.report import METRIC_KEYS
+    from fedaug.simulations.report import METRIC_KEYS
 
     try:
         metrics = json.loads(path.read_text(encoding="utf-8"))

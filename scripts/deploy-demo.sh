@@ -109,7 +109,7 @@ done
 python - state "$rounds" <<'PY'
 import json, sys
 from pathlib import Path
-from common.bundle import bundle_hash, read_card
+from fedaug.common.recommend.bundle import bundle_hash, read_card
 state = Path(sys.argv[1])
 metrics = json.loads((state / "aggregator" / "metrics.json").read_text())
 rounds = [r["round"] for r in metrics["rounds"]]

@@ -1,7 +1,7 @@
 """`fedaug aggregator`: the platform's aggregation service, made of Flower's own processes.
 
 It starts `flower-superlink` on loopback (TLS on every API, SuperNode authentication on) and nginx on the public
-address publishing its Fleet API alone (deploy/fleet_proxy.py), registers the merchants' public keys
+address publishing its Fleet API alone (runtime/fleet_proxy.py), registers the merchants' public keys
 with `flwr supernode register`, submits our app with `flwr run` (the Control API) and the federation's run_config,
 follows the rounds the ServerApp logs, and, when the run ends, writes metrics.json and report.md next to the
 checkpoint. Everything lives in ``state_dir``; started again with the same one, the SuperLink keeps its database
@@ -31,8 +31,8 @@ from pathlib import Path
 import tomli_w
 from pydantic import Field, model_validator
 
-from common.atomic import write_bytes_atomic, write_json_atomic
-from common.config import (
+from fedaug.common.atomic import write_bytes_atomic, write_json_atomic
+from fedaug.common.config import (
     FEDERATED_DEFAULTS,
     NONPRIVATE_FEDERATED_DEFAULTS,
     Config,
@@ -43,16 +43,15 @@ from common.config import (
     federation_config,
     to_run_config,
 )
-from common.errors import ConfigError, FedaugError
-from common.records import OnRound, RunMetrics, federation_name, write_metrics
-from deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
-from deploy.fleet_proxy import start_fleet_proxy
-from deploy.processes import HostPort, flower_command, last_line, split_address, start, stop, wait_until
-
-from . import checkpoint
-from .distribute import MODEL_DIR
-from .monitor import RoundWatcher
-from .summary import federation_summary, read_handed_out, render_deployment_report
+from fedaug.common.errors import ConfigError, FedaugError
+from fedaug.common.records import OnRound, RunMetrics, federation_name, write_metrics
+from fedaug.runtime.certs import CA_CERT, SERVER_CERT, SERVER_KEY
+from fedaug.runtime.fleet_proxy import start_fleet_proxy
+from fedaug.runtime.processes import HostPort, flower_command, last_line, split_address, start, stop, wait_until
+from fedaug.server import checkpoint
+from fedaug.server.distribute import MODEL_DIR
+from fedaug.server.monitor import RoundWatcher
+from fedaug.server.summary import federation_summary, read_handed_out, render_deployment_report
 
 CONNECTION = "fedaug"
 """Name of the Flower CLI connection to our SuperLink (in ``state_dir/flwr/config.toml``)."""
@@ -65,7 +64,7 @@ class AggregatorSection(Section):
 
     address: HostPort = "127.0.0.1:9092"
     """host:port merchants connect to (HTTPS; 0.0.0.0 for every interface): Flower's Fleet API only, published by
-    nginx in front of the SuperLink (deploy/fleet_proxy.py); any other path is refused there."""
+    nginx in front of the SuperLink (runtime/fleet_proxy.py); any other path is refused there."""
     control_address: HostPort = "127.0.0.1:9093"
     """Loopback host:port of the SuperLink itself (Fleet, Control and Runtime APIs, HTTPS): only this host reaches
     it, since Flower's Control API authenticates no one (whoever reaches it could stop or submit runs)."""

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import write_bytes_atomic
-from common.dp_counts import Counts, Statistics
-from common.errors import ConfigError
-from common.records import FederationStatus, RoundRecord, merchant_name
+from fedaug.common.atomic import write_bytes_atomic
+from fedaug.common.errors import ConfigError
+from fedaug.common.priors.dp_counts import Counts, Statistics
+from fedaug.common.records import FederationStatus, RoundRecord, merchant_name
 
 CHECKPOINT = "checkpoint.npz"
 
@@ -54,7 +54,7 @@ class ServerState:
     budgets_spent: bool = False
     """The federation ended before its last round: every merchant declined for its privacy budget."""
     selection: dict | None = None
-    """The federated DP evaluation's choice of the trained model's weight (server.selection), once made."""
+    """The federated DP evaluation's choice of the trained model's weight (fedaug.server.selection), once made."""
     flower_runs: list[int] = field(default_factory=list)
     """The Flower run ids this federation ran under, one per start of the ServerApp that ran rounds."""
 
@@ -150,8 +150,8 @@ def federation_status(state_dir: Path) -> FederationStatus | None:
                   if (p / "card.json").is_file()), None)
     product = None
     if model is not None:
-        from common.bundle import load_bundle
-        from common.composite import product_kind
+        from fedaug.common.priors.composite import product_kind
+        from fedaug.common.recommend.bundle import load_bundle
 
         product = product_kind(load_bundle(model).scorer)
     return FederationStatus(

@@ -1,5 +1,5 @@
-"""The end of a federation: the aggregator writes the final global model as a bundle (common/bundle.py) into its
-state directory and sends the bundle's files to every connected merchant (Flower message ``query.model``), who
+"""The end of a federation: the aggregator writes the final global model as a bundle (common/recommend/bundle.py) into
+its state directory and sends the bundle's files to every connected merchant (Flower message ``query.model``), who
 writes the same bundle into its own state directory. Re-sending the model is post-processing: no ε."""
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.bundle import bundle_files, bundle_hash, write_bundle_files
-from common.composite import compose
-from common.config import FederationConfig, FederationSection
-from common.data import ItemCatalog
-from common.evaluate import SASRecScorer
-from common.model import SASRec
-from common.records import merchant_name
-from common.text_prior import TextPrior
-
-from .checkpoint import ServerState
+from fedaug.common.config import FederationConfig, FederationSection
+from fedaug.common.data import ItemCatalog
+from fedaug.common.model.evaluate import SASRecScorer
+from fedaug.common.model.sasrec import SASRec
+from fedaug.common.priors.composite import compose
+from fedaug.common.priors.text_prior import TextPrior
+from fedaug.common.recommend.bundle import bundle_files, bundle_hash, write_bundle_files
+from fedaug.common.records import merchant_name
+from fedaug.server.checkpoint import ServerState
 
 QUERY = "query.model"
 MODEL_DIR = "model"
@@ -33,8 +32,8 @@ def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, config
                  prior: TextPrior | None = None, neighbours: np.ndarray | None = None,
                  candidate: bool = False) -> dict[str, bytes]:
     """The model every merchant receives: the final global model composed with the public text prior and the
-    merchants' summed DP statistics (their serve release) by public rules (common.composite), the model at the
-    weight the federated DP evaluation chose (``state.selection``; none: left out), over the public catalog; its
+    merchants' summed DP statistics (their serve release) by public rules (fedaug.common.priors.composite), the model at
+    the weight the federated DP evaluation chose (``state.selection``; none: left out), over the public catalog; its
     card names each part, its weight and the ε behind it. ``candidate``: the model the merchants evaluate for
     that choice instead — the fit counts (no validation item in them), the model's weight left to them."""
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.arrays.items()})

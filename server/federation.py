@@ -1,6 +1,6 @@
 """The aggregator's round loop: Flower's strategy does the sampling and the arithmetic, this loop does the rest.
 
-Per round: configure and send training messages through the Grid, sort the replies (server.replies), aggregate
+Per round: configure and send training messages through the Grid, sort the replies (fedaug.server.replies), aggregate
 if at least ``min_replies`` usable updates arrived (else retry the round, then stop cleanly), evaluate (federated
 and, in simulation, centrally), checkpoint atomically, publish metrics. Started again on the same state-dir it
 resumes after the last checkpointed round.
@@ -19,18 +19,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.config import FederationSection
-from common.dp_counts import Statistics
-from common.errors import ConfigError, FedaugError
-from common.metrics import select
-from common.records import WITHHELD, MerchantWork, RoundRecord, merchant_name
-
-from . import checkpoint
-from .checkpoint import ServerState
-from .monitor import Monitor
-from .replies import bound_norms, sort_evaluate_replies, sort_train_replies
-from .statistics import collect_statistics
-from .strategies import STATE_ATTRIBUTES, WEIGHT, build_strategy, central_dp, inner
+from fedaug.common.config import FederationSection
+from fedaug.common.errors import ConfigError, FedaugError
+from fedaug.common.model.metrics import select
+from fedaug.common.priors.dp_counts import Statistics
+from fedaug.common.records import WITHHELD, MerchantWork, RoundRecord, merchant_name
+from fedaug.server import checkpoint
+from fedaug.server.checkpoint import ServerState
+from fedaug.server.monitor import Monitor
+from fedaug.server.replies import bound_norms, sort_evaluate_replies, sort_train_replies
+from fedaug.server.statistics import collect_statistics
+from fedaug.server.strategies import STATE_ATTRIBUTES, WEIGHT, build_strategy, central_dp, inner
 
 Evaluator = Callable[[dict[str, np.ndarray], tuple[str, ...], Statistics | None], dict]
 """Central evaluation of global arrays at the given stages, with the run's DP statistics where there are any
@@ -50,7 +49,7 @@ def run_federation(grid: Grid, settings: FederationSection, initial: dict[str, n
                    node_wait_seconds: float = 600.0, neighbours: np.ndarray | None = None,
                    merchant_work: WorkReader | None = None, flower_run: int | None = None) -> ServerState:
     """Run (or resume) the federation; ``neighbours``: the public candidate table when the merchants are to
-    release DP collaborative statistics before round 1 (server.statistics); ``merchant_work``: where a
+    release DP collaborative statistics before round 1 (fedaug.server.statistics); ``merchant_work``: where a
     simulation reads its merchants' own time per round (recorded beside the engine's); ``flower_run``: the Flower
     run this start is (kept in the checkpoint beside the federation's own key)."""
     state_dir = settings.state_dir

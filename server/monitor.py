@@ -12,8 +12,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from common.atomic import write_bytes_atomic
-from common.records import OnRound, RoundRecord
+from fedaug.common.atomic import write_bytes_atomic
+from fedaug.common.records import OnRound, RoundRecord
 
 ROUND_LOG = "rounds.jsonl"
 

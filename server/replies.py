@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from common.compression import Encoded, decode
-from common.records import WITHHELD, merchant_name
-
-from .strategies import WEIGHT
+from fedaug.common.protocol.codec import Encoded, decode
+from fedaug.common.records import WITHHELD, merchant_name
+from fedaug.server.strategies import WEIGHT
 
 
 @dataclass

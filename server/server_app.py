@@ -1,6 +1,6 @@
 """The aggregator's Flower ServerApp (Message API). The same app runs in `flwr run .`, the deployed SuperLink and
 `fedaug simulate` (which attaches its central evaluation through ``server_app``); everything it does is configured
-by Flower's run_config, validated as a common.config.FederationConfig."""
+by Flower's run_config, validated as a fedaug.common.config.FederationConfig."""
 
 from __future__ import annotations
 
@@ -11,19 +11,18 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import FederationConfig, from_run_config
-from common.data import BehaviorData
-from common.device import pick_device
-from common.dp_counts import text_neighbours
-from common.flower_logging import tame_flower_logging
-from common.memory import single_malloc_arena
-from common.model import SASRec
-from common.text_prior import TextPrior
-
-from . import checkpoint
-from .distribute import distribute_model, final_bundle
-from .federation import Evaluator, WorkReader, run_federation
-from .selection import evaluate_candidates
+from fedaug.common.config import FederationConfig, from_run_config
+from fedaug.common.data import BehaviorData
+from fedaug.common.flower_logging import tame_flower_logging
+from fedaug.common.memory import single_malloc_arena
+from fedaug.common.model.device import pick_device
+from fedaug.common.model.sasrec import SASRec
+from fedaug.common.priors.dp_counts import text_neighbours
+from fedaug.common.priors.text_prior import TextPrior
+from fedaug.server import checkpoint
+from fedaug.server.distribute import distribute_model, final_bundle
+from fedaug.server.federation import Evaluator, WorkReader, run_federation
+from fedaug.server.selection import evaluate_candidates
 
 EvaluatorFactory = Callable[[FederationConfig, BehaviorData, SASRec], Evaluator]
 """Builds a central evaluation from the run's config, data and initial model (simulations only)."""

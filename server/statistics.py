@@ -1,4 +1,4 @@
-"""The aggregator's side of the DP collaborative statistics (client/statistics.py): ask every connected merchant
+"""The aggregator's side of the DP collaborative statistics (client/releases.py): ask every connected merchant
 once, before round 1, for its noised counts over the public candidate table, check and sum the replies.
 
 The sum is post-processing of the merchants' releases: it costs no further ε. A merchant that errs or declines
@@ -13,11 +13,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.config import FederationSection
-from common.dp_counts import Counts, Statistics
-from common.records import merchant_name
-
-from .replies import query_problem
+from fedaug.common.config import FederationSection
+from fedaug.common.priors.dp_counts import Counts, Statistics
+from fedaug.common.records import merchant_name
+from fedaug.server.replies import query_problem
 
 ARRAYS = ("popularity", "pairs", "serve-popularity", "serve-pairs")
 

@@ -25,8 +25,8 @@ from flwr.supercore.privacy_accounting import (
 )
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-from common.config import FederationSection
-from common.errors import ConfigError
+from fedaug.common.config import FederationSection
+from fedaug.common.errors import ConfigError
 
 WEIGHT = "weight"
 STATE_ATTRIBUTES = ("m_t", "v_t")

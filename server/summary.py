@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.bundle import Bundle, load_bundle
-from common.composite import product_kind
-from common.config import FederationConfig
-from common.metrics import METRIC_NAMES, select
-from common.records import MerchantRecord, PrivacyRecord, RunMetrics, federation_name
-
-from .checkpoint import ServerState
+from fedaug.common.config import FederationConfig
+from fedaug.common.model.metrics import METRIC_NAMES, select
+from fedaug.common.priors.composite import product_kind
+from fedaug.common.recommend.bundle import Bundle, load_bundle
+from fedaug.common.records import MerchantRecord, PrivacyRecord, RunMetrics, federation_name
+from fedaug.server.checkpoint import ServerState
 
 DASH = "—"
 """A cell with nothing to show."""

@@ -8,10 +8,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from common.atomic import write_bytes_atomic
-from common.data import EVENT_TYPES
-from common.loaders import load
-from common.recommender import Activity, Recommender
+from fedaug.common.atomic import write_bytes_atomic
+from fedaug.common.data import EVENT_TYPES
+from fedaug.common.data.loaders import load
+from fedaug.common.recommend.recommender import Activity, Recommender
 
 BATCH = 256
 

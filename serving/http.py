@@ -34,11 +34,11 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints
 
-from common.bundle import bundle_hash
-from common.data import EVENT_TYPES
-from common.errors import FedaugError
-from common.events import DROP, MAX_ID_CHARS, EventSchema
-from common.recommender import Activity, Recommendation, Recommender, UnknownItems
+from fedaug.common.data import EVENT_TYPES
+from fedaug.common.data.events import DROP, MAX_ID_CHARS, EventSchema
+from fedaug.common.errors import FedaugError
+from fedaug.common.recommend.bundle import bundle_hash
+from fedaug.common.recommend.recommender import Activity, Recommendation, Recommender, UnknownItems
 
 MAX_K = 100
 MAX_HISTORY = 200

@@ -1,5 +1,5 @@
-"""The ServerApp and ClientApp as `fedaug simulate` runs them: the production handlers (server.server_app,
-client.client_app) with the simulation-only behaviour attached from here — merchants cut from one data set by
+"""The ServerApp and ClientApp as `fedaug simulate` runs them: the production handlers (fedaug.server.server_app,
+fedaug.client.client_app) with the simulation-only behaviour attached from here — merchants cut from one data set by
 [simulation] partition, Byzantine merchants (poisoned data, or a mod that poisons their updates) and the server's
 central evaluation on every user, which only a simulation's server can do (it has the data)."""
 
@@ -17,25 +17,24 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.client_app import client_app
-from client.merchant import NUM_PARTITIONS, PARTITION_ID, Merchant, build_merchant
-from client.round_log import read_rounds
-from common.config import from_run_config
-from common.data import BehaviorData
-from common.device import pick_device
-from common.dp_counts import Statistics, fit_prior_with_counts
-from common.errors import ConfigError
-from common.evaluate import evaluate, sasrec_scorer
-from common.fusion import Fused, fit_fusion
-from common.metrics import select
-from common.model import SASRec
-from common.records import MerchantWork
-from common.split import Merchants, assign_merchants, leave_one_out
-from server.server_app import public_prior, server_app, statistics_candidates
-
-from .attacks import flip_labels, poison_mod
-from .baseline import text_prior
-from .config import SimulationConfig
+from fedaug.client.client_app import client_app
+from fedaug.client.merchant import NUM_PARTITIONS, PARTITION_ID, Merchant, build_merchant
+from fedaug.client.round_log import read_rounds
+from fedaug.common.config import from_run_config
+from fedaug.common.data import BehaviorData
+from fedaug.common.data.split import Merchants, assign_merchants, leave_one_out
+from fedaug.common.errors import ConfigError
+from fedaug.common.model.device import pick_device
+from fedaug.common.model.evaluate import evaluate, sasrec_scorer
+from fedaug.common.model.metrics import select
+from fedaug.common.model.sasrec import SASRec
+from fedaug.common.priors.dp_counts import Statistics, fit_prior_with_counts
+from fedaug.common.priors.fusion import Fused, fit_fusion
+from fedaug.common.records import MerchantWork
+from fedaug.server.server_app import public_prior, server_app, statistics_candidates
+from fedaug.simulations.attacks import flip_labels, poison_mod
+from fedaug.simulations.baseline import text_prior
+from fedaug.simulations.scenario import SimulationConfig
 
 
 def simulated_merchant(context: Context) -> Merchant:
@@ -81,9 +80,9 @@ class CentralEvaluation:
     """Score global arrays on every merchant's held-out users at once (the union of the merchants' users is the
     whole data set): reporting only. By default the scored model is the one every merchant receives, composed by
     public rules from the public text prior, the merchants' DP statistics and the global model
-    (common.composite): nothing chosen here. With [simulation] pooled_selection (research, not private) the
-    weights are chosen on the pooled validation users instead (common/fusion.py, common/dp_counts.py; the model
-    alone is a candidate)."""
+    (fedaug.common.priors.composite): nothing chosen here. With [simulation] pooled_selection (research, not private)
+    the weights are chosen on the pooled validation users instead (common/priors/fusion.py,
+    common/priors/dp_counts.py; the model alone is a candidate)."""
 
     def __init__(self, config: SimulationConfig, data: BehaviorData, model: SASRec):
         self.config, self.split = config, leave_one_out(data)

@@ -20,8 +20,8 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from client.client_app import sent_weights, update_content
-from common.data import BehaviorData
+from fedaug.client.client_app import sent_weights, update_content
+from fedaug.common.data import BehaviorData
 
 ATTACKS = ("scale", "signflip", "noise", "labelflip")
 UPDATE_ATTACKS = ("scale", "signflip", "noise")

@@ -21,22 +21,21 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from client.ledger import PrivacyLedger
-from client.trainer import build_trainer
-from common.atomic import write_bytes_atomic, write_json_atomic
-from common.config import MerchantRunConfig
-from common.data import BehaviorData
-from common.device import pick_device
-from common.errors import ConfigError, FedaugError
-from common.metrics import json_number
-from common.records import OnRound, RoundRecord
-from common.split import leave_one_out
-from common.training import set_seed
-from deploy.export import CATALOG_FILE, events_frame, write_catalog_tsv
-from server import checkpoint
-
-from .config import SimulationConfig
-from .simulate import run_simulate
+from fedaug.client.ledger import PrivacyLedger
+from fedaug.client.trainer import build_trainer
+from fedaug.common.atomic import write_bytes_atomic, write_json_atomic
+from fedaug.common.config import MerchantRunConfig
+from fedaug.common.data import BehaviorData
+from fedaug.common.data.split import leave_one_out
+from fedaug.common.errors import ConfigError, FedaugError
+from fedaug.common.model.device import pick_device
+from fedaug.common.model.metrics import json_number
+from fedaug.common.model.training import set_seed
+from fedaug.common.records import OnRound, RoundRecord
+from fedaug.runtime.export import CATALOG_FILE, events_frame, write_catalog_tsv
+from fedaug.server import checkpoint
+from fedaug.simulations.scenario import SimulationConfig
+from fedaug.simulations.simulate import run_simulate
 
 
 def p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:

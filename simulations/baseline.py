@@ -6,19 +6,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common.config import BaselineConfig
-from common.device import pick_device
-from common.evaluate import evaluate, sasrec_scorer
-from common.fusion import fit_fusion
-from common.metrics import select
-from common.popularity import Popularity
-from common.records import FusionRecord, RunMetrics, write_metrics
-from common.split import leave_one_out
-from common.text_prior import TextPrior, fit_text_prior
-from common.training import fit, set_seed
-
-from .bundles import MODEL, save_model
-from .report import final_metrics, tested
+from fedaug.common.config import BaselineConfig
+from fedaug.common.data.split import leave_one_out
+from fedaug.common.model.device import pick_device
+from fedaug.common.model.evaluate import evaluate, sasrec_scorer
+from fedaug.common.model.metrics import select
+from fedaug.common.model.training import fit, set_seed
+from fedaug.common.priors.fusion import fit_fusion
+from fedaug.common.priors.popularity import Popularity
+from fedaug.common.priors.text_prior import TextPrior, fit_text_prior
+from fedaug.common.records import FusionRecord, RunMetrics, write_metrics
+from fedaug.simulations.bundles import MODEL, save_model
+from fedaug.simulations.report import final_metrics, tested
 
 
 def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Callable | None = None,

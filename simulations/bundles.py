@@ -1,15 +1,15 @@
 """The model bundles a run leaves behind (DIR/model, and DIR/model-best for a federation): the scorer the run
-evaluated, with what trained it and the privacy it was trained under on its card (common/bundle.py)."""
+evaluated, with what trained it and the privacy it was trained under on its card (common/recommend/bundle.py)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from common.bundle import write_bundle
-from common.data import BehaviorData
-from common.evaluate import Scorer
-from common.records import RunMetrics
+from fedaug.common.data import BehaviorData
+from fedaug.common.model.evaluate import Scorer
+from fedaug.common.recommend.bundle import write_bundle
+from fedaug.common.records import RunMetrics
 
 MODEL, BEST_MODEL = "model", "model-best"
 

@@ -7,25 +7,32 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from client.ledger import ledger_status
-from client.spent import claim
-from client.statistics import SELECTION, release_selection, release_statistics
-from client.trainer import build_trainer
-from common import selection
-from common.composite import compose, product_kind
-from common.config import FederationSection, MerchantRunConfig
-from common.data import BehaviorData
-from common.device import pick_device
-from common.dp_counts import text_neighbours
-from common.evaluate import evaluate, sasrec_scorer, tested
-from common.metrics import paired_gain, select
-from common.records import FusionRecord, MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics, write_metrics
-from common.split import leave_one_out
-from common.text_prior import TextPrior
-from common.training import set_seed
-
-from .bundles import MODEL, save_model
-from .report import baselines, final_metrics, write_report
+from fedaug.client.ledger import ledger_status
+from fedaug.client.releases import SELECTION, release_selection, release_statistics
+from fedaug.client.spent import claim
+from fedaug.client.trainer import build_trainer
+from fedaug.common.config import FederationSection, MerchantRunConfig
+from fedaug.common.data import BehaviorData
+from fedaug.common.data.split import leave_one_out
+from fedaug.common.model.device import pick_device
+from fedaug.common.model.evaluate import evaluate, sasrec_scorer, tested
+from fedaug.common.model.metrics import paired_gain, select
+from fedaug.common.model.training import set_seed
+from fedaug.common.priors import fusion_weights
+from fedaug.common.priors.composite import compose, product_kind
+from fedaug.common.priors.dp_counts import text_neighbours
+from fedaug.common.priors.text_prior import TextPrior
+from fedaug.common.records import (
+    FusionRecord,
+    MerchantRecord,
+    OnRound,
+    PrivacyRecord,
+    RoundRecord,
+    RunMetrics,
+    write_metrics,
+)
+from fedaug.simulations.bundles import MODEL, save_model
+from fedaug.simulations.report import baselines, final_metrics, write_report
 
 STATISTICS = FederationSection()
 """A merchant alone releases its statistics as a federation's merchants do (the [federation] defaults)."""
@@ -33,13 +40,13 @@ STATISTICS = FederationSection()
 
 def evaluate_alone(trainer, run_id: str, trained, prior: TextPrior, released, neighbours, split,
                    state_dir: Path) -> dict:
-    """A merchant alone chooses its model's weight as a federation does (common/selection.py): the candidate
+    """A merchant alone chooses its model's weight as a federation does (common/priors/fusion_weights.py): the candidate
     (fit counts) scored at each public weight on its validation users, released through its reserved Gaussian
     mechanism, the choice made on the noised figures only."""
     candidate = STATISTICS.release_rule().scorer(prior, released.fit, neighbours)
-    vector, noise = release_selection(trainer, run_id, selection.figures(trained, candidate, split),
-                                      weights=selection.WEIGHTS, state_dir=state_dir if trainer.ledger else None)
-    return selection.choose(vector, noise * selection.sensitivity()) | {"merchants": 1}
+    vector, noise = release_selection(trainer, run_id, fusion_weights.figures(trained, candidate, split),
+                                      weights=fusion_weights.WEIGHTS, state_dir=state_dir if trainer.ledger else None)
+    return fusion_weights.choose(vector, noise * fusion_weights.sensitivity()) | {"merchants": 1}
 
 
 def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_round: OnRound | None = None,
@@ -51,7 +58,7 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
 
     The privacy ledger in ``state_dir`` makes ε durable: running again with the same state-dir keeps composing.
     ``new_budget`` (a merchant's own data; None for a simulation's parts): whether a new ledger may start for data
-    another ledger has already spent on (client.spent).
+    another ledger has already spent on (fedaug.client.spent).
     """
     started = time.monotonic()
     device = pick_device(config.device)
@@ -66,7 +73,7 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
     model = config.model.model(data)
     run_id = uuid.uuid4().hex
     # The public prior and this merchant's own DP statistics, released (and ledgered) before training so DP-SGD
-    # is calibrated for what is left: the same composition a federation hands out (common.composite).
+    # is calibrated for what is left: the same composition a federation hands out (fedaug.common.priors.composite).
     prior = config.text.public_prior(data, device) if config.text.fuse else None
     released, neighbours = None, None
     if prior is not None and STATISTICS.statistics is not False:
@@ -144,7 +151,7 @@ def releases_before_training(state_dir: Path, run_key: str | None) -> dict[str, 
 
 def write_outputs(metrics: RunMetrics, out: Path) -> None:
     """A finished run's files: its plots and report.md, then metrics.json, the mark of a finished run."""
-    from .plots import write_plots
+    from fedaug.simulations.plots import write_plots
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

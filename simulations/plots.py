@@ -14,9 +14,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from common.atomic import write_bytes_atomic  # noqa: E402
-from common.records import MerchantRecord, RunMetrics  # noqa: E402
-from server.summary import attribute  # noqa: E402
+from fedaug.common.atomic import write_bytes_atomic  # noqa: E402
+from fedaug.common.records import MerchantRecord, RunMetrics  # noqa: E402
+from fedaug.server.summary import attribute  # noqa: E402
 
 
 def write_plots(metrics: RunMetrics, out: Path) -> list[str]:

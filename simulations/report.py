@@ -9,17 +9,17 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from common.atomic import write_bytes_atomic
-from common.data import BehaviorData
-from common.evaluate import COLD_BELOW, Scorer, Tested, cold_targets, evaluate, tested
-from common.metrics import METRIC_NAMES, select
-from common.popularity import Popularity
-from common.records import RunMetrics
-from common.split import LeaveOneOut
-from server.summary import DASH, attribute, markdown_table
+from fedaug.common.atomic import write_bytes_atomic
+from fedaug.common.data import BehaviorData
+from fedaug.common.data.split import LeaveOneOut
+from fedaug.common.model.evaluate import COLD_BELOW, Scorer, Tested, cold_targets, evaluate, tested
+from fedaug.common.model.metrics import METRIC_NAMES, select
+from fedaug.common.priors.popularity import Popularity
+from fedaug.common.records import RunMetrics
+from fedaug.server.summary import DASH, attribute, markdown_table
 
 METRIC_KEYS = METRIC_NAMES
-# ``tested``, ``Tested``, ``cold_targets`` and ``COLD_BELOW`` live in common/evaluate.py (a merchant's check of a
+# ``tested``, ``Tested``, ``cold_targets`` and ``COLD_BELOW`` live in common/model/evaluate.py (a merchant's check of a
 # received model uses them too, and client/ never imports simulations/); runs import them from here as before.
 __all__ = ["COLD_BELOW", "METRIC_KEYS", "Baselines", "Tested", "baselines", "cold_targets", "final_metrics",
            "render_report", "tested", "write_report"]

@@ -7,7 +7,7 @@
    left out); NDCG@10 of search alone (the query, no history) vs personalised search (query + history). The blend
    weight is chosen on validation users (their held-out validation item's categories), then applied to test.
 
-    python -m simulations.serving_eval --model RUN/model --data ../shared/data/amazon-beauty/Beauty.txt --out DIR
+    python -m fedaug.simulations.serving_eval --model RUN/model --data ../shared/data/amazon-beauty/Beauty.txt --out DIR
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from rich.progress import Progress
 
-from common.atomic import write_json_atomic
-from common.data import EVENT_TYPES
-from common.loaders import load
-from common.recommender import Activity, Recommender
-from common.split import LeaveOneOut, leave_one_out
+from fedaug.common.atomic import write_json_atomic
+from fedaug.common.data import EVENT_TYPES
+from fedaug.common.data.loaders import load
+from fedaug.common.data.split import LeaveOneOut, leave_one_out
+from fedaug.common.recommend.recommender import Activity, Recommender
 
 WEIGHTS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 """Query-relevance weights against the history's scores, tried on validation."""

@@ -17,27 +17,26 @@ import numpy as np
 import tomli_w
 import torch
 
-from common.bundle import bundle_bytes, write_bundle_files
-from common.composite import product_kind
-from common.config import to_run_config
-from common.device import pick_device
-from common.errors import ConfigError, FedaugError
-from common.evaluate import Scorer
-from common.fusion import Fused
-from common.metrics import paired_gain, select
-from common.records import FusionRecord, MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics
-from common.split import leave_one_out, merchant_partitions
-from server import checkpoint
-from server.distribute import MODEL_DIR
-from server.monitor import RoundWatcher
-from server.summary import federation_summary, read_handed_out
-
-from .baseline import text_prior
-from .bundles import BEST_MODEL, MODEL, save_model
-from .config import SimulationConfig
-from .local import releases_before_training, run_local, write_outputs
-from .report import METRIC_KEYS, Tested, tested
-from .report import baselines as report_baselines
+from fedaug.common.config import to_run_config
+from fedaug.common.data.split import leave_one_out, merchant_partitions
+from fedaug.common.errors import ConfigError, FedaugError
+from fedaug.common.model.device import pick_device
+from fedaug.common.model.evaluate import Scorer
+from fedaug.common.model.metrics import paired_gain, select
+from fedaug.common.priors.composite import product_kind
+from fedaug.common.priors.fusion import Fused
+from fedaug.common.recommend.bundle import bundle_bytes, write_bundle_files
+from fedaug.common.records import FusionRecord, MerchantRecord, OnRound, PrivacyRecord, RoundRecord, RunMetrics
+from fedaug.server import checkpoint
+from fedaug.server.distribute import MODEL_DIR
+from fedaug.server.monitor import RoundWatcher
+from fedaug.server.summary import federation_summary, read_handed_out
+from fedaug.simulations.baseline import text_prior
+from fedaug.simulations.bundles import BEST_MODEL, MODEL, save_model
+from fedaug.simulations.local import releases_before_training, run_local, write_outputs
+from fedaug.simulations.report import METRIC_KEYS, Tested, tested
+from fedaug.simulations.report import baselines as report_baselines
+from fedaug.simulations.scenario import SimulationConfig
 
 
 def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None = None,
@@ -164,9 +163,8 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    from server.server_app import server_app
-
-    from .apps import CentralEvaluation, central_evaluation, client, merchant_work
+    from fedaug.server.server_app import server_app
+    from fedaug.simulations.apps import CentralEvaluation, central_evaluation, client, merchant_work
 
     def keep_central_evaluation(*args) -> CentralEvaluation | None:
         evaluation = central_evaluation(*args)
@@ -213,7 +211,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
 
 def _save_global_models(config: SimulationConfig, data, state_dir: Path, metrics: RunMetrics, out: Path,
                         evaluation=None) -> dict[str, tuple[int, Scorer]]:
-    """DIR/model: the model every merchant received — the aggregator's bundle (server.distribute: composed by
+    """DIR/model: the model every merchant received — the aggregator's bundle (fedaug.server.distribute: composed by
     public rules from the prior, the merchants' DP statistics and the final global model), byte for byte, so
     what this run reports is what a deployment delivers. With [simulation] pooled_selection (research, not
     private): the final model as the run's pooled validation fitted it, and DIR/model-best, the best-validating
@@ -226,9 +224,8 @@ def _save_global_models(config: SimulationConfig, data, state_dir: Path, metrics
         metrics.selection = "private"
         return {"final": (state.round, received.scorer)}  # a private run keeps no best round: nothing chose one
 
-    from server.server_app import initial_model
-
-    from .apps import CentralEvaluation
+    from fedaug.server.server_app import initial_model
+    from fedaug.simulations.apps import CentralEvaluation
 
     metrics.selection = POOLED
     if evaluation is None:  # e.g. every round was done before this start: nothing was fitted in this process
@@ -259,8 +256,8 @@ def _write_app_dir(app_dir: Path, run_config: dict) -> None:
     project = {
         "project": {"name": "fedaug", "version": "0.1.0"},
         "tool": {"flwr": {"app": {"publisher": "fedaug",
-                                  "components": {"serverapp": "simulations.apps:server",
-                                                 "clientapp": "simulations.apps:client"},
+                                  "components": {"serverapp": "fedaug.simulations.apps:server",
+                                                 "clientapp": "fedaug.simulations.apps:client"},
                                   "config": run_config}}},
     }
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")

@@ -12,16 +12,15 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from common.atomic import write_bytes_atomic, write_json_atomic
-from common.config import Section, load_config, parse_inf, read_toml
-from common.errors import ConfigError
-from common.records import OnRound
-
-from .attacks import ATTACKS
-from .config import DEFENCES, MODES, SimulationConfig
-from .plots import privacy_utility_plot
-from .report import COLD_BELOW, METRIC_KEYS
-from .simulate import run_simulate
+from fedaug.common.atomic import write_bytes_atomic, write_json_atomic
+from fedaug.common.config import Section, load_config, parse_inf, read_toml
+from fedaug.common.errors import ConfigError
+from fedaug.common.records import OnRound
+from fedaug.simulations.attacks import ATTACKS
+from fedaug.simulations.plots import privacy_utility_plot
+from fedaug.simulations.report import COLD_BELOW, METRIC_KEYS
+from fedaug.simulations.scenario import DEFENCES, MODES, SimulationConfig
+from fedaug.simulations.simulate import run_simulate
 
 
 class SweepSection(Section):

@@ -10,12 +10,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from common.config import load_config
-from common.errors import ConfigError
-from common.synthetic import SyntheticSpec, generate
-from server.replies import bound_norms
-from simulations.attacks import attackers, flip_labels, poison_update
-from simulations.config import SimulationConfig
+from fedaug.common.config import load_config
+from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.errors import ConfigError
+from fedaug.server.replies import bound_norms
+from fedaug.simulations.attacks import attackers, flip_labels, poison_update
+from fedaug.simulations.scenario import SimulationConfig
 from tests.support import SMALL
 from tests.support import fedaug as _fedaug
 from tests.support import finish as _finish
@@ -112,8 +112,8 @@ def test_a_scaling_attacker_wrecks_fedavg_and_the_median_holds(tmp_path):
 
 
 def test_an_attack_sweep_runs_each_attack_under_each_defence_and_tables_them(tmp_path):
-    from simulations.simulate import _state_dir
-    from simulations.sweep import _attack_table, _grid_config, load_sweep
+    from fedaug.simulations.simulate import _state_dir
+    from fedaug.simulations.sweep import _attack_table, _grid_config, load_sweep
 
     path = tmp_path / "sweep.toml"
     path.write_text('[sweep]\nepsilon = [8.0]\naugment = [true]\nattacks = ["", "scale", "labelflip"]\n'

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.ledger import PrivacyLedger
-from common.config import MerchantRunConfig, load_config
-from simulations.audit import epsilon_lower_bound, guess, p_value, run_audit, run_federated_audit
-from simulations.config import SimulationConfig
+from fedaug.client.ledger import PrivacyLedger
+from fedaug.common.config import MerchantRunConfig, load_config
+from fedaug.simulations.audit import epsilon_lower_bound, guess, p_value, run_audit, run_federated_audit
+from fedaug.simulations.scenario import SimulationConfig
 
 
 def test_all_of_100_guesses_right_refute_every_epsilon_below_3_49():

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.augment import SEQUENCE_OPS, Augmenter, AugmentSettings, ItemSimilarity
-from common.data import ItemCatalog, from_sequences
-from common.split import leave_one_out
+from fedaug.common.data import ItemCatalog, from_sequences
+from fedaug.common.data.split import leave_one_out
+from fedaug.common.model.augment import SEQUENCE_OPS, Augmenter, AugmentSettings, ItemSimilarity
 
 N_ITEMS = 50
 MAX_LEN = 12

@@ -3,10 +3,10 @@
 import numpy as np
 import pandas as pd
 
-from common.evaluate import evaluate
-from common.loaders import load
-from common.popularity import Popularity
-from common.split import assign_merchants, leave_one_out, merchant_partitions
+from fedaug.common.data.loaders import load
+from fedaug.common.data.split import assign_merchants, leave_one_out, merchant_partitions
+from fedaug.common.model.evaluate import evaluate
+from fedaug.common.priors.popularity import Popularity
 
 
 def test_beauty_loads_with_published_counts(beauty_dir):
@@ -33,7 +33,7 @@ def test_beauty_as_a_shops_event_log_with_text_ids_loads_to_the_same_data(beauty
     """Beauty exported as a shop would (ids like u30644 / i1203, renamed columns, its own event name, ISO time)
     loads through [data.columns] / [data.events] into exactly the data the amazon-seq file gives, so every model
     trains and scores the same."""
-    from common.events import EventSchema
+    from fedaug.common.data.events import EventSchema
 
     data = load(beauty_dir / "Beauty.txt", "amazon-seq")
     users = data.event_user()

@@ -12,9 +12,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-from common.bundle import write_bundle
-from common.loaders import load
-from common.text_prior import TextPrior
+from fedaug.common.data.loaders import load
+from fedaug.common.priors.text_prior import TextPrior
+from fedaug.common.recommend.bundle import write_bundle
 from tests.support import fedaug, write_amazon_set
 
 playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (.[test])")

@@ -10,17 +10,26 @@ import numpy as np
 import pytest
 import torch
 
-from common.bundle import CARD, ITEMS, WEIGHTS, bundle_files, bundle_hash, load_bundle, write_bundle, write_bundle_files
-from common.config import ModelSection
-from common.dp_counts import PriorWithCounts, bounded_counts, noised, text_neighbours
-from common.errors import ConfigError
-from common.evaluate import evaluate, sasrec_scorer
-from common.fusion import Fused
-from common.model import SASRec, SASRecConfig
-from common.popularity import Popularity
-from common.split import leave_one_out
-from common.synthetic import SyntheticSpec, generate
-from common.text_prior import TextPrior
+from fedaug.common.config import ModelSection
+from fedaug.common.data.split import leave_one_out
+from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.errors import ConfigError
+from fedaug.common.model.evaluate import evaluate, sasrec_scorer
+from fedaug.common.model.sasrec import SASRec, SASRecConfig
+from fedaug.common.priors.dp_counts import PriorWithCounts, bounded_counts, noised, text_neighbours
+from fedaug.common.priors.fusion import Fused
+from fedaug.common.priors.popularity import Popularity
+from fedaug.common.priors.text_prior import TextPrior
+from fedaug.common.recommend.bundle import (
+    CARD,
+    ITEMS,
+    WEIGHTS,
+    bundle_files,
+    bundle_hash,
+    load_bundle,
+    write_bundle,
+    write_bundle_files,
+)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ def test_baseline_pop_writes_metrics_in_the_documented_shape(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert set(metrics["test"]) == KEYS and set(metrics["valid"]) == KEYS
-    from common.synthetic import generate
+    from fedaug.common.data.synthetic import generate
 
     assert metrics["data"] == generate().summary() and metrics["data"]["users"] == 3000
     assert metrics["mode"] == "baseline" and metrics["privacy"] is None
@@ -33,7 +33,7 @@ def test_baseline_pop_writes_metrics_in_the_documented_shape(tmp_path):
 
 @pytest.mark.slow
 def test_baseline_sasrec_on_events_csv(tmp_path):
-    from common.synthetic import SyntheticSpec, generate
+    from fedaug.common.data.synthetic import SyntheticSpec, generate
 
     data = generate(SyntheticSpec(users=300, items=150))
     users = data.event_user()
@@ -83,8 +83,8 @@ def test_validate_reports_a_shops_log_and_exits_1_on_errors(tmp_path):
 def test_a_taobao_userbehavior_log_trains_end_to_end(tmp_path):
     """Taobao's UserBehavior.csv layout — no header; user, item, category, behaviour (pv / fav / cart / buy),
     Unix time — mapped by a config, checked by `fedaug validate` and trained on by the baseline."""
-    from common.data import EVENT_TYPES
-    from common.synthetic import SyntheticSpec, generate
+    from fedaug.common.data import EVENT_TYPES
+    from fedaug.common.data.synthetic import SyntheticSpec, generate
 
     data = generate(SyntheticSpec(users=200, items=120))
     taobao = {"view": "pv", "click": "pv", "favourite": "fav", "cart": "cart", "purchase": "buy"}
@@ -263,9 +263,9 @@ def test_synth_cuts_a_real_data_set_into_merchants_and_a_catalog_with_titles(tmp
     """`fedaug synth --data`: a real data set (sibling time, attribute and title files found as every command finds
     them) split by user as `fedaug simulate` splits it; each merchant's file with the catalog loads back to the same
     users, items, times and item texts."""
-    from common.config import DataSection
-    from common.loaders import load
-    from common.split import assign_merchants, merchant_partitions
+    from fedaug.common.config import DataSection
+    from fedaug.common.data.loaders import load
+    from fedaug.common.data.split import assign_merchants, merchant_partitions
 
     rng = np.random.default_rng(0)
     seqs = {user: rng.choice(np.arange(1, 31), size=rng.integers(3, 8), replace=False) for user in range(1, 13)}
@@ -314,9 +314,9 @@ def test_daemons_reject_bad_configs_before_starting_anything(tmp_path):
 
 
 def test_status_shows_epsilon_per_merchant_and_run_and_the_federations_last_round(tmp_path):
-    from client.ledger import PrivacyLedger
-    from common.records import RoundRecord
-    from server.checkpoint import ServerState, save
+    from fedaug.client.ledger import PrivacyLedger
+    from fedaug.common.records import RoundRecord
+    from fedaug.server.checkpoint import ServerState, save
 
     for i, rounds in ((1, 2), (2, 1)):
         ledger = PrivacyLedger(tmp_path / f"merchant-{i}")
@@ -361,7 +361,7 @@ def test_flower_lines_print_once_and_without_colour_off_a_terminal(tmp_path):
 def test_help_prints_required_and_defaults_plainly_and_the_defaults_configs_give():
     """typer's "[required]" and "[default: 3]" are not rich-escaped into "\\[required]"; a default that comes from a
     config key is cited with the value the config models give it."""
-    from common.config import MerchantRunConfig
+    from fedaug.common.config import MerchantRunConfig
 
     wide = {"COLUMNS": "200"}
     synth = " ".join(fedaug("synth", "--help", env=wide).stdout.split())
@@ -432,7 +432,7 @@ def test_validate_reports_held_out_ties_and_a_detected_delimiter(tmp_path):
 
 
 def test_status_shows_whole_paths_at_80_columns_and_one_format_for_delta(tmp_path):
-    from client.ledger import PrivacyLedger
+    from fedaug.client.ledger import PrivacyLedger
 
     long = "merchant-with-a-rather-long-shop-name-0001"
     for name, delta in ((long, 9.9e-5), ("m2", 1e-4)):

@@ -4,11 +4,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.client_app import app
-from client.merchant import merchant_for
-from common.config import from_run_config
-from common.errors import ConfigError
-from server.server_app import initial_model
+from fedaug.client.client_app import app
+from fedaug.client.merchant import merchant_for
+from fedaug.common.config import from_run_config
+from fedaug.common.errors import ConfigError
+from fedaug.server.server_app import initial_model
 
 RUN = {"federation.rounds": 2, "privacy.epsilon": 3.0, "local.batch_size": 64, "local.local_epochs": 1,
        "model.hidden": 16, "model.heads": 2, "model.max_len": 20, "augment.views": 1}
@@ -73,7 +73,7 @@ def test_train_and_evaluate_round_trip_then_decline(tmp_path):
     assert set(third.content["metrics"]) == {"declined", "epsilon", "partition-id"}
     assert "budget" in third.content["decline"]["reason"]
     # The merchant's own round log, which its daemon prints line by line (a replayed round is not a new one).
-    from client.round_log import RoundLogFollower
+    from fedaug.client.round_log import RoundLogFollower
 
     said = []
     follower = RoundLogFollower(tmp_path / "merchant-1", said.append, since=0)  # from the start of the log
@@ -115,8 +115,8 @@ def test_run_config_with_a_section_the_role_does_not_use_is_refused():
 def test_a_deployed_merchant_keeps_its_own_data_and_budget(tmp_path):
     """node_config (the merchant's own TOML) overrides the recipe's budget; the aggregator's [data] never
     reaches a merchant."""
-    from common.synthetic import SyntheticSpec, generate
-    from deploy.export import write_merchant_files
+    from fedaug.common.data.synthetic import SyntheticSpec, generate
+    from fedaug.runtime.export import write_merchant_files
 
     files = write_merchant_files(generate(SyntheticSpec(users=200, items=100, merchants=2)), tmp_path / "data")
     node = {"data.path": str(files[1]), "data.catalog": str(files[0]), "privacy.epsilon": 2.0,
@@ -140,9 +140,9 @@ def _ledger_rows(state_dir):
 def test_a_merchant_sends_its_update_as_the_server_asks_and_logs_its_own_work(tmp_path):
     """compression int8: the delta from the global model as int8 with a scale per tensor, which the server
     decodes to within one quantisation step of the dense update; the round log keeps the handler's own time."""
-    from client.round_log import read_rounds
-    from common.compression import INT8_LEVELS
-    from server.replies import sort_train_replies
+    from fedaug.client.round_log import read_rounds
+    from fedaug.common.protocol.codec import INT8_LEVELS
+    from fedaug.server.replies import sort_train_replies
 
     run = RUN | {"privacy.epsilon": "inf", "federation.state_dir": str(tmp_path), "model.tie_embeddings": True}
     context = _context({"partition-id": 1, "num-partitions": 4}, run)

@@ -1,4 +1,4 @@
-"""Compressed updates (common/compression.py): unbiased int8, bounded error, the bytes they save, and the server
+"""Compressed updates (common/protocol/codec.py): unbiased int8, bounded error, the bytes they save, and the server
 refusing an encoding that does not fit the global model."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from common.compression import INT8_LEVELS, Encoded, decode, encode
+from fedaug.common.protocol.codec import INT8_LEVELS, Encoded, decode, encode
 
 BASE = {"w": np.linspace(-1, 1, 600, dtype=np.float32).reshape(20, 30), "b": np.zeros(30, np.float32),
         "steps": np.array([3], np.int64)}

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from common.config import (
+from fedaug.common.config import (
     BaselineConfig,
     FederationConfig,
     MerchantRunConfig,
@@ -13,8 +13,8 @@ from common.config import (
     load_config,
     to_run_config,
 )
-from common.errors import ConfigError
-from simulations.config import SimulationConfig
+from fedaug.common.errors import ConfigError
+from fedaug.simulations.scenario import SimulationConfig
 
 
 def _toml(tmp_path, text: str):

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from client.ledger import PrivacyLedger
-from common.bundle import bundle_hash, load_bundle
-from common.synthetic import SyntheticSpec, generate
-from deploy.certs import write_certificates
-from deploy.export import write_merchant_files
+from fedaug.client.ledger import PrivacyLedger
+from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.recommend.bundle import bundle_hash, load_bundle
+from fedaug.runtime.certs import write_certificates
+from fedaug.runtime.export import write_merchant_files
 from tests.support import free_port
 
 pytestmark = pytest.mark.slow

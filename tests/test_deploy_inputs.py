@@ -13,16 +13,16 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.config import parse_config_args
 
-from client.daemon import MerchantDaemonConfig, node_config_arg
-from common.config import ModelSection, load_config
-from common.data import catalog_only
-from common.errors import ConfigError, DataError, FedaugError
-from common.loaders import align_to_catalog, load, load_catalog
-from common.split import merchant_partitions
-from common.synthetic import SyntheticSpec, generate
-from deploy.certs import write_certificates
-from deploy.export import write_merchant_files
-from server.aggregator import AggregatorConfig
+from fedaug.client.daemon import MerchantDaemonConfig, node_config_arg
+from fedaug.common.config import ModelSection, load_config
+from fedaug.common.data import catalog_only
+from fedaug.common.data.loaders import align_to_catalog, load, load_catalog
+from fedaug.common.data.split import merchant_partitions
+from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.errors import ConfigError, DataError, FedaugError
+from fedaug.runtime.certs import write_certificates
+from fedaug.runtime.export import write_merchant_files
+from fedaug.server.aggregator import AggregatorConfig
 from tests.support import health_server
 
 
@@ -158,7 +158,7 @@ def test_flowers_processes_find_their_siblings_without_the_venv_on_path(tmp_path
     import sys
     from pathlib import Path
 
-    from deploy.processes import start
+    from fedaug.runtime.processes import start
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     log = tmp_path / "child.log"
@@ -169,7 +169,7 @@ def test_flowers_processes_find_their_siblings_without_the_venv_on_path(tmp_path
 
 def test_the_health_probe_follows_the_grpc_health_service():
     """`fedaug health` (container healthchecks) asks Flower's gRPC health service; here a stand-in server."""
-    from deploy.health import serving
+    from fedaug.runtime.health import serving
 
     with health_server() as (port, set_serving):
         set_serving(True)
@@ -182,7 +182,7 @@ def test_the_health_probe_follows_the_grpc_health_service():
 def test_the_fleet_proxy_config_publishes_the_fleet_api_alone(tmp_path):
     """nginx accepts the config we write (`nginx -t`), which forwards /v1/fleet/ to the loopback SuperLink and
     answers every other path (the Control and Runtime APIs) with 403."""
-    from deploy.fleet_proxy import FLEET_PREFIX, nginx_command, render_config
+    from fedaug.runtime.fleet_proxy import FLEET_PREFIX, nginx_command, render_config
 
     try:
         nginx = nginx_command()

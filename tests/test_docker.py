@@ -15,9 +15,9 @@ import tomllib
 import typer
 import yaml
 
-from client.daemon import MerchantDaemonConfig
 from fedaug.cli import app
-from server.aggregator import AggregatorConfig
+from fedaug.client.daemon import MerchantDaemonConfig
+from fedaug.server.aggregator import AggregatorConfig
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())

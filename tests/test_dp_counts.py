@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from common.dp_counts import Counts, PriorWithCounts, bounded_counts, noised, text_neighbours
-from common.evaluate import evaluate
-from common.fusion import Fused, fit_fusion, standardise
-from common.popularity import Popularity
-from common.split import leave_one_out
-from common.synthetic import SyntheticSpec, generate
-from common.text_prior import TextPrior
+from fedaug.common.data.split import leave_one_out
+from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.model.evaluate import evaluate
+from fedaug.common.priors.dp_counts import Counts, PriorWithCounts, bounded_counts, noised, text_neighbours
+from fedaug.common.priors.fusion import Fused, fit_fusion, standardise
+from fedaug.common.priors.popularity import Popularity
+from fedaug.common.priors.text_prior import TextPrior
 
 
 def unit_vectors(n: int, d: int = 8, seed: int = 0) -> np.ndarray:
@@ -111,7 +111,7 @@ def test_popularity_below_its_threshold_does_not_score():
 def test_the_one_pass_fit_scores_each_candidate_as_the_scorer_itself_does():
     """fit_prior_with_counts validates every candidate from shared per-batch terms; each figure equals the
     candidate scorer's own evaluation, and the chosen scorer is the best-validating candidate."""
-    from common.dp_counts import fit_prior_with_counts
+    from fedaug.common.priors.dp_counts import fit_prior_with_counts
 
     split = leave_one_out(generate(SyntheticSpec(users=400, items=80)))
     n = split.n_items
@@ -138,7 +138,7 @@ def test_statistics_that_only_add_noise_are_rarely_kept():
     statistics are still kept for 7 of 30 noise draws — the normal-approximation interval over sparse per-user
     NDCG differences is too narrow (the rule means ≤ 5 %). Pinned at the measured level so it cannot get worse
     unnoticed; the fix (a permutation / sign-flip test over the users) is open."""
-    from common.dp_counts import fit_prior_with_counts
+    from fedaug.common.priors.dp_counts import fit_prior_with_counts
 
     split = leave_one_out(generate(SyntheticSpec(users=400, items=80)))
     prior = TextPrior(unit_vectors(split.n_items, seed=3), decay=0.5)
@@ -207,11 +207,11 @@ def test_a_model_is_mixed_into_the_prior_only_where_it_helps_beyond_chance():
 def test_a_merchant_releases_fit_and_serve_counts_once_within_its_share(tmp_path):
     """Fit counts over the training histories, serve counts over the histories test sees (validation item
     included), noised together at the share of the budget, ledgered before release and resent, not re-released."""
-    from client.merchant import build_merchant
-    from client.statistics import release_statistics
-    from common.config import FederationConfig
-    from common.dp_counts import RELEASES
-    from common.synthetic import SyntheticSpec, generate
+    from fedaug.client.merchant import build_merchant
+    from fedaug.client.releases import release_statistics
+    from fedaug.common.config import FederationConfig
+    from fedaug.common.data.synthetic import SyntheticSpec, generate
+    from fedaug.common.priors.dp_counts import RELEASES
 
     data = generate(SyntheticSpec(users=200, items=80))
     config = FederationConfig.model_validate({"privacy": {"epsilon": 8.0}, "local": {"batch_size": 32}})

@@ -1,5 +1,5 @@
-"""`fedaug evaluate` and the merchant's check of a received model (common/check.py, client/model_check.py): the
-figures are exactly what ``evaluate()`` gives for the bundle's scorer on the same split, the data is put on the
+"""`fedaug evaluate` and the merchant's check of a received model (common/recommend/check.py, client/model_check.py):
+the figures are exactly what ``evaluate()`` gives for the bundle's scorer on the same split, the data is put on the
 bundle's catalog by raw item id, and bad input is one line."""
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from common.bundle import bundle_files, bundle_hash, write_bundle, write_bundle_files
-from common.config import SyntheticSection
-from common.evaluate import evaluate, evaluate_per_user, sasrec_scorer
-from common.fusion import Fused
-from common.metrics import paired_gain
-from common.model import SASRec, SASRecConfig
-from common.popularity import Popularity
-from common.split import leave_one_out
-from common.synthetic import generate
-from common.text_prior import TextPrior
+from fedaug.common.config import SyntheticSection
+from fedaug.common.data.split import leave_one_out
+from fedaug.common.data.synthetic import generate
+from fedaug.common.model.evaluate import evaluate, evaluate_per_user, sasrec_scorer
+from fedaug.common.model.metrics import paired_gain
+from fedaug.common.model.sasrec import SASRec, SASRecConfig
+from fedaug.common.priors.fusion import Fused
+from fedaug.common.priors.popularity import Popularity
+from fedaug.common.priors.text_prior import TextPrior
+from fedaug.common.recommend.bundle import bundle_files, bundle_hash, write_bundle, write_bundle_files
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = SyntheticSection(users=120, items=60, titles=False)
@@ -68,7 +68,7 @@ def test_figures_equal_evaluate_on_a_file_numbered_by_raw_item_id(data, tmp_path
     shop = data.select_events(data.items != gone)
     shop = shop.select_users(np.flatnonzero(shop.lengths > 0))
     _write_amazon(tmp_path / "shop.txt", shop)
-    from common.loaders import load
+    from fedaug.common.data.loaders import load
 
     assert load(tmp_path / "shop.txt").n_items == data.n_items - 1  # the file's own numbering is not the bundle's
     result = fedaug("-q", "evaluate", "--model", str(model), "--data", str(tmp_path / "shop.txt"), "--json",
@@ -140,7 +140,7 @@ def test_bad_input_is_one_line_and_exit_1(data, tmp_path, case, fragment):
 
 def test_the_merchant_checks_each_received_model_once_locally(data, tmp_path):
     """What the daemon does when the ClientApp stores the federation's final model in STATE/model."""
-    from client.model_check import MODEL_CHECK, ModelCheckWatcher, check_received_model, checked_hash
+    from fedaug.client.model_check import MODEL_CHECK, ModelCheckWatcher, check_received_model, checked_hash
 
     state = tmp_path / "state"
     said: list[str] = []
@@ -178,9 +178,9 @@ def test_the_merchant_checks_each_received_model_once_locally(data, tmp_path):
 def test_the_merchant_daemon_checks_the_model_in_its_state_dir_on_its_own_data(tmp_path):
     """The daemon's watcher looks where the ClientApp stores the model and tests it on the merchant's file, numbered
     by the public catalog (as the ClientApp numbers it)."""
-    from client.daemon import MerchantDaemon, MerchantDaemonConfig
-    from client.model_check import MODEL_CHECK
-    from deploy.export import write_merchant_files
+    from fedaug.client.daemon import MerchantDaemon, MerchantDaemonConfig
+    from fedaug.client.model_check import MODEL_CHECK
+    from fedaug.runtime.export import write_merchant_files
 
     write_merchant_files(generate(SyntheticSection(users=150, items=60, merchants=2).spec()), tmp_path / "site")
     for name in ("ca.crt", "merchant-1.key"):
@@ -204,9 +204,9 @@ def test_the_merchant_daemon_checks_the_model_in_its_state_dir_on_its_own_data(t
 
 def test_a_model_without_a_prior_is_compared_with_one_encoded_from_the_datas_texts(tmp_path):
     """--config with [text]: the data's item texts (here the bundle's titles) are encoded locally into a prior."""
-    from common.config import TextSection
-    from common.loaders import load
-    from common.text_prior import fit_text_prior
+    from fedaug.common.config import TextSection
+    from fedaug.common.data.loaders import load
+    from fedaug.common.priors.text_prior import fit_text_prior
     from tests.support import tiny_encoder, write_amazon_set
 
     shop = load(write_amazon_set(tmp_path))

@@ -4,10 +4,10 @@ held-out rows (the query moment, never the held-out item's type)."""
 import numpy as np
 import pytest
 
-from common.data import EVENT_TYPES, ItemCatalog, from_sequences
-from common.errors import ConfigError
-from common.features import GAP_BUCKETS, event_features, input_rows
-from common.split import leave_one_out
+from fedaug.common.data import EVENT_TYPES, ItemCatalog, from_sequences
+from fedaug.common.data.features import GAP_BUCKETS, event_features, input_rows
+from fedaug.common.data.split import leave_one_out
+from fedaug.common.errors import ConfigError
 
 MONDAY_NOON = 1_704_110_400  # 2024-01-01 12:00 UTC, a Monday
 
@@ -63,8 +63,8 @@ def test_the_split_hands_evaluation_the_held_out_moment_but_not_its_item():
 
 
 def test_purchase_only_targets_and_weights_by_type():
-    from common.batching import UserSamples
-    from common.config import ModelSection
+    from fedaug.common.config import ModelSection
+    from fedaug.common.model.batching import UserSamples
 
     split = leave_one_out(_data())
     sequences = split.train.sequences() + [np.array([5, 4, 3])]

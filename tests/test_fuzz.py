@@ -20,14 +20,14 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.daemon import MerchantDaemonConfig
-from common.config import MerchantRunConfig, load_config
-from common.errors import ConfigError, DataError
-from common.loaders import load, load_catalog
 from fedaug.cli import main
-from server.aggregator import AggregatorConfig
-from server.replies import sort_train_replies
-from simulations.config import SimulationConfig
+from fedaug.client.daemon import MerchantDaemonConfig
+from fedaug.common.config import MerchantRunConfig, load_config
+from fedaug.common.data.loaders import load, load_catalog
+from fedaug.common.errors import ConfigError, DataError
+from fedaug.server.aggregator import AggregatorConfig
+from fedaug.server.replies import sort_train_replies
+from fedaug.simulations.scenario import SimulationConfig
 
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -166,7 +166,7 @@ def test_shop_logs_under_their_own_names_load_or_fail_in_one_line(rows, columns,
                                                                    corruption, which):
     """Random column names, event names and timestamp forms, mapped by [data.columns] / [data.events]: the file
     loads exactly as its standard-named twin; a corruption fails in one line naming file, line and column."""
-    from common.events import EventSchema
+    from fedaug.common.data.events import EventSchema
 
     user, item, ts, action = columns
     schema = EventSchema(user=user, item=item, timestamp=ts, event_type=action,

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from client.ledger import BudgetExceeded, PrivacyLedger, calibrate_noise, epsilon_of
+from fedaug.client.ledger import BudgetExceeded, PrivacyLedger, calibrate_noise, epsilon_of
 
 DELTA = 1e-5
 
@@ -116,7 +116,7 @@ def test_a_kill_mid_commit_leaves_the_ledger_consistent(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {os.getcwd()!r})
-        from client.ledger import PrivacyLedger
+        from fedaug.client.ledger import PrivacyLedger
         ledger = PrivacyLedger({str(tmp_path)!r})
         ledger.record("run", 1, 1.0, 0.01, 10, 1e-5)
         ledger._db.execute("BEGIN IMMEDIATE")
@@ -137,8 +137,8 @@ def test_a_kill_mid_commit_leaves_the_ledger_consistent(tmp_path):
 
 def test_a_new_ledger_for_data_already_spent_on_is_refused_unless_asked_for(tmp_path):
     """The registry binds ledgers to their data's fingerprint: a fresh state-dir cannot restart a spent budget."""
-    from client.spent import claim, registry_path
-    from common.errors import FedaugError
+    from fedaug.client.spent import claim, registry_path
+    from fedaug.common.errors import FedaugError
 
     first, second = tmp_path / "run1" / "state", tmp_path / "run2" / "state"
     claim("shop-a", first)
@@ -161,7 +161,7 @@ def test_a_new_ledger_for_data_already_spent_on_is_refused_unless_asked_for(tmp_
 def test_a_small_merchants_selection_release_is_reserved_past_the_training_limit():
     """ε 4 with 5 % for the selection: one Gaussian release at ε 0.2 and δ 1/1500 needs a multiplier past the
     training limit of 10; the one-off release takes it rather than failing the merchant's whole run."""
-    from client.ledger import MAX_NOISE_MULTIPLIER, RELEASE_MAX_NOISE_MULTIPLIER
+    from fedaug.client.ledger import MAX_NOISE_MULTIPLIER, RELEASE_MAX_NOISE_MULTIPLIER
     delta = 1 / 1500
     with pytest.raises(BudgetExceeded):
         calibrate_noise([], 1.0, 1, delta, 0.2)

@@ -10,12 +10,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.bundle import BundleCatalog
-from common.config import DataSection
-from common.data import EVENT_TYPES
-from common.errors import DataError, DataWarning
-from common.loaders import load, load_catalog
-from deploy.export import write_catalog_tsv
+from fedaug.common.config import DataSection
+from fedaug.common.data import EVENT_TYPES
+from fedaug.common.data.loaders import load, load_catalog
+from fedaug.common.errors import DataError, DataWarning
+from fedaug.common.recommend.bundle import BundleCatalog
+from fedaug.runtime.export import write_catalog_tsv
 
 
 def write(tmp_path, name, content, mode="w"):
@@ -79,7 +79,7 @@ def test_string_ids_number_in_natural_order_and_prefixed_integers_number_as_inte
 
 
 def test_a_shops_own_columns_and_event_names_are_mapped(tmp_path):
-    from common.events import EventSchema
+    from fedaug.common.data.events import EventSchema
 
     path = write(tmp_path, "shop.csv", "\n".join([
         "customer,product,ts,action,channel",
@@ -124,7 +124,7 @@ def test_one_unix_time_among_iso_times_is_blamed_at_its_own_line(tmp_path):
 
 @pytest.mark.parametrize("delimiter", [";", "\t", "|"])
 def test_a_semicolon_or_tab_separated_export_is_detected_and_reported(tmp_path, delimiter):
-    from common.loaders import load_counted
+    from fedaug.common.data.loaders import load_counted
 
     rows = ["user_id,item_id,timestamp,price", "c1,SKU-1,2024-03-01T10:00:00Z,9.5",
             "c1,SKU-2,2024-03-01T11:00:00Z,3.25", "c2,SKU-1,2024-03-01T12:00:00Z,1.0"]

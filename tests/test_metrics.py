@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.metrics import mask_history, mean_metrics, rank_metrics, tie_key, top_k
+from fedaug.common.model.metrics import mask_history, mean_metrics, rank_metrics, tie_key, top_k
 
 
 def _metrics(scores, target, history=()):

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.batching import UserSamples, pad_right
-from common.device import pick_device
-from common.errors import ConfigError
-from common.model import SASRec, SASRecConfig, smoothed_cross_entropy
-from common.training import train_step
+from fedaug.common.errors import ConfigError
+from fedaug.common.model.batching import UserSamples, pad_right
+from fedaug.common.model.device import pick_device
+from fedaug.common.model.sasrec import SASRec, SASRecConfig, smoothed_cross_entropy
+from fedaug.common.model.training import train_step
 
 
 def _model(**kw):

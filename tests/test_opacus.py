@@ -9,7 +9,7 @@ import torch
 from opacus import PrivacyEngine
 from torch.func import functional_call, grad, vmap
 
-from common.model import PerUserCrossEntropy, SASRec, SASRecConfig
+from fedaug.common.model.sasrec import PerUserCrossEntropy, SASRec, SASRecConfig
 
 N_ITEMS = 40
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.loaders import load
+from fedaug.common.data.loaders import load
 
 BEAUTY_RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-beauty"
 
@@ -111,7 +111,7 @@ def test_prepare_2018_json_files_and_the_default_names(tmp_path):
 
 
 def test_prepare_1_core_keeps_everything_rated(tmp_path):
-    from common.prepare import prepare
+    from fedaug.common.data.prepare import prepare
 
     reviews = write(tmp_path / "reviews_Toy.json", reviews_lines(), gz=False)
     meta = write(tmp_path / "meta_Toy.json", meta_2014(), gz=False)

@@ -1,6 +1,6 @@
 """Private selection: the model a private federation hands out is chosen from public settings and accounted
-releases alone (common.composite, common.dp_counts.ReleaseRule), never from anyone's held-out data — and it is the
-model the simulation reports."""
+releases alone (fedaug.common.priors.composite, fedaug.common.priors.dp_counts.ReleaseRule), never from anyone's
+held-out data — and it is the model the simulation reports."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.dp_counts import Counts, ReleaseRule, bounded_counts, noised, release_cut, text_neighbours
-from common.synthetic import SyntheticSpec, generate
-from common.text_prior import TextPrior
+from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.priors.dp_counts import Counts, ReleaseRule, bounded_counts, noised, release_cut, text_neighbours
+from fedaug.common.priors.text_prior import TextPrior
 from tests.support import WORDS, tiny_encoder
 
 
@@ -64,8 +64,8 @@ def write_titled_set(directory: Path, users: int = 240, items: int = 60) -> Path
 
 
 def _config(tmp_path: Path, pooled: bool):
-    from common.config import load_config
-    from simulations.config import SimulationConfig
+    from fedaug.common.config import load_config
+    from fedaug.simulations.scenario import SimulationConfig
 
     path = write_titled_set(tmp_path)
     encoder = tiny_encoder(tmp_path)
@@ -92,11 +92,11 @@ batch_size = 32
 
 def _forbid_choosing_on_validation(monkeypatch, calls: list[str]) -> None:
     """Every function that chooses on validation records a call (and fails a private run below)."""
-    import common.dp_counts
-    import common.fusion
-    import common.text_prior
-    import simulations.apps
-    import simulations.baseline
+    import fedaug.common.priors.dp_counts
+    import fedaug.common.priors.fusion
+    import fedaug.common.priors.text_prior
+    import fedaug.simulations.apps
+    import fedaug.simulations.baseline
 
     def spy(name, real):
         def wrapper(*args, **kwargs):
@@ -104,10 +104,12 @@ def _forbid_choosing_on_validation(monkeypatch, calls: list[str]) -> None:
             return real(*args, **kwargs)
         return wrapper
 
-    for module, name in ((common.fusion, "fit_fusion"), (simulations.apps, "fit_fusion"),
-                         (common.dp_counts, "fit_prior_with_counts"), (simulations.apps, "fit_prior_with_counts"),
-                         (common.text_prior, "fit_text_prior"), (simulations.baseline, "fit_text_prior"),
-                         (simulations.apps, "text_prior")):
+    for module, name in ((fedaug.common.priors.fusion, "fit_fusion"), (fedaug.simulations.apps, "fit_fusion"),
+                         (fedaug.common.priors.dp_counts, "fit_prior_with_counts"),
+                         (fedaug.simulations.apps, "fit_prior_with_counts"),
+                         (fedaug.common.priors.text_prior, "fit_text_prior"),
+                         (fedaug.simulations.baseline, "fit_text_prior"),
+                         (fedaug.simulations.apps, "text_prior")):
         monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
 
 
@@ -117,11 +119,11 @@ def test_a_private_federation_hands_out_the_composite_chosen_without_held_out_da
     validation is called while the federation runs and builds its bundle (they may run after it only for the
     baselines' report lines). The merchants all hold the aggregator's bundle, the prior fused with the DP
     statistics; the simulation reports exactly that bundle's test metrics."""
-    from common.bundle import bundle_hash, load_bundle
-    from common.evaluate import evaluate
-    from common.fusion import Fused
-    from common.split import leave_one_out
-    from simulations import simulate
+    from fedaug.common.data.split import leave_one_out
+    from fedaug.common.model.evaluate import evaluate
+    from fedaug.common.priors.fusion import Fused
+    from fedaug.common.recommend.bundle import bundle_hash, load_bundle
+    from fedaug.simulations import simulate
 
     calls: list[str] = []
     _forbid_choosing_on_validation(monkeypatch, calls)
@@ -148,7 +150,7 @@ def test_a_private_federation_hands_out_the_composite_chosen_without_held_out_da
     assert isinstance(bundle.scorer, Fused)
     test = evaluate(bundle.scorer, leave_one_out(config.load_data()), "test")
     assert metrics.test["ndcg@10"] == pytest.approx(test["ndcg@10"], abs=1e-12)
-    from common.check import check_model  # what `fedaug evaluate` reports for the bundle the run wrote
+    from fedaug.common.recommend.check import check_model  # what `fedaug evaluate` reports for the bundle the run wrote
 
     checked = check_model(bundle, config.load_data())
     assert checked.test["ndcg@10"] == pytest.approx(metrics.test["ndcg@10"], abs=1e-12)
@@ -161,7 +163,7 @@ def test_a_private_federation_hands_out_the_composite_chosen_without_held_out_da
     assert evaluation["merchants"] == 3 and len(evaluation["candidates"]) == 3 and evaluation["noise_std"] > 0
     assert bundle.scorer.weight == evaluation["weight"]
     assert "Federated DP evaluation (3 merchants" in report
-    from client.ledger import PrivacyLedger
+    from fedaug.client.ledger import PrivacyLedger
 
     for i in range(3):
         ledger = PrivacyLedger(out / "state" / f"merchant-{i}")
@@ -176,7 +178,7 @@ def test_a_private_federation_hands_out_the_composite_chosen_without_held_out_da
 
 @pytest.mark.slow
 def test_the_pooled_research_switch_chooses_on_validation_and_says_not_private(tmp_path, monkeypatch):
-    from simulations.simulate import run_simulate
+    from fedaug.simulations.simulate import run_simulate
 
     calls: list[str] = []
     _forbid_choosing_on_validation(monkeypatch, calls)
@@ -186,11 +188,12 @@ def test_the_pooled_research_switch_chooses_on_validation_and_says_not_private(t
     assert "NOT PRIVATE" in (tmp_path / "out" / "report.md").read_text()
 
 
-# federated DP evaluation (common/selection.py) ---------------------------------------------------------------------
+# federated DP evaluation (common/priors/fusion_weights.py)
+# ---------------------------------------------------------------------
 
 
 def _per_user(gain: float, users: int = 2000, seed: int = 0) -> dict[float, np.ndarray]:
-    from common.selection import WEIGHTS
+    from fedaug.common.priors.fusion_weights import WEIGHTS
 
     rng = np.random.default_rng(seed)
     base = rng.uniform(0.1, 0.8, users)
@@ -202,7 +205,7 @@ def test_one_user_moves_the_released_vector_by_at_most_its_sensitivity():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from common.selection import WEIGHTS, coordinates, sensitivity
+    from fedaug.common.priors.fusion_weights import WEIGHTS, coordinates, sensitivity
 
     @settings(max_examples=60, deadline=None)
     @given(st.lists(st.tuples(*[st.floats(0, 1)] * len(WEIGHTS)), min_size=2, max_size=30))
@@ -216,7 +219,7 @@ def test_one_user_moves_the_released_vector_by_at_most_its_sensitivity():
 
 
 def test_a_clear_gain_is_kept_and_one_drowned_in_noise_is_not():
-    from common.selection import choose, coordinates
+    from fedaug.common.priors.fusion_weights import choose, coordinates
 
     exact = coordinates(_per_user(0.05))
     clear = choose(exact, noise_std=5.0)
@@ -226,10 +229,10 @@ def test_a_clear_gain_is_kept_and_one_drowned_in_noise_is_not():
 
 
 def test_a_merchant_reserves_its_selection_before_its_statistics_and_releases_it_once(tmp_path):
-    from client.merchant import build_merchant
-    from client.statistics import release_selection, release_statistics
-    from common.config import FederationConfig
-    from common.selection import WEIGHTS, coordinates
+    from fedaug.client.merchant import build_merchant
+    from fedaug.client.releases import release_selection, release_statistics
+    from fedaug.common.config import FederationConfig
+    from fedaug.common.priors.fusion_weights import WEIGHTS, coordinates
 
     data = generate(SyntheticSpec(users=200, items=60))
     merchant = build_merchant(FederationConfig(), data, tmp_path)
@@ -250,9 +253,9 @@ def test_a_merchant_reserves_its_selection_before_its_statistics_and_releases_it
 
 
 def test_an_aggregator_that_needs_item_texts_and_has_none_stops_before_the_run():
-    from common.config import FederationConfig
-    from common.errors import ConfigError
-    from server.server_app import public_prior
+    from fedaug.common.config import FederationConfig
+    from fedaug.common.errors import ConfigError
+    from fedaug.server.server_app import public_prior
 
     data = generate(SyntheticSpec(users=60, items=60, categories=3))  # no titles
     assert public_prior(FederationConfig(), data) is None  # statistics "auto": none needed, the model alone

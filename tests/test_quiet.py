@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from client.daemon import KEY_PATIENCE, MerchantDaemon, MerchantDaemonConfig
-from client.trainer import AUTO_BATCH_STEPS, SAMPLE_RATE_WARNING, auto_batch_size
+from fedaug.client.daemon import KEY_PATIENCE, MerchantDaemon, MerchantDaemonConfig
+from fedaug.client.trainer import AUTO_BATCH_STEPS, SAMPLE_RATE_WARNING, auto_batch_size
 from tests.support import LIBRARY_NOTES, fedaug, finish, free_port
 
 SHOP = """

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server import checkpoint
+from fedaug.server import checkpoint
 from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

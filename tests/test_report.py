@@ -11,11 +11,11 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from common.metrics import METRIC_NAMES
-from common.records import MerchantRecord, MerchantWork, PrivacyRecord, RoundRecord, RunMetrics
-from server.summary import DASH, attribute, render_deployment_report
-from simulations.config import SimulationConfig
-from simulations.report import render_report
+from fedaug.common.model.metrics import METRIC_NAMES
+from fedaug.common.records import MerchantRecord, MerchantWork, PrivacyRecord, RoundRecord, RunMetrics
+from fedaug.server.summary import DASH, attribute, render_deployment_report
+from fedaug.simulations.report import render_report
+from fedaug.simulations.scenario import SimulationConfig
 from tests.support import tiny_encoder
 
 
@@ -127,7 +127,7 @@ def test_the_report_reads_cleanly():
 def test_the_plots_show_what_their_titles_say(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from simulations import plots
+    from fedaug.simulations import plots
 
     figures = {}
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.setdefault(path.name, fig) and path.name)
@@ -150,10 +150,10 @@ def test_the_plots_show_what_their_titles_say(tmp_path, monkeypatch):
 
 def test_a_finished_simulation_is_not_run_again(tmp_path):
     """Its metrics.json holds these very settings: the stored result, at once, and where the report is."""
-    from common.config import load_config
-    from common.records import write_metrics
     from fedaug.cli import app
-    from simulations.simulate import finished_run
+    from fedaug.common.config import load_config
+    from fedaug.common.records import write_metrics
+    from fedaug.simulations.simulate import finished_run
 
     (tmp_path / "small.toml").write_text("[synthetic]\nusers = 150\nitems = 120\n")
     config = load_config(tmp_path / "small.toml", {"federation.rounds": 2}, SimulationConfig)
@@ -176,7 +176,7 @@ def test_a_finished_simulation_is_not_run_again(tmp_path):
 
 def test_status_names_the_federation_by_its_key_and_flower_run(tmp_path):
     from fedaug.cli import app
-    from server.checkpoint import ServerState, save
+    from fedaug.server.checkpoint import ServerState, save
 
     save(tmp_path / "server", ServerState(run_key="3f2a" * 8, strategy="fedavg", round=1, flower_runs=[1234],
                                           history=[RoundRecord(round=1)]))

@@ -23,15 +23,15 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from common.compression import encode
-from common.config import STRATEGIES, FederationConfig, FederationSection, from_run_config
-from common.errors import ConfigError
-from common.records import RoundRecord
-from server import checkpoint
-from server.federation import RoundFailed, run_federation
-from server.monitor import ROUND_LOG, Monitor
-from server.replies import sort_train_replies
-from server.strategies import build_strategy
+from fedaug.common.config import STRATEGIES, FederationConfig, FederationSection, from_run_config
+from fedaug.common.errors import ConfigError
+from fedaug.common.protocol.codec import encode
+from fedaug.common.records import RoundRecord
+from fedaug.server import checkpoint
+from fedaug.server.federation import RoundFailed, run_federation
+from fedaug.server.monitor import ROUND_LOG, Monitor
+from fedaug.server.replies import sort_train_replies
+from fedaug.server.strategies import build_strategy
 from tests.support import free_port
 
 MODEL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
@@ -216,7 +216,7 @@ def test_compressed_updates_are_dequantised_before_checks_and_aggregation(tmp_pa
 def test_merchants_are_named_one_way_everywhere(tmp_path):
     """A registered name wins (the aggregator passes its keys' names), then merchant-N by simulation partition,
     then the node id: in round problems, the checkpoint and `fedaug status`."""
-    from server.checkpoint import federation_status
+    from fedaug.server.checkpoint import federation_status
 
     grid = ScriptedGrid({1: "ok", 2: "ok", 5: "nan", 6: "missing"})
     state = run_federation(grid, _settings(tmp_path, rounds=1, min_replies=2, merchant_names=("6=shop-six",)),
@@ -321,7 +321,7 @@ def test_resume_continues_after_the_last_checkpointed_round_with_strategy_state(
 
 def test_a_federation_keeps_its_own_key_and_every_flower_run_it_ran_under(tmp_path):
     """One federation, two ids: its key (merchants' ledgers) and Flower's run id, one per start; output names both."""
-    from common.records import federation_name
+    from fedaug.common.records import federation_name
 
     grid = ScriptedGrid({1: "ok", 2: "ok", 3: "ok"})
     first = run_federation(grid, _settings(tmp_path, rounds=1), MODEL, flower_run=1111)
@@ -401,7 +401,7 @@ def test_the_best_validating_global_model_is_kept_across_a_resume(tmp_path):
 def test_a_rounds_engine_overhead_is_its_merchant_phases_beyond_the_merchants_own_work(tmp_path):
     """Phases are timed by the server; a simulation attaches the merchants' own work, which survives the round log
     and the checkpoint."""
-    from common.records import MerchantWork
+    from fedaug.common.records import MerchantWork
 
     def work(server_round, run_key):
         return MerchantWork(seconds={"merchant-1": 0.02, "merchant-2": 0.01}, setup={"merchant-1": 0.001}, lanes=1)

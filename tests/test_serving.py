@@ -15,16 +15,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from common.bundle import bundle_hash, write_bundle
-from common.errors import ConfigError
-from common.evaluate import sasrec_scorer
-from common.events import EventSchema
-from common.loaders import load
-from common.model import SASRec, SASRecConfig
-from common.popularity import Popularity
-from common.recommender import Activity, Recommender, UnknownItems
-from common.text_prior import TextPrior
-from serving.http import create_app
+from fedaug.common.data.events import EventSchema
+from fedaug.common.data.loaders import load
+from fedaug.common.errors import ConfigError
+from fedaug.common.model.evaluate import sasrec_scorer
+from fedaug.common.model.sasrec import SASRec, SASRecConfig
+from fedaug.common.priors.popularity import Popularity
+from fedaug.common.priors.text_prior import TextPrior
+from fedaug.common.recommend.bundle import bundle_hash, write_bundle
+from fedaug.common.recommend.recommender import Activity, Recommender, UnknownItems
+from fedaug.serving.http import create_app
 from tests.support import fedaug, finish, write_amazon_set
 
 

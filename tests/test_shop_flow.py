@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from fedaug.cli import app
-from serving.http import create_app
+from fedaug.serving.http import create_app
 from tests.support import ROOT, tiny_encoder
 
 TITLES = ["red nail polish", "red lipstick", "red hair oil", "red shampoo", "red brand polish",

@@ -15,11 +15,11 @@ import pytest
 import tomllib
 from flwr.common.config import flatten_dict
 
-from common.bundle import bundle_hash
-from common.config import FederationConfig, from_run_config
-from common.metrics import METRIC_NAMES
-from common.recommender import Recommender
-from simulations.config import SimulationConfig
+from fedaug.common.config import FederationConfig, from_run_config
+from fedaug.common.model.metrics import METRIC_NAMES
+from fedaug.common.recommend.bundle import bundle_hash
+from fedaug.common.recommend.recommender import Recommender
+from fedaug.simulations.scenario import SimulationConfig
 from tests.support import LIBRARY_NOTES, ROOT, SMALL
 from tests.support import fedaug as _fedaug
 from tests.support import finish as _finish
@@ -29,7 +29,8 @@ def test_pyproject_run_config_is_the_federation_default():
     """`flwr run .` reads these defaults: validated by the apps' own model, they are exactly its defaults."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
+    assert app["components"] == {"serverapp": "fedaug.server.server_app:app",
+                                 "clientapp": "fedaug.client.client_app:app"}
     assert from_run_config(flatten_dict(app["config"])) == FederationConfig()
     assert "simulation" not in app["config"]  # simulation-only settings are not the production app's
 
@@ -79,7 +80,7 @@ def test_flwr_run_takes_the_same_nested_names(tmp_path):
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     notes = [note for note in LIBRARY_NOTES if note in result.stdout + result.stderr]
     assert not notes, (notes, (result.stdout + result.stderr)[-3000:])  # what users see: no library notes
-    from server import checkpoint
+    from fedaug.server import checkpoint
 
     state = checkpoint.load(tmp_path / "state")
     assert state is not None and state.round == 1 and state.arrays["ln_f.weight"].shape == (32,)
@@ -118,12 +119,12 @@ def test_simulate_with_no_arguments_end_to_end(tmp_path):
     assert [r.item for r in api] == [r["item"] for r in cli] and not set(history) & {r.item for r in api}
     from fastapi.testclient import TestClient
 
-    from serving.http import create_app
+    from fedaug.serving.http import create_app
 
     with TestClient(create_app(out / "model", device="cpu")) as client:
         served = client.post("/v1/recommend", json={"history": history, "k": 10, "explain": True}).json()
     assert [r["item"] for r in served["items"]] == [r.item for r in api]
-    from simulations.serving_eval import reproduce_test
+    from fedaug.simulations.serving_eval import reproduce_test
 
     reproduced = reproduce_test(Recommender.load(out / "model", device="cpu"), SimulationConfig().load_data())
     assert reproduced["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-12)
@@ -173,8 +174,8 @@ TINY = SMALL.replace("users = 400", "users = 150").replace("items = 300", "items
 
 @pytest.mark.parametrize("mode", ["local", "central"])
 def test_local_and_central_modes_train_under_the_same_budget(tmp_path, mode):
-    from common.config import load_config
-    from simulations.simulate import run_simulate
+    from fedaug.common.config import load_config
+    from fedaug.simulations.simulate import run_simulate
 
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
@@ -193,9 +194,9 @@ def test_local_and_central_modes_train_under_the_same_budget(tmp_path, mode):
 def test_a_nonprivate_federation_trains_the_central_recipe(tmp_path):
     """ε = inf: every merchant trains the central baseline's tied wide tables for several local epochs; the
     global model comes back whole (tied input and output tables stay one)."""
-    from common.bundle import load_bundle
-    from common.config import load_config
-    from simulations.simulate import run_simulate
+    from fedaug.common.config import load_config
+    from fedaug.common.recommend.bundle import load_bundle
+    from fedaug.simulations.simulate import run_simulate
 
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
@@ -211,8 +212,8 @@ def test_a_nonprivate_federation_trains_the_central_recipe(tmp_path):
 
 
 def test_a_sweep_runs_its_grid_once_and_reports(tmp_path):
-    from common.errors import ConfigError
-    from simulations.sweep import load_sweep, run_sweep
+    from fedaug.common.errors import ConfigError
+    from fedaug.simulations.sweep import load_sweep, run_sweep
 
     path = tmp_path / "sweep.toml"
     path.write_text(TINY + '\n[sweep]\nepsilon = [2, "inf"]\naugment = [true]\nmodes = ["central"]\n'
@@ -240,7 +241,7 @@ def test_a_sweep_runs_its_grid_once_and_reports(tmp_path):
 def test_a_sweep_draws_item_ids_and_text_prior_lines_with_cold_figures(tmp_path):
     """Runs fused with the text prior give two lines each (the model over item ids alone, and fused), the text
     prior and popularity are baselines, and the item-side table carries the cold-item figures."""
-    from simulations.sweep import load_sweep, run_sweep
+    from fedaug.simulations.sweep import load_sweep, run_sweep
 
     path = tmp_path / "sweep.toml"
     path.write_text(TINY + '\n[sweep]\nepsilon = [1, "inf"]\naugment = [true]\n')
@@ -265,8 +266,8 @@ def test_a_sweep_draws_item_ids_and_text_prior_lines_with_cold_figures(tmp_path)
 
 
 def test_sweep_config_errors_name_the_file_and_key(tmp_path):
-    from common.errors import ConfigError
-    from simulations.sweep import load_sweep
+    from fedaug.common.errors import ConfigError
+    from fedaug.simulations.sweep import load_sweep
 
     path = tmp_path / "bad.toml"
     path.write_text('[sweep]\nepsilon = [0, 1]\n')
@@ -285,11 +286,11 @@ def test_reports_and_plots_say_what_the_run_was():
     ε = inf, and identical ε curves are one line."""
     import numpy as np
 
-    from common.config import ModelSection
-    from common.data import ItemCatalog, from_sequences
-    from common.records import MerchantRecord
-    from common.synthetic import SyntheticSpec, generate
-    from simulations.plots import epsilon_lines
+    from fedaug.common.config import ModelSection
+    from fedaug.common.data import ItemCatalog, from_sequences
+    from fedaug.common.data.synthetic import SyntheticSpec, generate
+    from fedaug.common.records import MerchantRecord
+    from fedaug.simulations.plots import epsilon_lines
 
     plain = from_sequences([np.array([1, 2, 3])], ItemCatalog(raw_ids=np.arange(4)))
     section = ModelSection(catalog="auto", item_dim=8, tie_embeddings=False)
@@ -302,9 +303,9 @@ def test_reports_and_plots_say_what_the_run_was():
 
 
 def test_the_side_vector_ablation_reports_each_variant_and_its_paired_gain(tmp_path):
-    """python -m simulations.side_vectors: runs per variant and seed, skipped when done, a paired gain from the
-    runs' own bundles that matches their metrics."""
-    from simulations.side_vectors import run
+    """python -m fedaug.simulations.experiments.side_vectors: runs per variant and seed, skipped when done, a paired
+    gain from the runs' own bundles that matches their metrics."""
+    from fedaug.simulations.experiments.side_vectors import run
 
     config = tmp_path / "tiny.toml"
     config.write_text("[synthetic]\nusers = 120\nitems = 60\ntitles = false\n\n[train]\nepochs = 1\n")

@@ -3,10 +3,17 @@
 import numpy as np
 import pytest
 
-from common.data import ItemCatalog, from_sequences
-from common.errors import ConfigError
-from common.split import Merchants, assign_merchants, dominant_category, k_core, leave_one_out, merchant_partitions
-from common.synthetic import SyntheticSpec, generate
+from fedaug.common.data import ItemCatalog, from_sequences
+from fedaug.common.data.split import (
+    Merchants,
+    assign_merchants,
+    dominant_category,
+    k_core,
+    leave_one_out,
+    merchant_partitions,
+)
+from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.errors import ConfigError
 
 
 def _toy():

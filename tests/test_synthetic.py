@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from common.config import BaselineConfig, load_config
-from common.data import EVENT_TYPES
-from common.split import dominant_category
-from common.synthetic import SyntheticSpec, generate
-from simulations.baseline import run_baseline
+from fedaug.common.config import BaselineConfig, load_config
+from fedaug.common.data import EVENT_TYPES
+from fedaug.common.data.split import dominant_category
+from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.simulations.baseline import run_baseline
 
 
 def test_same_seed_same_data_other_seed_other_data():

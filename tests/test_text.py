@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import text
-from common.errors import ConfigError, DataError
-from common.loaders import load
-from common.text_prior import TextPrior
+from fedaug.common.data.loaders import load
+from fedaug.common.errors import ConfigError, DataError
+from fedaug.common.priors import text
+from fedaug.common.priors.text_prior import TextPrior
 from tests.support import fedaug, finish, tiny_encoder, write_amazon_set
 
 
@@ -136,9 +136,9 @@ def test_a_federation_fuses_the_prior_and_the_merchants_dp_statistics(encoder, t
     report = (out / "report.md").read_text()
     assert "| text prior |" in report and "(kept)" not in report  # a private run keeps no best round
     # The bundle is the tested scorer (the prior, the statistics and the model at the evaluation's weight).
-    from common.loaders import load
-    from common.recommender import Recommender
-    from simulations.serving_eval import reproduce_test
+    from fedaug.common.data.loaders import load
+    from fedaug.common.recommend.recommender import Recommender
+    from fedaug.simulations.serving_eval import reproduce_test
 
     # The final and the best round's figures come from their own weights (their scorers share no model).
     assert metrics["gain_over_text"]["final"]["test_ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-12)

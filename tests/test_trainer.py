@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from client.ledger import BudgetExceeded, PrivacyLedger
-from client.trainer import LocalSettings, LocalTrainer, PrivacySettings, PrivateStep
-from common.augment import Augmenter, AugmentSettings, random_chains
-from common.batching import Contrastive, UserSamples, length_buckets
-from common.features import CODE_SIZES
-from common.model import PerUserCrossEntropy, SASRec, SASRecConfig
-from common.split import leave_one_out
-from common.synthetic import SyntheticSpec, generate
+from fedaug.client.ledger import BudgetExceeded, PrivacyLedger
+from fedaug.client.trainer import LocalSettings, LocalTrainer, PrivacySettings, PrivateStep
+from fedaug.common.data.features import CODE_SIZES
+from fedaug.common.data.split import leave_one_out
+from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.model.augment import Augmenter, AugmentSettings, random_chains
+from fedaug.common.model.batching import Contrastive, UserSamples, length_buckets
+from fedaug.common.model.sasrec import PerUserCrossEntropy, SASRec, SASRecConfig
 
 N_ITEMS = 30
 
@@ -282,8 +282,8 @@ def test_rounds_train_with_a_contrastive_objective(tmp_path, use_as, epsilon):
 
 
 def test_a_private_plan_needs_delta_below_one_users_share_and_warns_at_high_sampling_rates():
-    from client.trainer import PrivacyPlanWarning
-    from common.errors import ConfigError
+    from fedaug.client.trainer import PrivacyPlanWarning
+    from fedaug.common.errors import ConfigError
 
     sequences = [np.arange(1, 6)] * 50  # 50 users who can train
 
@@ -322,9 +322,9 @@ def test_dp_noise_does_not_follow_the_run_seed(tmp_path):
 
 def test_a_refused_private_plan_leaves_no_ledger_behind(tmp_path):
     """δ is checked before the ledger's folder is made: a retry with a sound δ finds no stray ledger."""
-    from client.trainer import build_trainer
-    from common.config import FederationConfig
-    from common.errors import ConfigError
+    from fedaug.client.trainer import build_trainer
+    from fedaug.common.config import FederationConfig
+    from fedaug.common.errors import ConfigError
 
     recipe = FederationConfig.model_validate({"privacy": {"epsilon": 8.0, "delta": 0.5},
                                               "model": {"tie_embeddings": False}}).recipe

@@ -1,0 +1,122 @@
+"""A merchant's one DP release of collaborative statistics (common/priors/dp_counts.py) for a federation.
+
+Its users' bounded popularity and candidate-transition counts, over their training histories (``fit``) and over
+the histories test sees (``serve``: each user's validation item included), noised by the Gaussian mechanism at a
+share of the merchant's ε budget (the four releases together). The release is committed to the ledger (under
+``RUN/statistics``, so the run's DP-SGD noise is calibrated for what is left) and saved before it leaves; a
+repeated request for the same run resends the saved release instead of spending ε again.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from fedaug.client.ledger import RELEASE_MAX_NOISE_MULTIPLIER, BudgetExceeded, calibrate_noise, epsilon_of
+from fedaug.client.trainer import LocalTrainer
+from fedaug.common.atomic import write_bytes_atomic
+from fedaug.common.priors import fusion_weights
+from fedaug.common.priors.dp_counts import RELEASES, Counts, Statistics, bounded_counts, epsilon_history, noised
+
+
+def release_statistics(trainer: LocalTrainer, run_key: str, neighbours: np.ndarray, *, share: float,
+                       max_items: int, max_pairs: int, state_dir: Path | None,
+                       serve_sequences: list[np.ndarray], selection_share: float = 0.0) -> Statistics:
+    """The noised counts this merchant releases for run ``run_key`` (the saved ones if it released before).
+
+    Args:
+        trainer: the merchant's trainer: its users' training sequences, ledger, δ and budget.
+        run_key: the federation's run key (ledger entries and the saved release are keyed by it).
+        neighbours: the public candidate table ``[n_items + 1, k]`` the server sent.
+        share: fraction of the budget left before this run that the release may spend.
+        max_items, max_pairs: each user's contribution bounds (the sensitivity).
+        state_dir: where the release is kept (None: a non-private merchant keeps nothing).
+        serve_sequences: the users' histories as test sees them (LeaveOneOut.seen_sequences).
+        selection_share: fraction of the budget left before this run that the run's federated DP evaluation
+            (common/priors/fusion_weights.py) may spend; it is reserved here, first — ledgered now, released once
+            after the last round — so DP-SGD is calibrated for what is left (0: the run evaluates nothing).
+    """
+    path = Path(state_dir) / f"statistics-{run_key}.npz" if state_dir is not None else None
+    if path is not None and path.is_file():
+        return _saved(path)
+    fit = bounded_counts(trainer.sequences, neighbours, max_items=max_items, max_pairs=max_pairs)
+    serve = bounded_counts(serve_sequences, neighbours, max_items=max_items, max_pairs=max_pairs)
+    if not trainer.privacy.private:
+        return Statistics(fit, serve)
+    ledger, delta, budget = trainer.ledger, trainer.delta, trainer.privacy.epsilon
+    if selection_share > 0:
+        reserve_selection(trainer, run_key, selection_share)
+    before = ledger.history()
+    spent = epsilon_of(before, delta)
+    target = spent + share * (budget - spent)
+    noise = calibrate_noise(before, 1.0, RELEASES, delta, target)
+    # Fresh OS entropy, never the run's seed: whoever knows a seeded noise can subtract it.
+    rng = np.random.default_rng()
+    released = Statistics(*(noised(c, noise_multiplier=noise, max_items=max_items, max_pairs=max_pairs, rng=rng)
+                            for c in (fit, serve)))
+    # The ledger entry first: a crash after it loses the release, never the accounting.
+    for mechanism in epsilon_history(noise):
+        ledger.record(f"{run_key}/statistics", 0, *mechanism, delta, budget)
+    buffer = io.BytesIO()
+    np.savez(buffer, popularity=released.fit.popularity, pairs=released.fit.pairs,
+             serve_popularity=released.serve.popularity, serve_pairs=released.serve.pairs,
+             popularity_std=released.fit.popularity_std, pair_std=released.fit.pair_std)
+    write_bytes_atomic(path, buffer.getvalue())
+    return released
+
+
+def _saved(path: Path) -> Statistics:
+    with np.load(path) as saved:
+        stds = float(saved["popularity_std"]), float(saved["pair_std"])
+        fit = Counts(saved["popularity"], saved["pairs"], *stds)
+        # A release saved before serve counts existed: its fit counts serve too (no second release, no more ε).
+        serve = Counts(saved["serve_popularity"], saved["serve_pairs"], *stds) if "serve_pairs" in saved else fit
+    return Statistics(fit, serve)
+
+
+SELECTION = "selection"
+"""The ledger's name (``RUN/selection``) for a run's federated DP evaluation."""
+
+
+def reserve_selection(trainer: LocalTrainer, run_key: str, share: float) -> float:
+    """Ledger the run's one selection release now, at ``share`` of the budget left, and return its noise
+    multiplier (one Gaussian release at sampling rate 1); a run that reserved before keeps its reservation."""
+    reserved = selection_noise(trainer, run_key)
+    if reserved is not None:
+        return reserved
+    ledger, delta, budget = trainer.ledger, trainer.delta, trainer.privacy.epsilon
+    before = ledger.history()
+    spent = epsilon_of(before, delta)
+    noise = calibrate_noise(before, 1.0, 1, delta, spent + share * (budget - spent), limit=RELEASE_MAX_NOISE_MULTIPLIER)
+    ledger.record(f"{run_key}/{SELECTION}", 0, noise, 1.0, 1, delta, budget)
+    return noise
+
+
+def selection_noise(trainer: LocalTrainer, run_key: str) -> float | None:
+    """The noise multiplier reserved for run ``run_key``'s selection release (0: a non-private merchant; None:
+    none reserved)."""
+    if not trainer.privacy.private:
+        return 0.0
+    entries = [e for e in trainer.ledger.entries() if e.run_id == f"{run_key}/{SELECTION}"]
+    return entries[0].noise_multiplier if entries else None
+
+
+def release_selection(trainer: LocalTrainer, run_key: str, exact: np.ndarray, *, state_dir: Path | None,
+                      weights: tuple[float, ...]) -> tuple[np.ndarray, float]:
+    """The noised selection vector this merchant releases for run ``run_key`` (the saved one if it released
+    before) and its noise multiplier; BudgetExceeded where the run reserved none."""
+    noise = selection_noise(trainer, run_key)
+    if noise is None:
+        raise BudgetExceeded(f"run {run_key}: no selection release was reserved before training (its statistics "
+                             "request carried no selection share)")
+    path = Path(state_dir) / f"{SELECTION}-{run_key}.npy" if state_dir is not None else None
+    if path is not None and path.is_file():
+        return np.load(path), noise
+    released = fusion_weights.noised(exact, noise, weights)
+    if path is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, released)
+        write_bytes_atomic(path, buffer.getvalue())
+    return released, noise

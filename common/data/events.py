@@ -1,0 +1,491 @@
+"""Event logs (CSV or Parquet) as shops export them: one row per event, the shop's own column names and event
+names (mapped by ``EventSchema``: [data.columns] and [data.events]), any string or integer ids.
+
+pyarrow reads the file (multi-threaded CSV, Parquet); every column is then checked and converted with vectorised
+code, so a bad cell is named by its line (CSV) or row (Parquet) and column. A CSV that pyarrow cannot parse at all
+(ragged rows, bad encoding, binary data) is read once more line by line, only to locate the fault.
+
+Ids: a column whose every id is a decimal integer (no leading zeros) keeps integer ids (item 0 is reserved for
+padding); any other column keeps its ids as text (SKUs, ASINs, UUIDs, ``u30644``). Internal numbers follow the ids'
+natural order ("i2" before "i10"), so ids written as prefixed integers number exactly as the integers would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from fedaug.common.data import EVENT_TYPES, BehaviorData, ItemCatalog
+from fedaug.common.errors import DataError
+
+DROP = "drop"
+"""An event name mapped to this is left out (e.g. page leaves)."""
+TIMESTAMP_UNITS = ("auto", "s", "ms", "iso")
+MAX_ID_CHARS = 256
+MS_FROM = 1e11
+"""Unix times at or above this are milliseconds when the unit is "auto" (1e11 s is the year 5138)."""
+
+
+@dataclass(frozen=True)
+class EventSchema:
+    """Which of the file's columns is what, and what its event names mean."""
+
+    user: str = "user_id"
+    item: str = "item_id"
+    timestamp: str = "timestamp"
+    event_type: str = "event_type"
+    """Used when the file has it."""
+    merchant: str = "merchant_id"
+    """Used when the file has it: the shop each user belongs to (simulations can partition by it)."""
+    context: tuple[str, ...] | None = None
+    """Extra per-event context columns; None: every column not named above."""
+    timestamp_unit: str = "auto"
+    """auto (numbers: seconds, or milliseconds from 1e11 on; text: ISO-8601) | s | ms | iso"""
+    names: tuple[str, ...] | None = None
+    """A CSV without a header line (Taobao's UserBehavior.csv): its columns' names, in order."""
+    events: dict[str, str] = field(default_factory=dict)
+    """The shop's event names -> one of EVENT_TYPES or "drop"; the standard names are always understood."""
+
+    def stage(self) -> dict[str, int]:
+        """Lower-cased event name (or the stage's index) -> EVENT_TYPES index, -1 to drop."""
+        known = {name: i for i, name in enumerate(EVENT_TYPES)} | {str(i): i for i in range(len(EVENT_TYPES))}
+        return known | {name.strip().lower(): -1 if target == DROP else EVENT_TYPES.index(target)
+                        for name, target in self.events.items()}
+
+
+@dataclass(frozen=True)
+class Ingested:
+    """What loading an events file left out."""
+
+    rows: int
+    """Rows in the file."""
+    dropped: int
+    """Events whose name [data.events] maps to "drop"."""
+    duplicates: int
+    """Exact duplicate events (same user, item, time, type and context), kept once."""
+    delimiter: str | None = None
+    """The CSV's field separator (detected: ',' unless the first line has none and splits on ';', tab or '|');
+    None for Parquet."""
+
+
+def load_events(path, schema: EventSchema | None = None, *, check_file) -> BehaviorData:
+    """The events of ``path`` as BehaviorData: users by id, their events in time order (ties in file order),
+    exact duplicate rows dropped. ``check_file``: the size check every loader applies before reading."""
+    return load_events_counted(path, schema, check_file=check_file)[0]
+
+
+def load_events_counted(path, schema: EventSchema | None = None, *, check_file) -> tuple[BehaviorData, Ingested]:
+    """``load_events`` and what it left out."""
+    path, schema = Path(path), schema or EventSchema()
+    table, row_offset, unit, delimiter = _read(path, check_file, schema.names,
+                                               {schema.user, schema.item, schema.event_type, schema.merchant})
+    columns = table.column_names
+    missing = [c for c in (schema.user, schema.item, schema.timestamp) if c not in columns]
+    if missing:
+        raise DataError(path, f"missing required column {missing[0]!r} (found: {', '.join(columns)})",
+                        1 if unit == "line" else None)
+    if table.num_rows == 0:
+        raise DataError(path, "file has a header but no rows")
+
+    def fail(row: int, column: str, message: str):
+        raise DataError(path, message, int(row) + row_offset, column, unit)
+
+    item_codes, items = _id_codes(table[schema.item], schema.item, fail, padding=True)
+    user_codes, users = _id_codes(table[schema.user], schema.user, fail, padding=False)
+    events = {"user": user_codes, "item": item_codes, "ts": _timestamps(table[schema.timestamp], schema, fail)}
+    if schema.event_type in columns:
+        events["event"] = _event_codes(table[schema.event_type], schema, fail)
+    merchant_names = None
+    if schema.merchant in columns:
+        rows, values = _distinct(table[schema.merchant], ordered=True)
+        _refuse(values == "", rows, schema.merchant, "empty merchant id", fail)
+        merchant_names = values.tolist()  # sorted
+        events["merchant"] = rows
+    named = {schema.user, schema.item, schema.timestamp, schema.event_type, schema.merchant}
+    context = schema.context if schema.context is not None else tuple(c for c in columns if c not in named)
+    for column in context:
+        if column not in columns:
+            raise DataError(path, f"context column {column!r} is not in the file (found: {', '.join(columns)})",
+                            1 if unit == "line" else None)
+        events[f"ctx:{column}"] = _context(table[column], column, fail)
+    rows = table.num_rows
+    del table  # only the typed columns from here on: the text columns' memory goes back
+    events["row"] = np.arange(rows, dtype=np.int32 if rows < 2**31 else np.int64)
+    index = np.flatnonzero(events["event"] >= 0) if "event" in events else np.arange(rows)
+    if not len(index):
+        raise DataError(path, "every event was dropped by the event mapping ([data.events])")
+    # Time order within a user, ties in file order; exact duplicates dropped (they share a user and a time).
+    index = index[_user_time_order(events["user"][index], events["ts"][index])]
+    unique = index[~_duplicated(events, index)]
+    ingested = Ingested(rows=rows, dropped=rows - len(index), duplicates=len(index) - len(unique),
+                        delimiter=delimiter)
+    events = {name: values[unique] for name, values in events.items()}
+
+    user = events["user"]
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
+    merchant = None
+    if "merchant" in events:
+        per_user = events["merchant"][starts]
+        mixed = np.flatnonzero(np.minimum.reduceat(events["merchant"], starts) !=
+                               np.maximum.reduceat(events["merchant"], starts))
+        if len(mixed):
+            first, end = starts[mixed[0]], np.r_[starts, len(user)][mixed[0] + 1]
+            fail(events["row"][first:end].max(), schema.merchant,
+                 f"user {users[user[first]]} appears under more than one merchant")
+        merchant = per_user.astype(np.int64)
+
+    # Users and items without a kept event (all dropped) are left out and the rest renumbered.
+    kept_items, item_index = _renumber(events["item"], len(items))
+    return BehaviorData(
+        items=item_index + 1,
+        offsets=np.r_[starts, len(user)].astype(np.int64),
+        catalog=ItemCatalog(raw_ids=np.concatenate([_padding(items), items[kept_items]])),
+        user_ids=users[user[starts]],
+        timestamps=events["ts"].astype(np.int64, copy=False),
+        event_type=events["event"].astype(np.int8, copy=False) if "event" in events else None,
+        merchant=merchant,
+        merchant_names=merchant_names,
+        context={name[4:]: values for name, values in events.items() if name.startswith("ctx:")},
+    ), ingested
+
+
+def _user_time_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """The stable order by (user, time): one sort of a packed key where it fits 63 bits, else lexsort."""
+    low = int(ts.min())
+    span = int(ts.max()) - low + 1
+    if (int(user.max()) + 1) * span < 2**62:
+        return np.argsort(user.astype(np.int64) * span + (ts - low), kind="stable")
+    return np.lexsort((ts, user))
+
+
+def _duplicated(events: dict[str, np.ndarray], index: np.ndarray) -> np.ndarray:
+    """For the events at ``index``, in (user, time) order: which equal an earlier one in everything but their row.
+    Only events sharing their user and time with a neighbour are compared."""
+    user, ts = events["user"][index], events["ts"][index]
+    tie = (user[1:] == user[:-1]) & (ts[1:] == ts[:-1])
+    candidates = np.flatnonzero(np.r_[False, tie] | np.r_[tie, False])
+    duplicated = np.zeros(len(index), dtype=bool)
+    if len(candidates):
+        fields = pd.DataFrame({name: values[index[candidates]] for name, values in events.items() if name != "row"})
+        duplicated[candidates] = fields.duplicated().to_numpy()
+    return duplicated
+
+
+def _renumber(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The codes in use (sorted) and each code's index among them."""
+    used = np.zeros(n, dtype=bool)
+    used[codes] = True
+    return np.flatnonzero(used), (np.cumsum(used) - 1)[codes].astype(np.int64)
+
+
+# reading ----------------------------------------------------------------------------------------------------------
+
+
+def _read(path: Path, check_file, names: tuple[str, ...] | None,
+          dictionary_columns: set[str]) -> tuple[pa.Table, int, str, str | None]:
+    """The file as an Arrow table, the offset from row index to line (CSV) or row (Parquet) number, the unit, the
+    CSV's delimiter. ``names``: a headerless CSV's column names."""
+    check_file(path)
+    if path.stat().st_size == 0:
+        raise DataError(path, "file is empty")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path), 1, "row", None
+        except Exception as exc:  # pyarrow raises many types for corrupt files
+            raise DataError(path, f"not a readable Parquet file ({type(exc).__name__})") from None
+    import pyarrow.csv as pacsv
+
+    first = _first_line(path)
+    delimiter = _delimiter(first)
+    header = _header(path, first, delimiter) if names is None else list(names)
+    # Every column is read as text (checked and typed below, with located errors); columns of few distinct values
+    # (ids, event names) straight into Arrow dictionaries, so each distinct value is held and checked once.
+    types = {c: pa.dictionary(pa.int32(), pa.string()) if c in dictionary_columns else pa.string() for c in header}
+    try:
+        # Large blocks: fewer chunks whose dictionaries must be unified (10M events: 383 of 1 MB took 2.1 s, 6 of
+        # 64 MB 0.4 s).
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=list(names) if names else None,
+                                                                    block_size=64 << 20),
+                               parse_options=pacsv.ParseOptions(delimiter=delimiter),
+                               convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
+        _locate_csv_fault(path, names, delimiter)  # raises a located DataError for what pyarrow refused
+        raise DataError(path, f"malformed CSV ({str(exc).splitlines()[0]})") from None
+    return table.rename_columns([c.strip() for c in table.column_names]), 1 if names else 2, "line", delimiter
+
+
+def _first_line(path: Path) -> str:
+    """The CSV's first line (its header, or a headerless file's first row) as text."""
+    with open(path, "rb") as f:
+        first = f.readline(1 << 20)
+    try:
+        text = first.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        _locate_csv_fault(path)
+        raise
+    if "\x00" in text:
+        _locate_csv_fault(path)
+    return text
+
+
+def _delimiter(first_line: str) -> str:
+    """',' unless the first line holds none and csv.Sniffer finds it ';', tab or '|' separated (spreadsheets in
+    comma-decimal locales write ';')."""
+    if "," in first_line:
+        return ","
+    try:
+        return csv.Sniffer().sniff(first_line, delimiters=";\t|").delimiter
+    except csv.Error:
+        return ","
+
+
+def _header(path: Path, text: str, delimiter: str) -> list[str]:
+    """The CSV header's column names (each once)."""
+    header = [c.strip() for c in next(csv.reader([text], delimiter=delimiter), [])]
+    if not any(header):
+        raise DataError(path, "file is empty" if not text.strip() else "the header names no columns", 1)
+    duplicated = [c for c in header if header.count(c) > 1]
+    if duplicated:
+        raise DataError(path, f"column {duplicated[0]!r} appears twice in the header", 1)
+    return header
+
+
+def _locate_csv_fault(path: Path, names: tuple[str, ...] | None = None, delimiter: str = ",") -> None:
+    """Read ``path`` line by line to name what makes it unreadable (encoding, binary data, a ragged line)."""
+    from fedaug.common.data.loaders import read_text_lines
+
+    lines = read_text_lines(path)  # encoding, binary, emptiness and line-length faults, located
+    try:
+        pd.read_csv(io.StringIO("\n".join(lines)), sep=delimiter, dtype=str, keep_default_na=False,
+                    header=None if names else "infer", names=list(names) if names else None)
+    except pd.errors.ParserError as exc:
+        match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
+        if match:
+            raise DataError(path, f"ragged line: {match.group(3)} fields, header has {match.group(1)}",
+                            int(match.group(2))) from None
+        raise DataError(path, f"malformed CSV ({str(exc).splitlines()[0]})") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "file is empty") from None
+
+
+# columns ----------------------------------------------------------------------------------------------------------
+
+
+def _text(column: pa.ChunkedArray) -> np.ndarray:
+    """A column as stripped strings (object array); nulls as ""."""
+    values = pc.utf8_trim_whitespace(pc.cast(column, pa.string())) if not pa.types.is_string(column.type) else \
+        pc.utf8_trim_whitespace(column)
+    return np.asarray(pc.fill_null(values, "").to_numpy(zero_copy_only=False), dtype=object)
+
+
+def _distinct(column: pa.ChunkedArray, *, ordered: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's index into the column's distinct stripped values, and those values (object array; null as "";
+    sorted if ``ordered``). Only the distinct values become Python strings: a 10-million-row id column holds a few
+    hundred thousand."""
+    if column.null_count:
+        column = pc.fill_null(pc.cast(column, pa.string()), "")
+    if not pa.types.is_dictionary(column.type):
+        # One hash pass over the whole column (encoding chunk by chunk leaves dictionaries that cost more to unify).
+        column = pa.chunked_array([pc.dictionary_encode(column.combine_chunks())])
+    column = column.unify_dictionaries() if column.num_chunks > 1 else column
+    dictionary = column.chunk(0).dictionary if column.num_chunks else pa.array([], pa.string())
+    values = _text(pa.chunked_array([dictionary], dictionary.type))
+    indices = np.concatenate([c.indices.to_numpy() for c in column.chunks]) if column.num_chunks else \
+        np.zeros(0, np.int32)
+    if ordered or len(set(values)) < len(values):  # sorting, or merging values that differed only in spaces
+        values, inverse = np.unique(values, return_inverse=True)
+        return inverse.astype(np.int32)[indices], values
+    return indices, values
+
+
+def _refuse(bad_values: np.ndarray, rows: np.ndarray, name: str, message, fail) -> None:
+    """Fail at the first row holding one of the distinct values flagged in ``bad_values``; ``message``: text, or a
+    function of the value's index."""
+    if bad_values.any():
+        row = int(np.flatnonzero(bad_values[rows])[0])
+        fail(row, name, message if isinstance(message, str) else message(rows[row]))
+
+
+def _id_codes(column: pa.ChunkedArray, name: str, fail, *, padding: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's id as a code into the sorted distinct ids, and those ids (int64 when every id is a decimal
+    integer, else text). ``padding``: integer id 0 is reserved (items)."""
+    if pa.types.is_integer(column.type):
+        ids = column.to_numpy()
+        if (ids < 0).any():
+            fail(np.flatnonzero(ids < 0)[0], name, "integer ids must be non-negative")
+        if padding and (ids == 0).any():
+            fail(np.flatnonzero(ids == 0)[0], name, "item id 0 is reserved for padding")
+        codes, uniques = pd.factorize(ids)
+        order = id_order(np.asarray(uniques))
+        return np.argsort(order).astype(np.int32)[codes], np.asarray(uniques)[order]
+    rows, text = _distinct(column)
+    lengths = np.fromiter(map(len, text), dtype=np.int64, count=len(text))
+    control = pc.match_substring_regex(pa.array(text, pa.string()), r"[\x00-\x1f\x7f]").to_numpy(
+        zero_copy_only=False) if len(text) else np.zeros(0, bool)
+    _refuse(lengths == 0, rows, name, "empty id", fail)
+    _refuse(lengths > MAX_ID_CHARS, rows, name, f"id longer than {MAX_ID_CHARS} characters", fail)
+    _refuse(control, rows, name, lambda v: f"id {text[v][:40]!r} holds a control character", fail)
+    ids = typed_ids(text)
+    if ids.dtype != object and padding:
+        _refuse(ids == 0, rows, name, "item id 0 is reserved for padding", fail)
+    order = id_order(ids)
+    return np.argsort(order).astype(np.int32)[rows], ids[order]
+
+
+INTEGER_ID = r"^(0|[1-9][0-9]{0,17})$"
+"""An id that is an integer: at most 18 digits, no leading zeros (zero-padded SKUs stay text, so "007" and "7"
+remain two items)."""
+
+
+def typed_ids(text: np.ndarray) -> np.ndarray:
+    """Ids given as text: int64 when every one is an integer (``INTEGER_ID``), else the text."""
+    digits = pc.match_substring_regex(pa.array(text, pa.string()), INTEGER_ID)
+    return text.astype(np.int64) if pc.all(digits).as_py() is not False else text
+
+
+def sorted_ids(text: list[str]) -> np.ndarray:
+    """Distinct ids given as text, typed (``typed_ids``) and in the order internal numbers follow."""
+    ids = pd.unique(typed_ids(np.asarray(text, dtype=object)))
+    return np.asarray(ids)[id_order(np.asarray(ids))]
+
+
+def id_order(ids: np.ndarray) -> np.ndarray:
+    """Indices sorting distinct ids: integers by value; text naturally, each leading run of digits compared as a
+    number ("i2" before "i10")."""
+    if ids.dtype != object:
+        return np.argsort(ids, kind="stable")
+    text = pa.array(ids, pa.string())
+    parts = pc.extract_regex(text, r"^(?P<prefix>\D*)(?P<digits>\d*)(?P<rest>(?s:.*))$")
+    digits = pc.utf8_ltrim(parts.field("digits"), "0")
+    key = pa.table({"prefix": parts.field("prefix"), "width": pc.utf8_length(digits), "digits": digits,
+                    "rest": parts.field("rest"), "id": text})
+    return pc.sort_indices(key, sort_keys=[(name, "ascending") for name in key.column_names]).to_numpy()
+
+
+def _padding(ids: np.ndarray) -> np.ndarray:
+    return np.zeros(1, dtype=np.int64) if ids.dtype != object else np.array([""], dtype=object)
+
+
+def parse_times(values: list, schema: EventSchema, name: str) -> np.ndarray:
+    """Unix seconds of request values: numbers as Unix seconds or milliseconds, text as a file's column is read
+    (``schema.timestamp_unit``: ISO-8601 or Unix numbers); numbers and text may be mixed. A bad value is refused as
+    ``name[i]`` (ValueError, one line)."""
+    out = np.zeros(len(values), np.int64)
+    numbers = [i for i, v in enumerate(values) if isinstance(v, int | float) and not isinstance(v, bool)]
+    text = [i for i, v in enumerate(values) if isinstance(v, str)]
+    if len(numbers) + len(text) != len(values):
+        raise ValueError(f"{name}: expected Unix times or ISO-8601 text")
+    for rows, unit in ((numbers, "auto" if schema.timestamp_unit == "iso" else schema.timestamp_unit),
+                       (text, schema.timestamp_unit)):
+        if rows:
+            def fail(row: int, _column: str, message: str, rows=rows):
+                raise ValueError(f"{name}[{rows[int(row)]}]: {message}")
+
+            column = pa.chunked_array([pa.array([str(values[i]) for i in rows], pa.string())])
+            out[rows] = _timestamps(column, EventSchema(timestamp=name, timestamp_unit=unit), fail)
+    return out
+
+
+def _timestamps(column: pa.ChunkedArray, schema: EventSchema, fail) -> np.ndarray:
+    """Unix seconds (int64). Numbers are seconds or milliseconds (``timestamp_unit``, detected under "auto"),
+    text is ISO-8601 (a zone given or UTC)."""
+    name, unit = schema.timestamp, schema.timestamp_unit
+    if pa.types.is_timestamp(column.type):
+        return pc.cast(column, pa.timestamp("s", column.type.tz)).cast(pa.int64()).to_numpy()
+    fast = _fast_timestamps(column, unit)
+    if fast is not None:
+        return fast
+    # Slow path (values Arrow does not cast: spaces, mixed zone forms, faults to locate): pandas, row by row.
+    text = pd.Series(_text(column), dtype=object)
+    numeric = pd.to_numeric(text, errors="coerce") if unit != "iso" else pd.Series(np.nan, index=text.index)
+    values = numeric.to_numpy(dtype=float, na_value=np.nan)
+    is_number = np.isfinite(values) & (values >= 0)
+    if unit in ("s", "ms") or (unit == "auto" and is_number.all()):
+        iso = np.zeros(len(text), dtype=bool)
+    else:
+        parsed = pd.to_datetime(text.where(~is_number), format="ISO8601", utc=True, errors="coerce")
+        iso = parsed.notna().to_numpy()
+    # Under "auto" the column is read the way most of its values are written: one value of the other kind (a Unix
+    # time among ISO times) or of neither is the fault, named at its own line.
+    as_iso = unit == "iso" or (unit == "auto" and iso.sum() > is_number.sum())
+    bad = ~iso if as_iso else ~is_number
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        value = text.iloc[row][:40]
+        if unit == "auto" and (is_number if as_iso else iso)[row]:
+            other = ("a Unix time among ISO-8601 timestamps" if as_iso else
+                     "an ISO-8601 timestamp among Unix times")
+            fail(row, name, f"{other}: {value!r} (a column holds one kind of time)")
+        fail(row, name, f"not an ISO-8601 timestamp: {value!r}" if as_iso else
+             f"not a Unix time{' or ISO-8601 timestamp' if unit == 'auto' else ''}: {value!r}")
+    if as_iso:
+        return parsed.dt.tz_convert(None).astype("datetime64[s]").astype(np.int64).to_numpy()
+    return _unix_seconds(values, unit, lambda row: fail(
+        row, name, f"Unix time {numeric.iloc[row]:g} is out of range (expected seconds or milliseconds since 1970)"))
+
+
+def _fast_timestamps(column: pa.ChunkedArray, unit: str) -> np.ndarray | None:
+    """Unix seconds by Arrow's own casts, or None where a value needs the slow path (which names faults)."""
+    if unit != "iso" and column.num_chunks:
+        for numeric in (pa.int64(), pa.float64()):
+            try:
+                values = pc.cast(column, numeric).to_numpy()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+            if values.dtype.kind == "f" and not np.isfinite(values).all() or (values < 0).any():
+                return None
+            return _unix_seconds(values, unit, lambda row: None)
+    if unit in ("iso", "auto"):
+        for zone in ("UTC", None):  # every value with a zone, or none with one (read as UTC)
+            try:
+                return pc.cast(column, pa.timestamp("s", zone)).cast(pa.int64()).to_numpy()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                continue
+    return None
+
+
+def _unix_seconds(values: np.ndarray, unit: str, out_of_range) -> np.ndarray | None:
+    """Seconds from numbers in seconds or milliseconds (``unit``; "auto": milliseconds from MS_FROM on)."""
+    if unit == "ms" or (unit == "auto" and values.max() >= MS_FROM):
+        values = values / 1000
+    if (values >= MS_FROM).any():
+        return out_of_range(int(np.flatnonzero(values >= MS_FROM)[0]))
+    return values.astype(np.int64)
+
+
+def _event_codes(column: pa.ChunkedArray, schema: EventSchema, fail) -> np.ndarray:
+    """EVENT_TYPES index per row, -1 for events mapped to "drop"."""
+    rows, names = _distinct(column)
+    names = pd.Series(names, dtype=object).str.lower()
+    codes = names.map(schema.stage())
+    _refuse(codes.isna().to_numpy(), rows, schema.event_type,
+            lambda v: f"unknown event type {names.iloc[v][:40]!r} (expected one of {', '.join(EVENT_TYPES)}, or map "
+                      "it in [data.events])", fail)
+    return codes.to_numpy(np.int8)[rows]
+
+
+def _context(column: pa.ChunkedArray, name: str, fail) -> np.ndarray:
+    """Numeric context stays numeric; text context (e.g. device) becomes category codes in sorted order."""
+    try:
+        out = pc.cast(column, pa.float64()).to_numpy() if column.null_count == 0 else None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        out = None
+    if out is None:
+        text = pd.Series(_text(column), dtype=object)
+        numeric = pd.to_numeric(text, errors="coerce")
+        if not numeric.notna().all():
+            return _distinct(column, ordered=True)[0].astype(np.float32)  # codes of the sorted distinct values
+        out = numeric.to_numpy(dtype=float)
+    if not np.isfinite(out).all():
+        fail(int(np.flatnonzero(~np.isfinite(out))[0]), name, "context value is not a finite number")
+    return out.astype(np.float32)
