@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fedaug.common.data import EVENT_TYPES, BehaviorData, ItemCatalog
+from fedaug.common.data.files import check_file_size, read_text_lines
 from fedaug.common.errors import DataError
 
 DROP = "drop"
@@ -76,16 +77,16 @@ class Ingested:
     None for Parquet."""
 
 
-def load_events(path, schema: EventSchema | None = None, *, check_file) -> BehaviorData:
+def load_events(path, schema: EventSchema | None = None) -> BehaviorData:
     """The events of ``path`` as BehaviorData: users by id, their events in time order (ties in file order),
-    exact duplicate rows dropped. ``check_file``: the size check every loader applies before reading."""
-    return load_events_counted(path, schema, check_file=check_file)[0]
+    exact duplicate rows dropped; a file over the size limit (common/data/files.py) is refused unread."""
+    return load_events_counted(path, schema)[0]
 
 
-def load_events_counted(path, schema: EventSchema | None = None, *, check_file) -> tuple[BehaviorData, Ingested]:
+def load_events_counted(path, schema: EventSchema | None = None) -> tuple[BehaviorData, Ingested]:
     """``load_events`` and what it left out."""
     path, schema = Path(path), schema or EventSchema()
-    table, row_offset, unit, delimiter = _read(path, check_file, schema.names,
+    table, row_offset, unit, delimiter = _read(path, schema.names,
                                                {schema.user, schema.item, schema.event_type, schema.merchant})
     columns = table.column_names
     missing = [c for c in (schema.user, schema.item, schema.timestamp) if c not in columns]
@@ -189,11 +190,11 @@ def _renumber(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 # reading ----------------------------------------------------------------------------------------------------------
 
 
-def _read(path: Path, check_file, names: tuple[str, ...] | None,
+def _read(path: Path, names: tuple[str, ...] | None,
           dictionary_columns: set[str]) -> tuple[pa.Table, int, str, str | None]:
     """The file as an Arrow table, the offset from row index to line (CSV) or row (Parquet) number, the unit, the
     CSV's delimiter. ``names``: a headerless CSV's column names."""
-    check_file(path)
+    check_file_size(path)
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
     if path.suffix.lower() in (".parquet", ".pq"):
@@ -262,8 +263,6 @@ def _header(path: Path, text: str, delimiter: str) -> list[str]:
 
 def _locate_csv_fault(path: Path, names: tuple[str, ...] | None = None, delimiter: str = ",") -> None:
     """Read ``path`` line by line to name what makes it unreadable (encoding, binary data, a ragged line)."""
-    from fedaug.common.data.loaders import read_text_lines
-
     lines = read_text_lines(path)  # encoding, binary, emptiness and line-length faults, located
     try:
         pd.read_csv(io.StringIO("\n".join(lines)), sep=delimiter, dtype=str, keep_default_na=False,

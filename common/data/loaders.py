@@ -28,7 +28,6 @@ Any other column is reported (a ``DataWarning`` naming the file and the columns)
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from collections import Counter
@@ -39,6 +38,7 @@ import numpy as np
 
 from fedaug.common.data import BehaviorData, ItemCatalog
 from fedaug.common.data.events import EventSchema, Ingested, load_events_counted, sorted_ids
+from fedaug.common.data.files import check_item_count, read_text_lines
 from fedaug.common.errors import DataError, DataWarning
 
 FORMATS = ("events", "amazon-seq")
@@ -47,28 +47,6 @@ TEXT_COLUMNS = ("title", "text", "brand", "tags")
 ATTRIBUTES_COLUMN = "attributes"
 TEXT_SEPARATOR = " | "
 MAX_ID = 2**62
-LIMITS = {  # what one merchant's file may hold before it is refused, not half-loaded; raise them by environment
-    "FEDAUG_MAX_FILE_BYTES": 2 * 2**30,  # the whole file is parsed in memory
-    "FEDAUG_MAX_LINE_CHARS": 2**24,  # 16 Mi characters: a user line of ~2 million items
-    "FEDAUG_MAX_ITEMS": 50_000_000,  # distinct items: the model holds a row per item
-}
-
-
-def limit(name: str) -> int:
-    value = os.environ.get(name, "")
-    return int(value) if value.isdigit() else LIMITS[name]
-
-
-def check_file_size(path: Path) -> None:
-    size, most = path.stat().st_size, limit("FEDAUG_MAX_FILE_BYTES")
-    if size > most:
-        raise DataError(path, f"file is {size:,} bytes, over the {most:,}-byte limit (FEDAUG_MAX_FILE_BYTES)")
-
-
-def check_item_count(path: Path, n_items: int) -> None:
-    most = limit("FEDAUG_MAX_ITEMS")
-    if n_items > most:
-        raise DataError(path, f"{n_items:,} distinct items, over the {most:,}-item limit (FEDAUG_MAX_ITEMS)")
 
 
 def load(path, fmt: str | None = None, *, timestamps=None, attributes=None, texts=None,
@@ -90,7 +68,7 @@ def load_counted(path, fmt: str | None = None, *, timestamps=None, attributes=No
     if fmt == "events":
         if timestamps is not None:
             raise DataError(timestamps, "a separate timestamp file only applies to the amazon-seq format")
-        data, ingested = load_events_counted(path, schema, check_file=check_file_size)
+        data, ingested = load_events_counted(path, schema)
         check_item_count(path, data.n_items)
         data = data if attributes is None else _attach_catalog(data, attributes)
         return (data if texts is None else attach_texts(data, Path(texts))), ingested
@@ -105,38 +83,6 @@ def load_counted(path, fmt: str | None = None, *, timestamps=None, attributes=No
 
 # ----------------------------------------------------------------------------------------------------------------
 # text handling shared by the line formats
-
-
-def read_text_lines(path: Path) -> list[str]:
-    """Decode ``path`` as UTF-8 text; binary garbage and bad encodings are reported with their line."""
-    check_file_size(path)
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise DataError(path, "file is empty")
-    nul = raw.find(b"\x00")
-    try:
-        text = raw.decode("utf-8-sig")
-        bad_utf8 = -1
-    except UnicodeDecodeError as exc:
-        bad_utf8 = exc.start
-    if nul >= 0:  # NUL never occurs in text: call it binary, located at its first undecodable byte
-        line, column = _position(raw, min(nul, bad_utf8) if bad_utf8 >= 0 else nul)
-        raise DataError(path, "binary data, not a text file", line, column)
-    if bad_utf8 >= 0:
-        line, column = _position(raw, bad_utf8)
-        raise DataError(path, "not valid UTF-8 text (wrong encoding?)", line, column)
-    lines = text.splitlines()
-    longest, most = max(map(len, lines), default=0), limit("FEDAUG_MAX_LINE_CHARS")
-    if longest > most:
-        line = next(n for n, text in enumerate(lines, start=1) if len(text) == longest)
-        raise DataError(path, f"line is {longest:,} characters, over the {most:,} limit (FEDAUG_MAX_LINE_CHARS)", line)
-    return lines
-
-
-def _position(raw: bytes, offset: int) -> tuple[int, int]:
-    line = raw.count(b"\n", 0, offset) + 1
-    column = offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
-    return line, column
 
 
 def _int_tokens(path: Path, line_no: int, line: str) -> list[int]:
