@@ -1,0 +1,118 @@
+"""Validation NDCG@10 of the release rule's public weights: every merchant's DP counts, the rule's cuts, the text prior.
+
+Each of ``--merchants`` merchants (uniform split) releases its users' bounded popularity and text-neighbour
+transition counts (fit counts: the training histories, never a validation or test item) at ``--share`` of its ε
+(δ = 1/(10·its users), the ledger's default); the releases are summed, and for each pair of public weights the
+release rule (fedaug.common.priors.dp_counts.ReleaseRule) cuts the counts where their own noise level allows and
+adds them to the public text prior. Validation only: this is how the rule's default weights were set, so test is
+never read. Prints each ε's cuts and each candidate's validation NDCG@10; writes the rows to ``--out`` (JSON)
+after each ε, so a cut-short probe keeps what it measured.
+
+Recorded in simulations/results/beauty-release-rule/ (valid.json; the printed lines in log.txt):
+
+    python -m fedaug.simulations.experiments.release_rule --data ../shared/data/amazon-beauty/Beauty.txt \\
+        --epsilons 8,inf,1 --out simulations/results/beauty-release-rule/valid.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedaug.client.ledger import calibrate_noise
+from fedaug.common.atomic import write_json_atomic
+from fedaug.common.config import TextSection
+from fedaug.common.data.loaders import load
+from fedaug.common.data.split import assign_merchants, leave_one_out, merchant_partitions
+from fedaug.common.errors import FedaugError
+from fedaug.common.model.evaluate import evaluate_per_user
+from fedaug.common.priors.dp_counts import (
+    FALSE_KEEPS,
+    RELEASES,
+    ReleaseRule,
+    bounded_counts,
+    noised,
+    release_cut,
+    text_neighbours,
+)
+from fedaug.common.priors.text import catalog_vectors
+from fedaug.common.priors.text_prior import TextPrior
+
+
+def floats(text: str) -> list[float]:
+    """A comma-separated list of numbers ("inf" allowed)."""
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def parser() -> argparse.ArgumentParser:
+    made = argparse.ArgumentParser(prog="python -m fedaug.simulations.experiments.release_rule",
+                                   description=__doc__.splitlines()[0])
+    made.add_argument("--data", type=Path, required=True, help="behaviour data with item texts (e.g. Beauty.txt)")
+    made.add_argument("--format", default=None, help="the data's format (default: from its suffix)")
+    made.add_argument("--out", type=Path, required=True, help="the JSON file the rows are written to")
+    made.add_argument("--epsilons", type=floats, default=[8.0, float("inf"), 1.0], help="each merchant's ε")
+    made.add_argument("--share", type=float, default=0.9, help="the statistics' share of each merchant's ε")
+    made.add_argument("--merchants", type=int, default=10)
+    made.add_argument("--popularity-weights", type=floats, default=[0.01, 0.03])
+    made.add_argument("--pair-weights", type=floats, default=[0.1, 0.3, 1.0])
+    made.add_argument("--false-keeps", type=floats, default=[FALSE_KEEPS],
+                      help="the rule's expected share of kept cells that are pure noise")
+    made.add_argument("--neighbours", type=int, default=50, help="text neighbours per item (pair candidates)")
+    made.add_argument("--decay", type=float, default=0.25, help="the text prior's history weighting")
+    made.add_argument("--max-items", type=int, default=8, help="popularity cells per user")
+    made.add_argument("--max-pairs", type=int, default=1, help="transitions per user")
+    made.add_argument("--seed", type=int, default=0)
+    return made
+
+
+def probe(args: argparse.Namespace) -> None:
+    """Print and write the rows (see the module's docstring)."""
+    started = time.monotonic()
+    data = load(args.data, args.format)
+    split = leave_one_out(data)
+    vectors = catalog_vectors(TextSection(), data, "cpu")
+    prior = TextPrior(vectors, decay=args.decay)
+    neighbours = text_neighbours(vectors, args.neighbours)
+    base = float(evaluate_per_user(prior, split, "valid")["ndcg@10"].mean())
+    print("prior valid", base, round(time.monotonic() - started), flush=True)
+    merchants = merchant_partitions(assign_merchants(split.train, args.merchants, "uniform", args.seed))
+    true = [bounded_counts(m.sequences(), neighbours, max_items=args.max_items, max_pairs=args.max_pairs)
+            for m in merchants]
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for epsilon in args.epsilons:
+        released = None
+        for merchant, counts in zip(merchants, true, strict=True):
+            noise = calibrate_noise([], 1.0, RELEASES, 1.0 / (10 * merchant.n_users), args.share * epsilon)
+            one = counts if noise == 0 else noised(counts, noise_multiplier=noise, max_items=args.max_items,
+                                                    max_pairs=args.max_pairs, rng=rng)
+            released = one if released is None else released + one
+        print("eps", epsilon, "cuts", release_cut(released.popularity, released.popularity_std),
+              release_cut(released.pairs, released.pair_std), flush=True)
+        for false_keeps in args.false_keeps:
+            for popularity_weight in args.popularity_weights:
+                for pair_weight in args.pair_weights:
+                    rule = ReleaseRule(popularity_weight, pair_weight, false_keeps)
+                    valid = evaluate_per_user(rule.scorer(prior, released, neighbours), split, "valid")["ndcg@10"]
+                    rows.append({"eps": epsilon, "fk": false_keeps, "pw": popularity_weight, "qw": pair_weight,
+                                 "valid": float(valid.mean())})
+                    print(rows[-1], round(time.monotonic() - started), flush=True)
+        write_json_atomic(args.out, rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        probe(args)
+    except FedaugError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
