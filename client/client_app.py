@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
 
 from fedaug.client import replay
 from fedaug.client.ledger import BudgetExceeded
@@ -38,6 +37,7 @@ from fedaug.common.priors.fusion_weights import figures
 from fedaug.common.protocol.codec import COMPRESSIONS, Encoded, decode, encode
 from fedaug.common.recommend.bundle import bundle_hash, load_bundle, write_bundle_files
 from fedaug.common.records import WITHHELD
+from fedaug.runtime.flower import Mod
 
 STATISTICS = "statistics"
 """The query action (Flower message type ``query.statistics``) that asks for the DP collaborative statistics."""

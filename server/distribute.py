@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fedaug.common.config import FederationConfig, FederationSection
 from fedaug.common.data import ItemCatalog

@@ -16,8 +16,8 @@ from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fedaug.common.config import FederationSection
 from fedaug.common.errors import ConfigError, FedaugError

@@ -11,8 +11,8 @@ from logging import INFO, WARNING
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fedaug.common.config import FederationSection
 from fedaug.common.priors import fusion_weights

@@ -10,8 +10,8 @@ from logging import WARNING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from fedaug.common.config import FederationSection
 from fedaug.common.priors.dp_counts import Counts, Statistics

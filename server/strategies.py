@@ -18,15 +18,10 @@ from flwr.serverapp.strategy import (
     MultiKrum,
     Strategy,
 )
-from flwr.supercore.privacy_accounting import (
-    NeighboringRelation,
-    PrivacyConfig,
-    SamplingMethod,
-)
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from fedaug.common.config import FederationSection
 from fedaug.common.errors import ConfigError
+from fedaug.runtime.flower import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
 WEIGHT = "weight"
 STATE_ATTRIBUTES = ("m_t", "v_t")

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from flwr.app import Context, Message
-from flwr.clientapp.typing import ClientAppCallable
 
 from fedaug.client.client_app import client_app
 from fedaug.client.merchant import NUM_PARTITIONS, PARTITION_ID, Merchant, build_merchant
@@ -31,6 +30,7 @@ from fedaug.common.model.sasrec import SASRec
 from fedaug.common.priors.dp_counts import Statistics, fit_prior_with_counts
 from fedaug.common.priors.fusion import Fused, fit_fusion
 from fedaug.common.records import MerchantWork
+from fedaug.runtime.flower import ClientAppCallable
 from fedaug.server.server_app import public_prior, server_app, statistics_candidates
 from fedaug.simulations.attacks import flip_labels, poison_mod
 from fedaug.simulations.baseline import text_prior
@@ -191,11 +191,12 @@ def merchant_work(config: SimulationConfig):
 def engine_lanes(config: SimulationConfig) -> int:
     """How many merchants Flower's Ray backend runs at once: its actor pool, sized by Flower from the cluster."""
     import ray
-    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+    from fedaug.runtime.flower import ray_pool_size
 
     if not ray.is_initialized():
         return 1
-    return pool_size_from_resources(config.client_resources())
+    return ray_pool_size(config.client_resources())
 
 
 def _lines(path: Path) -> list[dict]:

@@ -18,10 +18,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 from flwr.app import Context, Message
-from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedaug.client.client_app import sent_weights, update_content
 from fedaug.common.data import BehaviorData
+from fedaug.runtime.flower import ClientAppCallable, Mod
 
 ATTACKS = ("scale", "signflip", "noise", "labelflip")
 UPDATE_ATTACKS = ("scale", "signflip", "noise")

@@ -155,14 +155,18 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
     """The federation in Flower's simulation engine; the server's central evaluation is appended to
     ``evaluations`` (the ServerApp runs in this process)."""
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
+    from flwr.common import EventType
 
+    from fedaug.runtime.flower import (
+        NOOP_FEDERATION_ID,
+        RUN_ID_NUM_BYTES,
+        SUPERLINK_NODE_ID,
+        TASK_ID_NUM_BYTES,
+        Run,
+        TaskIdentity,
+        random_id,
+        run_simulation_in_process,
+    )
     from fedaug.server.server_app import server_app
     from fedaug.simulations.apps import CentralEvaluation, central_evaluation, client, merchant_work
 
@@ -175,9 +179,9 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
     run_config = to_run_config(config.changed(federation={"state_dir": state_dir, "min_nodes": n_merchants}))
     # Flower's simulation reads the merchants' run_config from an app directory's pyproject.toml, as `flwr run`
     # does; this one carries exactly this run's config.
-    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run_id = random_id(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.primary_task_id = random_id(TASK_ID_NUM_BYTES)
     run.federation_id = NOOP_FEDERATION_ID
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
@@ -192,7 +196,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
         with tempfile.TemporaryDirectory(prefix="fedaug-app-") as app_dir:
             _write_app_dir(Path(app_dir), run_config)
             watcher.start()
-            _run_simulation(num_supernodes=n_merchants, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            run_simulation_in_process(num_supernodes=n_merchants, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
                             client_app=client,
                             server_app=server_app(SimulationConfig, keep_central_evaluation, merchant_work),
                             backend_name="ray",
