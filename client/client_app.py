@@ -2,24 +2,24 @@
 ``query.selection`` release (federated DP evaluation of the candidate model's fusion weights) and ``query.model``,
 the federation's final model.
 
-A merchant whose budget cannot afford the round replies normally with ``declined = 1`` and no arrays, so the
-server can tell a decline from a crash (which arrives as a Flower error reply). A private merchant sends only what
-its ledger accounts for: the DP update, the noised statistics and its ε — no loss, user count or evaluation metrics
-(README, "What crosses the wire"). ``app`` is what merchants run
-(deployment, `flwr run .`); ``client_app`` builds the same handlers over another merchant source, with Flower mods
-around training — how `fedaug simulate` attaches its simulation-only behaviour (simulations/apps.py).
+Every message is a typed record of common/protocol/messages.py. A merchant whose budget cannot afford the round
+replies normally with a decline and no arrays, so the server can tell a decline from a crash (which arrives as a
+Flower error reply). A private merchant sends only what its ledger accounts for: the DP update, the noised
+statistics and its ε — no loss, user count or evaluation metrics (README, "What crosses the wire"). ``app`` is what
+merchants run (deployment, `flwr run .`); ``client_app`` builds the same handlers over another merchant source,
+with Flower mods around training — how `fedaug simulate` attaches its simulation-only behaviour (simulations/apps.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedaug.client import replay
@@ -34,17 +34,27 @@ from fedaug.common.model.evaluate import sasrec_scorer
 from fedaug.common.model.metrics import METRIC_NAMES
 from fedaug.common.priors.fusion import Fused
 from fedaug.common.priors.fusion_weights import figures
-from fedaug.common.protocol.codec import COMPRESSIONS, Encoded, decode, encode
+from fedaug.common.protocol.messages import (
+    MODEL,
+    PROXIMAL_MU,
+    SELECTION,
+    STATISTICS,
+    EvaluateInstruction,
+    EvaluateReply,
+    ModelDelivery,
+    ModelReceipt,
+    SelectionReply,
+    SelectionRequest,
+    StatisticsReply,
+    StatisticsRequest,
+    TrainFigures,
+    TrainInstruction,
+    TrainReply,
+    Update,
+    action,
+)
 from fedaug.common.recommend.bundle import bundle_hash, load_bundle, write_bundle_files
-from fedaug.common.records import WITHHELD
 from fedaug.runtime.flower import Mod
-
-STATISTICS = "statistics"
-"""The query action (Flower message type ``query.statistics``) that asks for the DP collaborative statistics."""
-SELECTION = "selection"
-"""The query action (``query.selection``) that asks for this merchant's figures on the candidate fusion weights."""
-MODEL = "model"
-"""The query action (``query.model``) that hands over the federation's final model bundle (server/distribute.py)."""
 
 single_malloc_arena()  # this process trains round after round: keep its RSS from creeping
 tame_flower_logging()
@@ -66,15 +76,15 @@ def client_app(merchants: MerchantSource = merchant_for, train_mods: list[Mod] |
         merchant = merchants(context)
         return evaluate(msg, merchant, setup_seconds=time.monotonic() - started)
 
-    @app.query(STATISTICS)
+    @app.query(action(STATISTICS))
     def _statistics(msg: Message, context: Context) -> Message:
         return statistics(msg, merchants(context))
 
-    @app.query(SELECTION)
+    @app.query(action(SELECTION))
     def _selection(msg: Message, context: Context) -> Message:
         return select(msg, merchants(context))
 
-    @app.query(MODEL)
+    @app.query(action(MODEL))
     def _model(msg: Message, context: Context) -> Message:
         return store_model(msg, merchants(context))
 
@@ -85,78 +95,43 @@ def train(msg: Message, context: Context, merchant: Merchant, setup_seconds: flo
     """Train one round from the global model in ``msg`` (or resend the update of a round asked again); the reply
     carries the update as the server's round config asks (``compression``: common/protocol/codec.py)."""
     started = time.monotonic()
-    global_arrays = msg.content["arrays"]
+    instruction = TrainInstruction.decode(msg.content)
+    global_arrays = instruction.arrays
     model = merchant.model(global_arrays.to_torch_state_dict())
-    config = msg.content["config"] if "config" in msg.content else {}
-    server_round = int(config.get("server-round", 0))
+    server_round = instruction.server_round
     # The server's run key survives its restarts (Flower's run id does not): the ledger keys rounds by it.
-    run_key = str(config.get("run-key", context.run_id))
-    proximal_mu = float(config.get("proximal-mu", 0.0))
-    compression = str(config.get("compression", "none"))
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"round config: compression {compression!r} is not one of {', '.join(COMPRESSIONS)}")
+    run_key = instruction.run_key if instruction.run_key is not None else str(context.run_id)
     replay_key = replay.digest(run_key, server_round, {k: a.data for k, a in global_arrays.items()},
-                               {"proximal-mu": proximal_mu})
+                               {PROXIMAL_MU: instruction.proximal_mu})
     cached = merchant.replays.get(replay_key) if merchant.replays else None
     if cached is not None:  # this exact round was trained and sent before (the server lost it): resend it, for free
-        arrays, metrics = cached
-        content = update_content(arrays, global_arrays, compression)
-        content["metrics"] = MetricRecord(metrics | {"epsilon": _finite(merchant.trainer.epsilon_spent()),
-                                                     "replayed": 1})
-        return Message(content, reply_to=msg)
+        arrays, figures = cached
+        reply = TrainReply(epsilon=merchant.trainer.epsilon_spent(), partition=merchant.partition_id,
+                           update=Update.of(arrays, global_arrays, instruction.compression),
+                           figures=TrainFigures(**figures) if figures else None, replayed=True)
+        return Message(reply.encode(), reply_to=msg)
     try:
-        result = merchant.trainer.train_round(model, run_id=run_key, round_=server_round, proximal_mu=proximal_mu)
+        result = merchant.trainer.train_round(model, run_id=run_key, round_=server_round,
+                                              proximal_mu=instruction.proximal_mu)
     except BudgetExceeded as exc:
         spent = merchant.trainer.epsilon_spent()
         _log_round(merchant, server_round, run_key, declined=True, epsilon=spent, seconds=0.0, size=0,
                    work=time.monotonic() - started, setup=setup_seconds)
-        content = RecordDict({
-            "metrics": MetricRecord({"declined": 1, "epsilon": _finite(spent),
-                                     "partition-id": merchant.partition_id}),
-            "decline": ConfigRecord({"reason": str(exc)}),
-        })
-        return Message(content, reply_to=msg)
-    sent = {"declined": 0, "epsilon": _finite(result.epsilon), "partition-id": merchant.partition_id}
+        reply = TrainReply(epsilon=spent, partition=merchant.partition_id, decline=str(exc))
+        return Message(reply.encode(), reply_to=msg)
+    figures = None
     if not merchant.trainer.privacy.private:  # figures computed on the data, outside any accounting
-        sent |= {"num-examples": result.num_examples, "train_loss": result.train_loss, "delta": result.delta,
-                 "noise_multiplier": result.noise_multiplier, "seconds": result.seconds,
-                 "augment_views": result.augment_views}
-    metrics = MetricRecord(sent)
-    update = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+        figures = TrainFigures(users=result.num_examples, train_loss=result.train_loss, delta=result.delta,
+                               noise_multiplier=result.noise_multiplier, seconds=result.seconds,
+                               augment_views=result.augment_views)
+    weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     if merchant.replays:
-        merchant.replays.put(replay_key, update, dict(metrics))
-    content = update_content(update, global_arrays, compression)
-    content["metrics"] = metrics
+        merchant.replays.put(replay_key, weights, dataclasses.asdict(figures) if figures else None)
+    update = Update.of(weights, global_arrays, instruction.compression)
     _log_round(merchant, server_round, run_key, declined=False, epsilon=result.epsilon, seconds=result.seconds,
-               size=_payload_bytes(content), work=time.monotonic() - started, setup=setup_seconds)
-    return Message(content, reply_to=msg)
-
-
-def update_content(update: dict[str, np.ndarray], global_arrays: ArrayRecord, compression: str) -> RecordDict:
-    """The reply's ``arrays`` (and, compressed, its ``compression`` record: the kind and int8 scales)."""
-    if compression == "none":
-        return RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in update.items()})})
-    encoded = encode(update, {k: a.numpy() for k, a in global_arrays.items()}, compression)
-    keys = sorted(encoded.scales)
-    return RecordDict({"arrays": ArrayRecord({k: torch.from_numpy(v) for k, v in encoded.arrays.items()}),
-                       "compression": ConfigRecord({"kind": compression, "keys": keys,
-                                                    "scales": [encoded.scales[k] for k in keys]})})
-
-
-def sent_weights(content: RecordDict, global_arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    """The weights a reply built by ``update_content`` stands for (what the server will decode)."""
-    arrays = {k: a.numpy() for k, a in content["arrays"].items()}
-    if "compression" not in content:
-        return arrays
-    spec = content["compression"]
-    encoded = Encoded(str(spec["kind"]), arrays, dict(zip(spec["keys"], spec["scales"], strict=True)))
-    return decode(encoded, {k: a.numpy() for k, a in global_arrays.items()})
-
-
-def _payload_bytes(content: RecordDict) -> int:
-    """What the update costs on the wire, counted as the server counts it (server/replies.py)."""
-    scales = content["compression"]["scales"] if "compression" in content else []
-    return sum(len(a.data) for a in content["arrays"].values()) + 4 * len(scales)
+               size=update.nbytes, work=time.monotonic() - started, setup=setup_seconds)
+    reply = TrainReply(epsilon=result.epsilon, partition=merchant.partition_id, update=update, figures=figures)
+    return Message(reply.encode(), reply_to=msg)
 
 
 def evaluate(msg: Message, merchant: Merchant, setup_seconds: float = 0.0) -> Message:
@@ -164,28 +139,25 @@ def evaluate(msg: Message, merchant: Merchant, setup_seconds: float = 0.0) -> Me
     merchant withholds them: metrics over its users are outside its accounted ε."""
     started = time.monotonic()
     if merchant.trainer.privacy.private:
-        return Message(RecordDict({"metrics": MetricRecord({WITHHELD: 1, "partition-id": merchant.partition_id})}),
-                       reply_to=msg)
-    model = merchant.model(msg.content["arrays"].to_torch_state_dict())
+        return Message(EvaluateReply(partition=merchant.partition_id, withheld=True).encode(), reply_to=msg)
+    instruction = EvaluateInstruction.decode(msg.content)
+    model = merchant.model(instruction.arrays.to_torch_state_dict())
     scorer = sasrec_scorer(model, merchant.device)
-    config = msg.content["config"] if "config" in msg.content else {}
-    values, users = {}, 0
-    for stage in config.get("stages", ["valid", "test"]):  # validation every round, test for the final model
+    figures, users = {}, 0
+    for stage in instruction.stages:  # validation every round, test for the final model
         metrics = evaluate_split(scorer, merchant.split, stage)
-        values |= {f"{stage}-{name}": metrics[name] for name in METRIC_NAMES}
+        figures[stage] = {name: metrics[name] for name in METRIC_NAMES}
         users = metrics["users"]
-    _log_round(merchant, int(config.get("server-round", 0)), str(config.get("run-key", "")), declined=False,
-               epsilon=math.inf, seconds=0.0, size=0, stage="evaluate", work=time.monotonic() - started,
-               setup=setup_seconds)
-    content = RecordDict({"metrics": MetricRecord(values | {"num-examples": users,
-                                                            "partition-id": merchant.partition_id})})
-    return Message(content, reply_to=msg)
+    _log_round(merchant, instruction.server_round, instruction.run_key, declined=False, epsilon=math.inf,
+               seconds=0.0, size=0, stage="evaluate", work=time.monotonic() - started, setup=setup_seconds)
+    reply = EvaluateReply(partition=merchant.partition_id, users=users, figures=figures)
+    return Message(reply.encode(), reply_to=msg)
 
 
 def statistics(msg: Message, merchant: Merchant) -> Message:
     """Release this merchant's DP collaborative statistics for the run (client/releases.py)."""
-    config = msg.content["config"]
-    neighbours = msg.content["arrays"]["neighbours"].numpy()
+    request = StatisticsRequest.decode(msg.content)
+    neighbours = request.neighbours
     if neighbours.ndim != 2 or neighbours.shape[0] != merchant.model_config.n_items + 1:
         raise ValueError(f"statistics: a neighbour table of {merchant.model_config.n_items + 1} rows was expected, "
                          f"got shape {neighbours.shape}")
@@ -193,42 +165,35 @@ def statistics(msg: Message, merchant: Merchant) -> Message:
         raise ValueError("statistics: the neighbour table names items outside the catalog")
     trainer = merchant.trainer
     try:
-        released = release_statistics(trainer, str(config["run-key"]), neighbours.astype(np.int64),
-                                      share=float(config["share"]), max_items=int(config["max-items"]),
-                                      max_pairs=int(config["max-pairs"]),
+        released = release_statistics(trainer, request.run_key, neighbours.astype(np.int64),
+                                      share=request.share, max_items=request.max_items,
+                                      max_pairs=request.max_pairs,
                                       state_dir=trainer.ledger.path.parent if trainer.ledger else None,
                                       serve_sequences=merchant.split.seen_sequences(),
-                                      selection_share=float(config.get("selection-share", 0.0)))
+                                      selection_share=request.selection_share)
     except BudgetExceeded as exc:
-        return Message(RecordDict({"metrics": MetricRecord({"declined": 1}),
-                                   "decline": ConfigRecord({"reason": str(exc)})}), reply_to=msg)
+        return Message(StatisticsReply(decline=str(exc)).encode(), reply_to=msg)
     fit, serve = released.fit, released.serve
-    content = RecordDict({
-        "arrays": ArrayRecord({name: torch.from_numpy(values.astype(np.float32)) for name, values in (
-            ("popularity", fit.popularity), ("pairs", fit.pairs),
-            ("serve-popularity", serve.popularity), ("serve-pairs", serve.pairs))}),
-        "metrics": MetricRecord({"declined": 0, "popularity-std": fit.popularity_std,
-                                 "pair-std": fit.pair_std, "epsilon": _finite(trainer.epsilon_spent()),
-                                 "partition-id": merchant.partition_id}),
-    })
-    return Message(content, reply_to=msg)
+    reply = StatisticsReply(epsilon=trainer.epsilon_spent(), partition=merchant.partition_id,
+                            fit_popularity=fit.popularity, fit_pairs=fit.pairs, serve_popularity=serve.popularity,
+                            serve_pairs=serve.pairs, popularity_std=fit.popularity_std, pair_std=fit.pair_std)
+    return Message(reply.encode(), reply_to=msg)
 
 
 def select(msg: Message, merchant: Merchant) -> Message:
     """Score the server's candidate model (a bundle: the global model fused with the prior and the fit-count
     statistics) at every public fusion weight on this merchant's validation users, and release the summed figures
     through the Gaussian mechanism reserved for this run (common/priors/fusion_weights.py, client/releases.py)."""
-    config = msg.content["config"]
-    run_key = str(config["run-key"])
-    weights = tuple(float(w) for w in config["weights"])
+    request = SelectionRequest.decode(msg.content)
+    run_key, weights = request.run_key, request.weights
     if math.inf not in weights or len(set(weights)) != len(weights):
         raise ValueError("selection: the candidate weights must be distinct and include inf (the prior alone)")
     trainer = merchant.trainer
     if selection_noise(trainer, run_key) is None:
         return _declined(msg, merchant, f"run {run_key}: no selection release was reserved")
-    files = {name: bytes(data) for name, data in msg.content["bundle"].items()}
     with tempfile.TemporaryDirectory(prefix="fedaug-candidate-") as folder:
-        candidate = load_bundle(write_bundle_files(Path(folder) / "model", files), device=merchant.device).scorer
+        candidate = load_bundle(write_bundle_files(Path(folder) / "model", request.bundle),
+                                device=merchant.device).scorer
     if not isinstance(candidate, Fused) or candidate.prior is None:
         raise ValueError("selection: the candidate bundle is not a fused model")
     try:
@@ -238,16 +203,13 @@ def select(msg: Message, merchant: Merchant) -> Message:
                                             weights=weights)
     except BudgetExceeded as exc:
         return _declined(msg, merchant, str(exc))
-    content = RecordDict({"arrays": ArrayRecord({"selection": torch.from_numpy(released)}),
-                          "metrics": MetricRecord({"declined": 0, "noise-multiplier": noise,
-                                                   "epsilon": _finite(trainer.epsilon_spent()),
-                                                   "partition-id": merchant.partition_id})})
-    return Message(content, reply_to=msg)
+    reply = SelectionReply(epsilon=trainer.epsilon_spent(), partition=merchant.partition_id, figures=released,
+                           noise_multiplier=noise)
+    return Message(reply.encode(), reply_to=msg)
 
 
 def _declined(msg: Message, merchant: Merchant, reason: str) -> Message:
-    return Message(RecordDict({"metrics": MetricRecord({"declined": 1, "partition-id": merchant.partition_id}),
-                               "decline": ConfigRecord({"reason": reason})}), reply_to=msg)
+    return Message(SelectionReply(partition=merchant.partition_id, decline=reason).encode(), reply_to=msg)
 
 
 def store_model(msg: Message, merchant: Merchant) -> Message:
@@ -255,9 +217,8 @@ def store_model(msg: Message, merchant: Merchant) -> Message:
     an older one) and confirm with its content hash."""
     if merchant.state_dir is None:
         raise ValueError("model: this merchant has no state directory to keep the model in")
-    files = {name: bytes(data) for name, data in msg.content["bundle"].items()}
-    path = write_bundle_files(merchant.state_dir / "model", files)
-    return Message(RecordDict({"bundle": ConfigRecord({"hash": bundle_hash(path)})}), reply_to=msg)
+    path = write_bundle_files(merchant.state_dir / "model", ModelDelivery.decode(msg.content).bundle)
+    return Message(ModelReceipt(bundle_hash(path)).encode(), reply_to=msg)
 
 
 def _log_round(merchant: Merchant, server_round: int, run_key: str, *, declined: bool, epsilon: float,
@@ -268,11 +229,6 @@ def _log_round(merchant: Merchant, server_round: int, run_key: str, *, declined:
                                                        epsilon=None if math.isinf(epsilon) else float(epsilon),
                                                        seconds=round(seconds, 2), bytes_sent=size, stage=stage,
                                                        work_seconds=round(work, 3), setup_seconds=round(setup, 3)))
-
-
-def _finite(epsilon: float) -> float:
-    """MetricRecord carries finite floats; a non-private merchant reports ε as -1."""
-    return -1.0 if math.isinf(epsilon) else float(epsilon)
 
 
 app = client_app()

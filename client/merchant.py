@@ -6,7 +6,8 @@ Where the data comes from (``merchant_for``):
   ``device`` (written by fedaug.client.daemon); they override the recipe that arrives in run_config;
 - Flower's simulation convention (`flwr run .`): ``node_config`` has ``partition-id`` / ``num-partitions``; the
   merchant is that partition of the run's data set, cut uniformly (seeded by ``federation.seed``); its ledger lives
-  in ``federation.state_dir``/merchant-<id>. `fedaug simulate` brings its own partitions (simulations/apps.py).
+  in ``federation.state_dir``/merchant-<id>. `fedaug simulate` cuts the same way by its own [simulation] rule
+  (``partitions``, ``partition_dir``) and adds what only a simulation has in simulations/apps.py.
 """
 
 from __future__ import annotations
@@ -80,12 +81,30 @@ def merchant_for(context: Context) -> Merchant:
     node, run = tuple(sorted(context.node_config.items())), tuple(sorted(context.run_config.items()))
     if "data.path" in context.node_config:
         return _deployed(node, run)
-    if PARTITION_ID in context.node_config:  # Flower's simulation: a uniform share of the run's data set
+    if PARTITION_ID in context.node_config:  # Flower's simulation (`flwr run .`): a uniform share of the data set
         config = _federation_config(run)
-        pid, n = int(context.node_config[PARTITION_ID]), int(context.node_config[NUM_PARTITIONS])
-        return build_merchant(config, _uniform(config, n).merchant_data(pid),
-                              config.federation.state_dir / f"merchant-{pid}", pid)
+        pid, n = partition_of(context)
+        data = partitions(config, n, "uniform", config.federation.seed).merchant_data(pid)
+        return build_merchant(config, data, partition_dir(config.federation.state_dir, pid), pid)
     raise ConfigError(f"node_config needs data.path (deployment) or {PARTITION_ID} (simulation)")
+
+
+def partition_of(context: Context) -> tuple[int, int]:
+    """Flower's simulation convention: this node's partition of the run's data set, and how many there are."""
+    if PARTITION_ID not in context.node_config:
+        raise ConfigError(f"node_config: key {PARTITION_ID} is required in a simulation")
+    return int(context.node_config[PARTITION_ID]), int(context.node_config[NUM_PARTITIONS])
+
+
+def partition_dir(state_dir: Path, pid: int) -> Path:
+    """Where the merchant of partition ``pid`` keeps its ledger, replays and round log."""
+    return Path(state_dir) / f"merchant-{pid}"
+
+
+@lru_cache(maxsize=1)  # the data set, once per process: every merchant's share of it is a view away
+def partitions(config, n: int, scheme: str, seed: int, alpha: float = 0.5) -> Merchants:
+    """``config``'s data set cut into ``n`` merchants by ``scheme`` (fedaug.common.data.split.assign_merchants)."""
+    return Merchants(assign_merchants(config.load_data(), n, scheme, seed, alpha))
 
 
 @lru_cache(maxsize=4)
@@ -103,8 +122,3 @@ def _deployed(node_items: tuple, run_items: tuple) -> Merchant:
 @lru_cache(maxsize=4)
 def _federation_config(run_items: tuple) -> FederationConfig:
     return from_run_config(dict(run_items), FederationConfig)
-
-
-@lru_cache(maxsize=1)  # the data set, once per process
-def _uniform(config: FederationConfig, n: int) -> Merchants:
-    return Merchants(assign_merchants(config.load_data(), n, "uniform", config.federation.seed))

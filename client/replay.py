@@ -34,19 +34,21 @@ class ReplayCache:
     def __init__(self, state_dir: Path):
         self.path = Path(state_dir) / FILE
 
-    def get(self, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
-        """The update and metrics stored under digest ``key``, or None."""
+    def get(self, key: str) -> tuple[dict[str, np.ndarray], dict | None] | None:
+        """The update and the figures reported with it stored under digest ``key``, or None (an update stored by
+        a version before the typed protocol, whose figures it cannot read, is not reused)."""
         if not self.path.exists():
             return None
         with np.load(self.path, allow_pickle=False) as stored:
             meta = json.loads(bytes(stored["__meta__"]).decode())
-            if meta["digest"] != key:
+            if meta["digest"] != key or "figures" not in meta:
                 return None
-            return {name: stored[f"a/{name}"] for name in meta["keys"]}, meta["metrics"]
+            return {name: stored[f"a/{name}"] for name in meta["keys"]}, meta["figures"]
 
-    def put(self, key: str, arrays: dict[str, np.ndarray], metrics: dict) -> None:
-        """Replace the stored update (only the latest can be asked for again), atomically."""
-        meta = {"digest": key, "keys": list(arrays), "metrics": metrics}
+    def put(self, key: str, arrays: dict[str, np.ndarray], figures: dict | None) -> None:
+        """Replace the stored update and its figures (client/client_app.py: TrainFigures, None for a private
+        merchant; only the latest update can be asked for again), atomically."""
+        meta = {"digest": key, "keys": list(arrays), "figures": figures}
         buffer = io.BytesIO()
         np.savez(buffer, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
                  **{f"a/{name}": value for name, value in arrays.items()})

@@ -26,6 +26,9 @@ from fedaug.common.priors.dp_counts import Counts, Statistics
 from fedaug.common.records import FederationStatus, RoundRecord, merchant_name
 
 CHECKPOINT = "checkpoint.npz"
+PARTITION, USERS = "partition-id", "num-examples"
+"""Keys of a merchant's entry in ``ServerState.merchants`` (beside status, name, ε, epsilon_by_round, users and the
+stages' figures): its simulation partition and its training user count, as it last reported them."""
 
 
 @dataclass
@@ -158,7 +161,7 @@ def federation_status(state_dir: Path) -> FederationStatus | None:
         state_dir=str(Path(state_dir)), run_key=state.run_key, strategy=state.strategy, round=state.round,
         best_round=state.best_round, valid_ndcg10=(last.valid or {}).get("ndcg@10") if last else None,
         epsilon_max=last.epsilon_max if last else None,
-        merchants=dict(sorted((figures.get("name") or merchant_name(node, figures.get("partition-id")),
+        merchants=dict(sorted((figures.get("name") or merchant_name(node, figures.get(PARTITION)),
                                figures.get("epsilon"))
                               for node, figures in state.merchants.items())), model=model, product=product,
         selection_valid_ndcg10=handed_out_estimate(state.selection), flower_runs=state.flower_runs)

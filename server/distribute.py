@@ -10,21 +10,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedaug.common.config import FederationConfig, FederationSection
 from fedaug.common.data import ItemCatalog
+from fedaug.common.data.source import event_schema
 from fedaug.common.model.evaluate import SASRecScorer
 from fedaug.common.model.sasrec import SASRec
 from fedaug.common.priors.composite import compose
+from fedaug.common.priors.dp_counts import ReleaseRule
 from fedaug.common.priors.text_prior import TextPrior
+from fedaug.common.protocol.messages import MODEL, ModelDelivery, ModelReceipt, ProtocolError
 from fedaug.common.recommend.bundle import bundle_files, bundle_hash, write_bundle_files
 from fedaug.common.records import merchant_name
 from fedaug.server.checkpoint import ServerState
 
-QUERY = "query.model"
 MODEL_DIR = "model"
 
 
@@ -40,7 +42,7 @@ def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, config
     settings = config.federation
     statistics = None if state.statistics is None else state.statistics.fit if candidate else state.statistics.serve
     scorer, parts = compose(SASRecScorer(model.cpu().eval(), "cpu"), prior, statistics, neighbours,
-                            settings.release_rule(), evaluation=None if candidate else state.selection)
+                            ReleaseRule.from_section(settings), evaluation=None if candidate else state.selection)
     epsilons = [m["epsilon"] for m in state.merchants.values() if m.get("epsilon", -1) >= 0]
     epsilon = max(epsilons, default=None)
     private = epsilon is not None and math.isfinite(epsilon)
@@ -57,7 +59,7 @@ def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, config
                                  "releases": _releases(settings, state)}
                         if private else None,
                         parts=parts, text_encoder=_encoder(config) if prior is not None else None,
-                        schema=config.data.schema())
+                        schema=event_schema(config.data))
 
 
 def _releases(settings: FederationSection, state: ServerState) -> list[dict]:
@@ -89,18 +91,26 @@ def distribute_model(grid: Grid, settings: FederationSection, files: dict[str, b
     confirmed holding the same bundle (same content hash)."""
     path = write_bundle_files(Path(settings.state_dir) / MODEL_DIR, files)
     expected = bundle_hash(path)
-    record = ConfigRecord({name: data for name, data in files.items()})
-    messages = [Message(RecordDict({"bundle": record}), dst_node_id=node, message_type=QUERY)
-                for node in grid.get_node_ids()]
+    delivery = ModelDelivery(dict(files))
+    messages = [Message(delivery.encode(), dst_node_id=node, message_type=MODEL) for node in grid.get_node_ids()]
     confirmed = []
     for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
         node = reply.metadata.src_node_id
         name = merchant_name(node, None, settings.names)
         if reply.has_error():
             log(WARNING, "fedaug model: %s could not store the final model (%s)", name, reply.error.reason)
-        elif str(reply.content["bundle"].get("hash", "")) != expected:
-            log(WARNING, "fedaug model: %s stored a different bundle", name)
+        elif (problem := _receipt_problem(reply, expected)) is not None:
+            log(WARNING, "fedaug model: %s %s", name, problem)
         else:
             confirmed.append(node)
     log(INFO, "fedaug: the final model (%s) is with %d of %d merchants", path, len(confirmed), len(messages))
     return confirmed
+
+
+def _receipt_problem(reply: Message, expected: str) -> str | None:
+    """Why a merchant's receipt does not confirm the bundle hashed ``expected``, or None."""
+    try:
+        receipt = ModelReceipt.decode(reply.content)
+    except ProtocolError as exc:
+        return f"sent no readable receipt ({exc})"
+    return None if receipt.bundle_hash == expected else "stored a different bundle"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -23,11 +23,12 @@ from fedaug.common.config import FederationSection
 from fedaug.common.errors import ConfigError, FedaugError
 from fedaug.common.model.metrics import select
 from fedaug.common.priors.dp_counts import Statistics
+from fedaug.common.protocol.messages import EvaluateInstruction, TrainInstruction, aggregated_figures
 from fedaug.common.records import WITHHELD, MerchantWork, RoundRecord, merchant_name
 from fedaug.server import checkpoint
-from fedaug.server.checkpoint import ServerState
+from fedaug.server.checkpoint import PARTITION, USERS, ServerState
 from fedaug.server.monitor import Monitor
-from fedaug.server.replies import bound_norms, sort_evaluate_replies, sort_train_replies
+from fedaug.server.replies import MerchantOutcome, bound_norms, sort_evaluate_replies, sort_train_replies
 from fedaug.server.statistics import collect_statistics
 from fedaug.server.strategies import STATE_ATTRIBUTES, WEIGHT, build_strategy, central_dp, inner
 
@@ -113,15 +114,17 @@ def _run_round(grid: Grid, settings: FederationSection, strategy, state: ServerS
     dp = central_dp(strategy)
     for attempt in range(1, settings.retries + 2):
         random.seed(f"{settings.seed}/{server_round}/{attempt}")  # Flower samples nodes with `random`
-        config = ConfigRecord({"run-key": state.run_key, "attempt": attempt, "compression": settings.compression})
-        messages = list(strategy.configure_train(server_round, arrays, config, grid))
+        instruction = TrainInstruction(arrays, run_key=state.run_key, attempt=attempt,
+                                       compression=settings.compression)
+        messages = list(strategy.configure_train(server_round, arrays, instruction.config(), grid))
         replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
         replies = sort_train_replies(messages, replies, state.arrays, uniform_weights=dp is not None)
         for problem in replies.problems(settings.names):
             log(WARNING, "fedaug round %d: %s", server_round, problem)
         for node, distance in bound_norms(replies.accepted, state.arrays, settings.norm_bound).items():
             log(INFO, "fedaug round %d: %s: update clipped (distance %.3g)", server_round,
-                _name(settings, node, replies.merchants.get(node)), distance)
+                _name(settings, node, replies.merchants[node].partition if node in replies.merchants else None),
+                distance)
         enough = len(replies.accepted) >= settings.min_replies
         # Called even with too few replies: Flower's DP wrapper keeps a pending privacy event until it is.
         aggregated, _ = strategy.aggregate_train(server_round, replies.accepted if enough else [])
@@ -200,40 +203,40 @@ def _federated_evaluation(grid, settings, strategy, state, server_round, arrays,
     """The merchants score the global model; their user-weighted metrics go into ``entry``."""
     if settings.fraction_evaluate == 0:
         return
-    config = ConfigRecord({"run-key": state.run_key, "stages": list(stages)})
+    config = EvaluateInstruction(arrays, run_key=state.run_key, stages=tuple(stages)).config()
     messages = list(strategy.configure_evaluate(server_round, arrays, config, grid))
     replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
     accepted, merchants = sort_evaluate_replies(messages, replies)
-    for node, info in merchants.items():
+    for node, outcome in merchants.items():
         record = state.merchants.setdefault(str(node), {})
-        if info["status"] == "ok":
+        name = _name(settings, node, record.get(PARTITION))
+        if outcome.status == "ok":
             for stage in stages:
-                record[stage] = {k.removeprefix(f"{stage}-"): v for k, v in info.items() if k.startswith(f"{stage}-")}
-            record["users"] = info["num-examples"]
-        elif info["status"] == WITHHELD:
-            log(INFO, "fedaug round %d: %s keeps its evaluation to itself (private)", server_round,
-                _name(settings, node, record))
+                record[stage] = dict(outcome.figures.get(stage, {}))
+            record["users"] = outcome.users
+        elif outcome.status == WITHHELD:
+            log(INFO, "fedaug round %d: %s keeps its evaluation to itself (private)", server_round, name)
         else:
-            log(WARNING, "fedaug round %d: evaluation by %s: %s (%s)", server_round, _name(settings, node, record),
-                info["status"], info["reason"])
+            log(WARNING, "fedaug round %d: evaluation by %s: %s (%s)", server_round, name, outcome.status,
+                outcome.reason)
     if not accepted:
         return
     metrics = strategy.aggregate_evaluate(server_round, accepted)
     if metrics is None:
         return
-    values = {k: float(v) for k, v in metrics.items() if k != WEIGHT}
-    entry.federated_valid = {k.removeprefix("valid-"): v for k, v in values.items() if k.startswith("valid-")}
+    figures = aggregated_figures({k: float(v) for k, v in metrics.items() if k != WEIGHT})
+    entry.federated_valid = figures.get("valid", {})
     if "test" in stages:
-        entry.federated_test = {k.removeprefix("test-"): v for k, v in values.items() if k.startswith("test-")}
+        entry.federated_test = figures.get("test", {})
     entry.federated_merchants = len(accepted)
 
 
-def _train_summary(merchants: dict[int, dict]) -> dict:
+def _train_summary(merchants: dict[int, MerchantOutcome]) -> dict:
     # Only merchants that reported both count (private ones withhold them: outside their accounting).
-    reported = [(m["num-examples"], m["train_loss"]) for m in merchants.values()
-                if m["status"] == "ok" and "num-examples" in m and "train_loss" in m]
+    reported = [(m.users, m.train_loss) for m in merchants.values()
+                if m.status == "ok" and m.users is not None and m.train_loss is not None]
     users, losses = zip(*reported, strict=True) if reported else ((), ())
-    epsilons = [m["epsilon"] for m in merchants.values() if m.get("epsilon", -1) >= 0]
+    epsilons = [m.epsilon for m in merchants.values() if m.epsilon is not None]
     return {
         "train_loss": float(np.average(losses, weights=users)) if sum(users) > 0 else None,
         "epsilon_max": max(epsilons) if epsilons else None,
@@ -241,22 +244,24 @@ def _train_summary(merchants: dict[int, dict]) -> dict:
     }
 
 
-def _name(settings: FederationSection, node: int, figures: dict | None) -> str:
-    return merchant_name(node, (figures or {}).get("partition-id"), settings.names)
+def _name(settings: FederationSection, node: int, partition: int | None) -> str:
+    return merchant_name(node, partition, settings.names)
 
 
-def _remember_merchants(state: ServerState, server_round: int, merchants: dict[int, dict],
+def _remember_merchants(state: ServerState, server_round: int, merchants: dict[int, MerchantOutcome],
                         settings: FederationSection) -> None:
-    for node, info in merchants.items():
+    """What the checkpoint keeps of each merchant (its keys: server/checkpoint.py)."""
+    for node, outcome in merchants.items():
         record = state.merchants.setdefault(str(node), {})
-        record["status"] = info["status"]
-        record["name"] = _name(settings, node, info | record)
-        for key in ("partition-id", "num-examples"):
-            if key in info:
-                record[key] = info[key]
-        if info.get("epsilon", -1) >= 0:
-            record["epsilon"] = info["epsilon"]
-            record.setdefault("epsilon_by_round", {})[str(server_round)] = info["epsilon"]
+        record["status"] = outcome.status
+        record["name"] = _name(settings, node, record.get(PARTITION, outcome.partition))
+        if outcome.partition is not None:
+            record[PARTITION] = outcome.partition
+        if outcome.users is not None:
+            record[USERS] = outcome.users
+        if outcome.epsilon is not None:
+            record["epsilon"] = outcome.epsilon
+            record.setdefault("epsilon_by_round", {})[str(server_round)] = outcome.epsilon
 
 
 def _resume(state_dir, settings: FederationSection, initial: dict[str, np.ndarray], strategy) -> ServerState:

@@ -1,9 +1,11 @@
 """Sorting a round's replies: accepted updates, declines, errors, rejected updates and missing merchants.
 
-Nothing a merchant sends reaches a strategy unchecked. An accepted training reply is rewritten to exactly
-``{"arrays": <the update>, "metrics": {weight, num-examples, train_loss}}`` so every strategy (and Flower's DP
-wrapper, which insists on identical metric keys) sees one shape. A private merchant withholds its user count and
-loss (outside its accounting): where any accepted merchant did, the round weighs every update equally.
+Nothing a merchant sends reaches a strategy unchecked. Every reply is decoded into its typed record
+(common/protocol/messages.py); one that does not decode is rejected with the reason. An accepted training reply is
+rewritten to the update (decoded to fp32 weights) and one metric, the weight the strategy averages by, so every
+strategy (and Flower's DP wrapper, which insists on identical metric keys) sees one shape. A private merchant
+withholds its user count (outside its accounting): where any accepted merchant did, the round weighs every update
+equally.
 """
 
 from __future__ import annotations
@@ -11,30 +13,56 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message
 
-from fedaug.common.protocol.codec import Encoded, decode
+from fedaug.common.protocol.messages import (
+    EvaluateReply,
+    ProtocolError,
+    TrainReply,
+    Update,
+    for_strategy,
+    set_strategy_arrays,
+    strategy_arrays,
+)
 from fedaug.common.records import WITHHELD, merchant_name
 from fedaug.server.strategies import WEIGHT
+
+Reply = TypeVar("Reply")
+
+
+@dataclass
+class MerchantOutcome:
+    """What a round learned about one merchant from its reply."""
+
+    status: str
+    """ok, error, declined, rejected, missing, or (evaluation) withheld."""
+    reason: str | None = None
+    epsilon: float | None = None
+    """The ε the merchant reported spent (None: non-private, or not reported)."""
+    partition: int | None = None
+    users: int | None = None
+    train_loss: float | None = None
+    figures: dict[str, dict[str, float]] = field(default_factory=dict)
+    """An evaluation's figures per stage."""
 
 
 @dataclass
 class RoundReplies:
     accepted: list[Message] = field(default_factory=list)
-    merchants: dict[int, dict] = field(default_factory=dict)
-    """node id -> what this round learned about the merchant (status, ε, users, loss, reason)."""
+    merchants: dict[int, MerchantOutcome] = field(default_factory=dict)
+    """node id -> what this round learned about the merchant."""
     bytes_received: int = 0
 
-    def with_status(self, *statuses: str) -> dict[int, dict]:
-        return {node: m for node, m in self.merchants.items() if m["status"] in statuses}
+    def with_status(self, *statuses: str) -> dict[int, MerchantOutcome]:
+        return {node: m for node, m in self.merchants.items() if m.status in statuses}
 
     def problems(self, names: dict[str, str] | None = None) -> list[str]:
         """One ``merchant: status (reason)`` entry per merchant that did not contribute."""
-        return [f"{merchant_name(node, m.get('partition-id'), names)}: {m['status']}"
-                + (f" ({m['reason']})" if m.get("reason") else "")
-                for node, m in sorted(self.merchants.items()) if m["status"] != "ok"]
+        return [f"{merchant_name(node, m.partition, names)}: {m.status}" + (f" ({m.reason})" if m.reason else "")
+                for node, m in sorted(self.merchants.items()) if m.status != "ok"]
 
 
 def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], reference: dict[str, np.ndarray],
@@ -43,77 +71,89 @@ def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], refe
     out = RoundReplies()
     sent = list(sent)
     expected = {m.metadata.dst_node_id for m in sent}
-    accepted: list[tuple[Message, dict]] = []  # with the metrics each reported
+    accepted: list[tuple[Message, ArrayRecord, TrainReply]] = []  # with the decoded weights and the reply record
     for reply in replies:
         node = _sender(reply, sent)
         expected.discard(node)
         if reply.has_error():
-            out.merchants[node] = {"status": "error", "reason": reply.error.reason}
+            out.merchants[node] = MerchantOutcome("error", reply.error.reason)
             continue
-        metrics = _metrics_of(reply)
-        info = {"status": "ok", **_reported(metrics)}
-        if metrics.get("declined") == 1:
-            reason = reply.content["decline"]["reason"] if "decline" in reply.content else "declined"
-            out.merchants[node] = info | {"status": "declined", "reason": str(reason)}
+        try:
+            answer = TrainReply.decode(reply.content)
+        except ProtocolError as exc:
+            out.merchants[node] = MerchantOutcome("rejected", str(exc))
             continue
-        arrays, size, problem = _decoded(reply, reference)
-        problem = problem or _check_update(arrays, metrics, reference)
+        info = MerchantOutcome("ok", epsilon=answer.epsilon if math.isfinite(answer.epsilon) else None,
+                               partition=answer.partition, users=answer.figures.users if answer.figures else None,
+                               train_loss=answer.figures.train_loss if answer.figures else None)
+        if answer.decline is not None:
+            info.status, info.reason = "declined", answer.decline
+            out.merchants[node] = info
+            continue
+        arrays, problem = _weights(answer.update, reference)
+        problem = problem or _check_update(arrays, reference)
         if problem:
-            out.merchants[node] = info | {"status": "rejected", "reason": problem}
+            info.status, info.reason = "rejected", problem
+            out.merchants[node] = info
             continue
-        out.bytes_received += size
-        accepted.append((reply, arrays, metrics))
+        out.bytes_received += answer.update.nbytes
+        accepted.append((reply, arrays, answer))
         out.merchants[node] = info
     # In a fixed order (a simulation's partition, else the node id), not arrival order: float sums then do not
     # depend on which merchant finished first, so a run on a cluster aggregates exactly as on one machine.
-    accepted.sort(key=lambda entry: (entry[2].get("partition-id", -1), _sender(entry[0], sent)))
-    counted = all("num-examples" in metrics for _, _, metrics in accepted)
-    for reply, arrays, metrics in accepted:
-        users = float(metrics.get("num-examples", 1.0))
-        reply.content = RecordDict({"arrays": arrays, "metrics": MetricRecord({
-            WEIGHT: users if counted and not uniform_weights else 1.0, "num-examples": users,
-            "train_loss": float(metrics.get("train_loss", 0.0))})})
+    accepted.sort(key=lambda entry: (_or(entry[2].partition, -1), _sender(entry[0], sent)))
+    counted = all(answer.figures is not None for _, _, answer in accepted)
+    for reply, arrays, answer in accepted:
+        users = float(answer.figures.users) if answer.figures is not None else 1.0
+        reply.content = for_strategy({WEIGHT: users if counted and not uniform_weights else 1.0}, arrays)
         out.accepted.append(reply)
     for node in sorted(expected):
-        out.merchants[node] = {"status": "missing", "reason": "no reply before the round timeout"}
+        out.merchants[node] = MerchantOutcome("missing", "no reply before the round timeout")
     return out
 
 
-def sort_evaluate_replies(sent: Iterable[Message], replies: Iterable[Message]) -> tuple[list[Message], dict[int, dict]]:
-    """Evaluation replies with finite metrics and a positive user count (rewritten to weigh by users); a private
+def sort_evaluate_replies(sent: Iterable[Message], replies: Iterable[Message]
+                          ) -> tuple[list[Message], dict[int, MerchantOutcome]]:
+    """Evaluation replies with finite figures and a positive user count (rewritten to weigh by users); a private
     merchant's withheld metrics are its right, not a fault."""
     accepted, merchants, sent = [], {}, list(sent)
     for reply in replies:
         node = _sender(reply, sent)
         if reply.has_error():
-            merchants[node] = {"status": "error", "reason": reply.error.reason}
+            merchants[node] = MerchantOutcome("error", reply.error.reason)
             continue
-        metrics = _metrics_of(reply)
-        if metrics.get(WITHHELD) == 1:
-            merchants[node] = {"status": WITHHELD, "reason": "private: metrics on its users are outside its ε"}
+        try:
+            answer = EvaluateReply.decode(reply.content)
+        except ProtocolError as exc:
+            merchants[node] = MerchantOutcome("rejected", f"evaluation metrics missing or not finite ({exc})")
             continue
-        values = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        users = values.get("num-examples", 0)
-        if not users or users <= 0 or not all(math.isfinite(v) for v in values.values()):
-            merchants[node] = {"status": "rejected", "reason": "evaluation metrics missing or not finite"}
+        if answer.withheld:
+            merchants[node] = MerchantOutcome(WITHHELD, "private: metrics on its users are outside its ε",
+                                              partition=answer.partition)
             continue
-        reply.content = RecordDict({"metrics": MetricRecord(values | {WEIGHT: float(users)})})
+        reply.content = for_strategy(answer.flat() | {WEIGHT: float(answer.users)})
         accepted.append(reply)
-        merchants[node] = {"status": "ok", **values}
+        merchants[node] = MerchantOutcome("ok", partition=answer.partition, users=answer.users,
+                                          figures=answer.figures)
     return accepted, merchants
 
 
-def query_problem(reply: Message) -> str | None:
-    """Why a reply to a one-off query (statistics, selection) carries no release: an error, no metrics, or the
-    merchant declined (its budget); None when it does."""
+def query_reply(reply: Message, record: type[Reply]) -> tuple[Reply | None, str | None]:
+    """A reply to a one-off query (statistics, selection) decoded as ``record``, or why it carries no release: an
+    error, a reply that does not decode, or the merchant declined (its budget)."""
     if reply.has_error():
-        return f"error ({reply.error.reason})"
-    metrics = reply.content.get("metrics")
-    if metrics is None:
-        return "no metrics"
-    if int(metrics.get("declined", 0)):
-        return f"declined ({reply.content['decline']['reason']})"
-    return None
+        return None, f"error ({reply.error.reason})"
+    try:
+        answer = record.decode(reply.content)
+    except ProtocolError as exc:
+        return None, f"rejected ({exc})"
+    if answer.decline is not None:
+        return None, f"declined ({answer.decline})"
+    return answer, None
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _sender(reply: Message, sent: list[Message]) -> int:
@@ -126,49 +166,19 @@ def _sender(reply: Message, sent: list[Message]) -> int:
     return reply.metadata.src_node_id
 
 
-def _decoded(reply: Message, reference: dict[str, np.ndarray]) -> tuple[ArrayRecord | None, int, str | None]:
-    """The reply's update as fp32 weights (de-quantised when it came compressed), the bytes it took on the wire,
-    and why it cannot be read (or None)."""
-    arrays = reply.content.array_records.get("arrays") if reply.content else None
-    if arrays is None:
-        return None, 0, None
-    size = sum(len(a.data) for a in arrays.values())
-    spec = reply.content.config_records.get("compression")
-    if spec is None:
-        return arrays, size, None
+def _weights(update: Update, reference: dict[str, np.ndarray]) -> tuple[ArrayRecord | None, str | None]:
+    """The update as fp32 weights (de-quantised when it came compressed), and why it cannot be read (or None)."""
+    if update.compression == "none":
+        return update.arrays, None
     try:
-        kind, keys, scales = str(spec["kind"]), list(spec.get("keys", [])), list(spec.get("scales", []))
-        if len(keys) != len(scales):
-            raise ValueError("compression: keys and scales differ in length")
-        encoded = Encoded(kind, {k: a.numpy() for k, a in arrays.items()}, dict(zip(keys, map(float, scales),
-                                                                                    strict=True)))
-        weights = decode(encoded, reference)
+        weights = update.weights(reference)
     except Exception as exc:  # noqa: BLE001  (a malformed compressed update is the sender's fault, not ours)
-        return None, 0, str(exc) if isinstance(exc, ValueError) else f"compression: cannot be decoded ({exc!r})"
-    return ArrayRecord({k: Array(v) for k, v in weights.items()}), size + 4 * len(scales), None
+        return None, str(exc) if isinstance(exc, ValueError) else f"compression: cannot be decoded ({exc!r})"
+    return ArrayRecord({k: Array(v) for k, v in weights.items()}), None
 
 
-def _metrics_of(reply: Message) -> dict:
-    if reply.content is None or "metrics" not in reply.content.metric_records:
-        return {}
-    return dict(reply.content.metric_records["metrics"])
-
-
-def _reported(metrics: dict) -> dict:
-    """The merchant's self-reported figures worth keeping (ε = -1 means non-private)."""
-    keep = ("epsilon", "num-examples", "train_loss", "partition-id", "noise_multiplier", "seconds")
-    return {k: metrics[k] for k in keep if isinstance(metrics.get(k), int | float)}
-
-
-def _check_update(arrays: ArrayRecord | None, metrics: dict, reference: dict[str, np.ndarray]) -> str | None:
+def _check_update(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> str | None:
     """Why this update cannot be aggregated, or None."""
-    if arrays is None:
-        return "no 'arrays' record in the reply"
-    if not isinstance(metrics.get("epsilon"), int | float):
-        return "no 'metrics' record with the merchant's epsilon in the reply"
-    users = metrics.get("num-examples", 1)  # withheld by a private merchant
-    if not isinstance(users, int | float) or isinstance(users, bool) or not math.isfinite(users) or users <= 0:
-        return "num-examples not positive or not finite"
     if set(arrays.keys()) != set(reference):
         extra, lacking = set(arrays.keys()) - set(reference), set(reference) - set(arrays.keys())
         return (f"array keys differ from the global model (unexpected {sorted(extra)[:3]}, "
@@ -194,7 +204,7 @@ def bound_norms(accepted: list[Message], reference: dict[str, np.ndarray], facto
         return {}
     distances = []
     for reply in accepted:
-        arrays = reply.content["arrays"]
+        arrays = strategy_arrays(reply.content)
         distances.append(math.sqrt(sum(float(((arrays[k].numpy().astype(np.float64) - reference[k]) ** 2).sum())
                                        for k in reference)))
     bound = factor * float(np.median(distances))
@@ -202,9 +212,10 @@ def bound_norms(accepted: list[Message], reference: dict[str, np.ndarray], facto
     for reply, distance in zip(accepted, distances, strict=True):
         if distance <= bound or distance == 0:
             continue
-        arrays = reply.content["arrays"]
+        arrays = strategy_arrays(reply.content)
         scale = bound / distance
-        reply.content["arrays"] = ArrayRecord({k: Array((reference[k] + scale * (arrays[k].numpy() - reference[k]))
-                                                        .astype(reference[k].dtype)) for k in reference})
+        set_strategy_arrays(reply.content, ArrayRecord({
+            k: Array((reference[k] + scale * (arrays[k].numpy() - reference[k])).astype(reference[k].dtype))
+            for k in reference}))
         clipped[reply.metadata.src_node_id] = distance
     return clipped

@@ -6,68 +6,55 @@ The sum is post-processing of the merchants' releases: it costs no further ε. A
 
 from __future__ import annotations
 
+import math
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Message
 from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedaug.common.config import FederationSection
 from fedaug.common.priors.dp_counts import Counts, Statistics
+from fedaug.common.protocol.messages import STATISTICS, StatisticsReply, StatisticsRequest
 from fedaug.common.records import merchant_name
-from fedaug.server.replies import query_problem
-
-ARRAYS = ("popularity", "pairs", "serve-popularity", "serve-pairs")
-
-QUERY = "query.statistics"
+from fedaug.server.replies import query_reply
 
 
 def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.ndarray,
                        run_key: str) -> tuple[Statistics | None, int, float | None]:
     """The summed counts of every merchant that answered, how many did, and the largest ε a private one reported
     after its release (its selection reservation included; None: none private)."""
-    config = ConfigRecord({"run-key": run_key, "share": settings.statistics_share,
-                           "selection-share": settings.selection_share if settings.selection == "evaluated" else 0.0,
-                           "max-items": settings.statistics_max_items, "max-pairs": settings.statistics_max_pairs})
-    messages = [Message(RecordDict({"arrays": ArrayRecord({"neighbours": Array(neighbours)}), "config": config}),
-                        dst_node_id=node, message_type=QUERY) for node in grid.get_node_ids()]
+    request = StatisticsRequest(run_key=run_key, neighbours=neighbours, share=settings.statistics_share,
+                                selection_share=settings.selection_share if settings.selection == "evaluated" else 0.0,
+                                max_items=settings.statistics_max_items, max_pairs=settings.statistics_max_pairs)
+    messages = [Message(request.encode(), dst_node_id=node, message_type=STATISTICS) for node in grid.get_node_ids()]
     replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
     total, merchants, epsilons = None, 0, []
     for reply in replies:
         node = reply.metadata.src_node_id
-        problem = _problem(reply, neighbours.shape)
+        answer, problem = query_reply(reply, StatisticsReply)
+        problem = problem or _problem(answer, neighbours.shape)
         if problem:
             log(WARNING, "fedaug statistics: %s: %s", merchant_name(node, None, settings.names), problem)
             continue
-        arrays, metrics = reply.content["arrays"], reply.content["metrics"]
-        stds = float(metrics["popularity-std"]), float(metrics["pair-std"])
-        counts = Statistics(*(Counts(arrays[f"{prefix}popularity"].numpy().astype(np.float64),
-                                     arrays[f"{prefix}pairs"].numpy().astype(np.float64), *stds)
-                              for prefix in ("", "serve-")))
+        stds = answer.popularity_std, answer.pair_std
+        counts = Statistics(*(Counts(popularity.astype(np.float64), pairs.astype(np.float64), *stds)
+                              for popularity, pairs in ((answer.fit_popularity, answer.fit_pairs),
+                                                        (answer.serve_popularity, answer.serve_pairs))))
         total = counts if total is None else total + counts
         merchants += 1
-        if float(metrics.get("epsilon", -1)) >= 0:
-            epsilons.append(float(metrics["epsilon"]))
+        if math.isfinite(answer.epsilon):
+            epsilons.append(answer.epsilon)
     return total, merchants, max(epsilons, default=None)
 
 
-def _problem(reply: Message, shape: tuple[int, int]) -> str | None:
-    problem = query_problem(reply)
-    if problem:
-        return problem
-    metrics = reply.content["metrics"]
-    arrays = reply.content.get("arrays")
-    if arrays is None or set(arrays) != set(ARRAYS):
-        return f"rejected (expected arrays {', '.join(ARRAYS)})"
-    for prefix in ("", "serve-"):
-        popularity, pairs = arrays[f"{prefix}popularity"].numpy(), arrays[f"{prefix}pairs"].numpy()
+def _problem(answer: StatisticsReply, shape: tuple[int, int]) -> str | None:
+    for name, popularity, pairs in (("", answer.fit_popularity, answer.fit_pairs),
+                                    ("serve-", answer.serve_popularity, answer.serve_pairs)):
         if popularity.shape != (shape[0],) or pairs.shape != shape:
-            return (f"rejected ({prefix}shapes {popularity.shape} and {pairs.shape}, expected ({shape[0]},) and "
+            return (f"rejected ({name}shapes {popularity.shape} and {pairs.shape}, expected ({shape[0]},) and "
                     f"{shape})")
         if not (np.isfinite(popularity).all() and np.isfinite(pairs).all()):
             return "rejected (non-finite counts)"
-    stds = (float(metrics.get("popularity-std", -1)), float(metrics.get("pair-std", -1)))
-    if not all(np.isfinite(s) and s >= 0 for s in stds):
-        return "rejected (missing or bad noise levels)"
     return None

@@ -17,7 +17,7 @@ from fedaug.common.model.metrics import METRIC_NAMES, select
 from fedaug.common.priors.composite import product_kind
 from fedaug.common.recommend.bundle import Bundle, load_bundle
 from fedaug.common.records import MerchantRecord, PrivacyRecord, RunMetrics, federation_name
-from fedaug.server.checkpoint import ServerState
+from fedaug.server.checkpoint import PARTITION, USERS, ServerState
 
 DASH = "—"
 """A cell with nothing to show."""
@@ -28,8 +28,8 @@ def federation_summary(config: FederationConfig, state: ServerState, *, mode: st
     """``test`` is the central evaluation where the server has the data (simulation), else the merchants'
     user-weighted federated test."""
     last = state.history[-1]
-    merchants = sorted((MerchantRecord(merchant=int(m.get("partition-id", -1)), node=node, name=m.get("name"),
-                                       users=m.get("users", m.get("num-examples")), epsilon=m.get("epsilon"),
+    merchants = sorted((MerchantRecord(merchant=int(m.get(PARTITION, -1)), node=node, name=m.get("name"),
+                                       users=m.get("users", m.get(USERS)), epsilon=m.get("epsilon"),
                                        epsilon_by_round=m.get("epsilon_by_round", {}),
                                        test=select(m["test"]) if m.get("test") else None)
                         for node, m in state.merchants.items()), key=lambda m: m.merchant)

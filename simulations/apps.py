@@ -17,18 +17,26 @@ import torch
 from flwr.app import Context, Message
 
 from fedaug.client.client_app import client_app
-from fedaug.client.merchant import NUM_PARTITIONS, PARTITION_ID, Merchant, build_merchant
+from fedaug.client.merchant import (
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    Merchant,
+    build_merchant,
+    partition_dir,
+    partition_of,
+    partitions,
+)
 from fedaug.client.round_log import read_rounds
 from fedaug.common.config import from_run_config
 from fedaug.common.data import BehaviorData
-from fedaug.common.data.split import Merchants, assign_merchants, leave_one_out
-from fedaug.common.errors import ConfigError
+from fedaug.common.data.split import leave_one_out
 from fedaug.common.model.device import pick_device
 from fedaug.common.model.evaluate import evaluate, sasrec_scorer
 from fedaug.common.model.metrics import select
 from fedaug.common.model.sasrec import SASRec
-from fedaug.common.priors.dp_counts import Statistics, fit_prior_with_counts
+from fedaug.common.priors.dp_counts import ReleaseRule, Statistics, fit_prior_with_counts
 from fedaug.common.priors.fusion import Fused, fit_fusion
+from fedaug.common.protocol.messages import TrainInstruction
 from fedaug.common.records import MerchantWork
 from fedaug.runtime.flower import ClientAppCallable
 from fedaug.server.server_app import public_prior, server_app, statistics_candidates
@@ -43,11 +51,10 @@ def simulated_merchant(context: Context) -> Merchant:
     Built for each message and dropped after it: a worker holds the data set once (every merchant's slice of it
     is a view away) and no merchant's state between its rounds — its ledger and replay cache live in its state
     dir — so memory follows the merchants sampled, not the ones registered."""
-    if PARTITION_ID not in context.node_config:
-        raise ConfigError(f"node_config: key {PARTITION_ID} is required in a simulation")
+    pid, n = partition_of(context)
     config = _config(tuple(sorted(context.run_config.items())))
-    pid, n = int(context.node_config[PARTITION_ID]), int(context.node_config[NUM_PARTITIONS])
-    data = _assigned(config, n).merchant_data(pid)
+    sim = config.simulation
+    data = partitions(config, n, sim.partition, sim.partition_seed, sim.dirichlet_alpha).merchant_data(pid)
     if config.simulation.attack == "labelflip" and pid in config.attacker_ids(n):
         data = flip_labels(data, config.simulation.partition_seed)
     return build_merchant(config.federation_config, data, merchant_dir(config, pid), pid)
@@ -55,18 +62,12 @@ def simulated_merchant(context: Context) -> Merchant:
 
 def merchant_dir(config: SimulationConfig, pid: int) -> Path:
     """Where simulated merchant ``pid`` keeps its ledger, replays and round log."""
-    return config.federation.state_dir / f"merchant-{pid}"
+    return partition_dir(config.federation.state_dir, pid)
 
 
 @lru_cache(maxsize=4)
 def _config(run_items: tuple) -> SimulationConfig:
     return from_run_config(dict(run_items), SimulationConfig)
-
-
-@lru_cache(maxsize=1)  # the data set, once per worker process
-def _assigned(config: SimulationConfig, n: int) -> Merchants:
-    sim = config.simulation
-    return Merchants(assign_merchants(config.load_data(), n, sim.partition, sim.partition_seed, sim.dirichlet_alpha))
 
 
 def _attack_of(context: Context) -> tuple[str, float]:
@@ -104,7 +105,7 @@ class CentralEvaluation:
         if statistics is None or self.neighbours is None:
             return self.text
         if not self.pooled:
-            return self.config.federation.release_rule().scorer(
+            return ReleaseRule.from_section(self.config.federation).scorer(
                 self.text, statistics.fit if stage == "valid" else statistics.serve, self.neighbours)
         if self._with_counts is None or not self._with_counts[0].same_as(statistics):
             fitted = fit_prior_with_counts(self.text, statistics.fit, self.neighbours, self.split)[0]
@@ -157,12 +158,12 @@ def placement_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     import ray
 
     reply = call_next(msg, context)
-    config = msg.content["config"] if "config" in msg.content else {}
     if PARTITION_ID in context.node_config and ray.is_initialized():
+        instruction = TrainInstruction.decode(msg.content)
         config_ = _config(tuple(sorted(context.run_config.items())))
         folder = merchant_dir(config_, int(context.node_config[PARTITION_ID]))
         folder.mkdir(parents=True, exist_ok=True)
-        line = {"round": int(config.get("server-round", 0)), "run": str(config.get("run-key", "")),
+        line = {"round": instruction.server_round, "run": instruction.run_key or "",
                 "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         with open(folder / PLACEMENTS, "a", encoding="utf-8") as out:
             out.write(json.dumps(line) + "\n")

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 
-from fedaug.client.client_app import sent_weights, update_content
 from fedaug.common.data import BehaviorData
+from fedaug.common.protocol.messages import TrainInstruction, TrainReply, Update
 from fedaug.runtime.flower import ClientAppCallable, Mod
 
 ATTACKS = ("scale", "signflip", "noise", "labelflip")
@@ -65,18 +65,19 @@ def poison_mod(attack_of: Callable[[Context], tuple[str, float]]) -> Mod:
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         reply = call_next(msg, context)
         attack, scale = attack_of(context)
-        if attack not in UPDATE_ATTACKS or reply.has_error() or "arrays" not in reply.content:
+        if attack not in UPDATE_ATTACKS or reply.has_error():
             return reply
-        config = msg.content["config"] if "config" in msg.content else {}
-        server_round = int(config.get("server-round", 0))
-        sent = {k: torch.from_numpy(v) for k, v in sent_weights(reply.content, msg.content["arrays"]).items()}
-        poisoned = poison_update(msg.content["arrays"].to_torch_state_dict(), sent, attack, scale, seed=server_round)
+        answer = TrainReply.decode(reply.content)
+        if answer.update is None:  # declined: nothing to poison
+            return reply
+        instruction = TrainInstruction.decode(msg.content)
+        base = instruction.arrays
+        sent = {k: torch.from_numpy(v) for k, v in answer.update.weights({k: a.numpy() for k, a in base.items()})
+                .items()}
+        poisoned = poison_update(base.to_torch_state_dict(), sent, attack, scale, seed=instruction.server_round)
         # Sent as the honest merchants send theirs (compressed when the round asks for it).
-        packed = update_content({k: v.numpy() for k, v in poisoned.items()}, msg.content["arrays"],
-                                str(config.get("compression", "none")))
-        for name in ("arrays", "compression"):
-            if name in packed:
-                reply.content[name] = packed[name]
+        update = Update.of({k: v.numpy() for k, v in poisoned.items()}, base, instruction.compression)
+        reply.content = replace(answer, update=update).encode()
         return reply
 
     return mod

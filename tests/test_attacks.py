@@ -8,17 +8,21 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message
 
-from fedaug.common.config import load_config
-from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.config import SyntheticSection, load_config
+from fedaug.common.data.synthetic import generate
 from fedaug.common.errors import ConfigError
+from fedaug.common.protocol.messages import TRAIN, for_strategy, strategy_arrays
 from fedaug.server.replies import bound_norms
+from fedaug.server.strategies import WEIGHT
 from fedaug.simulations.attacks import attackers, flip_labels, poison_update
 from fedaug.simulations.scenario import SimulationConfig
 from tests.support import SMALL
 from tests.support import fedaug as _fedaug
 from tests.support import finish as _finish
+
+pytestmark = pytest.mark.usefixtures("as_if_inside_a_serverapp")  # messages built as a ServerApp builds them
 
 
 def _state(value: float) -> dict[str, torch.Tensor]:
@@ -37,7 +41,7 @@ def test_update_attacks_move_the_model_as_documented():
 
 
 def test_label_flip_is_one_fixed_permutation_of_the_catalog():
-    data = generate(SyntheticSpec(users=50, items=40))
+    data = generate(SyntheticSection(users=50, items=40, titles=False))
     flipped = flip_labels(data, seed=3)
     assert flipped.n_items == data.n_items and not np.array_equal(flipped.items, data.items)
     pairs = set(zip(data.items.tolist(), flipped.items.tolist(), strict=True))
@@ -51,28 +55,18 @@ def test_attackers_are_a_seeded_fraction():
     assert attackers(10, 0.0, seed=0) == set()
 
 
-@pytest.fixture(autouse=True)
-def _as_if_sent_by_a_serverapp(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
 def test_norm_bounding_clips_only_the_outlier_to_the_median_distance():
     reference = {"w": np.zeros(4, np.float32)}
     replies = []
     for node, step in ((1, 1.0), (2, 2.0), (3, 50.0)):
-        content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(4, step, np.float32))}),
-                              "metrics": MetricRecord({"num-examples": 10})})
-        reply = Message(content, dst_node_id=0, message_type="train")
+        content = for_strategy({WEIGHT: 10.0}, ArrayRecord({"w": Array(np.full(4, step, np.float32))}))
+        reply = Message(content, dst_node_id=0, message_type=TRAIN)
         reply.metadata.__dict__["_src_node_id"] = node
         replies.append(reply)
     clipped = bound_norms(replies, reference, factor=1.0)
     assert list(clipped) == [3] and clipped[3] == pytest.approx(100.0)
-    assert np.allclose(replies[2].content["arrays"]["w"].numpy(), 2.0)  # the median distance (4.0 = ‖(2,2,2,2)‖)
-    assert np.allclose(replies[0].content["arrays"]["w"].numpy(), 1.0)
+    assert np.allclose(strategy_arrays(replies[2].content)["w"].numpy(), 2.0)  # the median distance (‖(2,2,2,2)‖)
+    assert np.allclose(strategy_arrays(replies[0].content)["w"].numpy(), 1.0)
     assert bound_norms(replies, reference, factor=0.0) == {}
 
 
@@ -134,3 +128,30 @@ def test_an_attack_sweep_runs_each_attack_under_each_defence_and_tables_them(tmp
             {"epsilon": 8.0, "attack": "scale", "defence": "median", "test": {"ndcg@10": 0.095}}]
     table = "\n".join(_attack_table(runs, runs[1:]))
     assert "| 8.0 | scale | 0.0100 (0.10) | 0.0950 (0.95) |" in table
+
+
+@pytest.mark.parametrize("compression", ["none", "int8"])
+def test_the_poison_mod_replaces_the_update_and_sends_it_as_the_round_asks(compression):
+    """An attacker's reply carries the poisoned weights, encoded as honest merchants encode theirs; a decline
+    passes untouched."""
+    from flwr.app import Context, RecordDict
+
+    from fedaug.common.protocol.messages import TrainInstruction, TrainReply, Update
+    from fedaug.simulations.attacks import poison_mod
+
+    start = {k: v.numpy() for k, v in _state(0.0).items()}
+    base = ArrayRecord({k: Array(v) for k, v in start.items()})
+    trained = {k: v + 0.5 for k, v in start.items()}
+    msg = Message(TrainInstruction(base, server_round=3, compression=compression).encode(), dst_node_id=1,
+                  message_type=TRAIN)
+    honest = TrainReply(epsilon=2.0, partition=4, update=Update.of(trained, base, compression))
+    mod = poison_mod(lambda context: ("signflip", 2.0))
+    context = Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = mod(msg, context, lambda m, c: Message(honest.encode(), reply_to=m))
+    answer = TrainReply.decode(reply.content)
+    assert answer.epsilon == 2.0 and answer.partition == 4 and answer.update.compression == compression
+    for key, value in answer.update.weights(start).items():
+        np.testing.assert_allclose(value, start[key] - 1.0, atol=1e-2)  # global − 2·(update − global)
+    declined = TrainReply(epsilon=2.0, decline="budget spent")
+    passed = mod(msg, context, lambda m, c: Message(declined.encode(), reply_to=m))
+    assert TrainReply.decode(passed.content) == declined

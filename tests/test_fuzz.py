@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,9 +25,21 @@ from fedaug.client.daemon import MerchantDaemonConfig
 from fedaug.common.config import MerchantRunConfig, load_config
 from fedaug.common.data.loaders import load, load_catalog
 from fedaug.common.errors import ConfigError, DataError
+from fedaug.common.protocol.messages import (
+    ARRAYS,
+    METRICS,
+    TRAIN,
+    USERS,
+    TrainFigures,
+    TrainInstruction,
+    TrainReply,
+    Update,
+)
 from fedaug.server.aggregator import AggregatorConfig
 from fedaug.server.replies import sort_train_replies
 from fedaug.simulations.scenario import SimulationConfig
+
+pytestmark = pytest.mark.usefixtures("as_if_inside_a_serverapp")  # messages built as a ServerApp builds them
 
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -321,19 +333,18 @@ UPDATE_CORRUPTIONS = ["nan", "inf", "shape", "dtype", "missing key", "extra key"
 
 
 def _sent(node: int) -> Message:
-    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in REFERENCE.items()})})
-    msg = Message(content=content, dst_node_id=node, message_type="train")
+    content = TrainInstruction(ArrayRecord({k: Array(v) for k, v in REFERENCE.items()})).encode()
+    msg = Message(content=content, dst_node_id=node, message_type=TRAIN)
     msg.metadata.__dict__["_message_id"] = f"m{node}"
     return msg
 
 
-@pytest.fixture(autouse=True)
-def _as_if_sent_by_a_serverapp(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+def _train_reply(arrays: dict[str, np.ndarray], users: int) -> RecordDict:
+    """What a non-private merchant sends for its round."""
+    figures = TrainFigures(users=users, train_loss=1.0, delta=0.0, noise_multiplier=0.0, seconds=1.0,
+                           augment_views=0)
+    return TrainReply(epsilon=1.0, update=Update(ArrayRecord({k: Array(v) for k, v in arrays.items()})),
+                      figures=figures).encode()
 
 
 @FUZZ
@@ -341,7 +352,7 @@ def _as_if_sent_by_a_serverapp(monkeypatch):
        users=st.integers(1, 10_000))
 def test_malformed_updates_are_rejected_with_a_reason(corruption, row, col, users):
     arrays = {k: v + 1.0 for k, v in REFERENCE.items()}
-    metrics = {"declined": 0, "num-examples": users, "train_loss": 1.0, "epsilon": 1.0}
+    metrics = {}  # wire values that override what a merchant would send
     if corruption == "nan":
         arrays["w"][row, col] = np.nan
     elif corruption == "inf":
@@ -357,21 +368,24 @@ def test_malformed_updates_are_rejected_with_a_reason(corruption, row, col, user
     elif corruption == "extra key":
         arrays["backdoor"] = np.ones(2, np.float32)
     elif corruption == "users zero":
-        metrics["num-examples"] = 0
+        metrics[USERS] = 0
     elif corruption == "users negative":
-        metrics["num-examples"] = -users
+        metrics[USERS] = -users
     elif corruption == "users nan":
-        metrics["num-examples"] = float("nan")
-    content = RecordDict({"metrics": MetricRecord(metrics)} if corruption != "no metrics" else {})
-    if corruption != "no arrays":
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        metrics[USERS] = float("nan")
+    content = _train_reply(arrays, users)
+    for key, value in metrics.items():
+        content[METRICS][key] = value
+    if corruption == "no metrics":
+        del content[METRICS]
+    if corruption == "no arrays":
+        del content[ARRAYS]
     sent = [_sent(1), _sent(2)]
-    good = RecordDict({"arrays": ArrayRecord({k: Array(v + 2.0) for k, v in REFERENCE.items()}),
-                       "metrics": MetricRecord(metrics | {"num-examples": 10})})
+    good = _train_reply({k: v + 2.0 for k, v in REFERENCE.items()}, 10)
     replies = [Message(content, reply_to=sent[0]), Message(good, reply_to=sent[1])]
     result = sort_train_replies(sent, replies, REFERENCE, uniform_weights=False)
-    assert result.merchants[1]["status"] == "rejected" and result.merchants[1]["reason"]
-    assert result.merchants[2]["status"] == "ok" and len(result.accepted) == 1
+    assert result.merchants[1].status == "rejected" and result.merchants[1].reason
+    assert result.merchants[2].status == "ok" and len(result.accepted) == 1
     assert [m.metadata.dst_node_id for m in sent] == [1, 2]
 
 

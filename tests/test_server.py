@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
@@ -25,26 +26,28 @@ from flwr.serverapp.strategy import (
 
 from fedaug.common.config import STRATEGIES, FederationConfig, FederationSection, from_run_config
 from fedaug.common.errors import ConfigError
-from fedaug.common.protocol.codec import encode
+from fedaug.common.protocol.messages import (
+    EVALUATE,
+    METRICS,
+    TRAIN,
+    EvaluateInstruction,
+    EvaluateReply,
+    TrainFigures,
+    TrainInstruction,
+    TrainReply,
+    Update,
+)
 from fedaug.common.records import RoundRecord
 from fedaug.server import checkpoint
 from fedaug.server.federation import RoundFailed, run_federation
 from fedaug.server.monitor import ROUND_LOG, Monitor
 from fedaug.server.replies import sort_train_replies
-from fedaug.server.strategies import build_strategy
+from fedaug.server.strategies import WEIGHT, build_strategy
 from tests.support import free_port
 
+pytestmark = pytest.mark.usefixtures("as_if_inside_a_serverapp")  # messages built as a ServerApp builds them
+
 MODEL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
-
-
-@pytest.fixture(autouse=True)
-def _as_if_inside_a_serverapp(monkeypatch):
-    """Messages are created inside a ServerApp process, which sets its task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 7)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 class ScriptedGrid(Grid):
@@ -83,8 +86,9 @@ class ScriptedGrid(Grid):
             msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's grids do when pushing
             node = msg.metadata.dst_node_id
             behaviour = self.behaviours[node]
-            if msg.metadata.message_type == "train":
-                self.sent.append((int(msg.content["config"]["server-round"]), node))
+            if msg.metadata.message_type == TRAIN:
+                instruction = TrainInstruction.decode(msg.content)
+                self.sent.append((instruction.server_round, node))
             if behaviour == "missing":
                 continue
             if behaviour == "error":
@@ -95,42 +99,38 @@ class ScriptedGrid(Grid):
                 reply.metadata.__dict__["_src_node_id"] = 1
                 replies.append(reply)
                 continue
-            if msg.metadata.message_type == "evaluate" and behaviour == "private":
-                replies.append(Message(RecordDict({"metrics": MetricRecord({"withheld": 1})}), reply_to=msg))
+            if msg.metadata.message_type == EVALUATE and behaviour == "private":
+                replies.append(Message(EvaluateReply(withheld=True).encode(), reply_to=msg))
                 continue
-            if msg.metadata.message_type == "evaluate":
-                metrics = {"valid-ndcg@10": 0.1 * node, "valid-hr@10": 0.2, "num-examples": 10 * node,
-                           "partition-id": node}
-                if "test" in msg.content["config"]["stages"]:
-                    metrics |= {"test-ndcg@10": 0.05 * node, "test-hr@10": 0.1}
-                replies.append(Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg))
+            if msg.metadata.message_type == EVALUATE:
+                figures = {"valid": {"ndcg@10": 0.1 * node, "hr@10": 0.2}}
+                if "test" in EvaluateInstruction.decode(msg.content).stages:
+                    figures["test"] = {"ndcg@10": 0.05 * node, "hr@10": 0.1}
+                answer = EvaluateReply(partition=node, users=10 * node, figures=figures)
+                replies.append(Message(answer.encode(), reply_to=msg))
                 continue
             if behaviour == "decline":
-                content = RecordDict({"metrics": MetricRecord({"declined": 1, "num-examples": 0, "epsilon": 8.0}),
-                                      "decline": ConfigRecord({"reason": "budget spent"})})
-                replies.append(Message(content, reply_to=msg))
+                replies.append(Message(TrainReply(epsilon=8.0, decline="budget spent").encode(), reply_to=msg))
                 continue
-            arrays = {k: v.numpy() + node for k, v in msg.content["arrays"].items()}
+            base = instruction.arrays
+            arrays = {k: v.numpy() + node for k, v in base.items()}
             if behaviour == "nan":
                 arrays["w"][0, 0] = np.nan
             elif behaviour == "shape":
                 arrays["w"] = np.zeros((4, 2), np.float32)
             elif behaviour == "dtype":
                 arrays["b"] = arrays["b"].astype(np.float64)
-            metrics = {"declined": 0, "num-examples": 10 * node, "train_loss": 1.0 / node, "epsilon": 0.5 * node,
-                       "partition-id": node}
+            figures = TrainFigures(users=10 * node, train_loss=1.0 / node, delta=0.0, noise_multiplier=0.0,
+                                   seconds=0.0, augment_views=0)
             if behaviour == "private":  # what client/client_app.py sends for a DP round
-                metrics = {"declined": 0, "epsilon": 0.5 * node, "partition-id": node}
-            content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                  "metrics": MetricRecord(metrics)})
-            kind = str(msg.content["config"].get("compression", "none"))
-            if kind != "none" and behaviour in ("ok", "badscale"):  # as client/client_app.py encodes
-                encoded = encode(arrays, {k: v.numpy() for k, v in msg.content["arrays"].items()}, kind)
-                keys = sorted(encoded.scales)
-                scales = [-1.0 if behaviour == "badscale" else encoded.scales[k] for k in keys]
-                content["arrays"] = ArrayRecord({k: Array(v) for k, v in encoded.arrays.items()})
-                content["compression"] = ConfigRecord({"kind": kind, "keys": keys, "scales": scales})
-            replies.append(Message(content, reply_to=msg))
+                figures = None
+            update = Update(ArrayRecord({k: Array(v) for k, v in arrays.items()}))
+            if instruction.compression != "none" and behaviour in ("ok", "badscale"):  # as the ClientApp encodes
+                update = Update.of(arrays, base, instruction.compression)
+                if behaviour == "badscale":
+                    update = replace(update, scales=dict.fromkeys(update.scales, -1.0))
+            answer = TrainReply(epsilon=0.5 * node, partition=node, update=update, figures=figures)
+            replies.append(Message(answer.encode(), reply_to=msg))
         return replies
 
 
@@ -184,13 +184,13 @@ def test_bad_updates_are_rejected_with_a_reason():
     arrays = ArrayRecord({k: Array(v) for k, v in MODEL.items()})
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     replies = sort_train_replies(messages, grid.send_and_receive(messages), MODEL, uniform_weights=False)
-    status = {node: m["status"] for node, m in replies.merchants.items()}
+    status = {node: m.status for node, m in replies.merchants.items()}
     assert status == {1: "ok", 2: "rejected", 3: "rejected", 4: "rejected", 5: "declined", 6: "error", 7: "missing"}
-    reasons = {node: m.get("reason", "") for node, m in replies.merchants.items()}
+    reasons = {node: m.reason or "" for node, m in replies.merchants.items()}
     assert "NaN" in reasons[2] and "shape (4, 2)" in reasons[3] and "float64" in reasons[4]
     assert "budget" in reasons[5] and "raised" in reasons[6] and "timeout" in reasons[7]
     assert [r.metadata.src_node_id for r in replies.accepted] == [1]
-    assert set(replies.accepted[0].content["metrics"]) == {"weight", "num-examples", "train_loss"}
+    assert set(replies.accepted[0].content[METRICS]) == {WEIGHT}  # the one metric every strategy weighs by
 
 
 @pytest.mark.parametrize("kind, ratio", [("fp16", 0.5), ("int8", 0.25)])
@@ -358,6 +358,7 @@ def test_central_dp_accounts_every_release_and_resumes_its_accountant(tmp_path):
 
 
 
+@pytest.mark.integration  # an HTTP server on a port
 def test_metrics_endpoint_answers(tmp_path):
     port = free_port()
     monitor = Monitor(tmp_path, port)
