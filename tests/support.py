@@ -4,6 +4,7 @@ texts."""
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import socket
@@ -16,6 +17,13 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def setup_folders() -> tuple[str, ...]:
+    """setup.py's FOLDERS, read from its source: the one list of the folders that install as fedaug.<folder>."""
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and [target.id for target in node.targets if isinstance(target, ast.Name)] == ["FOLDERS"])
 SMALL = """
 [synthetic]
 users = 400

@@ -14,10 +14,12 @@ import pytest
 import tomllib
 import typer
 import yaml
+from setuptools import find_packages
 
 from fedaug.cli import app
 from fedaug.client.daemon import MerchantDaemonConfig
 from fedaug.server.aggregator import AggregatorConfig
+from tests.support import ROOT, setup_folders
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 COMPOSE = yaml.safe_load((DOCKER / "compose.yaml").read_text())
@@ -90,6 +92,10 @@ def test_the_dockerfile_builds_both_targets_slim_non_root_and_pinned():
     import opacus
 
     assert pins["flwr"] == flwr.__version__ and pins["opacus"] == opacus.__version__
+    for folder in (*setup_folders(), "fedaug"):  # every package setup.py installs is in the image
+        for package in ("", *(name.replace(".", "/") + "/" for name in find_packages(ROOT / folder))):
+            assert re.search(rf"^COPY ({folder} {folder}|{folder}/{package}\*\.py {folder}/{package})$", dockerfile,
+                             re.M), f"docker/Dockerfile copies no {folder}/{package}"
     for target in targets:  # ENTRYPOINT matches the CLI subcommand entry_args assumes
         block = dockerfile.split(f"FROM base AS {target}")[1].split("FROM ")[0]
         assert f'ENTRYPOINT ["fedaug", "{target}"]' in block
