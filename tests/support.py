@@ -1,6 +1,6 @@
-"""Helpers shared by test modules (which never import each other): the `fedaug` command as a real process, a
-small simulation config that trains in seconds, a tiny sentence encoder and a small Amazon-style set with item
-texts."""
+"""Helpers shared by test modules (which never import each other): the `fedaug` command as a real process, a free
+loopback port and a stand-in gRPC health server, a small simulation config that trains in seconds, a tiny sentence
+encoder and a small Amazon-style set with item texts."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BEAUTY_DIR = ROOT.parent / "shared" / "data" / "amazon-beauty"
+"""Where the workspace keeps Amazon Beauty (Beauty.txt and, where present, the raw 2014 files)."""
 
 
 def setup_folders() -> tuple[str, ...]:
@@ -24,6 +26,8 @@ def setup_folders() -> tuple[str, ...]:
     tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
     return next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
                 and [target.id for target in node.targets if isinstance(target, ast.Name)] == ["FOLDERS"])
+
+
 SMALL = """
 [synthetic]
 users = 400
@@ -52,6 +56,14 @@ def fedaug(*args: str, **kwargs) -> subprocess.Popen:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "fedaug", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+
+
+def run_fedaug(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m fedaug ARGS` run to its end from ``cwd``, its output captured as text; ``env`` adds to the
+    environment. Past ``timeout`` seconds the test fails (subprocess.TimeoutExpired)."""
+    return subprocess.run([sys.executable, "-m", "fedaug", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=None if env is None else os.environ | env)
 
 
 def finish(process: subprocess.Popen, timeout: float) -> str:

@@ -5,7 +5,6 @@ and times; a phone-wide window does not overflow; a refused request reads as a f
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 import urllib.request
 
@@ -15,17 +14,11 @@ import pytest
 from fedaug.common.data.loaders import load
 from fedaug.common.priors.text_prior import TextPrior
 from fedaug.common.recommend.bundle import write_bundle
-from tests.support import fedaug, write_amazon_set
+from tests.support import fedaug, free_port, write_amazon_set
 
 playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (.[test])")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_page_shows_recommendations_with_titles_and_explanations(tmp_path):
@@ -35,7 +28,7 @@ def test_the_page_shows_recommendations_with_titles_and_explanations(tmp_path):
         vectors[internal] = [1, 0.05 * internal] if text.startswith("red") else [0.05 * internal, 1]
     vectors[1:] /= np.linalg.norm(vectors[1:], axis=1, keepdims=True)
     write_bundle(tmp_path / "model", TextPrior(vectors, decay=0.5), data.catalog)
-    port = _port()
+    port = free_port()
     server = fedaug("serve", "--model", str(tmp_path / "model"), "--port", str(port), "--device", "cpu")
     try:
         deadline = time.monotonic() + 60

@@ -1,22 +1,15 @@
 """The fedaug command line: the baseline end to end, and user errors as one line, exit 1, nothing written."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.support import health_server
+from tests.support import run_fedaug as fedaug
 
 KEYS = {"hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "auc"}
-
-
-def fedaug(*args, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "fedaug", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600, env=None if env is None else os.environ | env)
 
 
 def test_baseline_pop_writes_metrics_in_the_documented_shape(tmp_path):

@@ -152,6 +152,7 @@ def test_aggregator_config_errors_name_the_key(tmp_path, toml, message):
         load_config(path, None, AggregatorConfig)
 
 
+@pytest.mark.integration  # a child process
 def test_flowers_processes_find_their_siblings_without_the_venv_on_path(tmp_path, monkeypatch):
     """A daemon started by absolute path (systemd, cron) has no venv on PATH; the SuperNode it starts runs
     `flower-superexec` by name, so the children must get this Python's bin folder on PATH."""
@@ -167,6 +168,7 @@ def test_flowers_processes_find_their_siblings_without_the_venv_on_path(tmp_path
     assert found != "None" and Path(found).parent == Path(sys.executable).parent
 
 
+@pytest.mark.integration  # a gRPC server
 def test_the_health_probe_follows_the_grpc_health_service():
     """`fedaug health` (container healthchecks) asks Flower's gRPC health service; here a stand-in server."""
     from fedaug.runtime.health import serving
@@ -179,6 +181,7 @@ def test_the_health_probe_follows_the_grpc_health_service():
     assert not serving(f"127.0.0.1:{port}", timeout=1.0)  # nobody there
 
 
+@pytest.mark.integration  # nginx checks the config
 def test_the_fleet_proxy_config_publishes_the_fleet_api_alone(tmp_path):
     """nginx accepts the config we write (`nginx -t`), which forwards /v1/fleet/ to the loopback SuperLink and
     answers every other path (the Control and Runtime APIs) with 403."""

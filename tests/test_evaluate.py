@@ -5,8 +5,6 @@ bundle's catalog by raw item id, and bad input is one line."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,14 +22,9 @@ from fedaug.common.priors.fusion import Fused
 from fedaug.common.priors.popularity import Popularity
 from fedaug.common.priors.text_prior import TextPrior
 from fedaug.common.recommend.bundle import bundle_files, bundle_hash, write_bundle, write_bundle_files
+from tests.support import run_fedaug as fedaug
 
-ROOT = Path(__file__).resolve().parents[1]
 SPEC = SyntheticSection(users=120, items=60, titles=False)
-
-
-def fedaug(*args):
-    return subprocess.run([sys.executable, "-m", "fedaug", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
 
 
 @pytest.fixture(scope="module")

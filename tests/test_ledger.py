@@ -111,6 +111,7 @@ def test_a_ledger_from_before_attempts_is_migrated(tmp_path):
     assert len(ledger.entries()) == 2 and ledger.epsilon(DELTA) > before > 0
 
 
+@pytest.mark.integration  # a process killed mid-commit
 def test_a_kill_mid_commit_leaves_the_ledger_consistent(tmp_path):
     """SIGKILL a writer inside its transaction: after restart the entry is wholly absent, and the ledger works."""
     script = textwrap.dedent(f"""

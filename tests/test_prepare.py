@@ -4,20 +4,13 @@ nothing written."""
 
 import gzip
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fedaug.common.data.loaders import load
-
-BEAUTY_RAW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "amazon-beauty"
-
-
-def fedaug(*args):
-    return subprocess.run([sys.executable, "-m", "fedaug", *args], capture_output=True, text=True, timeout=300)
-
+from tests.support import BEAUTY_DIR
+from tests.support import run_fedaug as fedaug
 
 # Users u1..u6 review items A..F. u6 has 2 reviews (cut by a 3-core); item F is reviewed by u6 and u1 only, so it
 # falls below 3 once u6 is gone, and u1 keeps 3 reviews. u2's reviews of B and C share a time: file order decides.
@@ -152,15 +145,15 @@ def test_a_bad_metadata_line_or_a_used_out_dir_writes_nothing(tmp_path):
 def test_the_public_beauty_files_give_the_results_data_set(tmp_path):
     """With the public 2014 files in the workspace (../shared/data/amazon-beauty), prepare gives the counts the
     results were measured on, and the same history lengths as the workspace's Beauty.txt."""
-    reviews = next((p for p in (BEAUTY_RAW / "reviews_Beauty_5.json.gz", BEAUTY_RAW / "reviews_Beauty_5.json")
+    reviews = next((p for p in (BEAUTY_DIR / "reviews_Beauty_5.json.gz", BEAUTY_DIR / "reviews_Beauty_5.json")
                     if p.is_file()), None)
-    meta = next((p for p in (BEAUTY_RAW / "meta_Beauty.json.gz", BEAUTY_RAW / "meta_Beauty.json") if p.is_file()),
+    meta = next((p for p in (BEAUTY_DIR / "meta_Beauty.json.gz", BEAUTY_DIR / "meta_Beauty.json") if p.is_file()),
                 None)
     if reviews is None or meta is None:
         pytest.skip(f"the raw Amazon Beauty files (reviews_Beauty_5.json.gz, meta_Beauty.json.gz) are not in "
-                    f"{BEAUTY_RAW}")
+                    f"{BEAUTY_DIR}")
     result = fedaug("prepare", "--reviews", str(reviews), "--meta", str(meta), "--out", str(tmp_path / "beauty"))
     assert result.returncode == 0, result.stderr
     assert "22,363 users, 12,101 items, 198,502 events" in result.stderr and "matches" in result.stderr
     lengths = sorted(len(line.split()) for line in (tmp_path / "beauty" / "Beauty.txt").read_text().splitlines())
-    assert lengths == sorted(len(line.split()) for line in (BEAUTY_RAW / "Beauty.txt").read_text().splitlines())
+    assert lengths == sorted(len(line.split()) for line in (BEAUTY_DIR / "Beauty.txt").read_text().splitlines())

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 from fedaug.client.daemon import KEY_PATIENCE, MerchantDaemon, MerchantDaemonConfig
 from fedaug.client.trainer import AUTO_BATCH_STEPS, SAMPLE_RATE_WARNING, auto_batch_size
-from tests.support import LIBRARY_NOTES, fedaug, finish, free_port
+from tests.support import LIBRARY_NOTES, fedaug, finish, free_port, run_fedaug
 
 SHOP = """
 [synthetic]
@@ -44,8 +43,7 @@ def test_fedaug_local_on_the_defaults_prints_no_warnings(tmp_path):
 
 
 def test_fedaug_local_quiet_on_a_shop_file_prints_no_warnings(tmp_path):
-    made = subprocess.run([*fedaug_args("synth", "--out", str(tmp_path / "data"), "--merchants", "1",
-                                        "--users", "250")], capture_output=True, text=True, timeout=300)
+    made = run_fedaug("synth", "--out", str(tmp_path / "data"), "--merchants", "1", "--users", "250", timeout=300)
     assert made.returncode == 0, made.stdout + made.stderr
     output = finish(fedaug("-q", "local", "--data", str(tmp_path / "data" / "merchant-1.csv"), "--epsilon", "8",
                            "--out", str(tmp_path / "run")), timeout=600)
@@ -53,14 +51,10 @@ def test_fedaug_local_quiet_on_a_shop_file_prints_no_warnings(tmp_path):
     _clean(output)
 
 
-def fedaug_args(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedaug", *args]
-
-
 def _merchant(tmp_path: Path, port: int) -> Path:
     for command in (("certs", "--out", str(tmp_path / "certs"), "--merchants", "1"),
                     ("synth", "--out", str(tmp_path / "data"), "--merchants", "1", "--users", "200")):
-        made = subprocess.run(fedaug_args(*command), capture_output=True, text=True, timeout=300)
+        made = run_fedaug(*command, timeout=300)
         assert made.returncode == 0, made.stdout + made.stderr
     config = tmp_path / "merchant-1.toml"
     config.write_text(f"""

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from fedaug.server import checkpoint
-from tests.support import free_port
+from tests.support import ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 RAY = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(RAY is None, reason="the ray command line is not installed")]

@@ -14,8 +14,8 @@ import pytest
 import typer
 
 from fedaug.cli import app
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 LINES = README.splitlines()
 REFERENCE = "## Reference"
@@ -75,6 +75,7 @@ def test_the_first_part_is_short_and_its_contents_link_to_its_headings():
     assert not sorted({link for link in every_link if link not in known})
 
 
+@pytest.mark.integration  # bash runs .ci/run's reader
 def test_ci_installs_with_the_readme_install_block():
     install = block("install")
     assert any(re.fullmatch(r"pip install torch --index-url https://download\.pytorch\.org/whl/cpu", line)

@@ -77,6 +77,7 @@ def test_search_alone_and_personalised(shop):
     assert rec.recommend(red_history, k=1, query="hair oil")[0].title.startswith("red hair oil")
 
 
+@pytest.mark.integration  # `fedaug recommend` as a process
 def test_batch_recommendations_write_one_row_per_user(shop, tmp_path):
     directory, data, prior, _ = shop
     out = tmp_path / "recs.csv"
@@ -88,6 +89,7 @@ def test_batch_recommendations_write_one_row_per_user(shop, tmp_path):
     assert rows[0]["user"] == str(data.user_ids[0]) and rows[0]["unknown"] == "0"
 
 
+@pytest.mark.integration  # `fedaug recommend` as a process
 def test_the_cli_refuses_bad_requests_in_one_line(shop):
     _, _, prior, _ = shop
     output = finish(fedaug("recommend", "--model", str(prior), "--history", "1 nope"), 60)
@@ -340,6 +342,7 @@ def test_http_speaks_the_vocabulary_the_bundle_was_trained_with(contextual, tmp_
         assert client.post("/v1/recommend", json=body).status_code == 200
 
 
+@pytest.mark.integration  # `fedaug serve` as a process
 def test_a_busy_port_fails_in_one_line_before_announcing_anything(shop):
     import socket
 

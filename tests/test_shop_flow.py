@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -17,18 +15,13 @@ from typer.testing import CliRunner
 
 from fedaug.cli import app
 from fedaug.serving.http import create_app
-from tests.support import ROOT, tiny_encoder
+from tests.support import run_fedaug as fedaug  # the command as its own process: its own threads and warnings
+from tests.support import tiny_encoder
 
 TITLES = ["red nail polish", "red lipstick", "red hair oil", "red shampoo", "red brand polish",
           "blue shampoo", "blue nail polish", "blue hair oil", "blue lipstick", "blue brand oil",
           "green hair oil", "green shampoo", "green lipstick", "green nail polish", "green brand shampoo"]
 ACTIONS = ["view", "view", "view", "add_to_cart", "order"]
-
-
-def fedaug(*args: str) -> subprocess.CompletedProcess:
-    """The command as its own process (training: its own threads and warnings)."""
-    return subprocess.run([sys.executable, "-m", "fedaug", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
 
 
 def recommend(*args: str):

@@ -77,6 +77,7 @@ def test_the_prior_ranks_by_text_similarity_to_the_recent_history():
     assert blended[0, 2] == pytest.approx(float(vectors[2] @ (vectors[1] + vectors[3])))
 
 
+@pytest.mark.integration  # `fedaug baseline` as a process
 def test_baseline_text_end_to_end(encoder, tmp_path):
     data = write_amazon_set(tmp_path)
     config = tmp_path / "text.toml"
@@ -91,6 +92,7 @@ def test_baseline_text_end_to_end(encoder, tmp_path):
     assert metrics["config"]["model"]["kind"] == "text"
 
 
+@pytest.mark.integration  # `fedaug baseline` as a process
 def test_baseline_text_without_item_texts_fails_in_one_line(tmp_path):
     (tmp_path / "Bare.txt").write_text("1 1 2 3 4\n2 2 3 4 1\n")
     out = tmp_path / "run"
