@@ -307,3 +307,12 @@ def test_no_production_module_spells_a_wire_name():
                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in WIRE_NAMES:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
     assert not offenders, "wire names outside common/protocol/messages.py:\n" + "\n".join(offenders)
+
+
+def test_a_reply_carries_its_release_or_a_decline():
+    with pytest.raises(ValueError, match="TrainReply carries its release or a decline"):
+        TrainReply(epsilon=1.0)
+    with pytest.raises(ValueError, match="SelectionReply carries its release or a decline"):
+        SelectionReply(figures=np.zeros(3), decline="no budget")
+    with pytest.raises(ValueError, match="StatisticsReply carries its release or a decline"):
+        StatisticsReply()

@@ -5,7 +5,7 @@ module names a record or a key (tests/test_protocol.py greps for them).
 
 The messages, by Flower message type (instruction → reply):
 
-- ``train``: TrainInstruction (the global arrays and the round's config) → TrainReply (an Update, or a Decline);
+- ``train``: TrainInstruction (the global arrays and the round's config) → TrainReply (an Update, or a decline);
 - ``evaluate``: EvaluateInstruction → EvaluateReply (figures per stage, or withheld by a private merchant);
 - ``query.statistics``: StatisticsRequest (the public candidate table) → StatisticsReply (the DP counts);
 - ``query.selection``: SelectionRequest (a candidate bundle, the fusion weights) → SelectionReply (DP figures);
@@ -240,6 +240,12 @@ def _decline_content(metrics: dict, reason: str) -> RecordDict:
     return RecordDict({METRICS: MetricRecord(metrics | {DECLINED: 1}), DECLINE: ConfigRecord({REASON: reason})})
 
 
+def _update_or_decline(reply, release) -> None:
+    """A reply carries its release or the reason it declined, never both, never neither."""
+    if (release is None) == (reply.decline is None):
+        raise ValueError(f"a {type(reply).__name__} carries its release or a decline, not both or neither")
+
+
 # --- train ----------------------------------------------------------------------------------------------------------
 
 
@@ -382,10 +388,13 @@ class TrainReply:
     replayed: bool = False
     """The update is the one released before for this very round (resent: no ε spent)."""
 
+    def __post_init__(self):
+        _update_or_decline(self, self.update)
+
     def encode(self) -> RecordDict:
         metrics = _with_partition({EPSILON: _epsilon(self.epsilon)}, self.partition)
-        if self.decline is not None or self.update is None:
-            return _decline_content(metrics, self.decline or "declined")
+        if self.decline is not None:
+            return _decline_content(metrics, self.decline)
         metrics[DECLINED] = 0
         if self.figures is not None:
             metrics |= self.figures.metrics()
@@ -554,6 +563,9 @@ class StatisticsReply:
     pair_std: float = 0.0
     decline: str | None = None
 
+    def __post_init__(self):
+        _update_or_decline(self, self.fit_popularity)
+
     def _arrays(self) -> dict[str, np.ndarray | None]:
         return {FIT_POPULARITY: self.fit_popularity, FIT_PAIRS: self.fit_pairs,
                 SERVE_POPULARITY: self.serve_popularity, SERVE_PAIRS: self.serve_pairs}
@@ -621,6 +633,9 @@ class SelectionReply:
     figures: np.ndarray | None = None
     noise_multiplier: float = 0.0
     decline: str | None = None
+
+    def __post_init__(self):
+        _update_or_decline(self, self.figures)
 
     def encode(self) -> RecordDict:
         metrics = _with_partition({EPSILON: _epsilon(self.epsilon)} if self.decline is None else {}, self.partition)
