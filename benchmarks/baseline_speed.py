@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from fedaug.common.config import ModelSection
 from fedaug.common.data.loaders import load
 from fedaug.common.data.split import leave_one_out
 from fedaug.common.data.synthetic import generate
@@ -31,7 +32,8 @@ def main() -> None:
 
     data = load(args.data) if args.data else generate()
     split = leave_one_out(data)
-    model = SASRec(SASRecConfig(n_items=data.n_items))
+    plain = ModelSection(tie_embeddings=False, behaviour=False, time_context=False)  # no tied tables, no side vectors
+    model = SASRec(SASRecConfig.from_section(plain, data.n_items))
     examples = UserSamples(split.train.sequences(), model.cfg.max_len)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)

@@ -62,7 +62,8 @@ def main() -> None:
 
 
 def measure(mode: str, data_path: Path, steps: int, batch_size: int) -> dict:
-    from fedaug.client.trainer import LocalSettings, PrivateStep, poisson_rows, privatize
+    from fedaug.client.trainer import DP_MICRO_BATCH_TOKENS, PrivateStep, poisson_rows, privatize
+    from fedaug.common.config import ModelSection
     from fedaug.common.data.loaders import load
     from fedaug.common.data.split import leave_one_out
     from fedaug.common.memory import single_malloc_arena
@@ -77,7 +78,8 @@ def measure(mode: str, data_path: Path, steps: int, batch_size: int) -> dict:
     rng = np.random.default_rng(0)
     samples = UserSamples(split.train.sequences(), 50)
     torch.manual_seed(0)
-    model = SASRec(SASRecConfig(n_items=data.n_items, hidden=64, max_len=50)).to(device)
+    plain = ModelSection(tie_embeddings=False, behaviour=False, time_context=False, hidden=64, max_len=50)
+    model = SASRec(SASRecConfig.from_section(plain, data.n_items)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     batches = [rng.choice(len(samples), batch_size, replace=False) for _ in range(steps + 2)]
 
@@ -91,7 +93,7 @@ def measure(mode: str, data_path: Path, steps: int, batch_size: int) -> dict:
             optimizer.step()
     elif mode == "fedaug":
         step = functools.partial(PrivateStep(model, optimizer, len(samples), batch_size, 1.0, 1.0, "ghost",
-                                             LocalSettings().micro_batch_tokens), samples, device=device)
+                                             DP_MICRO_BATCH_TOKENS), samples, device=device)
         batches = [poisson_rows(rng, len(samples), batch_size / len(samples)) for _ in range(steps + 2)]
     else:
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(len(samples))),

@@ -42,6 +42,7 @@ def _free_port() -> int:
 def _bundle(data_path: Path, directory: Path) -> tuple[Path, list[list[str]]]:
     import torch
 
+    from fedaug.common.config import ModelSection
     from fedaug.common.data.loaders import load
     from fedaug.common.model.evaluate import sasrec_scorer
     from fedaug.common.model.sasrec import SASRec, SASRecConfig
@@ -49,7 +50,8 @@ def _bundle(data_path: Path, directory: Path) -> tuple[Path, list[list[str]]]:
 
     data = load(data_path)
     torch.manual_seed(0)
-    model = SASRec(SASRecConfig(n_items=data.n_items, hidden=64, max_len=50, item_dim=64))
+    plain = ModelSection(tie_embeddings=False, behaviour=False, time_context=False, hidden=64, max_len=50, item_dim=64)
+    model = SASRec(SASRecConfig.from_section(plain, data.n_items))
     write_bundle(directory, sasrec_scorer(model.eval(), "cpu"), data.catalog)
     raw = data.catalog.raw_ids
     histories = [[str(i) for i in raw[data.sequence(u)][-50:].tolist()] for u in range(min(data.n_users, 2000))]

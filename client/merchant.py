@@ -24,8 +24,10 @@ from fedaug.client.replay import ReplayCache
 from fedaug.client.trainer import LocalTrainer, build_trainer
 from fedaug.common.config import FederationConfig, from_run_config
 from fedaug.common.data import BehaviorData
+from fedaug.common.data.source import load_data
 from fedaug.common.data.split import LeaveOneOut, Merchants, assign_merchants, leave_one_out
 from fedaug.common.errors import ConfigError
+from fedaug.common.model.build import build, train_features
 from fedaug.common.model.device import pick_device
 from fedaug.common.model.sasrec import SASRec, SASRecConfig
 
@@ -69,8 +71,8 @@ def build_merchant(config: FederationConfig, data: BehaviorData, state_dir: Path
     split = leave_one_out(data)
     trainer = build_trainer(config.recipe, split.train.sequences(), data.n_items, rounds=config.federation.rounds,
                             seed=config.federation.seed, state_dir=state_dir, device=device,
-                            features=config.model.train_features(split))
-    return Merchant(split, trainer, *config.model.build(data), device, partition_id,
+                            features=train_features(config.model, split))
+    return Merchant(split, trainer, *build(config.model, data), device, partition_id,
                     ReplayCache(state_dir) if trainer.ledger else None, Path(state_dir))
 
 
@@ -104,7 +106,7 @@ def partition_dir(state_dir: Path, pid: int) -> Path:
 @lru_cache(maxsize=1)  # the data set, once per process: every merchant's share of it is a view away
 def partitions(config, n: int, scheme: str, seed: int, alpha: float = 0.5) -> Merchants:
     """``config``'s data set cut into ``n`` merchants by ``scheme`` (fedaug.common.data.split.assign_merchants)."""
-    return Merchants(assign_merchants(config.load_data(), n, scheme, seed, alpha))
+    return Merchants(assign_merchants(load_data(config.data, config.synthetic), n, scheme, seed, alpha))
 
 
 @lru_cache(maxsize=4)
@@ -116,7 +118,7 @@ def _deployed(node_items: tuple, run_items: tuple) -> Merchant:
     recipe = {k: v for k, v in run.items() if k.split(".")[0] not in OWN_SECTIONS}
     own = {k: v for k, v in node.items() if k != STATE_DIR}
     config = from_run_config(recipe, FederationConfig, own, where="run_config + node_config")
-    return build_merchant(config, config.load_data(), Path(str(node[STATE_DIR])))
+    return build_merchant(config, load_data(config.data, config.synthetic), Path(str(node[STATE_DIR])))
 
 
 @lru_cache(maxsize=4)

@@ -22,47 +22,15 @@ from opacus import PrivacyEngine
 
 from fedaug.client import ghost_norms  # noqa: F401  (registers the output layer's per-user norm with Opacus)
 from fedaug.client.ledger import BudgetExceeded, PrivacyLedger, calibrate_noise
-from fedaug.common.config import GRAD_SAMPLE_MODES, Recipe
+from fedaug.common.config import GRAD_SAMPLE_MODES, AugmentSection, LocalSection, PrivacySection, Recipe
 from fedaug.common.errors import ConfigError
-from fedaug.common.model.augment import Augmenter, AugmentSettings, View, random_chains
+from fedaug.common.model.augment import Augmenter, View, random_chains
 from fedaug.common.model.batching import Contrastive, UserSamples
 from fedaug.common.model.sasrec import PerUserCrossEntropy, SASRec, SASRecConfig
 from fedaug.common.model.training import MICRO_BATCH_TOKENS, train_step
 
 DP_MICRO_BATCH_TOKENS = MICRO_BATCH_TOKENS // 2
 """Half the non-private micro-batch: a DP micro-batch holds item scores and their gradient for every position."""
-
-
-@dataclass(frozen=True)
-class PrivacySettings:
-    epsilon: float = 8.0
-    """Total budget of this merchant, over every round it will ever train; inf = non-private."""
-    delta: float | None = None
-    """Default 1 / (10 × the users who can be trained on: ``trainable_users``, two or more training events)."""
-    max_grad_norm: float = 1.0
-    grad_sample_mode: str = "ghost"
-    planned_rounds: int = 1
-    """Rounds this run plans to train; noise is calibrated so that they all fit in the remaining budget."""
-
-    @property
-    def private(self) -> bool:
-        return not math.isinf(self.epsilon)
-
-    def delta_for(self, n_users: int) -> float:
-        return self.delta if self.delta is not None else 1.0 / (10 * max(n_users, 1))
-
-
-@dataclass(frozen=True)
-class LocalSettings:
-    local_epochs: int = 1
-    batch_size: int | str = "auto"
-    """Expected users per step (Poisson sampling rate = batch_size / users); "auto": ``auto_batch_size``."""
-    max_batch_size: int = 256
-    """The batch "auto" takes where there are users enough for it."""
-    lr: float = 1e-3
-    seed: int = 0
-    micro_batch_tokens: int = DP_MICRO_BATCH_TOKENS
-    """DP steps run each Poisson batch as length-bucketed micro-batches of at most this many padded positions."""
 
 
 @dataclass
@@ -82,12 +50,16 @@ class LocalTrainer:
     """One merchant's trainer. ``train_round`` runs the local epochs and commits the round to the ledger.
 
     ``ledger``: the privacy ledger, or the folder to open it in once the plan is checked (so a refused plan leaves
-    no ledger behind); None for non-private training. ``features``: each user's side-feature rows
-    (fedaug.common.data.features), for models that read them."""
+    no ledger behind); None for non-private training. ``rounds``: the rounds this run plans to train (noise is
+    calibrated so that they all fit in the remaining budget); ``seed``: seeds every round's sampling and noise.
+    ``features``: each user's side-feature rows (fedaug.common.data.features), for models that read them.
+    ``micro_batch_tokens``: DP steps run each Poisson batch as length-bucketed micro-batches of at most this many
+    padded positions."""
 
-    def __init__(self, train_sequences: list[np.ndarray], n_items: int, privacy: PrivacySettings,
-                 local: LocalSettings, augment: AugmentSettings | None, ledger: PrivacyLedger | Path | None,
-                 device: torch.device, *, features: list[np.ndarray] | None = None):
+    def __init__(self, train_sequences: list[np.ndarray], n_items: int, privacy: PrivacySection,
+                 local: LocalSection, augment: AugmentSection | None, ledger: PrivacyLedger | Path | None,
+                 device: torch.device, *, rounds: int, seed: int, features: list[np.ndarray] | None = None,
+                 micro_batch_tokens: int = DP_MICRO_BATCH_TOKENS):
         if privacy.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}")
         if privacy.private and ledger is None:
@@ -97,8 +69,10 @@ class LocalTrainer:
         self.n_users = trainable_users(train_sequences)
         self.n_items = n_items
         self.privacy, self.local, self.augment = privacy, local, augment
+        self.rounds, self.seed, self.micro_batch_tokens = rounds, seed, micro_batch_tokens
         self.device = device
-        self.delta = privacy.delta_for(self.n_users)
+        self.delta = privacy.delta if privacy.delta is not None else 1.0 / (10 * max(self.n_users, 1))
+        """[privacy] delta, or its default 1 / (10 × the users who can be trained on: ``trainable_users``)."""
         self.batch_size = (auto_batch_size(self.n_users, local.max_batch_size) if local.batch_size == "auto"
                            else local.batch_size)
         """Expected users per step: ``local.batch_size``, or what "auto" makes of it for these users."""
@@ -137,7 +111,7 @@ class LocalTrainer:
         if run_id not in self._noise:
             before = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.ledger.entries() if e.run_id != run_id]
             self._noise[run_id] = calibrate_noise(before, self.sample_rate,
-                                                  self.privacy.planned_rounds * self.steps_per_round, self.delta,
+                                                  self.rounds * self.steps_per_round, self.delta,
                                                   self.privacy.epsilon)
         return self._noise[run_id]
 
@@ -182,7 +156,7 @@ class LocalTrainer:
         ``proximal_mu`` > 0 (FedProx) pulls the weights towards the ones the round started from after every step.
         """
         started = time.monotonic()
-        seed = np.random.SeedSequence([self.local.seed, round_])
+        seed = np.random.SeedSequence([self.seed, round_])
         rng = np.random.default_rng(seed)
         torch.manual_seed(int(seed.generate_state(1)[0]))
         noise = self.noise_multiplier(run_id)
@@ -230,7 +204,7 @@ class LocalTrainer:
                        on_step, after_step) -> tuple[float, int]:
         step = PrivateStep(model, torch.optim.Adam(model.parameters(), lr=self.local.lr), len(samples),
                            self.batch_size, noise, self.privacy.max_grad_norm, self.privacy.grad_sample_mode,
-                           self.local.micro_batch_tokens)
+                           self.micro_batch_tokens)
         total, steps = 0.0, 0
         try:
             for _ in range(self.steps_per_round):
@@ -287,14 +261,10 @@ def build_trainer(recipe: Recipe, train_sequences: list[np.ndarray], n_items: in
     """The one way a merchant's trainer is made (ClientApp, `fedaug local`, the audit): ``recipe`` for ``rounds``
     planned rounds, seeded, with the privacy ledger in ``state_dir`` when the recipe is private; ``features``: the
     users' side-feature rows (LeaveOneOut.train_features) for models that read them."""
-    privacy = PrivacySettings(epsilon=recipe.privacy.epsilon, delta=recipe.privacy.delta,
-                              max_grad_norm=recipe.privacy.max_grad_norm,
-                              grad_sample_mode=recipe.privacy.grad_sample_mode, planned_rounds=rounds)
-    local = LocalSettings(local_epochs=recipe.local.local_epochs, batch_size=recipe.local.batch_size,
-                          max_batch_size=recipe.local.max_batch_size, lr=recipe.local.lr, seed=seed)
-    augment = AugmentSettings(**recipe.augment.model_dump()) if recipe.augment.active else None
-    return LocalTrainer(train_sequences, n_items, privacy, local, augment, state_dir if privacy.private else None,
-                        device, features=features)
+    augment = recipe.augment if recipe.augment.active else None
+    return LocalTrainer(train_sequences, n_items, recipe.privacy, recipe.local, augment,
+                        state_dir if recipe.privacy.private else None, device, rounds=rounds, seed=seed,
+                        features=features)
 
 
 def _proximal_pull(model: SASRec, rate: float) -> Callable[[], None]:

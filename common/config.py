@@ -17,21 +17,26 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
-from fedaug.common.data import EVENT_TYPES, BehaviorData, ItemCatalog, catalog_only
-from fedaug.common.data.events import DROP, TIMESTAMP_UNITS, EventSchema
-from fedaug.common.data.loaders import FORMATS, align_to_catalog, load, load_catalog, texts_from_file
-from fedaug.common.data.split import LeaveOneOut, k_core
-from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.data import EVENT_TYPES
 from fedaug.common.errors import ConfigError, read_toml
-from fedaug.common.model.augment import SEQUENCE_OPS, USES
-from fedaug.common.model.sasrec import LOSSES, SASRec, SASRecConfig
-from fedaug.common.model.training import TrainSettings
-from fedaug.common.protocol.codec import COMPRESSIONS
 
+# The choices settings take: defined here, at the leaf, and imported by the modules that act on them.
+FORMATS = ("events", "amazon-seq")
+"""Behaviour data formats (fedaug.common.data.loaders)."""
+TIMESTAMP_UNITS = ("auto", "s", "ms", "iso")
+"""How an events file's timestamps are read (fedaug.common.data.events)."""
+DROP = "drop"
+"""[data.events]: an event name mapped to this is left out (e.g. page leaves)."""
+LOSSES = ("ce", "sampled")
+"""The model's training losses (fedaug.common.model.sasrec)."""
+SEQUENCE_OPS = ("crop", "mask", "reorder", "substitute", "insert")
+"""Augmentation operations on a sequence (fedaug.common.model.augment)."""
+USES = ("next-item", "contrastive", "both")
+"""What augmented views train (fedaug.common.model.augment)."""
+COMPRESSIONS = ("none", "fp16", "int8")
+"""How merchants encode their updates (fedaug.common.protocol.codec)."""
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
 """How Opacus computes per-user gradient norms: ghost clipping (fedaug's default) or per-sample hooks."""
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedtrimmedavg", "fedmedian", "krum", "multikrum")
@@ -46,7 +51,10 @@ class InvalidKey(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A table of a config file. A field's docstring is its description: the README's settings reference is
+    generated from it (scripts/settings_doc.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def parse_inf(value):
@@ -60,26 +68,31 @@ def parse_inf(value):
 class SyntheticSection(Section):
     """[synthetic]: the embedded synthetic data set, used when [data] path is not given."""
 
-    users: int = Field(SyntheticSpec.users, ge=10)
-    items: int = Field(SyntheticSpec.items, ge=20)
-    categories: int = Field(SyntheticSpec.categories, ge=1)
-    merchants: int = Field(SyntheticSpec.merchants, ge=1)
-    mean_length: float = Field(SyntheticSpec.mean_length, ge=5)
+    users: int = Field(3000, ge=10)
+    """Shoppers, each belonging to one merchant."""
+    items: int = Field(1500, ge=20)
+    """Catalog items, with Zipf-like popularity."""
+    categories: int = Field(12, ge=1)
+    """Item categories; each merchant has its own category mix (non-IID merchants)."""
+    merchants: int = Field(5, ge=1)
+    """Shops the users belong to."""
+    mean_length: float = Field(14.0, ge=5)
+    """Mean events per user (at least 5)."""
     seed: int = 0
+    """The same settings and seed give identical data."""
     titles: bool = True
     """Public item titles (fedaug.common.data.synthetic.item_titles), as a shop's catalog has: the text prior and the DP
     statistics apply, and search works on the bundle. false: item ids alone."""
-
-    def spec(self) -> SyntheticSpec:
-        return SyntheticSpec(**self.model_dump())
-
 
 class ColumnsSection(Section):
     """[data.columns]: an events file's own column names (common/data/events.py)."""
 
     user: str = Field("user_id", min_length=1)
+    """The file's user id column."""
     item: str = Field("item_id", min_length=1)
+    """The file's item id column."""
     timestamp: str = Field("timestamp", min_length=1)
+    """The file's time column: Unix seconds or milliseconds, or ISO-8601."""
     event_type: str = Field("event_type", min_length=1)
     """Used when the file has it."""
     merchant: str = Field("merchant_id", min_length=1)
@@ -108,9 +121,14 @@ class DataSection(Section):
     """[data]: the behaviour data file (absent: the embedded synthetic data) and its sibling files."""
 
     path: Path | None = None
+    """The behaviour data file; not set: the embedded synthetic data ([synthetic])."""
     format: Literal[FORMATS] | None = None  # type: ignore[valid-type]
+    """events (CSV or Parquet) | amazon-seq; not set: from the file name (.txt: amazon-seq)."""
     timestamps: Path | None = None
+    """amazon-seq: the aligned timestamp file; not set: X_time.txt next to X.txt, where present."""
     attributes: Path | None = None
+    """Item attributes (JSON or TSV); amazon-seq: X_item2attributes.json or X_item_attributes_named.tsv next to
+    X.txt are picked up."""
     texts: Path | None = None
     """Public item texts (a TSV with item_id and a title or text column); amazon-seq: ``X_item_titles.tsv``. With
     ``catalog``: the titles of a catalog that has no text columns of its own."""
@@ -122,6 +140,8 @@ class DataSection(Section):
     """The catalog TSV's columns joined, in this order, into each item's text; not set: those of title, text, brand
     and tags it has."""
     k_core: int = Field(0, ge=0)
+    """Repeatedly drop users and items with fewer than this many events (0 or 1: no filter; item ids keep their
+    numbering)."""
     columns: ColumnsSection = ColumnsSection()
     events: dict[str, Literal[EVENT_TYPES + (DROP,)]] = {}  # type: ignore[valid-type]
     """[data.events]: the shop's event names -> view | click | favourite | cart | purchase | drop (left out);
@@ -150,36 +170,6 @@ class DataSection(Section):
         return hash(tuple((name, value if not isinstance(value, dict) else tuple(sorted(value.items())))
                           for name, value in self.__dict__.items()))
 
-    def schema(self) -> EventSchema:
-        columns = self.columns
-        return EventSchema(user=columns.user, item=columns.item, timestamp=columns.timestamp,
-                           event_type=columns.event_type, merchant=columns.merchant, context=columns.context,
-                           timestamp_unit=columns.timestamp_unit, names=columns.names, events=dict(self.events))
-
-    def load(self, synthetic: SyntheticSection | None = None) -> BehaviorData:
-        """The configured data set (the embedded synthetic one when no path is given), k-core filtered."""
-        if self.path is None:
-            data = generate((synthetic or SyntheticSection()).spec())
-        else:
-            data = load(self.path, self.format, timestamps=self.timestamps, attributes=self.attributes,
-                        texts=self.texts if self.catalog is None else None, schema=self.schema())
-            if self.catalog is not None:
-                data = align_to_catalog(data, self.public_catalog(), self.path, self.catalog)
-        return k_core(data, self.k_core)
-
-    def load_catalog(self) -> BehaviorData:
-        """The aggregator's view in deployment: the public catalog alone, no users (enough to build the model, and
-        with item texts the public text prior)."""
-        if self.catalog is None:
-            raise ConfigError("data.catalog: the aggregator needs the public item catalog to build the model")
-        return catalog_only(self.public_catalog())
-
-    def public_catalog(self) -> ItemCatalog:
-        """``catalog`` with its item texts: its own text columns, or else the titles of ``texts``."""
-        catalog = load_catalog(self.catalog, self.text_columns)
-        return catalog if catalog.texts or self.texts is None else texts_from_file(catalog, self.texts)
-
-
 class TextSection(Section):
     """[text]: the public text prior (common/priors/text.py, common/priors/text_prior.py): a sentence encoder over the
     catalog's item texts, and how a history is summarised."""
@@ -189,9 +179,11 @@ class TextSection(Section):
     cache_dir: Path | None = None
     """Where text vectors are cached; not set: $FEDAUG_CACHE_DIR/text or ~/.cache/fedaug/text."""
     batch_size: int = Field(256, ge=1)
+    """Item texts encoded at once."""
     decay: float | Literal["auto"] = "auto"
     """History weight per step back (0 = the last item only); "auto": chosen on validation."""
     window: int = Field(50, ge=1)
+    """Last items of a history the prior summarises."""
     fuse: bool = True
     """A trained model's scores are fused with the prior's where the data has item texts (weight chosen on
     validation; 0, the model alone, is a candidate)."""
@@ -203,28 +195,6 @@ class TextSection(Section):
             raise ValueError("must be in [0, 1] or 'auto'")
         return value
 
-    def public_prior(self, data: BehaviorData, device, *, required: bool = False):
-        """The public text prior over the catalog's item texts with its public history weighting (nothing chosen
-        on held-out data: fedaug.common.priors.text_prior.public_decay); None where the data has no texts, unless
-        ``required`` (then the one-line error of ``vectors``)."""
-        from fedaug.common.priors.text_prior import TextPrior, public_decay
-
-        if not data.catalog.texts and not required:
-            return None
-        return TextPrior(self.vectors(data, device, progress=False), decay=public_decay(self.decay),
-                         window=self.window, device=device)
-
-    def vectors(self, data: BehaviorData, device, progress: bool = True):
-        """The catalog's unit text vectors ``[n_items + 1, d]``; ConfigError when the data has no item texts."""
-        from fedaug.common.priors.text import item_vectors
-
-        if not data.catalog.texts:
-            raise ConfigError("data.texts: the data set has no item texts (give data.texts, or for amazon-seq put "
-                              "X_item_titles.tsv next to X.txt)")
-        return item_vectors(data.catalog.texts, encoder=self.encoder, cache_dir=self.cache_dir, device=device,
-                            batch_size=self.batch_size, progress=progress)
-
-
 # --- the recipe -----------------------------------------------------------------------------------------------
 
 
@@ -233,10 +203,15 @@ class TargetWeightsSection(Section):
     target; purchases only: every other type 0). Targets of unknown type count 1."""
 
     view: float = Field(1.0, ge=0)
+    """Weight of a view target."""
     click: float = Field(1.0, ge=0)
+    """Weight of a click target."""
     favourite: float = Field(1.0, ge=0)
+    """Weight of a favourite target."""
     cart: float = Field(1.0, ge=0)
+    """Weight of a cart target."""
     purchase: float = Field(1.0, ge=0)
+    """Weight of a purchase target (purchases only: every other type 0)."""
 
     @model_validator(mode="after")
     def _some_target(self):
@@ -256,14 +231,24 @@ class ModelSection(Section):
     kind: Literal["sasrec", "pop", "text"] = "sasrec"
     """sasrec: the trained model; pop: popularity; text: the public text prior ([text]), no training."""
     hidden: int = Field(64, ge=4)
+    """Width of the item and position vectors (a multiple of heads)."""
     blocks: int = Field(2, ge=1)
+    """Transformer blocks."""
     heads: int = Field(2, ge=1)
+    """Attention heads per block."""
     max_len: int = Field(50, ge=2)
+    """Most recent items of a history the model reads."""
     ffn_mult: int = Field(1, ge=1)
+    """Feed-forward width as a multiple of hidden (SASRec: 1)."""
     dropout: float = Field(0.5, ge=0, lt=1)
+    """Dropout while training."""
     loss: Literal[LOSSES] = "ce"  # type: ignore[valid-type]
+    """ce: full-softmax cross-entropy over all items; sampled: a softmax over the target and ``negatives`` uniform
+    negatives, for very large catalogs (non-private only)."""
     negatives: int = Field(128, ge=1)
+    """Negatives per target with loss = "sampled"."""
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    """Cross-entropy label smoothing: spreads a little probability over all items."""
     tie_embeddings: bool = True
     """Non-private default: share input and output item tables. Private (Opacus) training needs it off."""
     item_dim: int | None = Field(None, ge=0)
@@ -296,89 +281,65 @@ class ModelSection(Section):
             raise ValueError("tie_embeddings needs item_dim = hidden and catalog = false")
         return self
 
-    def sasrec(self, n_items: int, n_attributes: int = 0) -> SASRecConfig:
-        return SASRecConfig(n_items=n_items, n_attributes=n_attributes, target_weights=self.target_weights.by_code(),
-                            **self.model_dump(exclude={"kind", "catalog", "target_weights"}))
-
-    @property
-    def side_features(self) -> bool:
-        """Does training read per-event side features (side vectors or targets weighted by type)?"""
-        return self.sasrec(1).side_features
-
-    def train_features(self, split: LeaveOneOut) -> list[np.ndarray] | None:
-        """The training users' side-feature rows this model reads (None: it reads none)."""
-        return split.train_features(self.context_columns) if self.side_features else None
-
-    def build(self, data: BehaviorData) -> tuple[SASRecConfig, torch.Tensor | None]:
-        """The model config for ``data`` and, for catalog models, its item-attribute table (public data)."""
-        catalog = data.catalog
-        has_attributes = bool(catalog.attributes and catalog.attribute_names and len(catalog.attribute_names) > 1)
-        if self.catalog is False or (self.catalog == "auto" and not has_attributes):
-            return self.sasrec(data.n_items), None
-        if not has_attributes:
-            raise ConfigError("model.catalog: the data set has no item attributes (give data.attributes or set "
-                              "model.catalog = false)")
-        n_attributes = len(catalog.attribute_names) - 1
-        width = max(max((len(a) for a in catalog.attributes), default=1), 1)
-        table = torch.zeros((catalog.n_items + 1, width), dtype=torch.long)
-        for item, attributes in enumerate(catalog.attributes):
-            table[item, : len(attributes)] = torch.as_tensor(attributes, dtype=torch.long)
-        return self.sasrec(data.n_items, n_attributes), table
-
-    def model(self, data: BehaviorData) -> SASRec:
-        return SASRec(*self.build(data))
-
-    def describe(self, data: BehaviorData) -> str:
-        """The model as built for ``data``, in words (reports)."""
-        if self.kind != "sasrec":
-            return self.kind
-        cfg = self.build(data)[0]
-        items = [f"catalog attributes ({cfg.n_attributes})"] if cfg.n_attributes else []
-        if cfg.id_dim:
-            items.append(f"item tables {cfg.id_dim} wide{', shared by input and output' if cfg.tie_embeddings else ''}")
-        side = [name for name, used in (("behaviour", cfg.behaviour), ("time", cfg.time_context)) if used]
-        side += list(cfg.context_columns)
-        if side:
-            items.append(f"side vectors ({', '.join(side)})")
-        return f"SASRec hidden {cfg.hidden}, {cfg.blocks} blocks, " + " + ".join(items)
-
-
 class TrainSection(Section):
     """[train]: centralised non-private training (`fedaug baseline`)."""
 
     epochs: int = Field(200, ge=1)
+    """Most epochs (early stopping usually ends sooner)."""
     batch_size: int = Field(128, ge=1)
+    """Users per step."""
     lr: float = Field(1e-3, gt=0)
+    """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     patience: int = Field(5, ge=1)
+    """Stop after this many evaluations without a clearly better validation NDCG@10."""
     min_improvement: float = Field(0.01, ge=0)
+    """Relative gain over the best so far that counts as clearly better (the best weights are kept regardless)."""
     eval_every: int = Field(1, ge=1)
+    """Epochs between evaluations on validation."""
     max_minutes: float | None = Field(None, gt=0)
+    """Stop after this many minutes (the best weights so far are kept); not set: no limit."""
     seed: int = 0
-
-    def settings(self) -> TrainSettings:
-        return TrainSettings(**self.model_dump())
-
+    """Seeds the initial model and the order of users."""
 
 class AugmentSection(Section):
     """[augment]: local augmentation, applied afresh every round (see common/model/augment.py)."""
 
     enabled: bool = True
+    """false: no augmentation (no views, no vector noise)."""
     views: int = Field(1, ge=0, le=8)
+    """Augmented views per user and round, all inside that user's one sample (0: none)."""
     use_as: Literal[USES] = "next-item"  # type: ignore[valid-type]
+    """What the views train: next-item (extra next-item targets), contrastive (an InfoNCE term against the
+    user's own sequence) or both."""
     contrastive_weight: float = Field(0.1, ge=0)
+    """Weight of the InfoNCE term (use_as contrastive or both)."""
     contrastive_negatives: int = Field(4, ge=1, le=64)
+    """Negatives per user for InfoNCE: random chains of catalog items (public randomness), never other users."""
     temperature: float = Field(0.5, gt=0)
+    """InfoNCE temperature."""
     ops: tuple[Literal[SEQUENCE_OPS], ...] = SEQUENCE_OPS  # type: ignore[valid-type]
+    """The operations a view draws from: crop, mask, reorder, substitute, insert."""
     crop_eta: float = Field(0.6, gt=0, le=1)
+    """crop: the fraction of the sequence kept (a random contiguous part)."""
     mask_gamma: float = Field(0.3, ge=0, le=1)
+    """mask: the fraction of positions replaced with the mask token."""
     reorder_beta: float = Field(0.3, ge=0, le=1)
+    """reorder: the fraction of the sequence shuffled (a random contiguous window)."""
     substitute_rate: float = Field(0.2, ge=0, le=1)
+    """substitute: the fraction of items replaced with items similar by co-occurrence."""
     insert_rate: float = Field(0.2, ge=0, le=1)
+    """insert: the fraction of positions followed by a similar item."""
     short_length: int = Field(4, ge=0)
+    """Sequences up to this length draw only from insert / substitute."""
     similar_k: int = Field(10, ge=1)
+    """Similar items per item (co-occurrence in this merchant's own training sequences)."""
     window: int = Field(2, ge=1)
+    """Co-occurrence window (positions either side) for item similarity."""
     attribute_sigma: float = Field(0.01, ge=0)
+    """σ of the Gaussian noise on item-attribute vectors while training (catalog models; embeddings start at
+    std 0.02)."""
     behaviour_sigma: float = Field(0.01, ge=0)
     """Vector noise on behaviour (event-type) vectors while training."""
     context_sigma: float = Field(0.01, ge=0)
@@ -400,6 +361,7 @@ class BudgetSection(Section):
     """A merchant's own privacy budget: ε over every round it ever trains ("inf" = non-private) and δ."""
 
     epsilon: float = Field(8.0, gt=0)
+    """Total over every round this merchant ever trains; "inf" = non-private."""
     delta: float | None = Field(None, gt=0, lt=1)
     """Default 1 / (10 × the users the merchant can train on: those with two or more events once each evaluated
     user's last two are held out; fedaug.client.trainer.trainable_users)."""
@@ -422,19 +384,23 @@ class PrivacySection(BudgetSection):
     """[privacy]: the budget plus how DP-SGD clips."""
 
     max_grad_norm: float = Field(1.0, gt=0)
+    """DP-SGD clips each user's gradient to this L2 norm."""
     grad_sample_mode: Literal[GRAD_SAMPLE_MODES] = "ghost"  # type: ignore[valid-type]
+    """How Opacus computes per-user gradient norms: ghost (ghost clipping) or hooks (per-sample gradients)."""
 
 
 class LocalSection(Section):
     """[local]: a merchant's training steps within one round."""
 
     local_epochs: int = Field(1, ge=1)
+    """Passes over the merchant's users in one round."""
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     """Expected users per DP step (Poisson sampling rate = batch_size / users). auto: max_batch_size, or fewer so
     that an epoch still takes 3 steps on this merchant's users (a sampling rate of at most 1/3)."""
     max_batch_size: int = Field(256, ge=1)
     """What batch_size auto takes where the merchant has the users for it."""
     lr: float = Field(1e-3, gt=0)
+    """Adam learning rate."""
 
 
 class LocalRunSection(LocalSection):
@@ -442,8 +408,10 @@ class LocalRunSection(LocalSection):
     come from [federation])."""
 
     rounds: int = Field(1, ge=1)
-    """Training rounds back to back; noise is calibrated for all of them."""
+    """`fedaug local` / `audit` only (a federation's plan is [federation] rounds): training rounds back to back;
+    noise is calibrated for all of them."""
     seed: int = 0
+    """`fedaug local` / `audit` only: a federation's is [federation] seed."""
 
 
 class Recipe(Section):
@@ -462,8 +430,11 @@ class FederationSection(Section):
     """[federation]: rounds, the aggregation strategy, failure handling, central DP, checkpoints and monitoring."""
 
     rounds: int = Field(10, ge=1)
+    """Also every merchant's planned rounds (its noise is calibrated for all of them)."""
     strategy: Literal[STRATEGIES] = "fedavg"  # type: ignore[valid-type]
+    """fedavg | fedprox | fedadam | fedyogi | fedtrimmedavg | fedmedian | krum | multikrum"""
     fraction_train: float = Field(1.0, gt=0, le=1)
+    """Merchants sampled per round."""
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     """0 turns federated evaluation off (a simulation's central evaluation still runs)."""
     min_nodes: int = Field(1, ge=1)
@@ -519,17 +490,12 @@ class FederationSection(Section):
     selection_share: float = Field(0.05, gt=0, lt=1)
     """Fraction of each private merchant's budget (left before the run) the selection release may spend."""
 
-    def release_rule(self):
-        """How the released statistics join the prior in the model handed out
-        (fedaug.common.priors.dp_counts.ReleaseRule)."""
-        from fedaug.common.priors.dp_counts import ReleaseRule
-
-        return ReleaseRule(self.statistics_popularity_weight, self.statistics_pair_weight,
-                           self.statistics_false_keeps)
     central_dp: bool = False
     """Client-level DP on top: Flower's server-side fixed clipping of each update plus Gaussian noise."""
     central_noise: float = Field(1.0, gt=0)
+    """central_dp: the noise multiplier."""
     central_clip: float = Field(1.0, gt=0)
+    """central_dp: the clipping norm of each update."""
     central_delta: float | None = Field(None, gt=0, lt=1)
     """Default 1 / (10 · merchants)."""
     compression: Literal[COMPRESSIONS] = "none"  # type: ignore[valid-type]
@@ -614,13 +580,6 @@ class DataPart(BaseModel):
     text: TextSection = TextSection()
     device: str = "auto"
     """auto | cpu | cuda | cuda:N"""
-
-    def load_data(self) -> BehaviorData:
-        return self.data.load(getattr(self, "synthetic", None))
-
-    def load_catalog(self) -> BehaviorData:
-        return self.data.load_catalog()
-
 
 class RecipePart(BaseModel):
     model: ModelSection = ModelSection()

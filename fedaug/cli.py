@@ -632,6 +632,7 @@ def evaluate(
     the public text prior and popularity, and its paired gain over the prior."""
     import json
 
+    from fedaug.common.data.source import load_data
     from fedaug.common.model.device import pick_device
     from fedaug.common.recommend.bundle import load_bundle
     from fedaug.common.recommend.check import check_model, read_check_config
@@ -642,7 +643,7 @@ def evaluate(
     bundle = load_bundle(model, device=run_device)  # first: a wrong --model fails before the data is read
     with _progress() as progress:
         task = progress.add_task("loading the data", total=None)
-        loaded = cfg.load_data()
+        loaded = load_data(cfg.data, cfg.synthetic)
         result = check_model(bundle, loaded, text=cfg.text if config is not None else None, device=run_device,
                              source=cfg.data.path or "the embedded synthetic data",
                              on_stage=lambda name: progress.update(task, description=f"testing: {name}"))
@@ -720,9 +721,10 @@ def _shop_schema(config: Path | None):
     """The event-file mapping of ``config``'s [data] table (None: no --config, the bundle's own)."""
     if config is None:
         return None
+    from fedaug.common.data.source import event_schema
     from fedaug.common.recommend.check import read_check_config
 
-    return read_check_config(config, {}, flags=FLAGS).data.schema()
+    return event_schema(read_check_config(config, {}, flags=FLAGS).data)
 
 
 def _print_recommendations(results, as_json: bool) -> None:
@@ -863,6 +865,7 @@ def synth(
     """Write trial merchants' files: the public catalog (ids, titles where the data has them, attributes) and one
     events CSV each, from the embedded synthetic data or a real data set (--data)."""
     from fedaug.common.config import SyntheticSection, load_config
+    from fedaug.common.data.source import load_data
     from fedaug.common.data.split import assign_merchants
     from fedaug.common.data.synthetic import generate
     from fedaug.runtime.export import write_merchant_files
@@ -874,12 +877,11 @@ def synth(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FedaugError(f"--out: {out} exists and is not an empty directory")
     if data is None:
-        spec = SyntheticSection(**{"merchants": merchants, "seed": seed, "titles": titles}
-                                | ({"users": users} if users else {})).spec()
-        source = generate(spec)
+        source = generate(SyntheticSection(**{"merchants": merchants, "seed": seed, "titles": titles}
+                                           | ({"users": users} if users else {})))
     else:  # loaded as every command loads it (sibling files included), users split as `fedaug simulate` splits
         section = load_config(None, {"data.path": str(data), "data.format": fmt}, flags=FLAGS).data
-        source = assign_merchants(section.load(), merchants, "uniform", seed)
+        source = assign_merchants(load_data(section), merchants, "uniform", seed)
     files = write_merchant_files(source, out)
     console.print(f"wrote {', '.join(f.name for f in files)} to {out}: {source.n_users} users, {source.n_items} "
                   f"items{', with item titles' if source.catalog.texts else ''}")

@@ -13,12 +13,15 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedaug.common.config import FederationConfig, from_run_config
 from fedaug.common.data import BehaviorData
+from fedaug.common.data.source import load_catalog_data, load_data
 from fedaug.common.flower_logging import tame_flower_logging
 from fedaug.common.memory import single_malloc_arena
+from fedaug.common.model.build import build_model
 from fedaug.common.model.device import pick_device
 from fedaug.common.model.sasrec import SASRec
 from fedaug.common.priors.dp_counts import text_neighbours
-from fedaug.common.priors.text_prior import TextPrior
+from fedaug.common.priors.text import catalog_vectors
+from fedaug.common.priors.text_prior import TextPrior, public_text_prior
 from fedaug.server import checkpoint
 from fedaug.server.distribute import distribute_model, final_bundle
 from fedaug.server.federation import Evaluator, WorkReader, run_federation
@@ -46,7 +49,7 @@ def server_app(schema: type[FederationConfig] = FederationConfig,
         # Deployment: the aggregator holds only the public catalog; otherwise (`flwr run .`, simulations) the
         # run's data set, numbered by a catalog when one is given, is there to build the model from.
         deployed = config.data.catalog is not None and config.data.path is None
-        data = config.load_catalog() if deployed else config.load_data()
+        data = load_catalog_data(config.data) if deployed else load_data(config.data, config.synthetic)
         model = initial_model(config, data)
         initial = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
         # The public parts of the model every merchant receives, built before round 1: a catalog without texts or
@@ -77,7 +80,7 @@ def public_prior(config: FederationConfig, data: BehaviorData) -> TextPrior | No
     statistics = config.federation.statistics
     if (not data.catalog.texts and statistics is not True) or (not config.text.fuse and statistics is False):
         return None
-    return config.text.public_prior(data, pick_device(config.device), required=statistics is True)
+    return public_text_prior(config.text, data, pick_device(config.device), required=statistics is True)
 
 
 def statistics_candidates(config: FederationConfig, data: BehaviorData, prior: TextPrior | None = None
@@ -88,14 +91,14 @@ def statistics_candidates(config: FederationConfig, data: BehaviorData, prior: T
     if settings.statistics is False or (settings.statistics == "auto" and not data.catalog.texts):
         return None
     vectors = (prior.vectors.cpu().numpy() if prior is not None
-               else config.text.vectors(data, pick_device(config.device), progress=False))
+               else catalog_vectors(config.text, data, pick_device(config.device), progress=False))
     return text_neighbours(vectors, settings.statistics_neighbours)
 
 
 def initial_model(config: FederationConfig, data: BehaviorData) -> SASRec:
     """The global model before round 1: the merchants' architecture over the catalog, seeded."""
     torch.manual_seed(config.federation.seed)
-    return config.model.model(data)
+    return build_model(config.model, data)
 
 
 app = server_app()

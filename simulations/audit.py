@@ -26,8 +26,10 @@ from fedaug.client.trainer import build_trainer
 from fedaug.common.atomic import write_bytes_atomic, write_json_atomic
 from fedaug.common.config import MerchantRunConfig
 from fedaug.common.data import BehaviorData
+from fedaug.common.data.source import load_catalog_data, load_data
 from fedaug.common.data.split import leave_one_out
 from fedaug.common.errors import ConfigError, FedaugError
+from fedaug.common.model.build import build_model, train_features
 from fedaug.common.model.device import pick_device
 from fedaug.common.model.metrics import json_number
 from fedaug.common.model.training import set_seed
@@ -117,13 +119,13 @@ def run_audit(config: MerchantRunConfig, canaries: int, out: Path, *, guesses: i
     guesses = _guess_count(canaries, guesses)
     rng = np.random.default_rng(seed)
     device = pick_device(config.device)
-    data = config.load_data()
+    data = load_data(config.data, config.synthetic)
     split = leave_one_out(data)
     chains = make_canaries(data.n_items, canaries, canary_length, rng)
     included = rng.random(canaries) < 0.5
     train = split.train.sequences() + [c for c, inside in zip(chains, included, strict=True) if inside]
     out = Path(out)
-    features = config.model.train_features(split)
+    features = train_features(config.model, split)
     if features is not None:  # a canary's events have no type or time: unknown side features
         width = features[0].shape[1] if features else 0
         features += [np.zeros((len(c), width), np.float32) for c, inside in zip(chains, included, strict=True)
@@ -131,7 +133,7 @@ def run_audit(config: MerchantRunConfig, canaries: int, out: Path, *, guesses: i
     trainer = build_trainer(config.recipe, train, data.n_items, rounds=config.local.rounds, seed=config.local.seed,
                             state_dir=out / "state", device=device, features=features)
     set_seed(config.local.seed)
-    model = config.model.model(data).to(device)
+    model = build_model(config.model, data).to(device)
     run_id = uuid.uuid4().hex
     for round_ in range(1, config.local.rounds + 1):
         result = trainer.train_round(model, run_id, round_)
@@ -156,7 +158,7 @@ def run_federated_audit(config: SimulationConfig, canaries: int, out: Path, *, c
     started = time.monotonic()
     guesses = _guess_count(canaries, guesses)
     rng = np.random.default_rng(seed)
-    data = config.assigned(config.load_data())
+    data = config.assigned(load_data(config.data, config.synthetic))
     n_merchants = int(data.merchant.max()) + 1
     if not 0 <= canary_merchant < n_merchants:
         raise ConfigError(f"--canary-merchant: must be between 0 and {n_merchants - 1}, got {canary_merchant}")
@@ -167,10 +169,10 @@ def run_federated_audit(config: SimulationConfig, canaries: int, out: Path, *, c
                                canary_merchant, out / "data")
     metrics = run_simulate(federated, out / "federation", on_round=on_round)
     state_dir = out / "federation" / "state"
-    catalog = federated.load_catalog()
+    catalog = load_catalog_data(federated.data)
     if not np.array_equal(catalog.catalog.raw_ids, data.catalog.raw_ids):  # the canaries' ids must mean the same
         raise ConfigError(f"{out / 'data' / CATALOG_FILE}: catalog read back numbers items differently")
-    model = federated.model.model(catalog)
+    model = build_model(federated.model, catalog)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.load(state_dir).arrays.items()})
     device = pick_device(config.device)
     scores = chain_log_likelihood(model.to(device), chains, device)

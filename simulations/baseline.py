@@ -7,13 +7,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedaug.common.config import BaselineConfig
+from fedaug.common.data.source import load_data
 from fedaug.common.data.split import leave_one_out
+from fedaug.common.model.build import build_model
 from fedaug.common.model.device import pick_device
 from fedaug.common.model.evaluate import evaluate, sasrec_scorer
 from fedaug.common.model.metrics import select
 from fedaug.common.model.training import fit, set_seed
 from fedaug.common.priors.fusion import fit_fusion
 from fedaug.common.priors.popularity import Popularity
+from fedaug.common.priors.text import catalog_vectors
 from fedaug.common.priors.text_prior import TextPrior, fit_text_prior
 from fedaug.common.records import FusionRecord, RunMetrics, write_metrics
 from fedaug.simulations.bundles import MODEL, save_model
@@ -29,7 +32,7 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
     """
     started = time.monotonic()
     device = pick_device(config.device)
-    data = config.load_data()
+    data = load_data(config.data, config.synthetic)
     split = leave_one_out(data)
     if config.model.kind == "pop":
         scorer = Popularity(split.train)
@@ -40,8 +43,8 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
         metrics.history = tried
     else:
         set_seed(config.train.seed)
-        model = config.model.model(data)
-        result = fit(model, split, config.train.settings(), device, on_step=on_step, on_epoch=on_epoch)
+        model = build_model(config.model, data)
+        result = fit(model, split, config.train, device, on_step=on_step, on_epoch=on_epoch)
         scorer, fusion = sasrec_scorer(model, device), None
         if data.catalog.texts and config.text.fuse:  # the public prior beside the learned model, if it helps
             prior, _ = text_prior(config, data, split, device)
@@ -64,5 +67,5 @@ def run_baseline(config: BaselineConfig, out: Path | None = None, on_step: Calla
 def text_prior(config, data, split, device, progress: bool = True) -> tuple[TextPrior, list[dict]]:
     """The public text prior of ``config``'s [text] table, its history weighting chosen on validation."""
     text = config.text
-    return fit_text_prior(text.vectors(data, device, progress), split, decay=text.decay, window=text.window,
+    return fit_text_prior(catalog_vectors(text, data, device, progress), split, decay=text.decay, window=text.window,
                           device=device)

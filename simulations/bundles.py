@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from fedaug.common.data import BehaviorData
+from fedaug.common.data.source import event_schema
 from fedaug.common.model.evaluate import Scorer
 from fedaug.common.recommend.bundle import write_bundle
 from fedaug.common.records import RunMetrics
@@ -34,4 +35,4 @@ def save_model(directory: Path, scorer: Scorer, data: BehaviorData, metrics: Run
                  "accountant": "min(PRV, RDP), composed over every release"} if private else None,
         metrics={"test": test if test is not None else metrics.test,
                  "valid": valid if valid is not None else metrics.valid},
-        text_encoder=encoder, parts=parts, schema=None if section is None else section.schema())
+        text_encoder=encoder, parts=parts, schema=None if section is None else event_schema(section))

@@ -13,15 +13,17 @@ from fedaug.client.spent import claim
 from fedaug.client.trainer import build_trainer
 from fedaug.common.config import FederationSection, MerchantRunConfig
 from fedaug.common.data import BehaviorData
+from fedaug.common.data.source import load_data
 from fedaug.common.data.split import leave_one_out
+from fedaug.common.model.build import build_model, train_features
 from fedaug.common.model.device import pick_device
 from fedaug.common.model.evaluate import evaluate, sasrec_scorer, tested
 from fedaug.common.model.metrics import paired_gain, select
 from fedaug.common.model.training import set_seed
 from fedaug.common.priors import fusion_weights
 from fedaug.common.priors.composite import compose, product_kind
-from fedaug.common.priors.dp_counts import text_neighbours
-from fedaug.common.priors.text_prior import TextPrior
+from fedaug.common.priors.dp_counts import ReleaseRule, text_neighbours
+from fedaug.common.priors.text_prior import TextPrior, public_text_prior
 from fedaug.common.records import (
     FusionRecord,
     MerchantRecord,
@@ -43,7 +45,7 @@ def evaluate_alone(trainer, run_id: str, trained, prior: TextPrior, released, ne
     """A merchant alone chooses its model's weight as a federation does (common/priors/fusion_weights.py): the candidate
     (fit counts) scored at each public weight on its validation users, released through its reserved Gaussian
     mechanism, the choice made on the noised figures only."""
-    candidate = STATISTICS.release_rule().scorer(prior, released.fit, neighbours)
+    candidate = ReleaseRule.from_section(STATISTICS).scorer(prior, released.fit, neighbours)
     vector, noise = release_selection(trainer, run_id, fusion_weights.figures(trained, candidate, split),
                                       weights=fusion_weights.WEIGHTS, state_dir=state_dir if trainer.ledger else None)
     return fusion_weights.choose(vector, noise * fusion_weights.sensitivity()) | {"merchants": 1}
@@ -62,19 +64,19 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
     """
     started = time.monotonic()
     device = pick_device(config.device)
-    data = config.load_data() if data is None else data
+    data = load_data(config.data, config.synthetic) if data is None else data
     if new_budget is not None and config.privacy.private:
         claim(data.fingerprint(), state_dir, new_budget=new_budget)
     split = leave_one_out(data)
     trainer = build_trainer(config.recipe, split.train.sequences(), data.n_items, rounds=config.local.rounds,
                             seed=config.local.seed, state_dir=state_dir, device=device,
-                            features=config.model.train_features(split))
+                            features=train_features(config.model, split))
     set_seed(config.local.seed)
-    model = config.model.model(data)
+    model = build_model(config.model, data)
     run_id = uuid.uuid4().hex
     # The public prior and this merchant's own DP statistics, released (and ledgered) before training so DP-SGD
     # is calibrated for what is left: the same composition a federation hands out (fedaug.common.priors.composite).
-    prior = config.text.public_prior(data, device) if config.text.fuse else None
+    prior = public_text_prior(config.text, data, device) if config.text.fuse else None
     released, neighbours = None, None
     if prior is not None and STATISTICS.statistics is not False:
         neighbours = text_neighbours(prior.vectors.cpu().numpy(), STATISTICS.statistics_neighbours)
@@ -98,7 +100,7 @@ def run_local(config: MerchantRunConfig, out: Path | None, state_dir: Path, on_r
     if released is not None and STATISTICS.selection == "evaluated":  # the same DP evaluation, alone
         evaluation = evaluate_alone(trainer, run_id, trained, prior, released, neighbours, split, state_dir)
     scorer, parts = compose(trained, prior, released.serve if released else None, neighbours,
-                            STATISTICS.release_rule(), evaluation=evaluation, who="this merchant's")
+                            ReleaseRule.from_section(STATISTICS), evaluation=evaluation, who="this merchant's")
     metrics = final_metrics(mode, scorer, split, data, config, device,
                             config.local.rounds * config.local.local_epochs, started)
     metrics.selection, metrics.parts, metrics.product = "private", parts, product_kind(scorer)

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from fedaug.common.atomic import write_bytes_atomic
 from fedaug.common.data import BehaviorData
 from fedaug.common.data.split import LeaveOneOut
+from fedaug.common.model.build import describe
 from fedaug.common.model.evaluate import COLD_BELOW, Scorer, Tested, cold_targets, evaluate, tested
 from fedaug.common.model.metrics import METRIC_NAMES, select
 from fedaug.common.priors.popularity import Popularity
@@ -34,7 +35,7 @@ def final_metrics(mode: str, scorer: Scorer, split: LeaveOneOut, data: BehaviorD
                       test_users=len(test.cold_mask), epochs=epochs, seconds=round(time.monotonic() - started, 2),
                       data=data.summary(), config=config.model_dump(mode="json") | {"device": str(device)},
                       test_cold=test.cold, cold_users=int(test.cold_mask.sum()), test_by_type=test.by_type,
-                      model=config.model.describe(data) if hasattr(config, "model") else None)
+                      model=describe(config.model, data) if hasattr(config, "model") else None)
 
 
 @dataclass

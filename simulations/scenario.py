@@ -44,10 +44,18 @@ DEFENCES = {  # [simulation] defence -> the [federation] settings it stands for
 
 
 class SimulationSection(Section):
+    """[simulation]: how the data set is cut into merchants, which mode runs, which merchants are Byzantine."""
+
     merchants: int = Field(5, ge=1)
+    """Merchants the data set is cut into."""
     partition: Literal[PARTITIONS] = "uniform"  # type: ignore[valid-type]
+    """How users are given to merchants: uniform (a seeded random split into near-equal groups) | category (non-IID:
+    each user's dominant category spread over merchants by Dirichlet(dirichlet_alpha)) | column (the merchant ids
+    that came with the data)."""
     dirichlet_alpha: float = Field(0.5, gt=0)
+    """The category partition's skew (smaller: more distinct merchants)."""
     partition_seed: int = 0
+    """Seeds the partition and the choice of attackers."""
     mode: Literal[MODES] = "federated"  # type: ignore[valid-type]
     """federated: Flower's simulation engine; local: every merchant alone; central: all data pooled — each with the
     same DP settings and rounds × local epochs, so the three compare like for like."""
@@ -72,6 +80,7 @@ class SimulationSection(Section):
     attack: Literal[("",) + ATTACKS] = ""  # type: ignore[valid-type]
     """Robustness experiments: make a fraction of merchants Byzantine (fedaug.simulations.attacks)."""
     attackers: float = Field(0.0, ge=0, lt=1)
+    """The fraction of merchants that attack."""
     attack_scale: float = Field(10.0, gt=0)
     """λ of the scale / signflip / noise attacks."""
     defence: Literal[tuple(DEFENCES)] | None = None  # type: ignore[valid-type]

@@ -18,8 +18,10 @@ import tomli_w
 import torch
 
 from fedaug.common.config import to_run_config
+from fedaug.common.data.source import load_data
 from fedaug.common.data.split import leave_one_out, merchant_partitions
 from fedaug.common.errors import ConfigError, FedaugError
+from fedaug.common.model.build import describe
 from fedaug.common.model.device import pick_device
 from fedaug.common.model.evaluate import Scorer
 from fedaug.common.model.metrics import paired_gain, select
@@ -44,7 +46,7 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     """Run the configured mode; write ``out/metrics.json``, ``out/report.md`` and the plots; return the metrics."""
     started = time.monotonic()
     out = Path(out)
-    data = config.load_data()
+    data = load_data(config.data, config.synthetic)
     split = leave_one_out(data)
     n_merchants = len(merchant_partitions(config.assigned(data)))
     mode = config.simulation.mode
@@ -71,7 +73,7 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     metrics.defence = sim.defence or ("normbound" if config.federation.norm_bound else config.federation.strategy)
     metrics.seconds = round(time.monotonic() - started, 2)
     metrics.data, metrics.merchants_total = data.summary(), n_merchants
-    metrics.model = config.model.describe(data)
+    metrics.model = describe(config.model, data)
     metrics.config = config.model_dump(mode="json")
     out.mkdir(parents=True, exist_ok=True)
     if mode == "federated":

@@ -149,3 +149,14 @@ def health_server():
         yield port, lambda serving: servicer.set("", status.SERVING if serving else status.NOT_SERVING)
     finally:
         server.stop(None)
+
+
+def model_config(n_items: int, n_attributes: int = 0, **settings):
+    """A SASRec config from [model] settings (fedaug.common.config.ModelSection, where the defaults are) for
+    ``n_items`` items: the plain model unless ``settings`` say otherwise (no tied item tables, no behaviour or time
+    vectors), with catalog attributes where ``n_attributes`` is given."""
+    from fedaug.common.config import ModelSection
+    from fedaug.common.model.sasrec import SASRecConfig
+
+    plain = {"tie_embeddings": False, "behaviour": False, "time_context": False, "catalog": n_attributes > 0}
+    return SASRecConfig.from_section(ModelSection(**(plain | settings)), n_items, n_attributes)

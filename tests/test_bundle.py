@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedaug.common.config import ModelSection
+from fedaug.common.config import ModelSection, SyntheticSection
 from fedaug.common.data.split import leave_one_out
-from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.data.synthetic import generate
 from fedaug.common.errors import ConfigError
+from fedaug.common.model.build import build_model
 from fedaug.common.model.evaluate import evaluate, sasrec_scorer
-from fedaug.common.model.sasrec import SASRec, SASRecConfig
+from fedaug.common.model.sasrec import SASRec
 from fedaug.common.priors.dp_counts import PriorWithCounts, bounded_counts, noised, text_neighbours
 from fedaug.common.priors.fusion import Fused
 from fedaug.common.priors.popularity import Popularity
@@ -30,11 +31,12 @@ from fedaug.common.recommend.bundle import (
     write_bundle,
     write_bundle_files,
 )
+from tests.support import model_config
 
 
 @pytest.fixture(scope="module")
 def split():
-    return leave_one_out(generate(SyntheticSpec(users=120, items=60)))
+    return leave_one_out(generate(SyntheticSection(users=120, items=60, titles=False)))
 
 
 def _vectors(n_items: int) -> np.ndarray:
@@ -47,7 +49,7 @@ def _vectors(n_items: int) -> np.ndarray:
 def _scorers(split):
     torch.manual_seed(0)
     n = split.n_items
-    model = SASRec(SASRecConfig(n_items=n, hidden=16, max_len=10, item_dim=8))
+    model = SASRec(model_config(n, hidden=16, max_len=10, item_dim=8))
     sasrec = sasrec_scorer(model, "cpu")
     prior = TextPrior(_vectors(n), decay=0.25, window=5)
     neighbours = text_neighbours(prior.vectors.numpy(), 5)
@@ -55,7 +57,7 @@ def _scorers(split):
                     noise_multiplier=0.5, max_items=4, max_pairs=2, rng=np.random.default_rng(1))
     with_counts = PriorWithCounts.from_counts(prior, counts, neighbours, popularity_weight=0.1, pair_weight=0.3,
                                               threshold=1.0)
-    catalog_model = ModelSection(hidden=16, max_len=10, catalog=True, tie_embeddings=False).model(split.train)
+    catalog_model = build_model(ModelSection(hidden=16, max_len=10, catalog=True, tie_embeddings=False), split.train)
     return {"sasrec": sasrec, "sasrec+catalog": sasrec_scorer(catalog_model, "cpu"), "text": prior,
             "popularity": Popularity(split.train), "text+statistics": with_counts,
             "fused": Fused(sasrec, with_counts, 2.0), "fused+prior-alone": Fused(sasrec, with_counts, math.inf)}
@@ -83,7 +85,7 @@ def test_damaged_foreign_and_future_bundles_are_refused(split, tmp_path):
     (path / ITEMS).write_text(json.dumps(items))
     with pytest.raises(ConfigError, match=r"items.json: catalog hash \w+ does not match the card's"):
         load_bundle(path)
-    other = generate(SyntheticSpec(users=50, items=40)).catalog
+    other = generate(SyntheticSection(users=50, items=40, titles=False)).catalog
     path = write_bundle(tmp_path / "model", _scorers(split)["text"], split.train.catalog)
     with pytest.raises(ConfigError, match="made for another catalog"):
         load_bundle(path, catalog=other)

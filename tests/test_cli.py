@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedaug.common.data.source import load_data
 from tests.support import health_server
 from tests.support import run_fedaug as fedaug
 
@@ -26,9 +27,10 @@ def test_baseline_pop_writes_metrics_in_the_documented_shape(tmp_path):
 
 @pytest.mark.slow
 def test_baseline_sasrec_on_events_csv(tmp_path):
-    from fedaug.common.data.synthetic import SyntheticSpec, generate
+    from fedaug.common.config import SyntheticSection
+    from fedaug.common.data.synthetic import generate
 
-    data = generate(SyntheticSpec(users=300, items=150))
+    data = generate(SyntheticSection(users=300, items=150, titles=False))
     users = data.event_user()
     rows = zip(data.user_ids[users], data.items, data.timestamps, data.event_type, strict=True)
     lines = ["user_id,item_id,timestamp,event_type"] + [f"{u},{i},{t},{e}" for u, i, t, e in rows]
@@ -76,10 +78,11 @@ def test_validate_reports_a_shops_log_and_exits_1_on_errors(tmp_path):
 def test_a_taobao_userbehavior_log_trains_end_to_end(tmp_path):
     """Taobao's UserBehavior.csv layout — no header; user, item, category, behaviour (pv / fav / cart / buy),
     Unix time — mapped by a config, checked by `fedaug validate` and trained on by the baseline."""
+    from fedaug.common.config import SyntheticSection
     from fedaug.common.data import EVENT_TYPES
-    from fedaug.common.data.synthetic import SyntheticSpec, generate
+    from fedaug.common.data.synthetic import generate
 
-    data = generate(SyntheticSpec(users=200, items=120))
+    data = generate(SyntheticSection(users=200, items=120, titles=False))
     taobao = {"view": "pv", "click": "pv", "favourite": "fav", "cart": "cart", "purchase": "buy"}
     users = data.event_user()
     rows = zip(data.user_ids[users], data.catalog.raw_ids[data.items], data.catalog.category[data.items],
@@ -282,7 +285,7 @@ def test_synth_cuts_a_real_data_set_into_merchants_and_a_catalog_with_titles(tmp
     text_of = dict(zip(data.catalog.raw_ids[1:].tolist(), data.catalog.texts[1:], strict=True))
     assert text_of[1] == "Product 1, 0.5 oz | Brand1 | Nails" and text_of[7] == "Brand3 | Nails"
     for i, expected in enumerate(merchant_partitions(assign_merchants(data, 3, "uniform", 4)), start=1):
-        part = DataSection(path=out / f"merchant-{i}.csv", catalog=out / "catalog.tsv").load()
+        part = load_data(DataSection(path=out / f"merchant-{i}.csv", catalog=out / "catalog.tsv"))
         assert part.n_items == data.n_items
         assert dict(zip(part.catalog.raw_ids[1:].tolist(), part.catalog.texts[1:], strict=True)) == text_of
         assert part.user_ids.tolist() == expected.user_ids.tolist()

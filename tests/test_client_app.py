@@ -92,7 +92,6 @@ def test_train_and_evaluate_round_trip_then_decline(tmp_path):
     assert "trained in" in said[0] and "ε" in said[0] and "bytes sent" in said[0] and "declined" in said[2]
 
 
-@pytest.mark.integration  # a merchant trains and evaluates on the default synthetic data: tens of seconds
 def test_a_non_private_merchant_reports_its_figures(tmp_path):
     """Without DP nothing is protected, so the loss, user count and evaluation metrics are sent (and weigh)."""
     run = RUN | {"privacy.epsilon": "inf", "federation.state_dir": str(tmp_path), "model.tie_embeddings": True}

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from fedaug.client.ledger import PrivacyLedger
-from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.config import SyntheticSection
+from fedaug.common.data.synthetic import generate
 from fedaug.common.recommend.bundle import bundle_hash, load_bundle
 from fedaug.runtime.certs import write_certificates
 from fedaug.runtime.export import write_merchant_files
@@ -43,7 +44,7 @@ def site(tmp_path_factory) -> Path:
     """Certificates for 4 merchants (merchant-4 is never registered) and 3 merchants' data files."""
     root = tmp_path_factory.mktemp("site")
     write_certificates(root / "certs", merchants=4)
-    write_merchant_files(generate(SyntheticSpec(users=300, items=300, merchants=3)), root / "data")
+    write_merchant_files(generate(SyntheticSection(users=300, items=300, merchants=3, titles=False)), root / "data")
     return root
 
 

@@ -14,12 +14,14 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.config import parse_config_args
 
 from fedaug.client.daemon import MerchantDaemonConfig, node_config_arg
-from fedaug.common.config import ModelSection, load_config
+from fedaug.common.config import ModelSection, SyntheticSection, load_config
 from fedaug.common.data import catalog_only
 from fedaug.common.data.loaders import align_to_catalog, load, load_catalog
+from fedaug.common.data.source import load_data
 from fedaug.common.data.split import merchant_partitions
-from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.data.synthetic import generate
 from fedaug.common.errors import ConfigError, DataError, FedaugError
+from fedaug.common.model.build import build_model
 from fedaug.runtime.certs import write_certificates
 from fedaug.runtime.export import write_merchant_files
 from fedaug.server.aggregator import AggregatorConfig
@@ -57,7 +59,7 @@ def test_certificates_never_overwrite_and_reject_bad_hosts(tmp_path):
 
 @pytest.fixture
 def merchant_files(tmp_path):
-    data = generate(SyntheticSpec(users=200, items=150, merchants=3))
+    data = generate(SyntheticSection(users=200, items=150, merchants=3, titles=False))
     write_merchant_files(data, tmp_path)
     return data, tmp_path
 
@@ -80,9 +82,9 @@ def test_the_aggregator_model_from_the_catalog_alone_matches_every_merchants(mer
     _, root = merchant_files
     section = ModelSection(tie_embeddings=False, catalog="auto", item_dim=8)
     catalog = load_catalog(root / "catalog.tsv")
-    server = section.model(catalog_only(catalog)).state_dict()
+    server = build_model(section, catalog_only(catalog)).state_dict()
     merchant = load_config(None, {"data.path": str(root / "merchant-2.csv"), "data.catalog": str(root / "catalog.tsv")})
-    local = section.model(merchant.load_data()).state_dict()
+    local = build_model(section, load_data(merchant.data)).state_dict()
     assert {k: v.shape for k, v in server.items()} == {k: v.shape for k, v in local.items()}
 
 
@@ -97,8 +99,8 @@ def test_catalog_errors_name_the_file_and_the_item(tmp_path, merchant_files):
         assert str(tmp_path / name) in str(error.value)
     (tmp_path / "m.csv").write_text("user_id,item_id,timestamp\n1,5,10\n1,987654,11\n")
     with pytest.raises(DataError, match=r"m\.csv, column item_id: item 987654 is not in the catalog"):
-        load_config(None, {"data.path": str(tmp_path / "m.csv"), "data.catalog": str(root / "catalog.tsv")}
-                    ).load_data()
+        load_data(load_config(None, {"data.path": str(tmp_path / "m.csv"),
+                                     "data.catalog": str(root / "catalog.tsv")}).data)
 
 
 def test_node_config_survives_flowers_parser_with_spaces_in_paths(tmp_path):

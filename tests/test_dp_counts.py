@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedaug.common.config import SyntheticSection
 from fedaug.common.data.split import leave_one_out
-from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.data.synthetic import generate
 from fedaug.common.model.evaluate import evaluate
 from fedaug.common.priors.dp_counts import Counts, PriorWithCounts, bounded_counts, noised, text_neighbours
 from fedaug.common.priors.fusion import Fused, fit_fusion, standardise
@@ -113,7 +114,7 @@ def test_the_one_pass_fit_scores_each_candidate_as_the_scorer_itself_does():
     candidate scorer's own evaluation, and the chosen scorer is the best-validating candidate."""
     from fedaug.common.priors.dp_counts import fit_prior_with_counts
 
-    split = leave_one_out(generate(SyntheticSpec(users=400, items=80)))
+    split = leave_one_out(generate(SyntheticSection(users=400, items=80, titles=False)))
     n = split.n_items
     prior = TextPrior(unit_vectors(n, seed=3), decay=0.5)
     neighbours = text_neighbours(prior.vectors.numpy(), 6)
@@ -140,7 +141,7 @@ def test_statistics_that_only_add_noise_are_rarely_kept():
     unnoticed; the fix (a permutation / sign-flip test over the users) is open."""
     from fedaug.common.priors.dp_counts import fit_prior_with_counts
 
-    split = leave_one_out(generate(SyntheticSpec(users=400, items=80)))
+    split = leave_one_out(generate(SyntheticSection(users=400, items=80, titles=False)))
     prior = TextPrior(unit_vectors(split.n_items, seed=3), decay=0.5)
     neighbours = text_neighbours(prior.vectors.numpy(), 6)
     kept = 0
@@ -167,7 +168,7 @@ def test_fusion_standardises_and_weighs_the_prior():
 def test_fusion_offers_the_exact_prior_and_takes_what_validates_best():
     """The prior alone (weight inf) is a candidate scored exactly as the prior itself; validation takes the best
     candidate, and between equally good ones (or ones apart by chance) the one leaning most on the prior."""
-    split = leave_one_out(generate(SyntheticSpec(users=300, items=60)))
+    split = leave_one_out(generate(SyntheticSection(users=300, items=60, titles=False)))
     noise = lambda h: torch.randn(len(h), split.n_items + 1,  # noqa: E731
                                   generator=torch.Generator().manual_seed(len(h)))
     prior = Popularity(split.train)
@@ -187,7 +188,7 @@ def test_fusion_offers_the_exact_prior_and_takes_what_validates_best():
 def test_a_model_is_mixed_into_the_prior_only_where_it_helps_beyond_chance():
     """A model that helps one validation user (and so wins the mean by a hair) is not mixed in: its gain over the
     prior alone is within chance."""
-    split = leave_one_out(generate(SyntheticSpec(users=300, items=60)))
+    split = leave_one_out(generate(SyntheticSection(users=300, items=60, titles=False)))
     prior = Popularity(split.train)
     _, targets = split.eval_inputs("valid")
     lucky = int(np.flatnonzero(targets != targets[0])[0])  # one user whose target is not the first user's
@@ -209,11 +210,11 @@ def test_a_merchant_releases_fit_and_serve_counts_once_within_its_share(tmp_path
     included), noised together at the share of the budget, ledgered before release and resent, not re-released."""
     from fedaug.client.merchant import build_merchant
     from fedaug.client.releases import release_statistics
-    from fedaug.common.config import FederationConfig
-    from fedaug.common.data.synthetic import SyntheticSpec, generate
+    from fedaug.common.config import FederationConfig, SyntheticSection
+    from fedaug.common.data.synthetic import generate
     from fedaug.common.priors.dp_counts import RELEASES
 
-    data = generate(SyntheticSpec(users=200, items=80))
+    data = generate(SyntheticSection(users=200, items=80, titles=False))
     config = FederationConfig.model_validate({"privacy": {"epsilon": 8.0}, "local": {"batch_size": 32}})
     merchant = build_merchant(config, data, tmp_path)
     neighbours = text_neighbours(np.random.default_rng(0).normal(size=(81, 4)).astype(np.float32), 5)

@@ -13,15 +13,18 @@ import pytest
 import torch
 
 from fedaug.common.config import SyntheticSection
+from fedaug.common.data.source import load_data
 from fedaug.common.data.split import leave_one_out
 from fedaug.common.data.synthetic import generate
 from fedaug.common.model.evaluate import evaluate, evaluate_per_user, sasrec_scorer
 from fedaug.common.model.metrics import paired_gain
-from fedaug.common.model.sasrec import SASRec, SASRecConfig
+from fedaug.common.model.sasrec import SASRec
 from fedaug.common.priors.fusion import Fused
 from fedaug.common.priors.popularity import Popularity
+from fedaug.common.priors.text import catalog_vectors
 from fedaug.common.priors.text_prior import TextPrior
 from fedaug.common.recommend.bundle import bundle_files, bundle_hash, write_bundle, write_bundle_files
+from tests.support import model_config
 from tests.support import run_fedaug as fedaug
 
 SPEC = SyntheticSection(users=120, items=60, titles=False)
@@ -29,7 +32,7 @@ SPEC = SyntheticSection(users=120, items=60, titles=False)
 
 @pytest.fixture(scope="module")
 def data():
-    return generate(SPEC.spec())
+    return generate(SPEC)
 
 
 def _prior(n_items: int) -> TextPrior:
@@ -41,7 +44,7 @@ def _prior(n_items: int) -> TextPrior:
 
 def _fused(n_items: int) -> Fused:
     torch.manual_seed(0)
-    model = SASRec(SASRecConfig(n_items=n_items, hidden=16, max_len=10, item_dim=8))
+    model = SASRec(model_config(n_items, hidden=16, max_len=10, item_dim=8))
     return Fused(sasrec_scorer(model, "cpu"), _prior(n_items), 1.0)
 
 
@@ -175,7 +178,7 @@ def test_the_merchant_daemon_checks_the_model_in_its_state_dir_on_its_own_data(t
     from fedaug.client.model_check import MODEL_CHECK
     from fedaug.runtime.export import write_merchant_files
 
-    write_merchant_files(generate(SyntheticSection(users=150, items=60, merchants=2).spec()), tmp_path / "site")
+    write_merchant_files(generate(SyntheticSection(users=150, items=60, merchants=2)), tmp_path / "site")
     for name in ("ca.crt", "merchant-1.key"):
         (tmp_path / name).write_text("not checked here")
     config = MerchantDaemonConfig.model_validate({
@@ -183,7 +186,7 @@ def test_the_merchant_daemon_checks_the_model_in_its_state_dir_on_its_own_data(t
                      "private_key": str(tmp_path / "merchant-1.key")},
         "data": {"path": str(tmp_path / "site" / "merchant-1.csv"), "catalog": str(tmp_path / "site" / "catalog.tsv")},
         "device": "cpu"})
-    own = config.data.load()
+    own = load_data(config.data)
     prior = _prior(own.n_items)
     write_bundle(tmp_path / "state" / "model", prior, own.catalog)  # where client_app.store_model puts it
     said: list[str] = []
@@ -204,7 +207,7 @@ def test_a_model_without_a_prior_is_compared_with_one_encoded_from_the_datas_tex
 
     shop = load(write_amazon_set(tmp_path))
     torch.manual_seed(0)
-    scorer = sasrec_scorer(SASRec(SASRecConfig(n_items=shop.n_items, hidden=16, max_len=10, item_dim=8)), "cpu")
+    scorer = sasrec_scorer(SASRec(model_config(shop.n_items, hidden=16, max_len=10, item_dim=8)), "cpu")
     model = write_bundle(tmp_path / "model", scorer, shop.catalog)
     encoder = tiny_encoder(tmp_path)
     (tmp_path / "text.toml").write_text(f'[text]\nencoder = "{encoder}"\ncache_dir = "{tmp_path / "cache"}"\n'
@@ -215,7 +218,7 @@ def test_a_model_without_a_prior_is_compared_with_one_encoded_from_the_datas_tex
     out = json.loads(result.stdout)
     split = leave_one_out(shop)
     text = TextSection(encoder=encoder, cache_dir=tmp_path / "cache", decay=0.5)
-    prior, _ = fit_text_prior(text.vectors(shop, "cpu", progress=False), split, decay=0.5, window=text.window)
+    prior, _ = fit_text_prior(catalog_vectors(text, shop, "cpu", progress=False), split, decay=0.5, window=text.window)
     assert out["text_prior_source"] == "data" and out["text_prior"] == evaluate(prior, split, "test")
     assert out["test"] == evaluate(scorer, split, "test")
     assert out["gain_over_text_prior"]["users"] == out["test"]["users"] == 60

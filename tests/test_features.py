@@ -8,6 +8,7 @@ from fedaug.common.data import EVENT_TYPES, ItemCatalog, from_sequences
 from fedaug.common.data.features import GAP_BUCKETS, event_features, input_rows
 from fedaug.common.data.split import leave_one_out
 from fedaug.common.errors import ConfigError
+from fedaug.common.model.sasrec import SASRecConfig
 
 MONDAY_NOON = 1_704_110_400  # 2024-01-01 12:00 UTC, a Monday
 
@@ -69,12 +70,13 @@ def test_purchase_only_targets_and_weights_by_type():
     split = leave_one_out(_data())
     sequences = split.train.sequences() + [np.array([5, 4, 3])]
     features = split.train_features() + [event_features(_data())[5:8]]
-    purchases = ModelSection(target_weights={"view": 0, "click": 0, "favourite": 0, "cart": 0}).sasrec(5)
+    only_purchases = ModelSection(target_weights={"view": 0, "click": 0, "favourite": 0, "cart": 0})
+    purchases = SASRecConfig.from_section(only_purchases, 5)
     samples = UserSamples(sequences, 5, features=features, target_weights=purchases.target_weights)
     # user b's events: view, cart, purchase -> the only target left is the purchased item (3), after the cart (4)
     assert samples.targets[1, 0].tolist() == [0, 3]
     assert samples.targets[0].sum() == 0  # user a trains on view, click, cart: no purchase among its targets
-    weighted = ModelSection(target_weights={"purchase": 4.0, "view": 0.5}).sasrec(5).target_weights
+    weighted = SASRecConfig.from_section(ModelSection(target_weights={"purchase": 4.0, "view": 0.5}), 5).target_weights
     samples = UserSamples(sequences, 5, features=features, target_weights=weighted)
     assert samples.weights[1, 0, :2].tolist() == [1.0, 4.0] and samples.weights[0, 0, :2].tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match="at least one event type must be a target"):

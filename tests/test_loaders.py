@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from fedaug.common.config import DataSection
 from fedaug.common.data import EVENT_TYPES
 from fedaug.common.data.loaders import load, load_catalog
+from fedaug.common.data.source import load_catalog_data, load_data
 from fedaug.common.errors import DataError, DataWarning
 from fedaug.common.recommend.bundle import BundleCatalog
 from fedaug.runtime.export import write_catalog_tsv
@@ -289,23 +290,23 @@ def test_catalog_and_data_texts_together_keep_the_texts_in_every_command(tmp_pat
     titles = write(tmp_path, "titles.tsv", "item_id\tasin\ttitle\n10\tX\tLipstick\n20\tY\tPolish\n30\tZ\tCream\n")
     expected = ["", "Lipstick | Lips", "Polish | Makeup | Nails", "Cream | Makeup"]
     section = DataSection(path=shop, catalog=catalog, texts=titles)
-    data = section.load()
+    data = load_data(section)
     assert data.catalog.raw_ids.tolist() == [0, 10, 20, 30] and data.catalog.texts == expected
     assert data.catalog.raw_ids[data.sequence(0)].tolist() == [10, 20]
-    assert DataSection(catalog=catalog, texts=titles).load_catalog().catalog.texts == expected  # the aggregator
+    assert load_catalog_data(DataSection(catalog=catalog, texts=titles)).catalog.texts == expected  # the aggregator
     assert BundleCatalog.of(data.catalog).titles == expected[1:]
     # a catalog with titles of its own: they win, and [data] texts is not needed
     own = write(tmp_path, "own.tsv", "item_id\ttitle\tattributes\n10\tRed lipstick\tLips\n20\tPolish\t\n30\tCream\t\n")
-    assert DataSection(path=shop, catalog=own, texts=titles).load().catalog.texts[1:] == ["Red lipstick | Lips",
-                                                                                          "Polish", "Cream"]
-    assert DataSection(catalog=own).load_catalog().catalog.texts[1:] == ["Red lipstick | Lips", "Polish", "Cream"]
+    assert load_data(DataSection(path=shop, catalog=own, texts=titles)).catalog.texts[1:] == ["Red lipstick | Lips",
+                                                                                               "Polish", "Cream"]
+    assert load_catalog_data(DataSection(catalog=own)).catalog.texts[1:] == ["Red lipstick | Lips", "Polish", "Cream"]
 
 
 def test_texts_found_next_to_the_data_survive_alignment_to_a_catalog_without_texts(tmp_path):
     seq = write(tmp_path, "Toy.txt", "1 10 20\n2 20\n")
     write(tmp_path, "Toy_item_titles.tsv", "item_id\tasin\ttitle\n10\tX\tLipstick\n20\tY\tPolish\n")
     catalog = write(tmp_path, "catalog.tsv", "item_id\tattributes\n10\tLips\n20\tNails\n30\tFace\n")
-    data = DataSection(path=seq, catalog=catalog).load()
+    data = load_data(DataSection(path=seq, catalog=catalog))
     assert data.catalog.texts == ["", "Lipstick", "Polish", ""]  # 30: not in this data, no title known here
 
 

@@ -1,5 +1,7 @@
 """SASRec: padding never leaks into real positions, the two loss paths agree, batches trim to their longest row."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -8,13 +10,14 @@ import torch.nn.functional as F
 from fedaug.common.errors import ConfigError
 from fedaug.common.model.batching import UserSamples, pad_right
 from fedaug.common.model.device import pick_device
-from fedaug.common.model.sasrec import SASRec, SASRecConfig, smoothed_cross_entropy
+from fedaug.common.model.sasrec import SASRec, smoothed_cross_entropy
 from fedaug.common.model.training import train_step
+from tests.support import model_config
 
 
 def _model(**kw):
     torch.manual_seed(0)
-    cfg = SASRecConfig(n_items=30, hidden=16, heads=2, max_len=10, dropout=0.0, label_smoothing=0.0, **kw)
+    cfg = model_config(30, hidden=16, heads=2, max_len=10, dropout=0.0, label_smoothing=0.0, **kw)
     return SASRec(cfg).eval()
 
 
@@ -42,7 +45,7 @@ def test_per_user_loss_and_flattened_loss_agree():
 
 def test_sampled_negative_loss_trains():
     torch.manual_seed(0)
-    model = SASRec(SASRecConfig(n_items=30, hidden=16, heads=2, max_len=10, dropout=0.0, loss="sampled",
+    model = SASRec(model_config(30, hidden=16, heads=2, max_len=10, dropout=0.0, loss="sampled",
                                 negatives=8))
     items = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
     targets = torch.tensor([[2, 3, 4, 5], [6, 7, 8, 0]])
@@ -123,7 +126,7 @@ def test_a_bucketed_step_takes_the_gradient_of_one_padded_batch():
 def _catalog_model(item_dim=4):
     torch.manual_seed(0)
     attributes = torch.tensor([[0, 0]] + [[1 + i % 5, 0 if i % 3 else 6] for i in range(30)])
-    cfg = SASRecConfig(n_items=30, hidden=16, heads=2, max_len=10, dropout=0.0, item_dim=item_dim, n_attributes=6)
+    cfg = model_config(30, hidden=16, heads=2, max_len=10, dropout=0.0, item_dim=item_dim, n_attributes=6)
     return SASRec(cfg, attributes)
 
 
@@ -173,10 +176,10 @@ def test_attribute_noise_is_the_seeds_formula():
 
 
 def test_bad_catalog_tables_are_refused():
-    cfg = SASRecConfig(n_items=3, hidden=8, heads=2, n_attributes=2)
+    cfg = model_config(3, hidden=8, heads=2, n_attributes=2)
     with pytest.raises(ValueError, match="item_attributes"):
         SASRec(cfg, torch.tensor([[0], [1], [2]]))  # 3 rows for 4 ids
     with pytest.raises(ValueError, match="0..2"):
         SASRec(cfg, torch.tensor([[0], [1], [2], [7]]))
     with pytest.raises(ValueError, match="catalog"):
-        SASRec(SASRecConfig(n_items=3, hidden=8, heads=2, item_dim=0))
+        SASRec(dataclasses.replace(model_config(3, hidden=8, heads=2), item_dim=0))  # ModelSection refuses it too

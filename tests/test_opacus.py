@@ -9,7 +9,8 @@ import torch
 from opacus import PrivacyEngine
 from torch.func import functional_call, grad, vmap
 
-from fedaug.common.model.sasrec import PerUserCrossEntropy, SASRec, SASRecConfig
+from fedaug.common.model.sasrec import PerUserCrossEntropy, SASRec
+from tests.support import model_config
 
 N_ITEMS = 40
 
@@ -54,7 +55,7 @@ def _private(model, mode, max_grad_norm):
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_opacus_per_sample_norms_match_torch_func(mode):
     torch.manual_seed(0)
-    model = SASRec(SASRecConfig(n_items=N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0))
+    model = SASRec(model_config(N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0))
     items, targets = _batch()
     expected = _reference_norms(model, items, targets)
 
@@ -73,7 +74,7 @@ def test_opacus_per_sample_norms_match_torch_func(mode):
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_opacus_clips_each_user_to_max_grad_norm(mode):
     torch.manual_seed(1)
-    model = SASRec(SASRecConfig(n_items=N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0))
+    model = SASRec(model_config(N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0))
     items, targets = _batch(seed=3)
     per_user = _reference_grads(model, items, targets)
     norms = per_user.norm(dim=1)

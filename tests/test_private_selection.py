@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.config import SyntheticSection
+from fedaug.common.data.source import load_data
+from fedaug.common.data.synthetic import generate
 from fedaug.common.priors.dp_counts import Counts, ReleaseRule, bounded_counts, noised, release_cut, text_neighbours
 from fedaug.common.priors.text_prior import TextPrior
 from tests.support import WORDS, tiny_encoder
@@ -35,7 +37,7 @@ def test_pure_noise_is_cut_away_and_strong_counts_are_kept():
 
 
 def test_the_rule_drops_a_term_whose_cells_are_all_noise():
-    split_data = generate(SyntheticSpec(users=300, items=80))
+    split_data = generate(SyntheticSection(users=300, items=80, titles=False))
     vectors = np.random.default_rng(1).normal(size=(81, 8))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     neighbours = text_neighbours(vectors, 6)
@@ -51,7 +53,7 @@ def test_the_rule_drops_a_term_whose_cells_are_all_noise():
 def write_titled_set(directory: Path, users: int = 240, items: int = 60) -> Path:
     """The synthetic generator's users as an Amazon-style set whose titles name each item's category (the text
     neighbours then follow the categories, as real titles do)."""
-    data = generate(SyntheticSpec(users=users, items=items, categories=4, merchants=3))
+    data = generate(SyntheticSection(users=users, items=items, categories=4, merchants=3, titles=False))
     lines = [" ".join(map(str, [u + 1, *data.items[data.offsets[u]:data.offsets[u + 1]].tolist()]))
              for u in range(data.n_users)]
     (directory / "Shop.txt").write_text("\n".join(lines) + "\n")
@@ -146,13 +148,14 @@ def test_a_private_federation_hands_out_the_composite_chosen_without_held_out_da
     bundle = load_bundle(out / "model")
     assert bundle.card.scorer["kind"] == "fused" and bundle.card.scorer["prior"]["kind"] == "text+statistics"
     assert set(bundle.card.parts) >= {"text prior", "statistics", "model", "selection"}
-    assert bundle.card.privacy["epsilon"] <= 8.0 and bundle.card.items == config.load_data().n_items
+    data = load_data(config.data, config.synthetic)
+    assert bundle.card.privacy["epsilon"] <= 8.0 and bundle.card.items == data.n_items
     assert isinstance(bundle.scorer, Fused)
-    test = evaluate(bundle.scorer, leave_one_out(config.load_data()), "test")
+    test = evaluate(bundle.scorer, leave_one_out(data), "test")
     assert metrics.test["ndcg@10"] == pytest.approx(test["ndcg@10"], abs=1e-12)
     from fedaug.common.recommend.check import check_model  # what `fedaug evaluate` reports for the bundle the run wrote
 
-    checked = check_model(bundle, config.load_data())
+    checked = check_model(bundle, data)
     assert checked.test["ndcg@10"] == pytest.approx(metrics.test["ndcg@10"], abs=1e-12)
     assert checked.test["hr@10"] == pytest.approx(metrics.test["hr@10"], abs=1e-12)
     assert checked.text_prior["ndcg@10"] == pytest.approx(metrics.baselines["text prior"]["ndcg@10"], abs=1e-12)
@@ -234,7 +237,7 @@ def test_a_merchant_reserves_its_selection_before_its_statistics_and_releases_it
     from fedaug.common.config import FederationConfig
     from fedaug.common.priors.fusion_weights import WEIGHTS, coordinates
 
-    data = generate(SyntheticSpec(users=200, items=60))
+    data = generate(SyntheticSection(users=200, items=60, titles=False))
     merchant = build_merchant(FederationConfig(), data, tmp_path)
     vectors = np.random.default_rng(1).normal(size=(data.n_items + 1, 8))
     neighbours = text_neighbours(vectors / np.linalg.norm(vectors, axis=1, keepdims=True), 5)
@@ -257,7 +260,7 @@ def test_an_aggregator_that_needs_item_texts_and_has_none_stops_before_the_run()
     from fedaug.common.errors import ConfigError
     from fedaug.server.server_app import public_prior
 
-    data = generate(SyntheticSpec(users=60, items=60, categories=3))  # no titles
+    data = generate(SyntheticSection(users=60, items=60, categories=3, titles=False))  # no titles
     assert public_prior(FederationConfig(), data) is None  # statistics "auto": none needed, the model alone
     with pytest.raises(ConfigError, match="no item texts"):
         public_prior(FederationConfig(federation={"statistics": True}), data)

@@ -19,13 +19,13 @@ from fedaug.common.data.events import EventSchema
 from fedaug.common.data.loaders import load
 from fedaug.common.errors import ConfigError
 from fedaug.common.model.evaluate import sasrec_scorer
-from fedaug.common.model.sasrec import SASRec, SASRecConfig
+from fedaug.common.model.sasrec import SASRec
 from fedaug.common.priors.popularity import Popularity
 from fedaug.common.priors.text_prior import TextPrior
 from fedaug.common.recommend.bundle import bundle_hash, write_bundle
 from fedaug.common.recommend.recommender import Activity, Recommender, UnknownItems
 from fedaug.serving.http import create_app
-from tests.support import fedaug, finish, write_amazon_set
+from tests.support import fedaug, finish, model_config, write_amazon_set
 
 
 def _text_vectors(data) -> np.ndarray:
@@ -43,7 +43,7 @@ def shop(tmp_path_factory):
     data = load(write_amazon_set(directory))
     prior = write_bundle(directory / "text", TextPrior(_text_vectors(data), decay=0.0), data.catalog)
     torch.manual_seed(0)
-    sasrec = write_bundle(directory / "sasrec", sasrec_scorer(SASRec(SASRecConfig(data.n_items, hidden=8,
+    sasrec = write_bundle(directory / "sasrec", sasrec_scorer(SASRec(model_config(data.n_items, hidden=8,
                                                                                   max_len=5)), "cpu"), data.catalog)
     return directory, data, prior, sasrec
 
@@ -148,7 +148,7 @@ def contextual(shop):
     """A bundle whose model reads behaviour and time context, its side layers large enough to matter."""
     directory, data, _, _ = shop
     torch.manual_seed(1)
-    model = SASRec(SASRecConfig(data.n_items, hidden=8, max_len=5, behaviour=True, time_context=True))
+    model = SASRec(model_config(data.n_items, hidden=8, max_len=5, behaviour=True, time_context=True))
     for table in (model.behaviour_emb, model.context_emb):
         torch.nn.init.normal_(table.weight, std=2.0)
     return write_bundle(directory / "contextual", sasrec_scorer(model.eval(), "cpu"), data.catalog), data, model

@@ -16,6 +16,7 @@ import tomllib
 from flwr.common.config import flatten_dict
 
 from fedaug.common.config import FederationConfig, from_run_config
+from fedaug.common.data.source import load_data
 from fedaug.common.model.metrics import METRIC_NAMES
 from fedaug.common.recommend.bundle import bundle_hash
 from fedaug.common.recommend.recommender import Recommender
@@ -126,7 +127,7 @@ def test_simulate_with_no_arguments_end_to_end(tmp_path):
     assert [r["item"] for r in served["items"]] == [r.item for r in api]
     from fedaug.simulations.serving_eval import reproduce_test
 
-    reproduced = reproduce_test(Recommender.load(out / "model", device="cpu"), SimulationConfig().load_data())
+    reproduced = reproduce_test(Recommender.load(out / "model", device="cpu"), load_data(SimulationConfig().data))
     assert reproduced["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-12)
     assert reproduced["hr@10"] == pytest.approx(metrics["test"]["hr@10"], abs=1e-12)
     table = _finish(_fedaug("recommend", "--model", str(out / "model"), "--history", " ".join(history), "--explain"),
@@ -286,16 +287,17 @@ def test_reports_and_plots_say_what_the_run_was():
     ε = inf, and identical ε curves are one line."""
     import numpy as np
 
-    from fedaug.common.config import ModelSection
+    from fedaug.common.config import ModelSection, SyntheticSection
     from fedaug.common.data import ItemCatalog, from_sequences
-    from fedaug.common.data.synthetic import SyntheticSpec, generate
+    from fedaug.common.data.synthetic import generate
+    from fedaug.common.model.build import describe
     from fedaug.common.records import MerchantRecord
     from fedaug.simulations.plots import epsilon_lines
 
     plain = from_sequences([np.array([1, 2, 3])], ItemCatalog(raw_ids=np.arange(4)))
     section = ModelSection(catalog="auto", item_dim=8, tie_embeddings=False)
-    assert "catalog" not in section.describe(plain) and "item tables 8 wide" in section.describe(plain)
-    assert "catalog attributes (" in section.describe(generate(SyntheticSpec(users=60, items=50, seed=2)))
+    assert "catalog" not in describe(section, plain) and "item tables 8 wide" in describe(section, plain)
+    assert "catalog attributes (" in describe(section, generate(SyntheticSection(users=60, items=50, seed=2)))
     same = [MerchantRecord(merchant=i, epsilon_by_round={"1": 4.0, "2": 7.9}) for i in range(10)]
     other = MerchantRecord(merchant=10, epsilon_by_round={"1": 8.0})
     assert [label for label, _ in epsilon_lines(same)] == ["all 10 merchants"]

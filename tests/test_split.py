@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from fedaug.common.config import SyntheticSection
 from fedaug.common.data import ItemCatalog, from_sequences
 from fedaug.common.data.split import (
     Merchants,
@@ -12,7 +13,7 @@ from fedaug.common.data.split import (
     leave_one_out,
     merchant_partitions,
 )
-from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.data.synthetic import generate
 from fedaug.common.errors import ConfigError
 
 
@@ -35,7 +36,7 @@ def test_leave_one_out_holds_out_last_two_items():
 
 
 def test_held_out_events_never_reach_training_data():
-    data = generate(SyntheticSpec(users=300, items=200, seed=3))
+    data = generate(SyntheticSection(users=300, items=200, seed=3, titles=False))
     split = leave_one_out(data)
     for user in split.eval_users("test"):
         full = data.sequence(user)
@@ -51,8 +52,8 @@ def test_k_core_filters_until_stable():
 
 def test_uniform_partition_is_seeded_and_balanced():
     data = _toy()
-    a = assign_merchants(generate(SyntheticSpec(users=100, items=100)), 4, "uniform", seed=1)
-    b = assign_merchants(generate(SyntheticSpec(users=100, items=100)), 4, "uniform", seed=1)
+    a = assign_merchants(generate(SyntheticSection(users=100, items=100, titles=False)), 4, "uniform", seed=1)
+    b = assign_merchants(generate(SyntheticSection(users=100, items=100, titles=False)), 4, "uniform", seed=1)
     assert np.array_equal(a.merchant, b.merchant)
     assert sorted(np.bincount(a.merchant)) == [25, 25, 25, 25]
     with pytest.raises(ConfigError, match="merchants must be between 1"):
@@ -60,7 +61,7 @@ def test_uniform_partition_is_seeded_and_balanced():
 
 
 def test_category_partition_is_non_iid_and_covers_every_merchant():
-    data = generate(SyntheticSpec(users=600, items=300, seed=2))
+    data = generate(SyntheticSection(users=600, items=300, seed=2, titles=False))
     parts = assign_merchants(data, 5, "category", seed=0, alpha=0.1)
     assert set(np.unique(parts.merchant)) == set(range(5))
     # merchants' mixes of users' dominant categories stray far from the overall mix; a uniform split's do not
@@ -78,7 +79,7 @@ def _mix_gap(data) -> float:
 
 
 def test_merchant_partitions_are_self_contained():
-    data = assign_merchants(generate(SyntheticSpec(users=200, items=100)), 3, "uniform")
+    data = assign_merchants(generate(SyntheticSection(users=200, items=100, titles=False)), 3, "uniform")
     parts = merchant_partitions(data)
     assert sum(p.n_users for p in parts) == data.n_users
     assert sum(p.n_interactions for p in parts) == data.n_interactions
@@ -87,7 +88,7 @@ def test_merchant_partitions_are_self_contained():
 
 
 def test_one_merchant_is_cut_out_on_demand_as_the_partitions_cut_it():
-    data = assign_merchants(generate(SyntheticSpec(users=300, items=100)), 7, "uniform", seed=4)
+    data = assign_merchants(generate(SyntheticSection(users=300, items=100, titles=False)), 7, "uniform", seed=4)
     merchants = Merchants(data)
     assert len(merchants) == 7
     for m, part in enumerate(merchant_partitions(data)):
@@ -101,5 +102,5 @@ def test_one_merchant_is_cut_out_on_demand_as_the_partitions_cut_it():
 def test_column_partition_needs_merchant_ids():
     with pytest.raises(ConfigError, match="needs a merchant_id column"):
         assign_merchants(_toy(), 2, "column")
-    data = generate(SyntheticSpec(users=50, items=60, merchants=3))
+    data = generate(SyntheticSection(users=50, items=60, merchants=3, titles=False))
     assert assign_merchants(data, 0, "column") is data

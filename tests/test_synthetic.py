@@ -3,16 +3,15 @@
 import numpy as np
 import pytest
 
-from fedaug.common.config import BaselineConfig, load_config
+from fedaug.common.config import BaselineConfig, SyntheticSection, load_config
 from fedaug.common.data import EVENT_TYPES
 from fedaug.common.data.split import dominant_category
-from fedaug.common.data.synthetic import SyntheticSpec, generate
+from fedaug.common.data.synthetic import generate
 from fedaug.simulations.baseline import run_baseline
 
 
 def test_same_seed_same_data_other_seed_other_data():
-    a, b, c = generate(SyntheticSpec(users=200, seed=5)), generate(SyntheticSpec(users=200, seed=5)), \
-        generate(SyntheticSpec(users=200, seed=6))
+    a, b, c = (generate(SyntheticSection(users=200, seed=seed)) for seed in (5, 5, 6))
     assert np.array_equal(a.items, b.items) and np.array_equal(a.timestamps, b.timestamps)
     assert np.array_equal(a.context["device"], b.context["device"])
     assert not np.array_equal(a.items[:100], c.items[:100])

@@ -8,13 +8,15 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from fedaug.client.ledger import BudgetExceeded, PrivacyLedger
-from fedaug.client.trainer import LocalSettings, LocalTrainer, PrivacySettings, PrivateStep
+from fedaug.client.trainer import LocalTrainer, PrivateStep
+from fedaug.common.config import AugmentSection, LocalSection, PrivacySection, SyntheticSection
 from fedaug.common.data.features import CODE_SIZES
 from fedaug.common.data.split import leave_one_out
-from fedaug.common.data.synthetic import SyntheticSpec, generate
-from fedaug.common.model.augment import Augmenter, AugmentSettings, random_chains
+from fedaug.common.data.synthetic import generate
+from fedaug.common.model.augment import Augmenter, random_chains
 from fedaug.common.model.batching import Contrastive, UserSamples, length_buckets
-from fedaug.common.model.sasrec import PerUserCrossEntropy, SASRec, SASRecConfig
+from fedaug.common.model.sasrec import PerUserCrossEntropy, SASRec
+from tests.support import model_config
 
 N_ITEMS = 30
 
@@ -22,18 +24,18 @@ N_ITEMS = 30
 def _model(seed=0, catalog=False):
     torch.manual_seed(seed)
     if not catalog:
-        return SASRec(SASRecConfig(n_items=N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0))
+        return SASRec(model_config(N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0))
     # 7 public attributes, up to 3 per item; narrow per-item tables beside them
     attributes = torch.tensor([[0, 0, 0]] + [[1 + i % 7, 1 + (i * 3) % 7, 0 if i % 2 else 1 + (i * 5) % 7]
                                              for i in range(N_ITEMS)])
-    return SASRec(SASRecConfig(n_items=N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0, item_dim=4,
+    return SASRec(model_config(N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0, item_dim=4,
                                n_attributes=7), attributes)
 
 
 def _user_views(users=6, seed=0):
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(1, N_ITEMS + 1, rng.integers(2, 9)) for _ in range(users)]
-    aug = Augmenter(AugmentSettings(views=1), seqs, N_ITEMS, max_len=8)
+    aug = Augmenter(AugmentSection(views=1), seqs, N_ITEMS, max_len=8)
     return UserSamples(seqs, 8, lambda seq: aug.views(seq, rng), aug.settings.views)
 
 
@@ -134,15 +136,15 @@ def test_every_clipped_user_gradient_is_within_max_grad_norm(mode):
 
 
 def _trainer(tmp_path, epsilon=4.0, rounds=3, mode="ghost", augment=True):
-    data = generate(SyntheticSpec(users=120, items=80, seed=1))
+    data = generate(SyntheticSection(users=120, items=80, seed=1, titles=False))
     split = leave_one_out(data)
     ledger = PrivacyLedger(tmp_path / "state")
     trainer = LocalTrainer(split.train.sequences(), data.n_items,
-                           PrivacySettings(epsilon=epsilon, max_grad_norm=1.0, grad_sample_mode=mode,
-                                           planned_rounds=rounds),
-                           LocalSettings(local_epochs=1, batch_size=32, lr=1e-2),
-                           AugmentSettings(views=1) if augment else None, ledger, torch.device("cpu"))
-    model = SASRec(SASRecConfig(n_items=data.n_items, hidden=16, heads=2, max_len=20, dropout=0.1))
+                           PrivacySection(epsilon=epsilon, max_grad_norm=1.0, grad_sample_mode=mode),
+                           LocalSection(local_epochs=1, batch_size=32, lr=1e-2),
+                           AugmentSection(views=1) if augment else None, ledger, torch.device("cpu"), rounds=rounds,
+                           seed=0)
+    model = SASRec(model_config(data.n_items, hidden=16, heads=2, max_len=20, dropout=0.1))
     return trainer, model, ledger
 
 
@@ -186,11 +188,11 @@ def test_no_update_without_its_ledger_entry(tmp_path, monkeypatch):
 
 
 def test_non_private_round_needs_no_ledger(tmp_path):
-    data = generate(SyntheticSpec(users=60, items=50, seed=2))
+    data = generate(SyntheticSection(users=60, items=50, seed=2, titles=False))
     split = leave_one_out(data)
-    trainer = LocalTrainer(split.train.sequences(), data.n_items, PrivacySettings(epsilon=math.inf),
-                           LocalSettings(batch_size=16), None, None, torch.device("cpu"))
-    model = SASRec(SASRecConfig(n_items=data.n_items, hidden=16, heads=2, max_len=20))
+    trainer = LocalTrainer(split.train.sequences(), data.n_items, PrivacySection(epsilon=math.inf),
+                           LocalSection(batch_size=16), None, None, torch.device("cpu"), rounds=1, seed=0)
+    model = SASRec(model_config(data.n_items, hidden=16, heads=2, max_len=20))
     result = trainer.train_round(model, "run", 1)
     assert math.isinf(result.epsilon) and result.noise_multiplier == 0 and result.augment_views == 0
 
@@ -212,7 +214,7 @@ def test_fedprox_keeps_the_round_close_to_where_it_started(tmp_path, epsilon):
 def _contrastive_samples(users=7, seed=6, use_as="contrastive"):
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(1, N_ITEMS + 1, rng.integers(2, 9)) for _ in range(users)]
-    aug = Augmenter(AugmentSettings(views=2), seqs, N_ITEMS, max_len=8)
+    aug = Augmenter(AugmentSection(views=2), seqs, N_ITEMS, max_len=8)
     return UserSamples(seqs, 8, lambda s: aug.views(s, rng) + random_chains(N_ITEMS, len(s), 3, rng), 5,
                        target_views=3 if use_as == "both" else 1, contrastive=Contrastive(2, 0.5, 0.5))
 
@@ -271,14 +273,32 @@ def test_only_next_item_views_carry_targets(use_as, target_views):
 @pytest.mark.parametrize("use_as", ["contrastive", "both"])
 @pytest.mark.parametrize("epsilon", [4.0, math.inf])
 def test_rounds_train_with_a_contrastive_objective(tmp_path, use_as, epsilon):
-    data = generate(SyntheticSpec(users=80, items=60, seed=3))
+    """The InfoNCE term is in what a round trains and reports: the same round with the term's weight at 0 reports
+    a loss lower by about the InfoNCE of one positive among the negatives, and (without DP noise, which is drawn
+    afresh every round) ends at other weights, where a rerun with the term ends at the same ones."""
+    data = generate(SyntheticSection(users=80, items=60, seed=3, titles=False))
     split = leave_one_out(data)
-    trainer = LocalTrainer(split.train.sequences(), data.n_items, PrivacySettings(epsilon=epsilon),
-                           LocalSettings(batch_size=16), AugmentSettings(views=1, use_as=use_as),
-                           PrivacyLedger(tmp_path) if epsilon < math.inf else None, torch.device("cpu"))
-    model = SASRec(SASRecConfig(n_items=data.n_items, hidden=16, heads=2, max_len=20))
-    result = trainer.train_round(model, "run", 1)
-    assert math.isfinite(result.train_loss) and result.augment_views == 1
+
+    def one_round(weight: float, folder: str):
+        augment = AugmentSection(views=1, use_as=use_as, contrastive_weight=weight)
+        trainer = LocalTrainer(split.train.sequences(), data.n_items, PrivacySection(epsilon=epsilon),
+                               LocalSection(batch_size=16), augment,
+                               PrivacyLedger(tmp_path / folder) if epsilon < math.inf else None, torch.device("cpu"),
+                               rounds=1, seed=0)
+        torch.manual_seed(0)
+        model = SASRec(model_config(data.n_items, hidden=16, heads=2, max_len=20))
+        return trainer.train_round(model, "run", 1), model.state_dict(), augment.contrastive_negatives
+
+    with_term, trained, negatives = one_round(1.0, "with")
+    without, trained_without, _ = one_round(0.0, "without")
+    assert math.isfinite(with_term.train_loss) and with_term.augment_views == 1
+    # InfoNCE over 1 positive and `negatives` random chains: log(1 + negatives) for a model that cannot tell them
+    # apart, less where the augmented view already looks like its sequence
+    assert 0.5 < with_term.train_loss - without.train_loss < 2 * math.log(1 + negatives)
+    if epsilon == math.inf:
+        _, again, _ = one_round(1.0, "again")
+        assert all(torch.equal(again[name], trained[name]) for name in trained)
+        assert any(not torch.allclose(trained_without[name], trained[name]) for name in trained)
 
 
 def test_a_private_plan_needs_delta_below_one_users_share_and_warns_at_high_sampling_rates():
@@ -288,9 +308,9 @@ def test_a_private_plan_needs_delta_below_one_users_share_and_warns_at_high_samp
     sequences = [np.arange(1, 6)] * 50  # 50 users who can train
 
     def trainer(delta=None, batch_size=8):
-        return LocalTrainer(sequences, 10, PrivacySettings(epsilon=8.0, delta=delta),
-                            LocalSettings(batch_size=batch_size), None, PrivacyLedger.__new__(PrivacyLedger),
-                            torch.device("cpu"))
+        return LocalTrainer(sequences, 10, PrivacySection(epsilon=8.0, delta=delta),
+                            LocalSection(batch_size=batch_size), None, PrivacyLedger.__new__(PrivacyLedger),
+                            torch.device("cpu"), rounds=1, seed=0)
 
     with pytest.raises(ConfigError, match=r"privacy.delta: 0.5 must be below 1 / users = 0.02"):
         trainer(delta=0.5)
@@ -303,8 +323,8 @@ def test_a_private_plan_needs_delta_below_one_users_share_and_warns_at_high_samp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert trainer(delta=1e-3).delta == 1e-3  # a sound plan: no warning
-        LocalTrainer(sequences, 10, PrivacySettings(epsilon=math.inf, delta=0.5), LocalSettings(batch_size=256),
-                     None, None, torch.device("cpu"))  # non-private: nothing to check
+        LocalTrainer(sequences, 10, PrivacySection(epsilon=math.inf, delta=0.5), LocalSection(batch_size=256),
+                     None, None, torch.device("cpu"), rounds=1, seed=0)  # non-private: nothing to check
 
 
 def test_dp_noise_does_not_follow_the_run_seed(tmp_path):
@@ -341,9 +361,10 @@ SIDE_COLUMNS = ("device",)
 
 def _side_model(seed=0):
     torch.manual_seed(seed)
-    model = SASRec(SASRecConfig(n_items=N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0, behaviour=True,
+    model = SASRec(model_config(N_ITEMS, hidden=16, heads=2, max_len=8, dropout=0.0, behaviour=True,
                                 time_context=True, context_columns=SIDE_COLUMNS,
-                                target_weights=(1.0, 0.25, 0.5, 1.0, 2.0, 3.0)))
+                                target_weights={"view": 0.25, "click": 0.5, "favourite": 1.0, "cart": 2.0,
+                                                "purchase": 3.0}))
     for name in ("behaviour_emb", "context_emb", "context_proj"):  # large enough that clipping sees them
         torch.nn.init.normal_(getattr(model, name).weight, std=0.5)
     return model
@@ -357,7 +378,7 @@ def _side_samples(users=8, seed=7, views=1, ops=("crop", "reorder", "insert")):
     for seq in seqs:
         rows = np.stack([rng.integers(0, size, len(seq)) for size in CODE_SIZES.values()], axis=1)
         features.append(np.concatenate([rows, rng.normal(size=(len(seq), 1))], axis=1).astype(np.float32))
-    aug = Augmenter(AugmentSettings(views=views, ops=ops), seqs, N_ITEMS, max_len=8)
+    aug = Augmenter(AugmentSection(views=views, ops=ops), seqs, N_ITEMS, max_len=8)
     return UserSamples(seqs, 8, lambda s: aug.source_views(s, rng), views, features=features,
                        target_weights=_side_model().cfg.target_weights)
 
@@ -434,7 +455,7 @@ def test_each_vector_noise_changes_training_inputs_and_nothing_at_evaluation(kin
 
 def test_a_trainer_applies_each_sigma_only_while_training(tmp_path, monkeypatch):
     """The trainer sets behaviour_sigma / context_sigma on the model for the round and clears them after."""
-    data = generate(SyntheticSpec(users=60, items=50, seed=4))
+    data = generate(SyntheticSection(users=60, items=50, seed=4, titles=False))
     split = leave_one_out(data)
     seen = []
     original = SASRec._side_vectors
@@ -444,11 +465,10 @@ def test_a_trainer_applies_each_sigma_only_while_training(tmp_path, monkeypatch)
         return original(self, *args)
 
     monkeypatch.setattr(SASRec, "_side_vectors", spy)
-    trainer = LocalTrainer(split.train.sequences(), data.n_items, PrivacySettings(epsilon=math.inf),
-                           LocalSettings(batch_size=16), AugmentSettings(views=1, behaviour_sigma=0.3,
-                                                                         context_sigma=0.2),
-                           None, torch.device("cpu"), features=split.train_features())
-    model = SASRec(SASRecConfig(n_items=data.n_items, hidden=16, heads=2, max_len=20, behaviour=True,
+    trainer = LocalTrainer(split.train.sequences(), data.n_items, PrivacySection(epsilon=math.inf),
+                           LocalSection(batch_size=16), AugmentSection(views=1, behaviour_sigma=0.3, context_sigma=0.2),
+                           None, torch.device("cpu"), rounds=1, seed=0, features=split.train_features())
+    model = SASRec(model_config(data.n_items, hidden=16, heads=2, max_len=20, behaviour=True,
                                 time_context=True))
     trainer.train_round(model, "run", 1)
     assert seen and all(s == (True, 0.3, 0.2) for s in seen)

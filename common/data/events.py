@@ -23,13 +23,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from fedaug.common.config import DROP
 from fedaug.common.data import EVENT_TYPES, BehaviorData, ItemCatalog
 from fedaug.common.data.files import check_file_size, read_text_lines
 from fedaug.common.errors import DataError
 
-DROP = "drop"
-"""An event name mapped to this is left out (e.g. page leaves)."""
-TIMESTAMP_UNITS = ("auto", "s", "ms", "iso")
 MAX_ID_CHARS = 256
 MS_FROM = 1e11
 """Unix times at or above this are milliseconds when the unit is "auto" (1e11 s is the year 5138)."""

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fedaug.common.config import FORMATS
 from fedaug.common.data import BehaviorData, ItemCatalog
 from fedaug.common.data.events import EventSchema, Ingested, load_events_counted, sorted_ids
 from fedaug.common.data.files import check_item_count, read_text_lines
 from fedaug.common.errors import DataError, DataWarning
 
-FORMATS = ("events", "amazon-seq")
 TEXT_COLUMNS = ("title", "text", "brand", "tags")
 """A catalog TSV's columns joined into each item's public text when ``[data] text_columns`` is not set."""
 ATTRIBUTES_COLUMN = "attributes"

@@ -18,40 +18,27 @@ Same parameters and seed give identical data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from fedaug.common.config import SyntheticSection
 from fedaug.common.data import EVENT_TYPES, BehaviorData, ItemCatalog, from_sequences
 from fedaug.common.data.loaders import with_texts
 
 DEVICES = ("mobile-web", "desktop", "app")
 START_TIME = 1_704_067_200  # 2024-01-01 00:00 UTC
 
-
-@dataclass(frozen=True)
-class SyntheticSpec:
-    users: int = 3000
-    items: int = 1500
-    categories: int = 12
-    brands_per_category: int = 8
-    merchants: int = 5
-    mean_length: float = 14.0
-    max_length: int = 60
-    follow_transition: float = 0.65
-    """Probability that the next item is one of the current item's successors."""
-    zipf: float = 1.0
-    merchant_skew: float = 0.4
-    """Dirichlet concentration of merchants' category mixes (smaller = more distinct merchants)."""
-    daily_cycle: float = 3.0
-    """Strength κ of the daily cycle: a category's weight is multiplied by exp(κ·cos(2π(hour − peak) / 24))."""
-    session_gap: int = 6 * 3600
-    """Seconds after which the next event starts a new session (it follows no successor)."""
-    seed: int = 0
-    titles: bool = False
-    """Give every item a public title (a brand, a finish and its category's product word), as a shop's catalog
-    has: what the public text prior and the DP statistics' candidates are built from. The behaviour drawn is the
-    same either way."""
+# The generator's shape, fixed (the settings a user may change are [synthetic]: fedaug.common.config.SyntheticSection).
+BRANDS_PER_CATEGORY = 8
+MAX_LENGTH = 60
+FOLLOW_TRANSITION = 0.65
+"""Probability that the next item is one of the current item's successors."""
+ZIPF = 1.0
+MERCHANT_SKEW = 0.4
+"""Dirichlet concentration of merchants' category mixes (smaller = more distinct merchants)."""
+DAILY_CYCLE = 3.0
+"""Strength κ of the daily cycle: a category's weight is multiplied by exp(κ·cos(2π(hour − peak) / 24))."""
+SESSION_GAP = 6 * 3600
+"""Seconds after which the next event starts a new session (it follows no successor)."""
 
 
 CATEGORY_WORDS = ("lipstick", "shampoo", "perfume", "moisturiser", "mascara", "nail polish", "conditioner",
@@ -62,7 +49,7 @@ BRAND_WORDS = ("Aurora", "Belle", "Cedar", "Dune", "Ember", "Flora", "Gala", "Ha
                "Luna", "Mira", "Nova", "Opal", "Pearl")
 
 
-def item_titles(spec: SyntheticSpec, category: np.ndarray, brand: np.ndarray) -> dict[str, str]:
+def item_titles(spec: SyntheticSection, category: np.ndarray, brand: np.ndarray) -> dict[str, str]:
     """Each item's title by its raw id: its brand's name, a finish and its category's product word (categories
     past the word list get a numbered word), drawn from their own seed so the behaviour is unchanged."""
     rng = np.random.default_rng([spec.seed, 1])
@@ -76,15 +63,16 @@ def item_titles(spec: SyntheticSpec, category: np.ndarray, brand: np.ndarray) ->
     return titles
 
 
-def generate(spec: SyntheticSpec = SyntheticSpec()) -> BehaviorData:
+def generate(spec: SyntheticSection = SyntheticSection()) -> BehaviorData:
+    """The data set ``spec`` ([synthetic]) describes; the same spec gives the same data."""
     rng = np.random.default_rng(spec.seed)
     n_items, n_cat = spec.items, spec.categories
 
     # Catalog: categories, brands and Zipf popularity (ids 1..n_items; 0 is padding).
     category = np.concatenate([[0], rng.integers(0, n_cat, n_items)])
-    brand = np.concatenate([[0], category[1:] * spec.brands_per_category
-                            + rng.integers(0, spec.brands_per_category, n_items)])
-    popularity = np.concatenate([[0.0], 1.0 / rng.permutation(np.arange(1, n_items + 1)) ** spec.zipf])
+    brand = np.concatenate([[0], category[1:] * BRANDS_PER_CATEGORY
+                            + rng.integers(0, BRANDS_PER_CATEGORY, n_items)])
+    popularity = np.concatenate([[0.0], 1.0 / rng.permutation(np.arange(1, n_items + 1)) ** ZIPF])
     by_category = [np.flatnonzero(category[1:] == c) + 1 for c in range(n_cat)]
     cat_probs = [popularity[items] / popularity[items].sum() for items in by_category]
     complement = rng.permutation(n_cat)  # category c leads on to category complement[c]
@@ -98,15 +86,15 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> BehaviorData:
         successors[item, 2] = rng.choice(by_category[d], p=cat_probs[d])
     successor_weights = np.array([0.5, 0.3, 0.2])
     peak_hour = rng.integers(0, 24, n_cat)
-    by_hour = np.exp(spec.daily_cycle * np.cos(2 * np.pi * (np.arange(24)[:, None] - peak_hour[None, :]) / 24))
+    by_hour = np.exp(DAILY_CYCLE * np.cos(2 * np.pi * (np.arange(24)[:, None] - peak_hour[None, :]) / 24))
 
-    merchant_mix = rng.dirichlet(np.full(n_cat, spec.merchant_skew), spec.merchants)
+    merchant_mix = rng.dirichlet(np.full(n_cat, MERCHANT_SKEW), spec.merchants)
     merchant = rng.integers(0, spec.merchants, spec.users)
 
     sequences, stamps, events, hours, weekdays, devices = [], [], [], [], [], []
     for user in range(spec.users):
         prefs = rng.dirichlet(np.full(n_cat, 0.3)) * 0.5 + merchant_mix[merchant[user]] * 0.5
-        length = int(np.clip(5 + rng.geometric(1.0 / max(spec.mean_length - 4, 1.0)), 5, spec.max_length))
+        length = int(np.clip(5 + rng.geometric(1.0 / max(spec.mean_length - 4, 1.0)), 5, MAX_LENGTH))
         device = rng.choice(len(DEVICES), p=[0.5, 0.3, 0.2])
         t = START_TIME + int(rng.integers(0, 90 * 86400))
         seq, seen, ev, ts, dev = [], set(), [], [], []
@@ -114,12 +102,12 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> BehaviorData:
         for _ in range(length):
             gap = int(rng.lognormal(mean=7.0, sigma=2.0))  # seconds to days between events
             t += gap
-            follows = current and gap <= spec.session_gap
+            follows = current and gap <= SESSION_GAP
             moment_prefs = prefs * by_hour[(t // 3600) % 24]
             moment_prefs /= moment_prefs.sum()
             item = 0
             for _attempt in range(10):
-                if follows and rng.random() < spec.follow_transition:
+                if follows and rng.random() < FOLLOW_TRANSITION:
                     pick = {2: 0, 3: 2}.get(last_event) if rng.random() < 0.9 else None  # cart, purchase
                     pick = rng.choice(3, p=successor_weights) if pick is None else pick
                     item = int(successors[current, pick])
@@ -147,7 +135,7 @@ def generate(spec: SyntheticSpec = SyntheticSpec()) -> BehaviorData:
     hours = (stamps // 3600) % 24
     weekdays = (stamps // 86400 + 3) % 7  # 1970-01-01 was a Thursday (3 with Monday = 0)
 
-    n_brands = n_cat * spec.brands_per_category
+    n_brands = n_cat * BRANDS_PER_CATEGORY
     catalog = ItemCatalog(
         raw_ids=np.arange(n_items + 1),
         attributes=[np.zeros(0, np.int64)] + [np.array([category[i] + 1, n_cat + 1 + brand[i]])

@@ -17,6 +17,7 @@ import numpy as np
 from fedaug.common.config import DataSection
 from fedaug.common.data import EVENT_TYPES
 from fedaug.common.data.loaders import id_index, load_catalog, load_counted
+from fedaug.common.data.source import event_schema
 from fedaug.common.data.split import MIN_EVALUABLE, tied_test_targets
 
 LENGTH_BINS = (1, 2, 3, 5, 10, 20, 50, 100)
@@ -74,7 +75,7 @@ def check_data(section: DataSection) -> DataReport:
     """Load ``section``'s file as training would and report on it; DataError where the file is malformed."""
     fmt = section.format or ("amazon-seq" if section.path.suffix == ".txt" else "events")
     data, ingested = load_counted(section.path, section.format, timestamps=section.timestamps,
-                                  attributes=section.attributes, texts=section.texts, schema=section.schema())
+                                  attributes=section.attributes, texts=section.texts, schema=event_schema(section))
     errors, unknown = [], None
     if section.catalog is not None:
         known = id_index(load_catalog(section.catalog, section.text_columns).raw_ids)

@@ -23,58 +23,15 @@ no view is longer than ``max_len``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
+from fedaug.common.config import AugmentSection
+
 MASK = 0
-SEQUENCE_OPS = ("crop", "mask", "reorder", "substitute", "insert")
-USES = ("next-item", "contrastive", "both")
 SHORT_SEQUENCE_OPS = ("insert", "substitute")
 """CoSeRec's observation: on short sequences, crop/mask/reorder destroy most of the signal; informative ops help."""
-
-
-@dataclass(frozen=True)
-class AugmentSettings:
-    enabled: bool = True
-    views: int = 1
-    """Augmented views per user and round, all inside that user's one sample."""
-    use_as: str = "next-item"
-    """What the views train: 'next-item' (extra next-item targets), 'contrastive' (an InfoNCE term against the
-    user's own sequence) or 'both'."""
-    contrastive_weight: float = 0.1
-    contrastive_negatives: int = 4
-    """Negatives per user for InfoNCE: random chains of catalog items (public randomness), never other users."""
-    temperature: float = 0.5
-    ops: tuple[str, ...] = SEQUENCE_OPS
-    crop_eta: float = 0.6
-    mask_gamma: float = 0.3
-    reorder_beta: float = 0.3
-    substitute_rate: float = 0.2
-    insert_rate: float = 0.2
-    short_length: int = 4
-    """Sequences up to this length draw only from insert/substitute."""
-    similar_k: int = 10
-    window: int = 2
-    """Co-occurrence window (positions either side) for item similarity."""
-    attribute_sigma: float = 0.01
-    """σ of the Gaussian noise on item-attribute vectors while training (catalog models; embeddings start at
-    std 0.02)."""
-    behaviour_sigma: float = 0.01
-    """σ of the Gaussian noise on behaviour (event-type) vectors while training."""
-    context_sigma: float = 0.01
-    """σ of the Gaussian noise on context (time, context-column) vectors while training."""
-
-    def __post_init__(self):
-        if self.use_as not in USES:
-            raise ValueError(f"use_as must be one of {', '.join(USES)}")
-        unknown = set(self.ops) - set(SEQUENCE_OPS)
-        if unknown:
-            raise ValueError(f"unknown augmentation op {sorted(unknown)[0]!r} (expected {', '.join(SEQUENCE_OPS)})")
-        for name in ("crop_eta", "mask_gamma", "reorder_beta", "substitute_rate", "insert_rate"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be within [0, 1]")
 
 
 class ItemSimilarity:
@@ -177,12 +134,13 @@ class View(NamedTuple):
 
 
 class Augmenter:
-    """Draws augmented views of training sequences according to ``AugmentSettings`` (the policy).
+    """Draws augmented views of training sequences according to ``[augment]`` (the policy,
+    fedaug.common.config.AugmentSection).
 
     Build one per merchant from its training data; ``views(seq, rng)`` gives that round's views of one user.
     """
 
-    def __init__(self, settings: AugmentSettings, train_sequences: list[np.ndarray], n_items: int, max_len: int):
+    def __init__(self, settings: AugmentSection, train_sequences: list[np.ndarray], n_items: int, max_len: int):
         self.settings = settings
         self.max_len = max_len
         self.similarity = ItemSimilarity(train_sequences, n_items, settings.similar_k, settings.window)

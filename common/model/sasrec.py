@@ -29,42 +29,50 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fedaug.common.config import LOSSES, ModelSection
 from fedaug.common.data.features import CODE_SIZES, CONTEXT_CODES, FEATURE_CODES, N_CODES
-
-LOSSES = ("ce", "sampled")
 
 
 @dataclass(frozen=True)
 class SASRecConfig:
+    """The model's shape, as built: [model] (fedaug.common.config.ModelSection, where every default is) resolved
+    for one data set (``from_section``); bundles store it as JSON."""
+
     n_items: int
-    hidden: int = 64
-    blocks: int = 2
-    heads: int = 2
-    max_len: int = 50
-    ffn_mult: int = 1
+    hidden: int
+    blocks: int
+    heads: int
+    max_len: int
+    ffn_mult: int
     """Feed-forward width as a multiple of hidden (SASRec: 1)."""
-    dropout: float = 0.5
-    loss: str = "ce"
+    dropout: float
+    loss: str
     """'ce': softmax over all items; 'sampled': softmax over the target and ``negatives`` uniform negatives."""
-    negatives: int = 128
-    item_dim: int | None = None
+    negatives: int
+    item_dim: int | None
     """Width of the learned per-item tables (None: hidden; 0: no per-item parameters, catalog attributes only)."""
-    n_attributes: int = 0
+    n_attributes: int
     """Catalog attribute vocabulary (ids 1..n); 0 = no catalog features. Needs ``item_attributes`` at build."""
-    tie_embeddings: bool = False
+    tie_embeddings: bool
     """Share the input item table with the output layer (a strong regulariser on sparse data). Non-private
     training only: Opacus' ghost clipping refuses tied weights, so DP models keep them apart."""
-    label_smoothing: float = 0.1
+    label_smoothing: float
     """Cross-entropy label smoothing: spreads a little probability over all items."""
-    behaviour: bool = False
+    behaviour: bool
     """Add a behaviour vector (the event type's learned embedding) to each position's input."""
-    time_context: bool = False
+    time_context: bool
     """Add a context vector from the time of the moment predicted for: gap since the last event, hour, weekday."""
-    context_columns: tuple[str, ...] = ()
+    context_columns: tuple[str, ...]
     """Numeric context columns of the data projected into the context vector."""
-    target_weights: tuple[float, ...] | None = None
+    target_weights: tuple[float, ...] | None
     """Training objective: weight of a next-item target by its behaviour code (0 = unknown type, then 1 +
     EVENT_TYPES index); 0 = not a target. None: every target weighs 1."""
+
+    @classmethod
+    def from_section(cls, section: ModelSection, n_items: int, n_attributes: int = 0) -> SASRecConfig:
+        """[model] for a catalog of ``n_items`` items (and ``n_attributes`` catalog attributes)."""
+        return cls(n_items=n_items, n_attributes=n_attributes, target_weights=section.target_weights.by_code(),
+                   **section.model_dump(exclude={"kind", "catalog", "target_weights"}))
 
     def __post_init__(self):  # JSON (bundles) gives lists
         object.__setattr__(self, "context_columns", tuple(self.context_columns))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedaug.common.config import TrainSection
 from fedaug.common.data.split import LeaveOneOut
 from fedaug.common.model.batching import UserSamples
 from fedaug.common.model.evaluate import evaluate, sasrec_scorer
@@ -48,21 +49,6 @@ def train_step(model: SASRec, optimizer: torch.optim.Optimizer, samples: UserSam
     return total
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    patience: int = 5
-    """Stop after this many evaluations without a clearly better validation NDCG@10."""
-    min_improvement: float = 0.01
-    """Relative gain over the best so far that counts as clearly better (the best weights are kept regardless)."""
-    eval_every: int = 1
-    max_minutes: float | None = None
-    seed: int = 0
-
-
 @dataclass
 class FitResult:
     epochs: int
@@ -80,7 +66,7 @@ def set_seed(seed: int) -> None:
 def fit(
     model: SASRec,
     split: LeaveOneOut,
-    settings: TrainSettings,
+    settings: TrainSection,
     device: torch.device,
     on_step: Callable[[int, int, int, float], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from fedaug.common.atomic import staged_directory, write_bytes_atomic
+from fedaug.common.config import TextSection
+from fedaug.common.data import BehaviorData
 from fedaug.common.errors import ConfigError
 
 PACKAGED = "all-MiniLM-L6-v2"
@@ -98,6 +100,16 @@ def item_vectors(texts: list[str], *, encoder: Path | None = None, cache_dir: Pa
     np.save(buffer, vectors)
     write_bytes_atomic(path, buffer.getvalue())
     return vectors
+
+
+def catalog_vectors(section: TextSection, data: BehaviorData, device, progress: bool = True) -> np.ndarray:
+    """The catalog's unit text vectors ``[n_items + 1, d]`` by [text]'s encoder; ConfigError when the data has no
+    item texts."""
+    if not data.catalog.texts:
+        raise ConfigError("data.texts: the data set has no item texts (give data.texts, or for amazon-seq put "
+                          "X_item_titles.tsv next to X.txt)")
+    return item_vectors(data.catalog.texts, encoder=section.encoder, cache_dir=section.cache_dir, device=device,
+                        batch_size=section.batch_size, progress=progress)
 
 
 def _encode(directory: Path, texts: list[str], *, device, batch_size: int, progress: bool) -> np.ndarray:

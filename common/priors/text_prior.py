@@ -10,7 +10,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedaug.common.config import TextSection
+from fedaug.common.data import BehaviorData
 from fedaug.common.model.batching import pad_right
+from fedaug.common.priors.text import catalog_vectors
 
 
 class TextPrior:
@@ -43,6 +46,16 @@ merchants) and ``decay`` is "auto": the one Beauty's validation chose."""
 
 def public_decay(decay: float | str) -> float:
     return PUBLIC_DECAY if decay == "auto" else float(decay)
+
+
+def public_text_prior(section: TextSection, data: BehaviorData, device, *, required: bool = False) -> TextPrior | None:
+    """The public text prior over the catalog's item texts with its public history weighting (nothing chosen on
+    held-out data: ``public_decay``); None where the data has no texts, unless ``required`` (then the one-line
+    error of fedaug.common.priors.text.catalog_vectors)."""
+    if not data.catalog.texts and not required:
+        return None
+    return TextPrior(catalog_vectors(section, data, device, progress=False), decay=public_decay(section.decay),
+                     window=section.window, device=device)
 
 
 def fit_text_prior(vectors, split, *, decay: float | str = "auto", window: int = 50,

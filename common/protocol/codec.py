@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-COMPRESSIONS = ("none", "fp16", "int8")
+from fedaug.common.config import COMPRESSIONS
+
 INT8_LEVELS = 127
 """int8 codes run over [-127, 127]: symmetric, so 0 stays exactly 0."""
 

@@ -26,6 +26,7 @@ from fedaug.common.model.metrics import json_number, paired_gain
 from fedaug.common.priors.dp_counts import PriorWithCounts
 from fedaug.common.priors.fusion import Fused
 from fedaug.common.priors.popularity import Popularity
+from fedaug.common.priors.text import catalog_vectors
 from fedaug.common.priors.text_prior import TextPrior, fit_text_prior
 from fedaug.common.recommend.bundle import ITEMS, Bundle, BundleCatalog
 
@@ -111,7 +112,7 @@ def check_model(bundle: Bundle, data: BehaviorData, *, text: TextSection | None 
     prior, prior_source = text_prior_of(bundle.scorer), "bundle"
     if prior is None and text is not None and data.catalog.texts:
         stage("text prior (encoding the item texts)")
-        prior, _ = fit_text_prior(text.vectors(data, device, progress=False), split, decay=text.decay,
+        prior, _ = fit_text_prior(catalog_vectors(text, data, device, progress=False), split, decay=text.decay,
                                   window=text.window, device=device)
         prior_source = "data"
     prior_test = None

@@ -33,6 +33,7 @@ from fedaug.common.priors.dp_counts import (
     noised,
     text_neighbours,
 )
+from fedaug.common.priors.text import catalog_vectors
 from fedaug.common.priors.text_prior import fit_text_prior
 
 
@@ -55,7 +56,7 @@ def main() -> None:
     data = load(args.data)
     split = leave_one_out(data)
     releases = COUNT_RELEASES * (2 if args.serve == "train+valid" else 1)
-    vectors = TextSection().vectors(data, "cpu")
+    vectors = catalog_vectors(TextSection(), data, "cpu")
     prior, _ = fit_text_prior(vectors, split)
     neighbours = text_neighbours(vectors, args.neighbours)
     base_valid = evaluate_per_user(prior, split, "valid")["ndcg@10"]

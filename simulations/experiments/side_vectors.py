@@ -24,6 +24,7 @@ import numpy as np
 
 from fedaug.common.atomic import write_bytes_atomic, write_json_atomic
 from fedaug.common.config import BaselineConfig, load_config
+from fedaug.common.data.source import load_data
 from fedaug.common.data.split import leave_one_out
 from fedaug.common.model.evaluate import evaluate_per_user
 from fedaug.common.model.metrics import paired_gain
@@ -59,7 +60,8 @@ def run(config: Path | None, out: Path, seeds: list[int], variants: list[str]) -
 def paired_gains(out: Path, config: Path | None) -> dict[str, dict]:
     """Each variant's per-user test NDCG@10 gain over "none" (both averaged over the seeds they share), scored
     again from the runs' bundles on the same split."""
-    split = leave_one_out(load_config(config, None, BaselineConfig).load_data())
+    baseline = load_config(config, None, BaselineConfig)
+    split = leave_one_out(load_data(baseline.data, baseline.synthetic))
     per_user: dict[str, dict[int, np.ndarray]] = {}
     for path in sorted(out.glob("*-s*/metrics.json")):
         variant, seed = path.parent.name.rsplit("-s", 1)
