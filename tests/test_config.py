@@ -1,7 +1,12 @@
 """TOML configs and Flower's run_config: one set of models, sections a role does not use refused, private-training
 constraints checked before anything runs, errors naming the file and the key, flags over the file."""
 
+import dataclasses
+import importlib.util
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -9,11 +14,14 @@ from fedaug.common.config import (
     BaselineConfig,
     FederationConfig,
     MerchantRunConfig,
+    ModelSection,
     from_run_config,
     load_config,
     to_run_config,
 )
+from fedaug.common.data.source import event_schema
 from fedaug.common.errors import ConfigError
+from fedaug.common.model.sasrec import SASRecConfig
 from fedaug.simulations.scenario import SimulationConfig
 
 
@@ -29,7 +37,7 @@ def test_file_values_and_overrides(tmp_path):
     cfg = load_config(path, {"train.epochs": 5})
     assert isinstance(cfg, BaselineConfig)
     assert cfg.model.hidden == 32 and cfg.train.lr == 0.01 and cfg.train.epochs == 5
-    assert cfg.model.sasrec(100).hidden == 32
+    assert SASRecConfig.from_section(cfg.model, 100).hidden == 32
 
 
 @pytest.mark.parametrize("text,fragment", [
@@ -136,9 +144,54 @@ def test_data_mapping_errors_name_their_key(tmp_path):
     with pytest.raises(ConfigError, match="key data.columns.timestamp_unit"):
         load_config(path, None, SimulationConfig)
     mapped = load_config(None, {"data.path": "shop.csv", "data.columns.context": "channel, region"}, SimulationConfig)
-    assert mapped.data.schema().context == ("channel", "region")
+    assert event_schema(mapped.data).context == ("channel", "region")
     # Over Flower's flat configs "no context columns" stays that, not "every other column".
     none = load_config(None, {"data.path": "shop.csv", "data.columns.context": [], "data.events": {"pv": "view"}},
                        SimulationConfig)
-    assert from_run_config(to_run_config(none), SimulationConfig).data.schema().context == ()
+    assert event_schema(from_run_config(to_run_config(none), SimulationConfig).data).context == ()
     assert from_run_config(to_run_config(none), SimulationConfig) == none
+
+
+def test_reading_a_setting_loads_neither_torch_nor_flower():
+    """fedaug.common.config is the leaf every part reads: importing it (in a fresh interpreter) loads no ML stack."""
+    code = ("import sys, fedaug.common.config; heavy = [m for m in ('torch', 'flwr') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_model_config_takes_every_value_from_the_model_section():
+    """SASRecConfig has no defaults of its own to disagree with [model]: its fields are the section's (less what
+    only building reads) plus what the data decides; the role decides tie_embeddings."""
+    fields = dataclasses.fields(SASRecConfig)
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields)
+    assert {f.name for f in fields} == (set(ModelSection.model_fields) - {"kind", "catalog"}) | {"n_items",
+                                                                                                 "n_attributes"}
+    assert SASRecConfig.from_section(BaselineConfig().model, 10).tie_embeddings  # non-private: tied
+    assert not SASRecConfig.from_section(MerchantRunConfig().model, 10).tie_embeddings  # a merchant: Opacus
+
+
+def _settings_doc():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "settings_doc.py"
+    spec = importlib.util.spec_from_file_location("settings_doc", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pyproject_and_readme_settings_are_generated_from_the_models():
+    """The run_config tables Flower accepts and the README's settings reference are written from the models
+    (`python scripts/settings_doc.py --write`); a hand edit or a changed model shows here."""
+    doc = _settings_doc()
+    pyproject = doc.PYPROJECT.read_text(encoding="utf-8")
+    assert doc.with_flwr_tables(pyproject) == pyproject, f"pyproject.toml differs from the models: run `{doc.COMMAND}`"
+    readme = doc.README.read_text(encoding="utf-8")
+    assert doc.with_reference(readme) == readme, f"README.md differs from the models: run `{doc.COMMAND}`"
+    assert doc.with_flwr_tables(pyproject.replace("\nhidden = 64\n", "\nhidden = 65\n", 1)) == pyproject
+    assert doc.with_reference(readme.replace("| `hidden` | `64` |", "| `hidden` | `65` |", 1)) == readme
+    # every table of every role is in the reference, and every key says what it does
+    documented = " ".join(block.group("names") for block in doc.BLOCK.finditer(readme)).split()
+    assert sorted(documented) == sorted(doc.sections())
+    blank = [f"{name}.{key}" for name, section in doc.sections().items() for key, field in section.model_fields.items()
+             if not field.description and not doc.is_section(field.annotation)]
+    assert blank == []
