@@ -195,6 +195,7 @@ def test_common_loads_torch_only_in_its_model_packages():
     assert "fedaug.common.config" in light and "fedaug.common.data.events" in light
 
 
+@pytest.mark.integration  # a fresh interpreter
 def test_importing_common_outside_its_model_packages_loads_neither_torch_nor_flower():
     """The same, measured: a fresh interpreter imports every such module and has not loaded torch (nor Flower, but
     for the protocol's flwr.app)."""
