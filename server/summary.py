@@ -108,9 +108,10 @@ def attribute(metrics: RunMetrics) -> Attribution:
         notes.append("the DP statistics were all below their noise cut (they add nothing)")
     gain = ((metrics.gain_over_text or {}).get("final") or {}).get("gain_over_text_prior")
     if gain and prior and (model_used or stats_used) and gain["low"] <= 0:
-        notes.append(f"what {'the trained parts add' if model_used else 'the DP statistics add'} over the public "
-                     "prior is within chance (test NDCG@10 gain "
-                     f"{gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}])")
+        added = "the trained parts" if model_used else "the DP statistics"
+        interval = f"test NDCG@10 gain {gain['gain']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]"
+        notes.append(f"{added} make it worse than the public prior alone ({interval})" if gain["high"] < 0 else
+                     f"what {added} add over the public prior is within chance ({interval})")
     popularity = metrics.baselines.get("popularity")
     if popularity and metrics.test and metrics.test["ndcg@10"] < popularity["ndcg@10"]:
         notes.append(f"below popularity (test NDCG@10 {metrics.test['ndcg@10']:.4f} vs {popularity['ndcg@10']:.4f})")

@@ -78,6 +78,9 @@ def test_a_run_whose_trained_parts_add_nothing_says_so_plainly():
     noisy = attribute(_metrics(weight=2.0, statistics=KEPT, gain=(0.001, -0.001, 0.003)))
     assert noisy.nothing == ("what the trained parts add over the public prior is within chance (test NDCG@10 gain "
                              "+0.0010 [-0.0010, +0.0030])")
+    worse = attribute(_metrics(weight=2.0, statistics=KEPT, gain=(-0.04, -0.078, -0.008)))
+    assert worse.nothing == ("the trained parts make it worse than the public prior alone (test NDCG@10 gain "
+                             "-0.0400 [-0.0780, -0.0080])")
     alone = _metrics(weight=1.0)
     alone.parts, alone.test, alone.gain_over_text = {"model": {"weight": 1.0}}, _same(0.019), None
     alone.baselines = {"popularity": _same(0.035)}
