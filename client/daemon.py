@@ -17,6 +17,7 @@ is what is the merchant's own to decide: its data, its device and its privacy bu
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import subprocess
@@ -33,6 +34,7 @@ from fedaug.client.round_log import RoundLogFollower
 from fedaug.client.spent import claim
 from fedaug.client.trainer import NOISE_SOURCE
 from fedaug.common.config import BudgetSection, DataSection, Section, flatten
+from fedaug.common.data.source import load_data
 from fedaug.common.data.validate import DataReport, check_data
 from fedaug.common.errors import ConfigError, FedaugError
 from fedaug.runtime.processes import HostPort, LogFollower, flower_command, flower_error, start, stop
@@ -139,8 +141,8 @@ class MerchantDaemon:
         """Tests each final model the federation sends (STATE/model) on this merchant's own held-out users, beside
         the text prior and popularity: printed, and kept in STATE/model-check.json; nothing is sent."""
         data = self.config.data
-        return ModelCheckWatcher(self.state_dir, data.load, self._on_model_check, device=self.config.device,
-                                 source=data.path)
+        return ModelCheckWatcher(self.state_dir, functools.partial(load_data, data), self._on_model_check,
+                                 device=self.config.device, source=data.path)
 
     def _on_model_check(self, line: str) -> None:
         """The watcher speaks only when a run's final model arrived: that run is over for this merchant."""
