@@ -138,7 +138,8 @@ def reference_block(names: str) -> str:
     unknown = [name for name in names.split() if name not in found]
     if unknown:
         raise SystemExit(f"README.md: settings block names unknown table {unknown[0]!r} (known: {', '.join(found)})")
-    return "\n".join(section_table(name, found[name]) for name in names.split())
+    note = f"<!-- generated from the config models by `{COMMAND}`: edit the models' docstrings, not this -->\n"
+    return note + "\n".join(section_table(name, found[name]) for name in names.split())
 
 
 def with_reference(readme: str) -> str:
