@@ -56,6 +56,7 @@ class MerchantSection(Section):
     superlink: HostPort = "127.0.0.1:9092"
     """The aggregator's SuperLink (host:port); the host must be in its certificate."""
     root_certificate: Path = Path("certs/ca.crt")
+    """The CA certificate the aggregator's certificate is checked against (`fedaug certs` writes ca.crt)."""
     private_key: Path = Path("certs/merchant-1.key")
     """This merchant's authentication key (OpenSSH, EC); its public half is registered at the aggregator."""
     state_dir: Path = Path("merchant-state")
@@ -63,6 +64,7 @@ class MerchantSection(Section):
     runtime_port: int = Field(9094, gt=0, lt=65536)
     """Local port of the SuperNode's runtime API (its ClientApp processes talk to it): one per merchant on a host."""
     max_backoff: float = Field(60.0, gt=0)
+    """Most seconds between SuperNode restarts (the wait doubles from 1)."""
     max_restarts: int | None = Field(None, ge=0)
     """Give up after this many SuperNode restarts (default: never)."""
     health_address: HostPort | None = None

@@ -28,7 +28,9 @@ from pathlib import Path
 import tomli_w
 from pydantic import BaseModel
 
+from fedaug.client.daemon import MerchantDaemonConfig
 from fedaug.common.config import BaselineConfig, FederationConfig, MerchantRunConfig, Section
+from fedaug.server.aggregator import AggregatorConfig
 from fedaug.simulations.scenario import SimulationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +39,7 @@ COMMAND = "python scripts/settings_doc.py --write"
 FLWR_CONFIG = "[tool.flwr.app.config]"
 FLWR_NOTE = f"# Generated from FederationConfig ({COMMAND}); do not edit by hand.\n"
 BLOCK = re.compile(r"(<!-- settings: begin (?P<names>[^>]*?) -->\n)(?P<body>.*?)(<!-- settings: end -->)", re.S)
-ROLES = (SimulationConfig, BaselineConfig, MerchantRunConfig)
+ROLES = (SimulationConfig, BaselineConfig, MerchantRunConfig, AggregatorConfig, MerchantDaemonConfig)
 """The role configs whose tables the README documents, between them every section."""
 
 

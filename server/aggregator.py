@@ -73,10 +73,14 @@ class AggregatorSection(Section):
     merchant_keys: tuple[Path, ...] = ()
     """Public keys (OpenSSH, EC) of the merchants allowed to connect; any other SuperNode is refused."""
     state_dir: Path = Path("aggregator-state")
+    """Flower's state (registered merchants), the server's checkpoint and round log, metrics.json and report.md;
+    started again with the same directory, the run resumes from its checkpoint."""
     app: Path | None = None
     """The Flower app to run (a directory with pyproject.toml); default: the fedaug project itself."""
     startup_timeout: float = Field(90.0, gt=0)
+    """Seconds for the SuperLink to answer after it starts."""
     poll_seconds: float = Field(2.0, gt=0)
+    """How often (seconds) the run's status is checked."""
     health_address: HostPort | None = None
     """host:port of the SuperLink's gRPC health service (no TLS: keep it on loopback), for `fedaug health` and
     container healthchecks; None: not started."""
