@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.serverapp import Grid
 
 ROOT = Path(__file__).resolve().parents[1]
 BEAUTY_DIR = ROOT.parent / "shared" / "data" / "amazon-beauty"
@@ -160,3 +161,34 @@ def model_config(n_items: int, n_attributes: int = 0, **settings):
 
     plain = {"tie_embeddings": False, "behaviour": False, "time_context": False, "catalog": n_attributes > 0}
     return SASRecConfig.from_section(ModelSection(**(plain | settings)), n_items, n_attributes)
+
+
+
+class OfflineGrid(Grid):
+    """A Flower Grid with ``nodes`` connected and no transport: what Flower's strategies call to send raises, so a
+    test subclasses it (``send_and_receive``) or uses it where only the node ids are asked for."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def set_run(self, run):  # noqa: D102
+        pass
+
+    @property
+    def run(self):  # noqa: D102
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+        raise NotImplementedError
+
+    def get_node_ids(self):  # noqa: D102
+        return list(self.nodes)
+
+    def push_messages(self, messages):  # noqa: D102
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # noqa: D102
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102
+        raise NotImplementedError

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,6 +42,7 @@ from fedaug.common.protocol.messages import (
     action,
     aggregated_figures,
 )
+from tests.support import OfflineGrid
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCTION = ("common", "client", "server", "runtime", "serving", "simulations", "fedaug")
@@ -246,32 +246,6 @@ def test_a_valid_message_with_any_key_damaged_decodes_or_raises_one_clear_error(
 # --- names ----------------------------------------------------------------------------------------------------------
 
 
-class _Grid(Grid):
-    """Two connected nodes; Flower's strategies only ask for their ids."""
-
-    def set_run(self, run):  # noqa: D102
-        pass
-
-    @property
-    def run(self):  # noqa: D102
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return [5, 6]
-
-    def push_messages(self, messages):  # noqa: D102
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # noqa: D102
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102
-        raise NotImplementedError
-
-
 @pytest.mark.usefixtures("as_if_inside_a_serverapp")
 def test_the_names_flower_fixes_are_what_flowers_strategies_send():
     """The instructions are built by Flower's strategies: the record names, the round number and FedProx's μ
@@ -283,13 +257,13 @@ def test_the_names_flower_fixes_are_what_flowers_strategies_send():
                        min_available_nodes=1, proximal_mu=0.25)
     arrays = _arrays(BASE)
     sent = TrainInstruction(arrays, run_key="run-9", attempt=2, compression="fp16")
-    for message in strategy.configure_train(4, arrays, sent.config(), _Grid()):
+    for message in strategy.configure_train(4, arrays, sent.config(), OfflineGrid([5, 6])):
         assert message.metadata.message_type == TRAIN
         got = TrainInstruction.decode(message.content)
         assert (got.server_round, got.proximal_mu, got.run_key, got.attempt, got.compression) == (
             4, 0.25, "run-9", 2, "fp16")
     asked = EvaluateInstruction(arrays, run_key="run-9", stages=("valid",))
-    for message in strategy.configure_evaluate(4, arrays, asked.config(), _Grid()):
+    for message in strategy.configure_evaluate(4, arrays, asked.config(), OfflineGrid([5, 6])):
         got = EvaluateInstruction.decode(message.content)
         assert message.metadata.message_type == EVALUATE and (got.server_round, got.stages) == (4, ("valid",))
 

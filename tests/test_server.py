@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
@@ -43,14 +42,14 @@ from fedaug.server.federation import RoundFailed, run_federation
 from fedaug.server.monitor import ROUND_LOG, Monitor
 from fedaug.server.replies import sort_train_replies
 from fedaug.server.strategies import WEIGHT, build_strategy
-from tests.support import free_port
+from tests.support import OfflineGrid, free_port
 
 pytestmark = pytest.mark.usefixtures("as_if_inside_a_serverapp")  # messages built as a ServerApp builds them
 
 MODEL = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
 
 
-class ScriptedGrid(Grid):
+class ScriptedGrid(OfflineGrid):
     """Merchants whose behaviour is scripted per node: ok, private, error, decline, nan, shape, dtype or missing.
 
     An ok merchant with id n returns the global arrays + n (so aggregates are easy to predict) and reports n·10
@@ -58,27 +57,9 @@ class ScriptedGrid(Grid):
     """
 
     def __init__(self, behaviours: dict[int, str]):
+        super().__init__(behaviours)
         self.behaviours = dict(behaviours)
         self.sent: list[tuple[int, int]] = []
-
-    def set_run(self, run):  # noqa: D102
-        pass
-
-    @property
-    def run(self):  # noqa: D102
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.behaviours)
-
-    def push_messages(self, messages):  # noqa: D102
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # noqa: D102
-        raise NotImplementedError
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
