@@ -71,7 +71,7 @@ def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], refe
     out = RoundReplies()
     sent = list(sent)
     expected = {m.metadata.dst_node_id for m in sent}
-    accepted: list[tuple[Message, ArrayRecord, TrainReply]] = []  # with the decoded weights and the reply record
+    accepted: list[tuple[int, Message, ArrayRecord, TrainReply]] = []  # sender, reply, decoded weights, record
     for reply in replies:
         node = _sender(reply, sent)
         expected.discard(node)
@@ -97,13 +97,13 @@ def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], refe
             out.merchants[node] = info
             continue
         out.bytes_received += answer.update.nbytes
-        accepted.append((reply, arrays, answer))
+        accepted.append((node, reply, arrays, answer))
         out.merchants[node] = info
     # In a fixed order (a simulation's partition, else the node id), not arrival order: float sums then do not
     # depend on which merchant finished first, so a run on a cluster aggregates exactly as on one machine.
-    accepted.sort(key=lambda entry: (_or(entry[2].partition, -1), _sender(entry[0], sent)))
-    counted = all(answer.figures is not None for _, _, answer in accepted)
-    for reply, arrays, answer in accepted:
+    accepted.sort(key=lambda entry: (-1 if entry[3].partition is None else entry[3].partition, entry[0]))
+    counted = all(answer.figures is not None for *_, answer in accepted)
+    for _, reply, arrays, answer in accepted:
         users = float(answer.figures.users) if answer.figures is not None else 1.0
         reply.content = for_strategy({WEIGHT: users if counted and not uniform_weights else 1.0}, arrays)
         out.accepted.append(reply)
@@ -150,10 +150,6 @@ def query_reply(reply: Message, record: type[Reply]) -> tuple[Reply | None, str 
     if answer.decline is not None:
         return None, f"declined ({answer.decline})"
     return answer, None
-
-
-def _or(value, default):
-    return default if value is None else value
 
 
 def _sender(reply: Message, sent: list[Message]) -> int:
