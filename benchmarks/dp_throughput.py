@@ -1,9 +1,8 @@
 """DP training throughput and peak memory against non-private training, measured in one run.
 
 Modes, each in its own subprocess so peak memory is its own:
-  nonprivate  fedaug's non-private step (fedaug.common.model.training.train_step): length-bucketed micro-batches, logits
-  only
-              at target positions; the baseline every ratio is taken against
+  nonprivate  fedaug's non-private step (fedaug.common.model.training.train_step): length-bucketed
+              micro-batches, logits only at target positions; the baseline every ratio is taken against
   nonprivate-padded  the same without bucketing: each batch padded to its longest user
   hooks       Opacus per-sample gradients (grad_sample_mode="hooks"), per-user samples [users, views, positions]
   ghost       Opacus ghost clipping (grad_sample_mode="ghost")

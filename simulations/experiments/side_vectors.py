@@ -8,9 +8,10 @@ Each run writes ``OUT/VARIANT-sSEED/`` (metrics.json and the model bundle) and i
 exists, so an interrupted ablation continues; ``OUT/report.md`` and ``OUT/gains.json`` are rebuilt from the runs
 found.
 
-    python -m fedaug.simulations.experiments.side_vectors --out simulations/results/synthetic-side-vectors [--seeds 0 1
-    2] python -m fedaug.simulations.experiments.side_vectors --config beauty.toml --out ... (any baseline config: data,
-    model, train)
+    python -m fedaug.simulations.experiments.side_vectors --out simulations/results/synthetic-side-vectors \
+        [--seeds 0 1 2]
+    python -m fedaug.simulations.experiments.side_vectors --config beauty.toml --out ...
+        (--config: any baseline config: data, model, train)
 """
 
 from __future__ import annotations
