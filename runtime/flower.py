@@ -40,6 +40,19 @@ PRIVATE: dict[str, tuple[str, str]] = {
     "NOOP_FEDERATION_ID": ("flwr.supercore.constant", "NOOP_FEDERATION_ID"),
     # how many merchants Flower's Ray backend runs at once
     "ray_pool_size": ("flwr.simulation.ray_transport.ray_actor", "pool_size_from_resources"),
+    # SecAgg+'s building blocks (fedaug.runtime.secagg): Shamir shares, ECDH + Fernet for the shares, key pairs
+    "shamir_split": ("flwr.common.secure_aggregation.crypto.shamir", "create_shares"),
+    "shamir_combine": ("flwr.common.secure_aggregation.crypto.shamir", "combine_shares"),
+    "shared_key": ("flwr.common.secure_aggregation.crypto.symmetric_encryption", "generate_shared_key"),
+    "encrypt": ("flwr.common.secure_aggregation.crypto.symmetric_encryption", "encrypt"),
+    "decrypt": ("flwr.common.secure_aggregation.crypto.symmetric_encryption", "decrypt"),
+    "share_plaintext": ("flwr.common.secure_aggregation.secaggplus_utils", "share_keys_plaintext_concat"),
+    "share_plaintext_parts": ("flwr.common.secure_aggregation.secaggplus_utils", "share_keys_plaintext_separate"),
+    "generate_key_pair": ("flwr.supercore.primitives.asymmetric", "generate_key_pairs"),
+    "private_key_to_bytes": ("flwr.supercore.primitives.asymmetric", "private_key_to_bytes"),
+    "public_key_to_bytes": ("flwr.supercore.primitives.asymmetric", "public_key_to_bytes"),
+    "bytes_to_private_key": ("flwr.supercore.primitives.asymmetric", "bytes_to_private_key"),
+    "bytes_to_public_key": ("flwr.supercore.primitives.asymmetric", "bytes_to_public_key"),
 }
 """Our name -> (Flower module, Flower name)."""
 
