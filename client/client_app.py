@@ -1,6 +1,6 @@
 """The merchant's Flower ClientApp (Message API): ``train``, ``evaluate``, the ``query.statistics`` release, the
-``query.selection`` release (federated DP evaluation of the candidate model's fusion weights) and ``query.model``,
-the federation's final model.
+``query.selection`` release (federated DP evaluation of the candidate model's fusion weights), ``query.model``,
+the federation's final model, and the four stages of a secure sum (client/secure.py).
 
 Every message is a typed record of common/protocol/messages.py. A merchant whose budget cannot afford the round
 replies normally with a decline and no arrays, so the server can tell a decline from a crash (which arrives as a
@@ -22,10 +22,10 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedaug.client import replay
+from fedaug.client import replay, secure
 from fedaug.client.ledger import BudgetExceeded
 from fedaug.client.merchant import Merchant, MerchantSource, merchant_for
-from fedaug.client.releases import release_selection, release_statistics, selection_noise
+from fedaug.client.releases import check_candidates, release_selection, release_statistics, selection_noise
 from fedaug.client.round_log import MerchantRound, append_round
 from fedaug.common.flower_logging import tame_flower_logging
 from fedaug.common.memory import single_malloc_arena
@@ -37,6 +37,10 @@ from fedaug.common.priors.fusion_weights import figures
 from fedaug.common.protocol.messages import (
     MODEL,
     PROXIMAL_MU,
+    SECURE_MASK,
+    SECURE_SETUP,
+    SECURE_SHARE,
+    SECURE_UNMASK,
     SELECTION,
     STATISTICS,
     EvaluateInstruction,
@@ -87,6 +91,22 @@ def client_app(merchants: MerchantSource = merchant_for, train_mods: list[Mod] |
     @app.query(action(MODEL))
     def _model(msg: Message, context: Context) -> Message:
         return store_model(msg, merchants(context))
+
+    @app.query(action(SECURE_SETUP))
+    def _secure_setup(msg: Message, context: Context) -> Message:
+        return secure.setup(msg, context, merchants(context))
+
+    @app.query(action(SECURE_SHARE))
+    def _secure_share(msg: Message, context: Context) -> Message:
+        return secure.share_keys(msg, context)
+
+    @app.query(action(SECURE_MASK))
+    def _secure_mask(msg: Message, context: Context) -> Message:
+        return secure.mask(msg, context, merchants(context))
+
+    @app.query(action(SECURE_UNMASK))
+    def _secure_unmask(msg: Message, context: Context) -> Message:
+        return secure.unmask(msg, context)
 
     return app
 
@@ -157,15 +177,10 @@ def evaluate(msg: Message, merchant: Merchant, setup_seconds: float = 0.0) -> Me
 def statistics(msg: Message, merchant: Merchant) -> Message:
     """Release this merchant's DP collaborative statistics for the run (client/releases.py)."""
     request = StatisticsRequest.decode(msg.content)
-    neighbours = request.neighbours
-    if neighbours.ndim != 2 or neighbours.shape[0] != merchant.model_config.n_items + 1:
-        raise ValueError(f"statistics: a neighbour table of {merchant.model_config.n_items + 1} rows was expected, "
-                         f"got shape {neighbours.shape}")
-    if neighbours.min() < 0 or neighbours.max() > merchant.model_config.n_items:
-        raise ValueError("statistics: the neighbour table names items outside the catalog")
+    check_candidates(request, merchant.model_config.n_items)
     trainer = merchant.trainer
     try:
-        released = release_statistics(trainer, request.run_key, neighbours.astype(np.int64),
+        released = release_statistics(trainer, request.run_key, request.neighbours.astype(np.int64),
                                       share=request.share, max_items=request.max_items,
                                       max_pairs=request.max_pairs,
                                       state_dir=trainer.ledger.path.parent if trainer.ledger else None,

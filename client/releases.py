@@ -10,15 +10,33 @@ repeated request for the same run resends the saved release instead of spending 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
 
-from fedaug.client.ledger import RELEASE_MAX_NOISE_MULTIPLIER, BudgetExceeded, calibrate_noise, epsilon_of
+from fedaug.client.ledger import (
+    RELEASE_MAX_NOISE_MULTIPLIER,
+    SKELLAM,
+    BudgetExceeded,
+    calibrate_noise,
+    epsilon_of,
+)
 from fedaug.client.trainer import LocalTrainer
 from fedaug.common.atomic import write_bytes_atomic
 from fedaug.common.priors import fusion_weights
-from fedaug.common.priors.dp_counts import RELEASES, Counts, Statistics, bounded_counts, epsilon_history, noised
+from fedaug.common.priors.dp_counts import (
+    RELEASES,
+    Counts,
+    Statistics,
+    bounded_counts,
+    epsilon_history,
+    noised,
+    skellam_noised,
+    vector_of,
+)
+from fedaug.common.privacy.skellam import equivalent_noise_multiplier, share_variance, variance_for
+from fedaug.common.protocol.messages import StatisticsRequest
 
 
 def release_statistics(trainer: LocalTrainer, run_key: str, neighbours: np.ndarray, *, share: float,
@@ -65,6 +83,77 @@ def release_statistics(trainer: LocalTrainer, run_key: str, neighbours: np.ndarr
              popularity_std=released.fit.popularity_std, pair_std=released.fit.pair_std)
     write_bytes_atomic(path, buffer.getvalue())
     return released
+
+
+def check_candidates(request: StatisticsRequest, n_items: int) -> None:
+    """A statistics request's candidate table fits this merchant's catalog of ``n_items`` (ValueError: which way)."""
+    neighbours = request.neighbours
+    if neighbours.ndim != 2 or neighbours.shape[0] != n_items + 1:
+        raise ValueError(f"statistics: a neighbour table of {n_items + 1} rows was expected, got shape "
+                         f"{neighbours.shape}")
+    if neighbours.min() < 0 or neighbours.max() > n_items:
+        raise ValueError("statistics: the neighbour table names items outside the catalog")
+
+
+def statistics_variances(trainer: LocalTrainer, run_key: str, request: StatisticsRequest) -> tuple[float, float]:
+    """Setup of a secure statistics release: the Skellam variances (popularity, pairs) this merchant's ledger needs
+    the *sum* to carry for the release to spend ``request.share`` of the budget left (0, 0: non-private). Reserves
+    the run's selection release first, as ``release_statistics`` does; BudgetExceeded where the budget cannot
+    afford the release, or where this run's statistics were released before (see ``secure_statistics``)."""
+    if not trainer.privacy.private:
+        return 0.0, 0.0
+    _released_before(trainer, run_key)
+    if request.selection_share > 0:
+        reserve_selection(trainer, run_key, request.selection_share)
+    ledger, delta, budget = trainer.ledger, trainer.delta, trainer.privacy.epsilon
+    before = ledger.history()
+    spent = epsilon_of(before, delta, rdp_only=True)
+    # The pooled release is accounted by RDP alone (fedaug.common.privacy): so is what it is calibrated against.
+    noise = calibrate_noise(before, 1.0, RELEASES, delta, spent + request.share * (budget - spent), rdp_only=True)
+    return (variance_for(noise, l1=request.max_items, l2=math.sqrt(request.max_items)),
+            variance_for(noise, l1=request.max_pairs, l2=math.sqrt(request.max_pairs)))
+
+
+def secure_statistics(trainer: LocalTrainer, request: StatisticsRequest, serve_sequences: list[np.ndarray], *,
+                      variances: tuple[float, float], merchants: int, tolerated: int
+                      ) -> tuple[np.ndarray, tuple[float, float]]:
+    """The integer vector this merchant masks in a secure statistics sum (``vector_of``) and the noise variances
+    (popularity, pairs) it added.
+
+    ``variances`` is what the sum must carry (the largest any merchant's ledger asked for at setup). A private
+    merchant with pooled noise adds its share (``share_variance``: the M − T honest survivors carry it all), one
+    with local noise adds all of it; either ledgers the release as the Skellam of ``variances`` (its RDP
+    equivalent), before the vector leaves. A merchant takes part in one secure statistics sum per run: a second,
+    with the same counts and other survivors, could tell one merchant's vector from the difference."""
+    neighbours = request.neighbours.astype(np.int64)
+    fit = bounded_counts(trainer.sequences, neighbours, max_items=request.max_items, max_pairs=request.max_pairs)
+    serve = bounded_counts(serve_sequences, neighbours, max_items=request.max_items, max_pairs=request.max_pairs)
+    if not trainer.privacy.private:
+        return vector_of(Statistics(fit, serve)), (0.0, 0.0)
+    _released_before(trainer, request.run_key)
+    sensitivities = ((request.max_items, math.sqrt(request.max_items)),
+                     (request.max_pairs, math.sqrt(request.max_pairs)))
+    if min(variances) <= 0:
+        raise BudgetExceeded(f"run {request.run_key}: the secure sum carries no noise; a private merchant sends no "
+                             "exact counts")
+    noise = min(equivalent_noise_multiplier(variance=v, l1=l1, l2=l2)
+                for v, (l1, l2) in zip(variances, sensitivities, strict=True))
+    shares = tuple(share_variance(v, merchants=merchants, tolerated=tolerated)
+                   if trainer.privacy.noise == "pooled" else float(v) for v in variances)
+    ledger = trainer.ledger
+    for mechanism in epsilon_history(noise):  # first: a crash after it loses the release, never the accounting
+        ledger.record(f"{request.run_key}/statistics", 0, *mechanism, trainer.delta, trainer.privacy.epsilon,
+                      mechanism=SKELLAM)
+    rng = np.random.default_rng()  # fresh OS entropy, never the run's seed
+    noised_ = Statistics(*(skellam_noised(c, popularity_variance=shares[0], pair_variance=shares[1], rng=rng)
+                           for c in (fit, serve)))
+    return vector_of(noised_), shares
+
+
+def _released_before(trainer: LocalTrainer, run_key: str) -> None:
+    if any(e.run_id == f"{run_key}/statistics" for e in trainer.ledger.entries()):
+        raise BudgetExceeded(f"run {run_key}: this merchant released its statistics already; it takes part in one "
+                             "secure statistics sum per run")
 
 
 def _saved(path: Path) -> Statistics:

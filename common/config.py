@@ -387,6 +387,10 @@ class PrivacySection(BudgetSection):
     """DP-SGD clips each user's gradient to this L2 norm."""
     grad_sample_mode: Literal[GRAD_SAMPLE_MODES] = "ghost"  # type: ignore[valid-type]
     """How Opacus computes per-user gradient norms: ghost (ghost clipping) or hooks (per-sample gradients)."""
+    noise: Literal["pooled", "local"] = "pooled"
+    """pooled: in a release the aggregator sums under secure aggregation ([federation] secure_aggregation), add a
+    share of one Skellam noise, so the sum carries the noise of a single release (fedaug.common.privacy); local:
+    always add the whole noise the budget needs, as if alone. Releases sent one by one always carry local noise."""
 
 
 class LocalSection(Section):
@@ -489,6 +493,15 @@ class FederationSection(Section):
     from the releases alone — the trained model is then left out (nothing measured it)."""
     selection_share: float = Field(0.05, gt=0, lt=1)
     """Fraction of each private merchant's budget (left before the run) the selection release may spend."""
+    secure_aggregation: bool | Literal["auto"] = "auto"
+    """SecAgg+ for the statistics release (runtime/secagg.py): the aggregator unmasks only the merchants' sum, never
+    one merchant's counts, and private merchants whose [privacy] noise is "pooled" each add a share of one Skellam
+    noise instead of a whole noise each. auto: on with at least 3 merchants; true refuses fewer (the protocol's
+    minimum). DP-SGD updates and the selection's figures are still sent one by one."""
+    secure_aggregation_dropouts: int | Literal["auto"] = "auto"
+    """T: merchants that may drop out of a secure sum or collude with the aggregator. Pooled noise shares are sized
+    so that the other M − T carry the whole noise, and no sum of fewer than M − T is unmasked. auto: a third of the
+    merchants (rounded down, at least 1, below half)."""
 
     central_dp: bool = False
     """Client-level DP on top: Flower's server-side fixed clipping of each update plus Gaussian noise."""

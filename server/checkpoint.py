@@ -54,6 +54,8 @@ class ServerState:
     statistics_merchants: int = 0
     statistics_epsilon: float | None = None
     """The largest ε a private merchant reported after its statistics release (and its selection reservation)."""
+    statistics_release: dict | None = None
+    """How the statistics were released: secure aggregation or none, pooled or local noise (server/statistics.py)."""
     budgets_spent: bool = False
     """The federation ended before its last round: every merchant declined for its privacy budget."""
     selection: dict | None = None
@@ -73,7 +75,8 @@ def save(state_dir: Path, state: ServerState) -> None:
             "budgets_spent": state.budgets_spent, "selection": state.selection, "flower_runs": state.flower_runs,
             "statistics": None if state.statistics is None else {
                 "popularity_std": state.statistics.fit.popularity_std, "pair_std": state.statistics.fit.pair_std,
-                "merchants": state.statistics_merchants, "epsilon": state.statistics_epsilon},
+                "merchants": state.statistics_merchants, "epsilon": state.statistics_epsilon,
+                "release": state.statistics_release},
             "strategy_state_keys": {name: list(arrays) for name, arrays in state.strategy_state.items()}}
     entries = {f"global/{k}": v for k, v in state.arrays.items()}
     entries.update({f"best/{k}": v for k, v in state.best_arrays.items()})
@@ -110,6 +113,7 @@ def load(state_dir: Path) -> ServerState | None:
                        best_test=meta.get("best_test"), statistics=statistics,
                        statistics_merchants=int((meta.get("statistics") or {}).get("merchants", 0)),
                        statistics_epsilon=(meta.get("statistics") or {}).get("epsilon"),
+                       statistics_release=(meta.get("statistics") or {}).get("release"),
                        budgets_spent=bool(meta.get("budgets_spent", False)), selection=meta.get("selection"),
                        flower_runs=[int(r) for r in meta.get("flower_runs", [])])
 

@@ -49,17 +49,32 @@ def final_bundle(model: SASRec, state: ServerState, catalog: ItemCatalog, config
     if "statistics" in parts:
         parts["statistics"]["merchants"] = state.statistics_merchants
         parts["statistics"]["epsilon_share"] = settings.statistics_share if private else None
+        parts["statistics"]["release"] = state.statistics_release
     parts["model"] |= {"rounds": state.round, "merchants": len(state.merchants)}
     delta = config.privacy.delta
     return bundle_files(scorer, catalog,
                         trained={"mode": "federated", "rounds": state.round, "round": state.round,
                                  "merchants": len(state.merchants), "run_key": state.run_key},
-                        privacy={"epsilon": epsilon, "delta": delta if delta is not None else "1/(10·users)",
-                                 "unit": "user", "accountant": "min(PRV, RDP), composed over every release",
-                                 "releases": _releases(settings, state)}
-                        if private else None,
+                        privacy=_privacy(settings, state, epsilon, delta) if private else None,
                         parts=parts, text_encoder=_encoder(config) if prior is not None else None,
                         schema=event_schema(config.data))
+
+
+SECURE_ASSUMPTIONS = ("each user shops at one merchant", "the aggregator follows the protocol",
+                      "at most T merchants drop out or collude with the aggregator")
+"""What a release through secure aggregation with pooled noise assumes (README, "Secure aggregation")."""
+
+
+def _privacy(settings: FederationSection, state: ServerState, epsilon: float, delta: float | None) -> dict:
+    how = state.statistics_release or {}
+    secured = how.get("secure_aggregation") is not None
+    out = {"epsilon": epsilon, "delta": delta if delta is not None else "1/(10·users)", "unit": "user",
+           "accountant": ("RDP (a Skellam release is accounted by its Rényi-DP bound), composed over every release"
+                          if secured else "min(PRV, RDP), composed over every release"),
+           "noise": how.get("noise", "local"), "releases": _releases(settings, state)}
+    if secured:
+        out["secure_aggregation"] = how | {"assumes": list(SECURE_ASSUMPTIONS)}
+    return out
 
 
 def _releases(settings: FederationSection, state: ServerState) -> list[dict]:
@@ -70,7 +85,7 @@ def _releases(settings: FederationSection, state: ServerState) -> list[dict]:
     if state.statistics is not None:
         out.append({"release": ("the federated DP evaluation's reservation (Gaussian, 1 release, "
                                 f"{settings.selection_share:g} of the budget) and " if evaluated else "")
-                    + f"DP statistics (popularity and transition counts, Gaussian, 4 releases, "
+                    + f"DP statistics (popularity and transition counts, {_mechanism(state)}, 4 releases, "
                       f"{settings.statistics_share:g} of what was left)",
                     "epsilon_after": state.statistics_epsilon})
     by_round = [m.get("epsilon_by_round", {}) for m in state.merchants.values()]
@@ -80,6 +95,16 @@ def _releases(settings: FederationSection, state: ServerState) -> list[dict]:
         out.append({"release": "the federated DP evaluation's figures (its reserved release, sent once)",
                     "epsilon_after": last, "merchants": state.selection.get("merchants")})
     return out
+
+
+def _mechanism(state: ServerState) -> str:
+    how = state.statistics_release or {}
+    if how.get("secure_aggregation") is None:
+        return "Gaussian, each merchant's own"
+    noise = {"pooled": "pooled: each merchant added a share of one noise",
+             "local": "each merchant added a whole noise", "none": "no noise"}[how["noise"]]
+    return (f"Skellam through secure aggregation ({noise}; {how['survivors']} of {how['merchants']} merchants "
+            f"summed, T = {how['tolerated']})")
 
 
 def _encoder(config: FederationConfig) -> str:

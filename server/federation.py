@@ -75,8 +75,9 @@ def _federate(grid: Grid, settings: FederationSection, initial: dict[str, np.nda
     if flower_run is not None and flower_run not in state.flower_runs:
         state.flower_runs.append(flower_run)
     if neighbours is not None and state.statistics is None and state.round == 0:
-        state.statistics, state.statistics_merchants, state.statistics_epsilon = collect_statistics(
-            grid, settings, neighbours, state.run_key)
+        collected = collect_statistics(grid, settings, neighbours, state.run_key)
+        state.statistics, state.statistics_merchants = collected.statistics, collected.merchants
+        state.statistics_epsilon, state.statistics_release = collected.epsilon, collected.release
         log(INFO, "fedaug: DP statistics from %d merchants", state.statistics_merchants)
         checkpoint.save(state_dir, state)
     monitor = Monitor(state_dir, settings.metrics_port)

@@ -73,7 +73,7 @@ def sort_train_replies(sent: Iterable[Message], replies: Iterable[Message], refe
     expected = {m.metadata.dst_node_id for m in sent}
     accepted: list[tuple[int, Message, ArrayRecord, TrainReply]] = []  # sender, reply, decoded weights, record
     for reply in replies:
-        node = _sender(reply, sent)
+        node = sender(reply, sent)
         expected.discard(node)
         if reply.has_error():
             out.merchants[node] = MerchantOutcome("error", reply.error.reason)
@@ -118,7 +118,7 @@ def sort_evaluate_replies(sent: Iterable[Message], replies: Iterable[Message]
     merchant's withheld metrics are its right, not a fault."""
     accepted, merchants, sent = [], {}, list(sent)
     for reply in replies:
-        node = _sender(reply, sent)
+        node = sender(reply, sent)
         if reply.has_error():
             merchants[node] = MerchantOutcome("error", reply.error.reason)
             continue
@@ -152,7 +152,7 @@ def query_reply(reply: Message, record: type[Reply]) -> tuple[Reply | None, str 
     return answer, None
 
 
-def _sender(reply: Message, sent: list[Message]) -> int:
+def sender(reply: Message, sent: list[Message]) -> int:
     """The merchant a reply answers for: the node its message was sent to. Flower's own error replies (say, for a
     node that stopped sending heartbeats) do not come from that node, so their source id would misname it."""
     answered = reply.metadata.reply_to_message_id

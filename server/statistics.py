@@ -1,5 +1,7 @@
 """The aggregator's side of the DP collaborative statistics (client/releases.py): ask every connected merchant
-once, before round 1, for its noised counts over the public candidate table, check and sum the replies.
+once, before round 1, for its noised counts over the public candidate table, and sum them — through one secure sum
+(server/secure.py: the aggregator sees only the sum, whose noise the merchants' pooled shares make up), or, where
+the federation runs no secure aggregation, one by one (each merchant's counts checked, then summed).
 
 The sum is post-processing of the merchants' releases: it costs no further ε. A merchant that errs or declines
 (budget spent) is left out and logged; the sum's noise level is the merchants' added in quadrature."""
@@ -7,6 +9,7 @@ The sum is post-processing of the merchants' releases: it costs no further ε. A
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from logging import WARNING
 
 import numpy as np
@@ -15,19 +18,35 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedaug.common.config import FederationSection
-from fedaug.common.priors.dp_counts import Counts, Statistics
+from fedaug.common.priors.dp_counts import Counts, Statistics, statistics_of
 from fedaug.common.protocol.messages import STATISTICS, StatisticsReply, StatisticsRequest
 from fedaug.common.records import merchant_name
+from fedaug.runtime.secagg import SecAggFailed
+from fedaug.server import secure
 from fedaug.server.replies import query_reply
 
 
-def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.ndarray,
-                       run_key: str) -> tuple[Statistics | None, int, float | None]:
-    """The summed counts of every merchant that answered, how many did, and the largest ε a private one reported
-    after its release (its selection reservation included; None: none private)."""
+@dataclass(frozen=True)
+class Collected:
+    """The merchants' summed statistics and how they were released."""
+
+    statistics: Statistics | None
+    merchants: int
+    """Merchants whose counts the sum holds."""
+    epsilon: float | None
+    """The largest ε a private merchant reported after its release (its selection reservation included)."""
+    release: dict = field(default_factory=lambda: {"secure_aggregation": None, "noise": "local"})
+    """How: secure aggregation (SecAgg+) or none, the noise (pooled, local), for reports and model cards."""
+
+
+def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.ndarray, run_key: str) -> Collected:
+    """Ask every connected merchant for its counts over the candidate table ``neighbours`` and sum them: through
+    a secure sum where the federation runs secure aggregation (server/secure.py), else one by one."""
     request = StatisticsRequest(run_key=run_key, neighbours=neighbours, share=settings.statistics_share,
                                 selection_share=settings.selection_share if settings.selection == "evaluated" else 0.0,
                                 max_items=settings.statistics_max_items, max_pairs=settings.statistics_max_pairs)
+    if secure.enabled(settings, len(list(grid.get_node_ids()))):
+        return _securely(grid, settings, request)
     messages = [Message(request.encode(), dst_node_id=node, message_type=STATISTICS) for node in grid.get_node_ids()]
     replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
     total, merchants, epsilons = None, 0, []
@@ -46,7 +65,22 @@ def collect_statistics(grid: Grid, settings: FederationSection, neighbours: np.n
         merchants += 1
         if math.isfinite(answer.epsilon):
             epsilons.append(answer.epsilon)
-    return total, merchants, max(epsilons, default=None)
+    return Collected(total, merchants, max(epsilons, default=None))
+
+
+def _securely(grid: Grid, settings: FederationSection, request: StatisticsRequest) -> Collected:
+    """The statistics through one secure sum: the aggregator sees only the survivors' summed counts, whose noise
+    is the survivors' shares added. A sum that cannot be unmasked leaves the run without statistics (logged)."""
+    n, k = request.neighbours.shape
+    try:
+        result = secure.secure_sum(grid, settings, request, length=2 * (n + n * k))
+    except SecAggFailed as exc:
+        log(WARNING, "fedaug statistics: the secure sum failed (%s); this run goes on without statistics", exc)
+        return Collected(None, 0, None)
+    popularity, pairs = result.variances
+    statistics = statistics_of(result.total, (n, k), popularity_std=math.sqrt(popularity),
+                               pair_std=math.sqrt(pairs))
+    return Collected(statistics, result.survivors, result.epsilon, result.card())
 
 
 def _problem(answer: StatisticsReply, shape: tuple[int, int]) -> str | None:

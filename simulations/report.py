@@ -84,7 +84,8 @@ def _selection_lines(metrics: RunMetrics) -> list[str]:
         lines += [f"DP statistics: popularity weight {st['popularity_weight']:g} (cut {st['popularity_cut_std']:g} "
                   f"noise std, {st['items_kept']} items kept), transition weight {st['pair_weight']:g} (cut "
                   f"{st['pair_cut_std']:g} noise std, {st['pairs_kept']} pairs kept)"
-                  + (f", from {_count(st['merchants'], 'merchant')}." if st.get("merchants") else "."), ""]
+                  + (f", from {_count(st['merchants'], 'merchant')}" if st.get("merchants") else "")
+                  + _release_line(st.get("release")) + ".", ""]
     if "model" in parts and parts["model"].get("note"):
         lines += [f"Trained model: weight {parts['model']['weight']} — {parts['model']['note']}.", ""]
     evaluation = (parts.get("model") or {}).get("evaluation")
@@ -258,6 +259,19 @@ def _engine_lines(rounds) -> list[str]:
     if len(nodes) > 1:
         lines += ["", f"Merchants ran on {len(nodes)} Ray nodes: " + ", ".join(node[:12] for node in nodes) + "."]
     return lines
+
+
+def _release_line(how: dict | None) -> str:
+    """How the statistics were released, as the end of the report's statistics line."""
+    if not how:
+        return ""
+    if how.get("secure_aggregation") is None:
+        return "; each merchant's counts sent one by one with its own noise (local)"
+    noise = {"pooled": "pooled noise: each merchant added a share of one Skellam noise",
+             "local": "local noise: each merchant added a whole Skellam noise", "none": "no noise"}[how["noise"]]
+    return (f"; through secure aggregation (SecAgg+: the aggregator unmasked only the sum of {how['survivors']} of "
+            f"{how['merchants']} merchants, T = {how['tolerated']}), {noise} (noise std in the sum "
+            f"{', '.join(f'{v:g}' for v in how['noise_std'])}; popularity, pairs)")
 
 
 def _count(n: int, noun: str) -> str:

@@ -31,6 +31,14 @@ from fedaug.common.protocol.messages import (
     ModelDelivery,
     ModelReceipt,
     ProtocolError,
+    SecureCiphertexts,
+    SecureKeys,
+    SecureMask,
+    SecureMasked,
+    SecureSetup,
+    SecureShareKeys,
+    SecureShares,
+    SecureUnmask,
     SelectionReply,
     SelectionRequest,
     StatisticsReply,
@@ -63,6 +71,8 @@ def _examples() -> list:
     """One of every record, in each of its shapes (declined, withheld, compressed, private, non-private)."""
     base = _arrays(BASE)
     counts = np.arange(5, dtype=np.float32)
+    request = StatisticsRequest(run_key="run-1", neighbours=np.arange(12).reshape(4, 3), share=0.25, max_items=20,
+                                max_pairs=50, selection_share=0.1)
     return [
         TrainInstruction(base, server_round=3, run_key="run-1", attempt=2, compression="int8", proximal_mu=0.1),
         TrainInstruction(base),
@@ -85,6 +95,19 @@ def _examples() -> list:
         SelectionReply(partition=1, decline="run run-1: no selection release was reserved"),
         ModelDelivery({"card.json": b'{"kind": "fused"}', "weights.safetensors": bytes(range(256))}),
         ModelReceipt("ab12" * 16),
+        SecureSetup(request=request, threshold=3, bits=32),
+        SecureKeys(encryption_key=b"pk-1", mask_key=b"pk-2", variances=(12.5, 0.0), partition=2),
+        SecureKeys(partition=2, decline="no budget left"),
+        SecureShareKeys(run_key="run-1", keys={7: (b"e7", b"m7"), 9: (b"e9", b"m9")}),
+        SecureCiphertexts({7: b"c7", 9: b"c9"}),
+        SecureCiphertexts({}),
+        SecureMask(request=request, ciphertexts={7: b"c7"}, variances=(40.0, 10.0), merchants=5, tolerated=1),
+        SecureMasked(vector=np.array([0, 5, 2**32 - 1], np.int64), share_variances=(10.0, 2.5), epsilon=7.5,
+                     partition=3),
+        SecureMasked(vector=np.array([2**40, 1], np.int64), share_variances=(0.0,), epsilon=math.inf),
+        SecureMasked(partition=3, decline="round would spend ε=8.2, past the budget ε=8"),
+        SecureUnmask(run_key="run-1", active=(7, 9), dead=(11,)),
+        SecureShares({7: b"s7", 11: b"s11"}),
     ]
 
 
@@ -203,7 +226,9 @@ def _decodes_or_says_why(decoder, content: RecordDict) -> None:
         assert str(exc).split(":")[0] in {"train instruction", "train reply", "evaluate instruction",
                                           "evaluate reply", "statistics request", "statistics reply",
                                           "selection request", "selection reply", "model delivery",
-                                          "model receipt", "checked reply"}, str(exc)
+                                          "model receipt", "checked reply", "secure setup", "secure keys",
+                                          "secure share keys", "secure ciphertexts", "secure mask", "secure masked",
+                                          "secure unmask", "secure shares"}, str(exc)
         return
     assert type(record) is decoder
     record.encode()  # what decoded is a record that can be sent again

@@ -22,6 +22,7 @@ import torch
 
 from fedaug.common.config import FederationSection
 from fedaug.common.priors.text_prior import TextPrior
+from fedaug.common.privacy.skellam import skellam_noise
 
 
 def text_neighbours(vectors: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
@@ -112,6 +113,36 @@ class Statistics:
                                               (self.fit.pairs, other.fit.pairs),
                                               (self.serve.popularity, other.serve.popularity),
                                               (self.serve.pairs, other.serve.pairs))))
+
+
+def vector_of(statistics: Statistics) -> np.ndarray:
+    """The four count vectors as one flat int64 vector, the payload of a secure sum: fit popularity, fit pairs,
+    serve popularity, serve pairs (the counts must be integers: exact, or noised with integer noise)."""
+    parts = [statistics.fit.popularity, statistics.fit.pairs, statistics.serve.popularity, statistics.serve.pairs]
+    flat = np.concatenate([np.ravel(p) for p in parts])
+    if not np.array_equal(flat, np.round(flat)):
+        raise ValueError("a secure sum carries integer counts")
+    return flat.astype(np.int64)
+
+
+def statistics_of(vector: np.ndarray, shape: tuple[int, int], *, popularity_std: float, pair_std: float
+                  ) -> Statistics:
+    """``vector_of``'s inverse for a candidate table of ``shape`` ([n_items + 1, k]), with the sum's noise levels."""
+    n, k = shape
+    if vector.shape != (2 * (n + n * k),):
+        raise ValueError(f"a vector of {2 * (n + n * k)} counts was expected, got shape {vector.shape}")
+    fit, serve = np.split(np.asarray(vector, np.float64), 2)
+    return Statistics(*(Counts(half[:n], half[n:].reshape(n, k), popularity_std, pair_std) for half in (fit, serve)))
+
+
+def skellam_noised(counts: Counts, *, popularity_variance: float, pair_variance: float,
+                   rng: np.random.Generator) -> Counts:
+    """Integer counts plus symmetric Skellam noise of the given variances (a merchant's share of a pooled release,
+    fedaug.common.privacy); padding stays 0. The stds recorded are the share's own."""
+    popularity = counts.popularity + skellam_noise(counts.popularity.shape, variance=popularity_variance, rng=rng)
+    pairs = counts.pairs + skellam_noise(counts.pairs.shape, variance=pair_variance, rng=rng)
+    popularity[0], pairs[0] = 0, 0
+    return Counts(popularity, pairs, math.sqrt(popularity_variance), math.sqrt(pair_variance))
 
 
 COUNT_RELEASES = 2

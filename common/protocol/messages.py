@@ -9,9 +9,15 @@ The messages, by Flower message type (instruction → reply):
 - ``evaluate``: EvaluateInstruction → EvaluateReply (figures per stage, or withheld by a private merchant);
 - ``query.statistics``: StatisticsRequest (the public candidate table) → StatisticsReply (the DP counts);
 - ``query.selection``: SelectionRequest (a candidate bundle, the fusion weights) → SelectionReply (DP figures);
-- ``query.model``: ModelDelivery (the final bundle) → ModelReceipt (its content hash).
+- ``query.model``: ModelDelivery (the final bundle) → ModelReceipt (its content hash);
+- secure aggregation's four stages (runtime/secagg.py; server/secure.py drives them, client/secure.py answers):
+  ``query.secure_setup``: SecureSetup (the release asked for) → SecureKeys (two public keys, the noise the merchant's
+  accounting needs in the sum); ``query.secure_share``: SecureShareKeys (the neighbours' public keys) →
+  SecureCiphertexts (encrypted key shares); ``query.secure_mask``: SecureMask (the shares addressed to it, the
+  sum's noise) → SecureMasked (the masked vector); ``query.secure_unmask``: SecureUnmask (who survived) →
+  SecureShares.
 
-A new message (secure aggregation's, say) adds its message type with ``_wire``, its keys with ``_wire``, and a
+A new message adds its message type with ``_wire``, its keys with ``_wire``, and a
 frozen dataclass with ``encode() -> RecordDict`` and ``decode(content) -> record``, built from the helpers below.
 
 The train and evaluate instructions are sent by Flower's strategies, which build their content themselves from
@@ -53,6 +59,10 @@ EVALUATE = _flower(MessageType.EVALUATE)
 STATISTICS = _wire(f"{MessageType.QUERY}.statistics")
 SELECTION = _wire(f"{MessageType.QUERY}.selection")
 MODEL = _wire(f"{MessageType.QUERY}.model")
+SECURE_SETUP = _wire(f"{MessageType.QUERY}.secure_setup")
+SECURE_SHARE = _wire(f"{MessageType.QUERY}.secure_share")
+SECURE_MASK = _wire(f"{MessageType.QUERY}.secure_mask")
+SECURE_UNMASK = _wire(f"{MessageType.QUERY}.secure_unmask")
 
 # Record names.
 ARRAYS = _flower("arrays")
@@ -64,6 +74,8 @@ DECLINE = _wire("decline")
 ENCODING = _wire("encoding")
 BUNDLE_FILES = _wire("bundle-files")
 RECEIPT = _wire("bundle-receipt")
+SECURE = _wire("secure-aggregation")
+MASKED = _wire("masked-vector")
 
 # Instruction config keys.
 SERVER_ROUND = _flower("server-round")
@@ -105,6 +117,20 @@ FIT_PAIRS = _wire("fit-pairs")
 SERVE_POPULARITY = _wire("serve-popularity")
 SERVE_PAIRS = _wire("serve-pairs")
 FIGURES = _wire("selection-figures")
+RELEASE = _wire("secure-release")
+BITS = _wire("modulus-bits")
+THRESHOLD = _wire("shamir-threshold")
+MERCHANTS = _wire("secure-merchants")
+TOLERATED = _wire("tolerated-dropouts")
+NODES = _wire("node-ids")
+ENCRYPTION_KEYS = _wire("encryption-keys")
+MASK_KEYS = _wire("mask-keys")
+CIPHERTEXTS = _wire("ciphertexts")
+VARIANCES = _wire("noise-variances")
+SHARE_VARIANCES = _wire("share-variances")
+ACTIVE = _wire("active-nodes")
+DEAD = _wire("dead-nodes")
+SHARES = _wire("key-shares")
 
 EVALUATION_STAGES = ("valid", "test")
 """The stages an evaluation reports, each metric sent as ``<stage>-<metric>`` (e.g. valid-ndcg@10)."""
@@ -660,6 +686,250 @@ class SelectionReply:
                    noise_multiplier=noise)
 
 
+# --- secure aggregation (runtime/secagg.py) ------------------------------------------------------------------------
+
+SECURED = {"statistics": StatisticsRequest}
+"""The releases a secure sum can carry, by name: the request each merchant answers with its vector."""
+
+
+def _pairs(mapping: Mapping[int, bytes], ids: str, values: str) -> dict:
+    """``{node: bytes}`` as two config lists (a ConfigRecord's keys are text)."""
+    nodes = sorted(mapping)
+    return {ids: [int(n) for n in nodes], values: [bytes(mapping[n]) for n in nodes]}
+
+
+def _read_pairs(record, ids: str, values: str, where: str) -> dict[int, bytes]:
+    nodes, data = _list(record, ids, where, int), _list(record, values, where, bytes)
+    if len(nodes) != len(data) or len(set(nodes)) != len(nodes):
+        raise ProtocolError(f"{where}: {ids!r} and {values!r} do not pair up one to one")
+    return dict(zip(nodes, data, strict=True))
+
+
+def _variances(record, key: str, where: str) -> tuple[float, ...]:
+    values = tuple(float(v) for v in _list(record, key, where, int | float))
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise ProtocolError(f"{where}: {key!r} holds a negative or non-finite variance")
+    return values
+
+
+def _request(content: RecordDict, config: ConfigRecord, where: str):
+    release = _text(config, RELEASE, where)
+    if release not in SECURED:
+        raise ProtocolError(f"{where}: {RELEASE!r} is {release!r}, one of {sorted(SECURED)} was expected")
+    return SECURED[release].decode(content)
+
+
+def _with_request(request, secure: dict) -> RecordDict:
+    release = next(name for name, kind in SECURED.items() if isinstance(request, kind))
+    content = request.encode()
+    content[SECURE] = ConfigRecord(secure | {RELEASE: release})
+    return content
+
+
+@dataclass(frozen=True)
+class SecureSetup:
+    """``query.secure_setup``: take part in a secure sum of ``request``'s release — make two key pairs (Shamir
+    ``threshold``, vectors mod 2**``bits``) and say what noise the merchant's accounting needs in the sum."""
+
+    request: StatisticsRequest
+    threshold: int
+    bits: int
+
+    def encode(self) -> RecordDict:
+        return _with_request(self.request, {THRESHOLD: self.threshold, BITS: self.bits})
+
+    @classmethod
+    def decode(cls, content: RecordDict) -> SecureSetup:
+        where = "secure setup"
+        config = _record(content, SECURE, ConfigRecord, where)
+        threshold, bits = _number(config, THRESHOLD, where, integer=True), _number(config, BITS, where, integer=True)
+        if threshold < 2 or not 8 <= bits <= 62:
+            raise ProtocolError(f"{where}: threshold {threshold} (≥ 2) or modulus bits {bits} (8–62) out of range")
+        return cls(request=_request(content, config, where), threshold=threshold, bits=bits)
+
+
+@dataclass(frozen=True)
+class SecureKeys:
+    """``query.secure_setup``'s reply: the merchant's public keys (encryption, masking) and the noise variance
+    per part of the vector that its ledger needs the sum to carry (0: non-private); or a decline."""
+
+    encryption_key: bytes = b""
+    mask_key: bytes = b""
+    variances: tuple[float, ...] = ()
+    partition: int | None = None
+    decline: str | None = None
+
+    def __post_init__(self):
+        _update_or_decline(self, self.encryption_key or None)
+
+    def encode(self) -> RecordDict:
+        if self.decline is not None:
+            return _decline_content(_with_partition({}, self.partition), self.decline)
+        return RecordDict({METRICS: MetricRecord(_with_partition({DECLINED: 0}, self.partition)),
+                           SECURE: ConfigRecord({ENCRYPTION_KEYS: [self.encryption_key], MASK_KEYS: [self.mask_key],
+                                                 VARIANCES: [float(v) for v in self.variances]})})
+
+    @classmethod
+    def decode(cls, content: RecordDict) -> SecureKeys:
+        where = "secure keys"
+        metrics = _record(content, METRICS, MetricRecord, where)
+        partition = _partition(metrics, where)
+        decline = _declined(content, metrics, where)
+        if decline is not None:
+            return cls(partition=partition, decline=decline)
+        config = _record(content, SECURE, ConfigRecord, where)
+        keys = [_list(config, key, where, bytes) for key in (ENCRYPTION_KEYS, MASK_KEYS)]
+        if any(len(k) != 1 or not k[0] for k in keys):
+            raise ProtocolError(f"{where}: one non-empty key of each kind was expected")
+        return cls(encryption_key=keys[0][0], mask_key=keys[1][0], variances=_variances(config, VARIANCES, where),
+                   partition=partition)
+
+
+@dataclass(frozen=True)
+class SecureShareKeys:
+    """``query.secure_share``: the public keys (encryption, masking) of the merchant's neighbours."""
+
+    run_key: str
+    keys: dict[int, tuple[bytes, bytes]]
+
+    def encode(self) -> RecordDict:
+        nodes = sorted(self.keys)
+        return RecordDict({SECURE: ConfigRecord({RUN_KEY: self.run_key, NODES: [int(n) for n in nodes],
+                                                 ENCRYPTION_KEYS: [self.keys[n][0] for n in nodes],
+                                                 MASK_KEYS: [self.keys[n][1] for n in nodes]})})
+
+    @classmethod
+    def decode(cls, content: RecordDict) -> SecureShareKeys:
+        where = "secure share keys"
+        config = _record(content, SECURE, ConfigRecord, where)
+        encryption = _read_pairs(config, NODES, ENCRYPTION_KEYS, where)
+        masking = _read_pairs(config, NODES, MASK_KEYS, where)
+        return cls(run_key=_text(config, RUN_KEY, where),
+                   keys={n: (encryption[n], masking[n]) for n in encryption})
+
+
+@dataclass(frozen=True)
+class SecureCiphertexts:
+    """``query.secure_share``'s reply: the merchant's key shares, each encrypted for its destination."""
+
+    ciphertexts: dict[int, bytes]
+    decline: None = None
+
+    def encode(self) -> RecordDict:
+        return RecordDict({SECURE: ConfigRecord(_pairs(self.ciphertexts, NODES, CIPHERTEXTS))})
+
+    @classmethod
+    def decode(cls, content: RecordDict) -> SecureCiphertexts:
+        where = "secure ciphertexts"
+        return cls(_read_pairs(_record(content, SECURE, ConfigRecord, where), NODES, CIPHERTEXTS, where))
+
+
+@dataclass(frozen=True)
+class SecureMask:
+    """``query.secure_mask``: the key shares addressed to the merchant ({source: ciphertext}), and the noise the
+    sum is to carry: ``variances`` per part, shared among ``merchants`` of whom at most ``tolerated`` drop out
+    or collude; the merchant answers ``request`` with its vector, noised with its share and masked."""
+
+    request: StatisticsRequest
+    ciphertexts: dict[int, bytes]
+    variances: tuple[float, ...]
+    merchants: int
+    tolerated: int
+
+    def encode(self) -> RecordDict:
+        return _with_request(self.request, _pairs(self.ciphertexts, NODES, CIPHERTEXTS) | {
+            VARIANCES: [float(v) for v in self.variances], MERCHANTS: self.merchants, TOLERATED: self.tolerated})
+
+    @classmethod
+    def decode(cls, content: RecordDict) -> SecureMask:
+        where = "secure mask"
+        config = _record(content, SECURE, ConfigRecord, where)
+        merchants = _number(config, MERCHANTS, where, integer=True)
+        tolerated = _number(config, TOLERATED, where, integer=True)
+        if not 0 <= tolerated < merchants:
+            raise ProtocolError(f"{where}: {tolerated} tolerated dropouts of {merchants} merchants")
+        return cls(request=_request(content, config, where),
+                   ciphertexts=_read_pairs(config, NODES, CIPHERTEXTS, where),
+                   variances=_variances(config, VARIANCES, where), merchants=merchants, tolerated=tolerated)
+
+
+@dataclass(frozen=True)
+class SecureMasked:
+    """``query.secure_mask``'s reply: the masked vector (values mod 2**bits; sent as uint32 where they fit), the
+    noise variance per part this merchant added, and its ε after the release; or a decline."""
+
+    vector: np.ndarray | None = None
+    share_variances: tuple[float, ...] = ()
+    epsilon: float = math.inf
+    partition: int | None = None
+    decline: str | None = None
+
+    def __post_init__(self):
+        _update_or_decline(self, self.vector)
+
+    def encode(self) -> RecordDict:
+        metrics = _with_partition({EPSILON: _epsilon(self.epsilon)} if self.decline is None else {}, self.partition)
+        if self.decline is not None:
+            return _decline_content(metrics, self.decline)
+        vector = np.asarray(self.vector)
+        narrow = np.uint32 if vector.size == 0 or int(vector.max()) < 2**32 else np.uint64  # 32-bit sums: 4 bytes
+        return RecordDict({ARRAYS: ArrayRecord({MASKED: Array(vector.astype(narrow))}),
+                           METRICS: MetricRecord(metrics | {DECLINED: 0}),
+                           SECURE: ConfigRecord({SHARE_VARIANCES: [float(v) for v in self.share_variances]})})
+
+    @classmethod
+    def decode(cls, content: RecordDict) -> SecureMasked:
+        where = "secure masked"
+        metrics = _record(content, METRICS, MetricRecord, where)
+        partition = _partition(metrics, where)
+        decline = _declined(content, metrics, where)
+        if decline is not None:
+            return cls(partition=partition, decline=decline)
+        vector = _array(_record(content, ARRAYS, ArrayRecord, where), MASKED, where)
+        if vector.dtype not in (np.uint32, np.uint64) or vector.ndim != 1:
+            raise ProtocolError(f"{where}: the masked vector is {vector.dtype} of shape {vector.shape}, a flat "
+                                "uint32 or uint64 vector was expected")
+        return cls(vector=vector.astype(np.int64), epsilon=_read_epsilon(metrics, where, -1.0), partition=partition,
+                   share_variances=_variances(_record(content, SECURE, ConfigRecord, where), SHARE_VARIANCES, where))
+
+
+@dataclass(frozen=True)
+class SecureUnmask:
+    """``query.secure_unmask``: which of the merchant's neighbours sent a masked vector (``active``: send their
+    mask-seed shares) and which did not (``dead``: send their masking-key shares)."""
+
+    run_key: str
+    active: tuple[int, ...]
+    dead: tuple[int, ...]
+
+    def encode(self) -> RecordDict:
+        return RecordDict({SECURE: ConfigRecord({RUN_KEY: self.run_key, ACTIVE: [int(n) for n in self.active],
+                                                 DEAD: [int(n) for n in self.dead]})})
+
+    @classmethod
+    def decode(cls, content: RecordDict) -> SecureUnmask:
+        where = "secure unmask"
+        config = _record(content, SECURE, ConfigRecord, where)
+        return cls(run_key=_text(config, RUN_KEY, where), active=tuple(_list(config, ACTIVE, where, int)),
+                   dead=tuple(_list(config, DEAD, where, int)))
+
+
+@dataclass(frozen=True)
+class SecureShares:
+    """``query.secure_unmask``'s reply: the requested key shares, by the node they belong to."""
+
+    shares: dict[int, bytes]
+    decline: None = None
+
+    def encode(self) -> RecordDict:
+        return RecordDict({SECURE: ConfigRecord(_pairs(self.shares, NODES, SHARES))})
+
+    @classmethod
+    def decode(cls, content: RecordDict) -> SecureShares:
+        where = "secure shares"
+        return cls(_read_pairs(_record(content, SECURE, ConfigRecord, where), NODES, SHARES, where))
+
+
 # --- the final model ------------------------------------------------------------------------------------------------
 
 
@@ -694,8 +964,10 @@ class ModelReceipt:
 
 
 REPLIES = {TRAIN: TrainReply, EVALUATE: EvaluateReply, STATISTICS: StatisticsReply, SELECTION: SelectionReply,
-           MODEL: ModelReceipt}
+           MODEL: ModelReceipt, SECURE_SETUP: SecureKeys, SECURE_SHARE: SecureCiphertexts, SECURE_MASK: SecureMasked,
+           SECURE_UNMASK: SecureShares}
 """Message type -> its reply's record."""
 INSTRUCTIONS = {TRAIN: TrainInstruction, EVALUATE: EvaluateInstruction, STATISTICS: StatisticsRequest,
-                SELECTION: SelectionRequest, MODEL: ModelDelivery}
+                SELECTION: SelectionRequest, MODEL: ModelDelivery, SECURE_SETUP: SecureSetup,
+                SECURE_SHARE: SecureShareKeys, SECURE_MASK: SecureMask, SECURE_UNMASK: SecureUnmask}
 """Message type -> its instruction's record."""
