@@ -4,6 +4,13 @@
 that history: on start the accountant is rebuilt from it, and a round's entry is committed (fsync'd by SQLite
 with ``synchronous=FULL``) before the round's update may leave the merchant. A crash before the commit loses the
 update with it; a crash after it loses only the update, never the accounting.
+
+Every entry is a Gaussian mechanism (noise multiplier, sample rate, steps). Its ``mechanism`` says what was run:
+``"gaussian"``, the merchant's own noise (DP-SGD, local releases), or ``"skellam"``, a pooled release through secure
+aggregation (fedaug.common.privacy.skellam), recorded as its equivalent Gaussian noise multiplier at sample rate 1.
+That Gaussian dominates the Skellam in Rényi DP only, so a history holding any ``"skellam"`` entry is accounted by
+the RDP bound alone (``rdp_only``), never by PRV. The pooled guarantee assumes each user shops at one merchant, the
+aggregator follows the protocol, and at most the tolerated number of merchants collude or drop.
 """
 
 from __future__ import annotations
@@ -34,11 +41,16 @@ CREATE TABLE IF NOT EXISTS rounds (
     epsilon REAL NOT NULL,
     recorded_at REAL NOT NULL,
     attempt INTEGER NOT NULL DEFAULT 1,
+    mechanism TEXT NOT NULL DEFAULT 'gaussian',
     UNIQUE (run_id, round, attempt)
 )
 """
 LEDGER_FILE = "privacy-ledger.sqlite"
 COLUMNS = "run_id, round, noise_multiplier, sample_rate, steps, delta, epsilon, recorded_at"
+"""The columns of the first ledgers (copied over when one is rebuilt)."""
+GAUSSIAN, SKELLAM = "gaussian", "skellam"
+MECHANISMS = (GAUSSIAN, SKELLAM)
+"""An entry's ``mechanism``: the merchant's own Gaussian noise, or its share of a pooled Skellam release."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class RoundEntry:
     steps: int
     delta: float
     epsilon: float
+    mechanism: str = GAUSSIAN
 
 
 class BudgetExceeded(FedaugError):
@@ -64,9 +77,10 @@ grid becomes huge (minutes per call) and such an ε protects nobody anyway."""
 PRV_ABOVE = 100.0
 
 
-def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
+def epsilon_of(history: list[tuple[float, float, int]], delta: float, rdp_only: bool = False) -> float:
     """ε after the subsampled Gaussian mechanisms in ``history`` = [(noise_multiplier, sample_rate, steps), ...]:
-    the smaller of the PRV and RDP upper bounds (both are valid bounds, so their minimum is one too)."""
+    the smaller of the PRV and RDP upper bounds (both are valid bounds, so their minimum is one too). ``rdp_only``:
+    the RDP bound alone, as where ``history`` holds a pooled Skellam release (its Gaussian dominates it in RDP only)."""
     if not history:
         return 0.0
     if any(noise <= 0 for noise, _, _ in history):
@@ -74,18 +88,19 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float) -> float:
     merged: dict[tuple[float, float], int] = {}  # equal mechanisms compose as one with the summed steps
     for noise, rate, steps in history:
         merged[(float(noise), float(rate))] = merged.get((float(noise), float(rate)), 0) + int(steps)
-    return _epsilon(tuple((noise, rate, steps) for (noise, rate), steps in merged.items()), float(delta))
+    return _epsilon(tuple((noise, rate, steps) for (noise, rate), steps in merged.items()), float(delta),
+                    bool(rdp_only))
 
 
 @lru_cache(maxsize=4096)
-def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, rdp_only: bool) -> float:
     """Cached per plan: calibration and every round's check ask for the same histories again and again."""
     rdp = RDPAccountant()
     rdp.history = list(history)
     with warnings.catch_warnings():  # huge noise multipliers (tried while calibrating) hit the largest RDP order
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         epsilon = float(rdp.get_epsilon(delta))
-    if epsilon > PRV_ABOVE:
+    if rdp_only or epsilon > PRV_ABOVE:
         return epsilon
     prv = PRVAccountant()
     prv.history = list(history)
@@ -106,20 +121,27 @@ figures only make its test keep the simpler candidate, so a small merchant reser
 
 
 def calibrate_noise(spent: list[tuple[float, float, int]], sample_rate: float, steps: int, delta: float,
-                    budget: float, tolerance: float = 1e-3, limit: float = MAX_NOISE_MULTIPLIER) -> float:
+                    budget: float, tolerance: float = 1e-3, limit: float = MAX_NOISE_MULTIPLIER,
+                    rdp_only: bool = False) -> float:
     """Smallest noise multiplier (to ``tolerance``) such that ``spent`` plus ``steps`` more steps stays within
-    ``budget``. Raises BudgetExceeded when the budget left would need more than ``limit``."""
+    ``budget``. Raises BudgetExceeded when the budget left would need more than ``limit``. ``rdp_only`` (as in
+    ``epsilon_of``): where ``spent`` holds a pooled release (``PrivacyLedger.rdp_only``), or where the new one is
+    pooled (its Skellam variance is then ``skellam.variance_for`` the multiplier returned)."""
     if math.isinf(budget):
         return 0.0
-    if epsilon_of(spent + [(limit, sample_rate, steps)], delta) > budget:
-        raise BudgetExceeded(f"privacy budget ε={budget:g} is spent (ε={epsilon_of(spent, delta):.3f} so far): "
-                             f"even noise multiplier {limit:g} would exceed it")
+
+    def epsilon(noise: float) -> float:
+        return epsilon_of(spent + [(noise, sample_rate, steps)], delta, rdp_only)
+
+    if epsilon(limit) > budget:
+        raise BudgetExceeded(f"privacy budget ε={budget:g} is spent (ε={epsilon_of(spent, delta, rdp_only):.3f} "
+                             f"so far): even noise multiplier {limit:g} would exceed it")
     low, high = 0.05, 1.0
-    while epsilon_of(spent + [(high, sample_rate, steps)], delta) > budget:
+    while epsilon(high) > budget:
         low, high = high, high * 2
     while high - low > tolerance:
         mid = (low + high) / 2
-        if epsilon_of(spent + [(mid, sample_rate, steps)], delta) > budget:
+        if epsilon(mid) > budget:
             low = mid
         else:
             high = mid
@@ -134,19 +156,27 @@ class PrivacyLedger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(SCHEMA)
-        self._add_attempts()
+        self._migrate()
 
-    def _add_attempts(self) -> None:
-        """Ledgers written before rounds could repeat had UNIQUE (run_id, round): rebuild them with attempts."""
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}
-        if "attempt" in columns:
+    def _columns(self) -> set[str]:
+        return {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}
+
+    def _migrate(self) -> None:
+        """Bring a ledger written by an older fedaug to SCHEMA in place, its entries (and so its ε) unchanged:
+        one from before rounds could repeat had UNIQUE (run_id, round) and is rebuilt with attempts; one from
+        before pooled releases gets ``mechanism``, every old entry being a Gaussian one."""
+        if {"attempt", "mechanism"} <= self._columns():
             return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute("ALTER TABLE rounds RENAME TO rounds_old")
-            self._db.execute(SCHEMA)
-            self._db.execute(f"INSERT INTO rounds (id, {COLUMNS}) SELECT id, {COLUMNS} FROM rounds_old")
-            self._db.execute("DROP TABLE rounds_old")
+            columns = self._columns()  # again under the lock: another process may have migrated it meanwhile
+            if "attempt" not in columns:
+                self._db.execute("ALTER TABLE rounds RENAME TO rounds_old")
+                self._db.execute(SCHEMA)
+                self._db.execute(f"INSERT INTO rounds (id, {COLUMNS}) SELECT id, {COLUMNS} FROM rounds_old")
+                self._db.execute("DROP TABLE rounds_old")
+            elif "mechanism" not in columns:
+                self._db.execute(f"ALTER TABLE rounds ADD COLUMN mechanism TEXT NOT NULL DEFAULT '{GAUSSIAN}'")
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -157,38 +187,55 @@ class PrivacyLedger:
 
     def entries(self) -> list[RoundEntry]:
         rows = self._db.execute(
-            "SELECT run_id, round, noise_multiplier, sample_rate, steps, delta, epsilon FROM rounds ORDER BY id"
+            "SELECT run_id, round, noise_multiplier, sample_rate, steps, delta, epsilon, mechanism FROM rounds "
+            "ORDER BY id"
         ).fetchall()
         return [RoundEntry(*row) for row in rows]
 
     def history(self) -> list[tuple[float, float, int]]:
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries()]
 
+    @property
+    def rdp_only(self) -> bool:
+        """Whether a pooled (Skellam) release is among the entries: then only the RDP bound accounts them."""
+        return self._db.execute(f"SELECT 1 FROM rounds WHERE mechanism != '{GAUSSIAN}' LIMIT 1").fetchone() is not None
+
     def epsilon(self, delta: float) -> float:
         """ε spent so far, rebuilt from every recorded round."""
-        return epsilon_of(self.history(), delta)
+        return epsilon_of(self.history(), delta, self.rdp_only)
 
-    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-        return epsilon_of(self.history() + [(noise_multiplier, sample_rate, steps)], delta)
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
+                      mechanism: str = GAUSSIAN) -> float:
+        """ε after one more entry: ``mechanism`` as in ``record``."""
+        return epsilon_of(self.history() + [(noise_multiplier, sample_rate, steps)], delta,
+                          self.rdp_only or mechanism != GAUSSIAN)
 
     def record(self, run_id: str, round_: int, noise_multiplier: float, sample_rate: float, steps: int,
-               delta: float, budget: float = math.inf) -> float:
+               delta: float, budget: float = math.inf, mechanism: str = GAUSSIAN) -> float:
         """Commit one trained round and return ε after it. Refuses (BudgetExceeded) to go past ``budget``.
 
         A round trained again (the server retried it, or resumed after a crash) is a second release of the same
         data: it is recorded as the next attempt and composes like any other round.
+
+        ``mechanism``: ``"gaussian"`` (the merchant's own noise) or ``"skellam"``, a pooled release recorded as
+        ``skellam.equivalent_noise_multiplier`` of its pooled variance, at sample rate 1 (the dominance is shown for
+        the release itself, not for a subsampled one).
         """
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"unknown mechanism {mechanism!r}: one of {', '.join(MECHANISMS)}")
+        if mechanism == SKELLAM and sample_rate != 1.0:
+            raise ValueError(f"a pooled Skellam release is recorded at sample rate 1, got {sample_rate}")
         self._db.execute("BEGIN IMMEDIATE")  # one writer: the check and the insert see the same history
         try:
-            epsilon = self.epsilon_after(noise_multiplier, sample_rate, steps, delta)
+            epsilon = self.epsilon_after(noise_multiplier, sample_rate, steps, delta, mechanism)
             if epsilon > budget * (1 + 1e-9):
                 raise BudgetExceeded(f"round would spend ε={epsilon:.3f}, past the budget ε={budget:g}")
             (attempts,) = self._db.execute("SELECT COUNT(*) FROM rounds WHERE run_id = ? AND round = ?",
                                            (run_id, int(round_))).fetchone()
             self._db.execute(
-                f"INSERT INTO rounds ({COLUMNS}, attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO rounds ({COLUMNS}, attempt, mechanism) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, int(round_), float(noise_multiplier), float(sample_rate), int(steps), float(delta),
-                 epsilon, time.time(), attempts + 1),
+                 epsilon, time.time(), attempts + 1, mechanism),
             )
             self._db.execute("COMMIT")
         except BaseException:

@@ -1,4 +1,5 @@
-"""The privacy ledger: ε rebuilt from disk equals a live accountant's, budgets hold, and crashes lose no entry."""
+"""The privacy ledger: ε rebuilt from disk equals a live accountant's, budgets hold, crashes lose no entry, and a
+pooled (Skellam) release is accounted by RDP alone, in agreement with an outside accountant (dp_accounting)."""
 
 import math
 import os
@@ -8,10 +9,13 @@ import subprocess
 import sys
 import textwrap
 
+import dp_accounting
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from fedaug.client.ledger import BudgetExceeded, PrivacyLedger, calibrate_noise, epsilon_of
+from fedaug.client.ledger import BudgetExceeded, PrivacyLedger, calibrate_noise, epsilon_of, ledger_status
+from fedaug.common.privacy.skellam import equivalent_noise_multiplier, rho, variance_for
+from fedaug.common.privacy.skellam import rdp as skellam_rdp
 
 DELTA = 1e-5
 
@@ -109,6 +113,115 @@ def test_a_ledger_from_before_attempts_is_migrated(tmp_path):
     before = ledger.epsilon(DELTA)
     ledger.record("run", 1, 1.0, 0.01, 10, DELTA)
     assert len(ledger.entries()) == 2 and ledger.epsilon(DELTA) > before > 0
+    assert [e.mechanism for e in ledger.entries()] == ["gaussian", "gaussian"]
+
+
+def test_a_ledger_from_before_pooled_releases_is_migrated_and_keeps_its_epsilon(tmp_path):
+    old = sqlite3.connect(tmp_path / "privacy-ledger.sqlite")
+    old.execute("""CREATE TABLE rounds (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL,
+                   round INTEGER NOT NULL, noise_multiplier REAL NOT NULL, sample_rate REAL NOT NULL,
+                   steps INTEGER NOT NULL, delta REAL NOT NULL, epsilon REAL NOT NULL, recorded_at REAL NOT NULL,
+                   attempt INTEGER NOT NULL DEFAULT 1, UNIQUE (run_id, round, attempt))""")
+    history = [(1.1, 0.01, 100), (0.9, 0.02, 50)]
+    for round_, (noise, q, steps) in enumerate(history, start=1):
+        old.execute("INSERT INTO rounds (run_id, round, noise_multiplier, sample_rate, steps, delta, epsilon, "
+                    "recorded_at) VALUES ('run', ?, ?, ?, ?, ?, 0.5, 0)", (round_, noise, q, steps, DELTA))
+    old.commit()
+    old.close()
+    ledger = PrivacyLedger(tmp_path)
+    assert [e.mechanism for e in ledger.entries()] == ["gaussian", "gaussian"] and not ledger.rdp_only
+    assert ledger.epsilon(DELTA) == epsilon_of(history, DELTA)  # PRV still accounts it: ε unchanged
+    ledger.close()
+    assert ledger_status(tmp_path).rounds == 2
+    assert PrivacyLedger(tmp_path).epsilon(DELTA) == epsilon_of(history, DELTA)  # migrated once, opened again
+
+
+def test_a_pooled_release_makes_the_ledger_account_by_rdp_alone(tmp_path):
+    """A Skellam release's Gaussian dominates it in RDP only: from then on the whole history is accounted by the
+    RDP bound (Opacus' RDP accountant on every entry), above the PRV bound it had before; a restart agrees."""
+    ledger = PrivacyLedger(tmp_path)
+    rounds = [(1.1, 0.01, 100), (0.9, 0.02, 50)]
+    for round_, (noise, q, steps) in enumerate(rounds, start=1):
+        ledger.record("run", round_, noise, q, steps, DELTA)
+    pooled = equivalent_noise_multiplier(variance=400.0, l1=4, l2=2)
+    with pytest.raises(ValueError, match="sample rate 1"):
+        ledger.record("run/statistics", 0, pooled, 0.5, 1, DELTA, mechanism="skellam")
+    with pytest.raises(ValueError, match="unknown mechanism"):
+        ledger.record("run/statistics", 0, pooled, 1.0, 1, DELTA, mechanism="laplace")
+    history = [*rounds, (pooled, 1.0, 1)]
+    rdp = RDPAccountant()
+    rdp.history = list(history)
+    assert ledger.epsilon_after(pooled, 1.0, 1, DELTA, mechanism="skellam") == pytest.approx(rdp.get_epsilon(DELTA))
+    recorded = ledger.record("run/statistics", 0, pooled, 1.0, 1, DELTA, mechanism="skellam")
+    assert ledger.rdp_only and ledger.entries()[-1].mechanism == "skellam" and ledger.history() == history
+    assert recorded == ledger.epsilon(DELTA) == pytest.approx(rdp.get_epsilon(DELTA), rel=1e-9)
+    assert recorded > epsilon_of(history, DELTA)  # PRV would have said less: not valid here
+    ledger.close()
+    assert PrivacyLedger(tmp_path).epsilon(DELTA) == recorded
+
+
+def test_a_pooled_release_is_calibrated_by_rdp_and_fits_its_budget(tmp_path):
+    """Calibrated by RDP alone, the pooled release's variance fits the budget; calibrated as if PRV applied, its
+    noise is too small and the ledger refuses it."""
+    spent, budget, l1, l2 = [(1.0, 0.02, 200)], 3.0, 4, 2
+    ledger = PrivacyLedger(tmp_path)
+    ledger.record("run", 1, *spent[0], DELTA, budget)
+
+    def pooled(rdp_only: bool) -> float:
+        noise = calibrate_noise(spent, 1.0, 1, DELTA, budget, rdp_only=rdp_only)
+        multiplier = equivalent_noise_multiplier(variance=variance_for(noise, l1=l1, l2=l2), l1=l1, l2=l2)
+        assert multiplier >= noise
+        return multiplier
+
+    with pytest.raises(BudgetExceeded):
+        ledger.record("run/statistics", 0, pooled(False), 1.0, 1, DELTA, budget, mechanism="skellam")
+    assert budget * 0.99 < ledger.record("run/statistics", 0, pooled(True), 1.0, 1, DELTA, budget,
+                                         mechanism="skellam") <= budget
+
+
+def outside_epsilon(skellam: tuple[float, float, float] | None, rounds: list[tuple[float, float, int]]) -> float:
+    """ε from Google's dp_accounting: its RDP accountant composing the Skellam release as zCDP with ρ (variance,
+    l1, l2) and each DP-SGD round as Poisson-sampled Gaussians, at its own orders."""
+    accountant = dp_accounting.rdp.RdpAccountant()
+    if skellam is not None:
+        variance, l1, l2 = skellam
+        accountant.compose(dp_accounting.ZCDpEvent(rho(variance=variance, l1=l1, l2=l2)))
+    for noise, q, steps in rounds:
+        accountant.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise)), steps))
+    return accountant.get_epsilon(DELTA)
+
+
+@pytest.mark.parametrize("skellam, rounds", [
+    ((200.0, 4, 2), [(0.9, 0.02, 50)] * 3),  # statistics of 4 transitions a user, then three DP-SGD rounds
+    ((2000.0, 50, math.sqrt(50)), [(1.1, 0.01, 300)]),  # 50 counts a user
+    ((50.0, 4, 2), []),  # a pooled release alone
+])
+def test_the_ledgers_pooled_epsilon_agrees_with_dp_accounting(tmp_path, skellam, rounds):
+    ledger = PrivacyLedger(tmp_path)
+    variance, l1, l2 = skellam
+    ledger.record("run/statistics", 0, equivalent_noise_multiplier(variance=variance, l1=l1, l2=l2), 1.0, 1, DELTA,
+                  mechanism="skellam")
+    for round_, (noise, q, steps) in enumerate(rounds, start=1):
+        ledger.record("run", round_, noise, q, steps, DELTA)
+    outside = outside_epsilon(skellam, rounds)
+    assert outside * (1 - 1e-3) <= ledger.epsilon(DELTA) <= outside * 1.05
+
+
+def test_a_pure_pooled_history_agrees_with_dp_accounting_both_ways(tmp_path):
+    """From a budget to a variance (the ledger's calibration) and from that variance to ε (the outside accountant's
+    zCDP, and its conversion of the Skellam's own RDP curve): the same ε within the orders' grids."""
+    budget, l1, l2 = 1.0, 4, 2
+    variance = variance_for(calibrate_noise([], 1.0, 1, DELTA, budget, rdp_only=True), l1=l1, l2=l2)
+    ledger = PrivacyLedger(tmp_path)
+    epsilon = ledger.record("run/statistics", 0, equivalent_noise_multiplier(variance=variance, l1=l1, l2=l2), 1.0,
+                            1, DELTA, budget, mechanism="skellam")
+    assert budget * 0.99 <= epsilon <= budget
+    assert outside_epsilon((variance, l1, l2), []) == pytest.approx(epsilon, rel=1e-3)
+    orders = dp_accounting.rdp.RdpAccountant()._orders
+    curve = [skellam_rdp(alpha, variance=variance, l1=l1, l2=l2) for alpha in orders]
+    direct, _ = dp_accounting.rdp.rdp_privacy_accountant.compute_epsilon(orders, curve, DELTA)
+    assert direct <= epsilon * (1 + 1e-3) and epsilon <= direct * 1.05  # ρ·α costs little over the exact curve
 
 
 @pytest.mark.integration  # a process killed mid-commit
