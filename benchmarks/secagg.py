@@ -159,9 +159,9 @@ def median(repeats: list[dict]) -> dict:
 
 
 def quantised(node: int, length: int, bits: int) -> np.ndarray:
-    """Merchant ``node``'s vector: quantised update values, well inside 2**bits so the sum does not wrap."""
-    rng = np.random.default_rng(node)
-    return rng.integers(-2**(bits - 12), 2**(bits - 12), size=length, dtype=np.int64)
+    """Merchant ``node``'s vector: quantised values, small enough that the sum of 100 does not wrap mod 2**bits."""
+    high = 2 ** max(bits - 9, 0)
+    return np.random.default_rng(node).integers(-high, high, size=length, dtype=np.int64)
 
 
 def plain_sum(nodes: list[int], length: int) -> dict:
