@@ -67,9 +67,9 @@ def release_statistics(trainer: LocalTrainer, run_key: str, neighbours: np.ndarr
     if selection_share > 0:
         reserve_selection(trainer, run_key, selection_share)
     before = ledger.history()
-    spent = epsilon_of(before, delta)
+    spent = epsilon_of(before, delta, ledger.rdp_only)
     target = spent + share * (budget - spent)
-    noise = calibrate_noise(before, 1.0, RELEASES, delta, target)
+    noise = calibrate_noise(before, 1.0, RELEASES, delta, target, rdp_only=ledger.rdp_only)
     # Fresh OS entropy, never the run's seed: whoever knows a seeded noise can subtract it.
     rng = np.random.default_rng()
     released = Statistics(*(noised(c, noise_multiplier=noise, max_items=max_items, max_pairs=max_pairs, rng=rng)
@@ -177,8 +177,9 @@ def reserve_selection(trainer: LocalTrainer, run_key: str, share: float) -> floa
         return reserved
     ledger, delta, budget = trainer.ledger, trainer.delta, trainer.privacy.epsilon
     before = ledger.history()
-    spent = epsilon_of(before, delta)
-    noise = calibrate_noise(before, 1.0, 1, delta, spent + share * (budget - spent), limit=RELEASE_MAX_NOISE_MULTIPLIER)
+    spent = epsilon_of(before, delta, ledger.rdp_only)
+    noise = calibrate_noise(before, 1.0, 1, delta, spent + share * (budget - spent),
+                            limit=RELEASE_MAX_NOISE_MULTIPLIER, rdp_only=ledger.rdp_only)
     ledger.record(f"{run_key}/{SELECTION}", 0, noise, 1.0, 1, delta, budget)
     return noise
 

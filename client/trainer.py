@@ -112,7 +112,7 @@ class LocalTrainer:
             before = [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.ledger.entries() if e.run_id != run_id]
             self._noise[run_id] = calibrate_noise(before, self.sample_rate,
                                                   self.rounds * self.steps_per_round, self.delta,
-                                                  self.privacy.epsilon)
+                                                  self.privacy.epsilon, rdp_only=self.ledger.rdp_only)
         return self._noise[run_id]
 
     def _augmenter(self, max_len: int) -> Augmenter | None:
