@@ -9,11 +9,15 @@ A merchant that cannot afford the release declines at setup, or at the mask stag
 
 from __future__ import annotations
 
+import math
+import time
+
 from flwr.app import ConfigRecord, Context, Message
 
 from fedaug.client.ledger import BudgetExceeded
 from fedaug.client.merchant import Merchant
 from fedaug.client.releases import check_candidates, secure_statistics, statistics_variances
+from fedaug.client.round_log import MerchantRound, append_round
 from fedaug.common.protocol.messages import (
     SecureCiphertexts,
     SecureKeys,
@@ -57,6 +61,7 @@ def share_keys(msg: Message, context: Context) -> Message:
 
 def mask(msg: Message, context: Context, merchant: Merchant) -> Message:
     """The release, noised with this merchant's share and ledgered, masked for the sum."""
+    started = time.monotonic()
     instruction = SecureMask.decode(msg.content)
     request = instruction.request
     check_candidates(request, merchant.model_config.n_items)
@@ -69,8 +74,13 @@ def mask(msg: Message, context: Context, merchant: Merchant) -> Message:
         return Message(SecureMasked(partition=merchant.partition_id, decline=str(exc)).encode(), reply_to=msg)
     masked = protocol.mask(instruction.ciphertexts, vector)
     _keep(context, request.run_key, protocol)
-    reply = SecureMasked(vector=masked, share_variances=shares, epsilon=merchant.trainer.epsilon_spent(),
-                         partition=merchant.partition_id)
+    epsilon = merchant.trainer.epsilon_spent()
+    if merchant.state_dir is not None:
+        append_round(merchant.state_dir, MerchantRound(
+            round=0, run=request.run_key, declined=False, epsilon=None if math.isinf(epsilon) else epsilon,
+            seconds=0.0, bytes_sent=int(masked.nbytes), stage="statistics",
+            work_seconds=round(time.monotonic() - started, 3)))
+    reply = SecureMasked(vector=masked, share_variances=shares, epsilon=epsilon, partition=merchant.partition_id)
     return Message(reply.encode(), reply_to=msg)
 
 

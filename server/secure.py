@@ -146,13 +146,15 @@ def secure_sum(grid: Grid, settings: FederationSection, request: StatisticsReque
         aggregator.add_masked(node, answer.vector)
     aggregator.check("mask")
     unmasks = {n: SecureUnmask(request.run_key, *map(tuple, aggregator.unmask_request(n))) for n in masked}
-    for node, answer in _exchange(grid, settings, SECURE_UNMASK, SecureShares, unmasks).items():
+    shares = _exchange(grid, settings, SECURE_UNMASK, SecureShares, unmasks)
+    for node, answer in shares.items():
         aggregator.add_shares(node, answer.shares)
     total = aggregator.result()
     survivors = [masked[n] for n in aggregator.survivors]
     summed = tuple(float(v) for v in np.sum([s.share_variances for s in survivors], axis=0))
     epsilons = [s.epsilon for s in survivors if math.isfinite(s.epsilon)]
-    log(INFO, "fedaug secure sum: %d of %d merchants unmasked together (T = %d)", len(survivors), m, t)
+    log(INFO, "fedaug secure sum: the vectors of %d of %d merchants unmasked together, with the key shares of %d "
+        "(T = %d)", len(survivors), m, len(shares), t)
     return SecureSum(total=total, merchants=m, survivors=len(survivors), tolerated=t, variances=summed,
                      pooled=variances, epsilon=max(epsilons, default=None))
 

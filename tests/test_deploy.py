@@ -294,6 +294,56 @@ def test_a_killed_merchant_rejoins_with_its_ledger_and_an_exhausted_one_declines
     assert load_bundle(tmp_path / "merchant-2" / "model").card.trained["rounds"] == 3
 
 
+@pytest.fixture(scope="module")
+def titled_site(tmp_path_factory) -> Path:
+    """Like ``site``, with item titles in the public catalog: the federation releases DP statistics."""
+    root = tmp_path_factory.mktemp("titled")
+    write_certificates(root / "certs", merchants=3)
+    write_merchant_files(generate(SyntheticSection(users=300, items=120, merchants=3)), root / "data")
+    return root
+
+
+def test_a_secure_sum_completes_when_a_merchant_is_killed_after_masking(titled_site, tmp_path):
+    """Acceptance 3 with real processes: three merchant daemons release their statistics through SecAgg+; merchant
+    3 is killed (kill -9) as soon as its masked vector has left it. The aggregator still unmasks the sum of all
+    three — the two survivors' key shares remove merchant 3's masks — and the federation ends with every living
+    merchant holding the bundle."""
+    port = free_port()
+    config = aggregator_config(titled_site, tmp_path, port, rounds=1, keys=[1, 2, 3], round_timeout=120.0)
+    aggregator = Daemon(tmp_path, "aggregator", "aggregator", "--config", str(config))
+    merchants = {i: Daemon(tmp_path, f"merchant-{i}", "merchant", "--config",
+                           str(merchant_config(titled_site, tmp_path, i, port))) for i in (1, 2, 3)}
+    supernode = tmp_path / "merchant-3" / "supernode.log"
+
+    def masked_vector_sent() -> bool:
+        text = supernode.read_text(errors="replace") if supernode.exists() else ""
+        _, sending, after = text.partition("Sending: query.secure_mask message")
+        return bool(sending) and "Sent successfully" in after
+
+    try:
+        wait_for(masked_vector_sent, 600, "merchant 3's masked vector", aggregator, merchants[3])
+        merchants[3].kill()  # kill -9 of merchant 3's daemon and its SuperNode, before the unmask stage
+        assert aggregator.wait(900) == 0, aggregator.output()[-3000:]
+    finally:
+        for daemon in [aggregator, *merchants.values()]:
+            daemon.stop()
+
+    said = aggregator.output()
+    assert "the vectors of 3 of 3 merchants unmasked together, with the key shares of 2 (T = 1)" in said, said[-3000:]
+    assert "Receiving: query.secure_unmask" not in supernode.read_text(errors="replace")
+    bundle = load_bundle(tmp_path / "aggregator" / "server" / "model")
+    release = bundle.card.parts["statistics"]["release"]
+    assert (release["secure_aggregation"], release["noise"], release["merchants"], release["survivors"]) == (
+        "SecAgg+", "pooled", 3, 3)
+    assert bundle.card.privacy["secure_aggregation"]["assumes"]
+    final = bundle_hash(tmp_path / "aggregator" / "server" / "model")
+    assert [bundle_hash(tmp_path / f"merchant-{i}" / "model") for i in (1, 2)] == [final] * 2
+    for i in (1, 2, 3):  # each merchant's ledger holds its one pooled statistics release
+        entries = ledger_rounds(tmp_path, i)
+        assert [run.endswith("/statistics") for run, _, _ in entries].count(True) == 1
+    assert "statistics counted and masked for a secure sum" in merchants[1].output()
+
+
 def test_a_killed_aggregator_resumes_from_its_state_dir(site, tmp_path):
     port = free_port()
     # A merchant that was mid-training when the aggregator died retrains round 2 for the resumed one: on a loaded
@@ -349,6 +399,8 @@ def test_the_readme_deployment_demo_hands_every_merchant_the_fused_model(tmp_pat
     assert bundle.card.scorer["kind"] == "fused" and bundle.card.scorer["prior"]["kind"] == "text+statistics"
     assert bundle.catalog.titles and all(bundle.catalog.titles)
     assert bundle.card.parts["model"]["evaluation"]["merchants"] == 3
+    release = bundle.card.parts["statistics"]["release"]  # three merchants: the statistics went through SecAgg+
+    assert (release["secure_aggregation"], release["noise"], release["survivors"]) == ("SecAgg+", "pooled", 3)
     for i in (1, 2, 3):
         assert bundle_hash(state / f"merchant-{i}" / "model") == expected
         check = json.loads((state / f"merchant-{i}" / "model-check.json").read_text())

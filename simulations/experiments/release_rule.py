@@ -17,12 +17,13 @@ Recorded in simulations/results/beauty-release-rule/ (valid.json; the printed li
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from fedaug.client.ledger import calibrate_noise
+from fedaug.client.ledger import RELEASE_MAX_NOISE_MULTIPLIER, calibrate_noise, epsilon_of
 from fedaug.common.atomic import write_json_atomic
 from fedaug.common.config import TextSection
 from fedaug.common.data.loaders import load
@@ -32,14 +33,17 @@ from fedaug.common.model.evaluate import evaluate_per_user
 from fedaug.common.priors.dp_counts import (
     FALSE_KEEPS,
     RELEASES,
+    Counts,
     ReleaseRule,
     bounded_counts,
     noised,
     release_cut,
+    skellam_noised,
     text_neighbours,
 )
 from fedaug.common.priors.text import catalog_vectors
 from fedaug.common.priors.text_prior import TextPrior
+from fedaug.common.privacy.skellam import share_variance, variance_for
 
 
 def floats(text: str) -> list[float]:
@@ -48,6 +52,42 @@ def floats(text: str) -> list[float]:
         return [float(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def ints(text: str) -> list[int]:
+    """A comma-separated list of integers."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def release(true: list[Counts], users: list[int], epsilon: float, args: argparse.Namespace, max_pairs: int,
+            rng: np.random.Generator) -> Counts:
+    """The merchants' summed release at ``epsilon`` each, as a federation makes it: the selection reserved first,
+    then ``share`` of what is left; local Gaussian noise per merchant, or pooled Skellam shares (server/secure.py,
+    client/releases.py ``statistics_variances`` / ``secure_statistics``)."""
+    if math.isinf(epsilon):
+        return sum(true[1:], true[0])
+    pooled = args.noise == "pooled"
+    needs = []
+    for n_users in users:
+        delta = 1.0 / (10 * n_users)
+        history = [(calibrate_noise([], 1.0, 1, delta, args.selection_share * epsilon,
+                                    limit=RELEASE_MAX_NOISE_MULTIPLIER), 1.0, 1)] if args.selection_share else []
+        spent = epsilon_of(history, delta, rdp_only=pooled)
+        needs.append(calibrate_noise(history, 1.0, RELEASES, delta, spent + args.share * (epsilon - spent),
+                                     rdp_only=pooled))
+    if not pooled:
+        return sum((noised(c, noise_multiplier=z, max_items=args.max_items, max_pairs=max_pairs, rng=rng)
+                    for c, z in zip(true, needs, strict=True)), Counts(0 * true[0].popularity, 0 * true[0].pairs))
+    t = args.tolerated if args.tolerated is not None else max(1, len(true) // 3)
+    noise = max(needs)
+    variances = [variance_for(noise, l1=bound, l2=math.sqrt(bound)) for bound in (args.max_items, max_pairs)]
+    shares = [share_variance(v, merchants=len(true), tolerated=t) for v in variances]
+    summed = [skellam_noised(c, popularity_variance=shares[0], pair_variance=shares[1], rng=rng) for c in true]
+    total = sum(summed[1:], summed[0])
+    return Counts(total.popularity, total.pairs, math.sqrt(len(true) * shares[0]), math.sqrt(len(true) * shares[1]))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,10 +103,16 @@ def parser() -> argparse.ArgumentParser:
     made.add_argument("--pair-weights", type=floats, default=[0.1, 0.3, 1.0])
     made.add_argument("--false-keeps", type=floats, default=[FALSE_KEEPS],
                       help="the rule's expected share of kept cells that are pure noise")
-    made.add_argument("--neighbours", type=int, default=50, help="text neighbours per item (pair candidates)")
+    made.add_argument("--neighbours", type=ints, default=[50], help="text neighbours per item (pair candidates)")
     made.add_argument("--decay", type=float, default=0.25, help="the text prior's history weighting")
     made.add_argument("--max-items", type=int, default=8, help="popularity cells per user")
-    made.add_argument("--max-pairs", type=int, default=1, help="transitions per user")
+    made.add_argument("--max-pairs", type=ints, default=[1], help="transitions per user")
+    made.add_argument("--noise", choices=("local", "pooled"), default="local",
+                      help="local: each merchant's own Gaussian, summed; pooled: Skellam shares of one noise, as a "
+                           "secure sum gives (M - T survivors carry it; accounted by RDP)")
+    made.add_argument("--tolerated", type=int, default=None, help="pooled: T (default: the federation's auto)")
+    made.add_argument("--selection-share", type=float, default=0.05,
+                      help="the selection release reserved before the statistics, as a federation does")
     made.add_argument("--seed", type=int, default=0)
     return made
 
@@ -78,32 +124,34 @@ def probe(args: argparse.Namespace) -> None:
     split = leave_one_out(data)
     vectors = catalog_vectors(TextSection(), data, "cpu")
     prior = TextPrior(vectors, decay=args.decay)
-    neighbours = text_neighbours(vectors, args.neighbours)
     base = float(evaluate_per_user(prior, split, "valid")["ndcg@10"].mean())
     print("prior valid", base, round(time.monotonic() - started), flush=True)
     merchants = merchant_partitions(assign_merchants(split.train, args.merchants, "uniform", args.seed))
-    true = [bounded_counts(m.sequences(), neighbours, max_items=args.max_items, max_pairs=args.max_pairs)
-            for m in merchants]
+    users = [m.n_users for m in merchants]
     rng = np.random.default_rng(args.seed)
     rows = []
-    for epsilon in args.epsilons:
-        released = None
-        for merchant, counts in zip(merchants, true, strict=True):
-            noise = calibrate_noise([], 1.0, RELEASES, 1.0 / (10 * merchant.n_users), args.share * epsilon)
-            one = counts if noise == 0 else noised(counts, noise_multiplier=noise, max_items=args.max_items,
-                                                    max_pairs=args.max_pairs, rng=rng)
-            released = one if released is None else released + one
-        print("eps", epsilon, "cuts", release_cut(released.popularity, released.popularity_std),
-              release_cut(released.pairs, released.pair_std), flush=True)
-        for false_keeps in args.false_keeps:
-            for popularity_weight in args.popularity_weights:
-                for pair_weight in args.pair_weights:
-                    rule = ReleaseRule(popularity_weight, pair_weight, false_keeps)
-                    valid = evaluate_per_user(rule.scorer(prior, released, neighbours), split, "valid")["ndcg@10"]
-                    rows.append({"eps": epsilon, "fk": false_keeps, "pw": popularity_weight, "qw": pair_weight,
-                                 "valid": float(valid.mean())})
-                    print(rows[-1], round(time.monotonic() - started), flush=True)
-        write_json_atomic(args.out, rows)
+    for k in args.neighbours:
+        neighbours = text_neighbours(vectors, k)
+        for max_pairs in args.max_pairs:
+            true = [bounded_counts(m.sequences(), neighbours, max_items=args.max_items, max_pairs=max_pairs)
+                    for m in merchants]
+            for epsilon in args.epsilons:
+                released = release(true, users, epsilon, args, max_pairs, rng)
+                print("eps", epsilon, "neighbours", k, "max_pairs", max_pairs, "noise", args.noise, "cuts",
+                      release_cut(released.popularity, released.popularity_std),
+                      release_cut(released.pairs, released.pair_std), "stds", round(released.popularity_std, 3),
+                      round(released.pair_std, 3), flush=True)
+                for false_keeps in args.false_keeps:
+                    for popularity_weight in args.popularity_weights:
+                        for pair_weight in args.pair_weights:
+                            rule = ReleaseRule(popularity_weight, pair_weight, false_keeps)
+                            valid = evaluate_per_user(rule.scorer(prior, released, neighbours), split,
+                                                      "valid")["ndcg@10"]
+                            rows.append({"eps": epsilon, "noise": args.noise, "neighbours": k,
+                                         "max_pairs": max_pairs, "fk": false_keeps, "pw": popularity_weight,
+                                         "qw": pair_weight, "valid": float(valid.mean())})
+                            print(rows[-1], round(time.monotonic() - started), flush=True)
+                write_json_atomic(args.out, rows)
 
 
 def main(argv: list[str] | None = None) -> None:
