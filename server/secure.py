@@ -133,7 +133,7 @@ def secure_sum(grid: Grid, settings: FederationSection, request: StatisticsReque
     shared = _exchange(grid, settings, SECURE_SHARE, SecureCiphertexts,
                        {n: SecureShareKeys(run_key=request.run_key, keys=aggregator.keys_for(n)) for n in keys})
     for node, answer in shared.items():
-        aggregator.add_ciphertexts(node, answer.ciphertexts)
+        aggregator.add_ciphertexts(node, answer.by_node)
     aggregator.check("share_keys")
     m, floor = len(keys), len(keys) - t
     masked = _exchange(grid, settings, SECURE_MASK, SecureMasked,
@@ -148,7 +148,7 @@ def secure_sum(grid: Grid, settings: FederationSection, request: StatisticsReque
     unmasks = {n: SecureUnmask(request.run_key, *map(tuple, aggregator.unmask_request(n))) for n in masked}
     shares = _exchange(grid, settings, SECURE_UNMASK, SecureShares, unmasks)
     for node, answer in shares.items():
-        aggregator.add_shares(node, answer.shares)
+        aggregator.add_shares(node, answer.by_node)
     total = aggregator.result()
     survivors = [masked[n] for n in aggregator.survivors]
     summed = tuple(float(v) for v in np.sum([s.share_variances for s in survivors], axis=0))

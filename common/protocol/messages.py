@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord, RecordDict
@@ -809,19 +810,28 @@ class SecureShareKeys:
 
 
 @dataclass(frozen=True)
-class SecureCiphertexts:
-    """``query.secure_share``'s reply: the merchant's key shares, each encrypted for its destination."""
+class _ByNode:
+    """A reply of one byte string per node (a SecAgg+ stage's ciphertexts or key shares)."""
 
-    ciphertexts: dict[int, bytes]
+    by_node: dict[int, bytes]
     decline: None = None
+    KEY: ClassVar[str] = ""
+    WHERE: ClassVar[str] = ""
 
     def encode(self) -> RecordDict:
-        return RecordDict({SECURE: ConfigRecord(_pairs(self.ciphertexts, NODES, CIPHERTEXTS))})
+        return RecordDict({SECURE: ConfigRecord(_pairs(self.by_node, NODES, self.KEY))})
 
     @classmethod
-    def decode(cls, content: RecordDict) -> SecureCiphertexts:
-        where = "secure ciphertexts"
-        return cls(_read_pairs(_record(content, SECURE, ConfigRecord, where), NODES, CIPHERTEXTS, where))
+    def decode(cls, content: RecordDict):
+        return cls(_read_pairs(_record(content, SECURE, ConfigRecord, cls.WHERE), NODES, cls.KEY, cls.WHERE))
+
+
+@dataclass(frozen=True)
+class SecureCiphertexts(_ByNode):
+    """``query.secure_share``'s reply: the merchant's key shares, each encrypted for its destination node."""
+
+    KEY: ClassVar[str] = CIPHERTEXTS
+    WHERE: ClassVar[str] = "secure ciphertexts"
 
 
 @dataclass(frozen=True)
@@ -915,19 +925,11 @@ class SecureUnmask:
 
 
 @dataclass(frozen=True)
-class SecureShares:
+class SecureShares(_ByNode):
     """``query.secure_unmask``'s reply: the requested key shares, by the node they belong to."""
 
-    shares: dict[int, bytes]
-    decline: None = None
-
-    def encode(self) -> RecordDict:
-        return RecordDict({SECURE: ConfigRecord(_pairs(self.shares, NODES, SHARES))})
-
-    @classmethod
-    def decode(cls, content: RecordDict) -> SecureShares:
-        where = "secure shares"
-        return cls(_read_pairs(_record(content, SECURE, ConfigRecord, where), NODES, SHARES, where))
+    KEY: ClassVar[str] = SHARES
+    WHERE: ClassVar[str] = "secure shares"
 
 
 # --- the final model ------------------------------------------------------------------------------------------------
