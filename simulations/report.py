@@ -181,9 +181,18 @@ def render_report(metrics: RunMetrics, plots: list[str]) -> str:
     if priv is None or (isinstance(priv.epsilon_budget, int | float) and math.isinf(priv.epsilon_budget)):
         lines.append("- non-private (ε = inf): no DP-SGD, no noise, nothing accounted.")
     else:
+        how = ((metrics.parts or {}).get("statistics") or {}).get("release") or {}
+        pooled = how.get("secure_aggregation") is not None
         lines.append(f"- ε per merchant: max {_fmt(priv.epsilon_max)}, mean {_fmt(priv.epsilon_mean)} "
                      f"(budget {_fmt(priv.epsilon_budget)}), user-level DP-SGD with per-user clipping C = "
-                     f"{priv.max_grad_norm}, accounted by each merchant's ledger (PRV, never above RDP).")
+                     f"{priv.max_grad_norm}, accounted by each merchant's ledger "
+                     + ("(RDP: the statistics' Skellam release is accounted by its Rényi-DP bound)." if pooled else
+                        "(PRV, never above RDP)."))
+        if pooled:
+            lines.append(f"- noise: **{how['noise']}** for the statistics (through secure aggregation; it assumes "
+                         "each user shops at one merchant, that the aggregator follows the protocol and that at "
+                         f"most T = {how['tolerated']} merchants drop out or collude); DP-SGD updates: each "
+                         "merchant's own (local) noise.")
         releases = _releases_line(metrics)
         if releases:
             lines.append(releases)
