@@ -5,6 +5,11 @@ the histories test sees (``serve``: each user's validation item included), noise
 share of the merchant's ε budget (the four releases together). The release is committed to the ledger (under
 ``RUN/statistics``, so the run's DP-SGD noise is calibrated for what is left) and saved before it leaves; a
 repeated request for the same run resends the saved release instead of spending ε again.
+
+Under secure aggregation (client/secure.py) the same counts go out masked in a secure sum instead
+(``statistics_variances`` at its setup, ``secure_statistics`` at its mask stage): with integer Skellam noise, a share
+of one pooled noise (``[privacy] noise = "pooled"``) or all of it, ledgered as one Skellam release. The selection
+release (``reserve_selection``, ``release_selection``) is sent one by one either way.
 """
 
 from __future__ import annotations
