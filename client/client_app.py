@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 from flwr.app import Context, Message
@@ -25,15 +23,19 @@ from flwr.clientapp import ClientApp
 from fedaug.client import replay, secure
 from fedaug.client.ledger import BudgetExceeded
 from fedaug.client.merchant import Merchant, MerchantSource, merchant_for
-from fedaug.client.releases import check_candidates, release_selection, release_statistics, selection_noise
+from fedaug.client.releases import (
+    candidate_figures,
+    check_candidates,
+    release_selection,
+    release_statistics,
+    selection_noise,
+)
 from fedaug.client.round_log import MerchantRound, append_round
 from fedaug.common.flower_logging import tame_flower_logging
 from fedaug.common.memory import single_malloc_arena
 from fedaug.common.model.evaluate import evaluate as evaluate_split
 from fedaug.common.model.evaluate import sasrec_scorer
 from fedaug.common.model.metrics import METRIC_NAMES
-from fedaug.common.priors.fusion import Fused
-from fedaug.common.priors.fusion_weights import figures
 from fedaug.common.protocol.messages import (
     MODEL,
     PROXIMAL_MU,
@@ -57,7 +59,7 @@ from fedaug.common.protocol.messages import (
     Update,
     action,
 )
-from fedaug.common.recommend.bundle import bundle_hash, load_bundle, write_bundle_files
+from fedaug.common.recommend.bundle import bundle_hash, write_bundle_files
 from fedaug.runtime.flower import Mod
 
 single_malloc_arena()  # this process trains round after round: keep its RSS from creeping
@@ -201,19 +203,12 @@ def select(msg: Message, merchant: Merchant) -> Message:
     through the Gaussian mechanism reserved for this run (common/priors/fusion_weights.py, client/releases.py)."""
     request = SelectionRequest.decode(msg.content)
     run_key, weights = request.run_key, request.weights
-    if math.inf not in weights or len(set(weights)) != len(weights):
-        raise ValueError("selection: the candidate weights must be distinct and include inf (the prior alone)")
     trainer = merchant.trainer
     if selection_noise(trainer, run_key) is None:
         return _declined(msg, merchant, f"run {run_key}: no selection release was reserved")
-    with tempfile.TemporaryDirectory(prefix="fedaug-candidate-") as folder:
-        candidate = load_bundle(write_bundle_files(Path(folder) / "model", request.bundle),
-                                device=merchant.device).scorer
-    if not isinstance(candidate, Fused) or candidate.prior is None:
-        raise ValueError("selection: the candidate bundle is not a fused model")
+    exact = candidate_figures(request, merchant.split, merchant.device)
     try:
-        released, noise = release_selection(trainer, run_key,
-                                            figures(candidate.model, candidate.prior, merchant.split, weights),
+        released, noise = release_selection(trainer, run_key, exact,
                                             state_dir=trainer.ledger.path.parent if trainer.ledger else None,
                                             weights=weights)
     except BudgetExceeded as exc:

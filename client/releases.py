@@ -8,14 +8,15 @@ repeated request for the same run resends the saved release instead of spending 
 
 Under secure aggregation (client/secure.py) the same counts go out masked in a secure sum instead
 (``statistics_variances`` at its setup, ``secure_statistics`` at its mask stage): with integer Skellam noise, a share
-of one pooled noise (``[privacy] noise = "pooled"``) or all of it, ledgered as one Skellam release. The selection
-release (``reserve_selection``, ``release_selection``) is sent one by one either way.
+of one pooled noise (``[privacy] noise = "pooled"``) or all of it, ledgered as one Skellam release. So can the
+run's selection figures (``selection_variance``, ``secure_selection``), whose noise was reserved before round 1.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,10 @@ from fedaug.common.priors.dp_counts import (
     skellam_noised,
     vector_of,
 )
-from fedaug.common.privacy.skellam import equivalent_noise_multiplier, share_variance, variance_for
-from fedaug.common.protocol.messages import StatisticsRequest
+from fedaug.common.priors.fusion import Fused
+from fedaug.common.privacy.skellam import equivalent_noise_multiplier, share_variance, skellam_noise, variance_for
+from fedaug.common.protocol.messages import SelectionRequest, StatisticsRequest
+from fedaug.common.recommend.bundle import load_bundle, write_bundle_files
 
 
 def release_statistics(trainer: LocalTrainer, run_key: str, neighbours: np.ndarray, *, share: float,
@@ -198,6 +201,65 @@ def selection_noise(trainer: LocalTrainer, run_key: str) -> float | None:
     return entries[0].noise_multiplier if entries else None
 
 
+def candidate_figures(request: SelectionRequest, split, device) -> np.ndarray:
+    """This merchant's exact selection vector: the request's candidate bundle (a fused model) scored at each of its
+    weights on ``split``'s validation users (common/priors/fusion_weights.py)."""
+    weights = request.weights
+    if math.inf not in weights or len(set(weights)) != len(weights):
+        raise ValueError("selection: the candidate weights must be distinct and include inf (the prior alone)")
+    with tempfile.TemporaryDirectory(prefix="fedaug-candidate-") as folder:
+        candidate = load_bundle(write_bundle_files(Path(folder) / "model", request.bundle), device=device).scorer
+    if not isinstance(candidate, Fused) or candidate.prior is None:
+        raise ValueError("selection: the candidate bundle is not a fused model")
+    return fusion_weights.figures(candidate.model, candidate.prior, split, weights)
+
+
+def selection_variance(trainer: LocalTrainer, request: SelectionRequest) -> float:
+    """Setup of a secure selection release: the Skellam variance (in ``fusion_weights.quantised`` units) the sum
+    must carry for the noise this run reserved (``reserve_selection``) to hold; 0: non-private. BudgetExceeded
+    where the run reserved none, or where this merchant released its figures for the run already."""
+    noise = selection_noise(trainer, request.run_key)
+    if noise is None:
+        raise BudgetExceeded(f"run {request.run_key}: no selection release was reserved before training")
+    if noise == 0:
+        return 0.0
+    if any(path.is_file() for path in _selection_paths(trainer, request.run_key)):
+        raise BudgetExceeded(f"run {request.run_key}: this merchant released its selection figures already")
+    if not trainer.ledger.rdp_only:  # (its pooled statistics put it there: a sum without them must not be Skellam)
+        raise BudgetExceeded(f"run {request.run_key}: the selection was reserved as a Gaussian release, accounted by "
+                             "PRV; a Skellam release needs the ledger on RDP (a pooled statistics release first)")
+    l1, l2 = fusion_weights.integer_sensitivities(request.weights)
+    return variance_for(noise, l1=l1, l2=l2)
+
+
+def secure_selection(trainer: LocalTrainer, request: SelectionRequest, exact: np.ndarray, *, variance: float,
+                     merchants: int, tolerated: int) -> tuple[np.ndarray, float]:
+    """The integer vector this merchant masks in a secure selection sum and the noise variance it added: its
+    ``quantised`` figures plus its share of the pooled Skellam noise (or all of it, under local noise). The noise
+    was ledgered when the run reserved it; the release is kept, so that the run's figures leave this merchant
+    once (a second sum with other survivors could tell its vector from the difference)."""
+    vector = fusion_weights.quantised(exact)
+    if not trainer.privacy.private:
+        return vector, 0.0
+    if selection_variance(trainer, request) > variance * (1 + 1e-9):
+        raise BudgetExceeded(f"run {request.run_key}: the secure sum carries less noise than this merchant's "
+                             "reserved selection release needs")
+    share = (share_variance(variance, merchants=merchants, tolerated=tolerated) if trainer.privacy.noise == "pooled"
+             else variance)
+    released = vector + skellam_noise(vector.shape, variance=share, rng=np.random.default_rng())
+    buffer = io.BytesIO()
+    np.save(buffer, released)
+    write_bytes_atomic(_selection_paths(trainer, request.run_key)[1], buffer.getvalue())
+    return released, share
+
+
+def _selection_paths(trainer: LocalTrainer, run_key: str) -> tuple[Path, Path]:
+    """Where a run's selection release is kept: sent alone (resent on a repeated request), or masked in a secure
+    sum (never sent again: it carries only a share of the noise)."""
+    folder = trainer.ledger.path.parent
+    return folder / f"{SELECTION}-{run_key}.npy", folder / f"{SELECTION}-{run_key}-secure.npy"
+
+
 def release_selection(trainer: LocalTrainer, run_key: str, exact: np.ndarray, *, state_dir: Path | None,
                       weights: tuple[float, ...]) -> tuple[np.ndarray, float]:
     """The noised selection vector this merchant releases for run ``run_key`` (the saved one if it released
@@ -207,6 +269,8 @@ def release_selection(trainer: LocalTrainer, run_key: str, exact: np.ndarray, *,
         raise BudgetExceeded(f"run {run_key}: no selection release was reserved before training (its statistics "
                              "request carried no selection share)")
     path = Path(state_dir) / f"{SELECTION}-{run_key}.npy" if state_dir is not None else None
+    if trainer.privacy.private and _selection_paths(trainer, run_key)[1].is_file():
+        raise BudgetExceeded(f"run {run_key}: this merchant released its selection figures in a secure sum already")
     if path is not None and path.is_file():
         return np.load(path), noise
     released = fusion_weights.noised(exact, noise, weights)

@@ -26,8 +26,8 @@ class MerchantRound:
     bytes_sent: int
     """Size of the update as sent (0 when declined): compressed, when the server asked for it."""
     stage: str = "train"
-    """train, evaluate (a non-private merchant scoring the global model), or statistics (its counts, masked for a
-    secure sum)."""
+    """train, evaluate (a non-private merchant scoring the global model), statistics or selection (its counts, or
+    its figures for the candidate model, masked for a secure sum)."""
     work_seconds: float = 0.0
     """The handler's own time for this message: training or scoring, and encoding the reply."""
     setup_seconds: float = 0.0
@@ -41,6 +41,9 @@ class MerchantRound:
         if self.stage == "statistics":
             return (f"before round 1: statistics counted and masked for a secure sum in {self.work_seconds:.1f} s, "
                     f"{spent}, {self.bytes_sent:,} bytes sent")
+        if self.stage == "selection":
+            return (f"after the last round: the candidate model scored and masked for a secure sum in "
+                    f"{self.work_seconds:.1f} s, {spent}, {self.bytes_sent:,} bytes sent")
         if self.declined:
             return f"round {self.round}: declined (the round would pass the privacy budget; {spent})"
         return f"round {self.round}: trained in {self.seconds:.1f} s, {spent}, update of {self.bytes_sent:,} bytes sent"

@@ -2,8 +2,9 @@
 ClientApp queries, one per SecAgg+ stage. Between them the merchant's protocol state (its secret keys, the key
 shares it holds) lives in Flower's ``context.state`` for the run, under the federation's run key.
 
-What it masks is its release: today the DP statistics (client/releases.py ``secure_statistics``), noised with its
-share of the pooled noise (or the whole noise, under ``[privacy] noise = "local"``) and ledgered before it leaves.
+What it masks is its release — the DP statistics (client/releases.py ``secure_statistics``) or the run's selection
+figures (``secure_selection``) — noised with its share of the pooled noise (or the whole noise, under ``[privacy]
+noise = "local"``) and ledgered before it leaves.
 A merchant that cannot afford the release declines at setup, or at the mask stage (then it counts as dropped).
 """
 
@@ -16,7 +17,14 @@ from flwr.app import ConfigRecord, Context, Message
 
 from fedaug.client.ledger import BudgetExceeded
 from fedaug.client.merchant import Merchant
-from fedaug.client.releases import check_candidates, secure_statistics, statistics_variances
+from fedaug.client.releases import (
+    candidate_figures,
+    check_candidates,
+    secure_selection,
+    secure_statistics,
+    selection_variance,
+    statistics_variances,
+)
 from fedaug.client.round_log import MerchantRound, append_round
 from fedaug.common.protocol.messages import (
     SecureCiphertexts,
@@ -27,6 +35,7 @@ from fedaug.common.protocol.messages import (
     SecureShareKeys,
     SecureShares,
     SecureUnmask,
+    SelectionRequest,
 )
 from fedaug.runtime.secagg import MerchantSecAgg
 
@@ -37,9 +46,13 @@ STATE = "fedaug-secure-aggregation"
 def setup(msg: Message, context: Context, merchant: Merchant) -> Message:
     """Make fresh key pairs for the sum and say what noise this merchant's ledger needs the sum to carry."""
     instruction = SecureSetup.decode(msg.content)
-    check_candidates(instruction.request, merchant.model_config.n_items)
+    request = instruction.request
     try:
-        variances = statistics_variances(merchant.trainer, instruction.request.run_key, instruction.request)
+        if isinstance(request, SelectionRequest):
+            variances = (selection_variance(merchant.trainer, request),)
+        else:
+            check_candidates(request, merchant.model_config.n_items)
+            variances = statistics_variances(merchant.trainer, request.run_key, request)
     except BudgetExceeded as exc:
         return Message(SecureKeys(partition=merchant.partition_id, decline=str(exc)).encode(), reply_to=msg)
     protocol = MerchantSecAgg.setup(node_id=context.node_id, threshold=instruction.threshold, bits=instruction.bits)
@@ -63,13 +76,20 @@ def mask(msg: Message, context: Context, merchant: Merchant) -> Message:
     """The release, noised with this merchant's share and ledgered, masked for the sum."""
     started = time.monotonic()
     instruction = SecureMask.decode(msg.content)
-    request = instruction.request
-    check_candidates(request, merchant.model_config.n_items)
+    request, trainer = instruction.request, merchant.trainer
     protocol = _protocol(context, request.run_key)
     try:
-        vector, shares = secure_statistics(merchant.trainer, request, merchant.split.seen_sequences(),
-                                           variances=instruction.variances, merchants=instruction.merchants,
-                                           tolerated=instruction.tolerated)
+        if isinstance(request, SelectionRequest):
+            exact = candidate_figures(request, merchant.split, merchant.device)
+            vector, share = secure_selection(trainer, request, exact, variance=instruction.variances[0],
+                                             merchants=instruction.merchants, tolerated=instruction.tolerated)
+            shares, stage = (share,), "selection"
+        else:
+            check_candidates(request, merchant.model_config.n_items)
+            vector, shares = secure_statistics(trainer, request, merchant.split.seen_sequences(),
+                                               variances=instruction.variances, merchants=instruction.merchants,
+                                               tolerated=instruction.tolerated)
+            stage = "statistics"
     except BudgetExceeded as exc:
         return Message(SecureMasked(partition=merchant.partition_id, decline=str(exc)).encode(), reply_to=msg)
     masked = protocol.mask(instruction.ciphertexts, vector)
@@ -78,7 +98,7 @@ def mask(msg: Message, context: Context, merchant: Merchant) -> Message:
     if merchant.state_dir is not None:
         append_round(merchant.state_dir, MerchantRound(
             round=0, run=request.run_key, declined=False, epsilon=None if math.isinf(epsilon) else epsilon,
-            seconds=0.0, bytes_sent=int(masked.nbytes), stage="statistics",
+            seconds=0.0, bytes_sent=int(masked.nbytes), stage=stage,
             work_seconds=round(time.monotonic() - started, 3)))
     reply = SecureMasked(vector=masked, share_variances=shares, epsilon=epsilon, partition=merchant.partition_id)
     return Message(reply.encode(), reply_to=msg)

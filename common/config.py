@@ -494,10 +494,10 @@ class FederationSection(Section):
     selection_share: float = Field(0.05, gt=0, lt=1)
     """Fraction of each private merchant's budget (left before the run) the selection release may spend."""
     secure_aggregation: bool | Literal["auto"] = "auto"
-    """SecAgg+ for the statistics release (runtime/secagg.py): the aggregator unmasks only the merchants' sum, never
-    one merchant's counts, and private merchants whose [privacy] noise is "pooled" each add a share of one Skellam
-    noise instead of a whole noise each. auto: on with at least 3 merchants; true refuses fewer (the protocol's
-    minimum). DP-SGD updates and the selection's figures are still sent one by one."""
+    """SecAgg+ for the statistics and the selection's figures (runtime/secagg.py): the aggregator unmasks only the
+    merchants' sum, never one merchant's release, and private merchants whose [privacy] noise is "pooled" each add
+    a share of one Skellam noise instead of a whole noise each. auto: on with at least 3 merchants; true refuses
+    fewer (the protocol's minimum). DP-SGD updates are still sent one by one."""
     secure_aggregation_dropouts: int | Literal["auto"] = "auto"
     """T: merchants that may drop out of a secure sum or collude with the aggregator. Pooled noise shares are sized
     so that the other M − T carry the whole noise, and no sum of fewer than M − T is unmasked. auto: a third of the

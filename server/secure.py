@@ -38,6 +38,7 @@ from fedaug.common.protocol.messages import (
     SecureShareKeys,
     SecureShares,
     SecureUnmask,
+    SelectionRequest,
     StatisticsRequest,
 )
 from fedaug.common.records import merchant_name
@@ -107,7 +108,8 @@ def tolerated(settings: FederationSection, merchants: int) -> int:
     return t
 
 
-def secure_sum(grid: Grid, settings: FederationSection, request: StatisticsRequest, *, length: int) -> SecureSum:
+def secure_sum(grid: Grid, settings: FederationSection, request: StatisticsRequest | SelectionRequest, *,
+               length: int) -> SecureSum:
     """Run one secure sum of ``request``'s release (vectors of ``length``) over every connected merchant.
 
     Raises SecAggFailed (one line: the stage and why) where too few merchants are left to unmask a sum of at least

@@ -1,8 +1,9 @@
 """The aggregator's side of the federated DP evaluation (common/priors/fusion_weights.py, client/client_app.py
 ``select``): after the last round it sends every connected merchant the candidate model — the final global model fused
 with the public prior and the summed fit-count statistics, as a bundle — with the public grid of fusion weights; each
-merchant answers with its noised figures (accounted in its ledger, reserved before round 1); the sum picks the
-trained model's weight in the model handed out. Summing and choosing are post-processing: no further ε."""
+merchant answers with its noised figures (accounted in its ledger, reserved before round 1) — through one secure
+sum where the federation runs secure aggregation (server/secure.py), else one by one; the sum picks the trained
+model's weight in the model handed out. Summing and choosing are post-processing: no further ε."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from fedaug.common.config import FederationSection
 from fedaug.common.priors import fusion_weights
 from fedaug.common.protocol.messages import SELECTION, SelectionReply, SelectionRequest
 from fedaug.common.records import merchant_name
+from fedaug.runtime.secagg import SecAggFailed
+from fedaug.server import secure
 from fedaug.server.replies import query_reply
 
 
@@ -27,6 +30,8 @@ def evaluate_candidates(grid: Grid, settings: FederationSection, run_key: str, c
     (fedaug.common.priors.fusion_weights.choose) with how many merchants answered. No merchant answering: the weight
     is ∞."""
     request = SelectionRequest(run_key=run_key, weights=tuple(float(w) for w in weights), bundle=dict(candidate))
+    if secure.enabled(settings, len(list(grid.get_node_ids()))):
+        return _securely(grid, settings, request)
     messages = [Message(request.encode(), dst_node_id=node, message_type=SELECTION) for node in grid.get_node_ids()]
     total, variance, answered = None, 0.0, 0
     for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
@@ -45,6 +50,24 @@ def evaluate_candidates(grid: Grid, settings: FederationSection, run_key: str, c
     chosen = fusion_weights.choose(total, math.sqrt(variance), weights) | {"merchants": answered}
     log(INFO, "fedaug selection: %d merchants scored %d candidate weights; the trained model's weight: %s",
         answered, len(weights), chosen["weight"])
+    return chosen
+
+
+def _securely(grid: Grid, settings: FederationSection, request: SelectionRequest) -> dict:
+    """The figures through one secure sum (server/secure.py): the aggregator sees only their sum, quantised
+    (``fusion_weights.quantised``), whose noise is the survivors' pooled shares. A sum that cannot be unmasked
+    leaves the trained model out (weight ∞), logged."""
+    try:
+        result = secure.secure_sum(grid, settings, request, length=fusion_weights.size(request.weights))
+    except SecAggFailed as exc:
+        log(WARNING, "fedaug selection: the secure sum failed (%s); the trained model is left out", exc)
+        return {"weight": math.inf, "merchants": 0, "candidates": [], "why": f"the secure sum failed ({exc})"}
+    total = result.total.astype(np.float64) / fusion_weights.SCALE
+    noise_std = math.sqrt(result.variances[0]) / fusion_weights.SCALE
+    chosen = fusion_weights.choose(total, noise_std, request.weights) | {"merchants": result.survivors,
+                                                                         "release": result.card()}
+    log(INFO, "fedaug selection: %d merchants scored %d candidate weights in a secure sum; the trained model's "
+        "weight: %s", result.survivors, len(request.weights), chosen["weight"])
     return chosen
 
 

@@ -93,8 +93,11 @@ def _selection_lines(metrics: RunMetrics) -> list[str]:
         lines += [f"{'DP evaluation' if alone else 'Federated DP evaluation'} "
                   f"({_count(evaluation.get('merchants', 0), 'merchant')}, "
                   f"{evaluation['users']:.0f} validation users as released, noise std {evaluation['noise_std']:.1f} "
-                  "per summed coordinate): the model's weight beside the prior with the statistics, each "
-                  "candidate's validation gain over none and the low end of its interval.", ""]
+                  "per summed coordinate"
+                  + (f"; through secure aggregation, {evaluation['release']['noise']} noise"
+                     if evaluation.get("release") else "")
+                  + "): the model's weight beside the prior with the statistics, each candidate's validation gain "
+                  "over none and the low end of its interval.", ""]
         lines += markdown_table(["weight", "valid NDCG@10 (released)", "gain", "low"],
                                 [[f"{c['weight']:g}", _fmt(c.get("valid_ndcg@10")), _fmt(c.get("gain")),
                                   _fmt(c.get("low"))] for c in evaluation["candidates"]])

@@ -164,6 +164,8 @@ def test_a_private_federation_hands_out_the_composite_chosen_without_held_out_da
     # The model's weight came from the merchants' federated DP evaluation, which every ledger lists.
     evaluation = bundle.card.parts["model"]["evaluation"]
     assert evaluation["merchants"] == 3 and len(evaluation["candidates"]) == 3 and evaluation["noise_std"] > 0
+    for release in (evaluation["release"], bundle.card.parts["statistics"]["release"]):  # three merchants: SecAgg+
+        assert (release["secure_aggregation"], release["noise"], release["survivors"]) == ("SecAgg+", "pooled", 3)
     assert bundle.scorer.weight == evaluation["weight"]
     assert "Federated DP evaluation (3 merchants" in report
     from fedaug.client.ledger import PrivacyLedger

@@ -207,3 +207,46 @@ def test_a_merchant_takes_part_in_one_secure_statistics_sum_per_run(tmp_path):
     assert collect_statistics(grid, settings, _neighbours(), "run-1").merchants == 3
     again = collect_statistics(ClientGrid(merchants), settings, _neighbours(), "run-1")
     assert again.statistics is None
+
+
+def test_the_selection_figures_leave_a_merchant_once_with_a_share_of_the_noise_it_reserved(tmp_path):
+    """The secure selection release carries the noise reserved before round 1 (as a Skellam of at least its
+    Gaussian's RDP, in quantised units), pooled among M − T; afterwards the figures never leave again, masked or
+    not. A merchant whose ledger is not on RDP (no pooled statistics) refuses it."""
+    from fedaug.client.ledger import BudgetExceeded
+    from fedaug.client.releases import (
+        release_selection,
+        release_statistics,
+        secure_selection,
+        selection_noise,
+        selection_variance,
+    )
+    from fedaug.common.priors import fusion_weights
+    from fedaug.common.privacy.skellam import equivalent_noise_multiplier
+    from fedaug.common.protocol.messages import SelectionRequest
+    from fedaug.server.statistics import collect_statistics
+
+    merchants = _merchants(3, 8.0, tmp_path)
+    collect_statistics(ClientGrid(merchants), _settings(tmp_path), _neighbours(), "run-1")
+    merchant = merchants[100]
+    request = SelectionRequest(run_key="run-1", weights=fusion_weights.WEIGHTS, bundle={})
+    variance = selection_variance(merchant.trainer, request)
+    l1, l2 = fusion_weights.integer_sensitivities()
+    reserved = selection_noise(merchant.trainer, "run-1")
+    assert reserved > 0 and equivalent_noise_multiplier(variance=variance, l1=l1, l2=l2) >= reserved
+    exact = np.linspace(0.0, 40.0, fusion_weights.size())
+    vector, share = secure_selection(merchant.trainer, request, exact, variance=variance, merchants=3, tolerated=1)
+    assert share == pytest.approx(variance / 2) and vector.dtype == np.int64
+    assert np.abs(vector - fusion_weights.quantised(exact)).max() < 8 * math.sqrt(share)
+    with pytest.raises(BudgetExceeded, match="released its selection figures already"):
+        selection_variance(merchant.trainer, request)
+    with pytest.raises(BudgetExceeded, match="in a secure sum already"):
+        release_selection(merchant.trainer, "run-1", exact, state_dir=tmp_path / "m0", weights=fusion_weights.WEIGHTS)
+
+    plain = _merchants(1, 8.0, tmp_path / "plain")[100]
+    release_statistics(plain.trainer, "run-2", _neighbours(), share=0.5, max_items=3, max_pairs=2,
+                       state_dir=tmp_path / "plain" / "m0", serve_sequences=plain.split.seen_sequences(),
+                       selection_share=0.05)
+    with pytest.raises(BudgetExceeded, match="reserved as a Gaussian release"):
+        selection_variance(plain.trainer, SelectionRequest(run_key="run-2", weights=fusion_weights.WEIGHTS,
+                                                           bundle={}))

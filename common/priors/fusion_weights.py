@@ -32,6 +32,21 @@ def sensitivity(weights: tuple[float, ...] = WEIGHTS) -> float:
     return math.sqrt(size(weights))
 
 
+SCALE = 1024
+"""A secure sum carries the vector as integers, ``round(SCALE × vector)`` per merchant: one user then moves each
+coordinate by at most SCALE + 1 (its own at most 1, scaled, and the rounding of the merchant's sum at most 1)."""
+
+
+def quantised(vector: np.ndarray) -> np.ndarray:
+    """A merchant's exact vector as the integers it masks in a secure sum."""
+    return np.round(np.asarray(vector, np.float64) * SCALE).astype(np.int64)
+
+
+def integer_sensitivities(weights: tuple[float, ...] = WEIGHTS) -> tuple[float, float]:
+    """(L1, L2) of one user's effect on a merchant's ``quantised`` vector."""
+    return (SCALE + 1) * size(weights), (SCALE + 1) * sensitivity(weights)
+
+
 def coordinates(per_user: dict[float, np.ndarray], weights: tuple[float, ...] = WEIGHTS) -> np.ndarray:
     """One merchant's exact vector from each candidate's per-user validation NDCG@10 (values in [0, 1])."""
     base = per_user[math.inf]

@@ -689,7 +689,7 @@ class SelectionReply:
 
 # --- secure aggregation (runtime/secagg.py) ------------------------------------------------------------------------
 
-SECURED = {"statistics": StatisticsRequest}
+SECURED = {"statistics": StatisticsRequest, "selection": SelectionRequest}
 """The releases a secure sum can carry, by name: the request each merchant answers with its vector."""
 
 
@@ -732,7 +732,7 @@ class SecureSetup:
     """``query.secure_setup``: take part in a secure sum of ``request``'s release — make two key pairs (Shamir
     ``threshold``, vectors mod 2**``bits``) and say what noise the merchant's accounting needs in the sum."""
 
-    request: StatisticsRequest
+    request: StatisticsRequest | SelectionRequest
     threshold: int
     bits: int
 
@@ -840,7 +840,7 @@ class SecureMask:
     sum is to carry: ``variances`` per part, shared among ``merchants`` of whom at most ``tolerated`` drop out
     or collude; the merchant answers ``request`` with its vector, noised with its share and masked."""
 
-    request: StatisticsRequest
+    request: StatisticsRequest | SelectionRequest
     ciphertexts: dict[int, bytes]
     variances: tuple[float, ...]
     merchants: int

@@ -76,14 +76,23 @@ def release(true: list[Counts], users: list[int], epsilon: float, args: argparse
         history = [(calibrate_noise([], 1.0, 1, delta, args.selection_share * epsilon,
                                     limit=RELEASE_MAX_NOISE_MULTIPLIER), 1.0, 1)] if args.selection_share else []
         spent = epsilon_of(history, delta, rdp_only=pooled)
-        needs.append(calibrate_noise(history, 1.0, RELEASES, delta, spent + args.share * (epsilon - spent),
-                                     rdp_only=pooled))
+        target = spent + args.share * (epsilon - spent)
+        if args.popularity_noise == 1.0:
+            needs.append(calibrate_noise(history, 1.0, RELEASES, delta, target, rdp_only=pooled))
+            continue
+        low, high = 0.05, 50.0  # pair noise z, popularity noise ratio·z (two releases each)
+        while high - low > 1e-3:
+            mid = (low + high) / 2
+            split = [(args.popularity_noise * mid, 1.0, 2), (mid, 1.0, 2)]
+            low, high = (mid, high) if epsilon_of(history + split, delta, rdp_only=pooled) > target else (low, mid)
+        needs.append(high)
     if not pooled:
         return sum((noised(c, noise_multiplier=z, max_items=args.max_items, max_pairs=max_pairs, rng=rng)
                     for c, z in zip(true, needs, strict=True)), Counts(0 * true[0].popularity, 0 * true[0].pairs))
     t = args.tolerated if args.tolerated is not None else max(1, len(true) // 3)
     noise = max(needs)
-    variances = [variance_for(noise, l1=bound, l2=math.sqrt(bound)) for bound in (args.max_items, max_pairs)]
+    variances = [variance_for(z, l1=bound, l2=math.sqrt(bound))
+                 for z, bound in ((args.popularity_noise * noise, args.max_items), (noise, max_pairs))]
     shares = [share_variance(v, merchants=len(true), tolerated=t) for v in variances]
     summed = [skellam_noised(c, popularity_variance=shares[0], pair_variance=shares[1], rng=rng) for c in true]
     total = sum(summed[1:], summed[0])
@@ -111,6 +120,8 @@ def parser() -> argparse.ArgumentParser:
                       help="local: each merchant's own Gaussian, summed; pooled: Skellam shares of one noise, as a "
                            "secure sum gives (M - T survivors carry it; accounted by RDP)")
     made.add_argument("--tolerated", type=int, default=None, help="pooled: T (default: the federation's auto)")
+    made.add_argument("--popularity-noise", type=float, default=1.0,
+                      help="pooled: the popularity counts' noise multiplier as a multiple of the pair counts'")
     made.add_argument("--selection-share", type=float, default=0.05,
                       help="the selection release reserved before the statistics, as a federation does")
     made.add_argument("--seed", type=int, default=0)
