@@ -15,7 +15,9 @@ from __future__ import annotations
 import csv
 import io
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +86,7 @@ def load_events(path, schema: EventSchema | None = None) -> BehaviorData:
 def load_events_counted(path, schema: EventSchema | None = None) -> tuple[BehaviorData, Ingested]:
     """``load_events`` and what it left out."""
     path, schema = Path(path), schema or EventSchema()
-    table, row_offset, unit, delimiter = _read(path, schema.names,
-                                               {schema.user, schema.item, schema.event_type, schema.merchant})
+    table, row_offset, unit, delimiter = _read(path, schema.names, {schema.event_type, schema.merchant})
     columns = table.column_names
     missing = [c for c in (schema.user, schema.item, schema.timestamp) if c not in columns]
     if missing:
@@ -97,38 +98,49 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
     def fail(row: int, column: str, message: str):
         raise DataError(path, message, int(row) + row_offset, column, unit)
 
-    item_codes, items = _id_codes(table[schema.item], schema.item, fail, padding=True)
-    user_codes, users = _id_codes(table[schema.user], schema.user, fail, padding=False)
-    events = {"user": user_codes, "item": item_codes, "ts": _timestamps(table[schema.timestamp], schema, fail)}
+    # One job per column, each checking and typing it; a fault is reported for the first column in this order.
+    jobs = {"item": partial(_id_codes, table[schema.item], schema.item, fail, padding=True),
+            "user": partial(_id_codes, table[schema.user], schema.user, fail, padding=False),
+            "ts": partial(_timestamps, table[schema.timestamp], schema, fail)}
     if schema.event_type in columns:
-        events["event"] = _event_codes(table[schema.event_type], schema, fail)
-    merchant_names = None
+        jobs["event"] = partial(_event_codes, table[schema.event_type], schema, fail)
     if schema.merchant in columns:
-        rows, values = _distinct(table[schema.merchant], ordered=True)
-        _refuse(values == "", rows, schema.merchant, "empty merchant id", fail)
-        merchant_names = values.tolist()  # sorted
-        events["merchant"] = rows
+        jobs["merchant"] = partial(_merchant_codes, table[schema.merchant], schema.merchant, fail)
     named = {schema.user, schema.item, schema.timestamp, schema.event_type, schema.merchant}
     context = schema.context if schema.context is not None else tuple(c for c in columns if c not in named)
     for column in context:
-        if column not in columns:
-            raise DataError(path, f"context column {column!r} is not in the file (found: {', '.join(columns)})",
-                            1 if unit == "line" else None)
-        events[f"ctx:{column}"] = _context(table[column], column, fail)
+        jobs[f"ctx:{column}"] = partial(_context, table[column], column, fail) if column in columns else partial(
+            _raise, DataError(path, f"context column {column!r} is not in the file (found: {', '.join(columns)})",
+                              1 if unit == "line" else None))
     rows = table.num_rows
-    del table  # only the typed columns from here on: the text columns' memory goes back
-    events["row"] = np.arange(rows, dtype=np.int32 if rows < 2**31 else np.int64)
-    index = np.flatnonzero(events["event"] >= 0) if "event" in events else np.arange(rows)
-    if not len(index):
-        raise DataError(path, "every event was dropped by the event mapping ([data.events])")
-    # Time order within a user, ties in file order; exact duplicates dropped (they share a user and a time).
-    index = index[_user_time_order(events["user"][index], events["ts"][index])]
-    unique = index[~_duplicated(events, index)]
-    ingested = Ingested(rows=rows, dropped=rows - len(index), duplicates=len(index) - len(unique),
+    del table  # each job holds its text column, whose memory goes back when the job is done
+    with ThreadPoolExecutor(pa.cpu_count()) as pool:  # Arrow and numpy release the GIL
+        futures = {name: pool.submit(jobs[name]) for name in ["user", "ts", *jobs.keys() - {"user", "ts"}]}
+        names = list(jobs)
+        del jobs
+        try:  # time order within a user, ties in file order: sorted while the other columns are converted
+            order = _user_time_order(futures["user"].result()[0], futures["ts"].result())
+        except DataError:
+            pass  # raised below unless an earlier column's fault comes first
+        events = {name: futures.pop(name).result() for name in names}
+    (item_codes, items), (user_codes, users) = events.pop("item"), events.pop("user")
+    merchant_names = None
+    if "merchant" in events:
+        events["merchant"], merchant_names = events["merchant"]
+    if "event" in events and (events["event"] < 0).any():
+        order = order[events["event"][order] >= 0]
+        if not len(order):
+            raise DataError(path, "every event was dropped by the event mapping ([data.events])")
+    user, ts = user_codes[order], events.pop("ts")[order]
+    events = {"item": item_codes} | events
+    duplicated = _duplicated(events, order, user, ts)
+    unique = order[~duplicated] if duplicated.any() else order  # each kept event's row in the file
+    ingested = Ingested(rows=rows, dropped=rows - len(order), duplicates=len(order) - len(unique),
                         delimiter=delimiter)
+    if len(unique) < len(order):
+        user, ts = user[~duplicated], ts[~duplicated]
     events = {name: values[unique] for name, values in events.items()}
 
-    user = events["user"]
     starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     merchant = None
     if "merchant" in events:
@@ -137,8 +149,8 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
                                np.maximum.reduceat(events["merchant"], starts))
         if len(mixed):
             first, end = starts[mixed[0]], np.r_[starts, len(user)][mixed[0] + 1]
-            fail(events["row"][first:end].max(), schema.merchant,
-                 f"user {users[user[first]]} appears under more than one merchant")
+            fail(unique[first:end].max(), schema.merchant,
+                 f"user {_ids_at(users, user[first:first + 1])[0]} appears under more than one merchant")
         merchant = per_user.astype(np.int64)
 
     # Users and items without a kept event (all dropped) are left out and the rest renumbered.
@@ -146,9 +158,9 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
     return BehaviorData(
         items=item_index + 1,
         offsets=np.r_[starts, len(user)].astype(np.int64),
-        catalog=ItemCatalog(raw_ids=np.concatenate([_padding(items), items[kept_items]])),
-        user_ids=users[user[starts]],
-        timestamps=events["ts"].astype(np.int64, copy=False),
+        catalog=ItemCatalog(raw_ids=np.concatenate([_padding(items), _ids_at(items, kept_items)])),
+        user_ids=_ids_at(users, user[starts]),
+        timestamps=ts.astype(np.int64, copy=False),
         event_type=events["event"].astype(np.int8, copy=False) if "event" in events else None,
         merchant=merchant,
         merchant_names=merchant_names,
@@ -157,23 +169,45 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
 
 
 def _user_time_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """The stable order by (user, time): one sort of a packed key where it fits 63 bits, else lexsort."""
+    """The stable order by (user, time). Each sort is a plain sort of distinct packed keys (the row or position in
+    the low bits keeps ties in order): user, time and row in one key where they fit 63 bits, else two passes, least
+    significant first (time and row, then user and position); lexsort beyond."""
+    positions = np.arange(len(user), dtype=np.int64)
+    row_bits = max(len(user) - 1, 1).bit_length()
     low = int(ts.min())
-    span = int(ts.max()) - low + 1
-    if (int(user.max()) + 1) * span < 2**62:
-        return np.argsort(user.astype(np.int64) * span + (ts - low), kind="stable")
-    return np.lexsort((ts, user))
+    ts_bits, user_bits = (int(ts.max()) - low).bit_length(), int(user.max()).bit_length()
+    if max(user_bits, ts_bits) + row_bits > 63:
+        return np.lexsort((ts, user))
+    key = ts - low
+    key <<= row_bits
+    if user_bits + ts_bits + row_bits <= 63:
+        key |= user.astype(np.int64) << (ts_bits + row_bits)
+        return _sorted_positions(key, positions, row_bits)
+    by_time = _sorted_positions(key, positions, row_bits)
+    key = user[by_time].astype(np.int64)
+    key <<= row_bits
+    return by_time[_sorted_positions(key, positions, row_bits)]
 
 
-def _duplicated(events: dict[str, np.ndarray], index: np.ndarray) -> np.ndarray:
-    """For the events at ``index``, in (user, time) order: which equal an earlier one in everything but their row.
-    Only events sharing their user and time with a neighbour are compared."""
-    user, ts = events["user"][index], events["ts"][index]
+def _sorted_positions(key: np.ndarray, positions: np.ndarray, bits: int) -> np.ndarray:
+    """A stable argsort of ``key`` (its low ``bits`` free) by one sort of distinct values, numpy's fastest: the
+    positions are put in the low bits and read back. Works in place."""
+    key |= positions
+    key.sort()
+    key &= (1 << bits) - 1
+    return key
+
+
+def _duplicated(events: dict[str, np.ndarray], order: np.ndarray, user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """For the events at ``order`` (rows in (user, time) order, whose ``user`` and ``ts`` are given): which equal an
+    earlier one in everything. Only events sharing their user and time with a neighbour are compared."""
     tie = (user[1:] == user[:-1]) & (ts[1:] == ts[:-1])
     candidates = np.flatnonzero(np.r_[False, tie] | np.r_[tie, False])
-    duplicated = np.zeros(len(index), dtype=bool)
+    duplicated = np.zeros(len(order), dtype=bool)
     if len(candidates):
-        fields = pd.DataFrame({name: values[index[candidates]] for name, values in events.items() if name != "row"})
+        rows = order[candidates]
+        fields = pd.DataFrame({"user": user[candidates], "ts": ts[candidates]} |
+                              {name: values[rows] for name, values in events.items()})
         duplicated[candidates] = fields.duplicated().to_numpy()
     return duplicated
 
@@ -191,7 +225,8 @@ def _renumber(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 def _read(path: Path, names: tuple[str, ...] | None,
           dictionary_columns: set[str]) -> tuple[pa.Table, int, str, str | None]:
     """The file as an Arrow table, the offset from row index to line (CSV) or row (Parquet) number, the unit, the
-    CSV's delimiter. ``names``: a headerless CSV's column names."""
+    CSV's delimiter. ``names``: a headerless CSV's column names; ``dictionary_columns``: columns of a few distinct
+    values (event names, merchants), read as Arrow dictionaries."""
     check_file_size(path)
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
@@ -207,14 +242,12 @@ def _read(path: Path, names: tuple[str, ...] | None,
     first = _first_line(path)
     delimiter = _delimiter(first)
     header = _header(path, first, delimiter) if names is None else list(names)
-    # Every column is read as text (checked and typed below, with located errors); columns of few distinct values
-    # (ids, event names) straight into Arrow dictionaries, so each distinct value is held and checked once.
+    # Every column is read as text (checked and typed below, with located errors), in pyarrow's default blocks.
+    # Columns of a few distinct values straight into Arrow dictionaries (one per block, cheap to unify); ids as
+    # plain text, hashed once later (their per-block dictionaries cost more to unify: 10M events, 500k users).
     types = {c: pa.dictionary(pa.int32(), pa.string()) if c in dictionary_columns else pa.string() for c in header}
     try:
-        # Large blocks: fewer chunks whose dictionaries must be unified (10M events: 383 of 1 MB took 2.1 s, 6 of
-        # 64 MB 0.4 s).
-        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=list(names) if names else None,
-                                                                    block_size=64 << 20),
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=list(names) if names else None),
                                parse_options=pacsv.ParseOptions(delimiter=delimiter),
                                convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
     except (pa.ArrowInvalid, pa.ArrowTypeError, UnicodeDecodeError) as exc:
@@ -285,24 +318,37 @@ def _text(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(pc.fill_null(values, "").to_numpy(zero_copy_only=False), dtype=object)
 
 
-def _distinct(column: pa.ChunkedArray, *, ordered: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's index into the column's distinct stripped values, and those values (object array; null as "";
-    sorted if ``ordered``). Only the distinct values become Python strings: a 10-million-row id column holds a few
-    hundred thousand."""
+def _encoded(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
+    """Each row's index into the column's distinct stripped values, and those values (Arrow strings; null as "").
+    One hash pass over the column; only the distinct values are stripped and checked (a 10-million-row id column
+    holds a few hundred thousand)."""
     if column.null_count:
         column = pc.fill_null(pc.cast(column, pa.string()), "")
     if not pa.types.is_dictionary(column.type):
-        # One hash pass over the whole column (encoding chunk by chunk leaves dictionaries that cost more to unify).
-        column = pa.chunked_array([pc.dictionary_encode(column.combine_chunks())])
-    column = column.unify_dictionaries() if column.num_chunks > 1 else column
-    dictionary = column.chunk(0).dictionary if column.num_chunks else pa.array([], pa.string())
-    values = _text(pa.chunked_array([dictionary], dictionary.type))
-    indices = np.concatenate([c.indices.to_numpy() for c in column.chunks]) if column.num_chunks else \
-        np.zeros(0, np.int32)
-    if ordered or len(set(values)) < len(values):  # sorting, or merging values that differed only in spaces
-        values, inverse = np.unique(values, return_inverse=True)
-        return inverse.astype(np.int32)[indices], values
+        column = pc.dictionary_encode(column)
+    dictionary = column.chunk(0).dictionary
+    # dictionary_encode gives every chunk of a column one dictionary (its buffers shared, so equals is immediate);
+    # other dictionaries (a Parquet file's own) are unified.
+    if not all(chunk.dictionary.equals(dictionary) for chunk in column.chunks[1:]):
+        column = column.unify_dictionaries()
+        dictionary = column.chunk(0).dictionary
+    indices = np.concatenate([chunk.indices.to_numpy() for chunk in column.chunks])
+    values = pc.fill_null(pc.utf8_trim_whitespace(pc.cast(dictionary, pa.string())), "")
+    if pc.count_distinct(values).as_py() < len(values):  # values that differed only in spaces become one
+        merged = pc.dictionary_encode(values)
+        indices, values = merged.indices.to_numpy()[indices], merged.dictionary
     return indices, values
+
+
+def _distinct(column: pa.ChunkedArray, *, ordered: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's index into the column's distinct stripped values, and those values (object array; null as "";
+    sorted if ``ordered``), as ``_encoded`` finds them."""
+    rows, values = _encoded(column)
+    values = np.asarray(values.to_numpy(zero_copy_only=False), dtype=object)
+    if ordered:
+        values, inverse = np.unique(values, return_inverse=True)
+        rows = inverse.astype(np.int32)[rows]
+    return rows, values
 
 
 def _refuse(bad_values: np.ndarray, rows: np.ndarray, name: str, message, fail) -> None:
@@ -313,9 +359,10 @@ def _refuse(bad_values: np.ndarray, rows: np.ndarray, name: str, message, fail) 
         fail(row, name, message if isinstance(message, str) else message(rows[row]))
 
 
-def _id_codes(column: pa.ChunkedArray, name: str, fail, *, padding: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's id as a code into the sorted distinct ids, and those ids (int64 when every id is a decimal
-    integer, else text). ``padding``: integer id 0 is reserved (items)."""
+def _id_codes(column: pa.ChunkedArray, name: str, fail, *, padding: bool) -> tuple[np.ndarray, np.ndarray | pa.Array]:
+    """Each row's id as a code into the sorted distinct ids, and those ids: int64 when every id is a decimal
+    integer, else text (kept in Arrow; ``_ids_at`` makes Python strings of those a caller needs). ``padding``:
+    integer id 0 is reserved (items)."""
     if pa.types.is_integer(column.type):
         ids = column.to_numpy()
         if (ids < 0).any():
@@ -324,19 +371,32 @@ def _id_codes(column: pa.ChunkedArray, name: str, fail, *, padding: bool) -> tup
             fail(np.flatnonzero(ids == 0)[0], name, "item id 0 is reserved for padding")
         codes, uniques = pd.factorize(ids)
         order = id_order(np.asarray(uniques))
-        return np.argsort(order).astype(np.int32)[codes], np.asarray(uniques)[order]
-    rows, text = _distinct(column)
-    lengths = np.fromiter(map(len, text), dtype=np.int64, count=len(text))
-    control = pc.match_substring_regex(pa.array(text, pa.string()), r"[\x00-\x1f\x7f]").to_numpy(
-        zero_copy_only=False) if len(text) else np.zeros(0, bool)
+        return _rank(order)[codes], np.asarray(uniques)[order]
+    rows, text = _encoded(column)
+    lengths = pc.utf8_length(text).to_numpy()
     _refuse(lengths == 0, rows, name, "empty id", fail)
     _refuse(lengths > MAX_ID_CHARS, rows, name, f"id longer than {MAX_ID_CHARS} characters", fail)
-    _refuse(control, rows, name, lambda v: f"id {text[v][:40]!r} holds a control character", fail)
+    control = pc.match_substring_regex(text, r"[\x00-\x1f\x7f]").to_numpy(zero_copy_only=False)
+    _refuse(control, rows, name, lambda v: f"id {text[v].as_py()[:40]!r} holds a control character", fail)
     ids = typed_ids(text)
-    if ids.dtype != object and padding:
+    if isinstance(ids, np.ndarray) and padding:
         _refuse(ids == 0, rows, name, "item id 0 is reserved for padding", fail)
     order = id_order(ids)
-    return np.argsort(order).astype(np.int32)[rows], ids[order]
+    return _rank(order)[rows], ids[order] if isinstance(ids, np.ndarray) else ids.take(order)
+
+
+def _rank(order: np.ndarray) -> np.ndarray:
+    """The inverse permutation of ``order``: each value's place in it (int32)."""
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return rank
+
+
+def _ids_at(ids: np.ndarray | pa.Array, positions: np.ndarray) -> np.ndarray:
+    """The ids (as ``_id_codes`` gives them) at ``positions``: int64, or an object array of Python strings."""
+    if isinstance(ids, np.ndarray):
+        return ids[positions]
+    return np.asarray(ids.take(positions).to_numpy(zero_copy_only=False), dtype=object)
 
 
 INTEGER_ID = r"^(0|[1-9][0-9]{0,17})$"
@@ -344,10 +404,13 @@ INTEGER_ID = r"^(0|[1-9][0-9]{0,17})$"
 remain two items)."""
 
 
-def typed_ids(text: np.ndarray) -> np.ndarray:
-    """Ids given as text: int64 when every one is an integer (``INTEGER_ID``), else the text."""
-    digits = pc.match_substring_regex(pa.array(text, pa.string()), INTEGER_ID)
-    return text.astype(np.int64) if pc.all(digits).as_py() is not False else text
+def typed_ids(text: np.ndarray | pa.Array) -> np.ndarray | pa.Array:
+    """Ids given as text (an object array or Arrow strings): int64 when every one is an integer (``INTEGER_ID``),
+    else the text as given."""
+    arrow = text if isinstance(text, pa.Array) else pa.array(text, pa.string())
+    if pc.all(pc.match_substring_regex(arrow, INTEGER_ID)).as_py() is False:
+        return text
+    return pc.cast(arrow, pa.int64()).to_numpy()
 
 
 def sorted_ids(text: list[str]) -> np.ndarray:
@@ -356,21 +419,24 @@ def sorted_ids(text: list[str]) -> np.ndarray:
     return np.asarray(ids)[id_order(np.asarray(ids))]
 
 
-def id_order(ids: np.ndarray) -> np.ndarray:
+def id_order(ids: np.ndarray | pa.Array) -> np.ndarray:
     """Indices sorting distinct ids: integers by value; text naturally, each leading run of digits compared as a
     number ("i2" before "i10")."""
-    if ids.dtype != object:
+    if isinstance(ids, np.ndarray) and ids.dtype != object:
         return np.argsort(ids, kind="stable")
-    text = pa.array(ids, pa.string())
+    text = ids if isinstance(ids, pa.Array) else pa.array(ids, pa.string())
     parts = pc.extract_regex(text, r"^(?P<prefix>\D*)(?P<digits>\d*)(?P<rest>(?s:.*))$")
     digits = pc.utf8_ltrim(parts.field("digits"), "0")
-    key = pa.table({"prefix": parts.field("prefix"), "width": pc.utf8_length(digits), "digits": digits,
-                    "rest": parts.field("rest"), "id": text})
+    width = pc.utf8_length(digits)
+    if (pc.max(width).as_py() or 0) <= 18:  # digits of one width compare as their numbers (int64 sorts faster)
+        digits = pc.cast(pc.if_else(pc.equal(width, 0), "0", digits), pa.int64())
+    key = pa.table({"prefix": parts.field("prefix"), "width": width, "digits": digits, "rest": parts.field("rest"),
+                    "id": text})
     return pc.sort_indices(key, sort_keys=[(name, "ascending") for name in key.column_names]).to_numpy()
 
 
-def _padding(ids: np.ndarray) -> np.ndarray:
-    return np.zeros(1, dtype=np.int64) if ids.dtype != object else np.array([""], dtype=object)
+def _padding(ids: np.ndarray | pa.Array) -> np.ndarray:
+    return np.zeros(1, dtype=np.int64) if isinstance(ids, np.ndarray) else np.array([""], dtype=object)
 
 
 def parse_times(values: list, schema: EventSchema, name: str) -> np.ndarray:
@@ -458,6 +524,17 @@ def _unix_seconds(values: np.ndarray, unit: str, out_of_range) -> np.ndarray | N
     if (values >= MS_FROM).any():
         return out_of_range(int(np.flatnonzero(values >= MS_FROM)[0]))
     return values.astype(np.int64)
+
+
+def _merchant_codes(column: pa.ChunkedArray, name: str, fail) -> tuple[np.ndarray, list[str]]:
+    """Each row's merchant as an index into the sorted merchant ids, and those ids."""
+    rows, values = _distinct(column, ordered=True)
+    _refuse(values == "", rows, name, "empty merchant id", fail)
+    return rows, values.tolist()
+
+
+def _raise(error: Exception):
+    raise error
 
 
 def _event_codes(column: pa.ChunkedArray, schema: EventSchema, fail) -> np.ndarray:
