@@ -115,31 +115,32 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
     rows = table.num_rows
     del table  # each job holds its text column, whose memory goes back when the job is done
     with ThreadPoolExecutor(pa.cpu_count()) as pool:  # Arrow and numpy release the GIL
-        futures = {name: pool.submit(jobs[name]) for name in ["user", "ts", *jobs.keys() - {"user", "ts"}]}
+        first = ("ts", "user")  # the sort's inputs
+        futures = {name: pool.submit(jobs[name]) for name in [*first, *(n for n in jobs if n not in first)]}
         names = list(jobs)
         del jobs
         try:  # time order within a user, ties in file order: sorted while the other columns are converted
-            order = _user_time_order(futures["user"].result()[0], futures["ts"].result())
+            order = _user_time_order(futures["ts"].result(), lambda: futures["user"].result()[0])
         except DataError:
             pass  # raised below unless an earlier column's fault comes first
         events = {name: futures.pop(name).result() for name in names}
-    (item_codes, items), (user_codes, users) = events.pop("item"), events.pop("user")
-    merchant_names = None
-    if "merchant" in events:
-        events["merchant"], merchant_names = events["merchant"]
-    if "event" in events and (events["event"] < 0).any():
-        order = order[events["event"][order] >= 0]
-        if not len(order):
-            raise DataError(path, "every event was dropped by the event mapping ([data.events])")
-    user, ts = user_codes[order], events.pop("ts")[order]
-    events = {"item": item_codes} | events
-    duplicated = _duplicated(events, order, user, ts)
-    unique = order[~duplicated] if duplicated.any() else order  # each kept event's row in the file
-    ingested = Ingested(rows=rows, dropped=rows - len(order), duplicates=len(order) - len(unique),
-                        delimiter=delimiter)
-    if len(unique) < len(order):
-        user, ts = user[~duplicated], ts[~duplicated]
-    events = {name: values[unique] for name, values in events.items()}
+        (item_codes, items), (user_codes, users) = events.pop("item"), events.pop("user")
+        merchant_names = None
+        if "merchant" in events:
+            events["merchant"], merchant_names = events["merchant"]
+        if "event" in events and (events["event"] < 0).any():
+            order = order[events["event"][order] >= 0]
+            if not len(order):
+                raise DataError(path, "every event was dropped by the event mapping ([data.events])")
+        user, ts = user_codes[order], events.pop("ts")[order]
+        events = {"item": item_codes} | events
+        duplicated = _duplicated(events, order, user, ts)
+        unique = order[~duplicated] if duplicated.any() else order  # each kept event's row in the file
+        ingested = Ingested(rows=rows, dropped=rows - len(order), duplicates=len(order) - len(unique),
+                            delimiter=delimiter)
+        if len(unique) < len(order):
+            user, ts = user[~duplicated], ts[~duplicated]
+        events = dict(zip(events, pool.map(lambda values: values[unique], events.values()), strict=True))
 
     starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     merchant = None
@@ -168,23 +169,25 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
     ), ingested
 
 
-def _user_time_order(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """The stable order by (user, time). Each sort is a plain sort of distinct packed keys (the row or position in
-    the low bits keeps ties in order): user, time and row in one key where they fit 63 bits, else two passes, least
-    significant first (time and row, then user and position); lexsort beyond."""
-    positions = np.arange(len(user), dtype=np.int64)
-    row_bits = max(len(user) - 1, 1).bit_length()
+def _user_time_order(ts: np.ndarray, user_codes) -> np.ndarray:
+    """The stable order by (user, time); ``user_codes()`` gives each row's user (int32), called when the sort needs
+    them (the pass over times first where there are two). Each sort is a plain sort of distinct packed keys (the
+    row or position in the low bits keeps ties in order): user, time and row in one key where they surely fit 63
+    bits (a user code has at most as many bits as a row number), else two passes, least significant first (time
+    and row, then user and position); lexsort beyond."""
+    positions = np.arange(len(ts), dtype=np.int64)
+    row_bits = max(len(ts) - 1, 1).bit_length()
     low = int(ts.min())
-    ts_bits, user_bits = (int(ts.max()) - low).bit_length(), int(user.max()).bit_length()
-    if max(user_bits, ts_bits) + row_bits > 63:
-        return np.lexsort((ts, user))
+    ts_bits = (int(ts.max()) - low).bit_length()
+    if max(row_bits, ts_bits) + row_bits > 63:
+        return np.lexsort((ts, user_codes()))
     key = ts - low
     key <<= row_bits
-    if user_bits + ts_bits + row_bits <= 63:
-        key |= user.astype(np.int64) << (ts_bits + row_bits)
+    if 2 * row_bits + ts_bits <= 63:
+        key |= user_codes().astype(np.int64) << (ts_bits + row_bits)
         return _sorted_positions(key, positions, row_bits)
     by_time = _sorted_positions(key, positions, row_bits)
-    key = user[by_time].astype(np.int64)
+    key = user_codes()[by_time].astype(np.int64)
     key <<= row_bits
     return by_time[_sorted_positions(key, positions, row_bits)]
 
@@ -234,7 +237,8 @@ def _read(path: Path, names: tuple[str, ...] | None,
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path), 1, "row", None
+            text = [f.name for f in pq.read_schema(path) if f.name in dictionary_columns and pa.types.is_string(f.type)]
+            return pq.read_table(path, read_dictionary=text), 1, "row", None
         except Exception as exc:  # pyarrow raises many types for corrupt files
             raise DataError(path, f"not a readable Parquet file ({type(exc).__name__})") from None
     import pyarrow.csv as pacsv
