@@ -399,6 +399,65 @@ def test_the_loader_equals_a_plain_reference(tmp_path, rows, form):
         assert [EVENT_TYPES[e] for e in data.event_type[span]] == [r[3] for r in events]
 
 
+@pytest.mark.parametrize("form", ["csv", "parquet"])
+def test_a_large_log_with_ties_mixed_spellings_and_dropped_events_equals_a_plain_reference(tmp_path, form):
+    """20,000 events whose times span 0 to 1e11 s with many ties (the sort packs time and row in one key, then user
+    and position in another), ids spelled with spaces and leading zeros, an event name mapped to "drop", exact
+    duplicates, merchants and context columns: every output array is the plain reference's."""
+    from fedaug.common.data.events import EventSchema
+
+    rng = np.random.default_rng(3)
+    n = 20_000
+    user_names = [f"u{u}" for u in range(600)] + [" u7 ", "u07", "7", "x"]
+    item_names = [f"i{i}" for i in range(300)] + ["i1 ", "i01", "B00x", "10"]
+    shop = {u.strip(): f"m{len(u.strip()) % 3 * 5}" for u in user_names}  # one merchant per user
+    users = [user_names[u] for u in rng.integers(0, len(user_names), n)]
+    frame = pd.DataFrame({
+        "user_id": users, "item_id": [item_names[i] for i in rng.integers(0, len(item_names), n)],
+        "timestamp": rng.choice([0, 1, 2, 1_700_000_000, 99_999_999_999], n),
+        "event_type": rng.choice(["view", "cart", " Purchase", "like"], n),
+        "merchant_id": [shop[u.strip()] for u in users],
+        "device": rng.choice(["web", "app", " ios"], n), "price": rng.choice([0.5, 1.25, 9.99], n)})
+    frame = pd.concat([frame, frame.iloc[rng.integers(0, n, 500)]], ignore_index=True)  # exact duplicates
+    if form == "parquet":
+        path = tmp_path / "events.parquet"
+        frame.to_parquet(path, row_group_size=3_000)
+    else:
+        path = write(tmp_path, "events.csv", frame.to_csv(index=False))
+    data = load(path, "events", schema=EventSchema(events={"like": "drop"}))
+
+    rows = [(u.strip(), i.strip(), t, e.strip().lower(), m, d.strip(), p) for u, i, t, e, m, d, p in
+            frame.itertuples(index=False)]
+    kept = [r for r in dict.fromkeys(rows) if r[3] != "like"]  # exact duplicates once, first occurrence first
+    kept = sorted(kept, key=lambda r: (_natural(r[0]), r[2]))  # stable: ties in file order
+    users_in_order = sorted({r[0] for r in kept}, key=_natural)
+    items_in_order = sorted({r[1] for r in kept}, key=_natural)
+    devices = sorted({r[5] for r in rows})
+    assert data.user_ids.tolist() == users_in_order
+    assert data.catalog.raw_ids.tolist() == ["", *items_in_order]  # text ids, as spelled once stripped
+    assert data.items.tolist() == [items_in_order.index(r[1]) + 1 for r in kept]
+    assert data.lengths.tolist() == [sum(r[0] == u for r in kept) for u in users_in_order]
+    assert data.timestamps.tolist() == [r[2] for r in kept]
+    assert [EVENT_TYPES[e] for e in data.event_type] == [r[3] for r in kept]
+    assert data.merchant_names == sorted(set(shop.values()))
+    assert [data.merchant_names[m] for m in data.merchant] == [shop[u] for u in users_in_order]
+    assert data.context["device"].tolist() == [devices.index(r[5]) for r in kept]
+    assert data.context["price"].tolist() == [np.float32(r[6]) for r in kept]
+
+
+def test_the_time_order_equals_lexsort_in_every_packing():
+    """One packed key, two passes, or lexsort (by the bits the times and rows need): always the stable order."""
+    from fedaug.common.data.events import _user_time_order
+
+    rng = np.random.default_rng(5)
+    for n, span in ((1_000, 50), (1_000, 2**40), (1_000, 2**60)):
+        user = rng.integers(0, 40, n).astype(np.int32)
+        ts = rng.choice(rng.integers(0, span, 30), n)  # many ties
+        expected = np.lexsort((ts, user))
+        order, users = _user_time_order(ts, lambda user=user: user)
+        assert order.tolist() == expected.tolist() and users.tolist() == user[expected].tolist()
+
+
 # ---------------------------------------------------------------- fuzzing: never anything but DataError
 
 _settings = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

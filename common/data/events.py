@@ -120,19 +120,20 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
         names = list(jobs)
         del jobs
         try:  # time order within a user, ties in file order: sorted while the other columns are converted
-            order = _user_time_order(futures["ts"].result(), lambda: futures["user"].result()[0])
+            order, user = _user_time_order(futures["ts"].result(), lambda: futures["user"].result()[0])
         except DataError:
             pass  # raised below unless an earlier column's fault comes first
         events = {name: futures.pop(name).result() for name in names}
-        (item_codes, items), (user_codes, users) = events.pop("item"), events.pop("user")
+        (item_codes, items), users = events.pop("item"), events.pop("user")[1]
         merchant_names = None
         if "merchant" in events:
             events["merchant"], merchant_names = events["merchant"]
         if "event" in events and (events["event"] < 0).any():
-            order = order[events["event"][order] >= 0]
+            kept = events["event"][order] >= 0
+            order, user = order[kept], user[kept]
             if not len(order):
                 raise DataError(path, "every event was dropped by the event mapping ([data.events])")
-        user, ts = user_codes[order], events.pop("ts")[order]
+        ts = events.pop("ts")[order]
         events = {"item": item_codes} | events
         duplicated = _duplicated(events, order, user, ts)
         unique = order[~duplicated] if duplicated.any() else order  # each kept event's row in the file
@@ -169,34 +170,42 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
     ), ingested
 
 
-def _user_time_order(ts: np.ndarray, user_codes) -> np.ndarray:
-    """The stable order by (user, time); ``user_codes()`` gives each row's user (int32), called when the sort needs
-    them (the pass over times first where there are two). Each sort is a plain sort of distinct packed keys (the
-    row or position in the low bits keeps ties in order): user, time and row in one key where they surely fit 63
-    bits (a user code has at most as many bits as a row number), else two passes, least significant first (time
-    and row, then user and position); lexsort beyond."""
+def _user_time_order(ts: np.ndarray, user_codes) -> tuple[np.ndarray, np.ndarray]:
+    """The rows in stable (user, time) order, and their users; ``user_codes()`` gives each row's user (int32),
+    called when the sort needs them (after the pass over times where there are two). Each sort is a plain sort of
+    distinct packed keys (the row or position in the low bits keeps ties in order): user, time and row in one key
+    where they surely fit 63 bits (a user code has at most as many bits as a row number), else two passes, least
+    significant first (time and row, then user and position); lexsort beyond."""
     positions = np.arange(len(ts), dtype=np.int64)
     row_bits = max(len(ts) - 1, 1).bit_length()
     low = int(ts.min())
     ts_bits = (int(ts.max()) - low).bit_length()
     if max(row_bits, ts_bits) + row_bits > 63:
-        return np.lexsort((ts, user_codes()))
+        user = user_codes()
+        order = np.lexsort((ts, user))
+        return order, user[order]
     key = ts - low
     key <<= row_bits
     if 2 * row_bits + ts_bits <= 63:
         key |= user_codes().astype(np.int64) << (ts_bits + row_bits)
-        return _sorted_positions(key, positions, row_bits)
-    by_time = _sorted_positions(key, positions, row_bits)
+        user = _sorted_with(key, positions) >> (ts_bits + row_bits)
+        return _low_bits(key, row_bits), user
+    by_time = _low_bits(_sorted_with(key, positions), row_bits)
     key = user_codes()[by_time].astype(np.int64)
     key <<= row_bits
-    return by_time[_sorted_positions(key, positions, row_bits)]
+    user = _sorted_with(key, positions) >> row_bits
+    return by_time[_low_bits(key, row_bits)], user
 
 
-def _sorted_positions(key: np.ndarray, positions: np.ndarray, bits: int) -> np.ndarray:
-    """A stable argsort of ``key`` (its low ``bits`` free) by one sort of distinct values, numpy's fastest: the
-    positions are put in the low bits and read back. Works in place."""
+def _sorted_with(key: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``key`` (its low bits free) with ``positions`` in its low bits, sorted in place: one sort of distinct values,
+    numpy's fastest, is a stable argsort whose result the low bits hold."""
     key |= positions
     key.sort()
+    return key
+
+
+def _low_bits(key: np.ndarray, bits: int) -> np.ndarray:
     key &= (1 << bits) - 1
     return key
 
@@ -527,7 +536,7 @@ def _unix_seconds(values: np.ndarray, unit: str, out_of_range) -> np.ndarray | N
         values = values / 1000
     if (values >= MS_FROM).any():
         return out_of_range(int(np.flatnonzero(values >= MS_FROM)[0]))
-    return values.astype(np.int64)
+    return values.astype(np.int64, copy=False)
 
 
 def _merchant_codes(column: pa.ChunkedArray, name: str, fail) -> tuple[np.ndarray, list[str]]:
