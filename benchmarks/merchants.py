@@ -6,7 +6,9 @@ ROUNDS rounds, one CPU per merchant (as many at once as the machine has cores), 
 sampled merchants only ([simulation] central_evaluation = false, as in a deployment). Once with the small registry
 (the baseline), once with the large one. Per run: the peak RSS of the whole process tree (the driver, Ray's
 processes and its workers; sampled every 0.2 s from /proc) and the seconds per round (the rounds' wall time from
-metrics.json; round 1 also starts the engine's workers, so the steady rounds 2.. are reported beside it).
+metrics.json; round 1 also starts the engine's workers, so the steady rounds 2.. are reported beside it). The driver
+generates the data set once and writes it to the run's state dir; every worker maps it (simulations/apps.py,
+SHARED_DATA), so neither case generates it again in round 1.
 
     python benchmarks/merchants.py --out benchmarks/results/merchants_cpu.json [--registered 100 1000]
 

@@ -24,12 +24,12 @@ from fedaug.client.merchant import (
     build_merchant,
     partition_dir,
     partition_of,
-    partitions,
 )
 from fedaug.client.round_log import read_rounds
 from fedaug.common.config import from_run_config
 from fedaug.common.data import BehaviorData
-from fedaug.common.data.split import leave_one_out
+from fedaug.common.data.split import Merchants, leave_one_out
+from fedaug.common.errors import FedaugError
 from fedaug.common.model.device import pick_device
 from fedaug.common.model.evaluate import evaluate, sasrec_scorer
 from fedaug.common.model.metrics import select
@@ -48,16 +48,42 @@ from fedaug.simulations.scenario import SimulationConfig
 def simulated_merchant(context: Context) -> Merchant:
     """Partition ``partition-id`` of the run's data set as [simulation] cuts it (poisoned for a label flipper).
 
-    Built for each message and dropped after it: a worker holds the data set once (every merchant's slice of it
-    is a view away) and no merchant's state between its rounds — its ledger and replay cache live in its state
-    dir — so memory follows the merchants sampled, not the ones registered."""
+    Built for each message and dropped after it: a worker maps the data set `fedaug simulate` wrote once
+    (``run_merchants``; every merchant's slice of it is a copy of its own users away) and holds no merchant's
+    state between its rounds — its ledger and replay cache live in its state dir — so memory and time follow the
+    merchants sampled, not the ones registered."""
     pid, n = partition_of(context)
     config = _config(tuple(sorted(context.run_config.items())))
-    sim = config.simulation
-    data = partitions(config, n, sim.partition, sim.partition_seed, sim.dirichlet_alpha).merchant_data(pid)
+    data = run_merchants(config, n).merchant_data(pid)
     if config.simulation.attack == "labelflip" and pid in config.attacker_ids(n):
         data = flip_labels(data, config.simulation.partition_seed)
     return build_merchant(config.federation_config, data, merchant_dir(config, pid), pid)
+
+
+SHARED_DATA = "merchants.data"
+"""In a simulation's state dir while it runs: the data set cut into merchants (Merchants.write), written once by
+`fedaug simulate` before the engine starts; every worker maps it rather than loading the data set again."""
+
+
+def run_merchants(config: SimulationConfig, n: int) -> Merchants:
+    """The run's ``n`` merchants, mapped from its state dir's SHARED_DATA once per worker (and file)."""
+    path = Path(config.federation.state_dir) / SHARED_DATA
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise FedaugError(f"{path}: the run's data set is missing (fedaug simulate writes it before any merchant "
+                          "starts); on a Ray cluster [federation] state_dir must be on a file system every node "
+                          "sees") from None
+    merchants = _mapped(path, (stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    if len(merchants) != n:
+        raise FedaugError(f"{path}: holds {len(merchants)} merchants, the run has {n}")
+    return merchants
+
+
+@lru_cache(maxsize=1)
+def _mapped(path: Path, stamp: tuple) -> Merchants:
+    """``path`` mapped; ``stamp`` (inode, mtime, size) tells a file written again by a later run from this one."""
+    return Merchants.mapped(path)
 
 
 def merchant_dir(config: SimulationConfig, pid: int) -> Path:

@@ -19,7 +19,7 @@ import torch
 
 from fedaug.common.config import to_run_config
 from fedaug.common.data.source import load_data
-from fedaug.common.data.split import leave_one_out, merchant_partitions
+from fedaug.common.data.split import Merchants, leave_one_out, merchant_partitions
 from fedaug.common.errors import ConfigError, FedaugError
 from fedaug.common.model.build import describe
 from fedaug.common.model.device import pick_device
@@ -48,12 +48,13 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     out = Path(out)
     data = load_data(config.data, config.synthetic)
     split = leave_one_out(data)
-    n_merchants = len(merchant_partitions(config.assigned(data)))
+    merchants = Merchants(config.assigned(data))
+    n_merchants = len(merchants)
     mode = config.simulation.mode
     state_dir = _state_dir(config, out)
     evaluations: list = []  # the server's central evaluation, fitted during the run: the bundles reuse it
     if mode == "federated":
-        metrics = _federated(config, n_merchants, state_dir, on_round, verbose, evaluations)
+        metrics = _federated(config, merchants, state_dir, on_round, verbose, evaluations)
     elif mode == "local":
         metrics = _local_only(config, data, state_dir, on_round)
     else:
@@ -78,8 +79,7 @@ def run_simulate(config: SimulationConfig, out: Path, on_round: OnRound | None =
     out.mkdir(parents=True, exist_ok=True)
     if mode == "federated":
         scorers = _save_global_models(config, data, state_dir, metrics, out, evaluations[-1] if evaluations else None)
-        _test_in_detail(metrics, scorers, split, prior_test if config.text.fuse else None,
-                        config.assigned(data).merchant)
+        _test_in_detail(metrics, scorers, split, prior_test if config.text.fuse else None, merchants.data.merchant)
         for m in metrics.merchants:  # where each merchant's budget went before training, from its own ledger
             if m.merchant >= 0:
                 m.epsilon_releases = releases_before_training(state_dir / f"merchant-{m.merchant}", metrics.run_key)
@@ -152,9 +152,10 @@ def _state_dir(config: SimulationConfig, out: Path) -> Path:
 # federated: Flower's simulation engine ------------------------------------------------------------------------
 
 
-def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_round: OnRound | None,
+def _federated(config: SimulationConfig, merchants: Merchants, state_dir: Path, on_round: OnRound | None,
                verbose: bool, evaluations: list) -> RunMetrics:
-    """The federation in Flower's simulation engine; the server's central evaluation is appended to
+    """The federation of ``merchants`` in Flower's simulation engine, which every worker maps from the state dir
+    (simulations/apps.py, SHARED_DATA) while it runs; the server's central evaluation is appended to
     ``evaluations`` (the ServerApp runs in this process)."""
     from flwr.app import Context, RecordDict
     from flwr.common import EventType
@@ -170,7 +171,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
         run_simulation_in_process,
     )
     from fedaug.server.server_app import server_app
-    from fedaug.simulations.apps import CentralEvaluation, central_evaluation, client, merchant_work
+    from fedaug.simulations.apps import SHARED_DATA, CentralEvaluation, central_evaluation, client, merchant_work
 
     def keep_central_evaluation(*args) -> CentralEvaluation | None:
         evaluation = central_evaluation(*args)
@@ -178,6 +179,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
             evaluations.append(evaluation)
         return evaluation
 
+    n_merchants = len(merchants)
     run_config = to_run_config(config.changed(federation={"state_dir": state_dir, "min_nodes": n_merchants}))
     # Flower's simulation reads the merchants' run_config from an app directory's pyproject.toml, as `flwr run`
     # does; this one carries exactly this run's config.
@@ -195,6 +197,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
     state_dir.mkdir(parents=True, exist_ok=True)
     watcher = RoundWatcher(state_dir, config.federation.rounds, on_round)
     try:
+        merchants.write(state_dir / SHARED_DATA)
         with tempfile.TemporaryDirectory(prefix="fedaug-app-") as app_dir:
             _write_app_dir(Path(app_dir), run_config)
             watcher.start()
@@ -207,6 +210,7 @@ def _federated(config: SimulationConfig, n_merchants: int, state_dir: Path, on_r
     finally:
         watcher.stop()
         flwr_logger.setLevel(level)
+        (state_dir / SHARED_DATA).unlink(missing_ok=True)
     state = checkpoint.load(state_dir)
     if state is None or not state.finished(config.federation.rounds):
         done = 0 if state is None else state.round

@@ -8,7 +8,12 @@ scoring test). Nothing downstream of ``train`` can reach a held-out item.
 
 from __future__ import annotations
 
+import mmap
+import os
+import pickle
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -210,6 +215,51 @@ class Merchants:
         if not 0 <= merchant < len(self):
             raise ConfigError(f"merchant {merchant} is not one of the {len(self)} merchants")
         return self.data.select_users(self._order[self._starts[merchant] : self._starts[merchant + 1]])
+
+    def write(self, path) -> None:
+        """Write these merchants to ``path`` (replacing it whole) for other processes to map with ``mapped``: a
+        pickle whose per-user and per-event arrays lie after it raw (pickle's out-of-band buffers, PEP 574), each
+        at an aligned offset; the catalog (public, per item) stays inside the pickle."""
+        path = Path(path)
+        users = {id(a) for a in (*vars(self.data).values(), *self.data.context.values(), *vars(self).values())
+                 if isinstance(a, np.ndarray)}
+        buffers: list[pickle.PickleBuffer] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:  # false: raw after the pickle
+            if id(memoryview(buffer).obj) in users:
+                buffers.append(buffer)
+                return False
+            return True
+
+        head = pickle.dumps(self, protocol=5, buffer_callback=out_of_band)
+        parts = [memoryview(head), *(buffer.raw() for buffer in buffers)]
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as out:
+            out.write(struct.pack(f"<Q{len(parts)}Q", len(parts), *(part.nbytes for part in parts)))
+            for part in parts:
+                out.write(bytes(-out.tell() % _ALIGN))
+                out.write(part)
+        os.replace(tmp, path)
+
+    @classmethod
+    def mapped(cls, path) -> Merchants:
+        """The merchants ``write`` wrote to ``path``, their per-user and per-event arrays read-only views of the
+        file mapped into memory: processes that map it share one copy (the page cache), and a merchant's slice
+        (``merchant_data``) copies only its own users."""
+        with open(path, "rb") as file:
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        count = struct.unpack_from("<Q", mapped)[0]
+        sizes = struct.unpack_from(f"<{count}Q", mapped, 8)
+        view, offset, parts = memoryview(mapped), 8 * (count + 1), []
+        for size in sizes:
+            offset += -offset % _ALIGN
+            parts.append(view[offset : offset + size])
+            offset += size
+        return pickle.loads(parts[0], buffers=parts[1:])
+
+
+_ALIGN = 64
+"""Byte alignment of each part of a ``Merchants.write`` file (numpy's, for any dtype)."""
 
 
 def merchant_partitions(data: BehaviorData) -> list[BehaviorData]:
