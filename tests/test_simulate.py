@@ -20,6 +20,7 @@ from fedaug.common.data.source import load_data
 from fedaug.common.model.metrics import METRIC_NAMES
 from fedaug.common.recommend.bundle import bundle_hash
 from fedaug.common.recommend.recommender import Recommender
+from fedaug.simulations.apps import SHARED_DATA
 from fedaug.simulations.scenario import SimulationConfig
 from tests.support import LIBRARY_NOTES, ROOT, SMALL
 from tests.support import fedaug as _fedaug
@@ -347,3 +348,4 @@ def test_many_merchants_a_fraction_per_round_each_built_only_when_sampled(tmp_pa
     built = {p.parent.name for p in state.glob("merchant-*/rounds.jsonl")}
     assert built == set().union(*worked) and len(built) <= 40  # 200 registered; only the sampled ever worked
     assert len(list(state.glob("merchant-*/model"))) == 200  # and every merchant got the final model
+    assert not (state / SHARED_DATA).exists()  # the data set the workers mapped lives as long as the run
