@@ -454,8 +454,9 @@ def test_the_time_order_equals_lexsort_in_every_packing():
         user = rng.integers(0, 40, n).astype(np.int32)
         ts = rng.choice(rng.integers(0, span, 30), n)  # many ties
         expected = np.lexsort((ts, user))
-        order, users = _user_time_order(ts, lambda user=user: user)
+        order, users, times = _user_time_order(ts, lambda user=user: user)
         assert order.tolist() == expected.tolist() and users.tolist() == user[expected].tolist()
+        assert times.tolist() == ts[expected].tolist()
 
 
 # ---------------------------------------------------------------- fuzzing: never anything but DataError

@@ -120,7 +120,7 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
         names = list(jobs)
         del jobs
         try:  # time order within a user, ties in file order: sorted while the other columns are converted
-            order, user = _user_time_order(futures["ts"].result(), lambda: futures["user"].result()[0])
+            order, user, ts = _user_time_order(futures["ts"].result(), lambda: futures["user"].result()[0])
         except DataError:
             pass  # raised below unless an earlier column's fault comes first
         events = {name: futures.pop(name).result() for name in names}
@@ -130,10 +130,10 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
             events["merchant"], merchant_names = events["merchant"]
         if "event" in events and (events["event"] < 0).any():
             kept = events["event"][order] >= 0
-            order, user = order[kept], user[kept]
+            order, user, ts = order[kept], user[kept], ts[kept]
             if not len(order):
                 raise DataError(path, "every event was dropped by the event mapping ([data.events])")
-        ts = events.pop("ts")[order]
+        del events["ts"]
         events = {"item": item_codes} | events
         duplicated = _duplicated(events, order, user, ts)
         unique = order[~duplicated] if duplicated.any() else order  # each kept event's row in the file
@@ -141,7 +141,8 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
                             delimiter=delimiter)
         if len(unique) < len(order):
             user, ts = user[~duplicated], ts[~duplicated]
-        events = dict(zip(events, pool.map(lambda values: values[unique], events.values()), strict=True))
+        events = dict(zip(events, pool.map(lambda values: np.take(values, unique, mode="clip"), events.values()),
+                          strict=True))  # clip: unchecked, unbuffered (the rows are in range)
 
     starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     merchant = None
@@ -156,9 +157,9 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
         merchant = per_user.astype(np.int64)
 
     # Users and items without a kept event (all dropped) are left out and the rest renumbered.
-    kept_items, item_index = _renumber(events["item"], len(items))
+    kept_items, item_ids = _renumber(events["item"], len(items))
     return BehaviorData(
-        items=item_index + 1,
+        items=item_ids,
         offsets=np.r_[starts, len(user)].astype(np.int64),
         catalog=ItemCatalog(raw_ids=np.concatenate([_padding(items), _ids_at(items, kept_items)])),
         user_ids=_ids_at(users, user[starts]),
@@ -170,12 +171,13 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
     ), ingested
 
 
-def _user_time_order(ts: np.ndarray, user_codes) -> tuple[np.ndarray, np.ndarray]:
-    """The rows in stable (user, time) order, and their users; ``user_codes()`` gives each row's user (int32),
-    called when the sort needs them (after the pass over times where there are two). Each sort is a plain sort of
-    distinct packed keys (the row or position in the low bits keeps ties in order): user, time and row in one key
-    where they surely fit 63 bits (a user code has at most as many bits as a row number), else two passes, least
-    significant first (time and row, then user and position); lexsort beyond."""
+def _user_time_order(ts: np.ndarray, user_codes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows in stable (user, time) order, their users and their times; ``user_codes()`` gives each row's user
+    (int32), called when the sort needs them (after the pass over times where there are two). Each sort is a plain
+    sort of distinct packed keys (the row or position in the low bits keeps ties in order): user, time and row in
+    one key where they surely fit 63 bits (a user code has at most as many bits as a row number), else two passes,
+    least significant first (time and row, then user and position); lexsort beyond. Large arrays are reused where
+    done with: each new one costs more in page faults than the sorts."""
     positions = np.arange(len(ts), dtype=np.int64)
     row_bits = max(len(ts) - 1, 1).bit_length()
     low = int(ts.min())
@@ -183,18 +185,19 @@ def _user_time_order(ts: np.ndarray, user_codes) -> tuple[np.ndarray, np.ndarray
     if max(row_bits, ts_bits) + row_bits > 63:
         user = user_codes()
         order = np.lexsort((ts, user))
-        return order, user[order]
+        return order, user[order], ts[order]
     key = ts - low
     key <<= row_bits
     if 2 * row_bits + ts_bits <= 63:
-        key |= user_codes().astype(np.int64) << (ts_bits + row_bits)
-        user = _sorted_with(key, positions) >> (ts_bits + row_bits)
-        return _low_bits(key, row_bits), user
+        key |= np.left_shift(user_codes(), ts_bits + row_bits, dtype=np.int64)
+        user = np.right_shift(_sorted_with(key, positions), ts_bits + row_bits, out=positions)
+        order = _low_bits(key, row_bits)
+        return order, user, np.take(ts, order, mode="clip")
     by_time = _low_bits(_sorted_with(key, positions), row_bits)
-    key = user_codes()[by_time].astype(np.int64)
-    key <<= row_bits
-    user = _sorted_with(key, positions) >> row_bits
-    return by_time[_low_bits(key, row_bits)], user
+    key = np.left_shift(np.take(user_codes(), by_time, mode="clip"), row_bits, dtype=np.int64)
+    user = np.right_shift(_sorted_with(key, positions), row_bits, out=positions)  # positions are done with
+    order = np.take(by_time, _low_bits(key, row_bits), mode="clip")
+    return order, user, np.take(ts, order, out=by_time, mode="clip")  # so is by_time
 
 
 def _sorted_with(key: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -225,10 +228,10 @@ def _duplicated(events: dict[str, np.ndarray], order: np.ndarray, user: np.ndarr
 
 
 def _renumber(codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The codes in use (sorted) and each code's index among them."""
+    """The codes in use (sorted) and each code's place among them, counted from 1 (int64)."""
     used = np.zeros(n, dtype=bool)
     used[codes] = True
-    return np.flatnonzero(used), (np.cumsum(used) - 1)[codes].astype(np.int64)
+    return np.flatnonzero(used), np.cumsum(used, dtype=np.int64)[codes]
 
 
 # reading ----------------------------------------------------------------------------------------------------------
@@ -331,10 +334,11 @@ def _text(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(pc.fill_null(values, "").to_numpy(zero_copy_only=False), dtype=object)
 
 
-def _encoded(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
-    """Each row's index into the column's distinct stripped values, and those values (Arrow strings; null as "").
-    One hash pass over the column; only the distinct values are stripped and checked (a 10-million-row id column
-    holds a few hundred thousand)."""
+def _encoded(column: pa.ChunkedArray) -> tuple[list[np.ndarray], pa.Array, np.ndarray | None]:
+    """The column dictionary-encoded: each chunk's indices, the distinct stripped values (Arrow strings; null as
+    ""), and where stripping made values equal, the index of each dictionary entry among those values (None where
+    the indices point at them already; ``_gathered`` maps the rows). One hash pass over the column; only the
+    distinct values are stripped and checked (a 10-million-row id column holds a few hundred thousand)."""
     if column.null_count:
         column = pc.fill_null(pc.cast(column, pa.string()), "")
     if not pa.types.is_dictionary(column.type):
@@ -345,29 +349,43 @@ def _encoded(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     if not all(chunk.dictionary.equals(dictionary) for chunk in column.chunks[1:]):
         column = column.unify_dictionaries()
         dictionary = column.chunk(0).dictionary
-    indices = np.concatenate([chunk.indices.to_numpy() for chunk in column.chunks])
+    chunks = [chunk.indices.to_numpy() for chunk in column.chunks]
     values = pc.fill_null(pc.utf8_trim_whitespace(pc.cast(dictionary, pa.string())), "")
     if pc.count_distinct(values).as_py() < len(values):  # values that differed only in spaces become one
         merged = pc.dictionary_encode(values)
-        indices, values = merged.indices.to_numpy()[indices], merged.dictionary
-    return indices, values
+        return chunks, merged.dictionary, merged.indices.to_numpy()
+    return chunks, values, None
+
+
+def _gathered(table: np.ndarray | None, chunks: list[np.ndarray]) -> np.ndarray:
+    """``table`` at each index of ``chunks`` (the indices themselves where ``table`` is None), as one array: a
+    single pass, no intermediate copy."""
+    if table is None:
+        return np.concatenate(chunks)
+    out = np.empty(sum(map(len, chunks)), dtype=table.dtype)
+    at = 0
+    for chunk in chunks:
+        np.take(table, chunk, out=out[at:at + len(chunk)], mode="clip")  # clip: unchecked, unbuffered
+        at += len(chunk)
+    return out
 
 
 def _distinct(column: pa.ChunkedArray, *, ordered: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Each row's index into the column's distinct stripped values, and those values (object array; null as "";
     sorted if ``ordered``), as ``_encoded`` finds them."""
-    rows, values = _encoded(column)
+    chunks, values, table = _encoded(column)
     values = np.asarray(values.to_numpy(zero_copy_only=False), dtype=object)
     if ordered:
         values, inverse = np.unique(values, return_inverse=True)
-        rows = inverse.astype(np.int32)[rows]
-    return rows, values
+        table = inverse.astype(np.int32)[table] if table is not None else inverse.astype(np.int32)
+    return _gathered(table, chunks), values
 
 
-def _refuse(bad_values: np.ndarray, rows: np.ndarray, name: str, message, fail) -> None:
-    """Fail at the first row holding one of the distinct values flagged in ``bad_values``; ``message``: text, or a
-    function of the value's index."""
+def _refuse(bad_values: np.ndarray, rows, name: str, message, fail) -> None:
+    """Fail at the first row holding one of the distinct values flagged in ``bad_values``; ``rows``: each row's
+    value index, or a function giving them; ``message``: text, or a function of the value's index."""
     if bad_values.any():
+        rows = rows() if callable(rows) else rows
         row = int(np.flatnonzero(bad_values[rows])[0])
         fail(row, name, message if isinstance(message, str) else message(rows[row]))
 
@@ -385,7 +403,8 @@ def _id_codes(column: pa.ChunkedArray, name: str, fail, *, padding: bool) -> tup
         codes, uniques = pd.factorize(ids)
         order = id_order(np.asarray(uniques))
         return _rank(order)[codes], np.asarray(uniques)[order]
-    rows, text = _encoded(column)
+    chunks, text, table = _encoded(column)
+    rows = partial(_gathered, table, chunks)  # each row's index into text, built only to locate a fault
     lengths = pc.utf8_length(text).to_numpy()
     _refuse(lengths == 0, rows, name, "empty id", fail)
     _refuse(lengths > MAX_ID_CHARS, rows, name, f"id longer than {MAX_ID_CHARS} characters", fail)
@@ -395,7 +414,8 @@ def _id_codes(column: pa.ChunkedArray, name: str, fail, *, padding: bool) -> tup
     if isinstance(ids, np.ndarray) and padding:
         _refuse(ids == 0, rows, name, "item id 0 is reserved for padding", fail)
     order = id_order(ids)
-    return _rank(order)[rows], ids[order] if isinstance(ids, np.ndarray) else ids.take(order)
+    codes = _gathered(_rank(order) if table is None else _rank(order)[table], chunks)
+    return codes, ids[order] if isinstance(ids, np.ndarray) else ids.take(order)
 
 
 def _rank(order: np.ndarray) -> np.ndarray:
