@@ -2,7 +2,8 @@
 names (mapped by ``EventSchema``: [data.columns] and [data.events]), any string or integer ids.
 
 pyarrow reads the file (multi-threaded CSV, Parquet); every column is then checked and converted with vectorised
-code, so a bad cell is named by its line (CSV) or row (Parquet) and column. A CSV that pyarrow cannot parse at all
+code, the columns in parallel, so a bad cell is named by its line (CSV) or row (Parquet) and column. Ids are hashed
+once and stay in Arrow; only the kept distinct ids become Python values. A CSV that pyarrow cannot parse at all
 (ragged rows, bad encoding, binary data) is read once more line by line, only to locate the fault.
 
 Ids: a column whose every id is a decimal integer (no leading zeros) keeps integer ids (item 0 is reserved for
@@ -115,8 +116,8 @@ def load_events_counted(path, schema: EventSchema | None = None) -> tuple[Behavi
     rows = table.num_rows
     del table  # each job holds its text column, whose memory goes back when the job is done
     with ThreadPoolExecutor(pa.cpu_count()) as pool:  # Arrow and numpy release the GIL
-        first = ("ts", "user")  # the sort's inputs
-        futures = {name: pool.submit(jobs[name]) for name in [*first, *(n for n in jobs if n not in first)]}
+        inputs = ("ts", "user")  # the sort's, submitted first
+        futures = {name: pool.submit(jobs[name]) for name in [*inputs, *(n for n in jobs if n not in inputs)]}
         names = list(jobs)
         del jobs
         try:  # time order within a user, ties in file order: sorted while the other columns are converted
@@ -178,7 +179,6 @@ def _user_time_order(ts: np.ndarray, user_codes) -> tuple[np.ndarray, np.ndarray
     one key where they surely fit 63 bits (a user code has at most as many bits as a row number), else two passes,
     least significant first (time and row, then user and position); lexsort beyond. Large arrays are reused where
     done with: each new one costs more in page faults than the sorts."""
-    positions = np.arange(len(ts), dtype=np.int64)
     row_bits = max(len(ts) - 1, 1).bit_length()
     low = int(ts.min())
     ts_bits = (int(ts.max()) - low).bit_length()
@@ -186,6 +186,7 @@ def _user_time_order(ts: np.ndarray, user_codes) -> tuple[np.ndarray, np.ndarray
         user = user_codes()
         order = np.lexsort((ts, user))
         return order, user[order], ts[order]
+    positions = np.arange(len(ts), dtype=np.int64)
     key = ts - low
     key <<= row_bits
     if 2 * row_bits + ts_bits <= 63:
@@ -209,6 +210,7 @@ def _sorted_with(key: np.ndarray, positions: np.ndarray) -> np.ndarray:
 
 
 def _low_bits(key: np.ndarray, bits: int) -> np.ndarray:
+    """``key``'s low ``bits``, in place."""
     key &= (1 << bits) - 1
     return key
 
@@ -443,7 +445,7 @@ def typed_ids(text: np.ndarray | pa.Array) -> np.ndarray | pa.Array:
     arrow = text if isinstance(text, pa.Array) else pa.array(text, pa.string())
     if pc.all(pc.match_substring_regex(arrow, INTEGER_ID)).as_py() is False:
         return text
-    return pc.cast(arrow, pa.int64()).to_numpy()
+    return pc.cast(arrow, pa.int64()).to_numpy(zero_copy_only=False, writable=True)
 
 
 def sorted_ids(text: list[str]) -> np.ndarray:
@@ -584,9 +586,12 @@ def _event_codes(column: pa.ChunkedArray, schema: EventSchema, fail) -> np.ndarr
 def _context(column: pa.ChunkedArray, name: str, fail) -> np.ndarray:
     """Numeric context stays numeric; text context (e.g. device) becomes category codes in sorted order."""
     try:
-        out = pc.cast(column, pa.float64()).to_numpy() if column.null_count == 0 else None
+        values = pc.cast(column, pa.float64()) if column.null_count == 0 else None
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        out = None
+        values = None
+    if values is not None and pc.all(pc.is_finite(values)).as_py() is not False:
+        return pc.cast(values, pa.float32()).to_numpy()  # rounded as numpy's astype rounds
+    out = values.to_numpy() if values is not None else None
     if out is None:
         text = pd.Series(_text(column), dtype=object)
         numeric = pd.to_numeric(text, errors="coerce")
