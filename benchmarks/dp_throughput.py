@@ -7,7 +7,8 @@ Modes, each in its own subprocess so peak memory is its own:
   hooks       Opacus per-sample gradients (grad_sample_mode="hooks"), per-user samples [users, views, positions]
   ghost       Opacus ghost clipping (grad_sample_mode="ghost")
   fedaug      fedaug's default DP path, LocalTrainer's PrivateStep: Poisson batches run as length-bucketed
-              micro-batches under ghost clipping, noise once per batch
+              micro-batches clipped by book-keeping (client/ghost_norms.py: one backward pass, output layer on
+              target positions only), noise once per batch
 
     python benchmarks/dp_throughput.py --out dp.json [--data ../shared/data/amazon-beauty/Beauty.txt] [--steps 20]
 

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from opacus import PrivacyEngine
 
-from fedaug.client import ghost_norms  # noqa: F401  (registers the output layer's per-user norm with Opacus)
+from fedaug.client.ghost_norms import BookKeeping  # also registers the output layer with Opacus
 from fedaug.client.ledger import BudgetExceeded, PrivacyLedger, calibrate_noise
 from fedaug.common.config import GRAD_SAMPLE_MODES, AugmentSection, LocalSection, PrivacySection, Recipe
 from fedaug.common.errors import ConfigError
 from fedaug.common.model.augment import Augmenter, View, random_chains
 from fedaug.common.model.batching import Contrastive, UserSamples
-from fedaug.common.model.sasrec import PerUserCrossEntropy, SASRec, SASRecConfig
+from fedaug.common.model.sasrec import PerUserCrossEntropy, SASRec, SASRecConfig, smoothed_cross_entropy
 from fedaug.common.model.training import MICRO_BATCH_TOKENS, train_step
 
 DP_MICRO_BATCH_TOKENS = MICRO_BATCH_TOKENS // 2
@@ -290,10 +290,13 @@ class PrivateStep:
     """One DP-SGD step per Poisson batch of users (Opacus), run as length-bucketed micro-batches.
 
     Every sampled user lands in exactly one micro-batch, trimmed to that batch's longest user; the clipped
-    per-user gradients add up across micro-batches (Opacus' skip-step signal) and noise is added once. So clipping,
-    noise and accounting are those of one Poisson batch; only the padded work disappears (a Beauty user has 8.9
-    items on average, a random batch of 256 is ~50 wide). An empty batch still takes a noise-only step: skipping it
-    would reveal that nobody was sampled.
+    per-user gradients add up across micro-batches and noise is added once. So clipping, noise and accounting are
+    those of one Poisson batch; only the padded work disappears (a Beauty user has 8.9 items on average, a random
+    batch of 256 is ~50 wide). An empty batch still takes a noise-only step: skipping it would reveal that nobody
+    was sampled.
+
+    Ghost mode clips by book-keeping (client/ghost_norms.py: one backward pass, per-user norms from each layer's
+    input and output gradient); hooks mode by Opacus' per-sample gradients.
     """
 
     def __init__(self, model: SASRec, optimizer: torch.optim.Optimizer, n_samples: int, batch_size: int,
@@ -304,17 +307,17 @@ class PrivateStep:
                                              batch_size=batch_size)
         self.module, self.optimizer, _, _ = privatize(model, optimizer, loader, noise_multiplier, max_grad_norm, mode,
                                                       loss_reduction="sum")
-        # Hooks see the gradients of the summed loss, which are already per user (no [users, T, 12k] rescaled
-        # copy); the optimizer still averages the noised sum over the expected batch size.
+        # The per-user losses are summed, so every gradient is already per user (no [users, T, 12k] rescaled copy);
+        # the optimizer still averages the noised sum over the expected batch size.
         self.optimizer.loss_reduction = "mean"
         self.per_user_loss = PerUserCrossEntropy(reduction="none", label_smoothing=model.cfg.label_smoothing)
         self.mode = mode
         self.token_budget = token_budget
         self.model = model
-        self._tables = model.input_parameters()
-        self._head = [p for p in model.head_parameters() if p.requires_grad]
-        head = {id(p) for p in self._head}
-        self._body = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+        self.clipping = None
+        if mode == "ghost":
+            self.module.remove_hooks()  # Opacus keeps the optimizer (noise); book-keeping clips
+            self.clipping = BookKeeping(model, max_grad_norm)
 
     def __call__(self, samples: UserSamples, rows: np.ndarray, device) -> float:
         """Take the step for users ``rows``; returns their mean loss (0 for an empty batch)."""
@@ -325,57 +328,55 @@ class PrivateStep:
         buckets = samples.micro_batches(rows, self.token_budget)
         total = 0.0
         for i, bucket in enumerate(buckets):
-            last = i == len(buckets) - 1
-            if not last:
-                self.optimizer.signal_skip_step(True)  # accumulate this micro-batch's clipped sum, no noise yet
-            if self.mode == "hooks":
+            if self.clipping is not None:  # the clipped sums add up in p.grad
+                with self.clipping.recording():
+                    *_, losses = self._forward(samples, bucket, device)
+                self.clipping.backward(losses)
+            else:
+                last = i == len(buckets) - 1
+                if not last:
+                    self.optimizer.signal_skip_step(True)  # accumulate this micro-batch's clipped sum, no noise yet
                 *_, losses = self._forward(samples, bucket, device)
                 losses.sum().backward()  # Opacus clips the per-sample gradients its hooks collected
-                losses = losses.detach()
-            else:
-                losses = self._ghost_backward(samples, bucket, device)
+                self.optimizer.step()
+                if not last:
+                    self.optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum
+            total += float(losses.detach().sum())
+        if self.clipping is not None:
+            for p in self.optimizer.params:  # a layer that no sampled user reached has a zero gradient
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             self.optimizer.step()
-            if not last:
-                self.optimizer.zero_grad(set_to_none=True)  # keeps the accumulated sum, drops this batch's grads
-            total += float(losses.sum())
         return total / len(rows)
 
     def _forward(self, samples: UserSamples, rows: np.ndarray, device):
         """Hidden states, item scores and per-user losses (next-item, plus InfoNCE when the samples carry
-        contrastive views) for one micro-batch. Calls the model's parts directly; Opacus' hooks sit on its
-        layers."""
+        contrastive views) for one micro-batch. Calls the model's parts directly; the clipping hooks sit on its
+        layers. Under book-keeping the output layer scores target positions only, user after user (as non-private
+        training does), instead of every padded position."""
         inputs, targets = samples.batch(rows, device)
         hidden = self.model.encode(inputs, samples.batch_side(rows, device))
-        logits = self.model.item_logits(hidden)
-        losses = self.per_user_loss(logits, targets, samples.batch_weights(rows, device))
+        weights = samples.batch_weights(rows, device)
+        if self.clipping is None:
+            logits = self.model.item_logits(hidden)
+            losses = self.per_user_loss(logits, targets, weights)
+        else:
+            mask = targets.reshape(hidden.shape[:2]) > 0
+            counts = (samples.targets[rows] > 0).reshape(len(rows), -1).sum(1)  # the mask's rows, from the host
+            with self.clipping.packed(counts):
+                logits = self.model.item_logits(hidden[mask])
+            row_losses = smoothed_cross_entropy(logits, targets.reshape(mask.shape)[mask],
+                                                self.per_user_loss.label_smoothing)
+            if weights is not None:
+                row_losses = row_losses * weights.reshape(mask.shape)[mask]
+            counts = torch.as_tensor(counts, device=hidden.device)
+            users = torch.arange(len(rows), device=hidden.device).repeat_interleave(counts)
+            losses = row_losses.new_zeros(len(rows)).index_add(0, users, row_losses) / counts.clamp(min=1)
         if samples.contrastive:
             c = samples.contrastive
             losses = losses + c.weight * self.model.contrastive_loss(
                 hidden, samples.batch_view_lengths(rows, device), c.positives, c.temperature)
         return hidden, logits, losses
-
-    def _ghost_backward(self, samples: UserSamples, rows: np.ndarray, device) -> torch.Tensor:
-        """Leave the sum of the micro-batch's clipped per-user gradients in ``p.grad``; return the per-user losses.
-
-        Pass 1 runs Opacus' ghost-clipping hooks, which collect every layer's per-user gradient norm on the way
-        down, and keeps the loss gradients at the item scores (G) and at the hidden states (H). Asking autograd for
-        those and the embedding tables only skips every weight-gradient product (Opacus' own pass 1 computes and
-        throws them away). Pass 2 is book-keeping: with clipping factors c, the clipped sums are the backward of
-        c·G into the output layer's weights alone and of c·H into the sequence model, so the 12k-item output layer
-        is multiplied three times per step, as in non-private training, instead of five.
-        """
-        hidden, logits, losses = self._forward(samples, rows, device)
-        g_logits, g_hidden, *_ = torch.autograd.grad(losses.sum(), [logits, hidden, *self._tables], retain_graph=True)
-        coefficients = self.module.get_clipping_coef().to(logits.device)
-        self.module.disable_hooks()
-        try:
-            # In place: G is the largest tensor of the step ([users, positions, 12k items]).
-            torch.autograd.backward([logits], [g_logits.mul_(coefficients.view(-1, 1, 1))], inputs=self._head,
-                                    retain_graph=True)
-            torch.autograd.backward([hidden], [g_hidden.mul_(coefficients.view(-1, 1, 1))], inputs=self._body)
-        finally:
-            self.module.enable_hooks()
-        return losses.detach()  # detached, so this micro-batch's graph ([positions, 12k] scores) is freed now
 
     def _noise_only_step(self) -> None:
         opt = self.optimizer
@@ -388,6 +389,8 @@ class PrivateStep:
         opt.original_optimizer.step()
 
     def close(self) -> None:
+        if self.clipping is not None:
+            self.clipping.close()
         self.module._close()  # remove Opacus' hooks so the caller's model is a plain module again
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fedaug.client.ghost_norms import BookKeeping
 from fedaug.client.ledger import BudgetExceeded, PrivacyLedger
 from fedaug.client.trainer import LocalTrainer, PrivateStep
 from fedaug.common.config import AugmentSection, LocalSection, PrivacySection, SyntheticSection
@@ -103,6 +104,14 @@ def test_length_bucketed_micro_batches_take_the_same_step_as_one_batch(mode, cat
     step.close()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_book_keeping_refuses_a_layer_that_runs_twice_in_one_forward():
+    layer = torch.nn.Linear(3, 3)  # a tied layer: its per-user norm would miss the cross terms
+    clipping = BookKeeping(layer, 1.0)
+    with pytest.raises(ValueError, match="ran twice"), clipping.recording():
+        layer(layer(torch.ones(2, 3)))
+    clipping.close()
 
 
 def test_an_empty_poisson_batch_still_takes_a_noise_only_step():
@@ -383,10 +392,14 @@ def _side_samples(users=8, seed=7, views=1, ops=("crop", "reorder", "insert")):
                        target_weights=_side_model().cfg.target_weights)
 
 
+@pytest.mark.parametrize(("views", "budget"), [(1, 8), (2, 10_000)])
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
-def test_dp_step_with_side_vectors_and_target_weights_equals_torch_func_reference(mode):
-    """The behaviour and context layers (two embeddings and a projection) are clipped per user with the rest."""
-    samples = _side_samples()
+def test_dp_step_with_side_vectors_and_target_weights_equals_torch_func_reference(mode, views, budget):
+    """The behaviour and context layers (two embeddings and a projection) are clipped per user with the rest.
+
+    Budget 8: several micro-batches. Two views in wide micro-batches: users of one micro-batch have different
+    target counts, not in length order, so book-keeping's packed output rows come in runs of unequal counts."""
+    samples = _side_samples(views=views)
     rows = np.arange(len(samples))
     inputs, targets = samples.batch(rows, "cpu")
     side, weights = samples.batch_side(rows, "cpu"), samples.batch_weights(rows, "cpu")
@@ -406,8 +419,11 @@ def test_dp_step_with_side_vectors_and_target_weights_equals_torch_func_referenc
     factor = (clip / (norms + 1e-6)).clamp(max=1.0)
     expected = {k: (g * factor.view(-1, *[1] * (g.dim() - 1))).sum(0) / len(rows) for k, g in per_user.items()}
     step = PrivateStep(model, torch.optim.SGD(model.parameters(), lr=0.0), len(samples), len(samples), 0.0, clip,
-                       mode, token_budget=8 * samples.views)  # several micro-batches
-    assert len(samples.micro_batches(rows, 8 * samples.views)) > 2
+                       mode, token_budget=budget * samples.views)
+    buckets = samples.micro_batches(rows, budget * samples.views)
+    assert len(buckets) > 2
+    counts = [(samples.targets[b] > 0).reshape(len(b), -1).sum(1) for b in buckets]
+    assert views == 1 or any(len(c) > 2 and len(set(c)) > 1 and (np.diff(c) > 0).any() for c in counts)
     step(samples, rows, "cpu")
     step.close()
     for name, p in model.named_parameters():
