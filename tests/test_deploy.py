@@ -22,7 +22,7 @@ from fedaug.common.recommend.bundle import bundle_hash, load_bundle
 from fedaug.runtime.certs import write_certificates
 from fedaug.runtime.export import write_merchant_files
 from fedaug.server import checkpoint
-from tests.support import free_port
+from tests.support import LIBRARY_NOTES, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -410,3 +410,8 @@ def test_the_readme_deployment_demo_hands_every_merchant_the_fused_model(tmp_pat
         check = json.loads((state / f"merchant-{i}" / "model-check.json").read_text())
         assert check["bundle"]["hash"] == expected and check["text_prior"] is not None
     assert "the model handed out" in result.stdout
+    # What an operator reads: the daemons' consoles and Flower's SuperNode logs carry no library notes.
+    logs = sorted(work.glob("merchant-*.log")) + sorted(state.glob("merchant-*/supernode.log"))
+    assert len(logs) == 6
+    noted = {log.name: [note for note in LIBRARY_NOTES if note in log.read_text()] for log in logs}
+    assert not any(noted.values()), noted
