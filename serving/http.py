@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, ORJSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StringConstraints
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Strin
 from fedaug.common.data import EVENT_TYPES
 from fedaug.common.data.events import DROP, MAX_ID_CHARS, EventSchema
 from fedaug.common.errors import FedaugError
-from fedaug.common.recommend.bundle import bundle_hash
+from fedaug.common.recommend.bundle import FILES, bundle_hash
 from fedaug.common.recommend.recommender import Activity, Recommendation, Recommender, UnknownItems
 
 MAX_K = 100
@@ -143,8 +144,10 @@ class Service:
     queue: asyncio.Queue | None = None
     tasks: list = field(default_factory=list)
     batches: int = 0
+    files: tuple = ()
 
     def load(self) -> None:
+        self.files = self._files()  # before reading: a bundle written meanwhile shows as changed at the next look
         recommender = Recommender.load(self.model_dir, device=self.device, schema=self.schema)
         recommender.warm()  # the query encoder loads now, once, not on the first search
         self.recommender, self.model_hash = recommender, bundle_hash(self.model_dir)  # one swap: old or new
@@ -211,13 +214,23 @@ class Service:
                     else:
                         pending.future.set_result(result)
 
+    def _files(self) -> tuple:
+        """The bundle files' identity (inode, size, modification time): a new bundle changes it, so its content is
+        read and hashed only then, not every few seconds."""
+        return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in (os.stat(self.model_dir / n) for n in FILES))
+
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.watch_seconds)
             try:
+                seen = self._files()
+                if seen == self.files:
+                    continue
                 current = await asyncio.to_thread(bundle_hash, self.model_dir)
                 if current != self.model_hash:
                     await asyncio.to_thread(self.load)
+                else:
+                    self.files = seen  # the same bundle written again
             except (OSError, FedaugError):
                 continue  # mid-swap or a bad new bundle: keep serving the loaded one
 
@@ -266,14 +279,14 @@ def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, 
     def one_line(exc: Exception, status: int = 422) -> HTTPException:
         return HTTPException(status, detail=_clip(exc, 300))
 
-    def ranked(results, note: str | None = None) -> JSONResponse:  # not FastAPI's encoder: it is the hot path
+    def ranked(results, note: str | None = None) -> ORJSONResponse:  # not FastAPI's encoder: it is the hot path
         body = {"items": [r.to_json() for r in results], "model": service.model_hash[:16]}
         if note:
             body["note"] = note
-        return JSONResponse(body)
+        return ORJSONResponse(body)
 
     @app.post("/v1/recommend", response_model=Ranking, responses=PROBLEMS)
-    async def recommend(body: RecommendRequest) -> JSONResponse:
+    async def recommend(body: RecommendRequest) -> ORJSONResponse:
         try:
             results = await service.recommend(service.ask(body))
         except (UnknownItems, FedaugError) as exc:
@@ -285,7 +298,7 @@ def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, 
 
     @app.get("/v1/search", response_model=Ranking, responses=PROBLEMS)
     async def search(q: str = Query(..., min_length=1, max_length=500),
-                     k: int = Query(10, ge=1, le=MAX_K)) -> JSONResponse:
+                     k: int = Query(10, ge=1, le=MAX_K)) -> ORJSONResponse:
         try:
             results = await service.recommend(service.ask(RecommendRequest(history=[], k=k, query=q)))
         except FedaugError as exc:

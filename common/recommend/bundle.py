@@ -41,6 +41,8 @@ from fedaug.common.priors.text_prior import TextPrior
 FORMAT = 1
 """Bundle layout version; a bundle of another format is refused."""
 CARD, WEIGHTS, ITEMS = "card.json", "weights.safetensors", "items.json"
+FILES = (CARD, ITEMS, WEIGHTS)
+"""A bundle's files, in the order its hash reads them."""
 
 
 def _version() -> str:
@@ -228,7 +230,7 @@ def bundle_bytes(directory) -> dict[str, bytes]:
 def bundle_hash(directory) -> str:
     """One content hash of a bundle's files (what two parties compare to know they hold the same model)."""
     digest = hashlib.sha256()
-    for name in (CARD, ITEMS, WEIGHTS):
+    for name in FILES:
         digest.update(name.encode() + b"\0" + (Path(directory) / name).read_bytes())
     return digest.hexdigest()
 
