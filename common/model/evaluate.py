@@ -131,11 +131,14 @@ class SASRecScorer:
             side = torch.from_numpy(pad_side(histories, features, model.cfg.max_len,
                                              N_CODES + len(model.cfg.context_columns))).to(self.device)
         was_training = model.training
-        model.eval()
-        scores = model.score(torch.from_numpy(items).to(self.device), torch.from_numpy(lengths).to(self.device),
-                             side)
-        model.train(was_training)
-        return scores
+        if was_training:  # a served model is in eval mode already: no walk over its modules per request
+            model.eval()
+        try:
+            return model.score(torch.from_numpy(items).to(self.device), torch.from_numpy(lengths).to(self.device),
+                               side)
+        finally:
+            if was_training:
+                model.train()
 
 
 def sasrec_scorer(model: SASRec, device) -> SASRecScorer:

@@ -8,6 +8,7 @@ run's metrics exactly; a model that scores everything equally gets chance-level 
 
 from __future__ import annotations
 
+import functools
 import math
 from statistics import NormalDist
 
@@ -28,9 +29,11 @@ def json_number(value):
     return "inf" if isinstance(value, float) and math.isinf(value) else value
 
 
+@functools.lru_cache(maxsize=8)
 def tie_key(n: int, device=None) -> torch.Tensor:
     """``[n]`` int64: each item id's place among tied items (Knuth's multiplicative hash mod 2**32, a bijection:
-    pseudo-random, so ties favour neither low nor high ids, and fixed, so every ranking agrees)."""
+    pseudo-random, so ties favour neither low nor high ids, and fixed, so every ranking agrees). Kept per size and
+    device (every served request and evaluated batch asks for the same one): read it, never write to it."""
     return (torch.arange(n, device=device, dtype=torch.int64) * 2654435761) % (1 << 32)
 
 

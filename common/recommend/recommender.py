@@ -285,7 +285,7 @@ class Recommender:
         features = self.side_rows(internal, activities)
         scores = self.blended(internal, queries, features)
         self._without_history(scores, internal, queries)
-        masked = scores.clone()
+        masked = scores.clone() if explain else scores  # explanations read the unmasked scores; ``scores`` is ours
         masked[:, 0] = float("-inf")
         banned = [(h if exclude_seen else np.zeros(0, np.int64)) for h in internal]
         if exclude:
@@ -295,8 +295,8 @@ class Recommender:
         if len(rows):  # one indexed write for the whole batch
             masked[torch.from_numpy(rows).to(self.device),
                    torch.from_numpy(np.concatenate(banned)).to(self.device)] = float("-inf")
-        k = min(k, int(torch.isfinite(masked).sum(1).max().item()) or 1)
-        top_scores, top = top_k(masked, k)  # ties in the order the run's metrics rank them
+        # Items at -inf (padding, excluded, unscored) may fill a row's tail; they are dropped below.
+        top_scores, top = top_k(masked, min(k, masked.shape[1]))  # ties in the order the run's metrics rank them
         because = self._explain(internal, queries, scores, top, features) if explain else None
         return [[Recommendation(self.ids[int(i) - 1], float(s), self.title(int(i)),
                                 because[row][col] if because else None)
