@@ -11,6 +11,10 @@ Modes, each in its own subprocess so peak memory is its own:
               target positions only), noise once per batch
 
     python benchmarks/dp_throughput.py --out dp.json [--data ../shared/data/amazon-beauty/Beauty.txt] [--steps 20]
+                                       [--threads N]
+
+--threads sets torch's CPU threads in every mode (default: torch's own choice); on a busy machine one thread per
+mode gives steadier ratios than threads that wait for each other.
 
 Writes {"results": [{"mode", "seq_per_s", "peak_mb"}, ...], "ratio_fedaug", "mem_ratio_fedaug"}.
 """
@@ -40,20 +44,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="Training steps timed per mode (after 2 warm-up).")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--threads", type=int, help="torch CPU threads in every mode (default: torch's choice)")
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # internal: run one mode and print its JSON
     args = parser.parse_args()
     if args.mode:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.mode, args.data, args.steps, args.batch_size)))
         return
     results = []
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--out", str(args.out), "--data", str(args.data), "--steps",
                str(args.steps), "--batch-size", str(args.batch_size), "--mode", mode]
+        cmd += ["--threads", str(args.threads)] if args.threads else []
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"{mode:11s} {results[-1]['seq_per_s']:9.1f} seq/s  peak {results[-1]['peak_mb']:8.0f} MB", flush=True)
     by_mode = {r["mode"]: r for r in results}
-    report = {"results": results}
+    report = {"results": results, "threads": args.threads or torch.get_num_threads()}
     if "nonprivate" in by_mode and "fedaug" in by_mode:
         report["ratio_fedaug"] = by_mode["fedaug"]["seq_per_s"] / by_mode["nonprivate"]["seq_per_s"]
         report["mem_ratio_fedaug"] = by_mode["fedaug"]["peak_mb"] / by_mode["nonprivate"]["peak_mb"]

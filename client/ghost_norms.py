@@ -74,7 +74,8 @@ class BookKeeping:
                 raise ValueError(f"no per-user gradient for layer {type(layer).__name__}")
             if isinstance(layer, nn.Embedding) and (layer.sparse or layer.scale_grad_by_freq or layer.max_norm):
                 raise ValueError("per-user clipping needs plain dense embeddings")
-        self._records: list[tuple[nn.Module, torch.Tensor, torch.Tensor, np.ndarray | None]] = []
+        self._records: list[tuple[nn.Module, torch.Tensor, np.ndarray | None]] = []  # (layer, input, packing)
+        self._outputs: list[torch.Tensor] = []
         self._recording = False
         self._counts: np.ndarray | None = None
         self._handles = [layer.register_forward_hook(self._record) for layer in layers]
@@ -92,12 +93,13 @@ class BookKeeping:
             raise ValueError(f"{type(layer).__name__} ran twice in one forward: per-user clipping needs untied layers")
         if self._counts is not None and not isinstance(layer, nn.Linear):
             raise ValueError(f"{type(layer).__name__} cannot take packed rows")
-        self._records.append((layer, inputs[0].detach(), output, self._counts))
+        self._records.append((layer, inputs[0].detach(), self._counts))
+        self._outputs.append(output)
 
     @contextmanager
     def recording(self) -> Iterator[None]:
         """Keep every trainable layer's input and output during this forward."""
-        self._records.clear()
+        self._records, self._outputs = [], []
         self._recording = True
         try:
             yield
@@ -115,11 +117,12 @@ class BookKeeping:
 
     def backward(self, losses: torch.Tensor) -> None:
         """Add the sum over users of each user's gradient of ``losses[user]``, clipped, to the parameters' grads."""
-        records, self._records = self._records, []
-        grads = torch.autograd.grad(losses.sum(), [out for _, _, out, _ in records], allow_unused=True,
-                                    materialize_grads=True)
+        records, outputs = self._records, self._outputs
+        self._records, self._outputs = [], []
+        grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True, materialize_grads=True)
+        del outputs  # the item scores go now, not after the norms
         squared, adders = torch.zeros_like(losses), []
-        for (layer, a, _, counts), g in zip(records, grads, strict=True):
+        for (layer, a, counts), g in zip(records, grads, strict=True):
             layer_squared, add = self._layer(layer, a, g, counts)
             squared += layer_squared
             adders.append(add)

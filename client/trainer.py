@@ -330,13 +330,13 @@ class PrivateStep:
         for i, bucket in enumerate(buckets):
             if self.clipping is not None:  # the clipped sums add up in p.grad
                 with self.clipping.recording():
-                    *_, losses = self._forward(samples, bucket, device)
+                    losses = self._forward(samples, bucket, device)[2]  # keeps no [positions, 12k] scores alive
                 self.clipping.backward(losses)
             else:
                 last = i == len(buckets) - 1
                 if not last:
                     self.optimizer.signal_skip_step(True)  # accumulate this micro-batch's clipped sum, no noise yet
-                *_, losses = self._forward(samples, bucket, device)
+                losses = self._forward(samples, bucket, device)[2]
                 losses.sum().backward()  # Opacus clips the per-sample gradients its hooks collected
                 self.optimizer.step()
                 if not last:
