@@ -76,7 +76,7 @@ class SimulationSection(Section):
     the merchants sampled, not the ones registered. The final model is tested on every user either way."""
     ray_address: str = ""
     """Join a running Ray cluster (``auto``, or the head's HOST:PORT) instead of starting Ray on this machine.
-    Every node runs the same Python environment with fedaug installed and reads the data from the same path."""
+    Every node runs the same Python environment with fedaug installed and sees the state dir at the same path."""
     attack: Literal[("",) + ATTACKS] = ""  # type: ignore[valid-type]
     """Robustness experiments: make a fraction of merchants Byzantine (fedaug.simulations.attacks)."""
     attackers: float = Field(0.0, ge=0, lt=1)
