@@ -3,8 +3,8 @@ texts, measured in the same run.
 
 anchor      SentenceTransformer.encode over every text at once (it sorts them all by length; its batch of 32)
 fedaug      fedaug.common.priors.text's encoding, as `fedaug baseline --model text` and every text prior run it
-            (all texts sorted longest first, then chunks of [text] batch_size with a progress bar per chunk;
-            model loading included)
+            (all texts sorted longest first, then [text] batch_size per forward pass, a progress bar step per
+            chunk of 512; model loading included)
 item-order  what fedaug did before: chunks in item order, the encoder sorting only inside each chunk
 onnx        the anchor on sentence-transformers' ONNX backend (needs optimum and onnxruntime; exported in memory)
 openvino    the same on the OpenVINO backend (needs optimum-intel and openvino)
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedaug.common.config import TextSection
 from fedaug.common.data.loaders import load
 from fedaug.common.data.synthetic import generate
 from fedaug.common.priors.text import _encode, encoder_directory
@@ -55,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="amazon-seq or events file with item texts; default: synthetic")
     parser.add_argument("--variants", default="anchor,fedaug,item-order,onnx,openvino")
-    parser.add_argument("--batch-size", type=int, default=256, help="fedaug's [text] batch_size")
+    parser.add_argument("--batch-size", type=int, default=TextSection().batch_size, help="fedaug's [text] batch_size")
     parser.add_argument("--out", default="benchmarks/results/encoder_cpu.json")
     args = parser.parse_args()
     variants = args.variants.split(",")
@@ -81,7 +82,7 @@ def main() -> None:
             elif variant == "fedaug":
                 vectors = _encode(directory, texts, device="cpu", batch_size=args.batch_size, progress=False)[present]
             elif variant == "item-order":
-                vectors = _item_order(directory, plain_texts, args.batch_size)
+                vectors = _item_order(directory, plain_texts, 256)  # the old [text] batch_size
             else:
                 vectors = _plain(directory, plain_texts, backend=variant)
         except Exception as error:  # a backend whose packages are not installed is recorded, not fatal

