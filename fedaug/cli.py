@@ -684,7 +684,7 @@ def serve(
     port: int = typer.Option(8000, "--port", min=0, max=65535),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Most requests scored in one forward pass."),
-    max_wait_ms: float = typer.Option(2.0, "--max-wait-ms", min=0, help="How long a request waits for others."),
+    max_wait_ms: float = typer.Option(0.5, "--max-wait-ms", min=0, help="How long a request waits for others."),
     max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", min=1,
                                        help="Largest request body taken (413 beyond)."),
     access_log: bool = typer.Option(True, "--access-log/--no-access-log", help="One line per request on stderr."),

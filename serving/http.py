@@ -135,7 +135,7 @@ class Service:
     model_dir: Path
     device: str = "auto"
     max_batch: int = 64
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 0.5
     watch_seconds: float = 2.0
     batching: bool = True
     schema: EventSchema | None = None
@@ -195,6 +195,9 @@ class Service:
             batch = [first]
             deadline = time.monotonic() + self.max_wait_ms / 1000
             while len(batch) < self.max_batch:
+                if not self.queue.empty():  # those already waiting join at once
+                    batch.append(self.queue.get_nowait())
+                    continue
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
                     break
@@ -236,7 +239,7 @@ class Service:
 
 
 def create_app(model_dir: Path, *, device: str = "auto", batching: bool = True, max_batch: int = 64,
-               max_wait_ms: float = 2.0, watch_seconds: float = 2.0, max_body_bytes: int = MAX_BODY_BYTES,
+               max_wait_ms: float = 0.5, watch_seconds: float = 2.0, max_body_bytes: int = MAX_BODY_BYTES,
                schema: EventSchema | None = None) -> FastAPI:
     """The HTTP service over the bundle at ``model_dir`` (loaded now: a bad bundle fails here, in one line).
 
