@@ -286,19 +286,6 @@ class SASRec(nn.Module):
             logits = logits + scores.reshape(*per_attribute.shape[:-1], -1)
         return logits
 
-    def input_parameters(self) -> list[nn.Parameter]:
-        """Weights of the layers that read the inputs themselves (every table, the context projection): autograd
-        reaches them only when their own gradient is asked for, which the DP step's first pass does so that
-        Opacus' hooks on them run."""
-        layers = [m for m in self.modules() if isinstance(m, nn.Embedding)]
-        layers += [self.context_proj] if self.cfg.context_columns else []
-        return [m.weight for m in layers]
-
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Parameters of ``item_logits`` (the rest belong to ``encode``)."""
-        head = [getattr(self, name, None) for name in ("out", "item_down", "attr_scores")]
-        return [p for module in head if module is not None for p in module.parameters()]
-
     def forward(self, items: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         """Next-item logits ``[B, views * T, n_items + 1]`` at every position ('ce' models): the Opacus-facing
         path, paired with ``PerUserCrossEntropy`` as the criterion."""
