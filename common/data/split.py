@@ -9,14 +9,13 @@ scoring test). Nothing downstream of ``train`` can reach a held-out item.
 from __future__ import annotations
 
 import mmap
-import os
 import pickle
 import struct
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from fedaug.common.atomic import write_bytes_atomic
 from fedaug.common.data import BehaviorData
 from fedaug.common.data.features import event_features, user_rows
 from fedaug.common.errors import ConfigError
@@ -220,7 +219,6 @@ class Merchants:
         """Write these merchants to ``path`` (replacing it whole) for other processes to map with ``mapped``: a
         pickle whose per-user and per-event arrays lie after it raw (pickle's out-of-band buffers, PEP 574), each
         at an aligned offset; the catalog (public, per item) stays inside the pickle."""
-        path = Path(path)
         users = {id(a) for a in (*vars(self.data).values(), *self.data.context.values(), *vars(self).values())
                  if isinstance(a, np.ndarray)}
         buffers: list[pickle.PickleBuffer] = []
@@ -233,13 +231,12 @@ class Merchants:
 
         head = pickle.dumps(self, protocol=5, buffer_callback=out_of_band)
         parts = [memoryview(head), *(buffer.raw() for buffer in buffers)]
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as out:
-            out.write(struct.pack(f"<Q{len(parts)}Q", len(parts), *(part.nbytes for part in parts)))
-            for part in parts:
-                out.write(bytes(-out.tell() % _ALIGN))
-                out.write(part)
-        os.replace(tmp, path)
+        chunks = [struct.pack(f"<Q{len(parts)}Q", len(parts), *(part.nbytes for part in parts))]
+        offset = len(chunks[0])
+        for part in parts:
+            chunks += [bytes(-offset % _ALIGN), part]
+            offset += -offset % _ALIGN + part.nbytes
+        write_bytes_atomic(path, chunks)
 
     @classmethod
     def mapped(cls, path) -> Merchants:
